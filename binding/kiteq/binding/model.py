@@ -1,0 +1,163 @@
+"""Bindings: a group's subscription to message types of a topic (KiteQ's registry.Binding).
+
+The JSON form is KiteQ's, so a binding node written by a KiteQ client is understood as is::
+
+    {"groupId": "acct-svc", "topic": "trade", "messageType": "pay-succ",
+     "bindType": 0, "version": "1.0.0", "watermark": 1000, "persistent": true}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from kiteq.core.limits import MESSAGE_TYPE_RE, is_name
+
+__all__ = ["BIND_VERSION", "MAX_PATTERN_CHARS", "MAX_WATERMARK", "BindType", "Binding"]
+
+BIND_VERSION: Final = "1.0.0"
+MAX_WATERMARK: Final = 6000
+MAX_PATTERN_CHARS: Final = 256
+
+
+class BindType(enum.IntEnum):
+    DIRECT = 0
+    REGEX = 1
+    FANOUT = 2
+
+
+_BIND_TYPE_NAMES: Final = {
+    "direct": BindType.DIRECT,
+    "regx": BindType.REGEX,
+    "regex": BindType.REGEX,
+    "fanout": BindType.FANOUT,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Binding:
+    """One subscription rule.
+
+    Attributes:
+        topic: The topic.
+        message_type: Direct: the exact type. Regex: an RE2 pattern, searched unanchored
+            (Go's ``regexp.MatchString``). Fanout: ``"*"``.
+        bind_type: Direct, regex or fanout.
+        group_id: The subscribing group; a consumer fills in its own.
+        watermark: Delivery rate cap for (topic, group) in messages/s; 0 = 6000.
+        persistent: True: messages wait while the group is offline. False: an offline
+            group is skipped for the message.
+        version: KiteQ's binding version string.
+    """
+
+    topic: str
+    message_type: str
+    bind_type: BindType
+    group_id: str = ""
+    watermark: int = 0
+    persistent: bool = True
+    version: str = BIND_VERSION
+
+    @classmethod
+    def direct(
+        cls, topic: str, message_type: str, *, watermark: int = 0, persistent: bool = True
+    ) -> Binding:
+        """Bind exactly *message_type* of *topic*."""
+        return cls(topic, message_type, BindType.DIRECT, watermark=watermark, persistent=persistent)
+
+    @classmethod
+    def regex(
+        cls, topic: str, pattern: str, *, watermark: int = 0, persistent: bool = True
+    ) -> Binding:
+        """Bind the message types of *topic* in which the RE2 *pattern* finds a match."""
+        return cls(topic, pattern, BindType.REGEX, watermark=watermark, persistent=persistent)
+
+    @classmethod
+    def fanout(cls, topic: str, *, watermark: int = 0, persistent: bool = True) -> Binding:
+        """Bind every message type of *topic*."""
+        return cls(topic, "*", BindType.FANOUT, watermark=watermark, persistent=persistent)
+
+    def with_group(self, group_id: str) -> Binding:
+        return dataclasses.replace(self, group_id=group_id)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` describing the first invalid field.
+
+        Regex syntax is checked where patterns are compiled (``kiteq.binding.match``).
+        """
+        if not is_name(self.topic):
+            raise ValueError(f"invalid binding topic {self.topic!r}")
+        if self.group_id and not is_name(self.group_id):
+            raise ValueError(f"invalid binding group {self.group_id!r}")
+        if self.bind_type is BindType.DIRECT and MESSAGE_TYPE_RE.fullmatch(self.message_type) is None:
+            raise ValueError(f"invalid message type {self.message_type!r} in a direct binding")
+        if self.bind_type is BindType.REGEX and not 0 < len(self.message_type) <= MAX_PATTERN_CHARS:
+            raise ValueError(f"regex binding pattern must be 1..{MAX_PATTERN_CHARS} characters")
+        if self.watermark < 0:
+            raise ValueError(f"watermark must be >= 0, got {self.watermark}")
+
+    @property
+    def effective_watermark(self) -> int:
+        """KiteQ's rule: <= 0 means 6000, and never more than 6000."""
+        return MAX_WATERMARK if self.watermark <= 0 else min(self.watermark, MAX_WATERMARK)
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "groupId": self.group_id,
+            "topic": self.topic,
+            "messageType": self.message_type,
+            "bindType": int(self.bind_type),
+            "version": self.version,
+            "watermark": self.watermark,
+            "persistent": self.persistent,
+        }
+
+    @classmethod
+    def from_json_obj(cls, obj: Mapping[str, Any]) -> Binding:
+        """Parse one KiteQ binding object; raise ``ValueError`` when malformed."""
+        try:
+            raw_type = obj.get("bindType", 0)
+            if isinstance(raw_type, str):
+                bind_type = _BIND_TYPE_NAMES[raw_type.lower()]
+            else:
+                bind_type = BindType(int(raw_type))
+            binding = cls(
+                topic=str(obj["topic"]),
+                message_type=str(obj.get("messageType", "*")),
+                bind_type=bind_type,
+                group_id=str(obj.get("groupId", "")),
+                watermark=int(obj.get("watermark", 0)),
+                persistent=bool(obj.get("persistent", True)),
+                version=str(obj.get("version", BIND_VERSION)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed binding {dict(obj)!r}: {exc}") from exc
+        binding.check()
+        return binding
+
+
+def bind_type_from_name(name: str) -> BindType:
+    """Parse KiteQ's bind type names (``direct``, ``regx``, ``fanout``; ``regex`` too)."""
+    try:
+        return _BIND_TYPE_NAMES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown bind type {name!r} (direct, regx, fanout)") from None
+
+
+def dumps(bindings: Iterable[Binding]) -> bytes:
+    """KiteQ's ``{group}-bind`` node data: a JSON array of bindings."""
+    return json.dumps([b.to_json_obj() for b in bindings], separators=(",", ":")).encode()
+
+
+def loads(data: bytes) -> list[Binding]:
+    """Parse a ``{group}-bind`` JSON array; raise ``ValueError`` when malformed."""
+    try:
+        items = json.loads(data or b"[]")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"binding data is not JSON: {exc}") from exc
+    if not isinstance(items, list):
+        raise ValueError("binding data must be a JSON array")
+    return [Binding.from_json_obj(item) for item in items if isinstance(item, dict)]

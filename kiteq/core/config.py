@@ -1,0 +1,203 @@
+"""Broker configuration: KiteQ's ``conf/cluster.toml`` keys, validated, with defaults.
+
+Layout (KiteQ's, plus a few keys of ours)::
+
+    [registry.<env>]
+    hosts = "embedded://" | "file://conf/registry_demo.toml" | "zk://h1:2181,h2:2181[/chroot]"
+
+    [clusters.<name>]
+    env = "<env>"                  # which [registry.<env>] to use
+    topics = ["trade"]             # or ["*"] / absent: any valid topic
+    db = "rocksdb://./db/x?fsync=batch"
+    ...
+
+Every key has a default (``CLUSTER_DEFAULTS``); an unknown key or a bad value raises
+``ConfigError`` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from kiteq.core.errors import ConfigError
+from kiteq.core.limits import is_name
+
+__all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster"]
+
+ANY_TOPIC: Final = "*"
+EMBEDDED_REGISTRY: Final = "embedded://"
+
+# key: (default, documentation). The README's table is generated from the same words.
+CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
+    {
+        "env": ("", "registry environment: picks [registry.<env>]; empty = embedded registry"),
+        "topics": (["*"], 'topics served; ["*"] or absent = any valid topic'),
+        "db": ("", "store URL; empty = rocksdb://./db/<clusterName>?fsync=batch"),
+        "deliverySeconds": (5, "seconds to wait for a consumer's ack before retrying"),
+        "maxDeliverWorkers": (8000, "deliveries in flight at once, broker-wide"),
+        "recoverSeconds": (10, "period of the scan that redelivers due messages"),
+        "recievePermitsPerSecond": (100000, "broker-wide publish rate (KiteQ's spelling)"),
+        "dlqExecHour": (2, "hour of day (0-23) of the daily dead-letter sweep"),
+        "deliveryFirst": (False, "push before storing; store only on failure"),
+        "acceptAnySecret": (False, "accept any group secret (development clusters only)"),
+        "secrets": ({}, 'per-group secrets: {group = "secret"} (or "sha256:<hex>")'),
+        "adminSecret": ("", "secret for the admin service; empty = admin open"),
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    env: str
+    registry: str
+    topics: tuple[str, ...]
+    db: str
+    delivery_seconds: float
+    max_deliver_workers: int
+    recover_seconds: float
+    recieve_permits_per_second: int
+    dlq_exec_hour: int
+    delivery_first: bool
+    accept_any_secret: bool
+    secrets: Mapping[str, str]
+    admin_secret: str
+
+    @property
+    def any_topic(self) -> bool:
+        return ANY_TOPIC in self.topics
+
+    def serves(self, topic: str) -> bool:
+        return self.any_topic or topic in self.topics
+
+    def check_secret(self, group: str, secret: str) -> bool:
+        """Constant-time check of *group*'s secret."""
+        expected = self.secrets.get(group)
+        if expected is None:
+            return self.accept_any_secret
+        if expected.startswith("sha256:"):
+            import hashlib
+
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+            return hmac.compare_digest(digest, expected.removeprefix("sha256:").lower())
+        return hmac.compare_digest(secret.encode(), expected.encode())
+
+
+def load_cluster(path: str | Path, cluster: str) -> ClusterConfig:
+    """Read *path* and return the validated ``[clusters.<cluster>]`` section.
+
+    Raises:
+        ConfigError: The file is missing or unreadable, the cluster is unknown, or a key is
+            unknown or has a bad value.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    clusters = doc.get("clusters", {})
+    if not isinstance(clusters, dict) or cluster not in clusters:
+        known = ", ".join(sorted(clusters)) if isinstance(clusters, dict) else ""
+        raise ConfigError(f"unknown cluster {cluster!r} in {path}; known clusters: {known or 'none'}")
+    section = clusters[cluster]
+    if not isinstance(section, dict):
+        raise ConfigError(f"clusters.{cluster} must be a table")
+    return _build(path, doc, cluster, section)
+
+
+def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) -> ClusterConfig:
+    prefix = f"clusters.{name}"
+    unknown = sorted(set(section) - set(CLUSTER_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key; known keys: {', '.join(CLUSTER_DEFAULTS)}"
+        )
+    values = {key: section.get(key, default) for key, (default, _) in CLUSTER_DEFAULTS.items()}
+
+    def typed(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = values[key]
+        # bool is an int subclass: never accept true for a number
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(f"{prefix}.{key}: expected a number, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{prefix}.{key}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def positive(key: str) -> float:
+        value = typed(key, (int, float))
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{key}: must be > 0, got {value!r}")
+        return float(value)
+
+    def positive_int(key: str) -> int:
+        value = typed(key, int)
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{key}: must be a positive integer, got {value!r}")
+        return int(value)
+
+    env = typed("env", str)
+    registry = EMBEDDED_REGISTRY
+    if env:
+        registries = doc.get("registry", {})
+        entry = registries.get(env) if isinstance(registries, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("hosts"), str):
+            raise ConfigError(f"{prefix}.env: no [registry.{env}] with a hosts string in {path}")
+        registry = entry["hosts"].strip() or EMBEDDED_REGISTRY
+        if not registry.startswith(("embedded://", "file://", "zk://")):
+            raise ConfigError(
+                f"registry.{env}.hosts: unsupported scheme in {registry!r} "
+                "(embedded://, file://, zk://)"
+            )
+
+    topics = typed("topics", list)
+    for topic in topics:
+        if not isinstance(topic, str) or (topic != ANY_TOPIC and not is_name(topic)):
+            raise ConfigError(f"{prefix}.topics: invalid topic {topic!r}")
+    if not topics:
+        raise ConfigError(f'{prefix}.topics: empty; use ["*"] to serve any topic')
+
+    db = typed("db", str) or f"rocksdb://./db/{name}?fsync=batch"
+    if "://" not in db:
+        raise ConfigError(f"{prefix}.db: expected a store URL like rocksdb://./db/x, got {db!r}")
+
+    dlq_hour = typed("dlqExecHour", int)
+    if not 0 <= dlq_hour <= 23:
+        raise ConfigError(f"{prefix}.dlqExecHour: must be 0..23, got {dlq_hour!r}")
+
+    secrets = typed("secrets", dict)
+    for group, secret in secrets.items():
+        if not is_name(group) or not isinstance(secret, str) or not secret:
+            raise ConfigError(f"{prefix}.secrets.{group}: expected a non-empty string secret")
+
+    return ClusterConfig(
+        name=name,
+        env=env,
+        registry=registry,
+        topics=tuple(topics),
+        db=db,
+        delivery_seconds=positive("deliverySeconds"),
+        max_deliver_workers=positive_int("maxDeliverWorkers"),
+        recover_seconds=positive("recoverSeconds"),
+        recieve_permits_per_second=positive_int("recievePermitsPerSecond"),
+        dlq_exec_hour=dlq_hour,
+        delivery_first=typed("deliveryFirst", bool),
+        accept_any_secret=typed("acceptAnySecret", bool),
+        secrets=MappingProxyType(dict(secrets)),
+        admin_secret=typed("adminSecret", str),
+    )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "a number", float: "a number", str: "a string", bool: "true or false",
+             list: "an array", dict: "a table"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))

@@ -1,0 +1,109 @@
+"""The ``MessageStore`` protocol: the broker's durable state between accept and final ack.
+
+Durability contract: when ``save`` returns ``Saved.STORED`` for a record, the record
+survives what the backend promises (RocksDB ``fsync=batch``: an OS crash; MySQL: COMMIT).
+The broker sends the store-ack only after that.
+
+All methods are coroutines; backends on blocking drivers (rocksdict, PyMySQL) run them on
+a backend-owned thread, so callers never block the event loop. Writes arriving while a
+previous write is in progress are grouped into one durable write (group commit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from kiteq.core.errors import StoreError
+from kiteq.core.message import StoredMessage
+
+__all__ = ["DueCursor", "MessageStore", "Rescheduled", "SaveOutcome", "Saved"]
+
+
+class Saved(enum.Enum):
+    STORED = "stored"
+    # The id was already stored: nothing was written; the publish is acknowledged anyway
+    # (idempotent retries) but must not be dispatched twice.
+    DUPLICATE = "duplicate"
+
+
+SaveOutcome = Saved | StoreError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rescheduled:
+    """New delivery bookkeeping for ``record``; ``previous_due`` is the next_deliver_time
+    the store currently holds for it (backends index by it)."""
+
+    record: StoredMessage
+    previous_due: float
+
+
+# Position in the due order: (next_deliver_time, message_id) of the last row returned.
+DueCursor = tuple[float, str]
+
+
+class MessageStore(Protocol):
+    @property
+    def durable(self) -> bool:
+        """False for stores that lose everything on a process exit (memory)."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """The store URL without credentials, for logs and stats."""
+        ...
+
+    async def open(self) -> None:
+        """Create or open the backing storage."""
+        ...
+
+    async def close(self) -> None:
+        """Flush pending writes and release resources; idempotent."""
+        ...
+
+    async def save(self, records: Sequence[StoredMessage]) -> list[SaveOutcome]:
+        """Persist *records* durably, one outcome per record in order.
+
+        A record whose id is already stored (or repeated earlier in *records*) yields
+        ``Saved.DUPLICATE`` and is not overwritten. A failure yields a ``StoreError``
+        (``StoreFullError`` when at capacity, ``StoreUnavailableError`` on I/O failure).
+        """
+        ...
+
+    async def get(self, message_id: str) -> StoredMessage | None:
+        """The stored record with its body, or None."""
+        ...
+
+    async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
+        """Record delivery results: deliver_count, succ/fail groups, next_deliver_time."""
+        ...
+
+    async def delete(self, records: Sequence[StoredMessage]) -> None:
+        """Remove records (every group has them, or rolled back). Missing ids are ignored."""
+        ...
+
+    async def commit(self, message_id: str) -> StoredMessage | None:
+        """Mark an uncommitted message committed; the record, or None if absent."""
+        ...
+
+    async def page_due(
+        self, now: float, limit: int, after: DueCursor | None = None
+    ) -> list[StoredMessage]:
+        """Committed records with ``next_deliver_time <= now``, ordered by
+        (next_deliver_time, message_id), strictly after *after*; at most *limit*."""
+        ...
+
+    async def backlog(self) -> dict[str, int]:
+        """Stored (not yet fully delivered) messages per topic."""
+        ...
+
+    async def put_meta(self, key: str, value: bytes | None) -> None:
+        """Durably set (or with None, delete) a small broker metadata value."""
+        ...
+
+    async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
+        """All metadata values whose key starts with *prefix*."""
+        ...
