@@ -107,7 +107,9 @@ def load_cluster(path: str | Path, cluster: str) -> ClusterConfig:
     clusters = doc.get("clusters", {})
     if not isinstance(clusters, dict) or cluster not in clusters:
         known = ", ".join(sorted(clusters)) if isinstance(clusters, dict) else ""
-        raise ConfigError(f"unknown cluster {cluster!r} in {path}; known clusters: {known or 'none'}")
+        raise ConfigError(
+            f"unknown cluster {cluster!r} in {path}; known clusters: {known or 'none'}"
+        )
     section = clusters[cluster]
     if not isinstance(section, dict):
         raise ConfigError(f"clusters.{cluster} must be a table")
@@ -198,6 +200,12 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "a number", float: "a number", str: "a string", bool: "true or false",
-             list: "an array", dict: "a table"}
+    names = {
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "an array",
+        dict: "a table",
+    }
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))

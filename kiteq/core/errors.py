@@ -9,7 +9,8 @@ doing the same thing again (for a publish: the same message, same id) may succee
     ├── ConfigError                    bad configuration; names the key
     ├── ProtocolError                  wire/protobuf problems
     ├── MessageRejectedError           the broker refused a message; carries message_id, code
-    │   ├── InvalidMessageError        bad name, id, body size, properties
+    │   ├── InvalidMessageError        bad name, id, properties
+    │   │   └── BodyTooLargeError      body above the size limit
     │   ├── UnknownTopicError          the broker does not serve the topic
     │   └── ExpiredMessageError        expired before it arrived
     ├── FlowLimitedError               retriable; the broker's receive rate is exhausted
@@ -31,6 +32,7 @@ from typing import ClassVar
 
 __all__ = [
     "AuthenticationError",
+    "BodyTooLargeError",
     "ClientClosedError",
     "ClientError",
     "ConfigError",
@@ -76,6 +78,10 @@ class MessageRejectedError(KiteQError):
 
 class InvalidMessageError(MessageRejectedError):
     """A name, id, size or property is outside the limits."""
+
+
+class BodyTooLargeError(InvalidMessageError):
+    """The body is larger than the broker accepts."""
 
 
 class UnknownTopicError(MessageRejectedError):

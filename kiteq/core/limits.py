@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Final
 
-from kiteq.core.errors import ExpiredMessageError, InvalidMessageError
+from kiteq.core.errors import BodyTooLargeError, ExpiredMessageError, InvalidMessageError
 from kiteq.core.ids import is_message_id
 from kiteq.core.message import Message
 
@@ -62,7 +62,7 @@ def normalize(message: Message, now: float) -> Message:
     if not isinstance(message.body, bytes):
         raise InvalidMessageError(mid, "body must be bytes")
     if len(message.body) > MAX_BODY_BYTES:
-        raise InvalidMessageError(
+        raise BodyTooLargeError(
             mid, f"body of {len(message.body)} bytes exceeds the limit of {MAX_BODY_BYTES}"
         )
     if message.fly and not message.commit:
@@ -72,14 +72,21 @@ def normalize(message: Message, now: float) -> Message:
     expired = message.expired_time
     if 0 < expired <= now:
         raise ExpiredMessageError(mid, f"expired at {expired}, before it arrived")
-    changes: dict[str, int] = {}
     if expired <= 0 or expired > ceiling:
-        changes["expired_time"] = ceiling
-    if not 0 < message.deliver_limit <= MAX_DELIVER_LIMIT:
-        changes["deliver_limit"] = MAX_DELIVER_LIMIT
-    if message.create_time <= 0:
-        changes["create_time"] = int(now)
-    return dataclasses.replace(message, **changes) if changes else message
+        expired = ceiling
+    limit = message.deliver_limit
+    if not 0 < limit <= MAX_DELIVER_LIMIT:
+        limit = MAX_DELIVER_LIMIT
+    created = message.create_time if message.create_time > 0 else int(now)
+    if (expired, limit, created) == (
+        message.expired_time,
+        message.deliver_limit,
+        message.create_time,
+    ):
+        return message
+    return dataclasses.replace(
+        message, expired_time=expired, deliver_limit=limit, create_time=created
+    )
 
 
 def _check_properties(mid: str, message: Message) -> None:
@@ -90,4 +97,6 @@ def _check_properties(mid: str, message: Message) -> None:
         if not key or len(key.encode()) > MAX_PROPERTY_KEY_BYTES:
             raise InvalidMessageError(mid, f"property key {key[:40]!r} is empty or too long")
         if len(value.encode()) > MAX_PROPERTY_VALUE_BYTES:
-            raise InvalidMessageError(mid, f"property {key!r} exceeds {MAX_PROPERTY_VALUE_BYTES} bytes")
+            raise InvalidMessageError(
+                mid, f"property {key!r} exceeds {MAX_PROPERTY_VALUE_BYTES} bytes"
+            )

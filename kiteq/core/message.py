@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+
 from kiteq.core.ids import new_message_id
 
 __all__ = ["Message", "ReceivedMessage", "StoredMessage"]

@@ -1,0 +1,103 @@
+"""Batched delivery bookkeeping: deletes and reschedules reach the store in groups.
+
+The dispatcher settles messages one at a time; writing each result on its own would cost
+one store round trip per message. The bookkeeper queues them and one task flushes
+everything queued since its previous write.
+
+It also answers the recover scan's question "is a write for this id still settling?":
+a scan that read the store before a delete landed must not redeliver that message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kiteq.core.errors import StoreError
+from kiteq.core.message import StoredMessage
+from kiteq.store.base import MessageStore, Rescheduled
+
+logger = logging.getLogger(__name__)
+
+_RETRY_DELAY = 1.0
+
+
+class Bookkeeper:
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+        self._deletes: list[StoredMessage] = []
+        self._reschedules: list[Rescheduled] = []
+        # message id -> writes queued or in progress
+        self._pending: dict[str, int] = {}
+        # message id -> flush epoch its write completed in
+        self._done: dict[str, int] = {}
+        self._epoch = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def delete(self, record: StoredMessage) -> None:
+        self._deletes.append(record)
+        self._queued(record.message_id)
+
+    def reschedule(self, record: StoredMessage, previous_due: float) -> None:
+        self._reschedules.append(Rescheduled(record, previous_due))
+        self._queued(record.message_id)
+
+    def _queued(self, message_id: str) -> None:
+        self._pending[message_id] = self._pending.get(message_id, 0) + 1
+        self._idle.clear()
+        self._wake.set()
+
+    def settled_since(self, message_id: str, epoch: int) -> bool:
+        """True while a write for *message_id* is queued or completed at or after *epoch*.
+
+        A store read started at *epoch* may then be stale for it.
+        """
+        return message_id in self._pending or self._done.get(message_id, -1) >= epoch
+
+    def forget_before(self, epoch: int) -> None:
+        """Drop completion records no scan started at *epoch* or later can need."""
+        if self._done:
+            self._done = {k: v for k, v in self._done.items() if v >= epoch}
+
+    async def flushed(self) -> None:
+        """Wait until everything queued so far is written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            deletes, self._deletes = self._deletes, []
+            reschedules, self._reschedules = self._reschedules, []
+            try:
+                if reschedules:
+                    await self._store.reschedule(reschedules)
+                if deletes:
+                    await self._store.delete(deletes)
+            except StoreError:
+                # Nothing is lost: the messages stay stored and due. Retry the same writes.
+                logger.exception("bookkeeping write failed; retrying in %.1fs", _RETRY_DELAY)
+                self._deletes[:0] = deletes
+                self._reschedules[:0] = reschedules
+                await asyncio.sleep(_RETRY_DELAY)
+                self._wake.set()
+                continue
+            self._epoch += 1
+            for record in deletes:
+                self._settle(record.message_id)
+            for change in reschedules:
+                self._settle(change.record.message_id)
+            if not self._deletes and not self._reschedules:
+                self._idle.set()
+
+    def _settle(self, message_id: str) -> None:
+        left = self._pending.pop(message_id, 1) - 1
+        if left > 0:
+            self._pending[message_id] = left
+        self._done[message_id] = self._epoch

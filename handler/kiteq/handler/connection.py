@@ -1,0 +1,192 @@
+"""Broker-side state of client sessions, independent of the transport.
+
+A ``Connection`` is one client stream. The dispatcher puts deliveries and store-acks on
+it; the transport (``kiteq.broker.service``) drains them in batches, so everything queued
+during one loop tick leaves in one frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from kiteq.core.codes import AckCode
+from kiteq.core.message import Message
+
+if TYPE_CHECKING:
+    from kiteq.handler.dispatch import Flight
+
+__all__ = ["Connection", "ConnectionTable", "Outcome", "Pending"]
+
+_ids = itertools.count(1)
+# A warming connection still gets this share, so a group of only warming connections
+# keeps receiving (KiteQ can skip every one of them and drop the message).
+_MIN_WARM_SHARE = 0.01
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """The broker's answer to one published message (a store-ack)."""
+
+    message_id: str
+    code: AckCode
+    feedback: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is AckCode.OK
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Pending:
+    """One unacknowledged delivery on a connection."""
+
+    flight: Flight
+    deadline: float
+    attempt: int
+
+
+class Connection:
+    """One client session: its identity, credits, in-flight deliveries and outbox."""
+
+    __slots__ = (
+        "_acks",
+        "_deliveries",
+        "client_id",
+        "closed",
+        "expiry",
+        "group",
+        "id",
+        "inflight",
+        "max_in_flight",
+        "opened_at",
+        "peer",
+        "wake",
+        "warmup_seconds",
+    )
+
+    def __init__(
+        self,
+        *,
+        group: str,
+        client_id: str,
+        peer: str,
+        max_in_flight: int,
+        warmup_seconds: float,
+        opened_at: float,
+    ) -> None:
+        self.id = next(_ids)
+        self.group = group
+        self.client_id = client_id
+        self.peer = peer
+        self.max_in_flight = max_in_flight
+        self.warmup_seconds = warmup_seconds
+        self.opened_at = opened_at
+        self.inflight: dict[str, Pending] = {}
+        # (deadline, message_id) in push order; deadlines only grow, so the head expires first
+        self.expiry: deque[tuple[float, str]] = deque()
+        self.closed = False
+        self.wake = asyncio.Event()
+        self._deliveries: list[tuple[Message, int]] = []
+        self._acks: list[Outcome] = []
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} group={self.group} peer={self.peer}>"
+
+    @property
+    def consumer(self) -> bool:
+        return self.max_in_flight > 0
+
+    @property
+    def credit(self) -> int:
+        return self.max_in_flight - len(self.inflight)
+
+    def share(self, now: float) -> float:
+        """Fraction of its group's traffic this connection should get (warm-up ramp)."""
+        if self.warmup_seconds <= 0:
+            return 1.0
+        return min(1.0, max(_MIN_WARM_SHARE, (now - self.opened_at) / self.warmup_seconds))
+
+    def send_delivery(self, message: Message, attempt: int) -> None:
+        self._deliveries.append((message, attempt))
+        self.wake.set()
+
+    def send_acks(self, outcomes: list[Outcome]) -> None:
+        self._acks.extend(outcomes)
+        self.wake.set()
+
+    def drain(self) -> tuple[list[Outcome], list[tuple[Message, int]]]:
+        """Take everything queued for the client."""
+        acks, deliveries = self._acks, self._deliveries
+        self._acks, self._deliveries = [], []
+        return acks, deliveries
+
+
+class ConnectionTable:
+    """Live connections by group; picks one consumer connection per delivery."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._all: dict[int, Connection] = {}
+        self._consumers: dict[str, list[Connection]] = {}
+        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._all.values()))
+
+    def add(self, conn: Connection) -> None:
+        self._all[conn.id] = conn
+        if conn.consumer:
+            self._consumers.setdefault(conn.group, []).append(conn)
+
+    def remove(self, conn: Connection) -> None:
+        conn.closed = True
+        self._all.pop(conn.id, None)
+        members = self._consumers.get(conn.group)
+        if members and conn in members:
+            members.remove(conn)
+            if not members:
+                del self._consumers[conn.group]
+
+    def has_consumers(self, group: str) -> bool:
+        return group in self._consumers
+
+    def consumers(self, group: str | None = None) -> list[Connection]:
+        if group is not None:
+            return list(self._consumers.get(group, ()))
+        return [c for members in self._consumers.values() for c in members]
+
+    def groups(self) -> dict[str, list[Connection]]:
+        return {g: list(m) for g, m in self._consumers.items()}
+
+    def pick(self, group: str, now: float, exclude: Connection | None = None) -> Connection | None:
+        """One random live connection of *group* with credit, weighted by warm-up share.
+
+        *exclude* (the connection that just failed) is chosen only when it is the only one.
+        """
+        members = self._consumers.get(group)
+        if not members:
+            return None
+        if len(members) == 1:
+            only = members[0]
+            return only if only.credit > 0 else None
+        candidates = [c for c in members if c.credit > 0 and c is not exclude]
+        if not candidates:
+            return (
+                exclude
+                if exclude is not None and exclude.credit > 0 and not exclude.closed
+                else None
+            )
+        if len(candidates) == 1:
+            return candidates[0]
+        weights = [c.share(now) for c in candidates]
+        if all(w >= 1.0 for w in weights):
+            return self._rng.choice(candidates)
+        return self._rng.choices(candidates, weights)[0]

@@ -1,0 +1,160 @@
+"""Accept → validate → persist → store-ack → hand to the dispatcher, for one batch.
+
+The store-ack is only ``OK`` once the store says the message is durable (group commit),
+and a refused message gets a code and a reason: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kiteq.core.clock import Clock
+from kiteq.core.codes import AckCode, code_for
+from kiteq.core.config import ClusterConfig
+from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicError
+from kiteq.core.limits import normalize
+from kiteq.core.message import Message, StoredMessage
+from kiteq.handler.connection import Outcome
+from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.limiter import TokenBucket
+from kiteq.store.base import MessageStore, Saved
+
+if TYPE_CHECKING:
+    from kiteq.ops.metrics import BrokerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        config: ClusterConfig,
+        store: MessageStore,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        server_name: str,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._server_name = server_name
+        self._metrics = metrics
+        rate = config.recieve_permits_per_second
+        self._limiter = TokenBucket(rate, rate / 2, clock)
+        self._accepting = True
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.received = 0
+        self.rejected = 0
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        """From now on every publish is refused with the retriable NOT_SERVING."""
+        self._accepting = False
+
+    async def drained(self) -> None:
+        """Wait until no publish is between validation and its store-ack."""
+        await self._idle.wait()
+
+    async def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Accept a batch; one outcome per message, in order."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._publish(messages)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        if not self._accepting:
+            return self._count(
+                [
+                    Outcome(m.message_id, AckCode.NOT_SERVING, "broker is shutting down")
+                    for m in messages
+                ],
+                messages,
+            )
+        now = self._clock.now()
+        granted = self._limiter.take(len(messages))
+        records: list[StoredMessage] = []
+        positions: list[int] = []
+        fly: list[StoredMessage] = []
+        for i, raw in enumerate(messages):
+            if i >= granted:
+                outcomes[i] = Outcome(
+                    raw.message_id, AckCode.OVERFLOW, "receive rate exceeded; retry later"
+                )
+                continue
+            try:
+                message = normalize(raw, now)
+                if not self._config.serves(message.topic):
+                    raise UnknownTopicError(
+                        message.message_id, f"topic {message.topic!r} is not served by this broker"
+                    )
+            except MessageRejectedError as exc:
+                outcomes[i] = Outcome(raw.message_id, code_for(exc), exc.reason)
+                continue
+            record = StoredMessage(
+                message, publish_time=now, next_deliver_time=now, kite_server=self._server_name
+            )
+            if message.fly:
+                outcomes[i] = Outcome(message.message_id, AckCode.OK, "fly: not stored")
+                fly.append(record)
+            else:
+                records.append(record)
+                positions.append(i)
+        if records:
+            await self._persist(records, positions, outcomes)
+        for record in fly:
+            self._dispatcher.submit(record, durable=False)
+        done = [o for o in outcomes if o is not None]
+        return self._count(done, messages)
+
+    async def _persist(
+        self, records: list[StoredMessage], positions: list[int], outcomes: list[Outcome | None]
+    ) -> None:
+        started = self._clock.monotonic()
+        try:
+            results = await self._store.save(records)
+        except StoreError as exc:
+            logger.exception("store save failed for %d messages", len(records))
+            code = code_for(exc)
+            for i, record in zip(positions, records, strict=True):
+                outcomes[i] = Outcome(record.message_id, code, str(exc))
+            return
+        if self._metrics is not None:
+            self._metrics.observe_store("save", self._clock.monotonic() - started, len(records))
+        for i, record, result in zip(positions, records, results, strict=True):
+            if result is Saved.STORED:
+                outcomes[i] = Outcome(record.message_id, AckCode.OK)
+                if record.message.commit and self._dispatcher.has_room:
+                    self._dispatcher.submit(record)
+            elif result is Saved.DUPLICATE:
+                outcomes[i] = Outcome(record.message_id, AckCode.OK, "duplicate: already stored")
+            else:
+                outcomes[i] = Outcome(record.message_id, code_for(result), str(result))
+
+    def _count(self, outcomes: list[Outcome], messages: Sequence[Message]) -> list[Outcome]:
+        ok = sum(1 for o in outcomes if o.ok)
+        self.received += ok
+        self.rejected += len(outcomes) - ok
+        if self._metrics is not None:
+            for message, outcome in zip(messages, outcomes, strict=True):
+                if outcome.ok:
+                    self._metrics.received(message.topic)
+                else:
+                    self._metrics.rejected(message.topic, outcome.code.metric_reason)
+        return outcomes

@@ -1,0 +1,7 @@
+"""``python -m kiteq``: the broker CLI (the one module allowed in the namespace root)."""
+
+from __future__ import annotations
+
+from kiteq.broker.cli import main
+
+raise SystemExit(main())

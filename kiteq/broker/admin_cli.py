@@ -1,0 +1,76 @@
+"""``kiteq-admin``: ask a broker for stats, bindings or one message, as JSON.
+
+Examples::
+
+    kiteq-admin stats
+    kiteq-admin -broker 127.0.0.1:13800 bindings -topic trade
+    kiteq-admin message 0f3c...e1 -body
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from kiteq.broker.admin_service import ADMIN_SECRET_HEADER
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiteq-admin", allow_abbrev=False)
+    parser.add_argument("-broker", "--broker", default="127.0.0.1:13800", help="broker host:port")
+    parser.add_argument("-secret", "--secret", default="", help="the cluster's adminSecret")
+    parser.add_argument("-timeout", "--timeout", type=float, default=5.0, help="seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("stats", help="counters, backlog per topic, connections per group")
+    bindings = sub.add_parser("bindings", help="bindings known to the broker")
+    bindings.add_argument("-topic", "--topic", default="")
+    message = sub.add_parser("message", help="one stored message and its delivery state")
+    message.add_argument("message_id")
+    message.add_argument("-body", "--body", action="store_true", help="include the body")
+    return parser
+
+
+async def _call(options: argparse.Namespace) -> dict[str, object]:
+    metadata = ((ADMIN_SECRET_HEADER, options.secret),) if options.secret else None
+    async with grpc.aio.insecure_channel(options.broker) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        timeout = options.timeout
+        if options.command == "stats":
+            reply: object = await stub.Stats(
+                admin_pb2.StatsRequest(), metadata=metadata, timeout=timeout
+            )
+        elif options.command == "bindings":
+            reply = await stub.ListBindings(
+                admin_pb2.ListBindingsRequest(topic=options.topic),
+                metadata=metadata,
+                timeout=timeout,
+            )
+        else:
+            reply = await stub.GetMessage(
+                admin_pb2.GetMessageRequest(messageId=options.message_id, withBody=options.body),
+                metadata=metadata,
+                timeout=timeout,
+            )
+    return MessageToDict(reply, always_print_fields_with_no_presence=True)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    try:
+        result = asyncio.run(_call(options))
+    except grpc.aio.AioRpcError as exc:
+        print(f"kiteq-admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

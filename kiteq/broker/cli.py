@@ -1,0 +1,127 @@
+"""``kiteq``: the broker command line (Go-style single-dash flags, as KiteQ's).
+
+Exit codes: 0 after a clean stop, 1 on a configuration or startup error (the message names
+the flag or key), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import faulthandler
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from kiteq.broker.server import Broker
+from kiteq.core.config import ClusterConfig, load_cluster
+from kiteq.core.errors import KiteQError
+
+logger = logging.getLogger("kiteq.broker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiteq",
+        description="KiteQ for Python broker",
+        allow_abbrev=False,
+    )
+
+    def flag(name: str, dest: str, **kwargs: object) -> None:
+        # -clusterName, --clusterName and --cluster-name all work
+        dashed = "".join(f"-{c.lower()}" if c.isupper() else c for c in name)
+        names = [f"-{name}", f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
+        parser.add_argument(*names, dest=dest, **kwargs)  # type: ignore[arg-type]
+
+    flag(
+        "clusterName",
+        "cluster_name",
+        default="rocksdb_dev",
+        help="[clusters.<name>] to run (default rocksdb_dev)",
+    )
+    flag(
+        "configPath",
+        "config_path",
+        default="conf/cluster.toml",
+        help="cluster TOML (default conf/cluster.toml)",
+    )
+    flag(
+        "bind",
+        "bind",
+        default="127.0.0.1:13800",
+        help="gRPC listen host:port (default 127.0.0.1:13800)",
+    )
+    flag(
+        "pport",
+        "pport",
+        type=int,
+        default=-1,
+        help="ops HTTP port for /metrics /stat /binds; <= 0: off",
+    )
+    flag(
+        "logLevel",
+        "log_level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level",
+    )
+    flag(
+        "grace", "grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default 10)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=options.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    faulthandler.register(signal.SIGUSR1)
+    try:
+        config = load_cluster(options.config_path, options.cluster_name)
+    except KiteQError as exc:
+        print(f"kiteq: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run(_serve(config, options))
+    except KiteQError as exc:
+        print(f"kiteq: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when installed (part of the server extra), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
+    broker = Broker(config, bind=options.bind, pport=options.pport, grace=options.grace)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, broker.request_stop)
+    try:
+        await broker.start()
+    except BaseException:
+        await broker.stop()
+        raise
+    print(
+        f"kiteq ready cluster={config.name} bind={broker.advertised} store={config.db.split('?')[0]} "
+        f"registry={config.registry} topics={','.join(config.topics)}",
+        flush=True,
+    )
+    try:
+        await broker.wait()
+    except Exception:
+        logger.critical("broker failed", exc_info=True)
+        await broker.stop()
+        return 1
+    await broker.stop()
+    return 0

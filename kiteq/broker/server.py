@@ -1,0 +1,300 @@
+"""Broker lifecycle: build the pipeline, serve gRPC, supervise background loops, stop cleanly.
+
+Shutdown order (SIGTERM/SIGINT): health NOT_SERVING and refuse new publishes (retriable
+NOT_SERVING) → wait for publishes already accepted to be stored and acked → start no new
+pushes and give in-flight deliveries time to be acked → close the streams → write the
+bookkeeping of what is still in memory → stop the registry → close the store.
+Every step is bounded, so the process exits within ``grace`` plus a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kiteq.binding.match import BindingTable
+from kiteq.binding.registry import BindingRegistry, open_registry
+from kiteq.broker.admin_service import AdminService
+from kiteq.broker.service import BrokerService
+from kiteq.broker.stats import StatsView
+from kiteq.core.clock import Clock, SystemClock
+from kiteq.core.config import ClusterConfig
+from kiteq.core.errors import ConfigError
+from kiteq.core.limits import MAX_FRAME_BYTES
+from kiteq.handler.bookkeeper import Bookkeeper
+from kiteq.handler.connection import ConnectionTable
+from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.intake import Intake
+from kiteq.handler.recover import RecoverLoop
+from kiteq.ops.http import OpsServer
+from kiteq.ops.metrics import BrokerMetrics
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+from kiteq.store.base import MessageStore
+from kiteq.store.url import open_store
+
+logger = logging.getLogger(__name__)
+
+VERSION: Final = "0.1.0"
+_EXPIRY_TICK: Final = 0.2
+_STATS_TICK: Final = 5.0
+SERVER_OPTIONS: Final = [
+    ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
+    ("grpc.max_send_message_length", MAX_FRAME_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    # a second broker on the same port must fail loudly, not share it
+    ("grpc.so_reuseport", 0),
+]
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    """Parse ``host:port`` / ``:port`` / ``[::1]:port``; raise ConfigError naming -bind."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"-bind: expected host:port, got {bind!r}")
+    return host.strip("[]"), int(port)
+
+
+def advertised_address(host: str, port: int) -> str:
+    """The address clients should dial.
+
+    ``-bind`` without a host publishes this machine's address, never ``:port`` (KiteQ
+    publishes ``:13800``, which no other machine can reach).
+    """
+    if host in {"", "0.0.0.0", "::"}:  # noqa: S104 - comparing, not binding
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Broker:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        bind: str,
+        pport: int = -1,
+        clock: Clock | None = None,
+        grace: float = 10.0,
+    ) -> None:
+        self.config = config
+        self._bind_host, self._bind_port = split_bind(bind)
+        self._pport = pport
+        self._clock = clock or SystemClock()
+        self._grace = grace
+        self._started = time.monotonic()
+        self._stopping = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = BrokerMetrics()
+        self.port = 0
+        self.advertised = ""
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._ops: OpsServer | None = None
+        self._store: MessageStore | None = None
+        self._registry: BindingRegistry | None = None
+        self._backlog: dict[str, int] = {}
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        self._store = store = open_store(config.db)
+        await store.open()
+        bindings = BindingTable()
+        self._registry = registry = open_registry(config.registry, store)
+        await registry.start(bindings)
+        self._connections = connections = ConnectionTable()
+        self._bookkeeper = bookkeeper = Bookkeeper(store)
+        self._dispatcher = dispatcher = Dispatcher(
+            bindings=bindings,
+            connections=connections,
+            bookkeeper=bookkeeper,
+            clock=self._clock,
+            delivery_timeout=config.delivery_seconds,
+            max_workers=config.max_deliver_workers,
+            metrics=self.metrics,
+        )
+        self._recover = recover = RecoverLoop(
+            store=store,
+            dispatcher=dispatcher,
+            bookkeeper=bookkeeper,
+            clock=self._clock,
+            period=config.recover_seconds,
+        )
+        bindings.add_listener(lambda _topic, _group: recover.wake())
+        self._intake = intake = Intake(
+            config=config,
+            store=store,
+            dispatcher=dispatcher,
+            clock=self._clock,
+            server_name=socket.gethostname(),
+            metrics=self.metrics,
+        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = server
+        try:
+            # no host in -bind means every interface, as KiteQ's :13800
+            listen = f"{self._bind_host or '0.0.0.0'}:{self._bind_port}"  # noqa: S104
+            self.port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"-bind: cannot listen on {self._bind_host}:{self._bind_port}: {exc}"
+            ) from exc
+        self.advertised = advertised_address(self._bind_host, self.port)
+        broker_pb2_grpc.add_BrokerServicer_to_server(
+            BrokerService(
+                config=config,
+                advertised=self.advertised,
+                intake=intake,
+                dispatcher=dispatcher,
+                connections=connections,
+                registry=registry,
+                recover=recover,
+                clock=self._clock,
+            ),
+            server,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(
+                config=config,
+                advertised=self.advertised,
+                store=store,
+                bindings=bindings,
+                connections=connections,
+                dispatcher=dispatcher,
+                intake=intake,
+                uptime=lambda: time.monotonic() - self._started,
+                backlog=lambda: self._backlog,
+            ),
+            server,
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        services = (
+            broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
+        await server.start()
+        for name in ("", services[0], services[1]):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._spawn("bookkeeper", bookkeeper.run)
+        self._spawn("recover", recover.run)
+        self._spawn("expiry", self._expiry_loop)
+        self._spawn("stats", self._stats_loop)
+        if self._pport > 0:
+            stats = StatsView(
+                bindings=bindings,
+                connections=connections,
+                dispatcher=dispatcher,
+                intake=intake,
+                backlog=lambda: self._backlog,
+            )
+            self._ops = OpsServer(self._bind_host or "0.0.0.0", self._pport, self.metrics, stats)  # noqa: S104
+            await self._ops.start()
+        self.metrics.set_info(VERSION, config.name, store.description)
+
+    def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a background loop under supervision: if it dies, the broker stops loudly."""
+        task = asyncio.create_task(loop(), name=f"kiteq-{name}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None and self._failure is None:
+                logger.critical(
+                    "background loop %s crashed; stopping the broker", name, exc_info=exc
+                )
+                self._failure = exc
+                self._stopping.set()
+
+        task.add_done_callback(done)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_EXPIRY_TICK)
+            self._dispatcher.expire()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            self._backlog = await self._store_or_fail().backlog()
+            self.metrics.set_backlog(self._backlog)
+            self.metrics.set_inflight(self._dispatcher.inflight)
+            consumers = sum(1 for c in self._connections if c.consumer)
+            self.metrics.set_connections("consumer", consumers)
+            self.metrics.set_connections("producer", len(self._connections) - consumers)
+            await asyncio.sleep(_STATS_TICK)
+
+    def _store_or_fail(self) -> MessageStore:
+        if self._store is None:
+            raise RuntimeError("broker not started")
+        return self._store
+
+    # -- run and stop --------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        """Until a stop is requested or a background loop fails (then re-raises it)."""
+        await self._stopping.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    async def stop(self) -> None:
+        grace = self._grace
+        logger.info("stopping: refusing new publishes, draining")
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if hasattr(self, "_intake"):
+            self._intake.stop_accepting()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._intake.drained(), grace)
+            self._dispatcher.pause()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._dispatcher.settled(), min(grace, self.config.delivery_seconds)
+                )
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._ops is not None:
+            await self._ops.stop()
+        if hasattr(self, "_dispatcher"):
+            saved = self._dispatcher.checkpoint()
+            if saved:
+                logger.info("saved bookkeeping of %d messages still in memory", saved)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._bookkeeper.flushed(), grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._registry is not None:
+            await self._registry.stop()
+        if self._store is not None:
+            await self._store.close()
+        logger.info("stopped")

@@ -1,0 +1,61 @@
+"""KiteQ-compatible ``/stat`` and ``/binds`` JSON (kiteq-ops reads these keys)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kiteq.binding.match import BindingTable
+from kiteq.handler.connection import ConnectionTable
+from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.intake import Intake
+
+
+class StatsView:
+    def __init__(
+        self,
+        *,
+        bindings: BindingTable,
+        connections: ConnectionTable,
+        dispatcher: Dispatcher,
+        intake: Intake,
+        backlog: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._bindings = bindings
+        self._connections = connections
+        self._dispatcher = dispatcher
+        self._intake = intake
+        self._backlog = backlog
+
+    def stat_snapshot(self) -> dict[str, Any]:
+        groups: dict[str, list[str]] = {}
+        for conn in self._connections:
+            groups.setdefault(conn.group, []).append(conn.peer)
+        return {
+            "kiteq": {
+                "goroutine": threading.active_count(),
+                "deliver_go": self._dispatcher.inflight,
+                "deliver_count": self._dispatcher.delivered,
+                "recieve_count": self._intake.received,
+                "message_count": dict(self._backlog()),
+                "topics_deliver": {},
+                "topics_recieve": {},
+                "groups": groups,
+                "accept_limiter": [0, 0],
+            },
+            "network": {"connections": len(self._connections)},
+        }
+
+    def binds_snapshot(self) -> dict[str, Any]:
+        topic_groups: dict[str, list[str]] = {}
+        limiters: dict[str, dict[str, list[int]]] = {}
+        for binding in self._bindings.bindings():
+            members = topic_groups.setdefault(binding.topic, [])
+            if binding.group_id not in members:
+                members.append(binding.group_id)
+            limiters.setdefault(binding.topic, {})[binding.group_id] = [
+                0,
+                binding.effective_watermark,
+            ]
+        return {"topic_2_groups": topic_groups, "topic_limiters": limiters}
