@@ -12,11 +12,20 @@ import dataclasses
 import enum
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from kiteq.core.limits import MESSAGE_TYPE_RE, is_name
 
-__all__ = ["BIND_VERSION", "MAX_PATTERN_CHARS", "MAX_WATERMARK", "BindType", "Binding"]
+__all__ = [
+    "BIND_VERSION",
+    "MAX_PATTERN_CHARS",
+    "MAX_WATERMARK",
+    "BindType",
+    "Binding",
+    "bind_type_from_name",
+    "dumps",
+    "loads",
+]
 
 BIND_VERSION: Final = "1.0.0"
 MAX_WATERMARK: Final = 6000
@@ -92,7 +101,10 @@ class Binding:
             raise ValueError(f"invalid binding topic {self.topic!r}")
         if self.group_id and not is_name(self.group_id):
             raise ValueError(f"invalid binding group {self.group_id!r}")
-        if self.bind_type is BindType.DIRECT and MESSAGE_TYPE_RE.fullmatch(self.message_type) is None:
+        if (
+            self.bind_type is BindType.DIRECT
+            and MESSAGE_TYPE_RE.fullmatch(self.message_type) is None
+        ):
             raise ValueError(f"invalid message type {self.message_type!r} in a direct binding")
         if self.bind_type is BindType.REGEX and not 0 < len(self.message_type) <= MAX_PATTERN_CHARS:
             raise ValueError(f"regex binding pattern must be 1..{MAX_PATTERN_CHARS} characters")
@@ -117,26 +129,51 @@ class Binding:
 
     @classmethod
     def from_json_obj(cls, obj: Mapping[str, Any]) -> Binding:
-        """Parse one KiteQ binding object; raise ``ValueError`` when malformed."""
+        """Parse one KiteQ binding object; raise ``ValueError`` when malformed.
+
+        Types are checked strictly (``"persistent": "false"`` is an error, not true).
+        ``bindType`` may be KiteQ's number or one of its names (``direct``, ``regx``,
+        ``fanout``; ``regex`` too).
+        """
         try:
             raw_type = obj.get("bindType", 0)
             if isinstance(raw_type, str):
-                bind_type = _BIND_TYPE_NAMES[raw_type.lower()]
+                bind_type = bind_type_from_name(raw_type)
             else:
-                bind_type = BindType(int(raw_type))
+                bind_type = BindType(_field(obj, "bindType", int, 0))
             binding = cls(
-                topic=str(obj["topic"]),
-                message_type=str(obj.get("messageType", "*")),
+                topic=_field(obj, "topic", str),
+                message_type=_field(obj, "messageType", str, "*"),
                 bind_type=bind_type,
-                group_id=str(obj.get("groupId", "")),
-                watermark=int(obj.get("watermark", 0)),
-                persistent=bool(obj.get("persistent", True)),
-                version=str(obj.get("version", BIND_VERSION)),
+                group_id=_field(obj, "groupId", str, ""),
+                watermark=_field(obj, "watermark", int, 0),
+                persistent=_field(obj, "persistent", bool, True),
+                version=_field(obj, "version", str, BIND_VERSION),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed binding {dict(obj)!r}: {exc}") from exc
-        binding.check()
+            binding.check()
+        except ValueError as exc:
+            raise ValueError(f"malformed binding {_excerpt(dict(obj))}: {exc}") from exc
         return binding
+
+
+_T = TypeVar("_T", int, str, bool)
+_MISSING: Final = object()
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type[_T], default: object = _MISSING) -> _T:
+    value = obj.get(key, default)
+    if value is _MISSING:
+        raise ValueError(f"{key!r} is missing")
+    # bool is an int subclass: true is not a watermark
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _excerpt(value: object) -> str:
+    # binding data comes from clients and ZooKeeper: keep error messages short
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def bind_type_from_name(name: str) -> BindType:
@@ -158,6 +195,12 @@ def loads(data: bytes) -> list[Binding]:
         items = json.loads(data or b"[]")
     except json.JSONDecodeError as exc:
         raise ValueError(f"binding data is not JSON: {exc}") from exc
+    # malformed data is a ValueError for callers, whatever its JSON type
     if not isinstance(items, list):
-        raise ValueError("binding data must be a JSON array")
-    return [Binding.from_json_obj(item) for item in items if isinstance(item, dict)]
+        raise ValueError("binding data must be a JSON array")  # noqa: TRY004
+    bindings = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"binding #{index} is not a JSON object: {_excerpt(item)}")  # noqa: TRY004
+        bindings.append(Binding.from_json_obj(item))
+    return bindings

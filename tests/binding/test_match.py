@@ -1,0 +1,343 @@
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kiteq.binding.match import (
+    BindingTable,
+    Route,
+    check_binding,
+    compile_pattern,
+    validate_bindings,
+)
+from kiteq.binding.model import MAX_WATERMARK, Binding, BindType
+
+
+# Go regexp.MatchString(pattern, messageType): RE2 syntax, unanchored search.
+@pytest.mark.parametrize(
+    ("pattern", "message_type", "expected"),
+    [
+        ("pay", "pay-succ-200", True),
+        ("succ", "pay-succ-200", True),
+        ("200", "pay-succ-200", True),
+        ("^pay$", "pay-succ-200", False),
+        ("^pay", "pay-succ-200", True),
+        ("^succ", "pay-succ-200", False),
+        ("pay-.*", "pay-succ", True),
+        ("pay-.*", "refund", False),
+        ("^pay-(succ|fail)$", "pay-fail", True),
+        ("^pay-(succ|fail)$", "pay-failed", False),
+        (r"\d{3}$", "pay-succ-200", True),
+        (r"\d{4}$", "pay-succ-200", False),
+        ("PAY", "pay", False),
+        ("(?i)PAY", "pay", True),
+        ("pay.succ", "pay-succ", True),
+        (r"pay\.succ", "pay-succ", False),
+        (r"\bsucc\b", "pay-succ-200", True),
+        (r"\Bsucc", "paysucc", True),
+        ("[[:digit:]]+", "v2", True),
+        (r"\pL+", "abc", True),
+        ("(?P<kind>pay)", "pay", True),
+        ("x*", "abc", True),
+        ("a|b", "cab", True),
+        (r"pay\z", "pay-succ", False),
+        (r"succ\z", "pay-succ", True),
+    ],
+)
+def test_regex_is_an_unanchored_re2_search(pattern: str, message_type: str, expected: bool) -> None:
+    assert compile_pattern(pattern).matches(message_type) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"(a)\1", "invalid escape sequence"),
+        ("(?P<x>a)(?P=x)", "invalid"),
+        ("(?=a)", "invalid perl operator"),
+        ("(?!a)", "invalid perl operator"),
+        ("(?<=a)b", "invalid perl operator"),
+        ("(?<!a)b", "invalid perl operator"),
+        ("[", "missing ]"),
+        ("a)", "unexpected \\)|missing \\("),
+        ("a{1001}", "invalid repetition size"),
+        (r"\Z", "invalid escape sequence"),
+        (r"\pL{1000}", "pattern too large"),
+        ("", "1..256 characters"),
+        ("a" * 257, "1..256 characters"),
+    ],
+)
+def test_invalid_patterns_are_rejected_with_a_reason(pattern: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        compile_pattern(pattern)
+
+
+def test_invalid_pattern_writes_nothing_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="invalid perl operator"):
+        compile_pattern("(?=a)")
+    assert capfd.readouterr().err == ""
+
+
+def test_redos_pattern_runs_in_linear_time() -> None:
+    pattern = compile_pattern("(a+)+$")
+    text = "a" * 100_000 + "!"
+    started = time.perf_counter()
+    assert not pattern.matches(text)
+    assert compile_pattern("(a|aa)*c").matches("a" * 50_000) is False
+    assert time.perf_counter() - started < 1.0
+
+
+def test_check_binding_compiles_regex_only() -> None:
+    check_binding(Binding.direct("trade", "pay-succ"))
+    check_binding(Binding.fanout("trade"))
+    with pytest.raises(ValueError, match="invalid regex pattern"):
+        check_binding(Binding.regex("trade", "(?=x)"))
+    with pytest.raises(ValueError, match="invalid message type"):
+        check_binding(Binding.direct("trade", "pay-.*"))
+
+
+def test_validate_bindings_normalises() -> None:
+    b = Binding.direct("trade", "pay-succ")
+    assert validate_bindings("trade", "g", [b, b, b.with_group("g")]) == (b.with_group("g"),)
+    with pytest.raises(ValueError, match="for topic 'other'"):
+        validate_bindings("trade", "g", [Binding.direct("other", "x")])
+    with pytest.raises(ValueError, match="of group 'h'"):
+        validate_bindings("trade", "g", [b.with_group("h")])
+    with pytest.raises(ValueError, match="invalid group"):
+        validate_bindings("trade", "a/b", [b])
+    with pytest.raises(ValueError, match="invalid topic"):
+        validate_bindings("..", "g", [])
+
+
+def _table(*entries: tuple[str, list[Binding]]) -> BindingTable:
+    table = BindingTable()
+    for group, bindings in entries:
+        by_topic: dict[str, list[Binding]] = {}
+        for b in bindings:
+            by_topic.setdefault(b.topic, []).append(b)
+        for topic, items in by_topic.items():
+            table.replace(topic, group, items)
+    return table
+
+
+def test_routes_by_kind() -> None:
+    table = _table(
+        ("acct", [Binding.direct("trade", "pay-succ", watermark=1000)]),
+        ("audit", [Binding.regex("trade", "pay-", persistent=False)]),
+        ("all", [Binding.fanout("trade", watermark=10)]),
+        ("other-topic", [Binding.fanout("user")]),
+    )
+    assert table.routes("trade", "pay-succ") == (
+        Route("acct", True, 1000),
+        Route("all", True, 10),
+        Route("audit", False, MAX_WATERMARK),
+    )
+    assert table.routes("trade", "refund") == (Route("all", True, 10),)
+    assert table.routes("trade", "pay-succ-200") == (
+        Route("all", True, 10),
+        Route("audit", False, MAX_WATERMARK),
+    )
+    assert table.routes("unbound", "pay-succ") == ()
+
+
+def test_group_with_several_matching_bindings_appears_once() -> None:
+    table = _table(
+        (
+            "g",
+            [
+                Binding.direct("trade", "pay-succ", watermark=100, persistent=False),
+                Binding.regex("trade", "^pay", watermark=300, persistent=True),
+                Binding.regex("trade", "succ$", watermark=200, persistent=False),
+                Binding.direct("trade", "refund", watermark=5000, persistent=False),
+            ],
+        )
+    )
+    assert table.routes("trade", "pay-succ") == (Route("g", True, 300),)
+    assert table.routes("trade", "refund") == (Route("g", False, 5000),)
+    assert table.routes("trade", "x-succ") == (Route("g", False, 200),)
+
+
+def test_replace_and_remove_never_touch_another_group() -> None:
+    table = _table(
+        ("a", [Binding.fanout("trade")]),
+        ("b", [Binding.direct("trade", "pay")]),
+    )
+    assert table.replace("trade", "a", [Binding.direct("trade", "refund")])
+    assert table.groups("trade") == ["a", "b"]
+    assert table.routes("trade", "pay") == (Route("b", True, MAX_WATERMARK),)
+    assert table.remove_group("trade", "a")
+    assert table.routes("trade", "pay") == (Route("b", True, MAX_WATERMARK),)
+    assert table.bindings("trade") == [Binding.direct("trade", "pay").with_group("b")]
+    assert not table.remove_group("trade", "a")
+    assert table.replace("trade", "b", [])
+    assert table.topics() == []
+    assert table.routes("trade", "pay") == ()
+
+
+def test_invalid_replace_leaves_the_table_unchanged() -> None:
+    good = Binding.direct("trade", "pay")
+    table = _table(("g", [good]))
+    calls: list[tuple[str, str]] = []
+    table.add_listener(lambda t, g: calls.append((t, g)))
+    with pytest.raises(ValueError, match="invalid regex"):
+        table.replace(
+            "trade", "g", [Binding.direct("trade", "refund"), Binding.regex("trade", "(")]
+        )
+    with pytest.raises(ValueError, match="for topic"):
+        table.replace("trade", "g", [Binding.direct("other", "x")])
+    with pytest.raises(ValueError, match="invalid group"):
+        table.replace("trade", "", [good])
+    assert table.bindings() == [good.with_group("g")]
+    assert table.routes("trade", "pay") == (Route("g", True, MAX_WATERMARK),)
+    assert calls == []
+
+
+def test_routes_are_cached_and_invalidated_per_topic() -> None:
+    table = _table(
+        ("a", [Binding.regex("trade", "pay")]),
+        ("a", [Binding.fanout("user")]),
+    )
+    first = table.routes("trade", "pay-succ")
+    assert table.routes("trade", "pay-succ") is first
+    user = table.routes("user", "x")
+    table.replace("trade", "b", [Binding.direct("trade", "pay-succ")])
+    assert table.routes("user", "x") is user
+    assert table.routes("trade", "pay-succ") == (
+        Route("a", True, MAX_WATERMARK),
+        Route("b", True, MAX_WATERMARK),
+    )
+    table.replace("trade", "a", [Binding.direct("trade", "refund")])
+    assert table.routes("trade", "pay-succ") == (Route("b", True, MAX_WATERMARK),)
+    table.remove_group("trade", "b")
+    assert table.routes("trade", "pay-succ") == ()
+
+
+def test_unchanged_replace_keeps_cache_and_does_not_notify() -> None:
+    b = Binding.direct("trade", "pay")
+    table = _table(("g", [b]))
+    calls: list[tuple[str, str]] = []
+    table.add_listener(lambda t, g: calls.append((t, g)))
+    cached = table.routes("trade", "pay")
+    assert not table.replace("trade", "g", [b.with_group("g")])
+    assert table.routes("trade", "pay") is cached
+    assert calls == []
+
+
+def test_route_cache_is_bounded() -> None:
+    table = BindingTable(cache_size=3)
+    table.replace("trade", "g", [Binding.regex("trade", "^p")])
+    types = [f"p{i}" for i in range(10)] + [f"q{i}" for i in range(10)]
+    for _ in range(2):
+        for message_type in types:
+            expected = (Route("g", True, MAX_WATERMARK),) if message_type[0] == "p" else ()
+            assert table.routes("trade", message_type) == expected
+    assert sum(len(v) for v in table._cache.values()) <= 3
+    with pytest.raises(ValueError, match="cache_size"):
+        BindingTable(cache_size=0)
+
+
+def test_listeners_are_called_after_each_change() -> None:
+    table = BindingTable()
+    seen: list[tuple[str, str, list[str]]] = []
+
+    def listener(topic: str, group: str) -> None:
+        seen.append((topic, group, table.groups(topic)))
+
+    def broken(topic: str, group: str) -> None:
+        raise RuntimeError("listener bug")
+
+    table.add_listener(broken)
+    table.add_listener(listener)
+    table.replace("trade", "a", [Binding.fanout("trade")])
+    table.replace("trade", "b", [Binding.fanout("trade")])
+    table.remove_group("trade", "a")
+    assert seen == [("trade", "a", ["a"]), ("trade", "b", ["a", "b"]), ("trade", "a", ["b"])]
+    table.remove_listener(listener)
+    table.remove_listener(listener)
+    table.remove_group("trade", "b")
+    assert len(seen) == 3
+    assert table.topics() == []
+
+
+def test_listings() -> None:
+    table = _table(
+        ("z", [Binding.fanout("trade"), Binding.direct("user", "x")]),
+        ("a", [Binding.regex("trade", "p"), Binding.direct("trade", "q")]),
+    )
+    assert table.topics() == ["trade", "user"]
+    assert table.groups("trade") == ["a", "z"]
+    assert table.groups("none") == []
+    assert table.bindings() == [
+        Binding.regex("trade", "p").with_group("a"),
+        Binding.direct("trade", "q").with_group("a"),
+        Binding.fanout("trade").with_group("z"),
+        Binding.direct("user", "x").with_group("z"),
+    ]
+    assert table.bindings("user") == [Binding.direct("user", "x").with_group("z")]
+    assert table.bindings("none") == []
+
+
+# Differential check: the cached table against a direct evaluation (Python re is fine
+# for these simple patterns, whose semantics are the same in RE2).
+_PATTERNS = ["^p", "succ$", "a.b", "p|q", r"\d", "x+y?"]
+_TYPES = ["p", "q", "psucc", "a-b", "x1", "xy", "refund", "qsucc"]
+_GROUPS = ["g1", "g2", "g3"]
+
+_binding = st.one_of(
+    st.builds(
+        Binding.direct,
+        st.just("t"),
+        st.sampled_from(_TYPES),
+        watermark=st.integers(0, 7000),
+        persistent=st.booleans(),
+    ),
+    st.builds(
+        Binding.regex,
+        st.just("t"),
+        st.sampled_from(_PATTERNS),
+        watermark=st.integers(0, 7000),
+        persistent=st.booleans(),
+    ),
+    st.builds(
+        Binding.fanout, st.just("t"), watermark=st.integers(0, 7000), persistent=st.booleans()
+    ),
+)
+_ops = st.lists(st.tuples(st.sampled_from(_GROUPS), st.lists(_binding, max_size=3)), max_size=12)
+
+
+def _expected(state: dict[str, list[Binding]], message_type: str) -> tuple[Route, ...]:
+    routes = []
+    for group in sorted(state):
+        matched = [
+            b
+            for b in state[group]
+            if b.bind_type is BindType.FANOUT
+            or (b.bind_type is BindType.DIRECT and b.message_type == message_type)
+            or (b.bind_type is BindType.REGEX and re.search(b.message_type, message_type))
+        ]
+        if matched:
+            routes.append(
+                Route(
+                    group,
+                    any(b.persistent for b in matched),
+                    max(b.effective_watermark for b in matched),
+                )
+            )
+    return tuple(routes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ops)
+def test_cached_routes_match_direct_evaluation(ops: list[tuple[str, list[Binding]]]) -> None:
+    table = BindingTable(cache_size=5)
+    state: dict[str, list[Binding]] = {}
+    for group, bindings in ops:
+        table.replace("t", group, bindings)
+        if bindings:
+            state[group] = bindings
+        else:
+            state.pop(group, None)
+        for message_type in _TYPES:
+            assert table.routes("t", message_type) == _expected(state, message_type)
