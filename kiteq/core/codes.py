@@ -36,7 +36,7 @@ class AckCode(enum.IntEnum):
 
     @property
     def metric_reason(self) -> str:
-        return self.name.lower()
+        return "invalid" if self is AckCode.INVALID_ARGUMENT else self.name.lower()
 
 
 _RETRIABLE = frozenset(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,7 +137,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
 
     def positive(key: str) -> float:
         value = typed(key, (int, float))
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{prefix}.{key}: must be > 0, got {value!r}")
         return float(value)
 

@@ -12,8 +12,8 @@ doing the same thing again (for a publish: the same message, same id) may succee
     │   ├── InvalidMessageError        bad name, id, properties
     │   │   └── BodyTooLargeError      body above the size limit
     │   ├── UnknownTopicError          the broker does not serve the topic
-    │   └── ExpiredMessageError        expired before it arrived
-    ├── FlowLimitedError               retriable; the broker's receive rate is exhausted
+    │   ├── ExpiredMessageError        expired before it arrived
+    │   └── FlowLimitedError           retriable; the broker's receive rate is exhausted
     ├── AuthenticationError            wrong or missing group secret
     ├── StoreError
     │   ├── StoreFullError             retriable; memory store at capacity

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The test command: installs what the checks need, then runs every check.
+#
+#   bash scripts/test.sh [pytest arguments...]
+#
+# System packages (Debian, installed only when missing; needs root or sudo):
+#   zookeeper   java + /usr/share/java/zookeeper.jar, for the real-ZooKeeper fixture
+#   prometheus  promtool + prometheus, for the dashboard and metrics checks (~20 MB, ~10 s)
+# Python: the project with its server extra, editable, plus the "dev" dependency group.
+# Checks: protobuf freshness, ruff format, ruff lint, mypy (strict), pytest.
+# pytest collecting no test (exit code 5) fails the run. Under CI=true a test whose
+# component is missing fails instead of skipping (tests/_servers/__init__.py).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python3}"
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+started=$SECONDS
+summary=()
+current=""
+
+report_failure() {
+    local rc=$?
+    if ((rc != 0)) && [[ -n $current ]]; then
+        printf '\n==> FAILED: %s (exit code %s)\n' "$current" "$rc" >&2
+        ((${#summary[@]} == 0)) || printf '%s\n' "${summary[@]}" >&2
+    fi
+}
+trap report_failure EXIT
+
+step() {
+    current=$1
+    shift
+    local t0=$SECONDS
+    printf '\n==> %s\n' "$current"
+    "$@"
+    summary+=("$(printf '%-20s ok %5ss' "$current" $((SECONDS - t0)))")
+    current=""
+}
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        echo "error: '$*' needs root (or sudo)" >&2
+        return 1
+    fi
+}
+
+system_packages() {
+    local missing=()
+    if ! command -v java >/dev/null || [[ ! -f /usr/share/java/zookeeper.jar ]]; then
+        missing+=(zookeeper)
+    fi
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+        missing+=(prometheus)
+    fi
+    if ((${#missing[@]} == 0)); then
+        echo "system packages present"
+        return
+    fi
+    echo "installing ${missing[*]}"
+    as_root apt-get update -qq
+    # --no-install-recommends: prometheus recommends node-exporter, a daemon we do not need.
+    as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+}
+
+python_packages() {
+    # Dependency groups (pyproject [dependency-groups]) need pip >= 25.1.
+    local help
+    help=$("$PYTHON" -m pip install --help)
+    if [[ $help != *--group* ]]; then
+        "$PYTHON" -m pip install -q --root-user-action=ignore --upgrade 'pip>=25.1'
+    fi
+    "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[server]" --group dev
+}
+
+run_pytest() {
+    local rc=0
+    "$PYTHON" -m pytest --durations=10 "$@" || rc=$?
+    if ((rc == 5)); then
+        echo "error: pytest collected no tests (exit code 5); failing the run" >&2
+        return 1
+    fi
+    return "$rc"
+}
+
+step "system packages" system_packages
+step "python packages" python_packages
+step "protobuf freshness" "$PYTHON" proto/generate.py --check
+step "ruff format" "$PYTHON" -m ruff format --check .
+step "ruff check" "$PYTHON" -m ruff check .
+step "mypy" "$PYTHON" -m mypy
+step "pytest" run_pytest "$@"
+
+printf '\n==> summary\n'
+printf '%s\n' "${summary[@]}"
+printf 'all checks passed in %ss\n' $((SECONDS - started))

@@ -1,0 +1,251 @@
+"""Import boundaries of DESIGN §2 / STYLE §4.1, checked on the source (AST, not runtime).
+
+Imports only point down::
+
+    kiteq.proto -> kiteq.core -> {kiteq.store, kiteq.binding, kiteq.ops.metrics}
+                -> kiteq.handler -> {kiteq.broker, kiteq.ops.http}
+
+``kiteq.client`` may import only core, proto and binding. Generated ``*_pb2`` modules are
+imported only by the edge modules in ``PB2_IMPORTERS``. Every import counts, including
+those under ``if TYPE_CHECKING:`` and inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+# Edge modules allowed to import generated protobuf code (*_pb2, *_pb2_grpc).
+PB2_IMPORTERS: Final = frozenset(
+    {
+        "kiteq.broker.server",  # registers the servicers with the gRPC server
+        "kiteq.broker.service",
+        "kiteq.broker.wire",
+        "kiteq.broker.admin_service",
+        "kiteq.broker.admin_cli",
+        "kiteq.client._wire",
+        "kiteq.client._channel",
+    }
+)
+
+# component -> the components it may import (besides itself).
+_BASE: Final = frozenset({"kiteq.proto", "kiteq.core"})
+_MIDDLE: Final = frozenset({"kiteq.store", "kiteq.binding", "kiteq.ops.metrics", "kiteq.ops"})
+ALLOWED: Final[dict[str, frozenset[str]]] = {
+    "kiteq.proto": frozenset(),
+    "kiteq.core": frozenset({"kiteq.proto"}),
+    "kiteq.store": _BASE,
+    "kiteq.binding": _BASE,
+    "kiteq.ops": frozenset({"kiteq.core"}),  # the package's __init__ only
+    "kiteq.ops.metrics": frozenset({"kiteq.core", "kiteq.ops"}),
+    "kiteq.handler": _BASE | _MIDDLE,
+    "kiteq.ops.http": frozenset({"kiteq.core", "kiteq.ops", "kiteq.ops.metrics"}),
+    "kiteq.broker": _BASE | _MIDDLE | {"kiteq.handler", "kiteq.ops.http"},
+    "kiteq.client": frozenset({"kiteq.core", "kiteq.proto", "kiteq.binding"}),
+    "kiteq.__main__": frozenset({"kiteq.broker"}),  # python -m kiteq
+}
+_PACKAGE_ONLY: Final = frozenset({"kiteq.ops"})  # components that are a bare __init__
+
+REPO: Final = Path(__file__).resolve().parent.parent
+# Source roots: each holds a kiteq/ namespace portion.
+SOURCE_ROOTS: Final = (".", "binding", "store", "handler", "client", "ops", "proto")
+# The only module allowed directly in a namespace directory: an entry point, never imported
+# by users, so PEP 561 (py.typed) does not concern it.
+NAMESPACE_MODULES: Final = frozenset({"kiteq/__main__.py"})
+
+
+def component_of(module: str) -> str | None:
+    """The layering component of *module* (longest matching prefix), or None."""
+    best: str | None = None
+    for name in ALLOWED:
+        if (module == name or module.startswith(name + ".")) and (
+            best is None or len(name) > len(best)
+        ):
+            best = name
+    if best in _PACKAGE_ONLY and module != best:
+        return None  # a module nobody has placed in the layering yet
+    return best
+
+
+def is_generated(module: str) -> bool:
+    return any(part.endswith(("_pb2", "_pb2_grpc")) for part in module.split("."))
+
+
+def imported_modules(source: str, module: str, *, is_package: bool = False) -> Iterator[str]:
+    """Every absolute module name *source* (the text of *module*) imports.
+
+    ``from a.b import c`` yields ``a.b`` and ``a.b.c`` (``c`` may be a submodule).
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source, filename=module)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                if node.level > 1:
+                    base_parts = base_parts[: -(node.level - 1)]
+                base = ".".join(base_parts)
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            yield target
+            yield from (f"{target}.{alias.name}" for alias in node.names if alias.name != "*")
+
+
+def violations(module: str, imports: Iterator[str] | list[str]) -> list[str]:
+    """Layering problems of *module* importing *imports* (empty when it is clean)."""
+    own = component_of(module)
+    if own is None:
+        return [f"{module}: not in the layering table of tests/test_layering.py"]
+    problems: list[str] = []
+    for target in imports:
+        if not target.startswith("kiteq."):
+            continue
+        if is_generated(target) and module not in PB2_IMPORTERS and own != "kiteq.proto":
+            problems.append(f"{module} imports generated {target} (only PB2_IMPORTERS may)")
+            continue
+        other = component_of(target)
+        if other is None or other == own:
+            continue
+        if other not in ALLOWED[own]:
+            problems.append(f"{module} ({own}) imports {target} ({other}): not allowed")
+    return sorted(set(problems))
+
+
+def source_files() -> Iterator[tuple[Path, str, bool]]:
+    """(path, module name, is package) of every hand-written module under the source roots."""
+    for root_name in SOURCE_ROOTS:
+        root = REPO / root_name
+        for path in sorted((root / "kiteq").rglob("*.py")):
+            if is_generated(path.stem):
+                continue
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            is_package = parts[-1] == "__init__"
+            if is_package:
+                parts.pop()
+            yield path, ".".join(parts), is_package
+
+
+# --- the checker, on planted sources ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("kiteq.store.mysql", "from kiteq.handler import dispatch\n"),
+        ("kiteq.store.mysql", "import kiteq.binding.model\n"),
+        ("kiteq.store.mysql", "from ..handler import dispatch\n"),
+        ("kiteq.binding.zk", "from kiteq.store.base import MessageStore\n"),
+        ("kiteq.core.config", "from kiteq.ops.metrics import BrokerMetrics\n"),
+        ("kiteq.core.message", "from kiteq.proto.v1 import common_pb2\n"),
+        ("kiteq.handler.intake", "from kiteq.proto.v1.broker_pb2 import PublishRequest\n"),
+        ("kiteq.handler.intake", "from kiteq.broker import server\n"),
+        ("kiteq.handler.intake", "from kiteq.ops.http import OpsServer\n"),
+        ("kiteq.ops.metrics", "from kiteq.store import base\n"),
+        ("kiteq.ops.metrics", "from kiteq.ops.http import OpsServer\n"),
+        ("kiteq.ops.http", "from kiteq.handler.dispatch import Dispatcher\n"),
+        ("kiteq.ops.http", "from kiteq.broker.server import Broker\n"),
+        ("kiteq.client._producer", "from kiteq.store.memory import MemoryStore\n"),
+        ("kiteq.client._producer", "from kiteq.handler import intake\n"),
+        ("kiteq.client._producer", "from kiteq.proto.v1 import broker_pb2\n"),
+        ("kiteq.client._producer", "from kiteq.ops import metrics\n"),
+        ("kiteq.broker.server", "from kiteq.client import Producer\n"),
+        ("kiteq.broker.stats", "from kiteq.proto.v1 import broker_pb2_grpc\n"),
+        ("kiteq.proto.v1", "from kiteq.core import message\n"),
+        ("kiteq.store.rocksdb", "def f():\n    from kiteq.handler import recover\n"),
+        ("kiteq.store.rocksdb", "if TYPE_CHECKING:\n    from kiteq.broker.server import X\n"),
+    ],
+)
+def test_checker_flags_planted_violation(module: str, source: str) -> None:
+    assert violations(module, list(imported_modules(source, module)))
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("kiteq.core.config", "from kiteq.core.errors import ConfigError\nimport tomllib\n"),
+        ("kiteq.store.mysql", "from kiteq.core.message import Message\nfrom . import base\n"),
+        ("kiteq.handler.intake", "from kiteq.store.base import MessageStore\n"),
+        ("kiteq.handler.intake", "from kiteq.binding.model import Binding\n"),
+        ("kiteq.handler.intake", "from kiteq.ops.metrics import BrokerMetrics\n"),
+        ("kiteq.ops.http", "from kiteq.ops.metrics import BrokerMetrics\n"),
+        ("kiteq.ops.metrics", "from kiteq.core.limits import is_name\n"),
+        ("kiteq.broker.server", "from kiteq.ops.http import OpsServer\nimport kiteq.handler\n"),
+        ("kiteq.broker.service", "from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc\n"),
+        ("kiteq.client._channel", "from kiteq.proto.v1 import broker_pb2\n"),
+        ("kiteq.client._producer", "from kiteq.binding.model import Binding\nimport grpc\n"),
+        ("kiteq.proto.v1", "from kiteq.proto.v1 import common_pb2\n"),
+    ],
+)
+def test_checker_accepts_allowed_imports(module: str, source: str) -> None:
+    assert violations(module, list(imported_modules(source, module))) == []
+
+
+def test_checker_resolves_relative_imports() -> None:
+    found = set(imported_modules("from ..core import errors\n", "kiteq.store.mysql"))
+    assert found == {"kiteq.core", "kiteq.core.errors"}
+    found = set(imported_modules("from . import base\n", "kiteq.store", is_package=True))
+    assert found == {"kiteq.store", "kiteq.store.base"}
+
+
+def test_checker_requires_every_module_to_be_placed() -> None:
+    assert violations("kiteq.ops.admin", []) == [
+        "kiteq.ops.admin: not in the layering table of tests/test_layering.py"
+    ]
+    assert violations("kiteq.newthing", []) != []
+
+
+# --- the real tree ----------------------------------------------------------------------
+
+
+def test_sources_are_found() -> None:
+    modules = {module for _, module, _ in source_files()}
+    assert {"kiteq.core.config", "kiteq.ops.metrics", "kiteq.ops.http"} <= modules
+    assert not any(is_generated(module) for module in modules)
+
+
+def test_imports_point_down() -> None:
+    problems: list[str] = []
+    for path, module, is_package in source_files():
+        source = path.read_text(encoding="utf-8")
+        try:
+            imports = list(imported_modules(source, module, is_package=is_package))
+        except SyntaxError as exc:
+            problems.append(f"{module}: cannot parse ({exc.msg}, line {exc.lineno})")
+            continue
+        problems += violations(module, imports)
+    assert not problems, "layering violations:\n" + "\n".join(problems)
+
+
+def test_namespace_directories_hold_no_modules() -> None:
+    # kiteq/ is a PEP 420 namespace assembled from the source roots: no __init__.py, no module.
+    offenders = [
+        str(path.relative_to(REPO))
+        for root in SOURCE_ROOTS
+        for path in (REPO / root / "kiteq").glob("*.py")
+        if str(path.relative_to(REPO)) not in NAMESPACE_MODULES
+    ]
+    assert not offenders, f"modules in a namespace directory: {offenders}"
+
+
+def test_every_package_has_init_and_py_typed() -> None:
+    # PEP 561: the marker sits in each top-level package of the namespace; subpackages inherit.
+    packages = [
+        path
+        for root in SOURCE_ROOTS
+        for path in (REPO / root / "kiteq").iterdir()
+        if path.is_dir() and not path.name.startswith("__")
+    ]
+    assert {p.name for p in packages} >= {"core", "broker", "binding", "store", "handler"}
+    missing = [
+        str((package / marker).relative_to(REPO))
+        for package in packages
+        for marker in ("__init__.py", "py.typed")
+        if not (package / marker).is_file()
+    ]
+    assert not missing, f"missing package markers: {missing}"
