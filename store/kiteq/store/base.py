@@ -34,8 +34,11 @@ SaveOutcome = Saved | StoreError
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rescheduled:
-    """New delivery bookkeeping for ``record``; ``previous_due`` is the next_deliver_time
-    the store currently holds for it (backends index by it)."""
+    """New delivery bookkeeping for ``record``.
+
+    ``previous_due`` is the next_deliver_time the caller last saw; backends that keep their
+    own copy of the state may ignore it.
+    """
 
     record: StoredMessage
     previous_due: float
@@ -92,8 +95,10 @@ class MessageStore(Protocol):
     async def page_due(
         self, now: float, limit: int, after: DueCursor | None = None
     ) -> list[StoredMessage]:
-        """Committed records with ``next_deliver_time <= now``, ordered by
-        (next_deliver_time, message_id), strictly after *after*; at most *limit*."""
+        """Committed records with ``next_deliver_time <= now``, at most *limit*.
+
+        Ordered by (next_deliver_time, message_id), strictly after *after*.
+        """
         ...
 
     async def backlog(self) -> dict[str, int]:

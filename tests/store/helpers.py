@@ -1,0 +1,61 @@
+"""Record builders shared by the store tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Final
+
+from kiteq.core.message import Message, StoredMessage
+from kiteq.store.base import MessageStore
+from kiteq.store.url import open_store
+
+NOW: Final = 1_700_000_000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend's name and URL; ``build`` makes a fresh store on the same storage."""
+
+    name: str
+    url: str
+
+    def build(self) -> MessageStore:
+        return open_store(self.url)
+
+
+def record(
+    *,
+    topic: str = "trade",
+    ndt: float = NOW,
+    commit: bool = True,
+    body: bytes | None = None,
+    message_id: str | None = None,
+    properties: dict[str, str] | None = None,
+) -> StoredMessage:
+    """A committed-by-default record due at *ndt*, with a random id unless given."""
+    message = Message(
+        topic=topic,
+        message_type="pay-succ",
+        body=os.urandom(64) if body is None else body,
+        properties=properties or {},
+        expired_time=int(NOW) + 3600,
+        deliver_limit=100,
+        group_id="ps-test",
+        commit=commit,
+        create_time=int(NOW) - 1,
+    )
+    if message_id is not None:
+        message = dataclasses.replace(message, message_id=message_id)
+    return StoredMessage(message=message, publish_time=NOW - 0.5, next_deliver_time=ndt)
+
+
+def ids(records: list[StoredMessage]) -> list[str]:
+    return [r.message_id for r in records]
+
+
+def due_order(records: list[StoredMessage]) -> list[str]:
+    """Ids in the order ``page_due`` must return them."""
+    return [
+        r.message_id for r in sorted(records, key=lambda r: (r.next_deliver_time, r.message_id))
+    ]

@@ -1,0 +1,307 @@
+"""What only the RocksDB backend promises: group commit, fsync modes, failure handling,
+work kept off the event loop, and durability across a SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rocksdict import Rdict
+
+from kiteq.core.errors import StoreUnavailableError
+from kiteq.store import rocksdb
+from kiteq.store.base import Rescheduled, Saved
+from kiteq.store.rocksdb import Fsync, RocksDBStore
+from tests.store.helpers import NOW, record
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
+    opened = RocksDBStore(str(tmp_path / "db"))
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_concurrent_saves_share_one_write_batch(store: RocksDBStore) -> None:
+    before = store.write_batches
+    records = [record() for _ in range(200)]
+    outcomes = await asyncio.gather(*(store.save([r]) for r in records))
+    assert outcomes == [[Saved.STORED]] * 200
+    assert store.write_batches - before <= 2
+    assert await store.backlog() == {"trade": 200}
+
+
+async def test_calls_arriving_during_a_write_form_the_next_batch(store: RocksDBStore) -> None:
+    before = store.write_batches
+    first = asyncio.ensure_future(store.save([record()]))
+    await asyncio.sleep(0)  # the writer takes the first call alone
+    rest = [asyncio.ensure_future(store.save([record()])) for _ in range(100)]
+    await asyncio.gather(first, *rest)
+    assert store.write_batches - before == 2
+
+
+async def test_mixed_calls_are_grouped_in_call_order(store: RocksDBStore) -> None:
+    before = store.write_batches
+    tx, gone, moved = record(commit=False), record(), record(ndt=NOW - 5)
+    again = record(message_id=gone.message_id, body=b"again")
+    results = await asyncio.gather(
+        store.save([tx, gone, moved]),
+        store.commit(tx.message_id),
+        store.reschedule([Rescheduled(record=record(ndt=NOW - 9), previous_due=NOW)]),
+        store.delete([gone]),
+        store.save([again]),
+        store.put_meta("m", b"1"),
+    )
+    assert store.write_batches - before == 1
+    assert results[0] == [Saved.STORED] * 3
+    committed = results[1]
+    assert committed is not None
+    assert committed.message.commit is True
+    assert results[4] == [Saved.STORED]
+    got = await store.get(gone.message_id)
+    assert got is not None
+    assert got.message.body == b"again"
+    assert await store.backlog() == {"trade": 3}
+
+
+async def test_fsync_always_writes_each_call_alone(tmp_path: Path) -> None:
+    store = RocksDBStore(str(tmp_path / "db"), fsync="always")
+    await store.open()
+    try:
+        outcomes = await asyncio.gather(*(store.save([record(), record()]) for _ in range(20)))
+        assert outcomes == [[Saved.STORED, Saved.STORED]] * 20
+        assert store.write_batches == 20
+    finally:
+        await store.close()
+
+
+async def test_a_burst_larger_than_the_batch_limit_is_split(store: RocksDBStore) -> None:
+    body = bytes(1024)
+    calls = [[record(body=body) for _ in range(1000)] for _ in range(24)]  # ~27 MB
+    before = store.write_batches
+    outcomes = await asyncio.gather(*(store.save(c) for c in calls))
+    assert all(o == [Saved.STORED] * 1000 for o in outcomes)
+    assert 2 <= store.write_batches - before <= 4
+
+
+class _FailingWrites:
+    """Stands in for the Rdict: every write fails like a full or broken disk would."""
+
+    def __init__(self, real: Rdict) -> None:
+        self.real = real
+
+    def write(self, *args: object) -> None:
+        raise RuntimeError("injected: IO error: No space left on device")
+
+
+async def test_a_failed_write_fails_every_caller_of_its_batch(
+    store: RocksDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = record()
+    await store.save([kept])
+    db = store._db
+    assert db is not None
+    monkeypatch.setattr(db, "rdict", _FailingWrites(db.rdict))
+
+    saves = [store.save([record(), record()]) for _ in range(50)]
+    others = [store.delete([kept]), store.put_meta("k", b"v"), store.commit(kept.message_id)]
+    results = await asyncio.wait_for(
+        asyncio.gather(*saves, *others, return_exceptions=True), timeout=10
+    )
+    for outcomes in results[:50]:
+        assert isinstance(outcomes, list)
+        assert len(outcomes) == 2
+        for outcome in outcomes:
+            assert isinstance(outcome, StoreUnavailableError)
+            assert isinstance(outcome.__cause__, RuntimeError)
+    assert all(isinstance(r, StoreUnavailableError) for r in results[50:])
+    assert await store.backlog() == {"trade": 1}
+
+    monkeypatch.undo()
+    assert await store.save([record()]) == [Saved.STORED]
+    assert await store.get(kept.message_id) is not None
+    assert await store.backlog() == {"trade": 2}
+
+
+async def test_an_unexpected_writer_error_still_answers_every_caller(
+    store: RocksDBStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(requests: object) -> dict[str, int]:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(store, "_write_sync", broken)
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(store.save([record()]) for _ in range(5)),
+            store.delete([record()]),
+            return_exceptions=True,
+        ),
+        timeout=10,
+    )
+    for outcomes in results[:5]:
+        assert isinstance(outcomes, list)
+        assert isinstance(outcomes[0], StoreUnavailableError)
+    assert isinstance(results[5], StoreUnavailableError)
+    assert "store writer failed" in caplog.text
+
+    monkeypatch.undo()
+    assert await store.save([record()]) == [Saved.STORED]
+
+
+async def test_a_cancelled_caller_does_not_stall_the_others(store: RocksDBStore) -> None:
+    cancelled = asyncio.ensure_future(store.save([record()]))
+    others = [asyncio.ensure_future(store.save([record()])) for _ in range(10)]
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    assert await asyncio.wait_for(asyncio.gather(*others), timeout=10) == [[Saved.STORED]] * 10
+    assert await store.save([record()]) == [Saved.STORED]
+
+
+async def test_rocksdb_runs_only_on_the_store_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[str] = set()
+
+    def spy(owner: type, name: str) -> None:
+        original: Callable[..., Any] = getattr(owner, name)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            threads.add(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+
+    for name in ("get", "get_many", "keys", "items", "values", "release"):
+        spy(rocksdb._Column, name)
+    for name in ("__init__", "close"):
+        spy(rocksdb._DB, name)
+    spy(rocksdb._Batch, "__init__")
+
+    store = RocksDBStore(str(tmp_path / "db"))
+    await store.open()
+    r, tx = record(), record(commit=False)
+    await store.save([r, tx])
+    await store.commit(tx.message_id)
+    await store.reschedule([Rescheduled(record=r, previous_due=r.next_deliver_time)])
+    await store.get(r.message_id)
+    await store.page_due(NOW, 10)
+    await store.put_meta("k", b"v")
+    await store.get_meta("k")
+    await store.delete([r])
+    await store.close()
+    assert threads
+    assert all(name.startswith("kiteq-store") for name in threads), threads
+
+
+async def test_open_failure_is_a_store_unavailable_error_and_can_be_retried(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "db")
+    first = RocksDBStore(path)
+    await first.open()
+    second = RocksDBStore(path)
+    with pytest.raises(StoreUnavailableError, match="open failed") as info:
+        await second.open()  # RocksDB's lock is held by the first
+    assert info.value.__cause__ is not None
+    await first.close()
+    await second.open()
+    await second.close()
+
+
+async def test_close_while_opening_leaves_the_database_closed(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    store = RocksDBStore(path)
+    opening = asyncio.ensure_future(store.open())
+    await asyncio.sleep(0)
+    with pytest.raises(StoreUnavailableError, match="still opening"):
+        await store.open()
+    await store.close()
+    with pytest.raises(StoreUnavailableError, match="closed"):
+        await opening
+    again = RocksDBStore(path)  # the lock was released
+    await again.open()
+    await again.close()
+
+
+async def test_column_families_are_plain_raw_rocksdb(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    store = RocksDBStore(path)
+    await store.open()
+    await store.save([record()])
+    await store.close()
+    assert {"msg", "state", "due", "meta"} <= set(Rdict.list_cf(path))
+
+
+def test_bad_constructor_arguments() -> None:
+    bad: Any = "sometimes"
+    with pytest.raises(ValueError, match="fsync"):
+        RocksDBStore("./db", fsync=bad)
+    with pytest.raises(ValueError, match="path"):
+        RocksDBStore("")
+
+
+# The child saves from 4 concurrent tasks and prints the ids of each batch once ``save``
+# has returned STORED for it; it is SIGKILLed mid-stream.
+_CHILD = """
+import asyncio, sys, time
+from kiteq.core.message import Message, StoredMessage
+from kiteq.store.base import Saved
+from kiteq.store.rocksdb import RocksDBStore
+
+async def producer(store, deadline):
+    while time.monotonic() < deadline:
+        batch = [
+            StoredMessage(message=Message(topic="t", message_type="m", body=b"x" * 1024), publish_time=1.0)
+            for _ in range(10)
+        ]
+        outcomes = await store.save(batch)
+        assert outcomes == [Saved.STORED] * 10, outcomes
+        print(" ".join(r.message_id for r in batch), flush=True)
+
+async def main():
+    store = RocksDBStore(sys.argv[1], fsync=sys.argv[2])
+    await store.open()
+    deadline = time.monotonic() + 60
+    await asyncio.gather(*(producer(store, deadline) for _ in range(4)))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("fsync", ["batch", "always", "never"])
+async def test_acked_saves_survive_sigkill(tmp_path: Path, fsync: Fsync) -> None:
+    path = str(tmp_path / "db")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, path, fsync, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acked: list[str] = []
+    try:
+        for _ in range(40):
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            assert line, "the child exited early"
+            acked += line.decode().split()
+    finally:
+        proc.kill()
+        await proc.stdout.read()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    store = RocksDBStore(path)
+    await store.open()
+    try:
+        missing = [mid for mid in acked if await store.get(mid) is None]
+        assert missing == []
+        backlog = await store.backlog()
+        assert backlog["t"] >= len(acked)
+    finally:
+        await store.close()
