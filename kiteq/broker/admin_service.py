@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import grpc
 
@@ -32,7 +32,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         dispatcher: Dispatcher,
         intake: Intake,
         uptime: Callable[[], float],
-        backlog: Callable[[], Mapping[str, int]],
     ) -> None:
         self._config = config
         self._advertised = advertised
@@ -42,7 +41,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._dispatcher = dispatcher
         self._intake = intake
         self._uptime = uptime
-        self._backlog = backlog
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
         expected = self._config.admin_secret
@@ -75,7 +73,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             rejected=self._intake.rejected,
             delivered=self._dispatcher.delivered,
             redelivered=self._dispatcher.redelivered,
-            backlog=dict(self._backlog()),
+            backlog=await self._store.backlog(),
             groups=groups,
             uptimeSeconds=self._uptime(),
             topics=list(self._config.topics),

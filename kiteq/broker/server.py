@@ -180,7 +180,6 @@ class Broker:
                 dispatcher=dispatcher,
                 intake=intake,
                 uptime=lambda: time.monotonic() - self._started,
-                backlog=lambda: self._backlog,
             ),
             server,
         )
