@@ -22,7 +22,6 @@ from kiteq.client import (
 from kiteq.core.ids import new_message_id
 from kiteq.core.limits import MAX_BODY_BYTES
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
 
@@ -131,7 +130,8 @@ def test_cli_rejects_unknown_cluster_and_bad_values(tmp_path: Path) -> None:
     )
     unknown = run("-clusterName=nope")
     assert unknown.returncode == 1
-    assert "unknown cluster 'nope'" in unknown.stderr and "rocksdb_dev" in unknown.stderr
+    assert "unknown cluster 'nope'" in unknown.stderr
+    assert "rocksdb_dev" in unknown.stderr
     config = write_config(tmp_path, db="memory://", extra={"deliverySeconds": -1})
     bad = run("-clusterName=e2e", f"-configPath={config}")
     assert bad.returncode == 1
