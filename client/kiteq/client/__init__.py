@@ -1,0 +1,71 @@
+"""The KiteQ client library: producers and consumers, blocking and asyncio.
+
+Sends are batched transparently (a frame per batch, not per message), so a plain
+``send()`` loop and a burst of ``send_async()`` calls are both fast. Every error derives
+from ``KiteQError``; ``error.retriable`` says whether the same send (same message id) may
+succeed later.
+
+Examples:
+    >>> from kiteq.client import Binding, Consumer, Message, Producer
+    >>> with Producer(brokers=["127.0.0.1:13800"], group_id="pay-svc",
+    ...               secret_key="s3cret") as producer:
+    ...     result = producer.send(Message(topic="trade", message_type="pay-succ", body=b"1"))
+    >>> def handle(message) -> bool:
+    ...     return True
+    >>> with Consumer(brokers=["127.0.0.1:13800"], group_id="acct-svc", secret_key="s3cret",
+    ...               bindings=[Binding.direct("trade", "pay-succ")], handler=handle) as c:
+    ...     c.wait(timeout=10.0)
+"""
+
+from __future__ import annotations
+
+from kiteq.binding.model import Binding
+from kiteq.client._consumer import AsyncConsumer, Consumer, Handler
+from kiteq.client._producer import AsyncProducer, Producer, SendResult
+from kiteq.core.errors import (
+    AuthenticationError,
+    BodyTooLargeError,
+    ClientClosedError,
+    ClientError,
+    ConfigError,
+    ExpiredMessageError,
+    FlowLimitedError,
+    InvalidMessageError,
+    KiteQError,
+    MessageRejectedError,
+    NotConnectedError,
+    PublishTimeoutError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+    UnknownTopicError,
+)
+from kiteq.core.message import Message, ReceivedMessage
+
+__all__ = [
+    "AsyncConsumer",
+    "AsyncProducer",
+    "AuthenticationError",
+    "Binding",
+    "BodyTooLargeError",
+    "ClientClosedError",
+    "ClientError",
+    "ConfigError",
+    "Consumer",
+    "ExpiredMessageError",
+    "FlowLimitedError",
+    "Handler",
+    "InvalidMessageError",
+    "KiteQError",
+    "Message",
+    "MessageRejectedError",
+    "NotConnectedError",
+    "Producer",
+    "PublishTimeoutError",
+    "ReceivedMessage",
+    "SendResult",
+    "StoreError",
+    "StoreFullError",
+    "StoreUnavailableError",
+    "UnknownTopicError",
+]

@@ -1,0 +1,577 @@
+"""Consumers: one session per broker, deliveries handed to the handler a batch at a time.
+
+Data path::
+
+    session reader ─► on_deliveries(batch) ─► one task per batch
+        async handler: awaited message by message (``concurrency`` at once)
+        sync handler:  the whole batch handed to the handler thread pool in one hop
+                       (split into ``concurrency`` contiguous chunks)
+    ─► one DeliverAckBatch per processed batch, on the session that delivered it
+
+True or None from the handler acks; False or an exception nacks (the broker redelivers).
+The broker keeps at most ``max_in_flight`` unacked deliveries per session, which bounds
+what this process holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Final, Self, TypeAlias
+
+from kiteq.binding.model import Binding
+from kiteq.client import _wire
+from kiteq.client._channel import (
+    Link,
+    Session,
+    TaskSet,
+    check_positive,
+    fresh_error,
+    open_params,
+)
+from kiteq.client._discovery import BrokerDirectory, resolve
+from kiteq.client._sync import LoopThread
+from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
+from kiteq.core.message import ReceivedMessage
+
+__all__ = ["AsyncConsumer", "Consumer", "Handler"]
+
+logger = logging.getLogger(__name__)
+
+Handler: TypeAlias = Callable[[ReceivedMessage], "bool | Awaitable[bool | None] | None"]
+
+_MAX_IN_FLIGHT: Final = 100_000
+_FEEDBACK_CHARS: Final = 512
+_SYNC_MARGIN: Final = 5.0
+
+
+def _is_async(handler: Handler) -> bool:
+    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's method
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
+
+
+def _verdict(message: ReceivedMessage, result: object) -> _wire.DeliveryResult:
+    if result is False:
+        return _wire.DeliveryResult(message.message_id, False, "handler returned False")
+    return _wire.DeliveryResult(message.message_id, True)
+
+
+def _failed(message: ReceivedMessage, exc: Exception) -> _wire.DeliveryResult:
+    logger.error(
+        "handler failed id=%s topic=%s type=%s attempt=%d",
+        message.message_id,
+        message.topic,
+        message.message_type,
+        message.attempt,
+        exc_info=exc,
+    )
+    feedback = f"{type(exc).__name__}: {exc}"[:_FEEDBACK_CHARS]
+    return _wire.DeliveryResult(message.message_id, False, feedback)
+
+
+def _handle_batch(
+    handler: Handler, messages: Sequence[ReceivedMessage]
+) -> list[_wire.DeliveryResult]:
+    # handler thread: one call per batch (or chunk), so one hop per batch
+    results = []
+    for message in messages:
+        try:
+            result = handler(message)
+        except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
+            results.append(_failed(message, exc))
+            continue
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            results.append(
+                _failed(message, TypeError("a sync handler returned an awaitable; use async def"))
+            )
+        else:
+            results.append(_verdict(message, result))
+    return results
+
+
+class AsyncConsumer:
+    """Consumes the messages bound to one consumer group (asyncio).
+
+    Connects to every broker serving the bindings' topics and keeps each session open,
+    reconnecting with bounded, jittered backoff. A wrong secret or a refused binding is not
+    retried: ``start`` raises it, or ``wait`` does when it happens later.
+
+    Args:
+        brokers: Broker addresses (``"host:port"``); give this or ``registry``.
+        registry: ``"file://path/to/registry.toml"`` (``zk://`` is not available yet).
+        group_id: The consumer group; each message goes to one consumer of the group.
+        secret_key: The group's secret.
+        bindings: What the group consumes (``Binding.direct/regex/fanout``).
+        handler: Called with each ``ReceivedMessage``; sync or ``async def``. True or None
+            acks; False or an exception nacks, and the broker redelivers.
+        max_in_flight: Unacked deliveries the broker may push to each session.
+        warmup_seconds: The broker ramps this consumer's share up over this many seconds.
+        concurrency: Handler calls in progress at once (threads for a sync handler).
+        client_id: A name for this client in broker logs; default host:pid:random.
+        connect_timeout: Seconds to open a session.
+        reconnect_max_delay: Upper bound of the reconnect backoff (from 0.1 s, doubling).
+        close_timeout: Seconds ``close`` waits for running handlers and their acks.
+
+    Raises:
+        ConfigError: An option or binding is invalid.
+
+    Examples:
+        >>> async def handle(message: ReceivedMessage) -> bool:
+        ...     print(message.topic, message.body)
+        ...     return True
+        >>> async def consume() -> None:
+        ...     async with AsyncConsumer(brokers=["127.0.0.1:13800"], group_id="acct-svc",
+        ...                              secret_key="s3cret",
+        ...                              bindings=[Binding.direct("trade", "pay-succ")],
+        ...                              handler=handle) as consumer:
+        ...         await consumer.wait()
+    """
+
+    def __init__(
+        self,
+        *,
+        brokers: Sequence[str] | None = None,
+        registry: str | None = None,
+        group_id: str,
+        secret_key: str = "",
+        bindings: Iterable[Binding],
+        handler: Handler,
+        max_in_flight: int = 1000,
+        warmup_seconds: float = 0,
+        concurrency: int = 1,
+        client_id: str | None = None,
+        connect_timeout: float = 5.0,
+        reconnect_max_delay: float = 30.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        if not callable(handler):
+            raise ConfigError(f"handler must be callable, got {handler!r}")
+        for name, count in (("max_in_flight", max_in_flight), ("concurrency", concurrency)):
+            check_positive(name, count, integer=True)
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("reconnect_max_delay", reconnect_max_delay),
+        ):
+            check_positive(name, value)
+        check_positive("close_timeout", close_timeout, allow_zero=True)
+        if max_in_flight > _MAX_IN_FLIGHT:
+            raise ConfigError(f"max_in_flight must be <= {_MAX_IN_FLIGHT}, got {max_in_flight}")
+        binding_list = list(bindings)
+        if not binding_list:
+            raise ConfigError("a consumer needs at least one binding")
+        self._params = open_params(
+            group_id=group_id,
+            secret_key=secret_key,
+            client_id=client_id,
+            warmup_seconds=warmup_seconds,
+            bindings=binding_list,
+            max_in_flight=max_in_flight,
+        )
+        self._directory: BrokerDirectory = resolve(brokers, registry)
+        self._group_id = group_id
+        self._handler = handler
+        self._async_handler = _is_async(handler)
+        self._concurrency = concurrency
+        self._connect_timeout = float(connect_timeout)
+        self._reconnect_max_delay = float(reconnect_max_delay)
+        self._close_timeout = float(close_timeout)
+
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._error: KiteQError | None = None
+        self._stopped = asyncio.Event()
+        self._closed_event = asyncio.Event()
+        self._handler_slots = asyncio.Semaphore(concurrency)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._links: list[Link] = []
+        self._batches = TaskSet("kiteq-consumer")
+        self._link_tasks = TaskSet("kiteq-consumer", self._task_failed)
+        self._tasks = TaskSet("kiteq-consumer")
+        self._tx_warned = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has been called."""
+        return self._closed
+
+    @property
+    def error(self) -> KiteQError | None:
+        """The non-retriable error that stopped the consumer, if any."""
+        return self._error
+
+    @property
+    def connected_brokers(self) -> list[str]:
+        """Addresses of the brokers with an open session right now."""
+        return [link.address for link in self._links if link.session is not None]
+
+    async def start(self) -> None:
+        """Connect to the brokers and start consuming; idempotent.
+
+        Waits for the first connection attempt to every broker (bounded by
+        ``connect_timeout``). Brokers that are down are retried in the background.
+
+        Raises:
+            AuthenticationError: The group's secret was refused.
+            ConfigError: A broker refused the bindings, or no broker serves their topics.
+            ClientClosedError: The consumer was closed.
+
+        Examples:
+            >>> async def main(consumer: AsyncConsumer) -> None:
+            ...     await consumer.start()
+        """
+        if self._closed:
+            raise ClientClosedError("consumer is closed")
+        if self._started:
+            return
+        topics = dict.fromkeys(binding.topic for binding in self._params.bindings)
+        addresses = self._directory.brokers_for_any(topics)
+        if not addresses:
+            raise ConfigError(f"no broker serves the topics {', '.join(topics)}")
+        self._started = True
+        if not self._async_handler:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._concurrency, thread_name_prefix="kiteq-handler"
+            )
+        for address in addresses:
+            link = Link(
+                address,
+                self._params,
+                self,
+                connect_timeout=self._connect_timeout,
+                max_delay=self._reconnect_max_delay,
+            )
+            self._links.append(link)
+            link.start(self._link_tasks)
+        try:
+            async with asyncio.timeout(self._connect_timeout + 1.0):
+                for link in self._links:
+                    await link.attempted.wait()
+        except TimeoutError:
+            logger.debug("first connection attempts still running group=%s", self._group_id)
+        if self._error is not None:
+            error = fresh_error(self._error)
+            await self.close()
+            raise error
+        if not self.connected_brokers:
+            logger.warning(
+                "no broker reachable yet group=%s brokers=%s: retrying in the background",
+                self._group_id,
+                ",".join(addresses),
+            )
+
+    async def wait(self) -> None:
+        """Wait until the consumer is closed, or stopped by a non-retriable error.
+
+        Raises:
+            AuthenticationError: The secret was refused after a reconnect.
+            ConfigError: A broker refused the bindings after a reconnect.
+
+        Examples:
+            >>> async def main(consumer: AsyncConsumer) -> None:
+            ...     await consumer.wait()  # until another task calls close()
+        """
+        await self._stopped.wait()
+        if self._error is not None:
+            raise fresh_error(self._error)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop consuming after running handlers finish and their acks are sent; idempotent.
+
+        Deliveries that arrive meanwhile are nacked so the broker redelivers them to
+        another consumer. Handlers still running after *timeout* seconds (default
+        ``close_timeout``) are abandoned; the broker redelivers their messages.
+
+        Examples:
+            >>> async def main(consumer: AsyncConsumer) -> None:
+            ...     await consumer.close(timeout=5.0)
+        """
+        if self._closed:
+            await self._closed_event.wait()
+            return
+        self._closed = True
+        self._closing = True
+        seconds = self._close_timeout if timeout is None else timeout
+        try:
+            if self._started:
+                if not await self._batches.join(seconds):
+                    logger.warning(
+                        "consumer closing with %d batches still in handlers after %.1fs",
+                        len(self._batches),
+                        seconds,
+                    )
+                    await self._batches.cancel()
+                await asyncio.gather(*(link.stop(1.0) for link in self._links))
+                await self._link_tasks.cancel()
+                await self._tasks.cancel()
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            self._stopped.set()
+            self._closed_event.set()
+
+    def _task_failed(self, exc: BaseException) -> None:
+        # a link crashed (a bug, not a network error): stop and report it through wait()
+        if self._error is None:
+            self._error = exc if isinstance(exc, KiteQError) else KiteQError(repr(exc))
+        self._stopped.set()
+
+    # -- batches (loop thread) --------------------------------------------------------
+
+    async def _process(self, session: Session, messages: list[ReceivedMessage]) -> None:
+        if self._async_handler:
+            results = await self._run_async(messages)
+        else:
+            results = await self._run_sync(messages)
+        await self._answer(session, results)
+
+    async def _run_sync(self, messages: list[ReceivedMessage]) -> list[_wire.DeliveryResult]:
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        parts = min(self._concurrency, len(messages))
+        if parts <= 1:
+            return await loop.run_in_executor(executor, _handle_batch, self._handler, messages)
+        size = math.ceil(len(messages) / parts)
+        chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
+        done = await asyncio.gather(
+            *(loop.run_in_executor(executor, _handle_batch, self._handler, c) for c in chunks)
+        )
+        return [result for chunk in done for result in chunk]
+
+    async def _run_async(self, messages: list[ReceivedMessage]) -> list[_wire.DeliveryResult]:
+        if self._concurrency == 1:
+            return [await self._handle_async(message) for message in messages]
+        return list(await asyncio.gather(*(self._handle_async(m) for m in messages)))
+
+    async def _handle_async(self, message: ReceivedMessage) -> _wire.DeliveryResult:
+        async with self._handler_slots:
+            try:
+                result = self._handler(message)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
+                return _failed(message, exc)
+        return _verdict(message, result)
+
+    async def _answer(self, session: Session, results: list[_wire.DeliveryResult]) -> None:
+        if not session.alive:
+            logger.info(
+                "dropping %d acks: session to broker=%s is gone (it redelivers)",
+                len(results),
+                session.address,
+            )
+            return
+        try:
+            await session.send_acks(results)
+        except KiteQError as exc:
+            logger.info("acks not sent broker=%s error=%s (it redelivers)", session.address, exc)
+
+    # -- SessionListener (loop thread) ------------------------------------------------
+
+    def on_opened(self, session: Session) -> None:
+        """A session is open; deliveries follow."""
+        logger.debug("consumer session open group=%s broker=%s", self._group_id, session.address)
+
+    def on_lost(self, session: Session, reason: KiteQError) -> None:
+        """A session ended; its link reconnects and the broker redelivers what was unacked."""
+        logger.debug("consumer session lost broker=%s reason=%s", session.address, reason)
+
+    def on_failed(self, address: str, error: KiteQError) -> None:
+        """A non-retriable error: stop every link and report it through ``wait``."""
+        logger.error("consumer failed group=%s broker=%s error=%s", self._group_id, address, error)
+        if self._error is None:
+            self._error = error
+        self._stopped.set()
+        for link in self._links:
+            if link.address != address:
+                self._tasks.spawn(link.stop(0), f"stop:{link.address}")
+
+    def on_store_acks(self, session: Session, results: list[_wire.StoreResult]) -> None:
+        """A consumer publishes nothing; store-acks here are a broker bug."""
+        logger.warning("ignoring %d store-acks on a consumer session", len(results))
+
+    def on_deliveries(self, session: Session, messages: list[ReceivedMessage]) -> None:
+        """Hand the batch to the handler in one task; nack it when closing."""
+        if self._closing:
+            nacks = [
+                _wire.DeliveryResult(m.message_id, False, "consumer closing") for m in messages
+            ]
+            self._batches.spawn(self._answer(session, nacks), "nack")
+        else:
+            self._batches.spawn(self._process(session, messages), "batch")
+
+    def on_tx_checks(self, session: Session, checks: list[_wire.TxCheckRequest]) -> None:
+        """Transaction checks are for producers; ignored here."""
+        if not self._tx_warned:
+            self._tx_warned = True
+            logger.warning(
+                "ignoring %d transaction checks on a consumer session broker=%s",
+                len(checks),
+                session.address,
+            )
+
+
+class Consumer:
+    """Consumes the messages bound to one consumer group (blocking API).
+
+    A facade over ``AsyncConsumer`` running on a private event loop in a daemon thread.
+    The handler runs on ``concurrency`` worker threads; each delivery batch reaches them in
+    one hand-off. Options are those of ``AsyncConsumer``. ``with`` (or ``start``) connects.
+
+    Examples:
+        >>> def handle(message: ReceivedMessage) -> bool:
+        ...     print(message.message_id, message.body)
+        ...     return True
+        >>> with Consumer(brokers=["127.0.0.1:13800"], group_id="acct-svc",
+        ...               secret_key="s3cret", handler=handle,
+        ...               bindings=[Binding.direct("trade", "pay-succ"),
+        ...                         Binding.regex("trade", "pay-.*"),
+        ...                         Binding.fanout("user")]) as consumer:
+        ...     consumer.wait(timeout=60.0)
+    """
+
+    def __init__(
+        self,
+        *,
+        brokers: Sequence[str] | None = None,
+        registry: str | None = None,
+        group_id: str,
+        secret_key: str = "",
+        bindings: Iterable[Binding],
+        handler: Handler,
+        max_in_flight: int = 1000,
+        warmup_seconds: float = 0,
+        concurrency: int = 1,
+        client_id: str | None = None,
+        connect_timeout: float = 5.0,
+        reconnect_max_delay: float = 30.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self._consumer = AsyncConsumer(
+            brokers=brokers,
+            registry=registry,
+            group_id=group_id,
+            secret_key=secret_key,
+            bindings=bindings,
+            handler=handler,
+            max_in_flight=max_in_flight,
+            warmup_seconds=warmup_seconds,
+            concurrency=concurrency,
+            client_id=client_id,
+            connect_timeout=connect_timeout,
+            reconnect_max_delay=reconnect_max_delay,
+            close_timeout=close_timeout,
+        )
+        self._connect_timeout = float(connect_timeout)
+        self._close_timeout = float(close_timeout)
+        self._thread = LoopThread("kiteq-consumer")
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has been called."""
+        return self._closed
+
+    @property
+    def error(self) -> KiteQError | None:
+        """The non-retriable error that stopped the consumer, if any."""
+        return self._consumer.error
+
+    def start(self) -> None:
+        """Connect to the brokers and start consuming; idempotent.
+
+        Raises:
+            AuthenticationError: The group's secret was refused.
+            ConfigError: A broker refused the bindings, or no broker serves their topics.
+            ClientClosedError: The consumer was closed.
+
+        Examples:
+            >>> def main(consumer: Consumer) -> None:
+            ...     consumer.start()
+        """
+        if self._closed:
+            raise ClientClosedError("consumer is closed")
+        try:
+            self._thread.run(
+                self._consumer.start(), timeout=self._connect_timeout + 2 * _SYNC_MARGIN
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the consumer is closed (from another thread) or stopped by an error.
+
+        Returns:
+            True when it has stopped, False when *timeout* seconds passed first.
+
+        Raises:
+            AuthenticationError: The secret was refused after a reconnect.
+            ConfigError: A broker refused the bindings after a reconnect.
+
+        Examples:
+            >>> def main(consumer: Consumer) -> None:
+            ...     while not consumer.wait(timeout=1.0):
+            ...         pass  # check for shutdown requests here
+        """
+        if self._closed:
+            return True
+        try:
+            self._thread.run(self._consumer.wait(), timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop consuming after running handlers finish and their acks are sent; idempotent.
+
+        Never blocks much longer than *timeout* (default ``close_timeout``).
+
+        Examples:
+            >>> def shutdown(consumer: Consumer) -> None:
+            ...     consumer.close(timeout=5.0)
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        seconds = self._close_timeout if timeout is None else timeout
+        try:
+            self._thread.run(self._consumer.close(seconds), timeout=seconds + _SYNC_MARGIN)
+        except TimeoutError:
+            logger.warning("consumer close did not finish in %.1fs", seconds + _SYNC_MARGIN)
+        finally:
+            self._thread.stop()

@@ -1,0 +1,961 @@
+"""Producers: messages are batched into ``PublishBatch`` frames and resolved by store-ack.
+
+Data path (all on one event loop, except ``_submit`` which any thread may call)::
+
+    send / send_async ─► normalize (caller's thread: bad input fails before anything is sent)
+                      ─► _inbox (a list under a threading.Lock; the writer is woken only when
+                         it goes from empty to non-empty, or fills a batch)
+    writer task       ─► drain: one deadline timer per drained group, index by message id
+                      ─► linger (only while earlier batches await their acks) ─► one frame
+                         per batch to a random open session
+    session reader    ─► store-acks resolve sends by message id; a retriable refusal or a
+                         lost stream re-queues the same message (same id) with backoff,
+                         preferring another broker
+
+Futures are always resolved on the loop thread; the sync facade's
+``concurrent.futures.Future`` is thread-safe for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Final, Self
+
+from kiteq.client import _wire
+from kiteq.client._channel import (
+    Link,
+    Session,
+    TaskSet,
+    backoff_delay,
+    check_positive,
+    fresh_error,
+    open_params,
+)
+from kiteq.client._discovery import BrokerDirectory, resolve
+from kiteq.client._sync import LoopThread
+from kiteq.core.errors import (
+    ClientClosedError,
+    ConfigError,
+    KiteQError,
+    NotConnectedError,
+    PublishTimeoutError,
+)
+from kiteq.core.limits import MAX_BATCH_MESSAGES, normalize
+from kiteq.core.message import Message, ReceivedMessage
+
+__all__ = ["AsyncProducer", "Producer", "SendResult"]
+
+logger = logging.getLogger(__name__)
+
+# What a header adds to the body on the wire, roughly (id, names, numbers, tags).
+_HEADER_BYTES: Final = 128
+_RETRY_BASE: Final = 0.1
+_RETRY_MAX: Final = 2.0
+# The sync facade's own margin over a send's deadline, in case the loop is stuck.
+_SYNC_MARGIN: Final = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendResult:
+    """The broker's answer to a successful send: the message is durable.
+
+    Attributes:
+        message_id: The id of the stored message.
+        broker: The address of the broker that stored it.
+        duplicate: The broker had stored this id before (for example a retry of a send
+            whose first store-ack was lost). Still a success.
+    """
+
+    message_id: str
+    broker: str
+    duplicate: bool = False
+
+
+_Resolve = Callable[[SendResult | KiteQError], None]
+
+
+class _Send:
+    """One send in flight; owned by the loop thread once it leaves the inbox."""
+
+    __slots__ = (
+        "attempts",
+        "avoid",
+        "deadline",
+        "done",
+        "followers",
+        "group",
+        "last_error",
+        "message",
+        "resolve",
+        "session",
+        "size",
+        "timeout",
+    )
+
+    def __init__(self, message: Message, timeout: float, resolve: _Resolve) -> None:
+        self.message = message
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.resolve = resolve
+        self.size = _wire_size(message)
+        self.attempts = 0
+        self.done = False
+        # set while written to this session and not yet acked
+        self.session: Session | None = None
+        # address that last failed it: the next attempt prefers another broker
+        self.avoid = ""
+        self.last_error: KiteQError | None = None
+        self.group: _DeadlineGroup | None = None
+        # concurrent sends of the same message id, resolved with this one
+        self.followers: list[_Send] | None = None
+
+
+class _DeadlineGroup:
+    """The sends drained from the inbox together share one deadline timer.
+
+    One timer per drain instead of one per message: asyncio's timer heap costs several
+    microseconds per entry, a large share of a message's cost in a batch.
+    """
+
+    __slots__ = ("remaining", "sends", "timer")
+
+    def __init__(self, sends: list[_Send]) -> None:
+        self.sends = sends
+        self.remaining = len(sends)
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _wire_size(message: Message) -> int:
+    size = len(message.body) + len(message.topic) + len(message.message_type) + _HEADER_BYTES
+    for key, value in message.properties.items():
+        size += len(key) + len(value) + 8
+    return size
+
+
+def _resolve_async(
+    future: asyncio.Future[SendResult], slots: asyncio.Semaphore, outcome: SendResult | KiteQError
+) -> None:
+    slots.release()
+    if future.done():
+        return
+    if isinstance(outcome, SendResult):
+        future.set_result(outcome)
+    else:
+        future.set_exception(outcome)
+
+
+def _resolve_thread(
+    future: concurrent.futures.Future[SendResult],
+    slots: threading.BoundedSemaphore,
+    outcome: SendResult | KiteQError,
+) -> None:
+    slots.release()
+    if isinstance(outcome, SendResult):
+        future.set_result(outcome)
+    else:
+        future.set_exception(outcome)
+
+
+class AsyncProducer:
+    """Publishes messages for one producer group (asyncio).
+
+    Sends are batched transparently: messages sent while earlier batches await their
+    store-acks are collected for at most ``linger`` seconds (or until ``max_batch``
+    messages or ``max_batch_bytes``) and written as one frame. Brokers are dialled on the
+    first send; each batch goes to a random connected broker serving its topic.
+
+    Args:
+        brokers: Broker addresses (``"host:port"``); give this or ``registry``.
+        registry: ``"file://path/to/registry.toml"`` (``zk://`` is not available yet).
+        group_id: The producer group; set as every message's ``group_id``.
+        secret_key: The group's secret.
+        client_id: A name for this client in broker logs; default host:pid:random.
+        timeout: Seconds a send may take until its store-ack, retries included.
+        linger: Seconds to wait for more messages before writing a batch.
+        max_batch: Messages per batch (at most 1000, the protocol's limit).
+        max_batch_bytes: Approximate bytes per batch.
+        max_pending: Sends awaiting their store-ack before ``send`` waits (bounds memory).
+        retries: Further attempts after a retriable refusal or a lost stream; same id.
+        connect_timeout: Seconds to open a session.
+        reconnect_max_delay: Upper bound of the reconnect backoff (from 0.1 s, doubling).
+        close_timeout: Seconds ``close`` waits for pending store-acks.
+
+    Raises:
+        ConfigError: An option is invalid.
+
+    Examples:
+        >>> async def publish() -> None:
+        ...     async with AsyncProducer(brokers=["127.0.0.1:13800"], group_id="pay-svc",
+        ...                              secret_key="s3cret") as producer:
+        ...         result = await producer.send(
+        ...             Message(topic="trade", message_type="pay-succ", body=b"42"))
+        ...         print(result.message_id)
+    """
+
+    def __init__(
+        self,
+        *,
+        brokers: Sequence[str] | None = None,
+        registry: str | None = None,
+        group_id: str,
+        secret_key: str = "",
+        client_id: str | None = None,
+        timeout: float = 5.0,
+        linger: float = 0.002,
+        max_batch: int = 500,
+        max_batch_bytes: int = 1024 * 1024,
+        max_pending: int = 10_000,
+        retries: int = 3,
+        connect_timeout: float = 5.0,
+        reconnect_max_delay: float = 30.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        for name, value in (
+            ("timeout", timeout),
+            ("connect_timeout", connect_timeout),
+            ("reconnect_max_delay", reconnect_max_delay),
+        ):
+            check_positive(name, value)
+        for name, value in (("linger", linger), ("close_timeout", close_timeout)):
+            check_positive(name, value, allow_zero=True)
+        for name, count in (
+            ("max_batch", max_batch),
+            ("max_batch_bytes", max_batch_bytes),
+            ("max_pending", max_pending),
+        ):
+            check_positive(name, count, integer=True)
+        check_positive("retries", retries, allow_zero=True, integer=True)
+        if max_batch > MAX_BATCH_MESSAGES:
+            raise ConfigError(f"max_batch must be <= {MAX_BATCH_MESSAGES}, got {max_batch}")
+        self._params = open_params(group_id=group_id, secret_key=secret_key, client_id=client_id)
+        self._directory: BrokerDirectory = resolve(brokers, registry)
+        self._group_id = group_id
+        self._timeout = float(timeout)
+        self._linger = float(linger)
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        self._max_pending = max_pending
+        self._retries = int(retries)
+        self._connect_timeout = float(connect_timeout)
+        self._reconnect_max_delay = float(reconnect_max_delay)
+        self._close_timeout = float(close_timeout)
+
+        # any thread: the inbox and whether it still takes sends
+        self._lock = threading.Lock()
+        self._inbox: list[_Send] = []
+        self._inbox_bytes = 0
+        self._accepting = True
+        self._fatal: KiteQError | None = None
+
+        # loop thread only from here on
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._slots = asyncio.Semaphore(max_pending)
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closed_event = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._active: dict[str, _Send] = {}
+        self._ready: collections.deque[_Send] = collections.deque()
+        self._parked: list[_Send] = []
+        self._outstanding = 0  # drained from the inbox, not yet resolved
+        self._unacked = 0  # written, store-ack not yet received
+        self._links: dict[str, Link] = {}
+        self._open: dict[str, Session] = {}
+        self._topic_brokers: dict[str, tuple[str, ...]] = {}
+        self._tasks = TaskSet("kiteq-producer", self._task_failed)
+        self._link_tasks = TaskSet("kiteq-producer", self._task_failed)
+        self._tx_warned = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has been called."""
+        return self._closed
+
+    async def start(self) -> None:
+        """Bind the producer to the running event loop; idempotent.
+
+        Brokers are dialled on the first send. ``async with`` and the first ``send`` call
+        this for you.
+
+        Raises:
+            ClientClosedError: The producer was closed.
+
+        Examples:
+            >>> async def main(producer: AsyncProducer) -> None:
+            ...     await producer.start()
+        """
+        if self._closed:
+            raise ClientClosedError("producer is closed")
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._tasks.spawn(self._write_loop(), "writer")
+
+    async def send(self, message: Message, *, timeout: float | None = None) -> SendResult:
+        """Send one message and wait until the broker has made it durable.
+
+        Args:
+            message: The message; its ``group_id`` is replaced by the producer's group.
+            timeout: Seconds until the store-ack, retries included; default the
+                producer's ``timeout``.
+
+        Returns:
+            The store result (message id, broker, duplicate flag).
+
+        Raises:
+            InvalidMessageError: The message is invalid (checked before sending) or the
+                broker refused it; ``UnknownTopicError`` and ``ExpiredMessageError`` say
+                why more precisely.
+            FlowLimitedError: The broker's receive rate stayed exhausted through retries.
+            StoreFullError: The broker's store stayed full through retries.
+            StoreUnavailableError: The store stayed unavailable through retries.
+            NotConnectedError: No broker was reachable, or brokers were shutting down.
+            PublishTimeoutError: No store-ack in time; sending it again is safe.
+            AuthenticationError: The group's secret was refused.
+            ClientClosedError: The producer was closed.
+
+        Examples:
+            >>> async def main(producer: AsyncProducer) -> None:
+            ...     message = Message(topic="trade", message_type="pay-succ", body=b"42")
+            ...     result = await producer.send(message, timeout=3.0)
+            ...     assert result.message_id == message.message_id
+        """
+        return await (await self.send_async(message, timeout=timeout))
+
+    async def send_async(
+        self, message: Message, *, timeout: float | None = None
+    ) -> asyncio.Future[SendResult]:
+        """Queue one message and return a future of its ``SendResult`` without waiting.
+
+        Waits only while ``max_pending`` sends are unacknowledged. The future fails with
+        the errors listed for ``send``.
+
+        Raises:
+            InvalidMessageError: The message is invalid; nothing was sent.
+            PublishTimeoutError: ``max_pending`` sends stayed unacknowledged for ``timeout``.
+            ClientClosedError: The producer was closed.
+
+        Examples:
+            >>> async def burst(producer: AsyncProducer, messages: list[Message]) -> None:
+            ...     futures = [await producer.send_async(m) for m in messages]
+            ...     results = await asyncio.gather(*futures)
+        """
+        seconds = self._timeout if timeout is None else timeout
+        prepared = self._prepare(message)
+        if self._loop is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            raise RuntimeError("an AsyncProducer must be used on the event loop that started it")
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(seconds):
+                    await slots.acquire()
+            except TimeoutError:
+                raise PublishTimeoutError(
+                    f"{self._max_pending} sends stayed unacknowledged for {seconds}s"
+                ) from None
+        else:
+            await slots.acquire()
+        future: asyncio.Future[SendResult] = loop.create_future()
+        try:
+            self._submit(_Send(prepared, seconds, functools.partial(_resolve_async, future, slots)))
+        except BaseException:
+            slots.release()
+            raise
+        return future
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop taking sends, flush the pending ones and wait for their acks; idempotent.
+
+        Sends still unacknowledged after *timeout* seconds (default ``close_timeout``)
+        fail with ``ClientClosedError``; then the sessions are closed.
+
+        Examples:
+            >>> async def main(producer: AsyncProducer) -> None:
+            ...     await producer.close(timeout=2.0)
+        """
+        if self._closed:
+            await self._closed_event.wait()
+            return
+        self._closed = True
+        with self._lock:
+            self._accepting = False
+        try:
+            if self._loop is not None:
+                await self._flush(self._close_timeout if timeout is None else timeout)
+                await self._tasks.cancel()
+                await asyncio.gather(*(link.stop(1.0) for link in self._links.values()))
+                await self._link_tasks.cancel()
+        finally:
+            self._closed_event.set()
+
+    # -- any thread -------------------------------------------------------------------
+
+    def _prepare(self, message: Message) -> Message:
+        if not isinstance(message, Message):
+            raise TypeError(f"expected a kiteq Message, got {type(message).__name__}")
+        if self._fatal is not None:
+            raise fresh_error(self._fatal)
+        if not self._accepting:
+            raise ClientClosedError("producer is closed")
+        return normalize(message, time.time())
+
+    def _submit(self, send: _Send) -> None:
+        loop = self._loop
+        if loop is None:
+            raise ClientClosedError("producer is not started")
+        with self._lock:
+            if self._fatal is not None:
+                raise fresh_error(self._fatal)
+            if not self._accepting:
+                raise ClientClosedError("producer is closed")
+            inbox = self._inbox
+            inbox.append(send)
+            before = self._inbox_bytes
+            self._inbox_bytes = before + send.size
+            count = len(inbox)
+        # wake the writer on the first message, and again when a batch is full
+        if (
+            count == 1
+            or count == self._max_batch
+            or before < self._max_batch_bytes <= before + send.size
+        ):
+            if threading.get_ident() == self._loop_thread:
+                self._wake.set()
+            else:
+                # RuntimeError: the loop closed meanwhile; close() has failed this send
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._wake.set)
+
+    # -- loop thread: the writer ------------------------------------------------------
+
+    @property
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the producer is not started")
+        return self._loop
+
+    def _should_linger(self) -> bool:
+        # Nagle-style: a batch waits only while earlier ones await their acks, so one
+        # send() at a time is not slowed down by the linger
+        return (
+            self._linger > 0
+            and self._unacked > 0
+            and not self._closing
+            and len(self._inbox) < self._max_batch
+            and self._inbox_bytes < self._max_batch_bytes
+        )
+
+    async def _write_loop(self) -> None:
+        wake = self._wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            if self._should_linger():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger):
+                        while self._should_linger():
+                            await wake.wait()
+                            wake.clear()
+            self._drain_inbox()
+            await self._write_ready()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            sends = self._inbox
+            if not sends:
+                return
+            self._inbox = []
+            self._inbox_bytes = 0
+        group = _DeadlineGroup(sends)
+        first_deadline = sends[0].deadline
+        active = self._active
+        ready = self._ready
+        self._outstanding += len(sends)
+        for send in sends:
+            send.group = group
+            first_deadline = min(first_deadline, send.deadline)
+            message_id = send.message.message_id
+            leader = active.get(message_id)
+            if leader is None:
+                active[message_id] = send
+                ready.append(send)
+            elif leader.followers is None:
+                leader.followers = [send]
+            else:
+                leader.followers.append(send)
+        group.timer = self._running_loop.call_later(
+            first_deadline - time.monotonic(), self._expire_group, group
+        )
+
+    def _expire_group(self, group: _DeadlineGroup) -> None:
+        group.timer = None
+        now = time.monotonic() + 0.001
+        for send in group.sends:
+            if not send.done and send.deadline <= now:
+                self._expire(send)
+        if group.remaining:
+            group.sends = [send for send in group.sends if not send.done]
+            first_deadline = min(send.deadline for send in group.sends)
+            group.timer = self._running_loop.call_later(
+                first_deadline - time.monotonic(), self._expire_group, group
+            )
+
+    async def _write_ready(self) -> None:
+        ready = self._ready
+        while ready:
+            head = ready[0]
+            if head.done:
+                ready.popleft()
+                continue
+            addresses = self._brokers_for(head.message.topic)
+            if not addresses:
+                ready.popleft()
+                self._finish(
+                    head, NotConnectedError(f"no broker serves topic {head.message.topic!r}")
+                )
+                continue
+            session = self._pick(head, addresses)
+            if session is None:
+                # not connected yet: wait for on_opened (or the deadline)
+                self._parked.append(ready.popleft())
+                self._connect(addresses)
+                continue
+            batch = self._take_batch(session)
+            if not batch:
+                continue
+            self._unacked += len(batch)
+            for send in batch:
+                send.session = session
+                send.attempts += 1
+            try:
+                await session.publish([send.message for send in batch], self._group_id)
+            except KiteQError as exc:
+                # the session's reader reports the loss too; re-queueing is idempotent
+                logger.debug("publish write failed broker=%s error=%s", session.address, exc)
+                if not session.alive:
+                    self._requeue_session(session, exc)
+
+    def _brokers_for(self, topic: str) -> tuple[str, ...]:
+        addresses = self._topic_brokers.get(topic)
+        if addresses is None:
+            addresses = tuple(self._directory.brokers_for(topic))
+            self._topic_brokers[topic] = addresses
+        return addresses
+
+    def _pick(self, send: _Send, addresses: tuple[str, ...]) -> Session | None:
+        if self._directory.static:
+            candidates = [s for s in self._open.values() if s.alive]
+        else:
+            candidates = [self._open[a] for a in addresses if a in self._open]
+            candidates = [s for s in candidates if s.alive]
+        if len(candidates) > 1 and send.avoid:
+            candidates = [s for s in candidates if s.address != send.avoid] or candidates
+        if not candidates:
+            return None
+        return candidates[0] if len(candidates) == 1 else random.choice(candidates)  # noqa: S311
+
+    def _take_batch(self, session: Session) -> list[_Send]:
+        limits = session.limits
+        max_count = min(self._max_batch, limits.max_batch_messages or self._max_batch)
+        max_bytes = min(self._max_batch_bytes, limits.max_batch_bytes or self._max_batch_bytes)
+        ready = self._ready
+        any_broker = self._directory.static
+        batch: list[_Send] = []
+        skipped: list[_Send] = []
+        total = 0
+        while ready and len(batch) < max_count:
+            send = ready[0]
+            if send.done:
+                ready.popleft()
+                continue
+            if batch and total + send.size > max_bytes:
+                break
+            ready.popleft()
+            if any_broker or session.address in self._brokers_for(send.message.topic):
+                batch.append(send)
+                total += send.size
+            else:
+                skipped.append(send)
+        ready.extendleft(reversed(skipped))
+        return batch
+
+    def _connect(self, addresses: tuple[str, ...]) -> None:
+        for address in addresses:
+            if address not in self._links:
+                link = Link(
+                    address,
+                    self._params,
+                    self,
+                    connect_timeout=self._connect_timeout,
+                    max_delay=self._reconnect_max_delay,
+                )
+                self._links[address] = link
+                link.start(self._link_tasks)
+
+    # -- loop thread: outcomes --------------------------------------------------------
+
+    def _finish(self, send: _Send, outcome: SendResult | KiteQError) -> None:
+        if send.done:
+            return
+        send.done = True
+        if send.session is not None:
+            send.session = None
+            self._unacked -= 1
+        group = send.group
+        if group is not None:
+            group.remaining -= 1
+            if group.remaining == 0 and group.timer is not None:
+                group.timer.cancel()
+                group.timer = None
+                group.sends = []
+        message_id = send.message.message_id
+        if self._active.get(message_id) is send:
+            del self._active[message_id]
+        self._outstanding -= 1
+        # an error instance may be shared by many sends: each waiter gets its own
+        send.resolve(outcome if isinstance(outcome, SendResult) else fresh_error(outcome))
+        if send.followers is not None:
+            for follower in send.followers:
+                if not follower.done:
+                    self._finish(follower, outcome)
+        if self._closing and self._outstanding == 0 and not self._inbox:
+            self._drained.set()
+
+    def _expire(self, send: _Send) -> None:
+        if send.done:
+            return
+        if send.session is not None:
+            error: KiteQError = PublishTimeoutError(
+                f"no store-ack for message {send.message.message_id} from broker "
+                f"{send.session.address} within {send.timeout}s"
+            )
+        elif send.last_error is not None:
+            error = send.last_error
+        else:
+            reasons = [
+                str(self._links[a].last_error)
+                for a in self._brokers_for(send.message.topic)
+                if a in self._links and self._links[a].last_error is not None
+            ]
+            error = NotConnectedError(
+                f"no broker reachable for topic {send.message.topic!r} within {send.timeout}s"
+                + (f" ({reasons[0]})" if reasons else "")
+            )
+        self._finish(send, error)
+
+    def _retry(self, send: _Send, error: KiteQError, *, delay: float) -> None:
+        if send.session is not None:
+            send.session = None
+            self._unacked -= 1
+        send.last_error = error
+        if not error.retriable or send.attempts > self._retries:
+            self._finish(send, error)
+        elif delay <= 0:
+            self._requeue(send)
+        else:
+            self._running_loop.call_later(delay, self._requeue, send)
+
+    def _requeue(self, send: _Send) -> None:
+        if send.done:
+            return
+        self._ready.appendleft(send)
+        self._wake.set()
+
+    def _requeue_session(self, session: Session, reason: KiteQError) -> None:
+        error = NotConnectedError(
+            f"stream to broker {session.address} lost before the store-ack ({reason})"
+        )
+        lost = [s for s in self._active.values() if s.session is session and not s.done]
+        # re-queued in their original order, ahead of newer sends
+        for send in reversed(lost):
+            send.avoid = session.address
+            self._retry(send, error, delay=0)
+
+    def _fail_all(self, error: KiteQError) -> None:
+        self._drain_inbox()
+        for send in list(self._active.values()):
+            if not send.done:
+                self._finish(send, error)
+        self._ready.clear()
+        self._parked.clear()
+
+    async def _flush(self, timeout: float) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._outstanding or self._inbox:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained.wait()
+            except TimeoutError:
+                logger.warning(
+                    "producer closing with %d sends unacknowledged after %.1fs",
+                    self._outstanding + len(self._inbox),
+                    timeout,
+                )
+        self._fail_all(ClientClosedError("producer closed before the store-ack"))
+
+    def _task_failed(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, KiteQError) else KiteQError(f"producer failed: {exc!r}")
+        self._fail(error)
+
+    def _fail(self, error: KiteQError) -> None:
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = error
+        self._fail_all(error)
+
+    # -- SessionListener (loop thread) ------------------------------------------------
+
+    def on_opened(self, session: Session) -> None:
+        """A session is open: parked sends may go."""
+        self._open[session.address] = session
+        if self._parked:
+            self._ready.extendleft(reversed(self._parked))
+            self._parked.clear()
+            self._wake.set()
+
+    def on_lost(self, session: Session, reason: KiteQError) -> None:
+        """A session ended: what it had not acked is sent again (same ids)."""
+        if self._open.get(session.address) is session:
+            del self._open[session.address]
+        self._requeue_session(session, reason)
+
+    def on_failed(self, address: str, error: KiteQError) -> None:
+        """A non-retriable error (wrong secret): every send fails with it, now and later."""
+        logger.error("producer failed group=%s broker=%s error=%s", self._group_id, address, error)
+        self._fail(error)
+        for link in self._links.values():
+            if link.address != address:
+                self._tasks.spawn(link.stop(0), f"stop:{link.address}")
+
+    def on_store_acks(self, session: Session, results: list[_wire.StoreResult]) -> None:
+        """Resolve sends by message id."""
+        active = self._active
+        for result in results:
+            send = active.get(result.message_id)
+            if send is None or send.done:
+                continue  # late ack after a timeout, or a second ack after a retry
+            if result.error is None:
+                self._finish(send, SendResult(result.message_id, session.address, result.duplicate))
+            elif send.session is session:
+                if isinstance(result.error, NotConnectedError):
+                    send.avoid = session.address
+                delay = min(_RETRY_BASE * 2 ** max(send.attempts - 1, 0), _RETRY_MAX)
+                self._retry(send, result.error, delay=backoff_delay(delay))
+        if self._unacked == 0 and (self._inbox or self._ready):
+            self._wake.set()
+
+    def on_deliveries(self, session: Session, messages: list[ReceivedMessage]) -> None:
+        """A producer session consumes nothing; a delivery here is a broker bug."""
+        logger.warning(
+            "ignoring %d deliveries on a producer session broker=%s", len(messages), session.address
+        )
+
+    def on_tx_checks(self, session: Session, checks: list[_wire.TxCheckRequest]) -> None:
+        """Transaction checks need a ``tx_checker``, which this producer does not have."""
+        if not self._tx_warned:
+            self._tx_warned = True
+            logger.warning(
+                "ignoring %d transaction checks from broker=%s: no tx_checker",
+                len(checks),
+                session.address,
+            )
+
+
+class Producer:
+    """Publishes messages for one producer group (blocking API).
+
+    A facade over ``AsyncProducer`` running on a private event loop in a daemon thread;
+    ``send_async`` only appends to a buffer, so it is cheap to call in a loop. Options are
+    those of ``AsyncProducer``.
+
+    Examples:
+        >>> with Producer(brokers=["127.0.0.1:13800"], group_id="pay-svc",
+        ...               secret_key="s3cret") as producer:
+        ...     result = producer.send(Message(topic="trade", message_type="pay-succ", body=b"1"))
+        ...     future = producer.send_async(
+        ...         Message(topic="trade", message_type="pay-succ", body=b"2"))
+        ...     print(result.message_id, future.result().message_id)
+    """
+
+    def __init__(
+        self,
+        *,
+        brokers: Sequence[str] | None = None,
+        registry: str | None = None,
+        group_id: str,
+        secret_key: str = "",
+        client_id: str | None = None,
+        timeout: float = 5.0,
+        linger: float = 0.002,
+        max_batch: int = 500,
+        max_batch_bytes: int = 1024 * 1024,
+        max_pending: int = 10_000,
+        retries: int = 3,
+        connect_timeout: float = 5.0,
+        reconnect_max_delay: float = 30.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self._producer = AsyncProducer(
+            brokers=brokers,
+            registry=registry,
+            group_id=group_id,
+            secret_key=secret_key,
+            client_id=client_id,
+            timeout=timeout,
+            linger=linger,
+            max_batch=max_batch,
+            max_batch_bytes=max_batch_bytes,
+            max_pending=max_pending,
+            retries=retries,
+            connect_timeout=connect_timeout,
+            reconnect_max_delay=reconnect_max_delay,
+            close_timeout=close_timeout,
+        )
+        self._timeout = float(timeout)
+        self._close_timeout = float(close_timeout)
+        self._max_pending = max_pending
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._close_lock = threading.Lock()
+        self._closed = False
+        self._thread = LoopThread("kiteq-producer")
+        self._thread.run(self._producer.start(), timeout=_SYNC_MARGIN)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` has been called."""
+        return self._closed
+
+    def send(self, message: Message, *, timeout: float | None = None) -> SendResult:
+        """Send one message and block until the broker has made it durable.
+
+        Args:
+            message: The message; its ``group_id`` is replaced by the producer's group.
+            timeout: Seconds until the store-ack, retries included.
+
+        Returns:
+            The store result (message id, broker, duplicate flag).
+
+        Raises:
+            KiteQError: As ``AsyncProducer.send``: ``InvalidMessageError`` (nothing sent),
+                ``MessageRejectedError`` subclasses, ``StoreFullError``,
+                ``StoreUnavailableError``, ``NotConnectedError``, ``PublishTimeoutError``,
+                ``AuthenticationError``, ``ClientClosedError``.
+
+        Examples:
+            >>> def publish(producer: Producer) -> str:
+            ...     result = producer.send(Message(topic="trade", message_type="pay-succ",
+            ...                                    body=b"42"))
+            ...     return result.message_id
+        """
+        seconds = self._timeout if timeout is None else timeout
+        future = self.send_async(message, timeout=seconds)
+        try:
+            return future.result(seconds + _SYNC_MARGIN)
+        except TimeoutError:
+            if future.done():
+                return future.result()
+            raise PublishTimeoutError(
+                f"no outcome for message {message.message_id} within {seconds}s"
+            ) from None
+
+    def send_async(
+        self, message: Message, *, timeout: float | None = None
+    ) -> concurrent.futures.Future[SendResult]:
+        """Queue one message; return a ``concurrent.futures.Future`` of its ``SendResult``.
+
+        Blocks only while ``max_pending`` sends are unacknowledged. The future's callbacks
+        run on the producer's loop thread: keep them short and never block in them.
+
+        Raises:
+            InvalidMessageError: The message is invalid; nothing was sent.
+            PublishTimeoutError: ``max_pending`` sends stayed unacknowledged for ``timeout``.
+            ClientClosedError: The producer was closed.
+
+        Examples:
+            >>> def burst(producer: Producer, messages: list[Message]) -> None:
+            ...     futures = [producer.send_async(m) for m in messages]
+            ...     for future in futures:
+            ...         future.result()
+        """
+        seconds = self._timeout if timeout is None else timeout
+        producer = self._producer
+        prepared = producer._prepare(message)
+        # on the loop thread (a future's callback) waiting would deadlock the loop
+        blocking = not self._thread.in_loop_thread
+        if not self._slots.acquire(blocking, seconds if blocking else None):
+            raise PublishTimeoutError(
+                f"{self._max_pending} sends stayed unacknowledged for {seconds}s"
+            )
+        future: concurrent.futures.Future[SendResult] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        try:
+            producer._submit(
+                _Send(prepared, seconds, functools.partial(_resolve_thread, future, self._slots))
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking sends, flush the pending ones and wait for their acks; idempotent.
+
+        Never blocks much longer than *timeout* (default ``close_timeout``): sends still
+        unacknowledged then fail with ``ClientClosedError``.
+
+        Examples:
+            >>> def shutdown(producer: Producer) -> None:
+            ...     producer.close(timeout=2.0)
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        seconds = self._close_timeout if timeout is None else timeout
+        try:
+            self._thread.run(self._producer.close(seconds), timeout=seconds + _SYNC_MARGIN)
+        except TimeoutError:
+            logger.warning("producer close did not finish in %.1fs", seconds + _SYNC_MARGIN)
+        finally:
+            self._thread.stop()
