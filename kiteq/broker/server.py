@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from kiteq.binding.match import BindingTable
 from kiteq.binding.registry import BindingRegistry, open_registry
 from kiteq.broker.admin_service import AdminService
-from kiteq.broker.service import BrokerService
+from kiteq.broker.service import BrokerService, add_to_server as add_broker_service
 from kiteq.broker.stats import StatsView
 from kiteq.core.clock import Clock, SystemClock
 from kiteq.core.config import ClusterConfig
@@ -37,7 +37,7 @@ from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
-from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
 from kiteq.store.base import MessageStore
 from kiteq.store.url import open_store
 
@@ -157,7 +157,7 @@ class Broker:
                 f"-bind: cannot listen on {self._bind_host}:{self._bind_port}: {exc}"
             ) from exc
         self.advertised = advertised_address(self._bind_host, self.port)
-        broker_pb2_grpc.add_BrokerServicer_to_server(
+        add_broker_service(
             BrokerService(
                 config=config,
                 advertised=self.advertised,
@@ -234,6 +234,7 @@ class Broker:
         while True:
             await asyncio.sleep(_EXPIRY_TICK)
             self._dispatcher.expire()
+            self._dispatcher.flush_metrics()
 
     async def _stats_loop(self) -> None:
         while True:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import grpc
 
@@ -28,7 +28,7 @@ from kiteq.core.limits import (
     MAX_SECRET_BYTES,
     is_name,
 )
-from kiteq.core.message import Message
+from kiteq.core.message import StoredMessage
 from kiteq.handler.connection import Connection, ConnectionTable, Outcome
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
@@ -42,10 +42,31 @@ MAX_IN_FLIGHT: Final = 10_000
 DEFAULT_IN_FLIGHT: Final = 1000
 # publish batches of one connection being persisted at once; beyond it the reader stops
 # reading and HTTP/2 flow control pushes back on the client
-MAX_CONCURRENT_PUBLISHES: Final = 8
+MAX_CONCURRENT_PUBLISHES: Final = 32
 # deliveries per frame, and their approximate byte budget
 _FRAME_MESSAGES: Final = 500
 _FRAME_BYTES: Final = 4 * 1024 * 1024
+
+
+def add_to_server(service: BrokerService, server: grpc.aio.Server) -> None:
+    """Register *service* like the generated helper does.
+
+    The difference: session frames may be bytes already encoded by ``wire``.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Session": grpc.stream_stream_rpc_method_handler(
+            service.Session,
+            request_deserializer=broker_pb2.ClientFrame.FromString,
+            response_serializer=wire.serialize_server_frame,
+        ),
+        "Publish": grpc.unary_unary_rpc_method_handler(
+            service.Publish,
+            request_deserializer=broker_pb2.PublishRequest.FromString,
+            response_serializer=broker_pb2.PublishResponse.SerializeToString,
+        ),
+    }
+    name = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
 
 
 class BrokerService(broker_pb2_grpc.BrokerServicer):
@@ -74,7 +95,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     async def Session(  # type: ignore[override]  # writes with context.write, not yield
         self,
         request_iterator: AsyncIterator[broker_pb2.ClientFrame],
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame],
+        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
     ) -> None:
         try:
             first = await anext(aiter(request_iterator))
@@ -124,7 +145,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     async def _open(
         self,
         meta: broker_pb2.Open,
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame],
+        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
     ) -> Connection:
         group = meta.groupId
         if not is_name(group):
@@ -154,7 +175,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self,
         group: str,
         bindings: Sequence[Binding],
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame],
+        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
     ) -> None:
         for binding in bindings:
             try:
@@ -215,12 +236,12 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if len(batch) > MAX_BATCH_MESSAGES:
             reason = f"batch of {len(batch)} messages exceeds {MAX_BATCH_MESSAGES}"
             return [Outcome(m.header.messageId, AckCode.INVALID_ARGUMENT, reason) for m in batch]
-        return await self._intake.publish([wire.message_from_pb(m) for m in batch])
+        return await self._intake.publish([wire.message_from_pb(m) for m in batch], batch)
 
     async def _write(
         self,
         conn: Connection,
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame],
+        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
         reader: asyncio.Task[None],
     ) -> None:
         while True:
@@ -254,13 +275,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         return broker_pb2.PublishResponse(acks=wire.store_acks(outcomes))
 
 
-def _chunks(items: list[tuple[Message, int]]) -> list[list[tuple[Message, int]]]:
+def _chunks(items: list[tuple[StoredMessage, int]]) -> list[list[tuple[StoredMessage, int]]]:
     """Split deliveries into frames of bounded count and size."""
-    chunks: list[list[tuple[Message, int]]] = []
-    current: list[tuple[Message, int]] = []
+    chunks: list[list[tuple[StoredMessage, int]]] = []
+    current: list[tuple[StoredMessage, int]] = []
     size = 0
     for item in items:
-        body = len(item[0].body)
+        body = len(item[0].message.body)
         if current and (len(current) >= _FRAME_MESSAGES or size + body > _FRAME_BYTES):
             chunks.append(current)
             current, size = [], 0

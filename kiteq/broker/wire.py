@@ -47,16 +47,94 @@ def header_to_pb(message: Message) -> common_pb2.Header:
     )
 
 
-def deliveries_frame(deliveries: Sequence[tuple[Message, int]]) -> broker_pb2.ServerFrame:
-    batch = broker_pb2.DeliveryBatch(
-        deliveries=[
-            broker_pb2.Delivery(
-                message=common_pb2.Message(header=header_to_pb(m), body=m.body), attempt=attempt
-            )
-            for m, attempt in deliveries
-        ]
-    )
-    return broker_pb2.ServerFrame(deliveries=batch)
+# Outgoing session frames are encoded here directly, not through protobuf objects: building
+# a ServerFrame of 500 deliveries as nested messages copied every 1 KiB body twice and cost
+# more than everything else the broker does for a message. The layout is fixed by
+# broker.proto; tests/broker/test_wire.py parses the bytes back with the generated code.
+_VARINT_1 = [bytes((i,)) for i in range(128)]
+_FIELD1_LEN = (
+    b"\x0a"  # DeliveryBatch.deliveries, Delivery.message, StoreAckBatch.acks, StoreAck.messageId
+)
+_DELIVERY_ATTEMPT = b"\x10"  # Delivery.attempt (field 2, varint)
+_ACK_STATUS_TRUE = b"\x10\x01"  # StoreAck.status = true
+_ACK_FEEDBACK = b"\x1a"  # StoreAck.feedback (field 3, length-delimited)
+_ACK_CODE = b"\x20"  # StoreAck.code (field 4, varint)
+_FRAME_STORE_ACKS = b"\x12"  # ServerFrame.storeAcks (field 2)
+_FRAME_DELIVERIES = b"\x1a"  # ServerFrame.deliveries (field 3)
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _VARINT_1[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def message_bytes(record: StoredMessage) -> bytes:
+    """The serialized ``common.Message`` of a stored message, computed once per record.
+
+    The publisher's own protobuf is reused when the broker still has it (with the broker's
+    clamps applied); otherwise it is built from the record.
+    """
+    cached = record.wire
+    if isinstance(cached, bytes):
+        return cached
+    message = record.message
+    if isinstance(cached, common_pb2.Message):
+        header = cached.header
+        # the only fields normalisation changes
+        if header.expiredTime != message.expired_time:
+            header.expiredTime = message.expired_time
+        if header.deliverLimit != message.deliver_limit:
+            header.deliverLimit = message.deliver_limit
+        if header.createTime != message.create_time:
+            header.createTime = message.create_time
+        data = cached.SerializeToString()
+    else:
+        data = common_pb2.Message(
+            header=header_to_pb(message), body=message.body
+        ).SerializeToString()
+    record.wire = data
+    return data
+
+
+def deliveries_frame(deliveries: Sequence[tuple[StoredMessage, int]]) -> bytes:
+    """A serialized ``ServerFrame{deliveries}``."""
+    parts = []
+    for record, attempt in deliveries:
+        data = message_bytes(record)
+        item = _FIELD1_LEN + _varint(len(data)) + data + _DELIVERY_ATTEMPT + _varint(attempt)
+        parts.append(_FIELD1_LEN + _varint(len(item)) + item)
+    batch = b"".join(parts)
+    return _FRAME_DELIVERIES + _varint(len(batch)) + batch
+
+
+def store_acks_frame(outcomes: Sequence[Outcome]) -> bytes:
+    """A serialized ``ServerFrame{storeAcks}``."""
+    parts = []
+    for outcome in outcomes:
+        mid = outcome.message_id.encode()
+        item = _FIELD1_LEN + _varint(len(mid)) + mid
+        code = int(outcome.code)
+        if not code:
+            item += _ACK_STATUS_TRUE
+        if outcome.feedback:
+            feedback = outcome.feedback.encode()
+            item += _ACK_FEEDBACK + _varint(len(feedback)) + feedback
+        if code:
+            item += _ACK_CODE + _varint(code)
+        parts.append(_FIELD1_LEN + _varint(len(item)) + item)
+    batch = b"".join(parts)
+    return _FRAME_STORE_ACKS + _varint(len(batch)) + batch
+
+
+def serialize_server_frame(frame: broker_pb2.ServerFrame | bytes) -> bytes:
+    """The session's response serializer: frames encoded above pass through."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
 
 
 def store_acks(outcomes: Iterable[Outcome]) -> list[broker_pb2.StoreAck]:
@@ -69,10 +147,6 @@ def store_acks(outcomes: Iterable[Outcome]) -> list[broker_pb2.StoreAck]:
         )
         for o in outcomes
     ]
-
-
-def store_acks_frame(outcomes: Sequence[Outcome]) -> broker_pb2.ServerFrame:
-    return broker_pb2.ServerFrame(storeAcks=broker_pb2.StoreAckBatch(acks=store_acks(outcomes)))
 
 
 def binding_from_pb(pb: common_pb2.Binding) -> Binding:

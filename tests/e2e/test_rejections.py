@@ -85,7 +85,7 @@ def test_wrong_secret_is_unauthenticated_and_stores_nothing(strict_broker: Broke
             handler=Collector(),
         ) as c,
     ):
-        c.wait(10)  # type: ignore[attr-defined]
+        c.wait(10)
     assert not any(strict_broker.stats().backlog.values())
     assert strict_broker.stats().received == 0
 
@@ -125,9 +125,15 @@ def test_client_reports_typed_errors(strict_broker: BrokerProcess) -> None:
 
 
 def test_cli_rejects_unknown_cluster_and_bad_values(tmp_path: Path) -> None:
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "kiteq", *args], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kiteq", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     unknown = run("-clusterName=nope")
     assert unknown.returncode == 1
     assert "unknown cluster 'nope'" in unknown.stderr

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kiteq.core.codes import AckCode
-from kiteq.core.message import Message
+from kiteq.core.message import StoredMessage
 
 if TYPE_CHECKING:
     from kiteq.handler.dispatch import Flight
@@ -29,7 +29,7 @@ _ids = itertools.count(1)
 _MIN_WARM_SHARE = 0.01
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Outcome:
     """The broker's answer to one published message (a store-ack)."""
 
@@ -92,7 +92,7 @@ class Connection:
         self.expiry: deque[tuple[float, str]] = deque()
         self.closed = False
         self.wake = asyncio.Event()
-        self._deliveries: list[tuple[Message, int]] = []
+        self._deliveries: list[tuple[StoredMessage, int]] = []
         self._acks: list[Outcome] = []
 
     def __repr__(self) -> str:
@@ -112,15 +112,15 @@ class Connection:
             return 1.0
         return min(1.0, max(_MIN_WARM_SHARE, (now - self.opened_at) / self.warmup_seconds))
 
-    def send_delivery(self, message: Message, attempt: int) -> None:
-        self._deliveries.append((message, attempt))
+    def send_delivery(self, record: StoredMessage, attempt: int) -> None:
+        self._deliveries.append((record, attempt))
         self.wake.set()
 
     def send_acks(self, outcomes: list[Outcome]) -> None:
         self._acks.extend(outcomes)
         self.wake.set()
 
-    def drain(self) -> tuple[list[Outcome], list[tuple[Message, int]]]:
+    def drain(self) -> tuple[list[Outcome], list[tuple[StoredMessage, int]]]:
         """Take everything queued for the client."""
         acks, deliveries = self._acks, self._deliveries
         self._acks, self._deliveries = [], []

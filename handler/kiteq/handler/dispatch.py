@@ -24,9 +24,8 @@ Everything here runs on the event loop and never awaits: store writes go through
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Final
 
 from kiteq.core.clock import Clock
@@ -46,22 +45,27 @@ logger = logging.getLogger(__name__)
 _EXHAUSTED_HOLD_SECONDS: Final = 3600.0
 
 
-@dataclasses.dataclass(slots=True, eq=False)
 class Flight:
-    """A message being delivered: the groups still to settle in this round."""
+    """A message being delivered: the groups still to settle in this round.
 
-    record: StoredMessage
-    durable: bool
-    # the next_deliver_time the store holds for the record
-    due: float
-    # group -> persistent, for groups queued or in flight
-    pending: dict[str, bool] = dataclasses.field(default_factory=dict)
-    attempts: dict[str, int] = dataclasses.field(default_factory=dict)
-    failed: set[str] = dataclasses.field(default_factory=set)
-    # a persistent group had no live connection: retry later without using an attempt
-    parked: bool = False
-    # bookkeeping changed and must be written if the message is not deleted
-    dirty: bool = False
+    A plain slotted class: one is made per message, so construction cost matters.
+    """
+
+    __slots__ = ("attempts", "dirty", "due", "durable", "failed", "parked", "pending", "record")
+
+    def __init__(self, record: StoredMessage, durable: bool) -> None:
+        self.record = record
+        self.durable = durable
+        # the next_deliver_time the store holds for the record
+        self.due = record.next_deliver_time
+        # group -> persistent, for groups queued or in flight
+        self.pending: dict[str, bool] = {}
+        self.attempts: dict[str, int] = {}
+        self.failed: set[str] = set()
+        # a persistent group had no live connection: retry later without using an attempt
+        self.parked = False
+        # bookkeeping changed and must be written if the message is not deleted
+        self.dirty = False
 
 
 class Dispatcher:
@@ -93,6 +97,9 @@ class Dispatcher:
         self._idle.set()
         self.delivered = 0
         self.redelivered = 0
+        # (topic, group, result) -> count, handed to metrics by ``flush_metrics``
+        self._tally: Counter[tuple[str, str, str]] = Counter()
+        self._retries: Counter[tuple[str, str]] = Counter()
 
     # -- state -------------------------------------------------------------------------
 
@@ -123,7 +130,7 @@ class Dispatcher:
         if message.message_id in self._flights:
             return
         now = self._clock.now()
-        flight = Flight(record=record, durable=durable, due=record.next_deliver_time)
+        flight = Flight(record, durable)
         if message.expired_time <= now or record.deliver_count >= message.deliver_limit:
             self._hold_exhausted(flight, now)
             return
@@ -202,6 +209,23 @@ class Dispatcher:
         if not self._inflight:
             self._idle.set()
 
+    def flush_metrics(self) -> None:
+        """Hand the counts gathered since the last call to the metrics.
+
+        One update per label set instead of one per message.
+        """
+        metrics = self._metrics
+        if metrics is None:
+            self._tally.clear()
+            self._retries.clear()
+            return
+        for (topic, group, result), n in self._tally.items():
+            metrics.delivered(topic, group, result, n)
+        for (topic, group), n in self._retries.items():
+            metrics.redelivered(topic, group, n)
+        self._tally.clear()
+        self._retries.clear()
+
     def pause(self) -> None:
         """Start no new push (shutdown); in-flight ones still settle."""
         self._paused = True
@@ -259,14 +283,12 @@ class Dispatcher:
         self._idle.clear()
         if attempt > 1:
             self.redelivered += 1
-            if self._metrics is not None:
-                self._metrics.redelivered(flight.record.topic, group)
-        conn.send_delivery(flight.record.message, attempt)
+            self._retries[flight.record.message.topic, group] += 1
+        conn.send_delivery(flight.record, attempt)
 
     def _settle(self, flight: Flight, conn: Connection, ok: bool, result: str) -> None:
         group = conn.group
-        if self._metrics is not None:
-            self._metrics.delivered(flight.record.topic, group, result)
+        self._tally[flight.record.message.topic, group, result] += 1
         if group not in flight.pending:
             return
         if ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -66,18 +67,26 @@ class Intake:
         """Wait until no publish is between validation and its store-ack."""
         await self._idle.wait()
 
-    async def publish(self, messages: Sequence[Message]) -> list[Outcome]:
-        """Accept a batch; one outcome per message, in order."""
+    async def publish(
+        self, messages: Sequence[Message], wires: Sequence[object] | None = None
+    ) -> list[Outcome]:
+        """Accept a batch; one outcome per message, in order.
+
+        *wires*, when given, are the transport's encodings of *messages* (same order); they
+        ride along with the stored records so a push need not rebuild them.
+        """
         self._active += 1
         self._idle.clear()
         try:
-            return await self._publish(messages)
+            return await self._publish(messages, wires)
         finally:
             self._active -= 1
             if not self._active:
                 self._idle.set()
 
-    async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
+    async def _publish(
+        self, messages: Sequence[Message], wires: Sequence[object] | None
+    ) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(messages)
         if not self._accepting:
             return self._count(
@@ -108,7 +117,11 @@ class Intake:
                 outcomes[i] = Outcome(raw.message_id, code_for(exc), exc.reason)
                 continue
             record = StoredMessage(
-                message, publish_time=now, next_deliver_time=now, kite_server=self._server_name
+                message,
+                publish_time=now,
+                next_deliver_time=now,
+                kite_server=self._server_name,
+                wire=None if wires is None else wires[i],
             )
             if message.fly:
                 outcomes[i] = Outcome(message.message_id, AckCode.OK, "fly: not stored")
@@ -152,9 +165,13 @@ class Intake:
         self.received += ok
         self.rejected += len(outcomes) - ok
         if self._metrics is not None:
-            for message, outcome in zip(messages, outcomes, strict=True):
-                if outcome.ok:
-                    self._metrics.received(message.topic)
+            # one labelled update per (topic, result) and batch, not per message
+            tally: Counter[tuple[str, AckCode]] = Counter(
+                (m.topic, o.code) for m, o in zip(messages, outcomes, strict=True)
+            )
+            for (topic, code), n in tally.items():
+                if code is AckCode.OK:
+                    self._metrics.received(topic, n)
                 else:
-                    self._metrics.rejected(message.topic, outcome.code.metric_reason)
+                    self._metrics.rejected(topic, code.metric_reason, n)
         return outcomes
