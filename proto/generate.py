@@ -52,10 +52,18 @@ def main() -> int:
         if options.check:
             current = generated_files(ROOT)
             stale = [str(p) for p in fresh if not (ROOT / p).exists()]
-            stale += [str(p) for p in fresh if (ROOT / p).exists() and not filecmp.cmp(out / p, ROOT / p, shallow=False)]
+            stale += [
+                str(p)
+                for p in fresh
+                if (ROOT / p).exists() and not filecmp.cmp(out / p, ROOT / p, shallow=False)
+            ]
             stale += [str(p) for p in current if p not in fresh]
             if stale:
-                print("generated protobuf code is stale; run python proto/generate.py:", *stale, file=sys.stderr)
+                print(
+                    "generated protobuf code is stale; run python proto/generate.py:",
+                    *stale,
+                    file=sys.stderr,
+                )
                 return 1
             print("generated protobuf code is up to date")
             return 0
