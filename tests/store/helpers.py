@@ -59,3 +59,7 @@ def due_order(records: list[StoredMessage]) -> list[str]:
     return [
         r.message_id for r in sorted(records, key=lambda r: (r.next_deliver_time, r.message_id))
     ]
+
+
+# backends that promise to keep data across close/reopen (a subset of conftest.BACKENDS)
+DURABLE_BACKENDS = ["rocksdb"]

@@ -11,7 +11,7 @@ import pytest
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store.base import MessageStore, Rescheduled, Saved
-from tests.store.helpers import NOW, Backend, due_order, ids, record
+from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, due_order, ids, record
 
 
 def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
@@ -350,9 +350,9 @@ async def test_description_has_no_credentials(store: MessageStore, backend: Back
     assert "@" not in store.description
 
 
+@pytest.mark.parametrize("backend", DURABLE_BACKENDS, indirect=True)
 async def test_persistence_across_close_and_reopen(store: MessageStore, backend: Backend) -> None:
-    if not store.durable:
-        pytest.skip(f"{backend.name} is not durable")
+    assert store.durable
     plain = record(ndt=NOW - 3, properties={"k": "v"})
     tx = record(ndt=NOW - 2, commit=False, topic="user")
     later = record(ndt=NOW - 1)
