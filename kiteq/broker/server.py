@@ -114,8 +114,18 @@ class Broker:
 
     async def start(self) -> None:
         config = self.config
+        if config.delivery_first:
+            # refuse rather than silently run the other mode
+            raise ConfigError(
+                f"clusters.{config.name}.deliveryFirst: push-before-store is not available yet (issue #4)"
+            )
         self._store = store = open_store(config.db)
         await store.open()
+        if not store.durable:
+            logger.warning(
+                "store %s is not durable: stored messages are lost when the broker exits",
+                store.description,
+            )
         bindings = BindingTable()
         self._registry = registry = open_registry(config.registry, store)
         await registry.start(bindings)
