@@ -8,8 +8,13 @@ one writer at a time turns the whole queue into a single ``WriteBatch`` on the s
 thread, and calls arriving meanwhile form the next batch. Callers return only when their
 batch is written. ``fsync`` picks what "written" means:
 
-* ``batch`` (default): each WriteBatch is written with ``sync=True``; a ``Saved.STORED``
-  means the WAL is on disk and survives an OS crash or power loss. One fsync per batch.
+* ``batch`` (default): each WriteBatch holding a save, commit or metadata write is written
+  with ``sync=True``; a ``Saved.STORED`` means the WAL is on disk and survives an OS crash
+  or power loss. One fsync per batch. A batch of only delivery bookkeeping (deletes,
+  reschedules) is not fsynced on its own: the WAL is sequential, so the next synced batch
+  makes it durable too, and until then an OS crash can only undo the latest bookkeeping,
+  i.e. redeliver a message, never lose one. (fsync holds the GIL here; halving the
+  fsyncs is worth it.)
 * ``always``: each call is its own fsync'ed WriteBatch, nothing is grouped across calls.
   Same guarantee as ``batch``, far slower; for comparing and for paranoid setups.
 * ``never``: WAL written without fsync. Survives a crash of the broker process (the OS
@@ -45,7 +50,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, Literal, TypeVar, TypeVarTuple, cast
+from typing import ClassVar, Final, Literal, TypeVar, TypeVarTuple, cast
 
 from rocksdict import (
     BlockBasedOptions,
@@ -192,6 +197,8 @@ class _Request:
     """One caller's writes; applied in call order inside a batch by the writer thread."""
 
     __slots__ = ("error", "future", "size")
+    # False for delivery bookkeeping, which a later synced batch makes durable
+    needs_sync: ClassVar[bool] = True
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -251,6 +258,7 @@ class _Save(_Request):
 
 class _Reschedule(_Request):
     __slots__ = ("changes",)
+    needs_sync = False
 
     def __init__(self, changes: Sequence[Rescheduled]) -> None:
         super().__init__(len(changes) * _KEY_OVERHEAD)
@@ -279,6 +287,7 @@ class _Reschedule(_Request):
 
 class _Delete(_Request):
     __slots__ = ("ids",)
+    needs_sync = False
 
     def __init__(self, records: Sequence[StoredMessage]) -> None:
         super().__init__(len(records) * _KEY_OVERHEAD)
@@ -356,6 +365,8 @@ class RocksDBStore:
         self._fsync: Fsync = fsync
         self._write_options = WriteOptions()
         self._write_options.sync = fsync != "never"
+        self._bookkeeping_options = WriteOptions()
+        self._bookkeeping_options.sync = fsync == "always"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiteq-store")
         self._db: _DB | None = None
         self._status: Literal["new", "opening", "open", "closed"] = "new"
@@ -547,7 +558,9 @@ class RocksDBStore:
                     if batch.wb.is_empty():
                         continue
                     self._write_batches += 1
-                    batch.db.rdict.write(batch.wb, self._write_options)
+                    durable = any(request.needs_sync for request in group)
+                    options = self._write_options if durable else self._bookkeeping_options
+                    batch.db.rdict.write(batch.wb, options)
             except StoreUnavailableError as exc:
                 for request in group:
                     request.error = exc
