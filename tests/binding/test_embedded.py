@@ -8,7 +8,7 @@ import pytest
 
 from kiteq.binding.embedded import EmbeddedRegistry
 from kiteq.binding.match import BindingTable, Route
-from kiteq.binding.model import MAX_WATERMARK, Binding, loads
+from kiteq.binding.model import Binding, loads
 from kiteq.core.errors import RegistryError, StoreUnavailableError
 
 
@@ -53,7 +53,7 @@ async def test_declare_applies_bindings_per_topic_with_the_group_set() -> None:
         Binding.regex("trade", "refund", persistent=False).with_group("acct"),
         Binding.fanout("user", persistent=False).with_group("acct"),
     ]
-    assert table.routes("trade", "refund-1") == (Route("acct", False, MAX_WATERMARK),)
+    assert table.routes("trade", "refund-1") == (Route("acct", False, 0),)
     assert registry.kind == "embedded"
     await registry.stop()
 
@@ -116,7 +116,7 @@ async def test_changed_persistent_bindings_are_rewritten_or_deleted() -> None:
     await registry.declare("acct", [Binding.direct("trade", "pay", persistent=False)])
     assert meta.data == {}
     assert meta.writes == ["bind/trade/acct"] * 3
-    assert table.routes("trade", "pay") == (Route("acct", False, MAX_WATERMARK),)
+    assert table.routes("trade", "pay") == (Route("acct", False, 0),)
 
 
 async def test_declare_touches_only_the_declared_topics_and_group() -> None:

@@ -221,7 +221,7 @@ async def test_start_loads_the_file(tmp_path: Path) -> None:
         assert registry.kind == "file"
         assert table.routes("trade", "pay-succ") == (
             Route("acct", True, 1000),
-            Route("audit", False, 6000),
+            Route("audit", False, 0),
             Route("ledger", True, 1000),
         )
         assert not await registry.declare("other", [Binding.fanout("trade")])
@@ -284,7 +284,7 @@ async def test_reload_applies_additions_changes_and_removals(tmp_path: Path) -> 
             ("user", "profile"),
         ]
         assert table.routes("trade", "pay-succ") == (Route("acct", True, 1000),)
-        assert table.routes("trade", "refund") == (Route("ledger", True, 6000),)
+        assert table.routes("trade", "refund") == (Route("ledger", True, 0),)
         assert table.groups("user") == ["profile"]
 
         _write(path, "")
@@ -321,7 +321,7 @@ async def test_invalid_file_keeps_the_last_good_state_and_logs_once(
             assert any("valid again" in r.getMessage() for r in caplog.records)
             _write(path, BASE.replace("pay-.*", "refund"))
             assert await registry.reload()
-            assert table.routes("trade", "refund") == (Route("audit", False, 6000),)
+            assert table.routes("trade", "refund") == (Route("audit", False, 0),)
     finally:
         await registry.stop()
 

@@ -13,7 +13,7 @@ from kiteq.binding.match import (
     compile_pattern,
     validate_bindings,
 )
-from kiteq.binding.model import MAX_WATERMARK, Binding, BindType
+from kiteq.binding.model import Binding, BindType
 
 
 # Go regexp.MatchString(pattern, messageType): RE2 syntax, unanchored search.
@@ -132,12 +132,12 @@ def test_routes_by_kind() -> None:
     assert table.routes("trade", "pay-succ") == (
         Route("acct", True, 1000),
         Route("all", True, 10),
-        Route("audit", False, MAX_WATERMARK),
+        Route("audit", False, 0),
     )
     assert table.routes("trade", "refund") == (Route("all", True, 10),)
     assert table.routes("trade", "pay-succ-200") == (
         Route("all", True, 10),
-        Route("audit", False, MAX_WATERMARK),
+        Route("audit", False, 0),
     )
     assert table.routes("unbound", "pay-succ") == ()
 
@@ -166,9 +166,9 @@ def test_replace_and_remove_never_touch_another_group() -> None:
     )
     assert table.replace("trade", "a", [Binding.direct("trade", "refund")])
     assert table.groups("trade") == ["a", "b"]
-    assert table.routes("trade", "pay") == (Route("b", True, MAX_WATERMARK),)
+    assert table.routes("trade", "pay") == (Route("b", True, 0),)
     assert table.remove_group("trade", "a")
-    assert table.routes("trade", "pay") == (Route("b", True, MAX_WATERMARK),)
+    assert table.routes("trade", "pay") == (Route("b", True, 0),)
     assert table.bindings("trade") == [Binding.direct("trade", "pay").with_group("b")]
     assert not table.remove_group("trade", "a")
     assert table.replace("trade", "b", [])
@@ -190,7 +190,7 @@ def test_invalid_replace_leaves_the_table_unchanged() -> None:
     with pytest.raises(ValueError, match="invalid group"):
         table.replace("trade", "", [good])
     assert table.bindings() == [good.with_group("g")]
-    assert table.routes("trade", "pay") == (Route("g", True, MAX_WATERMARK),)
+    assert table.routes("trade", "pay") == (Route("g", True, 0),)
     assert calls == []
 
 
@@ -205,11 +205,11 @@ def test_routes_are_cached_and_invalidated_per_topic() -> None:
     table.replace("trade", "b", [Binding.direct("trade", "pay-succ")])
     assert table.routes("user", "x") is user
     assert table.routes("trade", "pay-succ") == (
-        Route("a", True, MAX_WATERMARK),
-        Route("b", True, MAX_WATERMARK),
+        Route("a", True, 0),
+        Route("b", True, 0),
     )
     table.replace("trade", "a", [Binding.direct("trade", "refund")])
-    assert table.routes("trade", "pay-succ") == (Route("b", True, MAX_WATERMARK),)
+    assert table.routes("trade", "pay-succ") == (Route("b", True, 0),)
     table.remove_group("trade", "b")
     assert table.routes("trade", "pay-succ") == ()
 
@@ -231,7 +231,7 @@ def test_route_cache_is_bounded() -> None:
     types = [f"p{i}" for i in range(10)] + [f"q{i}" for i in range(10)]
     for _ in range(2):
         for message_type in types:
-            expected = (Route("g", True, MAX_WATERMARK),) if message_type[0] == "p" else ()
+            expected = (Route("g", True, 0),) if message_type[0] == "p" else ()
             assert table.routes("trade", message_type) == expected
     assert sum(len(v) for v in table._cache.values()) <= 3
     with pytest.raises(ValueError, match="cache_size"):
@@ -322,7 +322,9 @@ def _expected(state: dict[str, list[Binding]], message_type: str) -> tuple[Route
                 Route(
                     group,
                     any(b.persistent for b in matched),
-                    max(b.effective_watermark for b in matched),
+                    0
+                    if any(b.effective_watermark == 0 for b in matched)
+                    else max(b.effective_watermark for b in matched),
                 )
             )
     return tuple(routes)
@@ -341,3 +343,25 @@ def test_cached_routes_match_direct_evaluation(ops: list[tuple[str, list[Binding
             state.pop(group, None)
         for message_type in _TYPES:
             assert table.routes("t", message_type) == _expected(state, message_type)
+
+
+def test_a_group_is_capped_only_if_every_matching_binding_caps_it() -> None:
+    table = BindingTable()
+    table.replace(
+        "t",
+        "g",
+        [
+            Binding.direct("t", "x", watermark=100).with_group("g"),
+            Binding.fanout("t", watermark=300).with_group("g"),
+        ],
+    )
+    assert table.routes("t", "x") == (Route("g", True, 300),)
+    table.replace(
+        "t",
+        "g",
+        [
+            Binding.direct("t", "x", watermark=100).with_group("g"),
+            Binding.fanout("t").with_group("g"),
+        ],
+    )
+    assert table.routes("t", "x") == (Route("g", True, 0),)

@@ -6,7 +6,6 @@ import pytest
 
 from kiteq.binding.model import (
     BIND_VERSION,
-    MAX_WATERMARK,
     Binding,
     BindType,
     bind_type_from_name,
@@ -94,10 +93,10 @@ def test_malformed_binding_error_is_short() -> None:
     assert len(str(info.value)) < 400
 
 
-def test_effective_watermark_follows_kiteq() -> None:
-    assert Binding.direct("t", "x").effective_watermark == MAX_WATERMARK
+def test_unset_watermark_means_no_cap_and_a_set_one_is_honoured() -> None:
+    assert Binding.direct("t", "x").effective_watermark == 0
     assert Binding.direct("t", "x", watermark=100).effective_watermark == 100
-    assert Binding.direct("t", "x", watermark=10**9).effective_watermark == MAX_WATERMARK
+    assert Binding.direct("t", "x", watermark=10**9).effective_watermark == 10**9
 
 
 def test_bind_type_from_name() -> None:

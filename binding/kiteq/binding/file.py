@@ -11,7 +11,7 @@ Format (``conf/registry_demo.toml``)::
     topic = "trade"
     messageType = "pay-succ"             # optional for fanout ("*")
     bindType = "direct"                  # direct | regx (or regex) | fanout; default direct
-    watermark = 1000                     # optional, messages/s; 0 = 6000
+    watermark = 1000                     # optional, messages/s; 0 = no cap
     persistent = true                    # optional, default true
 
 ``read_registry_file`` is shared with the client library (its broker list), so this module

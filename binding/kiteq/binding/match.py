@@ -130,7 +130,8 @@ class Route:
     Attributes:
         group: The consumer group.
         persistent: True if any of the group's matching bindings is persistent.
-        watermark: The largest effective watermark (messages/s) among them.
+        watermark: The group's rate cap in messages/s, 0 = none: the largest among its
+            matching bindings, and none if any of them sets none.
     """
 
     group: str
@@ -280,7 +281,7 @@ class BindingTable:
                     Route(
                         group=group,
                         persistent=any(b.persistent for b in matched),
-                        watermark=max(b.effective_watermark for b in matched),
+                        watermark=_loosest(b.effective_watermark for b in matched),
                     )
                 )
         return tuple(routes)
@@ -297,3 +298,9 @@ class BindingTable:
             except Exception:
                 # a listener's bug must not leave the table half-notified
                 logger.exception("binding listener failed topic=%s group=%s", topic, group)
+
+
+def _loosest(watermarks: Iterable[int]) -> int:
+    """The least restrictive of several caps, where 0 means no cap."""
+    rates = list(watermarks)
+    return 0 if 0 in rates else max(rates)

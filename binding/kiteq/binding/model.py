@@ -19,7 +19,6 @@ from kiteq.core.limits import MESSAGE_TYPE_RE, is_name
 __all__ = [
     "BIND_VERSION",
     "MAX_PATTERN_CHARS",
-    "MAX_WATERMARK",
     "BindType",
     "Binding",
     "bind_type_from_name",
@@ -28,7 +27,6 @@ __all__ = [
 ]
 
 BIND_VERSION: Final = "1.0.0"
-MAX_WATERMARK: Final = 6000
 MAX_PATTERN_CHARS: Final = 256
 
 
@@ -56,7 +54,7 @@ class Binding:
             (Go's ``regexp.MatchString``). Fanout: ``"*"``.
         bind_type: Direct, regex or fanout.
         group_id: The subscribing group; a consumer fills in its own.
-        watermark: Delivery rate cap for (topic, group) in messages/s; 0 = 6000.
+        watermark: Delivery rate cap for (topic, group) in messages/s; 0 = no cap.
         persistent: True: messages wait while the group is offline. False: an offline
             group is skipped for the message.
         version: KiteQ's binding version string.
@@ -113,8 +111,13 @@ class Binding:
 
     @property
     def effective_watermark(self) -> int:
-        """KiteQ's rule: <= 0 means 6000, and never more than 6000."""
-        return MAX_WATERMARK if self.watermark <= 0 else min(self.watermark, MAX_WATERMARK)
+        """The delivery rate cap in messages/s; 0 = no cap.
+
+        KiteQ turns an unset watermark into 6000/s and caps every binding at 6000/s; a
+        broker that delivers far more than that would then throttle every busy group, so
+        here an unset watermark means no cap and a set one is honoured as given.
+        """
+        return max(self.watermark, 0)
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
