@@ -5,6 +5,8 @@ Examples::
     kiteq-admin stats
     kiteq-admin -broker 127.0.0.1:13800 bindings -topic trade
     kiteq-admin message 0f3c...e1 -body
+    kiteq-admin dlq -topic trade -reason expired
+    kiteq-admin redrive -topic trade -group acct-svc
 """
 
 from __future__ import annotations
@@ -31,10 +33,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stats", help="counters, backlog per topic, connections per group")
     bindings = sub.add_parser("bindings", help="bindings known to the broker")
     bindings.add_argument("-topic", "--topic", default="")
-    message = sub.add_parser("message", help="one stored message and its delivery state")
+    message = sub.add_parser("message", help="a message's state and history")
     message.add_argument("message_id")
     message.add_argument("-body", "--body", action="store_true", help="include the body")
+    dlq = sub.add_parser("dlq", help="list dead letters")
+    _filter_flags(dlq)
+    dlq.add_argument("-limit", "--limit", type=int, default=100)
+    dlq.add_argument("-after", "--after", default="", help="page after this message id")
+    redrive = sub.add_parser("redrive", help="deliver dead letters again")
+    redrive.add_argument(
+        "message_ids", nargs="*", help="ids; none: every dead letter the filters match"
+    )
+    _filter_flags(redrive)
+    redrive.add_argument(
+        "-all", "--all", action="store_true", help="required to redrive with no filter"
+    )
     return parser
+
+
+def _filter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-topic", "--topic", default="")
+    parser.add_argument("-type", "--type", dest="message_type", default="")
+    parser.add_argument(
+        "-group", "--group", default="", help="dead letters this group had not acked"
+    )
+    parser.add_argument(
+        "-reason", "--reason", default="", help="expired, deliver_limit, no_binding"
+    )
+
+
+def _dlq_filter(options: argparse.Namespace) -> admin_pb2.DeadLetterFilter:
+    return admin_pb2.DeadLetterFilter(
+        topic=options.topic,
+        messageType=options.message_type,
+        groupId=options.group,
+        reason=options.reason,
+    )
 
 
 async def _call(options: argparse.Namespace) -> dict[str, object]:
@@ -45,6 +79,22 @@ async def _call(options: argparse.Namespace) -> dict[str, object]:
         if options.command == "stats":
             reply: object = await stub.Stats(
                 admin_pb2.StatsRequest(), metadata=metadata, timeout=timeout
+            )
+        elif options.command == "dlq":
+            reply = await stub.ListDeadLetters(
+                admin_pb2.ListDeadLettersRequest(
+                    filter=_dlq_filter(options), limit=options.limit, after=options.after
+                ),
+                metadata=metadata,
+                timeout=timeout,
+            )
+        elif options.command == "redrive":
+            reply = await stub.Redrive(
+                admin_pb2.RedriveRequest(
+                    messageIds=options.message_ids, filter=_dlq_filter(options)
+                ),
+                metadata=metadata,
+                timeout=timeout,
             )
         elif options.command == "bindings":
             reply = await stub.ListBindings(
@@ -62,7 +112,15 @@ async def _call(options: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if (
+        options.command == "redrive"
+        and not options.message_ids
+        and not any((options.topic, options.message_type, options.group, options.reason))
+        and not options.all
+    ):
+        parser.error("redrive with no ids and no filter redrives every dead letter: add -all")
     try:
         result = asyncio.run(_call(options))
     except grpc.aio.AioRpcError as exc:

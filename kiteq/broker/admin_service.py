@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 
 import grpc
 
 from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
+from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import is_message_id
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from kiteq.store.base import MessageStore
 
+logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 ADMIN_SECRET_HEADER = "x-kiteq-admin-secret"  # noqa: S105 - a header name
 
 
@@ -31,6 +38,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         connections: ConnectionTable,
         dispatcher: Dispatcher,
         intake: Intake,
+        history: History,
+        clock: Clock,
         uptime: Callable[[], float],
     ) -> None:
         self._config = config
@@ -40,6 +49,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._connections = connections
         self._dispatcher = dispatcher
         self._intake = intake
+        self._history = history
+        self._clock = clock
         self._uptime = uptime
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
@@ -77,6 +88,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             groups=groups,
             uptimeSeconds=self._uptime(),
             topics=list(self._config.topics),
+            deadLetters=await self._store.dlq_size(),
+            deadLettered=self._dispatcher.dead_lettered,
+            flowLimited=self._dispatcher.flow_limited,
         )
 
     async def ListBindings(
@@ -98,11 +112,82 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.GetMessageResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        if not is_message_id(request.messageId):
+        message_id = request.messageId
+        if not is_message_id(message_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
             )
-        record = await self._store.get(request.messageId)
-        if record is None:
-            return admin_pb2.GetMessageResponse(found=False)
-        return wire.message_info(record, request.withBody)
+        events = await self._store.get_history(message_id) + self._history.unflushed(message_id)
+        events.sort(key=lambda e: e.time)
+        history = [wire.history_to_pb(e) for e in events]
+        record = await self._store.get(message_id)
+        if record is not None:
+            reply = wire.message_info(record, request.withBody)
+            reply.state = admin_pb2.MESSAGE_STATE_LIVE
+        else:
+            letter = await self._store.get_dead_letter(message_id)
+            if letter is not None:
+                reply = wire.message_info(letter.record, request.withBody)
+                reply.state = admin_pb2.MESSAGE_STATE_DEAD_LETTER
+                reply.deadReason = letter.reason
+                reply.deadTime = letter.dead_time
+            elif history:
+                reply = admin_pb2.GetMessageResponse(
+                    found=False, state=admin_pb2.MESSAGE_STATE_GONE
+                )
+            else:
+                return admin_pb2.GetMessageResponse(found=False)
+        reply.history.extend(history)
+        return reply
+
+    async def ListDeadLetters(
+        self,
+        request: admin_pb2.ListDeadLettersRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListDeadLettersRequest, admin_pb2.ListDeadLettersResponse
+        ],
+    ) -> admin_pb2.ListDeadLettersResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        letters = await self._store.list_dlq(
+            wire.dlq_filter(request.filter), limit, request.after or None
+        )
+        return admin_pb2.ListDeadLettersResponse(
+            deadLetters=[wire.dead_letter_to_pb(letter) for letter in letters],
+            next=letters[-1].record.message_id if len(letters) == limit else "",
+        )
+
+    async def Redrive(
+        self,
+        request: admin_pb2.RedriveRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.RedriveRequest, admin_pb2.RedriveResponse],
+    ) -> admin_pb2.RedriveResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        ids = list(request.messageIds)
+        for message_id in ids:
+            if not is_message_id(message_id):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"invalid message id {message_id!r}"
+                )
+        if ids:
+            return admin_pb2.RedriveResponse(redriven=await self._redrive(ids))
+        where = wire.dlq_filter(request.filter)
+        redriven = 0
+        while True:
+            # each page leaves the DLQ, so the next page starts from the beginning again
+            page = await self._store.list_dlq(where, MAX_PAGE)
+            if not page:
+                break
+            redriven += await self._redrive([letter.record.message_id for letter in page])
+        return admin_pb2.RedriveResponse(redriven=redriven)
+
+    async def _redrive(self, message_ids: list[str]) -> int:
+        now = self._clock.now()
+        records = await self._store.redrive(message_ids, now)
+        for record in records:
+            self._history.record(record.message_id, now, "redriven")
+            self._history.keep(record.message_id)
+            if record.message.commit:
+                self._dispatcher.submit(record)
+        logger.info("redrove %d dead letters", len(records))
+        return len(records)

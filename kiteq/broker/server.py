@@ -33,6 +33,7 @@ from kiteq.core.limits import MAX_FRAME_BYTES
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
 from kiteq.ops.http import OpsServer
@@ -44,8 +45,10 @@ from kiteq.store.url import open_store
 logger = logging.getLogger(__name__)
 
 VERSION: Final = "0.1.0"
-_EXPIRY_TICK: Final = 0.2
+# deliveries time out, and watermark buckets release waiting messages, at this pace
+_EXPIRY_TICK: Final = 0.1
 _STATS_TICK: Final = 5.0
+_HISTORY_PRUNE_PERIOD: Final = 3600.0
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
@@ -114,11 +117,6 @@ class Broker:
 
     async def start(self) -> None:
         config = self.config
-        if config.delivery_first:
-            # refuse rather than silently run the other mode
-            raise ConfigError(
-                f"clusters.{config.name}.deliveryFirst: push-before-store is not available yet (issue #4)"
-            )
         self._store = store = open_store(config.db)
         await store.open()
         if not store.durable:
@@ -131,13 +129,16 @@ class Broker:
         await registry.start(bindings)
         self._connections = connections = ConnectionTable()
         self._bookkeeper = bookkeeper = Bookkeeper(store)
+        self._history = history = History(bookkeeper.history)
         self._dispatcher = dispatcher = Dispatcher(
             bindings=bindings,
             connections=connections,
             bookkeeper=bookkeeper,
+            history=history,
             clock=self._clock,
             delivery_timeout=config.delivery_seconds,
             max_workers=config.max_deliver_workers,
+            no_binding_retention=config.no_binding_retention_seconds,
             metrics=self.metrics,
         )
         self._recover = recover = RecoverLoop(
@@ -152,6 +153,7 @@ class Broker:
             config=config,
             store=store,
             dispatcher=dispatcher,
+            history=history,
             clock=self._clock,
             server_name=socket.gethostname(),
             metrics=self.metrics,
@@ -189,6 +191,8 @@ class Broker:
                 connections=connections,
                 dispatcher=dispatcher,
                 intake=intake,
+                history=history,
+                clock=self._clock,
                 uptime=lambda: time.monotonic() - self._started,
             ),
             server,
@@ -209,6 +213,7 @@ class Broker:
         self._spawn("recover", recover.run)
         self._spawn("expiry", self._expiry_loop)
         self._spawn("stats", self._stats_loop)
+        self._spawn("history", self._history_loop)
         if self._pport > 0:
             stats = StatsView(
                 bindings=bindings,
@@ -244,6 +249,7 @@ class Broker:
         while True:
             await asyncio.sleep(_EXPIRY_TICK)
             self._dispatcher.expire()
+            self._dispatcher.tick()
             self._dispatcher.flush_metrics()
 
     async def _stats_loop(self) -> None:
@@ -255,6 +261,14 @@ class Broker:
             self.metrics.set_connections("consumer", consumers)
             self.metrics.set_connections("producer", len(self._connections) - consumers)
             await asyncio.sleep(_STATS_TICK)
+
+    async def _history_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_HISTORY_PRUNE_PERIOD)
+            before = self._clock.now() - self.config.history_retention_seconds
+            pruned = await self._store_or_fail().prune_history(before)
+            if pruned:
+                logger.info("pruned %d history events older than the retention", pruned)
 
     def _store_or_fail(self) -> MessageStore:
         if self._store is None:

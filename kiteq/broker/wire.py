@@ -11,6 +11,7 @@ from kiteq.binding.model import Binding, BindType
 from kiteq.core.message import Message, StoredMessage
 from kiteq.handler.connection import Outcome
 from kiteq.proto.v1 import admin_pb2, broker_pb2, common_pb2
+from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 
 
 def message_from_pb(pb: common_pb2.Message) -> Message:
@@ -183,5 +184,34 @@ def message_info(record: StoredMessage, with_body: bool) -> admin_pb2.GetMessage
         failGroups=list(record.fail_groups),
         nextDeliverTime=record.next_deliver_time,
         publishTime=record.publish_time,
+        bodyBytes=len(record.message.body),
+    )
+
+
+def history_to_pb(event: HistoryEvent) -> admin_pb2.HistoryEvent:
+    return admin_pb2.HistoryEvent(
+        time=event.time,
+        kind=event.kind,
+        groupId=event.group,
+        connection=event.connection,
+        attempt=event.attempt,
+        detail=event.detail,
+    )
+
+
+def dlq_filter(pb: admin_pb2.DeadLetterFilter) -> DlqFilter:
+    return DlqFilter(
+        topic=pb.topic, message_type=pb.messageType, group=pb.groupId, reason=pb.reason
+    )
+
+
+def dead_letter_to_pb(letter: DeadLetter) -> admin_pb2.DeadLetterInfo:
+    record = letter.record
+    return admin_pb2.DeadLetterInfo(
+        header=header_to_pb(record.message),
+        reason=letter.reason,
+        deadTime=letter.dead_time,
+        groups=list(letter.groups),
+        deliverCount=record.deliver_count,
         bodyBytes=len(record.message.body),
     )

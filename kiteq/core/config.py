@@ -43,6 +43,14 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "deliverySeconds": (5, "seconds to wait for a consumer's ack before retrying"),
         "maxDeliverWorkers": (8000, "deliveries in flight at once, broker-wide"),
         "recoverSeconds": (10, "period of the scan that redelivers due messages"),
+        "noBindingRetentionSeconds": (
+            3600,
+            "how long a message that matches no binding is kept before the dead-letter queue",
+        ),
+        "historyRetentionSeconds": (
+            259200,
+            "how long a message's stored history is kept (default 3 days)",
+        ),
         "recievePermitsPerSecond": (100000, "broker-wide publish rate (KiteQ's spelling)"),
         "dlqExecHour": (2, "hour of day (0-23) of the daily dead-letter sweep"),
         "deliveryFirst": (False, "push before storing; store only on failure"),
@@ -63,6 +71,8 @@ class ClusterConfig:
     delivery_seconds: float
     max_deliver_workers: int
     recover_seconds: float
+    no_binding_retention_seconds: float
+    history_retention_seconds: float
     recieve_permits_per_second: int
     dlq_exec_hour: int
     delivery_first: bool
@@ -190,6 +200,8 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         delivery_seconds=positive("deliverySeconds"),
         max_deliver_workers=positive_int("maxDeliverWorkers"),
         recover_seconds=positive("recoverSeconds"),
+        no_binding_retention_seconds=positive("noBindingRetentionSeconds"),
+        history_retention_seconds=positive("historyRetentionSeconds"),
         recieve_permits_per_second=positive_int("recievePermitsPerSecond"),
         dlq_exec_hour=dlq_hour,
         delivery_first=typed("deliveryFirst", bool),

@@ -144,16 +144,3 @@ def test_cli_rejects_unknown_cluster_and_bad_values(tmp_path: Path) -> None:
     assert "clusters.e2e.deliverySeconds" in bad.stderr
     usage = run("-noSuchFlag=1")
     assert usage.returncode == 2
-
-
-def test_delivery_first_is_refused_until_it_is_implemented(tmp_path: Path) -> None:
-    config = write_config(tmp_path, db="memory://", extra={"deliveryFirst": True})
-    run = subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=e2e", f"-configPath={config}", "-bind=127.0.0.1:0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 1
-    assert "clusters.e2e.deliveryFirst" in run.stderr

@@ -13,7 +13,15 @@ from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS, redelivery_delay
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
-from kiteq.store.base import DueCursor, Rescheduled, SaveOutcome
+from kiteq.handler.history import History
+from kiteq.store.base import (
+    DeadLetter,
+    DlqFilter,
+    DueCursor,
+    HistoryEvent,
+    Rescheduled,
+    SaveOutcome,
+)
 
 
 class RecordingStore:
@@ -25,6 +33,8 @@ class RecordingStore:
     def __init__(self) -> None:
         self.deleted: list[str] = []
         self.rescheduled: list[Rescheduled] = []
+        self.dead: list[DeadLetter] = []
+        self.history: list[HistoryEvent] = []
 
     async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
         self.rescheduled.extend(changes)
@@ -51,6 +61,32 @@ class RecordingStore:
     async def backlog(self) -> dict[str, int]:
         return {}
 
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        self.dead.extend(letters)
+
+    async def list_dlq(
+        self, where: DlqFilter, limit: int, after: str | None = None
+    ) -> list[DeadLetter]:
+        return []
+
+    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+        return None
+
+    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
+        return []
+
+    async def dlq_size(self) -> dict[str, int]:
+        return {}
+
+    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+        self.history.extend(events)
+
+    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+        return []
+
+    async def prune_history(self, before: float) -> int:
+        return 0
+
     async def put_meta(self, key: str, value: bytes | None) -> None: ...
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         return {}
@@ -67,6 +103,7 @@ class Harness:
             bindings=self.table,
             connections=self.connections,
             bookkeeper=self.bookkeeper,
+            history=History(self.bookkeeper.history),
             clock=self.clock,
             delivery_timeout=timeout,
             max_workers=max_workers,

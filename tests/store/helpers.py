@@ -32,14 +32,16 @@ def record(
     body: bytes | None = None,
     message_id: str | None = None,
     properties: dict[str, str] | None = None,
+    message_type: str = "pay-succ",
+    expired_time: int = int(NOW) + 3600,
 ) -> StoredMessage:
     """A committed-by-default record due at *ndt*, with a random id unless given."""
     message = Message(
         topic=topic,
-        message_type="pay-succ",
+        message_type=message_type,
         body=os.urandom(64) if body is None else body,
         properties=properties or {},
-        expired_time=int(NOW) + 3600,
+        expired_time=expired_time,
         deliver_limit=100,
         group_id="ps-test",
         commit=commit,

@@ -15,7 +15,7 @@ import logging
 
 from kiteq.core.errors import StoreError
 from kiteq.core.message import StoredMessage
-from kiteq.store.base import MessageStore, Rescheduled
+from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ class Bookkeeper:
         self._store = store
         self._deletes: list[StoredMessage] = []
         self._reschedules: list[Rescheduled] = []
+        self._letters: list[DeadLetter] = []
+        self._events: list[HistoryEvent] = []
         # message id -> writes queued or in progress
         self._pending: dict[str, int] = {}
         # message id -> flush epoch its write completed in
@@ -48,22 +50,33 @@ class Bookkeeper:
         self._reschedules.append(Rescheduled(record, previous_due))
         self._queued(record.message_id)
 
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self._letters.append(letter)
+        self._queued(letter.record.message_id)
+
+    def history(self, events: list[HistoryEvent]) -> None:
+        self._events.extend(events)
+        self._idle.clear()
+        self._wake.set()
+
     def _queued(self, message_id: str) -> None:
         self._pending[message_id] = self._pending.get(message_id, 0) + 1
         self._idle.clear()
         self._wake.set()
 
     def settled_since(self, message_id: str, epoch: int) -> bool:
-        """True while a write for *message_id* is queued or completed at or after *epoch*.
+        """True while a write for *message_id* is queued or completed after *epoch*.
 
-        A store read started at *epoch* may then be stale for it.
+        A store read that started at *epoch* may then be stale for it.
         """
-        return message_id in self._pending or self._done.get(message_id, -1) >= epoch
+        # a write completing moves the epoch to E and records E for its ids; a read that
+        # started before saw epoch E - 1
+        return message_id in self._pending or self._done.get(message_id, -1) > epoch
 
     def forget_before(self, epoch: int) -> None:
         """Drop completion records no scan started at *epoch* or later can need."""
         if self._done:
-            self._done = {k: v for k, v in self._done.items() if v >= epoch}
+            self._done = {k: v for k, v in self._done.items() if v > epoch}
 
     async def flushed(self) -> None:
         """Wait until everything queued so far is written."""
@@ -75,16 +88,32 @@ class Bookkeeper:
             self._wake.clear()
             deletes, self._deletes = self._deletes, []
             reschedules, self._reschedules = self._reschedules, []
-            try:
-                if reschedules:
-                    await self._store.reschedule(reschedules)
-                if deletes:
-                    await self._store.delete(deletes)
-            except StoreError:
-                # Nothing is lost: the messages stay stored and due. Retry the same writes.
-                logger.exception("bookkeeping write failed; retrying in %.1fs", _RETRY_DELAY)
+            letters, self._letters = self._letters, []
+            events, self._events = self._events, []
+            writes = []
+            # issued together, so the store groups them into one write
+            if reschedules:
+                writes.append(self._store.reschedule(reschedules))
+            if letters:
+                writes.append(self._store.dead_letter(letters))
+            if deletes:
+                writes.append(self._store.delete(deletes))
+            if events:
+                writes.append(self._store.append_history(events))
+            results = await asyncio.gather(*writes, return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                if not isinstance(failure, StoreError):
+                    raise failure
+                # Nothing is lost: the messages stay stored and due. Retry the same writes
+                # (each one is idempotent).
+                logger.error(
+                    "bookkeeping write failed; retrying in %.1fs: %s", _RETRY_DELAY, failure
+                )
                 self._deletes[:0] = deletes
                 self._reschedules[:0] = reschedules
+                self._letters[:0] = letters
+                self._events[:0] = events
                 await asyncio.sleep(_RETRY_DELAY)
                 self._wake.set()
                 continue
@@ -93,7 +122,9 @@ class Bookkeeper:
                 self._settle(record.message_id)
             for change in reschedules:
                 self._settle(change.record.message_id)
-            if not self._deletes and not self._reschedules:
+            for letter in letters:
+                self._settle(letter.record.message_id)
+            if not (self._deletes or self._reschedules or self._letters or self._events):
                 self._idle.set()
 
     def _settle(self, message_id: str) -> None:

@@ -99,6 +99,11 @@ class Connection:
         return f"<Connection {self.id} group={self.group} peer={self.peer}>"
 
     @property
+    def name(self) -> str:
+        """How history and logs name this connection."""
+        return f"{self.id}:{self.client_id or self.peer}"
+
+    @property
     def consumer(self) -> bool:
         return self.max_in_flight > 0
 

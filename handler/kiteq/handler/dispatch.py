@@ -6,6 +6,9 @@ Rules (DESIGN §5):
   already have it;
 - inside a group, one random live connection with credit (its ``maxInFlight`` not used
   up), weighted by warm-up;
+- each (topic, group) is held to its binding's watermark (messages per second, token
+  bucket with KiteQ's burst of half the rate); a push held back by it, by credits or by
+  ``maxDeliverWorkers`` waits in memory and does not use up an attempt;
 - an ack settles the group; a nack, a timeout (``deliverySeconds``) or a lost connection
   retries at once (on another connection of the group when there is one) until the
   group has had ``IMMEDIATE_ATTEMPTS`` attempts; after that the message is rescheduled in
@@ -13,7 +16,11 @@ Rules (DESIGN §5):
 - a persistent group with no live connection does not use up an attempt: the message
   stays due in the store and the recover scan offers it again (at once when a connection
   of the group opens); a non-persistent group with no live connection is skipped for this
-  message, as in KiteQ;
+  message, as in KiteQ, and the history says so;
+- a message that has expired or used up ``deliverLimit`` attempts goes to the dead-letter
+  queue with that reason, and so does one that matched no binding for longer than
+  ``noBindingRetentionSeconds``: nothing is dropped silently, nothing is delivered after
+  its expiry;
 - a message is never pushed to a group while a push of it to that group is unresolved;
 - when every group has the message, it is deleted.
 
@@ -26,13 +33,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kiteq.core.clock import Clock
 from kiteq.core.message import StoredMessage
 from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS, redelivery_delay
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable, Pending
+from kiteq.handler.history import History
+from kiteq.handler.limiter import TokenBucket
+from kiteq.store.base import DeadLetter
 
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable
@@ -40,9 +51,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# How long a message whose limits ran out waits before it is looked at again; the
-# dead-letter queue of issue #4 replaces this holding pattern.
-_EXHAUSTED_HOLD_SECONDS: Final = 3600.0
+# waiting messages are keyed by (topic, group): each pair has its own watermark
+_Key = tuple[str, str]
 
 
 class Flight:
@@ -51,11 +61,28 @@ class Flight:
     A plain slotted class: one is made per message, so construction cost matters.
     """
 
-    __slots__ = ("attempts", "dirty", "due", "durable", "failed", "parked", "pending", "record")
+    __slots__ = (
+        "attempts",
+        "dirty",
+        "due",
+        "durable",
+        "failed",
+        "on_done",
+        "parked",
+        "pending",
+        "record",
+    )
 
-    def __init__(self, record: StoredMessage, durable: bool) -> None:
+    def __init__(
+        self,
+        record: StoredMessage,
+        durable: bool,
+        on_done: Callable[[Flight], None] | None = None,
+    ) -> None:
         self.record = record
         self.durable = durable
+        # deliveryFirst: one attempt per group, then the caller decides what to store
+        self.on_done = on_done
         # the next_deliver_time the store holds for the record
         self.due = record.next_deliver_time
         # group -> persistent, for groups queued or in flight
@@ -75,28 +102,37 @@ class Dispatcher:
         bindings: BindingTable,
         connections: ConnectionTable,
         bookkeeper: Bookkeeper,
+        history: History,
         clock: Clock,
         delivery_timeout: float,
         max_workers: int,
+        no_binding_retention: float = 3600.0,
         max_flights: int = 200_000,
         metrics: BrokerMetrics | None = None,
     ) -> None:
         self._bindings = bindings
         self._connections = connections
         self._bookkeeper = bookkeeper
+        self._history = history
         self._clock = clock
         self._timeout = delivery_timeout
         self._max_workers = max_workers
+        self._no_binding_retention = no_binding_retention
         self._max_flights = max_flights
         self._metrics = metrics
         self._flights: dict[str, Flight] = {}
-        self._waiting: dict[str, deque[Flight]] = {}
+        self._waiting: dict[_Key, deque[Flight]] = {}
+        # (topic, group) -> watermark bucket; groups -> their waiting keys
+        self._limits: dict[_Key, TokenBucket] = {}
+        self._keys_of: dict[str, set[_Key]] = {}
         self._inflight = 0
         self._paused = False
         self._idle = asyncio.Event()
         self._idle.set()
         self.delivered = 0
         self.redelivered = 0
+        self.dead_lettered = 0
+        self.flow_limited = 0
         # (topic, group, result) -> count, handed to metrics by ``flush_metrics``
         self._tally: Counter[tuple[str, str, str]] = Counter()
         self._retries: Counter[tuple[str, str]] = Counter()
@@ -120,34 +156,61 @@ class Dispatcher:
         return message_id in self._flights
 
     def waiting(self, group: str) -> int:
-        return len(self._waiting.get(group, ()))
+        return sum(len(self._waiting[key]) for key in self._keys_of.get(group, ()))
 
     # -- entry points ------------------------------------------------------------------
 
-    def submit(self, record: StoredMessage, *, durable: bool = True) -> None:
-        """Start delivering *record* (stored, committed) unless it is already in flight."""
+    def submit(
+        self,
+        record: StoredMessage,
+        *,
+        durable: bool = True,
+        on_done: Callable[[Flight], None] | None = None,
+    ) -> None:
+        """Start delivering *record* (committed) unless it is already in flight.
+
+        *durable* False: not stored (fly, deliveryFirst), so no store bookkeeping.
+        *on_done*: deliveryFirst; each group gets one attempt, no retry, and *on_done*
+        receives the flight when every group has a result (``failed``/``parked`` say
+        which groups still need the message).
+        """
         message = record.message
         if message.message_id in self._flights:
             return
         now = self._clock.now()
-        flight = Flight(record, durable)
-        if message.expired_time <= now or record.deliver_count >= message.deliver_limit:
-            self._hold_exhausted(flight, now)
+        flight = Flight(record, durable, on_done)
+        if message.expired_time <= now:
+            self._dead_letter(flight, "expired", now)
             return
-        done = set(record.succ_groups)
-        routes = [
-            r
-            for r in self._bindings.routes(message.topic, message.message_type)
-            if r.group not in done
-        ]
+        if record.deliver_count >= message.deliver_limit:
+            self._dead_letter(flight, "deliver_limit", now)
+            return
+        done = record.succ_groups
+        routes = self._bindings.routes(message.topic, message.message_type)
+        if done:
+            routes = tuple(r for r in routes if r.group not in done)
         if not routes:
-            flight.parked = True  # no binding (yet): keep it, never delete on arrival
-            self._finish(flight)
+            if on_done is not None:
+                flight.parked = True
+                on_done(flight)
+            elif done or now - record.publish_time <= self._no_binding_retention:
+                flight.parked = True  # no binding (yet): keep it, never delete on arrival
+                self._finish(flight)
+            else:
+                self._dead_letter(flight, "no_binding", now)
             return
         self._flights[message.message_id] = flight
         for route in routes:
             flight.pending[route.group] = route.persistent
             flight.attempts[route.group] = record.deliver_count
+            key = (message.topic, route.group)
+            bucket = self._limits.get(key)
+            if route.watermark <= 0:
+                if bucket is not None:
+                    del self._limits[key]
+            elif bucket is None or bucket.rate != route.watermark:
+                # KiteQ: rate = watermark, burst = half of it
+                self._limits[key] = TokenBucket(route.watermark, route.watermark / 2, self._clock)
         for route in routes:
             self._offer(flight, route.group, None)
         self._maybe_finish(flight)
@@ -159,7 +222,7 @@ class Dispatcher:
             if pending is None:
                 continue  # late ack after a timeout, or a duplicate ack
             self._released(1)
-            self._settle(pending.flight, conn, ok, "ack" if ok else "nack")
+            self._settle(pending, conn, ok, "ack" if ok else "nack")
         self._pump(conn.group)
 
     def connection_opened(self, conn: Connection) -> None:
@@ -174,11 +237,9 @@ class Dispatcher:
         conn.expiry.clear()
         self._released(len(lost))
         for pending in lost:
-            self._settle(pending.flight, conn, False, "disconnected")
+            self._settle(pending, conn, False, "disconnected")
         if not self._connections.has_consumers(conn.group):
             self._park_waiting(conn.group)
-        else:
-            self._pump(conn.group)
         self._pump_all()
 
     def expire(self) -> int:
@@ -187,6 +248,7 @@ class Dispatcher:
         expired = 0
         for conn in self._connections.consumers():
             queue = conn.expiry
+            before = expired
             while queue and queue[0][0] <= now:
                 deadline, message_id = queue.popleft()
                 pending = conn.inflight.get(message_id)
@@ -195,19 +257,18 @@ class Dispatcher:
                 del conn.inflight[message_id]
                 self._released(1)
                 expired += 1
-                self._settle(pending.flight, conn, False, "timeout")
-            if expired:
+                self._settle(pending, conn, False, "timeout")
+            if expired > before:
                 self._pump(conn.group)
         return expired
+
+    def tick(self) -> None:
+        """Periodic: watermark buckets have refilled, let waiting messages go."""
+        self._pump_all()
 
     async def settled(self) -> None:
         """Wait until no delivery is unacknowledged."""
         await self._idle.wait()
-
-    def _released(self, n: int) -> None:
-        self._inflight -= n
-        if not self._inflight:
-            self._idle.set()
 
     def flush_metrics(self) -> None:
         """Hand the counts gathered since the last call to the metrics.
@@ -215,14 +276,11 @@ class Dispatcher:
         One update per label set instead of one per message.
         """
         metrics = self._metrics
-        if metrics is None:
-            self._tally.clear()
-            self._retries.clear()
-            return
-        for (topic, group, result), n in self._tally.items():
-            metrics.delivered(topic, group, result, n)
-        for (topic, group), n in self._retries.items():
-            metrics.redelivered(topic, group, n)
+        if metrics is not None:
+            for (topic, group, result), n in self._tally.items():
+                metrics.delivered(topic, group, result, n)
+            for (topic, group), n in self._retries.items():
+                metrics.redelivered(topic, group, n)
         self._tally.clear()
         self._retries.clear()
 
@@ -237,27 +295,38 @@ class Dispatcher:
         """
         flights = [f for f in self._flights.values() if f.dirty and f.durable]
         for flight in flights:
+            self._sync_count(flight)
             self._bookkeeper.reschedule(flight.record, flight.due)
         self._flights.clear()
         self._waiting.clear()
+        self._keys_of.clear()
         return len(flights)
 
-    def retry_parked(self) -> None:
-        """Give waiting messages another chance (a binding or connection appeared)."""
-        self._pump_all()
-
     # -- internals ---------------------------------------------------------------------
+
+    def _released(self, n: int) -> None:
+        self._inflight -= n
+        if not self._inflight:
+            self._idle.set()
 
     def _offer(self, flight: Flight, group: str, exclude: Connection | None) -> None:
         if not self._connections.has_consumers(group):
             self._unreachable(flight, group)
             return
-        if self._inflight < self._max_workers and not self._paused:
+        key = (flight.record.message.topic, group)
+        queue = self._waiting.get(key)
+        if not queue and self._inflight < self._max_workers and not self._paused:
             conn = self._connections.pick(group, self._clock.monotonic(), exclude)
             if conn is not None:
-                self._push(flight, group, conn)
-                return
-        self._waiting.setdefault(group, deque()).append(flight)
+                bucket = self._limits.get(key)
+                if bucket is None or bucket.take(1):
+                    self._push(flight, group, conn)
+                    return
+                self.flow_limited += 1
+        if queue is None:
+            queue = self._waiting[key] = deque()
+            self._keys_of.setdefault(group, set()).add(key)
+        queue.append(flight)
 
     def _unreachable(self, flight: Flight, group: str) -> None:
         persistent = flight.pending.pop(group)
@@ -265,39 +334,62 @@ class Dispatcher:
             flight.parked = True
             return
         # KiteQ: a non-persistent group that is offline is skipped for this message.
-        flight.record.succ_groups = (*flight.record.succ_groups, group)
+        record = flight.record
+        record.succ_groups = (*record.succ_groups, group)
         flight.dirty = True
-        logger.debug(
-            "skipped offline non-persistent group=%s id=%s", group, flight.record.message_id
+        self._history.record(
+            record.message_id, self._clock.now(), "skipped", group=group, detail="group offline"
         )
+        self._history.keep(record.message_id)
 
     def _push(self, flight: Flight, group: str, conn: Connection) -> None:
         attempt = flight.attempts[group] + 1
         flight.attempts[group] = attempt
         flight.dirty = True
         deadline = self._clock.monotonic() + self._timeout
-        message_id = flight.record.message_id
+        record = flight.record
+        message_id = record.message_id
         conn.inflight[message_id] = Pending(flight, deadline, attempt)
         conn.expiry.append((deadline, message_id))
         self._inflight += 1
         self._idle.clear()
         if attempt > 1:
             self.redelivered += 1
-            self._retries[flight.record.message.topic, group] += 1
-        conn.send_delivery(flight.record, attempt)
+            self._retries[record.message.topic, group] += 1
+        self._history.record(
+            message_id,
+            self._clock.now(),
+            "delivered",
+            group=group,
+            connection=conn.name,
+            attempt=attempt,
+        )
+        conn.send_delivery(record, attempt)
 
-    def _settle(self, flight: Flight, conn: Connection, ok: bool, result: str) -> None:
+    def _settle(self, pending: Pending, conn: Connection, ok: bool, result: str) -> None:
+        flight = pending.flight
         group = conn.group
-        self._tally[flight.record.message.topic, group, result] += 1
+        record = flight.record
+        self._tally[record.message.topic, group, result] += 1
+        self._history.record(
+            record.message_id,
+            self._clock.now(),
+            _RESULT_EVENTS[result],
+            group=group,
+            connection=conn.name,
+            attempt=pending.attempt,
+        )
         if group not in flight.pending:
             return
         if ok:
             self.delivered += 1
             del flight.pending[group]
-            flight.record.succ_groups = (*flight.record.succ_groups, group)
+            record.succ_groups = (*record.succ_groups, group)
         elif (
-            flight.attempts[group] < IMMEDIATE_ATTEMPTS
-            and flight.record.message.expired_time > self._clock.now()
+            flight.on_done is None
+            and flight.attempts[group] < IMMEDIATE_ATTEMPTS
+            and flight.attempts[group] < record.message.deliver_limit
+            and record.message.expired_time > self._clock.now()
         ):
             self._offer(flight, group, conn)
         else:
@@ -307,13 +399,21 @@ class Dispatcher:
 
     def _maybe_finish(self, flight: Flight) -> None:
         if not flight.pending:
-            self._flights.pop(flight.record.message_id, None)
+            if self._flights.get(flight.record.message_id) is flight:
+                del self._flights[flight.record.message_id]
             self._finish(flight)
+
+    def _sync_count(self, flight: Flight) -> None:
+        if flight.attempts:
+            record = flight.record
+            record.deliver_count = max(record.deliver_count, *flight.attempts.values())
 
     def _finish(self, flight: Flight) -> None:
         record = flight.record
-        if flight.attempts:
-            record.deliver_count = max(record.deliver_count, *flight.attempts.values())
+        self._sync_count(flight)
+        if flight.on_done is not None:
+            flight.on_done(flight)
+            return
         if not flight.failed and not flight.parked:
             if flight.durable:
                 self._bookkeeper.delete(record)
@@ -327,57 +427,100 @@ class Dispatcher:
             return
         now = self._clock.now()
         if flight.failed:
+            message = record.message
+            if record.deliver_count >= message.deliver_limit:
+                self._dead_letter(flight, "deliver_limit", now)
+                return
             record.fail_groups = tuple(sorted(flight.failed))
             record.next_deliver_time = now + redelivery_delay(record.deliver_count)
+            if record.next_deliver_time >= message.expired_time:
+                # the next window opens after the expiry: it can never be delivered
+                self._dead_letter(flight, "expired", now)
+                return
+            self._history.record(
+                record.message_id,
+                now,
+                "rescheduled",
+                detail=f"next attempt after {record.next_deliver_time - now:.0f}s",
+            )
+            self._history.keep(record.message_id)
         elif not flight.dirty and record.next_deliver_time <= now:
             return  # parked and unchanged: the store already has it due; nothing to write
         else:
             record.next_deliver_time = min(record.next_deliver_time, now)
         self._bookkeeper.reschedule(record, flight.due)
 
-    def _hold_exhausted(self, flight: Flight, now: float) -> None:
+    def _dead_letter(self, flight: Flight, reason: str, now: float) -> None:
         record = flight.record
-        logger.warning(
-            "not delivering id=%s topic=%s: %s; held in the store",
+        if not flight.durable:
+            logger.warning("fly message %s not delivered: %s", record.message_id, reason)
+            return
+        done = set(record.succ_groups)
+        groups = sorted(
+            {r.group for r in self._bindings.routes(record.topic, record.message.message_type)}
+            - done
+            | flight.failed
+        )
+        self.dead_lettered += 1
+        logger.info(
+            "dead letter id=%s topic=%s reason=%s groups=%s",
             record.message_id,
             record.topic,
-            "expired" if record.message.expired_time <= now else "delivery limit reached",
+            reason,
+            groups,
         )
-        if flight.durable:
-            record.next_deliver_time = now + _EXHAUSTED_HOLD_SECONDS
-            self._bookkeeper.reschedule(record, flight.due)
+        self._history.record(record.message_id, now, "dead_lettered", detail=reason)
+        self._history.keep(record.message_id)
+        self._bookkeeper.dead_letter(DeadLetter(record, reason, now, tuple(groups)))
 
     def _pump(self, group: str) -> None:
-        queue = self._waiting.get(group)
-        if not queue:
+        keys = self._keys_of.get(group)
+        if not keys:
             return
         if not self._connections.has_consumers(group):
             self._park_waiting(group)
             return
         now = self._clock.monotonic()
-        while queue and self._inflight < self._max_workers and not self._paused:
-            flight = queue[0]
-            if (
-                group not in flight.pending
-                or self._flights.get(flight.record.message_id) is not flight
-            ):
+        for key in list(keys):
+            queue = self._waiting[key]
+            bucket = self._limits.get(key)
+            while queue and self._inflight < self._max_workers and not self._paused:
+                flight = queue[0]
+                if (
+                    group not in flight.pending
+                    or self._flights.get(flight.record.message_id) is not flight
+                ):
+                    queue.popleft()
+                    continue
+                conn = self._connections.pick(group, now)
+                if conn is None or (bucket is not None and not bucket.take(1)):
+                    break
                 queue.popleft()
-                continue
-            conn = self._connections.pick(group, now)
-            if conn is None:
-                break
-            queue.popleft()
-            self._push(flight, group, conn)
-        if not queue:
-            del self._waiting[group]
+                self._push(flight, group, conn)
+            if not queue:
+                del self._waiting[key]
+                keys.discard(key)
+        if not keys:
+            del self._keys_of[group]
 
     def _pump_all(self) -> None:
-        for group in list(self._waiting):
+        for group in list(self._keys_of):
             self._pump(group)
 
     def _park_waiting(self, group: str) -> None:
-        queue = self._waiting.pop(group, None)
-        for flight in queue or ():
-            if group in flight.pending and self._flights.get(flight.record.message_id) is flight:
-                self._unreachable(flight, group)
-                self._maybe_finish(flight)
+        for key in self._keys_of.pop(group, ()):
+            for flight in self._waiting.pop(key, ()):
+                if (
+                    group in flight.pending
+                    and self._flights.get(flight.record.message_id) is flight
+                ):
+                    self._unreachable(flight, group)
+                    self._maybe_finish(flight)
+
+
+_RESULT_EVENTS = {
+    "ack": "acked",
+    "nack": "nacked",
+    "timeout": "timeout",
+    "disconnected": "disconnected",
+}

@@ -7,6 +7,8 @@ and a refused message gets a code and a reason: nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -19,7 +21,8 @@ from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicErro
 from kiteq.core.limits import normalize
 from kiteq.core.message import Message, StoredMessage
 from kiteq.handler.connection import Outcome
-from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.dispatch import Dispatcher, Flight
+from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
 from kiteq.store.base import MessageStore, Saved
 
@@ -36,6 +39,7 @@ class Intake:
         config: ClusterConfig,
         store: MessageStore,
         dispatcher: Dispatcher,
+        history: History,
         clock: Clock,
         server_name: str,
         metrics: BrokerMetrics | None = None,
@@ -43,6 +47,7 @@ class Intake:
         self._config = config
         self._store = store
         self._dispatcher = dispatcher
+        self._history = history
         self._clock = clock
         self._server_name = server_name
         self._metrics = metrics
@@ -129,12 +134,53 @@ class Intake:
             else:
                 records.append(record)
                 positions.append(i)
+        if records and self._config.delivery_first:
+            records, positions = await self._deliver_first(records, positions, outcomes)
         if records:
             await self._persist(records, positions, outcomes)
         for record in fly:
             self._dispatcher.submit(record, durable=False)
         done = [o for o in outcomes if o is not None]
         return self._count(done, messages)
+
+    async def _deliver_first(
+        self, records: list[StoredMessage], positions: list[int], outcomes: list[Outcome | None]
+    ) -> tuple[list[StoredMessage], list[int]]:
+        """deliveryFirst: push before storing; return what still has to be stored.
+
+        A message every group acked on its first push is acknowledged as delivered and never
+        stored. The others are stored with the groups that did ack, and the recover scan
+        retries the rest; their store-ack is the store's answer. (KiteQ acks such messages
+        with status false, so producers resend them: duplicates.)
+        """
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[Flight | None]] = []
+        for record in records:
+            done: asyncio.Future[Flight | None] = loop.create_future()
+            waits.append(done)
+            if record.message.commit:
+                self._dispatcher.submit(
+                    record, durable=False, on_done=functools.partial(_resolve, done)
+                )
+            else:
+                done.set_result(None)  # uncommitted: stored, delivered after the commit
+        timeout = self._config.delivery_seconds + 1.0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*waits)), timeout)
+        left_records: list[StoredMessage] = []
+        left_positions: list[int] = []
+        for i, record, wait in zip(positions, records, waits, strict=True):
+            flight = wait.result() if wait.done() else None
+            if flight is not None and not flight.failed and not flight.parked:
+                outcomes[i] = Outcome(record.message_id, AckCode.OK, "delivered before storing")
+                continue
+            # not (fully) delivered, or still waiting: store it; groups that acked are in
+            # succ_groups and will not get it again
+            record.next_deliver_time = self._clock.now()
+            record.wire = None
+            left_records.append(record)
+            left_positions.append(i)
+        return left_records, left_positions
 
     async def _persist(
         self, records: list[StoredMessage], positions: list[int], outcomes: list[Outcome | None]
@@ -153,7 +199,19 @@ class Intake:
         for i, record, result in zip(positions, records, results, strict=True):
             if result is Saved.STORED:
                 outcomes[i] = Outcome(record.message_id, AckCode.OK)
-                if record.message.commit and self._dispatcher.has_room:
+                self._history.record(
+                    record.message_id,
+                    record.publish_time,
+                    "published",
+                    detail=record.message.group_id
+                    if record.message.commit
+                    else f"{record.message.group_id} (uncommitted)",
+                )
+                if (
+                    record.message.commit
+                    and not self._config.delivery_first
+                    and self._dispatcher.has_room
+                ):
                     self._dispatcher.submit(record)
             elif result is Saved.DUPLICATE:
                 outcomes[i] = Outcome(record.message_id, AckCode.OK, "duplicate: already stored")
@@ -175,3 +233,8 @@ class Intake:
                 else:
                     self._metrics.rejected(topic, code.metric_reason, n)
         return outcomes
+
+
+def _resolve(done: asyncio.Future[Flight | None], flight: Flight) -> None:
+    if not done.done():
+        done.set_result(flight)

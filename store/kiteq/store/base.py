@@ -19,7 +19,16 @@ from typing import Protocol
 from kiteq.core.errors import StoreError
 from kiteq.core.message import StoredMessage
 
-__all__ = ["DueCursor", "MessageStore", "Rescheduled", "SaveOutcome", "Saved"]
+__all__ = [
+    "DeadLetter",
+    "DlqFilter",
+    "DueCursor",
+    "HistoryEvent",
+    "MessageStore",
+    "Rescheduled",
+    "SaveOutcome",
+    "Saved",
+]
 
 
 class Saved(enum.Enum):
@@ -46,6 +55,59 @@ class Rescheduled:
 
 # Position in the due order: (next_deliver_time, message_id) of the last row returned.
 DueCursor = tuple[float, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message moved out of delivery, with why and when.
+
+    ``reason`` is one of ``expired``, ``deliver_limit``, ``no_binding`` (kept longer than
+    noBindingRetentionSeconds without any binding) or another short word the broker
+    documents. ``groups`` are the groups that had not acked it.
+    """
+
+    record: StoredMessage
+    reason: str
+    dead_time: float
+    groups: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DlqFilter:
+    """Selects dead letters; empty fields match everything."""
+
+    topic: str = ""
+    message_type: str = ""
+    group: str = ""
+    reason: str = ""
+
+    def matches(self, letter: DeadLetter) -> bool:
+        message = letter.record.message
+        return (
+            (not self.topic or message.topic == self.topic)
+            and (not self.message_type or message.message_type == self.message_type)
+            and (not self.group or self.group in letter.groups)
+            and (not self.reason or letter.reason == self.reason)
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One thing that happened to a message.
+
+    ``kind``: ``published``, ``delivered`` (a push: group, connection, attempt),
+    ``acked`` / ``nacked`` / ``timeout`` / ``disconnected`` (its result), ``skipped`` (a
+    non-persistent group was offline), ``rescheduled``, ``dead_lettered`` (detail: the
+    reason), ``redriven``, ``committed``, ``rolled_back``, ``deleted``.
+    """
+
+    message_id: str
+    time: float
+    kind: str
+    group: str = ""
+    connection: str = ""
+    attempt: int = 0
+    detail: str = ""
 
 
 class MessageStore(Protocol):
@@ -103,6 +165,53 @@ class MessageStore(Protocol):
 
     async def backlog(self) -> dict[str, int]:
         """Stored (not yet fully delivered) messages per topic."""
+        ...
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Move each letter's record from delivery to the dead-letter queue.
+
+        Atomic per record: it is never in both, never in neither. Ids not stored are
+        ignored.
+        """
+        ...
+
+    async def list_dlq(
+        self, where: DlqFilter, limit: int, after: str | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters matching *where*, at most *limit*.
+
+        Ordered by message id, ids strictly greater than *after*.
+        """
+        ...
+
+    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+        """One dead letter by id, or None."""
+        ...
+
+    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
+        """Move dead letters back to delivery, due at *now*.
+
+        ``deliver_count`` restarts at 0, ``fail_groups`` are cleared, ``succ_groups`` are
+        kept (groups that acked do not get it again), and an expiry already past becomes
+        now + 7 days (redriving an expired message is an operator's decision to deliver
+        it). Returns the records now due again; unknown ids are ignored.
+        """
+        ...
+
+    async def dlq_size(self) -> dict[str, int]:
+        """Dead letters per topic."""
+        ...
+
+    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+        """Durably record *events* (grouped with other writes; no fsync of their own)."""
+        ...
+
+    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+        """The recorded events of one message, oldest first."""
+        ...
+
+    async def prune_history(self, before: float) -> int:
+        """Forget events older than *before*; returns how many were removed."""
         ...
 
     async def put_meta(self, key: str, value: bytes | None) -> None:

@@ -26,20 +26,40 @@ State value, version 1::
     u8 version | u8 flags (1 committed) | u32 deliver_count | f64 next_deliver_time
     | u32 len(topic) | u32 len(succ_groups) | u32 len(fail_groups) | topic
     | (succ + fail) x u32 len | group names
+
+Dead-letter value, version 1 (a whole record out of delivery: its message and state
+values, verbatim, behind why and when)::
+
+    u8 version | f64 dead_time | u32 len(reason) | u32 group count | u32 len(state value)
+    | reason | n x u32 len | group names | state value | message value
+
+History event value, version 1 (the message id is in the key)::
+
+    u8 version | f64 time | i64 attempt | 4 x u32 len (kind, group, connection, detail)
+    | kind | group | connection | detail
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final, NamedTuple
 
 from kiteq.core.message import Message, StoredMessage
+from kiteq.store.base import DeadLetter, HistoryEvent
 
 __all__ = [
     "FORMAT_VERSION",
+    "DeadEntry",
     "State",
+    "dead_entry_topic",
+    "decode_dead_entry",
+    "decode_dead_letter",
+    "decode_event",
     "decode_message",
     "decode_state",
+    "encode_dead_entry",
+    "encode_event",
     "encode_message",
     "encode_state",
     "state_of",
@@ -49,6 +69,8 @@ FORMAT_VERSION: Final = 1
 
 _MESSAGE: Final = struct.Struct("<BBqiqdIIIIIII")
 _STATE: Final = struct.Struct("<BBIdIII")
+_DEAD: Final = struct.Struct("<BdIII")
+_EVENT: Final = struct.Struct("<BdqIIII")
 _FLY: Final = 1
 _SNAPPY: Final = 2
 _COMMITTED: Final = 1
@@ -234,4 +256,128 @@ def _decode_state(data: bytes) -> State:
         tuple(groups[:n_succ]),
         tuple(groups[n_succ:]),
         next_deliver_time,
+    )
+
+
+class DeadEntry(NamedTuple):
+    """A dead-letter value taken apart; ``message`` is still an encoded message value."""
+
+    reason: str
+    dead_time: float
+    groups: tuple[str, ...]
+    state: State
+    message: bytes
+
+
+def encode_dead_entry(
+    message: bytes, state: State, reason: str, dead_time: float, groups: Sequence[str]
+) -> bytes:
+    """A dead-letter value around an encoded *message* value and its *state*."""
+    encoded_state = encode_state(state)
+    why = reason.encode()
+    head = _DEAD.pack(FORMAT_VERSION, dead_time, len(why), len(groups), len(encoded_state))
+    if not groups:
+        return b"".join((head, why, encoded_state, message))
+    names = [g.encode() for g in groups]
+    lengths = struct.pack(f"<{len(names)}I", *map(len, names))
+    return b"".join((head, why, lengths, *names, encoded_state, message))
+
+
+def decode_dead_entry(data: bytes) -> DeadEntry:
+    """Raises ``ValueError`` like ``decode_message`` (the message value is not checked)."""
+    try:
+        return _decode_dead_entry(data)
+    except struct.error as exc:
+        raise ValueError(f"truncated dead-letter record: {exc}") from exc
+
+
+def _dead_head(data: bytes) -> tuple[float, str, tuple[str, ...], int, int]:
+    """dead_time, reason, groups, and where the state value starts and ends."""
+    version = data[0] if data else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unsupported dead-letter record version {version}")
+    _, dead_time, n_reason, n_groups, n_state = _DEAD.unpack_from(data)
+    pos = _DEAD.size
+    reason = data[pos : pos + n_reason].decode()
+    pos += n_reason
+    groups: list[str] = []
+    if n_groups:
+        lengths = struct.unpack_from(f"<{n_groups}I", data, pos)
+        pos += 4 * n_groups
+        for n in lengths:
+            groups.append(data[pos : pos + n].decode())
+            pos += n
+    if pos + n_state > len(data):
+        raise ValueError(f"dead-letter record is {len(data)} bytes, its lengths say more")
+    return dead_time, reason, tuple(groups), pos, pos + n_state
+
+
+def _decode_dead_entry(data: bytes) -> DeadEntry:
+    dead_time, reason, groups, start, end = _dead_head(data)
+    return DeadEntry(reason, dead_time, groups, decode_state(data[start:end]), data[end:])
+
+
+def dead_entry_topic(data: bytes) -> str:
+    """The topic of a dead-letter value, without copying its message."""
+    try:
+        _, _, _, start, end = _dead_head(data)
+        return decode_state(data[start:end]).topic
+    except struct.error as exc:
+        raise ValueError(f"truncated dead-letter record: {exc}") from exc
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    """The whole dead letter; raises ``ValueError`` like ``decode_message``."""
+    entry = decode_dead_entry(data)
+    record = decode_message(entry.message, entry.state)
+    return DeadLetter(record, entry.reason, entry.dead_time, entry.groups)
+
+
+def encode_event(event: HistoryEvent) -> bytes:
+    kind = event.kind.encode()
+    group = event.group.encode()
+    connection = event.connection.encode()
+    detail = event.detail.encode()
+    head = _EVENT.pack(
+        FORMAT_VERSION,
+        event.time,
+        event.attempt,
+        len(kind),
+        len(group),
+        len(connection),
+        len(detail),
+    )
+    return b"".join((head, kind, group, connection, detail))
+
+
+def decode_event(message_id: str, data: bytes) -> HistoryEvent:
+    """The event of *message_id* in *data*; raises ``ValueError`` like ``decode_message``."""
+    try:
+        return _decode_event(message_id, data)
+    except struct.error as exc:
+        raise ValueError(f"truncated history record: {exc}") from exc
+
+
+def _decode_event(message_id: str, data: bytes) -> HistoryEvent:
+    version = data[0] if data else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unsupported history record version {version}")
+    _, time, attempt, n_kind, n_group, n_connection, n_detail = _EVENT.unpack_from(data)
+    pos = _EVENT.size
+    if pos + n_kind + n_group + n_connection + n_detail != len(data):
+        raise ValueError(f"history record is {len(data)} bytes, its lengths disagree")
+    kind = data[pos : pos + n_kind].decode()
+    pos += n_kind
+    group = data[pos : pos + n_group].decode()
+    pos += n_group
+    connection = data[pos : pos + n_connection].decode()
+    pos += n_connection
+    return HistoryEvent(
+        message_id,
+        time,
+        kind,
+        group=group,
+        connection=connection,
+        attempt=attempt,
+        detail=data[pos:].decode(),
     )

@@ -1,10 +1,14 @@
 """The in-process store, for development, tests and brokers that may lose messages on exit.
 
 It is labelled non-durable and, unlike KiteQ's memory store, it never evicts: when
-``maxcap`` records are held, ``save`` answers ``StoreFullError`` for the records that do
-not fit, so the producer learns that its message was not kept. Records are copied on the
-way in and out so callers mutating their objects cannot change what is stored, which
-keeps its behaviour identical to the byte-storing backends.
+``maxcap`` records are held (dead letters included, as they take memory too), ``save``
+answers ``StoreFullError`` for the records that do not fit, so the producer learns that
+its message was not kept. Records are copied on the way in and out so callers mutating
+their objects cannot change what is stored, which keeps its behaviour identical to the
+byte-storing backends.
+
+History is bounded instead: the events of at most ``history_messages`` messages are
+kept, and the messages whose first event is oldest are forgotten first.
 """
 
 from __future__ import annotations
@@ -13,37 +17,53 @@ import bisect
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
+from kiteq.core.limits import MAX_EXPIRY_SECONDS
 from kiteq.core.message import StoredMessage
-from kiteq.store.base import DueCursor, Rescheduled, Saved, SaveOutcome
+from kiteq.store.base import (
+    DeadLetter,
+    DlqFilter,
+    DueCursor,
+    HistoryEvent,
+    Rescheduled,
+    Saved,
+    SaveOutcome,
+)
 
 __all__ = ["MemoryStore"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK: Final = 512
+DEFAULT_HISTORY_MESSAGES: Final = 100_000
+
+_K = TypeVar("_K", DueCursor, str)
+
+
+def _time_key(time: float) -> float:
+    # As in the RocksDB keys: negative times and NaN sort as 0.0 (due at once), which
+    # also keeps NaN from breaking the sort order.
+    return time if time > 0.0 else 0.0
 
 
 def _due_key(ndt: float, message_id: str) -> DueCursor:
-    # As in the RocksDB index: negative times and NaN sort as 0.0 (due at once), which
-    # also keeps NaN from breaking the sort order.
-    return (ndt if ndt > 0.0 else 0.0, message_id)
+    return (_time_key(ndt), message_id)
 
 
-class _DueIndex:
-    """``(next_deliver_time, message_id)`` keys, sorted.
+class _SortedKeys(Generic[_K]):
+    """Distinct keys, sorted: the due index and the dead-letter ids.
 
     Kept in chunks of about ``_CHUNK`` keys, so an insert or a removal moves a few hundred
     pointers instead of the whole index.
     """
 
     def __init__(self) -> None:
-        self._chunks: list[list[DueCursor]] = []
-        self._maxes: list[DueCursor] = []
+        self._chunks: list[list[_K]] = []
+        self._maxes: list[_K] = []
 
-    def add(self, key: DueCursor) -> None:
+    def add(self, key: _K) -> None:
         if not self._chunks:
             self._chunks.append([key])
             self._maxes.append(key)
@@ -56,7 +76,7 @@ class _DueIndex:
             self._chunks[i : i + 1] = [chunk[:_CHUNK], chunk[_CHUNK:]]
             self._maxes[i : i + 1] = [chunk[_CHUNK - 1], chunk[-1]]
 
-    def discard(self, key: DueCursor) -> None:
+    def discard(self, key: _K) -> None:
         i = bisect.bisect_left(self._maxes, key)
         if i == len(self._maxes):
             return
@@ -71,7 +91,7 @@ class _DueIndex:
             del self._chunks[i]
             del self._maxes[i]
 
-    def after(self, cursor: DueCursor | None) -> Iterator[DueCursor]:
+    def after(self, cursor: _K | None) -> Iterator[_K]:
         """Keys strictly after *cursor* (all keys for None), in order."""
         i = 0 if cursor is None else bisect.bisect_right(self._maxes, cursor)
         if i == len(self._chunks):
@@ -84,13 +104,22 @@ class _DueIndex:
 
 
 class MemoryStore:
-    def __init__(self, maxcap: int) -> None:
+    def __init__(self, maxcap: int, *, history_messages: int = DEFAULT_HISTORY_MESSAGES) -> None:
         if maxcap <= 0:
             raise ValueError(f"maxcap must be positive, got {maxcap}")
+        if history_messages <= 0:
+            raise ValueError(f"history_messages must be positive, got {history_messages}")
         self._maxcap = maxcap
         self._records: dict[str, StoredMessage] = {}
-        self._due = _DueIndex()
+        self._due: _SortedKeys[DueCursor] = _SortedKeys()
         self._backlog: dict[str, int] = {}
+        # The dead letters own their records (copies); _dead_ids orders them for list_dlq.
+        self._dead: dict[str, DeadLetter] = {}
+        self._dead_ids: _SortedKeys[str] = _SortedKeys()
+        self._dlq: dict[str, int] = {}
+        # message id -> events in append order; dict order is first-event order
+        self._history: dict[str, list[HistoryEvent]] = {}
+        self._history_messages = history_messages
         self._meta: dict[str, bytes] = {}
         self._open = False
         self._closed = False
@@ -116,8 +145,12 @@ class MemoryStore:
         self._open = False
         logger.info("store closed %s: %d messages dropped", self.description, len(self._records))
         self._records.clear()
-        self._due = _DueIndex()
+        self._due = _SortedKeys()
         self._backlog.clear()
+        self._dead.clear()
+        self._dead_ids = _SortedKeys()
+        self._dlq.clear()
+        self._history.clear()
         self._meta.clear()
 
     def _not_open(self) -> StoreUnavailableError:
@@ -136,7 +169,7 @@ class MemoryStore:
             mid = record.message_id
             if mid in self._records:
                 outcomes.append(Saved.DUPLICATE)
-            elif len(self._records) >= self._maxcap:
+            elif len(self._records) + len(self._dead) >= self._maxcap:
                 outcomes.append(StoreFullError(f"{self.description} holds {self._maxcap} messages"))
             else:
                 stored = dataclasses.replace(record)
@@ -171,14 +204,13 @@ class MemoryStore:
         self._check_open()
         for record in records:
             stored = self._records.pop(record.message_id, None)
-            if stored is None:
-                continue
-            self._due.discard(_due_key(stored.next_deliver_time, stored.message_id))
-            left = self._backlog[stored.topic] - 1
-            if left:
-                self._backlog[stored.topic] = left
-            else:
-                del self._backlog[stored.topic]
+            if stored is not None:
+                self._unlink(stored)
+
+    def _unlink(self, stored: StoredMessage) -> None:
+        """Drop a record just removed from ``_records`` from the due index and backlog."""
+        self._due.discard(_due_key(stored.next_deliver_time, stored.message_id))
+        _add(self._backlog, stored.topic, -1)
 
     async def commit(self, message_id: str) -> StoredMessage | None:
         self._check_open()
@@ -210,6 +242,121 @@ class MemoryStore:
         self._check_open()
         return dict(self._backlog)
 
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        self._check_open()
+        for letter in letters:
+            mid = letter.record.message_id
+            stored = self._records.pop(mid, None)
+            if stored is None:
+                continue
+            self._unlink(stored)
+            # The caller's bookkeeping is the latest (as in reschedule); the message and
+            # its committed flag are the stored ones.
+            r = letter.record
+            dead = DeadLetter(
+                dataclasses.replace(
+                    stored,
+                    deliver_count=r.deliver_count,
+                    succ_groups=tuple(r.succ_groups),
+                    fail_groups=tuple(r.fail_groups),
+                    next_deliver_time=r.next_deliver_time,
+                    wire=None,
+                ),
+                letter.reason,
+                letter.dead_time,
+                tuple(letter.groups),
+            )
+            replaced = self._dead.get(mid)
+            if replaced is None:
+                self._dead_ids.add(mid)
+            else:
+                _add(self._dlq, replaced.record.topic, -1)
+            self._dead[mid] = dead
+            _add(self._dlq, stored.topic, 1)
+
+    async def list_dlq(
+        self, where: DlqFilter, limit: int, after: str | None = None
+    ) -> list[DeadLetter]:
+        self._check_open()
+        found: list[DeadLetter] = []
+        if limit <= 0:
+            return found
+        for mid in self._dead_ids.after(after):
+            letter = self._dead[mid]
+            if where.matches(letter):
+                found.append(_copy(letter))
+                if len(found) == limit:
+                    break
+        return found
+
+    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+        self._check_open()
+        letter = self._dead.get(message_id)
+        return None if letter is None else _copy(letter)
+
+    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
+        self._check_open()
+        due: list[StoredMessage] = []
+        for mid in message_ids:
+            letter = self._dead.pop(mid, None)
+            if letter is None:
+                continue
+            self._dead_ids.discard(mid)
+            _add(self._dlq, letter.record.topic, -1)
+            if mid in self._records:
+                # Saved again since it died: the live copy is delivered anyway.
+                logger.info("redrive of a live message id=%s: dead letter dropped", mid)
+                continue
+            record = letter.record
+            record.deliver_count = 0
+            record.fail_groups = ()
+            record.next_deliver_time = now
+            if 0 < record.message.expired_time <= now:
+                record.message = dataclasses.replace(
+                    record.message, expired_time=int(now) + MAX_EXPIRY_SECONDS
+                )
+            self._records[mid] = record
+            _add(self._backlog, record.topic, 1)
+            if record.message.commit:
+                self._due.add(_due_key(now, mid))
+                due.append(dataclasses.replace(record))
+        return due
+
+    async def dlq_size(self) -> dict[str, int]:
+        self._check_open()
+        return dict(self._dlq)
+
+    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+        self._check_open()
+        history = self._history
+        for event in events:
+            kept = history.get(event.message_id)
+            if kept is None:
+                kept = history[event.message_id] = []
+                if len(history) > self._history_messages:
+                    # dicts keep insertion order: the first key has the oldest first event
+                    del history[next(iter(history))]
+            kept.append(event)
+
+    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+        self._check_open()
+        # Stable: events of the same time stay in append order, as the RocksDB keys keep them.
+        return sorted(self._history.get(message_id, ()), key=lambda e: _time_key(e.time))
+
+    async def prune_history(self, before: float) -> int:
+        self._check_open()
+        removed = 0
+        for mid, events in list(self._history.items()):
+            kept = [e for e in events if not _time_key(e.time) < before]
+            if len(kept) == len(events):
+                continue
+            removed += len(events) - len(kept)
+            if kept:
+                self._history[mid] = kept
+            else:
+                del self._history[mid]
+        return removed
+
     async def put_meta(self, key: str, value: bytes | None) -> None:
         self._check_open()
         if value is None:
@@ -220,3 +367,15 @@ class MemoryStore:
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         self._check_open()
         return {k: v for k, v in self._meta.items() if k.startswith(prefix)}
+
+
+def _add(counts: dict[str, int], topic: str, delta: int) -> None:
+    count = counts.get(topic, 0) + delta
+    if count:
+        counts[topic] = count
+    else:
+        del counts[topic]
+
+
+def _copy(letter: DeadLetter) -> DeadLetter:
+    return dataclasses.replace(letter, record=dataclasses.replace(letter.record))

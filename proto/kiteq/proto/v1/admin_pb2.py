@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kiteq.proto.v1 import common_pb2 as kiteq_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akiteq/proto/v1/admin.proto\x12\x0ekiteq.proto.v1\x1a\x1bkiteq/proto/v1/common.proto\"\x0e\n\x0cStatsRequest\"D\n\nGroupStats\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x02 \x01(\r\x12\x10\n\x08inFlight\x18\x03 \x01(\r\"\xe1\x02\n\rStatsResponse\x12\x0e\n\x06\x62roker\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\r\n\x05store\x18\x03 \x01(\t\x12\x14\n\x0cstoreDurable\x18\x04 \x01(\x08\x12\x10\n\x08received\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\x12\x11\n\tdelivered\x18\x07 \x01(\x04\x12\x13\n\x0bredelivered\x18\x08 \x01(\x04\x12;\n\x07\x62\x61\x63klog\x18\t \x03(\x0b\x32*.kiteq.proto.v1.StatsResponse.BacklogEntry\x12*\n\x06groups\x18\n \x03(\x0b\x32\x1a.kiteq.proto.v1.GroupStats\x12\x15\n\ruptimeSeconds\x18\x0b \x01(\x01\x12\x0e\n\x06topics\x18\x0c \x03(\t\x1a.\n\x0c\x42\x61\x63klogEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"$\n\x13ListBindingsRequest\x12\r\n\x05topic\x18\x01 \x01(\t\"A\n\x14ListBindingsResponse\x12)\n\x08\x62indings\x18\x01 \x03(\x0b\x32\x17.kiteq.proto.v1.Binding\"8\n\x11GetMessageRequest\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x10\n\x08withBody\x18\x02 \x01(\x08\"\xd8\x01\n\x12GetMessageResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12&\n\x06header\x18\x02 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x64\x65liverCount\x18\x04 \x01(\r\x12\x12\n\nsuccGroups\x18\x05 \x03(\t\x12\x12\n\nfailGroups\x18\x06 \x03(\t\x12\x17\n\x0fnextDeliverTime\x18\x07 \x01(\x01\x12\x13\n\x0bpublishTime\x18\x08 \x01(\x01\x12\x11\n\tbodyBytes\x18\t \x01(\r2\xfd\x01\n\x05\x41\x64min\x12\x44\n\x05Stats\x12\x1c.kiteq.proto.v1.StatsRequest\x1a\x1d.kiteq.proto.v1.StatsResponse\x12Y\n\x0cListBindings\x12#.kiteq.proto.v1.ListBindingsRequest\x1a$.kiteq.proto.v1.ListBindingsResponse\x12S\n\nGetMessage\x12!.kiteq.proto.v1.GetMessageRequest\x1a\".kiteq.proto.v1.GetMessageResponseBA\n\x11io.kiteq.proto.v1P\x01Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akiteq/proto/v1/admin.proto\x12\x0ekiteq.proto.v1\x1a\x1bkiteq/proto/v1/common.proto\"\x0e\n\x0cStatsRequest\"D\n\nGroupStats\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x02 \x01(\r\x12\x10\n\x08inFlight\x18\x03 \x01(\r\"\x85\x04\n\rStatsResponse\x12\x0e\n\x06\x62roker\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\r\n\x05store\x18\x03 \x01(\t\x12\x14\n\x0cstoreDurable\x18\x04 \x01(\x08\x12\x10\n\x08received\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\x12\x11\n\tdelivered\x18\x07 \x01(\x04\x12\x13\n\x0bredelivered\x18\x08 \x01(\x04\x12;\n\x07\x62\x61\x63klog\x18\t \x03(\x0b\x32*.kiteq.proto.v1.StatsResponse.BacklogEntry\x12*\n\x06groups\x18\n \x03(\x0b\x32\x1a.kiteq.proto.v1.GroupStats\x12\x15\n\ruptimeSeconds\x18\x0b \x01(\x01\x12\x0e\n\x06topics\x18\x0c \x03(\t\x12\x43\n\x0b\x64\x65\x61\x64Letters\x18\r \x03(\x0b\x32..kiteq.proto.v1.StatsResponse.DeadLettersEntry\x12\x14\n\x0c\x64\x65\x61\x64Lettered\x18\x0e \x01(\x04\x12\x13\n\x0b\x66lowLimited\x18\x0f \x01(\x04\x1a.\n\x0c\x42\x61\x63klogEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x32\n\x10\x44\x65\x61\x64LettersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"$\n\x13ListBindingsRequest\x12\r\n\x05topic\x18\x01 \x01(\t\"A\n\x14ListBindingsResponse\x12)\n\x08\x62indings\x18\x01 \x03(\x0b\x32\x17.kiteq.proto.v1.Binding\"8\n\x11GetMessageRequest\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x10\n\x08withBody\x18\x02 \x01(\x08\"p\n\x0cHistoryEvent\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07groupId\x18\x03 \x01(\t\x12\x12\n\nconnection\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\xda\x02\n\x12GetMessageResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12&\n\x06header\x18\x02 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x64\x65liverCount\x18\x04 \x01(\r\x12\x12\n\nsuccGroups\x18\x05 \x03(\t\x12\x12\n\nfailGroups\x18\x06 \x03(\t\x12\x17\n\x0fnextDeliverTime\x18\x07 \x01(\x01\x12\x13\n\x0bpublishTime\x18\x08 \x01(\x01\x12\x11\n\tbodyBytes\x18\t \x01(\r\x12+\n\x05state\x18\n \x01(\x0e\x32\x1c.kiteq.proto.v1.MessageState\x12-\n\x07history\x18\x0b \x03(\x0b\x32\x1c.kiteq.proto.v1.HistoryEvent\x12\x12\n\ndeadReason\x18\x0c \x01(\t\x12\x10\n\x08\x64\x65\x61\x64Time\x18\r \x01(\x01\"W\n\x10\x44\x65\x61\x64LetterFilter\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x13\n\x0bmessageType\x18\x02 \x01(\t\x12\x0f\n\x07groupId\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x93\x01\n\x0e\x44\x65\x61\x64LetterInfo\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64Time\x18\x03 \x01(\x01\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12\x14\n\x0c\x64\x65liverCount\x18\x05 \x01(\r\x12\x11\n\tbodyBytes\x18\x06 \x01(\r\"h\n\x16ListDeadLettersRequest\x12\x30\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .kiteq.proto.v1.DeadLetterFilter\x12\r\n\x05limit\x18\x02 \x01(\r\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\\\n\x17ListDeadLettersResponse\x12\x33\n\x0b\x64\x65\x61\x64Letters\x18\x01 \x03(\x0b\x32\x1e.kiteq.proto.v1.DeadLetterInfo\x12\x0c\n\x04next\x18\x02 \x01(\t\"V\n\x0eRedriveRequest\x12\x12\n\nmessageIds\x18\x01 \x03(\t\x12\x30\n\x06\x66ilter\x18\x02 \x01(\x0b\x32 .kiteq.proto.v1.DeadLetterFilter\"#\n\x0fRedriveResponse\x12\x10\n\x08redriven\x18\x01 \x01(\r*x\n\x0cMessageState\x12\x19\n\x15MESSAGE_STATE_UNKNOWN\x10\x00\x12\x16\n\x12MESSAGE_STATE_LIVE\x10\x01\x12\x1d\n\x19MESSAGE_STATE_DEAD_LETTER\x10\x02\x12\x16\n\x12MESSAGE_STATE_GONE\x10\x03\x32\xad\x03\n\x05\x41\x64min\x12\x44\n\x05Stats\x12\x1c.kiteq.proto.v1.StatsRequest\x1a\x1d.kiteq.proto.v1.StatsResponse\x12Y\n\x0cListBindings\x12#.kiteq.proto.v1.ListBindingsRequest\x1a$.kiteq.proto.v1.ListBindingsResponse\x12S\n\nGetMessage\x12!.kiteq.proto.v1.GetMessageRequest\x1a\".kiteq.proto.v1.GetMessageResponse\x12\x62\n\x0fListDeadLetters\x12&.kiteq.proto.v1.ListDeadLettersRequest\x1a\'.kiteq.proto.v1.ListDeadLettersResponse\x12J\n\x07Redrive\x12\x1e.kiteq.proto.v1.RedriveRequest\x1a\x1f.kiteq.proto.v1.RedriveResponseBA\n\x11io.kiteq.proto.v1P\x01Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\021io.kiteq.proto.v1P\001Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1'
   _globals['_STATSRESPONSE_BACKLOGENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_BACKLOGENTRY']._serialized_options = b'8\001'
+  _globals['_STATSRESPONSE_DEADLETTERSENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_DEADLETTERSENTRY']._serialized_options = b'8\001'
+  _globals['_MESSAGESTATE']._serialized_start=1871
+  _globals['_MESSAGESTATE']._serialized_end=1991
   _globals['_STATSREQUEST']._serialized_start=75
   _globals['_STATSREQUEST']._serialized_end=89
   _globals['_GROUPSTATS']._serialized_start=91
   _globals['_GROUPSTATS']._serialized_end=159
   _globals['_STATSRESPONSE']._serialized_start=162
-  _globals['_STATSRESPONSE']._serialized_end=515
-  _globals['_STATSRESPONSE_BACKLOGENTRY']._serialized_start=469
-  _globals['_STATSRESPONSE_BACKLOGENTRY']._serialized_end=515
-  _globals['_LISTBINDINGSREQUEST']._serialized_start=517
-  _globals['_LISTBINDINGSREQUEST']._serialized_end=553
-  _globals['_LISTBINDINGSRESPONSE']._serialized_start=555
-  _globals['_LISTBINDINGSRESPONSE']._serialized_end=620
-  _globals['_GETMESSAGEREQUEST']._serialized_start=622
-  _globals['_GETMESSAGEREQUEST']._serialized_end=678
-  _globals['_GETMESSAGERESPONSE']._serialized_start=681
-  _globals['_GETMESSAGERESPONSE']._serialized_end=897
-  _globals['_ADMIN']._serialized_start=900
-  _globals['_ADMIN']._serialized_end=1153
+  _globals['_STATSRESPONSE']._serialized_end=679
+  _globals['_STATSRESPONSE_BACKLOGENTRY']._serialized_start=581
+  _globals['_STATSRESPONSE_BACKLOGENTRY']._serialized_end=627
+  _globals['_STATSRESPONSE_DEADLETTERSENTRY']._serialized_start=629
+  _globals['_STATSRESPONSE_DEADLETTERSENTRY']._serialized_end=679
+  _globals['_LISTBINDINGSREQUEST']._serialized_start=681
+  _globals['_LISTBINDINGSREQUEST']._serialized_end=717
+  _globals['_LISTBINDINGSRESPONSE']._serialized_start=719
+  _globals['_LISTBINDINGSRESPONSE']._serialized_end=784
+  _globals['_GETMESSAGEREQUEST']._serialized_start=786
+  _globals['_GETMESSAGEREQUEST']._serialized_end=842
+  _globals['_HISTORYEVENT']._serialized_start=844
+  _globals['_HISTORYEVENT']._serialized_end=956
+  _globals['_GETMESSAGERESPONSE']._serialized_start=959
+  _globals['_GETMESSAGERESPONSE']._serialized_end=1305
+  _globals['_DEADLETTERFILTER']._serialized_start=1307
+  _globals['_DEADLETTERFILTER']._serialized_end=1394
+  _globals['_DEADLETTERINFO']._serialized_start=1397
+  _globals['_DEADLETTERINFO']._serialized_end=1544
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1546
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1650
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1652
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1744
+  _globals['_REDRIVEREQUEST']._serialized_start=1746
+  _globals['_REDRIVEREQUEST']._serialized_end=1832
+  _globals['_REDRIVERESPONSE']._serialized_start=1834
+  _globals['_REDRIVERESPONSE']._serialized_end=1869
+  _globals['_ADMIN']._serialized_start=1994
+  _globals['_ADMIN']._serialized_end=2423
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from kiteq.proto.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,29 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _MessageState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MessageStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MESSAGE_STATE_UNKNOWN: _MessageState.ValueType  # 0
+    MESSAGE_STATE_LIVE: _MessageState.ValueType  # 1
+    """stored, being delivered or waiting for its next attempt"""
+    MESSAGE_STATE_DEAD_LETTER: _MessageState.ValueType  # 2
+    MESSAGE_STATE_GONE: _MessageState.ValueType  # 3
+    """not stored any more (delivered to every group); only its history is left"""
+
+class MessageState(_MessageState, metaclass=_MessageStateEnumTypeWrapper): ...
+
+MESSAGE_STATE_UNKNOWN: MessageState.ValueType  # 0
+MESSAGE_STATE_LIVE: MessageState.ValueType  # 1
+"""stored, being delivered or waiting for its next attempt"""
+MESSAGE_STATE_DEAD_LETTER: MessageState.ValueType  # 2
+MESSAGE_STATE_GONE: MessageState.ValueType  # 3
+"""not stored any more (delivered to every group); only its history is left"""
+Global___MessageState: _TypeAlias = MessageState  # noqa: Y015
 
 @_typing.final
 class StatsRequest(_message.Message):
@@ -83,6 +107,26 @@ class StatsResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DeadLettersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BROKER_FIELD_NUMBER: _builtins.int
     CLUSTER_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
@@ -95,6 +139,9 @@ class StatsResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     UPTIMESECONDS_FIELD_NUMBER: _builtins.int
     TOPICS_FIELD_NUMBER: _builtins.int
+    DEADLETTERS_FIELD_NUMBER: _builtins.int
+    DEADLETTERED_FIELD_NUMBER: _builtins.int
+    FLOWLIMITED_FIELD_NUMBER: _builtins.int
     broker: _builtins.str
     cluster: _builtins.str
     store: _builtins.str
@@ -104,6 +151,9 @@ class StatsResponse(_message.Message):
     delivered: _builtins.int
     redelivered: _builtins.int
     uptimeSeconds: _builtins.float
+    deadLettered: _builtins.int
+    flowLimited: _builtins.int
+    """Pushes that waited for a (topic, group) watermark."""
     @_builtins.property
     def backlog(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Stored, not yet acked by every group, per topic."""
@@ -112,6 +162,10 @@ class StatsResponse(_message.Message):
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupStats]: ...
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def deadLetters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Dead letters per topic."""
+
     def __init__(
         self,
         *,
@@ -127,10 +181,13 @@ class StatsResponse(_message.Message):
         groups: _abc.Iterable[Global___GroupStats] | None = ...,
         uptimeSeconds: _builtins.float = ...,
         topics: _abc.Iterable[_builtins.str] | None = ...,
+        deadLetters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        deadLettered: _builtins.int = ...,
+        flowLimited: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "delivered", b"delivered", "groups", b"groups", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,6 +255,43 @@ class GetMessageRequest(_message.Message):
 Global___GetMessageRequest: _TypeAlias = GetMessageRequest  # noqa: Y015
 
 @_typing.final
+class HistoryEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    GROUPID_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    time: _builtins.float
+    kind: _builtins.str
+    """published, delivered, acked, nacked, timeout, disconnected, skipped, rescheduled,
+    dead_lettered, redriven
+    """
+    groupId: _builtins.str
+    connection: _builtins.str
+    attempt: _builtins.int
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        time: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        groupId: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "connection", b"connection", "detail", b"detail", "groupId", b"groupId", "kind", b"kind", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryEvent: _TypeAlias = HistoryEvent  # noqa: Y015
+
+@_typing.final
 class GetMessageResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -210,18 +304,27 @@ class GetMessageResponse(_message.Message):
     NEXTDELIVERTIME_FIELD_NUMBER: _builtins.int
     PUBLISHTIME_FIELD_NUMBER: _builtins.int
     BODYBYTES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    DEADREASON_FIELD_NUMBER: _builtins.int
+    DEADTIME_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     body: _builtins.bytes
     deliverCount: _builtins.int
     nextDeliverTime: _builtins.float
     publishTime: _builtins.float
     bodyBytes: _builtins.int
+    state: Global___MessageState.ValueType
+    deadReason: _builtins.str
+    deadTime: _builtins.float
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
     def succGroups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def failGroups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryEvent]: ...
     def __init__(
         self,
         *,
@@ -234,11 +337,178 @@ class GetMessageResponse(_message.Message):
         nextDeliverTime: _builtins.float = ...,
         publishTime: _builtins.float = ...,
         bodyBytes: _builtins.int = ...,
+        state: Global___MessageState.ValueType = ...,
+        history: _abc.Iterable[Global___HistoryEvent] | None = ...,
+        deadReason: _builtins.str = ...,
+        deadTime: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bodyBytes", b"bodyBytes", "deliverCount", b"deliverCount", "failGroups", b"failGroups", "found", b"found", "header", b"header", "nextDeliverTime", b"nextDeliverTime", "publishTime", b"publishTime", "succGroups", b"succGroups"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bodyBytes", b"bodyBytes", "deadReason", b"deadReason", "deadTime", b"deadTime", "deliverCount", b"deliverCount", "failGroups", b"failGroups", "found", b"found", "header", b"header", "history", b"history", "nextDeliverTime", b"nextDeliverTime", "publishTime", b"publishTime", "state", b"state", "succGroups", b"succGroups"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMessageResponse: _TypeAlias = GetMessageResponse  # noqa: Y015
+
+@_typing.final
+class DeadLetterFilter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    MESSAGETYPE_FIELD_NUMBER: _builtins.int
+    GROUPID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    messageType: _builtins.str
+    groupId: _builtins.str
+    """dead letters that this group had not acked"""
+    reason: _builtins.str
+    """expired, deliver_limit, no_binding"""
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        messageType: _builtins.str = ...,
+        groupId: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groupId", b"groupId", "messageType", b"messageType", "reason", b"reason", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetterFilter: _TypeAlias = DeadLetterFilter  # noqa: Y015
+
+@_typing.final
+class DeadLetterInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DEADTIME_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    DELIVERCOUNT_FIELD_NUMBER: _builtins.int
+    BODYBYTES_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    deadTime: _builtins.float
+    deliverCount: _builtins.int
+    bodyBytes: _builtins.int
+    @_builtins.property
+    def header(self) -> _common_pb2.Header: ...
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        reason: _builtins.str = ...,
+        deadTime: _builtins.float = ...,
+        groups: _abc.Iterable[_builtins.str] | None = ...,
+        deliverCount: _builtins.int = ...,
+        bodyBytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodyBytes", b"bodyBytes", "deadTime", b"deadTime", "deliverCount", b"deliverCount", "groups", b"groups", "header", b"header", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetterInfo: _TypeAlias = DeadLetterInfo  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """at most this many (default 100, at most 1000)"""
+    after: _builtins.str
+    """page after this message id"""
+    @_builtins.property
+    def filter(self) -> Global___DeadLetterFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___DeadLetterFilter | None = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "filter", b"filter", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEADLETTERS_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    next: _builtins.str
+    """pass as `after` for the next page; empty when this was the last"""
+    @_builtins.property
+    def deadLetters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetterInfo]: ...
+    def __init__(
+        self,
+        *,
+        deadLetters: _abc.Iterable[Global___DeadLetterInfo] | None = ...,
+        next: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadLetters", b"deadLetters", "next", b"next"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class RedriveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGEIDS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messageIds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def filter(self) -> Global___DeadLetterFilter:
+        """used when messageIds is empty: redrive every matching dead letter"""
+
+    def __init__(
+        self,
+        *,
+        messageIds: _abc.Iterable[_builtins.str] | None = ...,
+        filter: Global___DeadLetterFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "messageIds", b"messageIds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveRequest: _TypeAlias = RedriveRequest  # noqa: Y015
+
+@_typing.final
+class RedriveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REDRIVEN_FIELD_NUMBER: _builtins.int
+    redriven: _builtins.int
+    def __init__(
+        self,
+        *,
+        redriven: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redriven", b"redriven"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveResponse: _TypeAlias = RedriveResponse  # noqa: Y015

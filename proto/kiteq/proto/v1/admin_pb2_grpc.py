@@ -49,6 +49,16 @@ class AdminStub:
                 request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.GetMessageRequest.SerializeToString,
                 response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.GetMessageResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/ListDeadLetters',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.Redrive = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/Redrive',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -67,7 +77,21 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetMessage(self, request, context):
+        """A message by id: where it is (delivering, dead-lettered, gone), its state and history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redrive(self, request, context):
+        """Move dead letters back to delivery: the listed ids, or every one the filter matches.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -89,6 +113,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetMessage,
                     request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.GetMessageRequest.FromString,
                     response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.GetMessageResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'Redrive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redrive,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +206,60 @@ class Admin:
             '/kiteq.proto.v1.Admin/GetMessage',
             kiteq_dot_proto_dot_v1_dot_admin__pb2.GetMessageRequest.SerializeToString,
             kiteq_dot_proto_dot_v1_dot_admin__pb2.GetMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/ListDeadLetters',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ListDeadLettersRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redrive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/Redrive',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,10 @@ class AdminStub:
     Stats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]
     ListBindings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBindingsRequest, _admin_pb2.ListBindingsResponse]
     GetMessage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetMessageRequest, _admin_pb2.GetMessageResponse]
+    """A message by id: where it is (delivering, dead-lettered, gone), its state and history."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
+    Redrive: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedriveRequest, _admin_pb2.RedriveResponse]
+    """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -41,6 +45,10 @@ class AdminAsyncStub(AdminStub):
     Stats: _aio.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]  # type: ignore[assignment]
     ListBindings: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBindingsRequest, _admin_pb2.ListBindingsResponse]  # type: ignore[assignment]
     GetMessage: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetMessageRequest, _admin_pb2.GetMessageResponse]  # type: ignore[assignment]
+    """A message by id: where it is (delivering, dead-lettered, gone), its state and history."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    Redrive: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedriveRequest, _admin_pb2.RedriveResponse]  # type: ignore[assignment]
+    """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -62,6 +70,22 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.GetMessageRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.GetMessageResponse, _abc.Awaitable[_admin_pb2.GetMessageResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.GetMessageResponse, _abc.Awaitable[_admin_pb2.GetMessageResponse]]:
+        """A message by id: where it is (delivering, dead-lettered, gone), its state and history."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _admin_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDeadLettersResponse, _abc.Awaitable[_admin_pb2.ListDeadLettersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Redrive(
+        self,
+        request: _admin_pb2.RedriveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RedriveResponse, _abc.Awaitable[_admin_pb2.RedriveResponse]]:
+        """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

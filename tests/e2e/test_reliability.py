@@ -1,0 +1,177 @@
+"""Issue #4 end to end: real time, short windows, real broker processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.collector import Collector
+
+
+def admin(broker: BrokerProcess, *args: str) -> dict[str, Any]:
+    run = subprocess.run(
+        [sys.executable, "-m", "kiteq.broker.admin_cli", "-broker", broker.address, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    result: dict[str, Any] = json.loads(run.stdout)
+    return result
+
+
+def dead_letters(broker: BrokerProcess) -> list[admin_pb2.DeadLetterInfo]:
+    with grpc.insecure_channel(broker.address) as channel:
+        reply = admin_pb2_grpc.AdminStub(channel).ListDeadLetters(
+            admin_pb2.ListDeadLettersRequest(), timeout=5
+        )
+    return list(reply.deadLetters)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_nacked_four_times_then_acked_follows_the_windows_in_real_time(
+    broker: BrokerProcess,
+) -> None:
+    times: list[tuple[int, float]] = []
+
+    def decide(message: ReceivedMessage) -> bool:
+        times.append((message.attempt, time.monotonic()))
+        return message.attempt > 4
+
+    got = Collector(decide)
+    with Consumer(
+        brokers=[broker.address],
+        group_id="acct",
+        secret_key="s",
+        bindings=[Binding.fanout("trade")],
+        handler=got,
+    ):
+        with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+            p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
+        got.wait_for(lambda received: any(m.attempt == 5 for m in received), timeout=30)
+    assert [a for a, _ in times] == [1, 2, 3, 4, 5]
+    # attempts 1-3 at once; 4 at the next recover scan (recoverSeconds=1); 5 after the 5 s window
+    assert times[2][1] - times[0][1] < 1.0
+    assert times[4][1] - times[3][1] >= 5.0
+
+
+def test_deliver_limit_3_then_the_dlq_then_redrive_delivers(broker: BrokerProcess) -> None:
+    failing = Collector(lambda _: False)
+    with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+        with Consumer(
+            brokers=[broker.address],
+            group_id="acct",
+            secret_key="s",
+            bindings=[Binding.fanout("trade")],
+            handler=failing,
+        ):
+            message_id = p.send(
+                Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=3)
+            ).message_id
+            wait_until(lambda: len(dead_letters(broker)) == 1)
+            time.sleep(1.5)  # a recover scan passes: nothing more is delivered
+        assert [m.attempt for m in failing.received] == [1, 2, 3]
+        [letter] = dead_letters(broker)
+        assert (letter.header.messageId, letter.reason, list(letter.groups)) == (
+            message_id,
+            "deliver_limit",
+            ["acct"],
+        )
+        listed = admin(broker, "dlq", "-reason", "deliver_limit")
+        assert [d["header"]["messageId"] for d in listed["deadLetters"]] == [message_id]
+        healthy = Collector()
+        with Consumer(
+            brokers=[broker.address],
+            group_id="acct",
+            secret_key="s",
+            bindings=[Binding.fanout("trade")],
+            handler=healthy,
+        ):
+            assert admin(broker, "redrive", "-group", "acct")["redriven"] == 1
+            healthy.wait_count(1)
+        assert healthy.ids() == [message_id]
+    assert dead_letters(broker) == []
+    info = admin(broker, "message", message_id)
+    kinds = [e["kind"] for e in info["history"]]
+    assert kinds.count("nacked") == 3
+    assert "dead_lettered" in kinds
+    assert "redriven" in kinds
+    assert kinds[-1] == "acked"
+    assert [e["attempt"] for e in info["history"] if e["kind"] == "delivered"] == [1, 2, 3, 1]
+
+
+def test_an_expired_message_is_dead_lettered_not_delivered(broker: BrokerProcess) -> None:
+    with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+        message_id = p.send(
+            Message(
+                topic="trade", message_type="pay-succ", body=b"x", expired_time=int(time.time()) + 2
+            )
+        ).message_id
+    # no consumer yet: the message waits in the store, then expires
+    time.sleep(3)
+    got = Collector()
+    with Consumer(
+        brokers=[broker.address],
+        group_id="acct",
+        secret_key="s",
+        bindings=[Binding.fanout("trade")],
+        handler=got,
+    ):
+        wait_until(lambda: len(dead_letters(broker)) == 1)
+        time.sleep(0.5)
+    assert got.received == []
+    [letter] = dead_letters(broker)
+    assert (letter.header.messageId, letter.reason) == (message_id, "expired")
+
+
+@pytest.fixture
+def delivery_first(tmp_path: Path) -> Iterator[BrokerProcess]:
+    config = write_config(
+        tmp_path, db=f"rocksdb://{tmp_path / 'db'}", extra={"deliveryFirst": True}
+    )
+    process = BrokerProcess(config)
+    process.start()
+    yield process
+    process.stop_quietly()
+
+
+def test_delivery_first_stores_only_what_was_not_delivered(delivery_first: BrokerProcess) -> None:
+    broker = delivery_first
+    flaky = Collector(lambda m: m.body != b"fail" or m.attempt > 1)
+    with (
+        Consumer(
+            brokers=[broker.address],
+            group_id="acct",
+            secret_key="s",
+            bindings=[Binding.fanout("trade")],
+            handler=flaky,
+        ),
+        Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p,
+    ):
+        ok = p.send(Message(topic="trade", message_type="t", body=b"ok")).message_id
+        assert not broker.lookup(ok).found  # delivered, never stored
+        failed = p.send(Message(topic="trade", message_type="t", body=b"fail")).message_id
+        assert broker.lookup(failed).found  # nacked: stored, acked to the producer truthfully
+        flaky.wait_for(
+            lambda received: any(m.message_id == failed and m.attempt == 2 for m in received)
+        )
+        wait_until(lambda: not broker.lookup(failed).found)
+    assert [m.attempt for m in flaky.received if m.message_id == ok] == [1]

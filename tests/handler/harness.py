@@ -1,0 +1,119 @@
+"""A broker without the network: real store, bookkeeper, dispatcher and recover scan,
+consumer connections driven by the test, time from a ManualClock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from kiteq.binding.match import BindingTable
+from kiteq.binding.model import Binding
+from kiteq.core.clock import ManualClock
+from kiteq.core.message import Message, StoredMessage
+from kiteq.handler.bookkeeper import Bookkeeper
+from kiteq.handler.connection import Connection, ConnectionTable
+from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.history import History
+from kiteq.handler.recover import RecoverLoop
+from kiteq.store.base import Saved
+from kiteq.store.memory import MemoryStore
+
+NOW = 1_700_000_000.0
+
+
+class Broker:
+    def __init__(
+        self, store: MemoryStore | None = None, *, timeout: float = 5.0, retention: float = 3600.0
+    ) -> None:
+        self.clock = ManualClock(NOW)
+        self.table = BindingTable()
+        self.connections = ConnectionTable()
+        self.store = store or MemoryStore(maxcap=100_000)
+        self.bookkeeper = Bookkeeper(self.store)
+        self.history = History(self.bookkeeper.history)
+        self.dispatcher = Dispatcher(
+            bindings=self.table,
+            connections=self.connections,
+            bookkeeper=self.bookkeeper,
+            history=self.history,
+            clock=self.clock,
+            delivery_timeout=timeout,
+            max_workers=10_000,
+            no_binding_retention=retention,
+        )
+        self.recover = RecoverLoop(
+            store=self.store,
+            dispatcher=self.dispatcher,
+            bookkeeper=self.bookkeeper,
+            clock=self.clock,
+            period=10,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Broker:
+        await self.store.open()
+        self._task = asyncio.create_task(self.bookkeeper.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.settle()
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self.store.close()
+
+    def bind(self, group: str, binding: Binding) -> None:
+        self.table.replace(binding.topic, group, [binding.with_group(group)])
+
+    def connect(self, group: str, max_in_flight: int = 100, warmup: float = 0.0) -> Connection:
+        conn = Connection(
+            group=group,
+            client_id=f"c{len(self.connections)}",
+            peer="test",
+            max_in_flight=max_in_flight,
+            warmup_seconds=warmup,
+            opened_at=self.clock.monotonic(),
+        )
+        self.connections.add(conn)
+        self.dispatcher.connection_opened(conn)
+        return conn
+
+    async def publish(
+        self,
+        *,
+        topic: str = "trade",
+        message_type: str = "pay-succ",
+        deliver_limit: int = 100,
+        ttl: int = 3600,
+    ) -> StoredMessage:
+        message = Message(
+            topic=topic,
+            message_type=message_type,
+            body=b"x",
+            expired_time=int(self.clock.now()) + ttl,
+            deliver_limit=deliver_limit,
+        )
+        record = StoredMessage(
+            message, publish_time=self.clock.now(), next_deliver_time=self.clock.now()
+        )
+        assert await self.store.save([record]) == [Saved.STORED]
+        self.history.record(record.message_id, record.publish_time, "published")
+        self.dispatcher.submit(record)
+        return record
+
+    async def settle(self) -> None:
+        await asyncio.wait_for(self.bookkeeper.flushed(), 5)
+
+    async def scan(self) -> int:
+        await self.settle()
+        offered = await self.recover.scan()
+        await self.settle()
+        return offered
+
+    def answer(
+        self, conn: Connection, decide: Callable[[StoredMessage, int], bool]
+    ) -> list[tuple[str, int]]:
+        """Process what *conn* was sent; returns (id, attempt) pairs."""
+        _, deliveries = conn.drain()
+        self.dispatcher.acked(conn, [(r.message_id, decide(r, a)) for r, a in deliveries])
+        return [(r.message_id, a) for r, a in deliveries]
