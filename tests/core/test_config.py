@@ -34,6 +34,8 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "deliverySeconds": ("delivery_seconds", 5.0),
     "maxDeliverWorkers": ("max_deliver_workers", 8000),
     "recoverSeconds": ("recover_seconds", 10.0),
+    "noBindingRetentionSeconds": ("no_binding_retention_seconds", 3600.0),
+    "historyRetentionSeconds": ("history_retention_seconds", 259200.0),
     "recievePermitsPerSecond": ("recieve_permits_per_second", 100000),
     "dlqExecHour": ("dlq_exec_hour", 2),
     "deliveryFirst": ("delivery_first", False),
@@ -252,3 +254,9 @@ def test_shipped_config_loads(cluster: str) -> None:
     config = load_cluster(REPO / "conf" / "cluster.toml", cluster)
     assert config.name == cluster
     assert re.fullmatch(r"[a-z]+://.*", config.db)
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key in CLUSTER_DEFAULTS:
+        assert f"| `{key}` |" in readme, key
