@@ -29,9 +29,33 @@ MAX_FRAME_BYTES: Final = MAX_BATCH_BYTES + MAX_BODY_BYTES + 1024 * 1024
 MAX_SECRET_BYTES: Final = 1024
 
 
+# Names already checked (topics, message types, groups): a message's names repeat, so the
+# hot path looks them up instead of running the regexes. Bounded; a set is thread-safe.
+_CHECKED_NAMES_MAX: Final = 4096
+_checked_names: set[str] = set()
+_checked_types: set[str] = set()
+
+
 def is_name(value: str) -> bool:
     """True for a valid topic or group name."""
-    return NAME_RE.fullmatch(value) is not None and value not in {".", ".."}
+    if value in _checked_names:
+        return True
+    if NAME_RE.fullmatch(value) is None or value in {".", ".."}:
+        return False
+    if len(_checked_names) < _CHECKED_NAMES_MAX:
+        _checked_names.add(value)
+    return True
+
+
+def is_message_type(value: str) -> bool:
+    """True for a valid message type."""
+    if value in _checked_types:
+        return True
+    if MESSAGE_TYPE_RE.fullmatch(value) is None:
+        return False
+    if len(_checked_types) < _CHECKED_NAMES_MAX:
+        _checked_types.add(value)
+    return True
 
 
 def check_name(kind: str, value: str) -> None:
@@ -40,11 +64,10 @@ def check_name(kind: str, value: str) -> None:
         raise ValueError(f"invalid {kind} {value!r}: must match [A-Za-z0-9._-]{{1,249}}")
 
 
-def normalize(message: Message, now: float) -> Message:
-    """Validate *message* and return it with KiteQ's clamps applied.
+def validate(message: Message, now: float) -> None:
+    """Check *message* against the limits without changing it (what clients do).
 
-    Expiry ``<= 0`` or beyond 7 days becomes now + 7 days; ``deliver_limit`` outside
-    1..100 becomes 100; ``create_time <= 0`` becomes now.
+    Values that ``normalize`` would clamp (expiry, deliver limit, create time) pass.
 
     Raises:
         InvalidMessageError: A field is outside the limits.
@@ -53,35 +76,66 @@ def normalize(message: Message, now: float) -> Message:
     mid = message.message_id
     if not is_message_id(mid):
         raise InvalidMessageError(mid, "message id must be 32 hex characters")
-    if not is_name(message.topic):
-        raise InvalidMessageError(mid, f"invalid topic {message.topic!r}")
-    if MESSAGE_TYPE_RE.fullmatch(message.message_type) is None:
-        raise InvalidMessageError(mid, f"invalid message type {message.message_type!r}")
-    if message.group_id and not is_name(message.group_id):
-        raise InvalidMessageError(mid, f"invalid group id {message.group_id!r}")
-    if not isinstance(message.body, bytes):
+    topic = message.topic
+    if not is_name(topic):
+        raise InvalidMessageError(mid, f"invalid topic {topic!r}")
+    message_type = message.message_type
+    if not is_message_type(message_type):
+        raise InvalidMessageError(mid, f"invalid message type {message_type!r}")
+    group_id = message.group_id
+    if group_id and not is_name(group_id):
+        raise InvalidMessageError(mid, f"invalid group id {group_id!r}")
+    body = message.body
+    if not isinstance(body, bytes):
         raise InvalidMessageError(mid, "body must be bytes")
-    if len(message.body) > MAX_BODY_BYTES:
+    if len(body) > MAX_BODY_BYTES:
         raise BodyTooLargeError(
-            mid, f"body of {len(message.body)} bytes exceeds the limit of {MAX_BODY_BYTES}"
+            mid, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}"
         )
     if message.fly and not message.commit:
         raise InvalidMessageError(mid, "a fly message must be committed")
-    _check_properties(mid, message)
-    ceiling = int(now) + MAX_EXPIRY_SECONDS
+    if message.properties:
+        _check_properties(mid, message)
     expired = message.expired_time
     if 0 < expired <= now:
         raise ExpiredMessageError(mid, f"expired at {expired}, before it arrived")
-    if expired <= 0 or expired > ceiling:
-        expired = ceiling
-    limit = message.deliver_limit
-    if not 0 < limit <= MAX_DELIVER_LIMIT:
-        limit = MAX_DELIVER_LIMIT
-    created = message.create_time if message.create_time > 0 else int(now)
-    if (expired, limit, created) == (
-        message.expired_time,
-        message.deliver_limit,
-        message.create_time,
+
+
+def clamp(
+    expired_time: int, deliver_limit: int, create_time: int, now: float
+) -> tuple[int, int, int]:
+    """KiteQ's clamps of a valid message's ``(expired_time, deliver_limit, create_time)``.
+
+    Expiry ``<= 0`` or beyond 7 days becomes now + 7 days; ``deliver_limit`` outside
+    1..100 becomes 100; ``create_time <= 0`` becomes now.
+    """
+    ceiling = int(now) + MAX_EXPIRY_SECONDS
+    if expired_time <= 0 or expired_time > ceiling:
+        expired_time = ceiling
+    if not 0 < deliver_limit <= MAX_DELIVER_LIMIT:
+        deliver_limit = MAX_DELIVER_LIMIT
+    if create_time <= 0:
+        create_time = int(now)
+    return expired_time, deliver_limit, create_time
+
+
+def normalize(message: Message, now: float) -> Message:
+    """Validate *message* and return it with KiteQ's clamps applied (what brokers do).
+
+    See ``validate`` and ``clamp``; the message itself is returned when no clamp applies.
+
+    Raises:
+        InvalidMessageError: A field is outside the limits.
+        ExpiredMessageError: The expiry time has passed.
+    """
+    validate(message, now)
+    expired, limit, created = clamp(
+        message.expired_time, message.deliver_limit, message.create_time, now
+    )
+    if (
+        expired == message.expired_time
+        and limit == message.deliver_limit
+        and created == message.create_time
     ):
         return message
     return dataclasses.replace(

@@ -1,8 +1,9 @@
 """An in-process fake broker speaking ``Broker.Session``, for client tests.
 
 It stores messages in memory and can be told to refuse messages (``refuse``), never
-store-ack (``silent``), drop the stream on the next publish frames (``drop_next``),
-require a secret, and push deliveries while recording the consumer's acks.
+store-ack (``silent``), hold store-acks until ``release`` (``hold``), drop the stream on
+the next publish frames (``drop_next``), require a secret, and push deliveries while
+recording the consumer's acks.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         self.secret = secret
         self.refuse: Refusal | None = None
         self.silent = False
+        self.hold = False
+        self.held: list[tuple[FakeSession, broker_pb2.ServerFrame]] = []
         self.drop_next = 0
         self.open_error: tuple[grpc.StatusCode, str] | None = None
         self.opens: list[broker_pb2.Open] = []
@@ -124,6 +127,12 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
             )
         )
         for session in self.sessions:
+            session.outbox.put_nowait(frame)
+
+    def release(self) -> None:
+        """Send the store-acks held back while ``hold`` was set."""
+        held, self.held = self.held, []
+        for session, frame in held:
             session.outbox.put_nowait(frame)
 
     def drop_sessions(self) -> None:
@@ -193,9 +202,11 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
                     if self.silent:
                         continue
                     acks = [self._store(m) for m in messages]
-                    session.outbox.put_nowait(
-                        broker_pb2.ServerFrame(storeAcks=broker_pb2.StoreAckBatch(acks=acks))
-                    )
+                    reply = broker_pb2.ServerFrame(storeAcks=broker_pb2.StoreAckBatch(acks=acks))
+                    if self.hold:
+                        self.held.append((session, reply))
+                    else:
+                        session.outbox.put_nowait(reply)
                 elif kind == "acks":
                     self.ack_frames += 1
                     self.acks.extend(frame.acks.acks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,106 @@ async def test_close_waits_for_running_handlers_and_their_acks(broker: FakeBroke
     await started.wait()
     await consumer.close()
     assert [a.status for a in broker.acks] == [True]
+
+
+async def test_close_waits_for_a_running_sync_handler_and_its_acks(broker: FakeBroker) -> None:
+    started = threading.Event()
+
+    def slow(message: ReceivedMessage) -> bool:
+        started.set()
+        time.sleep(0.2)
+        return True
+
+    consumer = consumer_for(broker, slow)
+    await consumer.start()
+    broker.push([pb_message(), pb_message()])
+    await asyncio.to_thread(started.wait, 5)
+    await consumer.close()
+    assert [a.status for a in broker.acks] == [True, True]
+
+
+async def test_close_gives_up_on_a_stuck_sync_handler(broker: FakeBroker) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def stuck(message: ReceivedMessage) -> bool:
+        started.set()
+        release.wait(10)
+        return True
+
+    consumer = consumer_for(broker, stuck)
+    await consumer.start()
+    try:
+        broker.push([pb_message()])
+        await asyncio.to_thread(started.wait, 5)
+        begin = time.monotonic()
+        await consumer.close(timeout=0.2)
+        assert time.monotonic() - begin < 3
+        assert broker.acks == []  # the broker redelivers it
+    finally:
+        release.set()
+
+
+async def test_deliveries_during_close_are_nacked(broker: FakeBroker) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def handle(message: ReceivedMessage) -> bool:
+        started.set()
+        release.wait(10)
+        return True
+
+    consumer = consumer_for(broker, handle)
+    await consumer.start()
+    try:
+        broker.push([pb_message(body=b"first")])
+        await asyncio.to_thread(started.wait, 5)
+        closing = asyncio.ensure_future(consumer.close())
+        await asyncio.sleep(0.05)
+        broker.push([pb_message(body=b"late")])
+        await broker.wait_for(lambda: len(broker.acks) == 1)
+        assert (broker.acks[0].status, broker.acks[0].feedback) == (False, "consumer closing")
+        release.set()
+        await closing
+    finally:
+        release.set()
+    assert [a.status for a in broker.acks] == [False, True]
+
+
+async def test_answers_of_sync_batches_finished_together_share_a_frame(
+    broker: FakeBroker,
+) -> None:
+    release = threading.Event()
+
+    def handle(message: ReceivedMessage) -> bool:
+        release.wait(10)
+        return True
+
+    async with consumer_for(broker, handle) as consumer:
+        for _ in range(5):
+            broker.push([pb_message(), pb_message()])
+        await broker.wait_for(lambda: consumer._in_handlers == 5)
+        release.set()
+        await broker.wait_for(lambda: len(broker.acks) == 10)
+    assert all(a.status for a in broker.acks)
+    assert len({a.messageId for a in broker.acks}) == 10
+    assert broker.ack_frames < 5
+
+
+async def test_a_handler_thread_failure_is_logged_and_consuming_goes_on(
+    broker: FakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handle(message: ReceivedMessage) -> bool:
+        if message.body == b"exit":
+            raise SystemExit(3)  # not an Exception: no nack, the broker redelivers
+        return True
+
+    async with consumer_for(broker, handle):
+        broker.push([pb_message(body=b"exit")])
+        await broker.wait_for(lambda: "handler thread failed" in caplog.text)
+        broker.push([pb_message(body=b"ok")])
+        await broker.wait_for(lambda: len(broker.acks) == 1)
+    assert broker.acks[0].status
 
 
 async def test_close_is_idempotent(broker: FakeBroker) -> None:

@@ -302,6 +302,53 @@ async def test_max_pending_bounds_unacknowledged_sends(broker: FakeBroker) -> No
             await future
 
 
+async def test_a_send_waiting_for_room_goes_when_acks_free_it(broker: FakeBroker) -> None:
+    broker.hold = True
+    async with AsyncProducer(
+        brokers=[broker.address], group_id="pay-svc", max_pending=2, linger=0
+    ) as producer:
+        first = [await producer.send_async(msg(b"%d" % i)) for i in range(2)]
+        third = asyncio.ensure_future(producer.send_async(msg(b"2"), timeout=5.0))
+        await asyncio.sleep(0.2)
+        assert not third.done()  # two unacknowledged: no room
+        await broker.wait_for(lambda: len(broker.published_ids) == 2)
+        broker.release()
+        results = await asyncio.gather(*first)
+        future = await asyncio.wait_for(third, 5)
+        await broker.wait_for(lambda: len(broker.published_ids) == 3)
+        broker.release()
+        last = await future
+    assert [r.message_id for r in results] == broker.published_ids[:2]
+    assert last.message_id == broker.published_ids[2]
+
+
+async def test_a_cancelled_send_future_still_frees_its_room(broker: FakeBroker) -> None:
+    async with AsyncProducer(brokers=[broker.address], group_id="pay-svc", max_pending=1) as p:
+        future = await p.send_async(msg())
+        future.cancel()
+        result = await p.send(msg(), timeout=5)  # waits for the first one's ack, then goes
+    assert result.broker == broker.address
+
+
+async def test_publish_frames_carry_the_clamps(broker: FakeBroker) -> None:
+    async with AsyncProducer(brokers=[broker.address], group_id="pay-svc") as producer:
+        before = int(time.time())
+        plain = await producer.send(msg())
+        kept = await producer.send(
+            msg(expired_time=before + 60, deliver_limit=3, create_time=before - 5)
+        )
+    header = broker.stored[plain.message_id].header
+    assert header.deliverLimit == 100
+    assert before + 7 * 24 * 3600 <= header.expiredTime <= time.time() + 7 * 24 * 3600
+    assert before <= header.createTime <= time.time()
+    header = broker.stored[kept.message_id].header
+    assert (header.expiredTime, header.deliverLimit, header.createTime) == (
+        before + 60,
+        3,
+        before - 5,
+    )
+
+
 async def test_transaction_checks_are_ignored(
     broker: FakeBroker, producer: AsyncProducer, caplog: pytest.LogCaptureFixture
 ) -> None:

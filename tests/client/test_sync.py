@@ -84,6 +84,81 @@ def test_timeout_and_max_pending(threaded_broker: ThreadedBroker) -> None:
             producer.send_async(msg(), timeout=0.1)
 
 
+def test_a_blocked_send_async_goes_when_acks_free_room(threaded_broker: ThreadedBroker) -> None:
+    broker = threaded_broker.broker
+    threaded_broker.do(setattr, broker, "hold", True)
+    with Producer(brokers=[threaded_broker.address], group_id="pay-svc", max_pending=2) as p:
+        first = [p.send_async(msg(b"%d" % i)) for i in range(2)]
+        threaded_broker.wait_for(lambda: len(broker.published_ids) == 2)
+        queued: list[concurrent.futures.Future[SendResult]] = []
+        blocked = threading.Thread(target=lambda: queued.append(p.send_async(msg(b"2"))))
+        blocked.start()
+        blocked.join(0.3)
+        assert blocked.is_alive()  # waiting for room
+        threaded_broker.do(broker.release)
+        blocked.join(5)
+        assert not blocked.is_alive()
+        assert [f.result(timeout=5).message_id for f in first] == broker.published_ids[:2]
+        threaded_broker.wait_for(lambda: len(broker.published_ids) == 3)
+        threaded_broker.do(broker.release)
+        assert queued[0].result(timeout=5).message_id == broker.published_ids[2]
+
+
+def test_close_wakes_a_send_waiting_for_room(threaded_broker: ThreadedBroker) -> None:
+    threaded_broker.broker.silent = True
+    producer = Producer(
+        brokers=[threaded_broker.address], group_id="pay-svc", max_pending=1, close_timeout=0
+    )
+    producer.send_async(msg())
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            producer.send_async(msg(), timeout=20)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    blocked = threading.Thread(target=send)
+    blocked.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    producer.close()
+    blocked.join(5)
+    assert time.monotonic() - start < 5
+    assert len(errors) == 1
+    assert isinstance(errors[0], ClientClosedError)
+
+
+def test_send_async_from_a_callback_never_blocks_the_loop(
+    threaded_broker: ThreadedBroker,
+) -> None:
+    threaded_broker.broker.silent = True
+    with Producer(
+        brokers=[threaded_broker.address], group_id="pay-svc", max_pending=2, close_timeout=0
+    ) as producer:
+        producer.send_async(msg(), timeout=20)
+        outcome: list[float] = []
+        done = threading.Event()
+
+        def again(_: object) -> None:
+            # on the loop thread, where the holder's timeout has just freed one place
+            producer.send_async(msg(), timeout=20)
+            start = time.monotonic()
+            try:
+                producer.send_async(msg(), timeout=20)  # full: must not wait here
+            except PublishTimeoutError:
+                outcome.append(time.monotonic() - start)
+            done.set()
+
+        holder = producer.send_async(msg(), timeout=0.3)
+        holder.add_done_callback(again)
+        with pytest.raises(PublishTimeoutError):
+            holder.result(timeout=5)
+        assert done.wait(5)
+    assert len(outcome) == 1
+    assert outcome[0] < 1
+
+
 def test_wrong_secret() -> None:
     server = ThreadedBroker(secret="right")
     try:

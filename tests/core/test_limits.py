@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from kiteq.core import limits
 from kiteq.core.errors import (
     BodyTooLargeError,
     ExpiredMessageError,
@@ -19,8 +21,11 @@ from kiteq.core.limits import (
     MAX_PROPERTY_KEY_BYTES,
     MAX_PROPERTY_VALUE_BYTES,
     check_name,
+    clamp,
+    is_message_type,
     is_name,
     normalize,
+    validate,
 )
 from kiteq.core.message import Message
 
@@ -87,6 +92,16 @@ def test_clamps(changes: dict[str, Any], clamped: dict[str, Any]) -> None:
     original = message(**changes)
     result = normalize(original, NOW)
     assert result == dataclasses.replace(original, **clamped)
+    # validate checks the same message and leaves the clamps to the broker
+    validate(original, NOW)
+    fields = (original.expired_time, original.deliver_limit, original.create_time)
+    assert clamp(*fields, NOW) == (result.expired_time, result.deliver_limit, result.create_time)
+
+
+def test_clamp_keeps_values_within_the_limits() -> None:
+    assert clamp(CEILING, MAX_DELIVER_LIMIT, 1, NOW) == (CEILING, MAX_DELIVER_LIMIT, 1)
+    assert clamp(int(NOW) + 1, 1, int(NOW) + 10, NOW) == (int(NOW) + 1, 1, int(NOW) + 10)
+    assert clamp(0, 0, 0, NOW) == (CEILING, MAX_DELIVER_LIMIT, int(NOW))
 
 
 @pytest.mark.parametrize(
@@ -113,6 +128,7 @@ def test_clamps(changes: dict[str, Any], clamped: dict[str, Any]) -> None:
 def test_values_at_the_limits_are_kept(changes: dict[str, Any]) -> None:
     original = message(**changes)
     assert normalize(original, NOW) is original
+    validate(original, NOW)
 
 
 @pytest.mark.parametrize(
@@ -157,11 +173,45 @@ def test_values_at_the_limits_are_kept(changes: dict[str, Any]) -> None:
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
+@pytest.mark.parametrize("check", [normalize, validate], ids=["normalize", "validate"])
 def test_rejections(
-    changes: dict[str, Any], error: type[MessageRejectedError], reason: str
+    changes: dict[str, Any],
+    error: type[MessageRejectedError],
+    reason: str,
+    check: Callable[[Message, float], object],
 ) -> None:
     original = message(**changes)
     with pytest.raises(error, match=reason) as info:
-        normalize(original, NOW)
+        check(original, NOW)
     assert info.value.message_id == original.message_id
     assert reason in info.value.reason
+
+
+def test_validate_does_not_change_the_message() -> None:
+    original = message(expired_time=0, deliver_limit=0, create_time=0)
+    validate(original, NOW)
+    assert (original.expired_time, original.deliver_limit, original.create_time) == (0, 0, 0)
+
+
+def test_checked_names_are_remembered_and_invalid_ones_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "_checked_names", set())
+    monkeypatch.setattr(limits, "_checked_types", set())
+    for _ in range(2):
+        assert is_name("trade")
+        assert not is_name("a/b")
+        assert not is_name("..")
+        assert is_message_type("pay:succ")
+        assert not is_message_type("a b")
+    assert limits._checked_names == {"trade"}
+    assert limits._checked_types == {"pay:succ"}
+
+
+def test_the_name_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "_checked_names", set())
+    monkeypatch.setattr(limits, "_CHECKED_NAMES_MAX", 3)
+    names = [f"topic-{i}" for i in range(10)]
+    assert all(is_name(name) for name in names)
+    assert all(is_name(name) for name in names)  # still valid when not remembered
+    assert len(limits._checked_names) == 3

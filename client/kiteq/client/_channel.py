@@ -117,7 +117,7 @@ def open_params(
     if not _is_str(secret_key) or len(secret_key.encode()) > MAX_SECRET_BYTES:
         raise ConfigError(f"secret_key must be a string of at most {MAX_SECRET_BYTES} bytes")
     if client_id is None:
-        client_id = f"{socket.gethostname()}:{os.getpid()}:{new_message_id()[:8]}"
+        client_id = f"{socket.gethostname()}:{os.getpid()}:{new_message_id()[-8:]}"
     checked: list[Binding] = []
     for binding in bindings:
         if not isinstance(binding, Binding):

@@ -2,11 +2,14 @@
 
 Data path::
 
-    session reader ─► on_deliveries(batch) ─► one task per batch
-        async handler: awaited message by message (``concurrency`` at once)
+    session reader ─► on_deliveries(batch)
+        async handler: one task per batch, awaited message by message (``concurrency``
+                       at once) ─► one DeliverAckBatch per batch
         sync handler:  the whole batch handed to the handler thread pool in one hop
-                       (split into ``concurrency`` contiguous chunks)
-    ─► one DeliverAckBatch per processed batch, on the session that delivered it
+                       (split into ``concurrency`` contiguous chunks); finished chunks
+                       come back to the loop together (one wake-up for all that finished
+                       meanwhile) ─► the ack writer: one DeliverAckBatch per session for
+                       everything answered since its last write
 
 True or None from the handler acks; False or an exception nacks (the broker redelivers).
 The broker keeps at most ``max_in_flight`` unacked deliveries per session, which bounds
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import math
@@ -192,6 +196,19 @@ class AsyncConsumer:
         self._closed_event = asyncio.Event()
         self._handler_slots = asyncio.Semaphore(concurrency)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # sync handler: chunks in the executor whose results the loop has not taken yet
+        # (loop thread), and the finished ones (any thread, under _handled_lock)
+        self._in_handlers = 0
+        self._handled_lock = threading.Lock()
+        self._handled: list[tuple[Session, list[_wire.DeliveryResult] | None]] = []
+        self._handled_wake = False
+        # answers not yet written, per session (loop thread); the ack writer task sends them
+        self._acks: dict[Session, list[_wire.DeliveryResult]] = {}
+        self._acks_ready = asyncio.Event()
+        self._acks_writing = False
+        self._quiet = asyncio.Event()  # nothing in handlers, nothing left to write
+        self._quiet.set()
         self._links: list[Link] = []
         self._batches = TaskSet("kiteq-consumer")
         self._link_tasks = TaskSet("kiteq-consumer", self._task_failed)
@@ -249,10 +266,13 @@ class AsyncConsumer:
         if not addresses:
             raise ConfigError(f"no broker serves the topics {', '.join(topics)}")
         self._started = True
+        self._loop = asyncio.get_running_loop()
         if not self._async_handler:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self._concurrency, thread_name_prefix="kiteq-handler"
             )
+        # with the links: a failure of the ack writer (a bug) stops the consumer
+        self._link_tasks.spawn(self._write_acks(), "acks")
         for address in addresses:
             link = Link(
                 address,
@@ -314,10 +334,13 @@ class AsyncConsumer:
         seconds = self._close_timeout if timeout is None else timeout
         try:
             if self._started:
-                if not await self._batches.join(seconds):
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + seconds
+                joined = await self._batches.join(seconds)
+                if not (joined and await self._wait_quiet(deadline - loop.time())):
                     logger.warning(
                         "consumer closing with %d batches still in handlers after %.1fs",
-                        len(self._batches),
+                        len(self._batches) + self._in_handlers,
                         seconds,
                     )
                     await self._batches.cancel()
@@ -336,27 +359,100 @@ class AsyncConsumer:
             self._error = exc if isinstance(exc, KiteQError) else KiteQError(repr(exc))
         self._stopped.set()
 
-    # -- batches (loop thread) --------------------------------------------------------
+    async def _wait_quiet(self, timeout: float) -> bool:
+        if self._quiet.is_set():
+            return True
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self._quiet.wait()
+        except TimeoutError:
+            return False
+        return True
 
-    async def _process(self, session: Session, messages: list[ReceivedMessage]) -> None:
-        if self._async_handler:
-            results = await self._run_async(messages)
-        else:
-            results = await self._run_sync(messages)
-        await self._answer(session, results)
+    def _update_quiet(self) -> None:
+        if not self._in_handlers and not self._acks and not self._acks_writing:
+            self._quiet.set()
 
-    async def _run_sync(self, messages: list[ReceivedMessage]) -> list[_wire.DeliveryResult]:
-        loop = asyncio.get_running_loop()
+    # -- sync handler: chunks in the executor (loop thread, but _handle_chunk) -----------
+
+    def _submit(self, session: Session, messages: list[ReceivedMessage]) -> None:
         executor = self._executor
+        if executor is None or not messages:
+            return
         parts = min(self._concurrency, len(messages))
         if parts <= 1:
-            return await loop.run_in_executor(executor, _handle_batch, self._handler, messages)
-        size = math.ceil(len(messages) / parts)
-        chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
-        done = await asyncio.gather(
-            *(loop.run_in_executor(executor, _handle_batch, self._handler, c) for c in chunks)
-        )
-        return [result for chunk in done for result in chunk]
+            chunks = [messages]
+        else:
+            size = math.ceil(len(messages) / parts)
+            chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
+        for chunk in chunks:
+            try:
+                executor.submit(self._handle_chunk, session, chunk)
+            except RuntimeError:  # the interpreter is shutting down: the broker redelivers
+                logger.warning("dropping %d deliveries: no handler thread", len(chunk))
+                continue
+            self._in_handlers += 1
+            self._quiet.clear()
+
+    def _handle_chunk(self, session: Session, messages: list[ReceivedMessage]) -> None:
+        # handler thread: one call per chunk; the results go back to the loop in bulk
+        results: list[_wire.DeliveryResult] | None = None
+        try:
+            results = _handle_batch(self._handler, messages)
+        except BaseException:  # the handler's Exceptions are nacks already; this is not one
+            logger.exception("handler thread failed on %d messages (redelivered)", len(messages))
+        with self._handled_lock:
+            self._handled.append((session, results))
+            wake = not self._handled_wake
+            self._handled_wake = True
+        loop = self._loop
+        if wake and loop is not None:
+            # RuntimeError: the loop has closed; nobody acks, the broker redelivers
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._take_handled)
+
+    def _take_handled(self) -> None:
+        with self._handled_lock:
+            handled, self._handled = self._handled, []
+            self._handled_wake = False
+        self._in_handlers -= len(handled)
+        for session, results in handled:
+            if results:
+                self._queue_acks(session, results)
+        self._update_quiet()
+
+    # -- acks (loop thread) -------------------------------------------------------------
+
+    def _queue_acks(self, session: Session, results: list[_wire.DeliveryResult]) -> None:
+        queued = self._acks.get(session)
+        if queued is None:
+            self._acks[session] = results
+        else:
+            queued.extend(results)
+        self._quiet.clear()
+        self._acks_ready.set()
+
+    async def _write_acks(self) -> None:
+        # one frame per session for everything answered since the previous write
+        acks = self._acks
+        while True:
+            await self._acks_ready.wait()
+            self._acks_ready.clear()
+            while acks:
+                session = next(iter(acks))
+                results = acks.pop(session)
+                self._acks_writing = True
+                try:
+                    await self._answer(session, results)
+                finally:
+                    self._acks_writing = False
+            self._update_quiet()
+
+    # -- async handler: one task per batch (loop thread) ---------------------------------
+
+    async def _process(self, session: Session, messages: list[ReceivedMessage]) -> None:
+        results = await self._run_async(messages)
+        await self._answer(session, results)
 
     async def _run_async(self, messages: list[ReceivedMessage]) -> list[_wire.DeliveryResult]:
         if self._concurrency == 1:
@@ -411,14 +507,16 @@ class AsyncConsumer:
         logger.warning("ignoring %d store-acks on a consumer session", len(results))
 
     def on_deliveries(self, session: Session, messages: list[ReceivedMessage]) -> None:
-        """Hand the batch to the handler in one task; nack it when closing."""
+        """Hand the batch to the handler in one hop; nack it when closing."""
         if self._closing:
             nacks = [
                 _wire.DeliveryResult(m.message_id, False, "consumer closing") for m in messages
             ]
-            self._batches.spawn(self._answer(session, nacks), "nack")
-        else:
+            self._queue_acks(session, nacks)
+        elif self._async_handler:
             self._batches.spawn(self._process(session, messages), "batch")
+        else:
+            self._submit(session, messages)
 
     def on_tx_checks(self, session: Session, checks: list[_wire.TxCheckRequest]) -> None:
         """Transaction checks are for producers; ignored here."""

@@ -2,18 +2,24 @@
 
 Data path (all on one event loop, except ``_submit`` which any thread may call)::
 
-    send / send_async ─► normalize (caller's thread: bad input fails before anything is sent)
+    send / send_async ─► validate (caller's thread: bad input fails before anything is sent)
                       ─► _inbox (a list under a threading.Lock; the writer is woken only when
                          it goes from empty to non-empty, or fills a batch)
     writer task       ─► drain: one deadline timer per drained group, index by message id
                       ─► linger (only while earlier batches await their acks) ─► one frame
-                         per batch to a random open session
+                         per batch to a random open session (KiteQ's clamps applied there)
     session reader    ─► store-acks resolve sends by message id; a retriable refusal or a
                          lost stream re-queues the same message (same id) with backoff,
                          preferring another broker
 
 Futures are always resolved on the loop thread; the sync facade's
 ``concurrent.futures.Future`` is thread-safe for that.
+
+Unacknowledged sends are bounded (``max_pending``) by two counters instead of a
+semaphore, whose release wakes a blocked sender once per message: senders count under
+the inbox lock, the loop thread counts resolutions and wakes blocked senders once per
+loop iteration (sync senders through a condition on the inbox lock, async ones through
+a future).
 """
 
 from __future__ import annotations
@@ -23,12 +29,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, Self
 
@@ -43,6 +48,7 @@ from kiteq.client._channel import (
     open_params,
 )
 from kiteq.client._discovery import BrokerDirectory, resolve
+from kiteq.client._future import RunningFuture
 from kiteq.client._sync import LoopThread
 from kiteq.core.errors import (
     ClientClosedError,
@@ -51,7 +57,7 @@ from kiteq.core.errors import (
     NotConnectedError,
     PublishTimeoutError,
 )
-from kiteq.core.limits import MAX_BATCH_MESSAGES, normalize
+from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
 from kiteq.core.message import Message, ReceivedMessage
 
 __all__ = ["AsyncProducer", "Producer", "SendResult"]
@@ -82,7 +88,7 @@ class SendResult:
     duplicate: bool = False
 
 
-_Resolve = Callable[[SendResult | KiteQError], None]
+_Future = asyncio.Future[SendResult] | concurrent.futures.Future[SendResult]
 
 
 class _Send:
@@ -94,21 +100,28 @@ class _Send:
         "deadline",
         "done",
         "followers",
+        "future",
         "group",
         "last_error",
         "message",
-        "resolve",
         "session",
         "size",
+        "sync",
         "timeout",
     )
 
-    def __init__(self, message: Message, timeout: float, resolve: _Resolve) -> None:
+    def __init__(self, message: Message, timeout: float, future: _Future, sync: bool) -> None:
         self.message = message
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
-        self.resolve = resolve
-        self.size = _wire_size(message)
+        # an asyncio future (AsyncProducer) or a concurrent one counted by the sync bound
+        self.future = future
+        self.sync = sync
+        size = len(message.body) + len(message.topic) + len(message.message_type) + _HEADER_BYTES
+        if message.properties:
+            for key, value in message.properties.items():
+                size += len(key) + len(value) + 8
+        self.size = size
         self.attempts = 0
         self.done = False
         # set while written to this session and not yet acked
@@ -134,37 +147,6 @@ class _DeadlineGroup:
         self.sends = sends
         self.remaining = len(sends)
         self.timer: asyncio.TimerHandle | None = None
-
-
-def _wire_size(message: Message) -> int:
-    size = len(message.body) + len(message.topic) + len(message.message_type) + _HEADER_BYTES
-    for key, value in message.properties.items():
-        size += len(key) + len(value) + 8
-    return size
-
-
-def _resolve_async(
-    future: asyncio.Future[SendResult], slots: asyncio.Semaphore, outcome: SendResult | KiteQError
-) -> None:
-    slots.release()
-    if future.done():
-        return
-    if isinstance(outcome, SendResult):
-        future.set_result(outcome)
-    else:
-        future.set_exception(outcome)
-
-
-def _resolve_thread(
-    future: concurrent.futures.Future[SendResult],
-    slots: threading.BoundedSemaphore,
-    outcome: SendResult | KiteQError,
-) -> None:
-    slots.release()
-    if isinstance(outcome, SendResult):
-        future.set_result(outcome)
-    else:
-        future.set_exception(outcome)
 
 
 class AsyncProducer:
@@ -257,11 +239,19 @@ class AsyncProducer:
         self._inbox_bytes = 0
         self._accepting = True
         self._fatal: KiteQError | None = None
+        # the bound: sends submitted (under the lock) minus sends resolved (loop thread)
+        # are unacknowledged; blocked senders wait on _room (threads, counted under the
+        # lock) or on a future in _room_futures (the loop's tasks)
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
+        self._room_futures: list[asyncio.Future[None]] = []
+        self._submitted = 0
+        self._resolved = 0
+        self._room_wake_pending = False
 
         # loop thread only from here on
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._slots = asyncio.Semaphore(max_pending)
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._closed_event = asyncio.Event()
@@ -373,23 +363,10 @@ class AsyncProducer:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError("an AsyncProducer must be used on the event loop that started it")
-        slots = self._slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(seconds):
-                    await slots.acquire()
-            except TimeoutError:
-                raise PublishTimeoutError(
-                    f"{self._max_pending} sends stayed unacknowledged for {seconds}s"
-                ) from None
-        else:
-            await slots.acquire()
+        if self._submitted - self._resolved >= self._max_pending:
+            await self._wait_for_room_async(seconds)
         future: asyncio.Future[SendResult] = loop.create_future()
-        try:
-            self._submit(_Send(prepared, seconds, functools.partial(_resolve_async, future, slots)))
-        except BaseException:
-            slots.release()
-            raise
+        self._submit(_Send(prepared, seconds, future, False))
         return future
 
     async def close(self, timeout: float | None = None) -> None:
@@ -408,6 +385,7 @@ class AsyncProducer:
         self._closed = True
         with self._lock:
             self._accepting = False
+            self._room.notify_all()
         try:
             if self._loop is not None:
                 await self._flush(self._close_timeout if timeout is None else timeout)
@@ -426,9 +404,18 @@ class AsyncProducer:
             raise fresh_error(self._fatal)
         if not self._accepting:
             raise ClientClosedError("producer is closed")
-        return normalize(message, time.time())
+        # the broker applies KiteQ's clamps; the frame carries them too (see publish_frame)
+        validate(message, time.time())
+        return message
 
-    def _submit(self, send: _Send) -> None:
+    def _submit(self, send: _Send, room_timeout: float = 0.0) -> None:
+        """Queue *send* for the writer; a sync send first waits for room (the bound).
+
+        Raises:
+            PublishTimeoutError: A sync send found no room within *room_timeout* seconds
+                (at once on the loop thread, where waiting would deadlock).
+            ClientClosedError: The producer is closed or not started.
+        """
         loop = self._loop
         if loop is None:
             raise ClientClosedError("producer is not started")
@@ -437,6 +424,12 @@ class AsyncProducer:
                 raise fresh_error(self._fatal)
             if not self._accepting:
                 raise ClientClosedError("producer is closed")
+            # an async send has waited for room already (on the loop, so it still has it)
+            if send.sync and self._submitted - self._resolved >= self._max_pending:
+                self._wait_for_room(room_timeout)
+                # its timeout runs from when it is queued, as an async send's does
+                send.deadline = time.monotonic() + send.timeout
+            self._submitted += 1
             inbox = self._inbox
             inbox.append(send)
             before = self._inbox_bytes
@@ -454,6 +447,52 @@ class AsyncProducer:
                 # RuntimeError: the loop closed meanwhile; close() has failed this send
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._wake.set)
+
+    def _wait_for_room(self, timeout: float) -> None:
+        # any thread, holding self._lock; on the loop thread (a future's callback) waiting
+        # would deadlock the loop: no wait at all there
+        wait = 0.0 if threading.get_ident() == self._loop_thread else timeout
+        deadline = time.monotonic() + wait
+        self._room_waiters += 1
+        try:
+            while self._submitted - self._resolved >= self._max_pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PublishTimeoutError(
+                        f"{self._max_pending} sends stayed unacknowledged for {timeout}s"
+                    )
+                self._room.wait(remaining)
+                if self._fatal is not None:
+                    raise fresh_error(self._fatal)
+                if not self._accepting:
+                    raise ClientClosedError("producer is closed")
+        finally:
+            self._room_waiters -= 1
+
+    async def _wait_for_room_async(self, timeout: float) -> None:
+        # loop thread
+        loop = self._running_loop
+        try:
+            async with asyncio.timeout(timeout):
+                while self._submitted - self._resolved >= self._max_pending:
+                    room: asyncio.Future[None] = loop.create_future()
+                    self._room_futures.append(room)
+                    await room
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"{self._max_pending} sends stayed unacknowledged for {timeout}s"
+            ) from None
+
+    def _wake_room(self) -> None:
+        # loop thread, once per iteration that resolved sends while senders waited
+        self._room_wake_pending = False
+        futures, self._room_futures = self._room_futures, []
+        for room in futures:
+            if not room.done():
+                room.set_result(None)
+        if self._room_waiters:
+            with self._lock:
+                self._room.notify_all()
 
     # -- loop thread: the writer ------------------------------------------------------
 
@@ -502,7 +541,8 @@ class AsyncProducer:
         self._outstanding += len(sends)
         for send in sends:
             send.group = group
-            first_deadline = min(first_deadline, send.deadline)
+            if send.deadline < first_deadline:
+                first_deadline = send.deadline
             message_id = send.message.message_id
             leader = active.get(message_id)
             if leader is None:
@@ -641,8 +681,19 @@ class AsyncProducer:
         if self._active.get(message_id) is send:
             del self._active[message_id]
         self._outstanding -= 1
-        # an error instance may be shared by many sends: each waiter gets its own
-        send.resolve(outcome if isinstance(outcome, SendResult) else fresh_error(outcome))
+        self._resolved += 1
+        if (self._room_waiters or self._room_futures) and not self._room_wake_pending:
+            # once for all the sends this iteration resolves, not once per send
+            self._room_wake_pending = True
+            self._running_loop.call_soon(self._wake_room)
+        future = send.future
+        # a concurrent future is running (cannot be cancelled); an asyncio one may be
+        if send.sync or not future.done():
+            if isinstance(outcome, SendResult):
+                future.set_result(outcome)
+            else:
+                # an error instance may be shared by many sends: each waiter gets its own
+                future.set_exception(fresh_error(outcome))
         if send.followers is not None:
             for follower in send.followers:
                 if not follower.done:
@@ -731,6 +782,7 @@ class AsyncProducer:
         with self._lock:
             if self._fatal is None:
                 self._fatal = error
+            self._room.notify_all()
         self._fail_all(error)
 
     # -- SessionListener (loop thread) ------------------------------------------------
@@ -760,17 +812,19 @@ class AsyncProducer:
     def on_store_acks(self, session: Session, results: list[_wire.StoreResult]) -> None:
         """Resolve sends by message id."""
         active = self._active
-        for result in results:
-            send = active.get(result.message_id)
+        address = session.address
+        finish = self._finish
+        for message_id, error, duplicate in results:
+            send = active.get(message_id)
             if send is None or send.done:
                 continue  # late ack after a timeout, or a second ack after a retry
-            if result.error is None:
-                self._finish(send, SendResult(result.message_id, session.address, result.duplicate))
+            if error is None:
+                finish(send, SendResult(message_id, address, duplicate))
             elif send.session is session:
-                if isinstance(result.error, NotConnectedError):
-                    send.avoid = session.address
+                if isinstance(error, NotConnectedError):
+                    send.avoid = address
                 delay = min(_RETRY_BASE * 2 ** max(send.attempts - 1, 0), _RETRY_MAX)
-                self._retry(send, result.error, delay=backoff_delay(delay))
+                self._retry(send, error, delay=backoff_delay(delay))
         if self._unacked == 0 and (self._inbox or self._ready):
             self._wake.set()
 
@@ -843,8 +897,6 @@ class Producer:
         )
         self._timeout = float(timeout)
         self._close_timeout = float(close_timeout)
-        self._max_pending = max_pending
-        self._slots = threading.BoundedSemaphore(max_pending)
         self._close_lock = threading.Lock()
         self._closed = False
         self._thread = LoopThread("kiteq-producer")
@@ -921,21 +973,9 @@ class Producer:
         seconds = self._timeout if timeout is None else timeout
         producer = self._producer
         prepared = producer._prepare(message)
-        # on the loop thread (a future's callback) waiting would deadlock the loop
-        blocking = not self._thread.in_loop_thread
-        if not self._slots.acquire(blocking, seconds if blocking else None):
-            raise PublishTimeoutError(
-                f"{self._max_pending} sends stayed unacknowledged for {seconds}s"
-            )
-        future: concurrent.futures.Future[SendResult] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        try:
-            producer._submit(
-                _Send(prepared, seconds, functools.partial(_resolve_thread, future, self._slots))
-            )
-        except BaseException:
-            self._slots.release()
-            raise
+        future: concurrent.futures.Future[SendResult] = RunningFuture()
+        # waits while max_pending sends are unacknowledged (never on the loop thread)
+        producer._submit(_Send(prepared, seconds, future, True), seconds)
         return future
 
     def close(self, timeout: float | None = None) -> None:

@@ -8,8 +8,10 @@ frozen dataclasses defined here.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple
 
 from kiteq.binding.model import Binding
 from kiteq.core.errors import (
@@ -25,6 +27,7 @@ from kiteq.core.errors import (
     StoreUnavailableError,
     UnknownTopicError,
 )
+from kiteq.core.limits import clamp
 from kiteq.core.message import Message, ReceivedMessage
 from kiteq.proto.v1 import broker_pb2, common_pb2
 
@@ -87,18 +90,27 @@ class BrokerLimits:
     max_body_bytes: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class StoreResult:
-    """One store-ack: ``error`` is None when the message is durable."""
+class StoreResult(NamedTuple):
+    """One store-ack: ``error`` is None when the message is durable.
+
+    A named tuple: a producer decodes one per message, and a tuple is the cheapest to
+    build and to unpack.
+    """
 
     message_id: str
     error: KiteQError | None = None
     duplicate: bool = False
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeliveryResult:
-    """A consumer's answer to one delivery: ``ok`` False is a nack (redeliver)."""
+# StoreResult((id, error, duplicate)) without the generated __new__'s argument handling
+_new_store_result: Final = functools.partial(tuple.__new__, StoreResult)
+
+
+class DeliveryResult(NamedTuple):
+    """A consumer's answer to one delivery: ``ok`` False is a nack (redeliver).
+
+    A named tuple: a consumer builds one per message.
+    """
 
     message_id: str
     ok: bool
@@ -176,39 +188,55 @@ def open_frame(params: OpenParams) -> broker_pb2.ClientFrame:
     return frame
 
 
-def publish_frame(messages: Iterable[Message], group_id: str) -> broker_pb2.ClientFrame:
-    """One ``PublishBatch`` frame; every header carries the producer's *group_id*."""
+def publish_frame(
+    messages: Iterable[Message], group_id: str, now: float | None = None
+) -> broker_pb2.ClientFrame:
+    """One ``PublishBatch`` frame; every header carries the producer's *group_id*.
+
+    Headers carry KiteQ's clamps as of *now* (default: the current time), as the broker
+    would apply them, so that it stores the message as it is.
+    """
+    if now is None:
+        now = time.time()
+    # what the clamps make of the defaults (0, 0, 0), which most messages keep
+    defaults = clamp(0, 0, 0, now)
     frame = broker_pb2.ClientFrame()
-    out = frame.publish.messages
+    add = frame.publish.messages.add
     for message in messages:
-        item = out.add()
+        item = add()
+        item.body = message.body
         header = item.header
         header.messageId = message.message_id
         header.topic = message.topic
         header.messageType = message.message_type
-        header.expiredTime = message.expired_time
-        header.deliverLimit = message.deliver_limit
         header.groupId = group_id
-        header.commit = message.commit
-        header.fly = message.fly
-        header.createTime = message.create_time
-        header.snappy = message.snappy
+        expired, limit, created = message.expired_time, message.deliver_limit, message.create_time
+        header.expiredTime, header.deliverLimit, header.createTime = (
+            clamp(expired, limit, created, now) if expired or limit or created else defaults
+        )
+        # proto3 defaults (False, empty) are not set: less work, the same bytes
+        if message.commit:
+            header.commit = True
+        if message.fly:
+            header.fly = True
+        if message.snappy:
+            header.snappy = True
         if message.properties:
             header.properties.update(message.properties)
-        item.body = message.body
     return frame
 
 
 def acks_frame(results: Iterable[DeliveryResult]) -> broker_pb2.ClientFrame:
     """One ``DeliverAckBatch`` frame."""
     frame = broker_pb2.ClientFrame()
-    out = frame.acks.acks
-    for result in results:
-        ack = out.add()
-        ack.messageId = result.message_id
-        ack.status = result.ok
-        if result.feedback:
-            ack.feedback = result.feedback
+    add = frame.acks.acks.add
+    for message_id, ok, feedback in results:
+        ack = add()
+        ack.messageId = message_id
+        if ok:
+            ack.status = True
+        if feedback:
+            ack.feedback = feedback
     return frame
 
 
@@ -216,9 +244,9 @@ def decode_server_frame(frame: broker_pb2.ServerFrame) -> ServerEvent | None:
     """Decode one server frame; None for an empty (unknown) frame."""
     kind = frame.WhichOneof("kind")
     if kind == "storeAcks":
-        return StoreAcks([_store_result(ack) for ack in frame.storeAcks.acks])
+        return StoreAcks(_store_results(frame.storeAcks.acks))
     if kind == "deliveries":
-        return Deliveries([_received(d) for d in frame.deliveries.deliveries])
+        return Deliveries(_received(frame.deliveries.deliveries))
     if kind == "opened":
         opened = frame.opened
         return BrokerLimits(
@@ -237,38 +265,57 @@ def decode_server_frame(frame: broker_pb2.ServerFrame) -> ServerEvent | None:
     return None
 
 
-def _store_result(ack: broker_pb2.StoreAck) -> StoreResult:
-    if ack.status:
-        return StoreResult(ack.messageId, duplicate=ack.feedback.lower().startswith("duplicate"))
-    return StoreResult(ack.messageId, rejection_error(ack.code, ack.messageId, ack.feedback))
+def _store_results(acks: Iterable[broker_pb2.StoreAck]) -> list[StoreResult]:
+    new = _new_store_result
+    results: list[StoreResult] = []
+    append = results.append
+    for ack in acks:
+        if ack.status:
+            feedback = ack.feedback
+            duplicate = bool(feedback) and feedback.lower().startswith("duplicate")
+            append(new((ack.messageId, None, duplicate)))
+        else:
+            message_id = ack.messageId
+            append(new((message_id, rejection_error(ack.code, message_id, ack.feedback), False)))
+    return results
 
 
-def _received(delivery: broker_pb2.Delivery) -> ReceivedMessage:
-    header = delivery.message.header
-    return ReceivedMessage(
-        topic=header.topic,
-        message_type=header.messageType,
-        body=delivery.message.body,
-        message_id=header.messageId,
-        properties=dict(header.properties),
-        expired_time=header.expiredTime,
-        deliver_limit=header.deliverLimit,
-        group_id=header.groupId,
-        commit=header.commit,
-        fly=header.fly,
-        create_time=header.createTime,
-        snappy=header.snappy,
-        attempt=delivery.attempt,
-    )
+def _received(deliveries: Iterable[broker_pb2.Delivery]) -> list[ReceivedMessage]:
+    received: list[ReceivedMessage] = []
+    append = received.append
+    for delivery in deliveries:
+        message = delivery.message
+        header = message.header
+        properties = header.properties
+        append(
+            ReceivedMessage(
+                topic=header.topic,
+                message_type=header.messageType,
+                body=message.body,
+                message_id=header.messageId,
+                # dict(map) goes through the Mapping ABC, items() does not
+                properties=dict(properties.items()) if properties else {},
+                expired_time=header.expiredTime,
+                deliver_limit=header.deliverLimit,
+                group_id=header.groupId,
+                commit=header.commit,
+                fly=header.fly,
+                create_time=header.createTime,
+                snappy=header.snappy,
+                attempt=delivery.attempt,
+            )
+        )
+    return received
 
 
 def _header_message(header: common_pb2.Header) -> Message:
+    properties = header.properties
     return Message(
         topic=header.topic,
         message_type=header.messageType,
         body=b"",
         message_id=header.messageId,
-        properties=dict(header.properties),
+        properties=dict(properties.items()) if properties else {},
         expired_time=header.expiredTime,
         deliver_limit=header.deliverLimit,
         group_id=header.groupId,
