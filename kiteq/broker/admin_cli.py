@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     message = sub.add_parser("message", help="a message's state and history")
     message.add_argument("message_id")
     message.add_argument("-body", "--body", action="store_true", help="include the body")
+    tx = sub.add_parser("tx", help="list uncommitted (transactional) messages")
+    tx.add_argument("-unresolved", "--unresolved", action="store_true", help="only unresolved")
+    tx.add_argument("-limit", "--limit", type=int, default=100)
+    tx.add_argument("-after", "--after", default="")
+    for verb in ("commit", "rollback"):
+        resolve = sub.add_parser(verb, help=f"{verb} an uncommitted message (operator decision)")
+        resolve.add_argument("message_id")
     dlq = sub.add_parser("dlq", help="list dead letters")
     _filter_flags(dlq)
     dlq.add_argument("-limit", "--limit", type=int, default=100)
@@ -79,6 +86,22 @@ async def _call(options: argparse.Namespace) -> dict[str, object]:
         if options.command == "stats":
             reply: object = await stub.Stats(
                 admin_pb2.StatsRequest(), metadata=metadata, timeout=timeout
+            )
+        elif options.command == "tx":
+            reply = await stub.ListTransactions(
+                admin_pb2.ListTransactionsRequest(
+                    unresolvedOnly=options.unresolved, limit=options.limit, after=options.after
+                ),
+                metadata=metadata,
+                timeout=timeout,
+            )
+        elif options.command in ("commit", "rollback"):
+            reply = await stub.ResolveTransaction(
+                admin_pb2.ResolveTransactionRequest(
+                    messageId=options.message_id, commit=options.command == "commit"
+                ),
+                metadata=metadata,
+                timeout=timeout,
             )
         elif options.command == "dlq":
             reply = await stub.ListDeadLetters(

@@ -17,6 +17,7 @@ from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
+from kiteq.handler.transactions import TxManager, TxStatus
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from kiteq.store.base import MessageStore
 
@@ -39,6 +40,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         dispatcher: Dispatcher,
         intake: Intake,
         history: History,
+        transactions: TxManager,
         clock: Clock,
         uptime: Callable[[], float],
     ) -> None:
@@ -50,6 +52,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._dispatcher = dispatcher
         self._intake = intake
         self._history = history
+        self._transactions = transactions
         self._clock = clock
         self._uptime = uptime
 
@@ -91,6 +94,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             deadLetters=await self._store.dlq_size(),
             deadLettered=self._dispatcher.dead_lettered,
             flowLimited=self._dispatcher.flow_limited,
+            pendingTransactions=self._transactions.pending,
+            unresolvedTransactions=self._transactions.unresolved,
         )
 
     async def ListBindings(
@@ -180,6 +185,48 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 break
             redriven += await self._redrive([letter.record.message_id for letter in page])
         return admin_pb2.RedriveResponse(redriven=redriven)
+
+    async def ListTransactions(
+        self,
+        request: admin_pb2.ListTransactionsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListTransactionsRequest, admin_pb2.ListTransactionsResponse
+        ],
+    ) -> admin_pb2.ListTransactionsResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        found: list[admin_pb2.TransactionInfo] = []
+        after = request.after or None
+        while len(found) < limit:
+            page = await self._store.page_uncommitted(MAX_PAGE, after)
+            for record in page:
+                unresolved = self._transactions.is_unresolved(record.message_id)
+                if request.unresolvedOnly and not unresolved:
+                    continue
+                found.append(wire.transaction_info(record, unresolved))
+                if len(found) == limit:
+                    break
+            if len(page) < MAX_PAGE:
+                break
+            after = page[-1].message_id
+        last = found[-1].header.messageId if len(found) == limit else ""
+        return admin_pb2.ListTransactionsResponse(transactions=found, next=last)
+
+    async def ResolveTransaction(
+        self,
+        request: admin_pb2.ResolveTransactionRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ResolveTransactionRequest, admin_pb2.ResolveTransactionResponse
+        ],
+    ) -> admin_pb2.ResolveTransactionResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        if not is_message_id(request.messageId):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
+            )
+        status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
+        changed = await self._transactions.decide(request.messageId, status, "operator")
+        return admin_pb2.ResolveTransactionResponse(changed=changed)
 
     async def _redrive(self, message_ids: list[str]) -> int:
         now = self._clock.now()

@@ -36,6 +36,7 @@ from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
+from kiteq.handler.transactions import TxManager
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
@@ -149,10 +150,23 @@ class Broker:
             period=config.recover_seconds,
         )
         bindings.add_listener(lambda _topic, _group: recover.wake())
+        self._transactions = transactions = TxManager(
+            store=store,
+            dispatcher=dispatcher,
+            connections=connections,
+            bookkeeper=bookkeeper,
+            history=history,
+            clock=self._clock,
+            check_delay=config.tx_check_delay_seconds,
+            check_interval=config.tx_check_interval_seconds,
+            check_max=config.tx_check_max,
+        )
+        await transactions.load()
         self._intake = intake = Intake(
             config=config,
             store=store,
             dispatcher=dispatcher,
+            transactions=transactions,
             history=history,
             clock=self._clock,
             server_name=socket.gethostname(),
@@ -178,6 +192,7 @@ class Broker:
                 connections=connections,
                 registry=registry,
                 recover=recover,
+                transactions=transactions,
                 clock=self._clock,
             ),
             server,
@@ -192,6 +207,7 @@ class Broker:
                 dispatcher=dispatcher,
                 intake=intake,
                 history=history,
+                transactions=transactions,
                 clock=self._clock,
                 uptime=lambda: time.monotonic() - self._started,
             ),
@@ -211,6 +227,7 @@ class Broker:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._spawn("bookkeeper", bookkeeper.run)
         self._spawn("recover", recover.run)
+        self._spawn("transactions", transactions.run)
         self._spawn("expiry", self._expiry_loop)
         self._spawn("stats", self._stats_loop)
         self._spawn("history", self._history_loop)

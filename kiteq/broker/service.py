@@ -21,6 +21,7 @@ from kiteq.broker import wire
 from kiteq.core.clock import Clock
 from kiteq.core.codes import AckCode
 from kiteq.core.config import ClusterConfig
+from kiteq.core.ids import is_message_id
 from kiteq.core.limits import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
@@ -33,6 +34,7 @@ from kiteq.handler.connection import Connection, ConnectionTable, Outcome
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
+from kiteq.handler.transactions import TxManager, TxStatus
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         connections: ConnectionTable,
         registry: BindingRegistry,
         recover: RecoverLoop,
+        transactions: TxManager,
         clock: Clock,
     ) -> None:
         self._config = config
@@ -89,8 +92,8 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self._connections = connections
         self._registry = registry
         self._recover = recover
+        self._transactions = transactions
         self._clock = clock
-        self._tx_warned = False
 
     async def Session(  # type: ignore[override]  # writes with context.write, not yield
         self,
@@ -215,11 +218,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 elif kind == "acks":
                     self._dispatcher.acked(conn, [(a.messageId, a.status) for a in frame.acks.acks])
                 elif kind == "tx":
-                    if not self._tx_warned:
-                        self._tx_warned = True
-                        logger.warning(
-                            "TxAck frames are not supported by this broker yet (issue #5)"
-                        )
+                    await slots.acquire()
+                    task = asyncio.create_task(self._decide(conn, frame.tx.acks))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
                 else:
                     logger.warning("ignoring unexpected %s frame conn=%d", kind, conn.id)
         finally:
@@ -227,16 +229,27 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _decide(self, conn: Connection, acks: Sequence[broker_pb2.TxAck]) -> None:
+        """A producer's transaction decisions, or its answers to checks."""
+        source = f"producer {conn.name}"
+        for ack in acks:
+            if not is_message_id(ack.messageId):
+                logger.warning("ignoring TxAck with invalid id from %s", conn.name)
+                continue
+            await self._transactions.decide(ack.messageId, TxStatus(int(ack.status)), source)
+
     async def _publish(self, conn: Connection, batch: Sequence[common_pb2.Message]) -> None:
-        outcomes = await self._publish_batch(batch)
+        outcomes = await self._publish_batch(batch, conn)
         if not conn.closed:
             conn.send_acks(outcomes)
 
-    async def _publish_batch(self, batch: Sequence[common_pb2.Message]) -> list[Outcome]:
+    async def _publish_batch(
+        self, batch: Sequence[common_pb2.Message], origin: Connection | None = None
+    ) -> list[Outcome]:
         if len(batch) > MAX_BATCH_MESSAGES:
             reason = f"batch of {len(batch)} messages exceeds {MAX_BATCH_MESSAGES}"
             return [Outcome(m.header.messageId, AckCode.INVALID_ARGUMENT, reason) for m in batch]
-        return await self._intake.publish([wire.message_from_pb(m) for m in batch], batch)
+        return await self._intake.publish([wire.message_from_pb(m) for m in batch], batch, origin)
 
     async def _write(
         self,
@@ -256,6 +269,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             if deliveries:
                 for chunk in _chunks(deliveries):
                     await context.write(wire.deliveries_frame(chunk))
+            checks = conn.drain_checks()
+            if checks:
+                await context.write(wire.checks_frame(checks))
             if reader.done() and not conn.wake.is_set():
                 return
 

@@ -133,6 +133,18 @@ def store_acks_frame(outcomes: Sequence[Outcome]) -> bytes:
     return _FRAME_STORE_ACKS + _varint(len(batch)) + batch
 
 
+def checks_frame(checks: Sequence[tuple[StoredMessage, int]]) -> broker_pb2.ServerFrame:
+    """Transaction checks: the publishing group decides these messages."""
+    return broker_pb2.ServerFrame(
+        checks=broker_pb2.TxCheckBatch(
+            checks=[
+                broker_pb2.TxCheck(header=header_to_pb(record.message), check=check)
+                for record, check in checks
+            ]
+        )
+    )
+
+
 def serialize_server_frame(frame: broker_pb2.ServerFrame | bytes) -> bytes:
     """The session's response serializer: frames encoded above pass through."""
     return frame if isinstance(frame, bytes) else frame.SerializeToString()
@@ -214,4 +226,14 @@ def dead_letter_to_pb(letter: DeadLetter) -> admin_pb2.DeadLetterInfo:
         groups=list(letter.groups),
         deliverCount=record.deliver_count,
         bodyBytes=len(record.message.body),
+    )
+
+
+def transaction_info(record: StoredMessage, unresolved: bool) -> admin_pb2.TransactionInfo:
+    return admin_pb2.TransactionInfo(
+        header=header_to_pb(record.message),
+        checks=record.deliver_count,
+        nextCheck=0.0 if unresolved else record.next_deliver_time,
+        unresolved=unresolved,
+        publishTime=record.publish_time,
     )

@@ -51,6 +51,12 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
             259200,
             "how long a message's stored history is kept (default 3 days)",
         ),
+        "txCheckDelaySeconds": (
+            6,
+            "first check of an undecided transactional message, after publish",
+        ),
+        "txCheckIntervalSeconds": (30, "period of the following checks"),
+        "txCheckMax": (15, "checks before an undecided message is parked as unresolved"),
         "recievePermitsPerSecond": (100000, "broker-wide publish rate (KiteQ's spelling)"),
         "dlqExecHour": (2, "hour of day (0-23) of the daily dead-letter sweep"),
         "deliveryFirst": (False, "push before storing; store only on failure"),
@@ -73,6 +79,9 @@ class ClusterConfig:
     recover_seconds: float
     no_binding_retention_seconds: float
     history_retention_seconds: float
+    tx_check_delay_seconds: float
+    tx_check_interval_seconds: float
+    tx_check_max: int
     recieve_permits_per_second: int
     dlq_exec_hour: int
     delivery_first: bool
@@ -202,6 +211,9 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         recover_seconds=positive("recoverSeconds"),
         no_binding_retention_seconds=positive("noBindingRetentionSeconds"),
         history_retention_seconds=positive("historyRetentionSeconds"),
+        tx_check_delay_seconds=positive("txCheckDelaySeconds"),
+        tx_check_interval_seconds=positive("txCheckIntervalSeconds"),
+        tx_check_max=positive_int("txCheckMax"),
         recieve_permits_per_second=positive_int("recievePermitsPerSecond"),
         dlq_exec_hour=dlq_hour,
         delivery_first=typed("deliveryFirst", bool),

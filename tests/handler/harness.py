@@ -15,6 +15,7 @@ from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.recover import RecoverLoop
+from kiteq.handler.transactions import TxManager
 from kiteq.store.base import Saved
 from kiteq.store.memory import MemoryStore
 
@@ -23,7 +24,12 @@ NOW = 1_700_000_000.0
 
 class Broker:
     def __init__(
-        self, store: MemoryStore | None = None, *, timeout: float = 5.0, retention: float = 3600.0
+        self,
+        store: MemoryStore | None = None,
+        *,
+        timeout: float = 5.0,
+        retention: float = 3600.0,
+        check_max: int = 15,
     ) -> None:
         self.clock = ManualClock(NOW)
         self.table = BindingTable()
@@ -40,6 +46,17 @@ class Broker:
             delivery_timeout=timeout,
             max_workers=10_000,
             no_binding_retention=retention,
+        )
+        self.tx = TxManager(
+            store=self.store,
+            dispatcher=self.dispatcher,
+            connections=self.connections,
+            bookkeeper=self.bookkeeper,
+            history=self.history,
+            clock=self.clock,
+            check_delay=6,
+            check_interval=30,
+            check_max=check_max,
         )
         self.recover = RecoverLoop(
             store=self.store,
@@ -65,6 +82,9 @@ class Broker:
     def bind(self, group: str, binding: Binding) -> None:
         self.table.replace(binding.topic, group, [binding.with_group(group)])
 
+    def producer(self, group: str) -> Connection:
+        return self.connect(group, max_in_flight=0)
+
     def connect(self, group: str, max_in_flight: int = 100, warmup: float = 0.0) -> Connection:
         conn = Connection(
             group=group,
@@ -85,6 +105,8 @@ class Broker:
         message_type: str = "pay-succ",
         deliver_limit: int = 100,
         ttl: int = 3600,
+        commit: bool = True,
+        publisher: Connection | None = None,
     ) -> StoredMessage:
         message = Message(
             topic=topic,
@@ -92,13 +114,19 @@ class Broker:
             body=b"x",
             expired_time=int(self.clock.now()) + ttl,
             deliver_limit=deliver_limit,
+            commit=commit,
+            group_id=publisher.group if publisher else "pay",
         )
+        now = self.clock.now()
         record = StoredMessage(
-            message, publish_time=self.clock.now(), next_deliver_time=self.clock.now()
+            message, publish_time=now, next_deliver_time=now if commit else now + 6
         )
         assert await self.store.save([record]) == [Saved.STORED]
         self.history.record(record.message_id, record.publish_time, "published")
-        self.dispatcher.submit(record)
+        if commit:
+            self.dispatcher.submit(record)
+        else:
+            self.tx.track(record, publisher)
         return record
 
     async def settle(self) -> None:

@@ -69,6 +69,12 @@ class RecordingStore:
     ) -> list[DeadLetter]:
         return []
 
+    async def rollback(self, message_id: str) -> StoredMessage | None:
+        return None
+
+    async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
+        return []
+
     async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
         return None
 

@@ -56,6 +56,7 @@ class Connection:
 
     __slots__ = (
         "_acks",
+        "_checks",
         "_deliveries",
         "client_id",
         "closed",
@@ -94,6 +95,7 @@ class Connection:
         self.wake = asyncio.Event()
         self._deliveries: list[tuple[StoredMessage, int]] = []
         self._acks: list[Outcome] = []
+        self._checks: list[tuple[StoredMessage, int]] = []
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} group={self.group} peer={self.peer}>"
@@ -125,11 +127,21 @@ class Connection:
         self._acks.extend(outcomes)
         self.wake.set()
 
+    def send_check(self, record: StoredMessage, check: int) -> None:
+        """Ask this (producer) connection to decide an uncommitted message."""
+        self._checks.append((record, check))
+        self.wake.set()
+
     def drain(self) -> tuple[list[Outcome], list[tuple[StoredMessage, int]]]:
-        """Take everything queued for the client."""
+        """Take the store-acks and deliveries queued for the client."""
         acks, deliveries = self._acks, self._deliveries
         self._acks, self._deliveries = [], []
         return acks, deliveries
+
+    def drain_checks(self) -> list[tuple[StoredMessage, int]]:
+        """Take the transaction checks queued for the client."""
+        checks, self._checks = self._checks, []
+        return checks
 
 
 class ConnectionTable:
@@ -138,6 +150,7 @@ class ConnectionTable:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._all: dict[int, Connection] = {}
         self._consumers: dict[str, list[Connection]] = {}
+        self._groups: dict[str, list[Connection]] = {}
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
 
     def __len__(self) -> int:
@@ -148,17 +161,28 @@ class ConnectionTable:
 
     def add(self, conn: Connection) -> None:
         self._all[conn.id] = conn
+        self._groups.setdefault(conn.group, []).append(conn)
         if conn.consumer:
             self._consumers.setdefault(conn.group, []).append(conn)
 
     def remove(self, conn: Connection) -> None:
         conn.closed = True
-        self._all.pop(conn.id, None)
-        members = self._consumers.get(conn.group)
-        if members and conn in members:
-            members.remove(conn)
-            if not members:
-                del self._consumers[conn.group]
+        if self._all.pop(conn.id, None) is None:
+            return
+        for index in (self._groups, self._consumers):
+            members = index.get(conn.group)
+            if members and conn in members:
+                members.remove(conn)
+                if not members:
+                    del index[conn.group]
+
+    def get(self, conn_id: int) -> Connection | None:
+        return self._all.get(conn_id)
+
+    def any_of(self, group: str) -> Connection | None:
+        """A random open connection of *group*, producer or consumer."""
+        members = self._groups.get(group)
+        return self._rng.choice(members) if members else None
 
     def has_consumers(self, group: str) -> bool:
         return group in self._consumers

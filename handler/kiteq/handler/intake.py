@@ -20,10 +20,11 @@ from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicError
 from kiteq.core.limits import normalize
 from kiteq.core.message import Message, StoredMessage
-from kiteq.handler.connection import Outcome
+from kiteq.handler.connection import Connection, Outcome
 from kiteq.handler.dispatch import Dispatcher, Flight
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
+from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore, Saved
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Intake:
         config: ClusterConfig,
         store: MessageStore,
         dispatcher: Dispatcher,
+        transactions: TxManager,
         history: History,
         clock: Clock,
         server_name: str,
@@ -47,6 +49,8 @@ class Intake:
         self._config = config
         self._store = store
         self._dispatcher = dispatcher
+        self._transactions = transactions
+        self._check_delay = config.tx_check_delay_seconds
         self._history = history
         self._clock = clock
         self._server_name = server_name
@@ -73,7 +77,10 @@ class Intake:
         await self._idle.wait()
 
     async def publish(
-        self, messages: Sequence[Message], wires: Sequence[object] | None = None
+        self,
+        messages: Sequence[Message],
+        wires: Sequence[object] | None = None,
+        origin: Connection | None = None,
     ) -> list[Outcome]:
         """Accept a batch; one outcome per message, in order.
 
@@ -83,14 +90,14 @@ class Intake:
         self._active += 1
         self._idle.clear()
         try:
-            return await self._publish(messages, wires)
+            return await self._publish(messages, wires, origin)
         finally:
             self._active -= 1
             if not self._active:
                 self._idle.set()
 
     async def _publish(
-        self, messages: Sequence[Message], wires: Sequence[object] | None
+        self, messages: Sequence[Message], wires: Sequence[object] | None, origin: Connection | None
     ) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(messages)
         if not self._accepting:
@@ -124,7 +131,8 @@ class Intake:
             record = StoredMessage(
                 message,
                 publish_time=now,
-                next_deliver_time=now,
+                # an uncommitted message's next_deliver_time is its first transaction check
+                next_deliver_time=now if message.commit else now + self._check_delay,
                 kite_server=self._server_name,
                 wire=None if wires is None else wires[i],
             )
@@ -137,7 +145,7 @@ class Intake:
         if records and self._config.delivery_first:
             records, positions = await self._deliver_first(records, positions, outcomes)
         if records:
-            await self._persist(records, positions, outcomes)
+            await self._persist(records, positions, outcomes, origin)
         for record in fly:
             self._dispatcher.submit(record, durable=False)
         done = [o for o in outcomes if o is not None]
@@ -176,14 +184,19 @@ class Intake:
                 continue
             # not (fully) delivered, or still waiting: store it; groups that acked are in
             # succ_groups and will not get it again
-            record.next_deliver_time = self._clock.now()
+            if record.message.commit:
+                record.next_deliver_time = self._clock.now()
             record.wire = None
             left_records.append(record)
             left_positions.append(i)
         return left_records, left_positions
 
     async def _persist(
-        self, records: list[StoredMessage], positions: list[int], outcomes: list[Outcome | None]
+        self,
+        records: list[StoredMessage],
+        positions: list[int],
+        outcomes: list[Outcome | None],
+        origin: Connection | None,
     ) -> None:
         started = self._clock.monotonic()
         try:
@@ -207,11 +220,9 @@ class Intake:
                     if record.message.commit
                     else f"{record.message.group_id} (uncommitted)",
                 )
-                if (
-                    record.message.commit
-                    and not self._config.delivery_first
-                    and self._dispatcher.has_room
-                ):
+                if not record.message.commit:
+                    self._transactions.track(record, origin)
+                elif not self._config.delivery_first and self._dispatcher.has_room:
                     self._dispatcher.submit(record)
             elif result is Saved.DUPLICATE:
                 outcomes[i] = Outcome(record.message_id, AckCode.OK, "duplicate: already stored")

@@ -151,7 +151,27 @@ class MessageStore(Protocol):
         ...
 
     async def commit(self, message_id: str) -> StoredMessage | None:
-        """Mark an uncommitted message committed; the record, or None if absent."""
+        """Mark an uncommitted message committed and due at its next_deliver_time.
+
+        Returns the record when this call committed it; None when the id is absent or was
+        committed already (so a repeated COMMIT never delivers twice).
+        """
+        ...
+
+    async def rollback(self, message_id: str) -> StoredMessage | None:
+        """Remove an uncommitted message and return it.
+
+        None when the id is absent or already committed: a ROLLBACK after a COMMIT changes
+        nothing.
+        """
+        ...
+
+    async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
+        """Uncommitted records, at most *limit*, ordered by id, ids strictly after *after*.
+
+        Their ``deliver_count`` counts transaction checks and ``next_deliver_time`` is the
+        next check; ``reschedule`` updates both.
+        """
         ...
 
     async def page_due(

@@ -112,6 +112,8 @@ class MemoryStore:
         self._maxcap = maxcap
         self._records: dict[str, StoredMessage] = {}
         self._due: _SortedKeys[DueCursor] = _SortedKeys()
+        # ids of the stored records not yet committed (the transaction checks)
+        self._uncommitted: _SortedKeys[str] = _SortedKeys()
         self._backlog: dict[str, int] = {}
         # The dead letters own their records (copies); _dead_ids orders them for list_dlq.
         self._dead: dict[str, DeadLetter] = {}
@@ -146,6 +148,7 @@ class MemoryStore:
         logger.info("store closed %s: %d messages dropped", self.description, len(self._records))
         self._records.clear()
         self._due = _SortedKeys()
+        self._uncommitted = _SortedKeys()
         self._backlog.clear()
         self._dead.clear()
         self._dead_ids = _SortedKeys()
@@ -174,9 +177,7 @@ class MemoryStore:
             else:
                 stored = dataclasses.replace(record)
                 self._records[mid] = stored
-                self._backlog[stored.topic] = self._backlog.get(stored.topic, 0) + 1
-                if stored.message.commit:
-                    self._due.add(_due_key(stored.next_deliver_time, mid))
+                self._link(stored)
                 outcomes.append(Saved.STORED)
         return outcomes
 
@@ -207,20 +208,56 @@ class MemoryStore:
             if stored is not None:
                 self._unlink(stored)
 
+    def _link(self, stored: StoredMessage) -> None:
+        """Index a record just put in ``_records``: due or uncommitted, and backlog."""
+        if stored.message.commit:
+            self._due.add(_due_key(stored.next_deliver_time, stored.message_id))
+        else:
+            self._uncommitted.add(stored.message_id)
+        _add(self._backlog, stored.topic, 1)
+
     def _unlink(self, stored: StoredMessage) -> None:
-        """Drop a record just removed from ``_records`` from the due index and backlog."""
-        self._due.discard(_due_key(stored.next_deliver_time, stored.message_id))
+        """Drop a record just removed from ``_records`` from its index and the backlog."""
+        if stored.message.commit:
+            self._due.discard(_due_key(stored.next_deliver_time, stored.message_id))
+        else:
+            self._uncommitted.discard(stored.message_id)
         _add(self._backlog, stored.topic, -1)
+
+    def _undecided(self, message_id: str) -> StoredMessage | None:
+        stored = self._records.get(message_id)
+        return None if stored is None or stored.message.commit else stored
 
     async def commit(self, message_id: str) -> StoredMessage | None:
         self._check_open()
-        stored = self._records.get(message_id)
+        stored = self._undecided(message_id)
         if stored is None:
             return None
-        if not stored.message.commit:
-            stored.message = dataclasses.replace(stored.message, commit=True)
-            self._due.add(_due_key(stored.next_deliver_time, message_id))
+        self._uncommitted.discard(message_id)
+        stored.message = dataclasses.replace(stored.message, commit=True)
+        self._due.add(_due_key(stored.next_deliver_time, message_id))
         return dataclasses.replace(stored)
+
+    async def rollback(self, message_id: str) -> StoredMessage | None:
+        self._check_open()
+        stored = self._undecided(message_id)
+        if stored is None:
+            return None
+        # the history stays, to show what happened
+        del self._records[message_id]
+        self._unlink(stored)
+        return stored
+
+    async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
+        self._check_open()
+        page: list[StoredMessage] = []
+        if limit <= 0:
+            return page
+        for mid in self._uncommitted.after(after):
+            page.append(dataclasses.replace(self._records[mid]))
+            if len(page) == limit:
+                break
+        return page
 
     async def page_due(
         self, now: float, limit: int, after: DueCursor | None = None
@@ -316,9 +353,8 @@ class MemoryStore:
                     record.message, expired_time=int(now) + MAX_EXPIRY_SECONDS
                 )
             self._records[mid] = record
-            _add(self._backlog, record.topic, 1)
+            self._link(record)
             if record.message.commit:
-                self._due.add(_due_key(now, mid))
                 due.append(dataclasses.replace(record))
         return due
 

@@ -3,15 +3,17 @@
 rocksdict holds the GIL through ``write()``, fsync included (PERF-BASELINE.md §3.1), so
 neither threads nor RocksDB's own write grouping help: one fsync'ed write per message
 caps a broker near 5k msg/s. Throughput comes from **group commit** done here: every
-write-type call (``save``, ``reschedule``, ``delete``, ``commit``, ``dead_letter``,
-``redrive``, ``append_history``, ``put_meta``) is queued; one writer at a time turns the
-whole queue into a single ``WriteBatch`` on the store's own thread, and calls arriving
-meanwhile form the next batch. Callers return only when their batch is written. ``fsync``
+write-type call (``save``, ``reschedule``, ``delete``, ``commit``, ``rollback``,
+``dead_letter``, ``redrive``, ``append_history``, ``put_meta``) is queued as a request
+object (``kiteq.store._rocksdb_requests``); one writer at a time applies the whole queue to
+a single ``WriteBatch`` on the store's own thread, and calls arriving meanwhile form the
+next batch. Callers return only when their batch is written. ``fsync``
 picks what "written" means:
 
-* ``batch`` (default): each WriteBatch holding a save, commit, dead-letter move, redrive or
-  metadata write is written with ``sync=True``; a ``Saved.STORED`` means the WAL is on disk
-  and survives an OS crash or power loss. One fsync per batch. A batch of only delivery
+* ``batch`` (default): each WriteBatch holding a save, a transaction decision (commit,
+  rollback), a dead-letter move, a redrive or a metadata write is written with
+  ``sync=True``; a ``Saved.STORED`` (or a returned decision) means the WAL is on disk and
+  survives an OS crash or power loss. One fsync per batch. A batch of only delivery
   bookkeeping (deletes, reschedules, history events) is not fsynced on its own: the WAL
   is sequential, so the next synced batch makes it durable too, and until then an OS
   crash can only undo the latest bookkeeping, i.e. redeliver a message, never lose one.
@@ -33,11 +35,16 @@ Column families (all keys and values are raw bytes, readable by any RocksDB tool
   delivery bookkeeping; present exactly when ``msg`` is;
 * ``due``: big-endian IEEE-754 ``next_deliver_time`` (seconds, exact, order-preserving
   for times >= 0) + message id -> b"", only for committed messages: the recover index;
+* ``uncommitted``: message id -> b"", exactly for the stored messages not yet committed
+  (``page_uncommitted``: the transaction checks). Save puts it, commit and rollback remove
+  it in the batch that decides; rollback also deletes ``msg`` and ``state`` (the history
+  stays). The one-byte key ``0xff`` (sorting after every id) marks the index complete: a
+  database without it, new or older than the index, is indexed from ``state`` at open;
 * ``meta``: UTF-8 key -> value, small broker metadata;
 * ``dlq``: message id -> dead-letter value (``codec.encode_dead_entry``: reason, dead time,
   groups, then the record's state and message values verbatim). A dead-letter move
-  deletes ``msg``/``state``/``due`` and puts ``dlq`` in one WriteBatch, a redrive the
-  reverse, so a record is in exactly one of the two;
+  deletes ``msg``/``state``/``due`` (or ``uncommitted``) and puts ``dlq`` in one
+  WriteBatch, a redrive the reverse, so a record is in exactly one of the two;
 * ``history``: message id + big-endian IEEE-754 event time (as in ``due``) + big-endian
   u32 sequence -> event value (``codec.encode_event``), so one message's events are
   adjacent and in time order, events of the same time in the order they were appended.
@@ -46,7 +53,7 @@ Column families (all keys and values are raw bytes, readable by any RocksDB tool
 
 A record's ``due`` key is always derived from its stored state, so a caller holding a
 stale ``next_deliver_time`` cannot leave an orphaned index entry behind. A database made
-before ``dlq`` and ``history`` existed gets them, empty, at open.
+before ``dlq``, ``history`` and ``uncommitted`` existed gets them at open.
 """
 
 from __future__ import annotations
@@ -54,15 +61,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
-import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Final, Literal, TypeVar, TypeVarTuple, cast
+from typing import Final, Literal, TypeVar, TypeVarTuple, cast
 
 from rocksdict import (
     BlockBasedOptions,
@@ -76,30 +81,38 @@ from rocksdict import (
 )
 
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.core.limits import MAX_EXPIRY_SECONDS
 from kiteq.core.message import StoredMessage
+from kiteq.store._rocksdb_requests import (
+    _DUE_TIME,
+    _HISTORY_SEQ_KEY,
+    _SEQ,
+    _AppendHistory,
+    _Batch as _Batch,  # re-exported: tests look into the layout
+    _Commit,
+    _DeadLetter,
+    _Delete,
+    _due_time as _due_time,  # re-exported, as _Batch
+    _PutMeta,
+    _Redrive,
+    _Request,
+    _Reschedule,
+    _Rollback,
+    _Save,
+)
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
     DueCursor,
     HistoryEvent,
     Rescheduled,
-    Saved,
     SaveOutcome,
 )
 from kiteq.store.codec import (
-    State,
     dead_entry_topic,
-    decode_dead_entry,
     decode_dead_letter,
     decode_event,
     decode_message,
     decode_state,
-    encode_dead_entry,
-    encode_event,
-    encode_message,
-    encode_state,
-    state_of,
 )
 
 __all__ = ["FSYNC_MODES", "Fsync", "RocksDBStore"]
@@ -112,25 +125,16 @@ FSYNC_MODES: Final[tuple[Fsync, ...]] = ("batch", "always", "never")
 # One WriteBatch carries at most this many bytes of values (a single larger call still
 # goes alone), so a burst of huge calls cannot build an unbounded batch.
 _MAX_BATCH_BYTES: Final = 16 * 1024 * 1024
-_KEY_OVERHEAD: Final = 64
-_DUE_TIME: Final = struct.Struct(">d")
-_SEQ: Final = struct.Struct(">I")
-_SEQ_MASK: Final = 0xFFFFFFFF
 # history key suffix: 8-byte time + 4-byte sequence
 _EVENT_SUFFIX: Final = _DUE_TIME.size + _SEQ.size
-_HISTORY_SEQ_KEY: Final = b"\xff"
+# In ``uncommitted`` (sorting after every UTF-8 id): the index holds every uncommitted record.
+_INDEX_COMPLETE_KEY: Final = b"\xff"
 # Entries one store-thread job looks at in a scan (list_dlq, prune_history): writes
 # queued meanwhile run between two jobs instead of waiting for the whole scan.
 _SCAN_CHUNK: Final = 4096
 
 _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
-
-
-def _due_time(ndt: float) -> bytes:
-    # Negative times, -0.0 and NaN would sort wrongly as IEEE-754 bytes: they sort as 0.0
-    # (due at once).
-    return _DUE_TIME.pack(ndt if ndt > 0.0 else 0.0)
 
 
 class _Column:
@@ -163,7 +167,7 @@ class _Column:
 
 
 class _DB:
-    __slots__ = ("dlq", "due", "history", "meta", "msg", "rdict", "state")
+    __slots__ = ("dlq", "due", "history", "meta", "msg", "rdict", "state", "uncommitted")
 
     def __init__(self, path: str) -> None:
         options = Options(raw_mode=True)
@@ -193,6 +197,8 @@ class _DB:
                 "meta": Options(raw_mode=True),
                 "dlq": by_id,
                 "history": history,
+                # every decision leaves a tombstone, as in due
+                "uncommitted": due,
             },
         )
         self.msg = _Column(self.rdict, "msg")
@@ -201,335 +207,20 @@ class _DB:
         self.meta = _Column(self.rdict, "meta")
         self.dlq = _Column(self.rdict, "dlq")
         self.history = _Column(self.rdict, "history")
+        self.uncommitted = _Column(self.rdict, "uncommitted")
 
     def close(self) -> None:
-        for column in (self.msg, self.state, self.due, self.meta, self.dlq, self.history):
+        for column in (
+            self.msg,
+            self.state,
+            self.due,
+            self.meta,
+            self.dlq,
+            self.history,
+            self.uncommitted,
+        ):
             column.release()
         self.rdict.close()
-
-
-class _Batch:
-    """A WriteBatch being built on the writer thread.
-
-    It tracks the state its earlier requests left behind, so later requests in the same
-    batch see their effects (save then commit, delete then save again).
-    """
-
-    def __init__(self, db: _DB, requests: Sequence[_Request]) -> None:
-        self.db = db
-        self.wb = WriteBatch(raw_mode=True)
-        keys = list({key: None for request in requests for key in request.ids_read()})
-        found = db.state.get_many(keys) if keys else []
-        self.states: dict[bytes, State | None] = {
-            key: None if value is None else decode_state(value)
-            for key, value in zip(keys, found, strict=True)
-        }
-        self.messages: dict[bytes, bytes] = {}
-        self.backlog: dict[str, int] = {}
-        # dead-letter values of the ids DLQ requests touch (None: not in the DLQ)
-        dead = list({key: None for request in requests for key in request.dlq_ids_read()})
-        self.dead: dict[bytes, bytes | None] = (
-            dict(zip(dead, db.dlq.get_many(dead), strict=True)) if dead else {}
-        )
-        self.dlq: dict[str, int] = {}
-
-    def count(self, topic: str, delta: int) -> None:
-        self.backlog[topic] = self.backlog.get(topic, 0) + delta
-
-    def count_dlq(self, topic: str, delta: int) -> None:
-        self.dlq[topic] = self.dlq.get(topic, 0) + delta
-
-    def message(self, key: bytes) -> bytes | None:
-        """The message value of a live record, as this batch left it."""
-        value = self.messages.get(key)
-        return self.db.msg.get(key) if value is None else value
-
-    def put_state(self, key: bytes, state: State) -> None:
-        self.states[key] = state
-        self.wb.put(key, encode_state(state), self.db.state.handle)
-
-
-class _Request:
-    """One caller's writes; applied in call order inside a batch by the writer thread."""
-
-    __slots__ = ("error", "future", "size")
-    # False for delivery bookkeeping, which a later synced batch makes durable
-    needs_sync: ClassVar[bool] = True
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.error: StoreUnavailableError | None = None
-        self.future: asyncio.Future[None] | None = None
-
-    def ids_read(self) -> Iterable[bytes]:
-        """Message ids whose stored state ``apply`` needs."""
-        return ()
-
-    def dlq_ids_read(self) -> Iterable[bytes]:
-        """Message ids whose dead-letter value ``apply`` needs."""
-        return ()
-
-    def apply(self, batch: _Batch) -> None:
-        raise NotImplementedError
-
-    def resolve(self) -> None:
-        if self.future is None or self.future.done():
-            return
-        if self.error is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(self.error)
-
-
-class _Save(_Request):
-    __slots__ = ("items", "outcomes")
-
-    def __init__(self, records: Sequence[StoredMessage]) -> None:
-        self.items = [(r.message_id.encode(), encode_message(r), state_of(r)) for r in records]
-        super().__init__(
-            sum(len(value) for _, value, _ in self.items) + _KEY_OVERHEAD * len(records)
-        )
-        self.outcomes: list[SaveOutcome] = []
-
-    def ids_read(self) -> Iterable[bytes]:
-        return (key for key, _, _ in self.items)
-
-    def apply(self, batch: _Batch) -> None:
-        # The hot loop of the store: names are bound locally on purpose.
-        put = batch.wb.put
-        states = batch.states
-        messages = batch.messages
-        msg_cf, state_cf, due_cf = batch.db.msg.handle, batch.db.state.handle, batch.db.due.handle
-        outcomes: list[SaveOutcome] = []
-        for key, value, state in self.items:
-            if states[key] is not None:
-                outcomes.append(Saved.DUPLICATE)
-                continue
-            put(key, value, msg_cf)
-            put(key, encode_state(state), state_cf)
-            if state.committed:
-                put(_due_time(state.next_deliver_time) + key, b"", due_cf)
-            states[key] = state
-            messages[key] = value
-            batch.count(state.topic, 1)
-            outcomes.append(Saved.STORED)
-        self.outcomes = outcomes
-
-
-class _Reschedule(_Request):
-    __slots__ = ("changes",)
-    needs_sync = False
-
-    def __init__(self, changes: Sequence[Rescheduled]) -> None:
-        super().__init__(len(changes) * _KEY_OVERHEAD)
-        self.changes = [(c.record.message_id.encode(), c.record) for c in changes]
-
-    def ids_read(self) -> Iterable[bytes]:
-        return (key for key, _ in self.changes)
-
-    def apply(self, batch: _Batch) -> None:
-        due = batch.db.due.handle
-        for key, record in self.changes:
-            old = batch.states[key]
-            if old is None:
-                continue
-            new = old._replace(
-                deliver_count=record.deliver_count,
-                succ_groups=record.succ_groups,
-                fail_groups=record.fail_groups,
-                next_deliver_time=record.next_deliver_time,
-            )
-            batch.put_state(key, new)
-            if old.committed:
-                batch.wb.delete(_due_time(old.next_deliver_time) + key, due)
-                batch.wb.put(_due_time(new.next_deliver_time) + key, b"", due)
-
-
-class _Delete(_Request):
-    __slots__ = ("ids",)
-    needs_sync = False
-
-    def __init__(self, records: Sequence[StoredMessage]) -> None:
-        super().__init__(len(records) * _KEY_OVERHEAD)
-        self.ids = [r.message_id.encode() for r in records]
-
-    def ids_read(self) -> Iterable[bytes]:
-        return self.ids
-
-    def apply(self, batch: _Batch) -> None:
-        db = batch.db
-        wb = batch.wb
-        for key in self.ids:
-            old = batch.states[key]
-            if old is None:
-                continue
-            wb.delete(key, db.msg.handle)
-            wb.delete(key, db.state.handle)
-            wb.delete(_due_time(old.next_deliver_time) + key, db.due.handle)
-            batch.states[key] = None
-            batch.messages.pop(key, None)
-            batch.count(old.topic, -1)
-
-
-class _Commit(_Request):
-    __slots__ = ("key", "record")
-
-    def __init__(self, message_id: str) -> None:
-        super().__init__(_KEY_OVERHEAD)
-        self.key = message_id.encode()
-        self.record: StoredMessage | None = None
-
-    def ids_read(self) -> Iterable[bytes]:
-        return (self.key,)
-
-    def apply(self, batch: _Batch) -> None:
-        old = batch.states[self.key]
-        if old is None:
-            return
-        value = batch.message(self.key)
-        if value is None:
-            logger.warning("state without message id=%s: not committed", self.key.decode())
-            return
-        state = old
-        if not old.committed:
-            state = old._replace(committed=True)
-            batch.put_state(self.key, state)
-            batch.wb.put(_due_time(state.next_deliver_time) + self.key, b"", batch.db.due.handle)
-        self.record = decode_message(value, state)
-
-
-class _PutMeta(_Request):
-    __slots__ = ("key", "value")
-
-    def __init__(self, key: str, value: bytes | None) -> None:
-        super().__init__(_KEY_OVERHEAD + (0 if value is None else len(value)))
-        self.key = key.encode()
-        self.value = value
-
-    def apply(self, batch: _Batch) -> None:
-        if self.value is None:
-            batch.wb.delete(self.key, batch.db.meta.handle)
-        else:
-            batch.wb.put(self.key, bytes(self.value), batch.db.meta.handle)
-
-
-class _DeadLetter(_Request):
-    __slots__ = ("letters",)
-
-    def __init__(self, letters: Sequence[DeadLetter]) -> None:
-        super().__init__(sum(len(letter.record.message.body) + _KEY_OVERHEAD for letter in letters))
-        self.letters = [(letter.record.message_id.encode(), letter) for letter in letters]
-
-    def ids_read(self) -> Iterable[bytes]:
-        return (key for key, _ in self.letters)
-
-    def dlq_ids_read(self) -> Iterable[bytes]:
-        return self.ids_read()
-
-    def apply(self, batch: _Batch) -> None:
-        db = batch.db
-        wb = batch.wb
-        for key, letter in self.letters:
-            old = batch.states[key]
-            if old is None:
-                continue
-            value = batch.message(key)
-            if value is None:
-                logger.warning("state without message id=%s: not dead-lettered", key.decode())
-                continue
-            # The caller's bookkeeping is the latest (as in reschedule); the message and
-            # its committed flag are the stored ones.
-            r = letter.record
-            state = old._replace(
-                deliver_count=r.deliver_count,
-                succ_groups=r.succ_groups,
-                fail_groups=r.fail_groups,
-                next_deliver_time=r.next_deliver_time,
-            )
-            wb.delete(key, db.msg.handle)
-            wb.delete(key, db.state.handle)
-            if old.committed:
-                wb.delete(_due_time(old.next_deliver_time) + key, db.due.handle)
-            entry = encode_dead_entry(value, state, letter.reason, letter.dead_time, letter.groups)
-            wb.put(key, entry, db.dlq.handle)
-            batch.states[key] = None
-            batch.messages.pop(key, None)
-            batch.count(old.topic, -1)
-            replaced = batch.dead[key]
-            if replaced is not None:
-                batch.count_dlq(dead_entry_topic(replaced), -1)
-            batch.dead[key] = entry
-            batch.count_dlq(old.topic, 1)
-
-
-class _Redrive(_Request):
-    __slots__ = ("keys", "now", "records")
-
-    def __init__(self, message_ids: Sequence[str], now: float) -> None:
-        super().__init__(len(message_ids) * _KEY_OVERHEAD)
-        self.keys = list({mid.encode(): None for mid in message_ids})
-        self.now = now
-        self.records: list[StoredMessage] = []
-
-    def ids_read(self) -> Iterable[bytes]:
-        return self.keys
-
-    def dlq_ids_read(self) -> Iterable[bytes]:
-        return self.keys
-
-    def apply(self, batch: _Batch) -> None:
-        db = batch.db
-        wb = batch.wb
-        now = self.now
-        for key in self.keys:
-            dead = batch.dead[key]
-            if dead is None:
-                continue
-            entry = decode_dead_entry(dead)
-            wb.delete(key, db.dlq.handle)
-            batch.dead[key] = None
-            batch.count_dlq(entry.state.topic, -1)
-            if batch.states[key] is not None:
-                # Saved again since it died: the live copy is delivered anyway.
-                logger.info("redrive of a live message id=%s: dead letter dropped", key.decode())
-                continue
-            state = entry.state._replace(deliver_count=0, fail_groups=(), next_deliver_time=now)
-            value = entry.message
-            record = decode_message(value, state)
-            if 0 < record.message.expired_time <= now:
-                record.message = dataclasses.replace(
-                    record.message, expired_time=int(now) + MAX_EXPIRY_SECONDS
-                )
-                value = encode_message(record)
-            wb.put(key, value, db.msg.handle)
-            batch.put_state(key, state)
-            batch.messages[key] = value
-            batch.count(state.topic, 1)
-            if state.committed:
-                wb.put(_due_time(now) + key, b"", db.due.handle)
-                self.records.append(record)
-
-
-class _AppendHistory(_Request):
-    __slots__ = ("items", "next_seq")
-    needs_sync = False
-
-    def __init__(self, events: Sequence[HistoryEvent], seq: int) -> None:
-        items: list[tuple[bytes, bytes]] = []
-        for event in events:
-            key = event.message_id.encode() + _due_time(event.time) + _SEQ.pack(seq)
-            items.append((key, encode_event(event)))
-            seq = (seq + 1) & _SEQ_MASK
-        super().__init__(sum(len(value) + _KEY_OVERHEAD for _, value in items))
-        self.items = items
-        self.next_seq = seq
-
-    def apply(self, batch: _Batch) -> None:
-        put = batch.wb.put
-        history = batch.db.history.handle
-        for key, value in self.items:
-            put(key, value, history)
-        put(_HISTORY_SEQ_KEY, _SEQ.pack(self.next_seq), history)
 
 
 class RocksDBStore:
@@ -630,14 +321,41 @@ class RocksDBStore:
                 os.makedirs(self._path, exist_ok=True)
                 self._db = _DB(self._path)
             db = self._db
-            topics = (decode_state(value).topic for value in db.state.values())
+            if db.uncommitted.get(_INDEX_COMPLETE_KEY) is None:
+                topics = self._build_uncommitted_index(db)
+            else:
+                topics = collections.Counter(
+                    decode_state(value).topic for value in db.state.values()
+                )
             dead = (dead_entry_topic(value) for value in db.dlq.values())
             seq = db.history.get(_HISTORY_SEQ_KEY)
             return (
-                dict(collections.Counter(topics)),
+                dict(topics),
                 dict(collections.Counter(dead)),
                 0 if seq is None else _SEQ.unpack(seq)[0],
             )
+
+    def _build_uncommitted_index(self, db: _DB) -> collections.Counter[str]:
+        """Index the uncommitted records of a new database or one older than the index.
+
+        Written in one batch with the marker that says the index is complete, so a crash
+        halfway leaves no marker and the next open builds it again. Returns the backlog.
+        """
+        topics: collections.Counter[str] = collections.Counter()
+        wb = WriteBatch(raw_mode=True)
+        indexed = 0
+        for key, value in db.state.items(b""):
+            state = decode_state(value)
+            topics[state.topic] += 1
+            if not state.committed:
+                wb.put(key, b"", db.uncommitted.handle)
+                indexed += 1
+        wb.put(_INDEX_COMPLETE_KEY, b"", db.uncommitted.handle)
+        # not counted in write_batches, which counts the batches of calls
+        db.rdict.write(wb, self._write_options)
+        if indexed:
+            logger.info("uncommitted index built %s entries=%d", self.description, indexed)
+        return topics
 
     def _close_sync(self) -> bool:
         db = self._db
@@ -672,6 +390,11 @@ class RocksDBStore:
 
     async def commit(self, message_id: str) -> StoredMessage | None:
         request = _Commit(message_id)
+        await self._submit(request)
+        return request.record
+
+    async def rollback(self, message_id: str) -> StoredMessage | None:
+        request = _Rollback(message_id)
         await self._submit(request)
         return request.record
 
@@ -831,6 +554,37 @@ class RocksDBStore:
             for key, state, value in zip(keys, states, values, strict=True):
                 if state is None or value is None:
                     logger.warning("due entry without message id=%s: skipped", key.decode())
+                    continue
+                page.append(decode_message(value, decode_state(state)))
+        return page
+
+    async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        return await self._run(self._page_uncommitted_sync, limit, after)
+
+    def _page_uncommitted_sync(self, limit: int, after: str | None) -> list[StoredMessage]:
+        db = self._require_db()
+        start = b"" if after is None else after.encode()
+        read = ReadOptions()
+        read.set_iterate_upper_bound(_INDEX_COMPLETE_KEY)
+        keys: list[bytes] = []
+        with self._translated("page_uncommitted"):
+            for key in db.uncommitted.keys(start, read):
+                if key == start:
+                    continue
+                keys.append(key)
+                if len(keys) == limit:
+                    break
+            if not keys:
+                return []
+            states = db.state.get_many(keys)
+            values = db.msg.get_many(keys)
+            page: list[StoredMessage] = []
+            for key, state, value in zip(keys, states, values, strict=True):
+                if state is None or value is None:
+                    logger.warning("uncommitted entry without message id=%s: skipped", key.decode())
                     continue
                 page.append(decode_message(value, decode_state(state)))
         return page

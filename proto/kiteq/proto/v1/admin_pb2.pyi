@@ -142,6 +142,8 @@ class StatsResponse(_message.Message):
     DEADLETTERS_FIELD_NUMBER: _builtins.int
     DEADLETTERED_FIELD_NUMBER: _builtins.int
     FLOWLIMITED_FIELD_NUMBER: _builtins.int
+    PENDINGTRANSACTIONS_FIELD_NUMBER: _builtins.int
+    UNRESOLVEDTRANSACTIONS_FIELD_NUMBER: _builtins.int
     broker: _builtins.str
     cluster: _builtins.str
     store: _builtins.str
@@ -154,6 +156,9 @@ class StatsResponse(_message.Message):
     deadLettered: _builtins.int
     flowLimited: _builtins.int
     """Pushes that waited for a (topic, group) watermark."""
+    pendingTransactions: _builtins.int
+    """Uncommitted messages still being checked, and those whose checks ran out."""
+    unresolvedTransactions: _builtins.int
     @_builtins.property
     def backlog(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Stored, not yet acked by every group, per topic."""
@@ -184,10 +189,12 @@ class StatsResponse(_message.Message):
         deadLetters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         deadLettered: _builtins.int = ...,
         flowLimited: _builtins.int = ...,
+        pendingTransactions: _builtins.int = ...,
+        unresolvedTransactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -512,3 +519,128 @@ class RedriveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedriveResponse: _TypeAlias = RedriveResponse  # noqa: Y015
+
+@_typing.final
+class ListTransactionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNRESOLVEDONLY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    unresolvedOnly: _builtins.bool
+    """only the unresolved ones"""
+    limit: _builtins.int
+    after: _builtins.str
+    def __init__(
+        self,
+        *,
+        unresolvedOnly: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "unresolvedOnly", b"unresolvedOnly"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsRequest: _TypeAlias = ListTransactionsRequest  # noqa: Y015
+
+@_typing.final
+class TransactionInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    NEXTCHECK_FIELD_NUMBER: _builtins.int
+    UNRESOLVED_FIELD_NUMBER: _builtins.int
+    PUBLISHTIME_FIELD_NUMBER: _builtins.int
+    checks: _builtins.int
+    """checks sent so far"""
+    nextCheck: _builtins.float
+    unresolved: _builtins.bool
+    publishTime: _builtins.float
+    @_builtins.property
+    def header(self) -> _common_pb2.Header: ...
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        checks: _builtins.int = ...,
+        nextCheck: _builtins.float = ...,
+        unresolved: _builtins.bool = ...,
+        publishTime: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "header", b"header", "nextCheck", b"nextCheck", "publishTime", b"publishTime", "unresolved", b"unresolved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionInfo: _TypeAlias = TransactionInfo  # noqa: Y015
+
+@_typing.final
+class ListTransactionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    next: _builtins.str
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransactionInfo]: ...
+    def __init__(
+        self,
+        *,
+        transactions: _abc.Iterable[Global___TransactionInfo] | None = ...,
+        next: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class ResolveTransactionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGEID_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    messageId: _builtins.str
+    commit: _builtins.bool
+    """true: COMMIT (deliver it); false: ROLLBACK (remove it)"""
+    def __init__(
+        self,
+        *,
+        messageId: _builtins.str = ...,
+        commit: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "messageId", b"messageId"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTransactionRequest: _TypeAlias = ResolveTransactionRequest  # noqa: Y015
+
+@_typing.final
+class ResolveTransactionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """false: the message was not uncommitted (absent, or decided already)"""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTransactionResponse: _TypeAlias = ResolveTransactionResponse  # noqa: Y015

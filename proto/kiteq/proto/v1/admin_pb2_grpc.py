@@ -59,6 +59,16 @@ class AdminStub:
                 request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveRequest.SerializeToString,
                 response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveResponse.FromString,
                 _registered_method=True)
+        self.ListTransactions = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/ListTransactions',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListTransactionsRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListTransactionsResponse.FromString,
+                _registered_method=True)
+        self.ResolveTransaction = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/ResolveTransaction',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -96,6 +106,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTransactions(self, request, context):
+        """Uncommitted messages: being checked, or unresolved (checks exhausted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveTransaction(self, request, context):
+        """An operator's COMMIT or ROLLBACK of an uncommitted message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +147,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Redrive,
                     request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveRequest.FromString,
                     response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveResponse.SerializeToString,
+            ),
+            'ListTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransactions,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListTransactionsRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'ResolveTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveTransaction,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +294,60 @@ class Admin:
             '/kiteq.proto.v1.Admin/Redrive',
             kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveRequest.SerializeToString,
             kiteq_dot_proto_dot_v1_dot_admin__pb2.RedriveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/ListTransactions',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ListTransactionsRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/ResolveTransaction',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionResponse.FromString,
             options,
             channel_credentials,
             insecure,

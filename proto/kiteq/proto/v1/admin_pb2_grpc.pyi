@@ -38,6 +38,10 @@ class AdminStub:
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
     Redrive: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedriveRequest, _admin_pb2.RedriveResponse]
     """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
+    ListTransactions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTransactionsRequest, _admin_pb2.ListTransactionsResponse]
+    """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
+    ResolveTransaction: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveTransactionRequest, _admin_pb2.ResolveTransactionResponse]
+    """An operator's COMMIT or ROLLBACK of an uncommitted message."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -49,6 +53,10 @@ class AdminAsyncStub(AdminStub):
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     Redrive: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedriveRequest, _admin_pb2.RedriveResponse]  # type: ignore[assignment]
     """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
+    ListTransactions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTransactionsRequest, _admin_pb2.ListTransactionsResponse]  # type: ignore[assignment]
+    """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
+    ResolveTransaction: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveTransactionRequest, _admin_pb2.ResolveTransactionResponse]  # type: ignore[assignment]
+    """An operator's COMMIT or ROLLBACK of an uncommitted message."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -87,5 +95,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RedriveResponse, _abc.Awaitable[_admin_pb2.RedriveResponse]]:
         """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
+
+    @_abc_1.abstractmethod
+    def ListTransactions(
+        self,
+        request: _admin_pb2.ListTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTransactionsResponse, _abc.Awaitable[_admin_pb2.ListTransactionsResponse]]:
+        """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
+
+    @_abc_1.abstractmethod
+    def ResolveTransaction(
+        self,
+        request: _admin_pb2.ResolveTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResolveTransactionResponse, _abc.Awaitable[_admin_pb2.ResolveTransactionResponse]]:
+        """An operator's COMMIT or ROLLBACK of an uncommitted message."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
