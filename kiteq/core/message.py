@@ -76,9 +76,11 @@ class StoredMessage:
     # push does not rebuild it; never stored. Opaque to everything but that edge.
     wire: object = dataclasses.field(default=None, compare=False, repr=False)
 
-    @property
-    def message_id(self) -> str:
-        return self.message.message_id
+    # a copy of message.message_id: the hot paths read it many times per message
+    message_id: str = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.message_id = self.message.message_id
 
     @property
     def topic(self) -> str:

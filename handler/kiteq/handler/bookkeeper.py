@@ -31,8 +31,10 @@ class Bookkeeper:
         self._events: list[HistoryEvent] = []
         # message id -> writes queued or in progress
         self._pending: dict[str, int] = {}
-        # message id -> flush epoch its write completed in
+        # message id -> flush epoch its write completed in; kept only while a recover
+        # scan is reading the store (nothing else can see a stale read)
         self._done: dict[str, int] = {}
+        self._scans = 0
         self._epoch = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -73,10 +75,15 @@ class Bookkeeper:
         # started before saw epoch E - 1
         return message_id in self._pending or self._done.get(message_id, -1) > epoch
 
-    def forget_before(self, epoch: int) -> None:
-        """Drop completion records no scan started at *epoch* or later can need."""
-        if self._done:
-            self._done = {k: v for k, v in self._done.items() if v > epoch}
+    def scan_started(self) -> int:
+        """A store read that must not trust writes still settling begins; its epoch."""
+        self._scans += 1
+        return self._epoch
+
+    def scan_finished(self) -> None:
+        self._scans -= 1
+        if not self._scans:
+            self._done.clear()
 
     async def flushed(self) -> None:
         """Wait until everything queued so far is written."""
@@ -131,4 +138,5 @@ class Bookkeeper:
         left = self._pending.pop(message_id, 1) - 1
         if left > 0:
             self._pending[message_id] = left
-        self._done[message_id] = self._epoch
+        if self._scans:
+            self._done[message_id] = self._epoch

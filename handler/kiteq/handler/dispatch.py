@@ -126,6 +126,10 @@ class Dispatcher:
         self._limits: dict[_Key, TokenBucket] = {}
         self._keys_of: dict[str, set[_Key]] = {}
         self._inflight = 0
+        # wall and monotonic time, read once per entry point: everything an entry point
+        # does happens at one instant, and a clock read per message per step added up
+        self._now = clock.now()
+        self._mono = clock.monotonic()
         self._paused = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -177,7 +181,8 @@ class Dispatcher:
         message = record.message
         if message.message_id in self._flights:
             return
-        now = self._clock.now()
+        self._stamp()
+        now = self._now
         flight = Flight(record, durable, on_done)
         if message.expired_time <= now:
             self._dead_letter(flight, "expired", now)
@@ -217,6 +222,7 @@ class Dispatcher:
 
     def acked(self, conn: Connection, results: list[tuple[str, bool]]) -> None:
         """Results from *conn*'s client: (message id, processed)."""
+        self._stamp()
         for message_id, ok in results:
             pending = conn.inflight.pop(message_id, None)
             if pending is None:
@@ -226,11 +232,13 @@ class Dispatcher:
         self._pump(conn.group)
 
     def connection_opened(self, conn: Connection) -> None:
+        self._stamp()
         if conn.consumer:
             self._pump(conn.group)
 
     def connection_closed(self, conn: Connection) -> None:
         """*conn* is gone: its unacked deliveries fail and go to other connections."""
+        self._stamp()
         self._connections.remove(conn)
         lost = list(conn.inflight.values())
         conn.inflight.clear()
@@ -244,7 +252,8 @@ class Dispatcher:
 
     def expire(self) -> int:
         """Fail deliveries whose ack did not come within the timeout; returns how many."""
-        now = self._clock.monotonic()
+        self._stamp()
+        now = self._mono
         expired = 0
         for conn in self._connections.consumers():
             queue = conn.expiry
@@ -264,6 +273,7 @@ class Dispatcher:
 
     def tick(self) -> None:
         """Periodic: watermark buckets have refilled, let waiting messages go."""
+        self._stamp()
         self._pump_all()
 
     async def settled(self) -> None:
@@ -304,6 +314,10 @@ class Dispatcher:
 
     # -- internals ---------------------------------------------------------------------
 
+    def _stamp(self) -> None:
+        self._now = self._clock.now()
+        self._mono = self._clock.monotonic()
+
     def _released(self, n: int) -> None:
         self._inflight -= n
         if not self._inflight:
@@ -316,7 +330,7 @@ class Dispatcher:
         key = (flight.record.message.topic, group)
         queue = self._waiting.get(key)
         if not queue and self._inflight < self._max_workers and not self._paused:
-            conn = self._connections.pick(group, self._clock.monotonic(), exclude)
+            conn = self._connections.pick(group, self._mono, exclude)
             if conn is not None:
                 bucket = self._limits.get(key)
                 if bucket is None or bucket.take(1):
@@ -338,7 +352,7 @@ class Dispatcher:
         record.succ_groups = (*record.succ_groups, group)
         flight.dirty = True
         self._history.record(
-            record.message_id, self._clock.now(), "skipped", group=group, detail="group offline"
+            record.message_id, self._now, "skipped", group=group, detail="group offline"
         )
         self._history.keep(record.message_id)
 
@@ -346,7 +360,7 @@ class Dispatcher:
         attempt = flight.attempts[group] + 1
         flight.attempts[group] = attempt
         flight.dirty = True
-        deadline = self._clock.monotonic() + self._timeout
+        deadline = self._mono + self._timeout
         record = flight.record
         message_id = record.message_id
         conn.inflight[message_id] = Pending(flight, deadline, attempt)
@@ -358,7 +372,7 @@ class Dispatcher:
             self._retries[record.message.topic, group] += 1
         self._history.record(
             message_id,
-            self._clock.now(),
+            self._now,
             "delivered",
             group=group,
             connection=conn.name,
@@ -373,7 +387,7 @@ class Dispatcher:
         self._tally[record.message.topic, group, result] += 1
         self._history.record(
             record.message_id,
-            self._clock.now(),
+            self._now,
             _RESULT_EVENTS[result],
             group=group,
             connection=conn.name,
@@ -389,7 +403,7 @@ class Dispatcher:
             flight.on_done is None
             and flight.attempts[group] < IMMEDIATE_ATTEMPTS
             and flight.attempts[group] < record.message.deliver_limit
-            and record.message.expired_time > self._clock.now()
+            and record.message.expired_time > self._now
         ):
             self._offer(flight, group, conn)
         else:
@@ -425,7 +439,7 @@ class Dispatcher:
                 sorted(flight.failed),
             )
             return
-        now = self._clock.now()
+        now = self._now
         if flight.failed:
             message = record.message
             if record.deliver_count >= message.deliver_limit:
@@ -480,7 +494,7 @@ class Dispatcher:
         if not self._connections.has_consumers(group):
             self._park_waiting(group)
             return
-        now = self._clock.monotonic()
+        now = self._mono
         for key in list(keys):
             queue = self._waiting[key]
             bucket = self._limits.get(key)

@@ -20,20 +20,13 @@ __all__ = ["History"]
 
 DEFAULT_CAPACITY: Final = 100_000
 _MAX_EVENTS_PER_MESSAGE: Final = 64
+# messages whose history is written to the store, remembered at most
+_KEPT_CAPACITY: Final = 1_000_000
 
 
 # (time, kind, group, connection, attempt, detail): tuples are far cheaper to make than
 # HistoryEvent objects, which are built only when events are written or read
 _Event = tuple[float, str, str, str, int, str]
-
-
-class _Entry:
-    __slots__ = ("events", "flushed", "persisted")
-
-    def __init__(self) -> None:
-        self.events: list[_Event] = []
-        self.flushed = 0
-        self.persisted = False
 
 
 class History:
@@ -48,54 +41,61 @@ class History:
         # OrderedDict, not dict: evicting a plain dict's first key is O(n) once many keys
         # were deleted from its front (iteration skips the dead slots), which made
         # recording a quarter of the broker's time
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._events: OrderedDict[str, list[_Event]] = OrderedDict()
+        # kept messages -> how many of their in-memory events are written already; it
+        # outlives the events' eviction so a kept message's later events are still written
+        self._kept: OrderedDict[str, int] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._events)
 
     def record(
         self,
         message_id: str,
         time: float,
         kind: str,
-        *,
         group: str = "",
         connection: str = "",
         attempt: int = 0,
         detail: str = "",
     ) -> None:
-        entry = self._entries.get(message_id)
-        if entry is None:
-            entry = self._entries[message_id] = _Entry()
-            if len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)  # the oldest message
-        event = (time, kind, group, connection, attempt, detail)
-        if len(entry.events) >= _MAX_EVENTS_PER_MESSAGE:
+        events = self._events.get(message_id)
+        if events is None:
+            events = self._events[message_id] = []
+            if len(self._events) > self._capacity:
+                oldest, _ = self._events.popitem(last=False)
+                if oldest in self._kept:
+                    self._kept[oldest] = 0
+        elif len(events) >= _MAX_EVENTS_PER_MESSAGE:
             # keep the first events (publish, first attempts) and the latest ones
-            del entry.events[_MAX_EVENTS_PER_MESSAGE // 2]
-            entry.flushed = min(entry.flushed, len(entry.events))
-        entry.events.append(event)
-        if entry.persisted:
+            drop = _MAX_EVENTS_PER_MESSAGE // 2
+            del events[drop]
+            written = self._kept.get(message_id)
+            if written is not None and written > drop:
+                self._kept[message_id] = written - 1
+        events.append((time, kind, group, connection, attempt, detail))
+        if message_id in self._kept:
             self.flush(message_id)
 
     def keep(self, message_id: str) -> None:
         """From now on, write *message_id*'s history to the store (it left the happy path)."""
-        entry = self._entries.get(message_id)
-        if entry is None:
-            entry = self._entries[message_id] = _Entry()
-        entry.persisted = True
+        if message_id not in self._kept:
+            self._kept[message_id] = 0
+            if len(self._kept) > _KEPT_CAPACITY:
+                self._kept.popitem(last=False)
         self.flush(message_id)
 
     def flush(self, message_id: str) -> None:
-        entry = self._entries.get(message_id)
-        if entry is None or entry.flushed >= len(entry.events):
+        events = self._events.get(message_id)
+        written = self._kept.get(message_id, 0)
+        if events is None or written >= len(events):
             return
-        self._persist([HistoryEvent(message_id, *e) for e in entry.events[entry.flushed :]])
-        entry.flushed = len(entry.events)
+        self._persist([HistoryEvent(message_id, *e) for e in events[written:]])
+        self._kept[message_id] = len(events)
 
     def unflushed(self, message_id: str) -> list[HistoryEvent]:
         """Events of *message_id* known only to memory (the store has the others)."""
-        entry = self._entries.get(message_id)
-        if entry is None:
+        events = self._events.get(message_id)
+        if events is None:
             return []
-        return [HistoryEvent(message_id, *e) for e in entry.events[entry.flushed :]]
+        return [HistoryEvent(message_id, *e) for e in events[self._kept.get(message_id, 0) :]]

@@ -54,20 +54,22 @@ class RecoverLoop:
     async def scan(self) -> int:
         """One pass over the due messages; returns how many were offered."""
         now = self._clock.now()
-        epoch = self._bookkeeper.epoch
-        self._bookkeeper.forget_before(epoch)
         cursor: DueCursor | None = None
         offered = 0
         while self._dispatcher.has_room:
-            page = await self._store.page_due(now, PAGE_SIZE, cursor)
-            for record in page:
-                message_id = record.message_id
-                if self._dispatcher.tracking(message_id) or self._bookkeeper.settled_since(
-                    message_id, epoch
-                ):
-                    continue
-                self._dispatcher.submit(record)
-                offered += 1
+            epoch = self._bookkeeper.scan_started()
+            try:
+                page = await self._store.page_due(now, PAGE_SIZE, cursor)
+                for record in page:
+                    message_id = record.message_id
+                    if self._dispatcher.tracking(message_id) or self._bookkeeper.settled_since(
+                        message_id, epoch
+                    ):
+                        continue
+                    self._dispatcher.submit(record)
+                    offered += 1
+            finally:
+                self._bookkeeper.scan_finished()
             if len(page) < PAGE_SIZE:
                 break
             cursor = (page[-1].next_deliver_time, page[-1].message_id)
