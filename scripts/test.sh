@@ -6,6 +6,9 @@
 # System packages (Debian, installed only when missing; needs root or sudo):
 #   zookeeper   java + /usr/share/java/zookeeper.jar, for the real-ZooKeeper fixture
 #   prometheus  promtool + prometheus, for the dashboard and metrics checks (~20 MB, ~10 s)
+#   mariadb-server  for the MySQL store tests: started when 127.0.0.1:3306 does not answer,
+#               and root may then log in over TCP without a password (as on the dev image).
+#               KITEQ_TEST_MYSQL=mysql://user:pw@host:port points the tests elsewhere instead.
 # Python: the project with its server extra, editable, plus the "dev" dependency group.
 # Checks: protobuf freshness, ruff format, ruff lint, mypy (strict), pytest.
 # pytest collecting no test (exit code 5) fails the run. Under CI=true a test whose
@@ -68,6 +71,46 @@ system_packages() {
     as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
 }
 
+mariadb_admin() {
+    local admin
+    admin=$(command -v mariadb-admin || command -v mysqladmin)
+    "$admin" --no-defaults --protocol=tcp -h127.0.0.1 -P3306 --connect-timeout=2 "$@"
+}
+
+mariadb_server() {
+    if [[ -n ${KITEQ_TEST_MYSQL:-} ]]; then
+        echo "KITEQ_TEST_MYSQL is set: the tests use that server"
+        return
+    fi
+    if [[ ! -x /usr/sbin/mariadbd ]]; then
+        echo "installing mariadb-server"
+        as_root apt-get update -qq
+        as_root apt-get install -y -qq mariadb-server </dev/null
+    fi
+    # ping exits 0 whenever the server answers, even if it refuses the login
+    if ! mariadb_admin ping >/dev/null 2>&1; then
+        echo "starting mariadbd"
+        as_root install -d -o mysql -g mysql /run/mysqld
+        as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd \
+            -- --user=mysql
+        local tries=0
+        until mariadb_admin ping >/dev/null 2>&1; do
+            if ((++tries > 120)); then
+                echo "error: mariadbd does not answer on 127.0.0.1:3306 after 60s" >&2
+                return 1
+            fi
+            sleep 0.5
+        done
+    fi
+    if ! mariadb_admin -uroot status >/dev/null 2>&1; then
+        # a fresh Debian install lets root in through the socket only
+        echo "allowing root@127.0.0.1 without a password (test server)"
+        as_root mariadb -uroot -e "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '';
+            GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;"
+    fi
+    mariadb_admin -uroot version | sed -n '/Server version/p'
+}
+
 python_packages() {
     # Dependency groups (pyproject [dependency-groups]) need pip >= 25.1.
     local help
@@ -89,6 +132,7 @@ run_pytest() {
 }
 
 step "system packages" system_packages
+step "mariadb" mariadb_server
 step "python packages" python_packages
 step "protobuf freshness" "$PYTHON" proto/generate.py --check
 step "ruff format" "$PYTHON" -m ruff format --check .

@@ -113,7 +113,7 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
         await broker.stop()
         raise
     print(
-        f"kiteq ready cluster={config.name} bind={broker.advertised} store={config.db.split('?')[0]} "
+        f"kiteq ready cluster={config.name} bind={broker.advertised} store={broker.store_description} "
         f"registry={config.registry} topics={','.join(config.topics)}",
         flush=True,
     )

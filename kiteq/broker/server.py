@@ -1,6 +1,7 @@
 """Broker lifecycle: build the pipeline, serve gRPC, supervise background loops, stop cleanly.
 
-Shutdown order (SIGTERM/SIGINT): health NOT_SERVING and refuse new publishes (retriable
+Shutdown order (SIGTERM/SIGINT): leave the registry (ZooKeeper: the broker's ephemeral
+nodes are deleted, so clients stop choosing it) → health NOT_SERVING and refuse new publishes (retriable
 NOT_SERVING) → wait for publishes already accepted to be stored and acked → start no new
 pushes and give in-flight deliveries time to be acked → close the streams → write the
 bookkeeping of what is still in memory → stop the registry → close the store.
@@ -22,9 +23,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiteq.binding.match import BindingTable
-from kiteq.binding.registry import BindingRegistry, open_registry
+from kiteq.binding.registry import (
+    BindingRegistry,
+    BrokerInfo,
+    BrokerRegistration,
+    broker_registration,
+    open_registry,
+)
 from kiteq.broker.admin_service import AdminService
-from kiteq.broker.service import BrokerService, add_to_server as add_broker_service
+from kiteq.broker.service import (
+    PROTOCOL_VERSION,
+    BrokerService,
+    add_to_server as add_broker_service,
+)
 from kiteq.broker.stats import StatsView
 from kiteq.core.clock import Clock, SystemClock
 from kiteq.core.config import ClusterConfig
@@ -75,14 +86,30 @@ def advertised_address(host: str, port: int) -> str:
     """The address clients should dial.
 
     ``-bind`` without a host publishes this machine's address, never ``:port`` (KiteQ
-    publishes ``:13800``, which no other machine can reach).
+    publishes ``:13800``, which no other machine can reach): the host name's address, or
+    when that is a loopback one (Debian maps the host name to 127.0.1.1) the address of
+    the interface that routes outwards; loopback only when there is nothing else.
     """
     if host in {"", "0.0.0.0", "::"}:  # noqa: S104 - comparing, not binding
         try:
             host = socket.gethostbyname(socket.gethostname())
         except OSError:
             host = "127.0.0.1"
+        if host.startswith("127."):
+            host = _outward_address() or host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _outward_address() -> str | None:
+    """The local address of the interface that routes outwards, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            # a UDP connect sends nothing: it only picks the route and the source address
+            probe.connect(("192.0.2.1", 9))
+            address: str = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith(("127.", "0.")) else address
 
 
 class Broker:
@@ -112,6 +139,7 @@ class Broker:
         self._ops: OpsServer | None = None
         self._store: MessageStore | None = None
         self._registry: BindingRegistry | None = None
+        self._registration: BrokerRegistration | None = None
         self._backlog: dict[str, int] = {}
 
     # -- start ---------------------------------------------------------------------------
@@ -126,7 +154,7 @@ class Broker:
                 store.description,
             )
         bindings = BindingTable()
-        self._registry = registry = open_registry(config.registry, store)
+        self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
         self._connections = connections = ConnectionTable()
         self._bookkeeper = bookkeeper = Bookkeeper(store)
@@ -242,6 +270,15 @@ class Broker:
             self._ops = OpsServer(self._bind_host or "0.0.0.0", self._pport, self.metrics, stats)  # noqa: S104
             await self._ops.start()
         self.metrics.set_info(VERSION, config.name, store.description)
+        # announced last: clients may choose this broker from now on
+        self._registration = broker_registration(registry)
+        await self._registration.register(
+            BrokerInfo(
+                address=self.advertised,
+                protocol_version=PROTOCOL_VERSION,
+                proto=broker_pb2.DESCRIPTOR.package,
+            )
+        )
 
     def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a background loop under supervision: if it dies, the broker stops loudly."""
@@ -304,11 +341,19 @@ class Broker:
             raise self._failure
 
     @property
+    def store_description(self) -> str:
+        """The store URL without credentials."""
+        return self._store.description if self._store is not None else ""
+
+    @property
     def failed(self) -> bool:
         return self._failure is not None
 
     async def stop(self) -> None:
         grace = self._grace
+        if self._registration is not None:
+            # first, so that clients stop choosing this broker before it refuses them
+            await self._registration.unregister()
         logger.info("stopping: refusing new publishes, draining")
         if self._health is not None:
             await self._health.enter_graceful_shutdown()

@@ -7,6 +7,10 @@ consumer and deleted). Loops are bounded by count and time.
 
     python tests/bench/e2e_bench.py                       # full matrix
     python tests/bench/e2e_bench.py --stores rocksdb --sizes 1024 --count 100000
+    python tests/bench/e2e_bench.py --stores mysql        # the local MariaDB (--mysql-url)
+
+``mysql`` runs on fresh databases (``kqbench_<random>``, created by the broker's store
+with ``autoCreate=true`` and dropped afterwards) on the server of ``--mysql-url``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO)]
 
 from tests.e2e.broker_process import BrokerProcess, write_config  # noqa: E402
+
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306?shardnum=4"
 
 TOPIC = "bench"
 GROUP_P = "bench-producer"
@@ -115,44 +122,71 @@ def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, float]:
     return result["value"]
 
 
-def measure(store: str, size: int, count: int, limit: float) -> dict[str, object]:
+def store_url(store: str, tmp: str, mysql_url: str) -> tuple[str, str]:
+    """(label, db URL) of a run."""
+    if store == "rocksdb":
+        return "rocksdb fsync=batch", f"rocksdb://{tmp}/db?fsync=batch"
+    if store == "memory":
+        return "memory", "memory://?maxcap=2000000"
+    if store == "mysql":
+        separator = "&" if "?" in mysql_url else "?"
+        prefix = f"kqbench_{uuid.uuid4().hex[:12]}"
+        return "mysql", f"{mysql_url}{separator}db={prefix}&autoCreate=true"
+    raise SystemExit(f"unknown store {store!r}; expected rocksdb, memory or mysql")
+
+
+def measure(
+    store: str, size: int, count: int, limit: float, mysql_url: str = DEFAULT_MYSQL_URL
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        db = f"rocksdb://{tmp}/db?fsync=batch" if store == "rocksdb" else "memory://?maxcap=2000000"
-        config = write_config(Path(tmp), db=db, extra={"deliverySeconds": 30, "recoverSeconds": 5})
-        broker = BrokerProcess(config)
-        broker.start()
-        consumer = producer = None
+        label, db = store_url(store, tmp, mysql_url)
         try:
-            deadline = time.time() + limit
-            consumer = child("consumer", broker.address, str(count), str(deadline))
-            read_json(consumer, 30)  # ready
-            producer = child("producer", broker.address, str(count), str(size), str(deadline))
-            sent = read_json(producer, limit + 30)
-            received = read_json(consumer, limit + 30)
-            while time.time() < deadline + 30 and any(broker.stats().backlog.values()):
-                time.sleep(0.02)
-            drained = time.time()
-            backlog = sum(broker.stats().backlog.values())
-            elapsed = drained - sent["started"]
-            return {
-                "store": "rocksdb fsync=batch" if store == "rocksdb" else "memory",
-                "size": size,
-                "sent": int(sent["sent"]),
-                "failed": int(sent["failed"]),
-                "received": int(received["received"]),
-                "left_in_store": backlog,
-                "publish_msgs_s": round(sent["sent"] / (sent["acked"] - sent["started"])),
-                "e2e_msgs_s": round(received["received"] / elapsed),
-                "seconds": round(elapsed, 2),
-            }
+            return _measure(label, db, tmp, size, count, limit)
         finally:
-            for proc in (producer, consumer):
-                if proc is not None:
-                    proc.kill()
-                    proc.wait(10)
-                    if proc.stdout is not None:
-                        proc.stdout.close()
-            broker.stop_quietly()
+            if db.startswith("mysql://"):
+                from tests.store.mariadb import drop_store
+
+                drop_store(db)
+
+
+def _measure(
+    label: str, db: str, tmp: str, size: int, count: int, limit: float
+) -> dict[str, object]:
+    config = write_config(Path(tmp), db=db, extra={"deliverySeconds": 30, "recoverSeconds": 5})
+    broker = BrokerProcess(config)
+    broker.start()
+    consumer = producer = None
+    try:
+        deadline = time.time() + limit
+        consumer = child("consumer", broker.address, str(count), str(deadline))
+        read_json(consumer, 30)  # ready
+        producer = child("producer", broker.address, str(count), str(size), str(deadline))
+        sent = read_json(producer, limit + 30)
+        received = read_json(consumer, limit + 30)
+        while time.time() < deadline + 30 and any(broker.stats().backlog.values()):
+            time.sleep(0.02)
+        drained = time.time()
+        backlog = sum(broker.stats().backlog.values())
+        elapsed = drained - sent["started"]
+        return {
+            "store": label,
+            "size": size,
+            "sent": int(sent["sent"]),
+            "failed": int(sent["failed"]),
+            "received": int(received["received"]),
+            "left_in_store": backlog,
+            "publish_msgs_s": round(sent["sent"] / (sent["acked"] - sent["started"])),
+            "e2e_msgs_s": round(received["received"] / elapsed),
+            "seconds": round(elapsed, 2),
+        }
+    finally:
+        for proc in (producer, consumer):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        broker.stop_quietly()
 
 
 def main() -> int:
@@ -164,6 +198,11 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,1024")
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per run, at most")
+    parser.add_argument(
+        "--mysql-url",
+        default=DEFAULT_MYSQL_URL,
+        help="server and parameters for --stores mysql (db= is added per run)",
+    )
     parser.add_argument("args", nargs="*")
     options = parser.parse_args()
     if options.role == "producer":
@@ -178,7 +217,7 @@ def main() -> int:
     print(header)
     for store in options.stores.split(","):
         for size in (int(s) for s in options.sizes.split(",")):
-            r = measure(store, size, options.count, options.limit)
+            r = measure(store, size, options.count, options.limit, options.mysql_url)
             print(
                 f"{r['store']:<20} {r['size']:>6} {r['sent']:>8} {r['received']:>8} {r['failed']:>5} "
                 f"{r['left_in_store']:>5} {r['publish_msgs_s']:>10} {r['e2e_msgs_s']:>8} {r['seconds']:>6}",

@@ -5,11 +5,17 @@ loop. Every phase is bounded by a record count and a time limit::
 
     python tests/bench/store_bench.py                       # memory and rocksdb (fsync=batch)
     python tests/bench/store_bench.py --fsync batch,never --callers 1,16 --max-seconds 2
+    python tests/bench/store_bench.py --backends mysql      # the local MariaDB (--mysql-url)
+
+MySQL runs use fresh databases (``kqbench_<random>``, created with ``autoCreate=true`` and
+dropped afterwards) on the server of ``--mysql-url``, whose parameters apply
+(``flushSeconds=0`` there by default: each phase measures one kind of write alone, with
+nothing for bookkeeping to ride along with).
 
 Columns: records/s per phase; ``loop us/call`` is the CPU the calling (event loop) thread
 spent per ``save`` call, encoding included, measured with ``time.thread_time``;
 ``cpu us/rec`` is the whole process's CPU per saved record (writer thread included);
-``batches`` is how many WriteBatches the saves took (RocksDB only).
+``batches`` is how many WriteBatches (RocksDB) or transactions (MySQL) the saves took.
 """
 
 from __future__ import annotations
@@ -18,13 +24,21 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from kiteq.core.message import Message, StoredMessage
 from kiteq.store.base import MessageStore, Rescheduled, Saved
 from kiteq.store.url import open_store
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[2])]
+from tests.store.mariadb import drop_store  # noqa: E402
+
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306?shardnum=4&flushSeconds=0"
 
 
 @dataclasses.dataclass
@@ -95,7 +109,7 @@ async def bench_one(
     try:
         data = build(records, body)
         batches = [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
-        before = getattr(store, "write_batches", None)
+        before = _writes(store)
 
         async def save(batch: Sequence[StoredMessage]) -> int:
             outcomes = await store.save(batch)
@@ -104,7 +118,7 @@ async def bench_one(
             return len(batch)
 
         saved = await run_phase(batches, callers, max_seconds, save)
-        after = getattr(store, "write_batches", None)
+        after = _writes(store)
         done = batches[: saved.calls]
 
         async def reschedule(batch: Sequence[StoredMessage]) -> int:
@@ -132,10 +146,24 @@ async def bench_one(
         await store.close()
 
 
-def urls(backends: list[str], fsyncs: list[str], directory: str) -> list[tuple[str, str]]:
+def _writes(store: MessageStore) -> int | None:
+    """WriteBatches (RocksDB) or transactions (MySQL) so far; None for memory."""
+    count = getattr(store, "write_batches", getattr(store, "write_transactions", None))
+    return None if count is None else int(count)
+
+
+def urls(
+    backends: list[str], fsyncs: list[str], directory: str, mysql_url: str = DEFAULT_MYSQL_URL
+) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for backend in backends:
-        if backend == "memory":
+        if backend == "mysql":
+            separator = "&" if "?" in mysql_url else "?"
+            # {run}: fresh databases per run, created at open
+            found.append(
+                ("mysql", f"{mysql_url}{separator}db=kqbench_{{run}}&autoCreate=true&kiteServer=")
+            )
+        elif backend == "memory":
             found.append(("memory", "memory://?maxcap=10000000"))
         elif backend == "rocksdb":
             found += [
@@ -155,14 +183,19 @@ async def main(args: argparse.Namespace) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="kiteq-store-bench-") as directory:
         run = 0
-        for name, template in urls(args.backends, args.fsync, directory):
+        session = uuid.uuid4().hex[:8]
+        for name, template in urls(args.backends, args.fsync, directory, args.mysql_url):
             for batch_size in args.batch_sizes:
                 for callers in args.callers:
                     run += 1
-                    url = template.format(run=run)
-                    saved, rescheduled, deleted, batches = await bench_one(
-                        url, batch_size, callers, args.records, body, args.max_seconds
-                    )
+                    url = template.format(run=f"{session}_{run}")
+                    try:
+                        saved, rescheduled, deleted, batches = await bench_one(
+                            url, batch_size, callers, args.records, body, args.max_seconds
+                        )
+                    finally:
+                        if url.startswith("mysql://"):
+                            drop_store(url)
                     loop_us = saved.loop_cpu / max(saved.calls, 1) * 1e6
                     cpu_us = saved.process_cpu / max(saved.records, 1) * 1e6
                     print(
@@ -187,6 +220,11 @@ if __name__ == "__main__":
     parser.add_argument("--body", type=int, default=1024, help="body bytes")
     parser.add_argument("--max-seconds", type=float, default=2.0, help="per phase, at most")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument(
+        "--mysql-url",
+        default=DEFAULT_MYSQL_URL,
+        help="server and parameters of the mysql backend (db= is added per run)",
+    )
     parsed = parser.parse_args()
     if parsed.uvloop:
         import uvloop

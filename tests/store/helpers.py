@@ -64,4 +64,4 @@ def due_order(records: list[StoredMessage]) -> list[str]:
 
 
 # backends that promise to keep data across close/reopen (a subset of conftest.BACKENDS)
-DURABLE_BACKENDS = ["rocksdb"]
+DURABLE_BACKENDS = ["rocksdb", "mysql"]

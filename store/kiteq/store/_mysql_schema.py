@@ -1,0 +1,385 @@
+"""The MySQL store's layout and DDL: 16 slots, ``shardnum`` databases, KiteQ's tables.
+
+Routing (frozen: changing it strands stored rows). A message id's **slot** is the value of
+its last character read as a hex digit (0-15, either case; any other character counts as
+its code point modulo 16). With ``S = shardnum`` databases and ``T = 16 / S`` tables per
+database, slot ``h`` lives in database ``{db}_{h // T}``, table ``kite_msg_{h % T}``.
+This is KiteQ's ``kite_mysql_shard.go``: for ``shardnum=4``, ids ending in ``0``-``3``
+go to ``kite_0.kite_msg_0``-``3``, ids ending in ``c``-``f`` to ``kite_3``.
+
+Every database also holds ``kite_msg_dlq``, the dead-letter queue of its slots (KiteQ's
+table plus ``dead_reason``, ``dead_time`` and ``dead_groups``, the JSON array of the
+groups that had not acked), and ``kite_msg_history``, the events of its slots' messages;
+the first database holds ``kite_meta`` (broker metadata, ``put_meta``).
+
+Columns are KiteQ's, with these deliberate differences:
+
+* ``message_id`` is ``VARCHAR(32) ascii_bin``: ids compare exactly (``AB…`` and ``ab…``
+  are different ids, as in the other stores) and the indexes stay small;
+* text columns are ``utf8mb4_bin`` so topic and owner comparisons are exact;
+* ``publish_time`` and ``next_deliver_time`` are ``DOUBLE`` Unix seconds (KiteQ: integer
+  seconds), so fractional times and the page cursor round-trip exactly;
+* ``header`` holds the header fields that have no column of their own, as a UTF-8 JSON
+  object with KiteQ's field names, defaults omitted:
+  ``{"createTime": 1700000000, "fly": true, "snappy": true, "properties": {"k": "v"}}``
+  (KiteQ stores the protobuf header here; the wire schema is kept out of storage);
+* ``fail_groups`` / ``succ_groups`` are JSON arrays as in KiteQ, in ``MEDIUMTEXT`` so
+  any number of groups fits;
+* the recover index is ``idx_recover (kite_server, commit, next_deliver_time,
+  message_id)``, the order ``page_due`` reads in, and it exists: KiteQ's query forces an
+  ``idx_recover`` its DDL never creates (it creates ``idx_recover_a``);
+* ``idx_backlog (kite_server, topic)`` counts a broker's backlog without a table scan;
+  in the DLQ, ``idx_dlq (kite_server, message_id)`` pages dead letters by id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    TextClause,
+    bindparam,
+    text,
+)
+from sqlalchemy.dialects import mysql
+
+__all__ = [
+    "DLQ_COLUMNS",
+    "DLQ_TABLE",
+    "HISTORY_COLUMNS",
+    "HISTORY_TABLE",
+    "MESSAGE_COLUMNS",
+    "META_TABLE",
+    "SHARDNUMS",
+    "SLOTS",
+    "Layout",
+    "check_schema",
+    "create_schema",
+    "slot_of",
+]
+
+SLOTS: Final = 16
+SHARDNUMS: Final = (1, 2, 4, 8, 16)
+DLQ_TABLE: Final = "kite_msg_dlq"
+HISTORY_TABLE: Final = "kite_msg_history"
+META_TABLE: Final = "kite_meta"
+
+# KiteQ's column order (kite_sql_wrapper.go), used by every INSERT and SELECT.
+MESSAGE_COLUMNS: Final = (
+    "message_id",
+    "header",
+    "body",
+    "msg_type",
+    "topic",
+    "message_type",
+    "publish_group",
+    "commit",
+    "publish_time",
+    "expired_time",
+    "deliver_count",
+    "deliver_limit",
+    "kite_server",
+    "fail_groups",
+    "succ_groups",
+    "next_deliver_time",
+)
+
+DLQ_COLUMNS: Final = (*MESSAGE_COLUMNS, "dead_reason", "dead_time", "dead_groups")
+HISTORY_COLUMNS: Final = (
+    "message_id",
+    "event_time",
+    "kind",
+    "group_name",
+    "connection",
+    "attempt",
+    "detail",
+)
+
+_Indexes = dict[str, tuple[bool, tuple[str, ...]]]
+# name -> (unique, columns); PRIMARY is the auto-increment id.
+MESSAGE_INDEXES: Final[_Indexes] = {
+    "PRIMARY": (True, ("id",)),
+    "idx_message_id": (True, ("message_id",)),
+    "idx_recover": (False, ("kite_server", "commit", "next_deliver_time", "message_id")),
+    "idx_backlog": (False, ("kite_server", "topic")),
+}
+DLQ_INDEXES: Final[_Indexes] = {
+    "PRIMARY": (True, ("id",)),
+    "idx_message_id": (True, ("message_id",)),
+    "idx_dlq": (False, ("kite_server", "message_id")),
+    "idx_backlog": (False, ("kite_server", "topic")),
+}
+HISTORY_INDEXES: Final[_Indexes] = {
+    "PRIMARY": (True, ("seq",)),
+    "idx_history": (False, ("message_id", "event_time", "seq")),
+    "idx_event_time": (False, ("event_time",)),
+}
+META_INDEXES: Final[_Indexes] = {
+    "PRIMARY": (True, ("meta_key",)),
+}
+
+_HEX: Final = {c: int(c, 16) for c in "0123456789abcdefABCDEF"}
+
+
+def slot_of(message_id: str) -> int:
+    """The id's slot, 0-15: its last character as a hex digit (see the module doc)."""
+    if not message_id:
+        return 0
+    last = message_id[-1]
+    slot = _HEX.get(last)
+    return ord(last) % SLOTS if slot is None else slot
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each slot lives: ``shardnum`` databases named ``{prefix}_{i}``."""
+
+    prefix: str
+    shardnum: int
+
+    def __post_init__(self) -> None:
+        if self.shardnum not in SHARDNUMS:
+            raise ValueError(f"shardnum must divide 16 (one of {SHARDNUMS}), got {self.shardnum}")
+
+    @property
+    def tables_per_shard(self) -> int:
+        return SLOTS // self.shardnum
+
+    def database(self, shard: int) -> str:
+        return f"{self.prefix}_{shard}"
+
+    def databases(self) -> list[str]:
+        return [self.database(i) for i in range(self.shardnum)]
+
+    def place(self, slot: int) -> tuple[int, int]:
+        """(shard, table number) of *slot*."""
+        return divmod(slot, self.tables_per_shard)
+
+    def route(self, message_id: str) -> tuple[int, int]:
+        """(shard, table number) holding *message_id*."""
+        return self.place(slot_of(message_id))
+
+    def table_name(self, table: int) -> str:
+        return f"kite_msg_{table}"
+
+    def slots(self) -> Iterator[tuple[int, int, int]]:
+        """(slot, shard, table number) for the 16 slots."""
+        for slot in range(SLOTS):
+            shard, table = self.place(slot)
+            yield slot, shard, table
+
+    def expected_tables(self) -> dict[tuple[str, str], _Indexes]:
+        """(database, table) -> expected indexes, for every table of the layout."""
+        expected: dict[tuple[str, str], _Indexes] = {}
+        for shard in range(self.shardnum):
+            database = self.database(shard)
+            for table in range(self.tables_per_shard):
+                expected[(database, self.table_name(table))] = MESSAGE_INDEXES
+            expected[(database, DLQ_TABLE)] = DLQ_INDEXES
+            expected[(database, HISTORY_TABLE)] = HISTORY_INDEXES
+        expected[(self.database(0), META_TABLE)] = META_INDEXES
+        return expected
+
+    def metadata(self) -> MetaData:
+        """SQLAlchemy tables of the whole layout (schema = database)."""
+        metadata = MetaData()
+        for (database, name), indexes in self.expected_tables().items():
+            if indexes is META_INDEXES:
+                _meta_table(metadata, database)
+            elif indexes is HISTORY_INDEXES:
+                _history_table(metadata, database)
+            else:
+                _message_table(metadata, name, database, indexes)
+        return metadata
+
+
+def _message_id() -> Column[str]:
+    return Column(
+        "message_id", mysql.VARCHAR(32, charset="ascii", collation="ascii_bin"), nullable=False
+    )
+
+
+def _add_indexes(table: Table, indexes: _Indexes) -> None:
+    for index, (unique, columns) in indexes.items():
+        if index != "PRIMARY":
+            Index(index, *(table.c[c] for c in columns), unique=unique)
+
+
+def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes) -> Table:
+    dlq = indexes is DLQ_INDEXES
+    dead: list[Column[Any]] = (
+        [
+            Column("dead_reason", mysql.VARCHAR(64), nullable=False),
+            Column("dead_time", mysql.DOUBLE, nullable=False),
+            Column("dead_groups", mysql.MEDIUMTEXT, nullable=False),
+        ]
+        if dlq
+        else []
+    )
+    table = Table(
+        name,
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        _message_id(),
+        Column("header", mysql.MEDIUMBLOB, nullable=False),
+        Column("body", mysql.MEDIUMBLOB, nullable=False),
+        Column("msg_type", mysql.TINYINT(unsigned=True), nullable=False),
+        Column("topic", mysql.VARCHAR(255), nullable=False),
+        Column("message_type", mysql.VARCHAR(255), nullable=False),
+        Column("publish_group", mysql.VARCHAR(255), nullable=False),
+        Column("commit", mysql.TINYINT(1), nullable=False, quote=True),
+        Column("publish_time", mysql.DOUBLE, nullable=False),
+        Column("expired_time", BigInteger, nullable=False),
+        Column("deliver_count", Integer, nullable=False),
+        Column("deliver_limit", Integer, nullable=False),
+        Column("kite_server", mysql.VARCHAR(255), nullable=False),
+        Column("fail_groups", mysql.MEDIUMTEXT, nullable=False),
+        Column("succ_groups", mysql.MEDIUMTEXT, nullable=False),
+        Column("next_deliver_time", mysql.DOUBLE, nullable=False),
+        *dead,
+        schema=schema,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
+    )
+    _add_indexes(table, indexes)
+    return table
+
+
+def _history_table(metadata: MetaData, schema: str) -> Table:
+    table = Table(
+        HISTORY_TABLE,
+        metadata,
+        Column("seq", BigInteger, primary_key=True, autoincrement=True),
+        _message_id(),
+        Column("event_time", mysql.DOUBLE, nullable=False),
+        Column("kind", mysql.VARCHAR(32), nullable=False),
+        Column("group_name", mysql.VARCHAR(255), nullable=False),
+        Column("connection", mysql.VARCHAR(255), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("detail", Text, nullable=False),
+        schema=schema,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
+    )
+    _add_indexes(table, HISTORY_INDEXES)
+    return table
+
+
+def _meta_table(metadata: MetaData, schema: str) -> Table:
+    return Table(
+        META_TABLE,
+        metadata,
+        Column("meta_key", mysql.VARBINARY(1024), primary_key=True),
+        Column("meta_value", mysql.MEDIUMBLOB, nullable=False),
+        schema=schema,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
+    )
+
+
+def _in_names(select: str) -> TextClause:
+    """*select* followed by ``IN :names`` (an expanding bind parameter)."""
+    return text(select + " IN :names").bindparams(bindparam("names", expanding=True))
+
+
+def check_schema(conn: Connection, layout: Layout) -> list[str]:
+    """What is missing or wrong, one line each (empty: the schema is complete)."""
+    databases = layout.databases()
+    names = {"names": databases}
+    found_dbs = {
+        row[0]
+        for row in conn.execute(
+            _in_names("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME"),
+            names,
+        )
+    }
+    columns: dict[tuple[str, str], set[str]] = {}
+    for schema, table, column in conn.execute(
+        _in_names(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA"
+        ),
+        names,
+    ):
+        columns.setdefault((schema, table), set()).add(column)
+    parts: dict[tuple[str, str, str], list[tuple[int, str, int]]] = {}
+    for schema, table, index, non_unique, seq, column in conn.execute(
+        _in_names(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, INDEX_NAME, NON_UNIQUE, SEQ_IN_INDEX, COLUMN_NAME "
+            "FROM information_schema.STATISTICS WHERE TABLE_SCHEMA"
+        ),
+        names,
+    ):
+        parts.setdefault((schema, table, index), []).append((int(seq), column, int(non_unique)))
+
+    problems: list[str] = []
+    problems += [f"database {name}" for name in databases if name not in found_dbs]
+    metadata = layout.metadata()
+    for (database, name), indexes in layout.expected_tables().items():
+        if database not in found_dbs:
+            continue
+        where = f"{database}.{name}"
+        have = columns.get((database, name))
+        if have is None:
+            problems.append(f"table {where}")
+            continue
+        want = [c.name for c in metadata.tables[f"{database}.{name}"].columns]
+        problems += [f"column {where}.{c}" for c in want if c not in have]
+        for index, (unique, cols) in indexes.items():
+            got = sorted(parts.get((database, name, index), []))
+            if not got:
+                problems.append(f"index {where}.{index} ({', '.join(cols)})")
+            elif tuple(c for _, c, _ in got) != cols or (got[0][2] == 0) != unique:
+                problems.append(
+                    f"index {where}.{index} is ({', '.join(c for _, c, _ in got)}), "
+                    f"expected {'unique ' if unique else ''}({', '.join(cols)})"
+                )
+    return problems
+
+
+def create_schema(conn: Connection, layout: Layout) -> list[str]:
+    """Create what is missing (databases, tables, indexes); idempotent.
+
+    Returns what it created. Never drops or alters existing columns or indexes: a table
+    whose columns differ is left for ``check_schema`` to report.
+    """
+    if not check_schema(conn, layout):
+        return []
+    created: list[str] = []
+    for database in layout.databases():
+        exists = conn.execute(
+            text("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = :d"),
+            {"d": database},
+        ).first()
+        if exists is None:
+            conn.execute(
+                text(
+                    f"CREATE DATABASE IF NOT EXISTS `{database}` "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                )
+            )
+            created.append(f"database {database}")
+    before = check_schema(conn, layout)
+    metadata = layout.metadata()
+    metadata.create_all(conn, checkfirst=True)
+    missing = set(check_schema(conn, layout))
+    for table in metadata.tables.values():
+        for index in table.indexes:
+            cols = ", ".join(c.name for c in index.columns)
+            if f"index {table.schema}.{table.name}.{index.name} ({cols})" in missing:
+                index.create(conn)
+    after = set(check_schema(conn, layout))
+    return created + [problem for problem in before if problem not in after]

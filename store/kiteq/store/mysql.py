@@ -1,0 +1,1769 @@
+"""The MySQL store: KiteQ's sharded tables on MySQL or MariaDB, written by group commit.
+
+``mysql://user:pw@host:3306?db=kite&shardnum=4&batchUpdateSize=1000&batchDelSize=1000
+&flushSeconds=1&maxConn=20`` (every parameter: ``kiteq.store.url.MySQLOptions``). The
+layout, the DDL and the routing of ids to databases and tables are in ``_mysql_schema``.
+
+**Schema.** Created by an explicit command, never silently::
+
+    kiteq-schema 'mysql://root:pw@db:3306?db=kite&shardnum=4'          # create (idempotent)
+    kiteq-schema --check 'mysql://root:pw@db:3306?db=kite&shardnum=4'  # exit 1 naming gaps
+    python -m kiteq.store.mysql [--check] URL                          # the same
+
+``open`` checks the schema and refuses to start when something is missing, naming that
+command; with ``autoCreate=true`` in the URL it creates what is missing instead.
+
+**Writes: group commit, one transaction per database.** Each database (shard) has one
+writer. Every write call (``save``, ``commit``, ``rollback``, ``reschedule``,
+``delete``, ``dead_letter``, ``redrive``, ``append_history``, ``put_meta``) is split by
+database and queued; the writer turns everything queued into one transaction and runs it on a worker
+thread, while later calls queue for the next one. In a transaction, queued calls keep
+their call order where it matters (a delete before a save of the same id stays before
+it) and are otherwise grouped into few statements per table:
+
+* saves: one ``executemany`` INSERT, which PyMySQL sends as multi-row INSERTs of up to
+  1 MB. Duplicate ids: a unique key violation rolls the transaction back and it is
+  replayed after ``SELECT … FOR UPDATE`` finds the stored ids, so one duplicate costs a
+  replay and never fails the others;
+* commits and rollbacks: the rows are read ``FOR UPDATE``; the undecided ones get one
+  ``UPDATE … SET commit = 1 WHERE message_id IN (…)`` (or ``DELETE``), and only the
+  first call naming an id gets its record;
+* reschedules: one ``UPDATE … SET col = CASE message_id WHEN … END … WHERE message_id
+  IN (…)`` per ``batchUpdateSize`` rows (an executemany UPDATE would be one statement
+  per row);
+* deletes: ``DELETE … WHERE message_id IN (…)`` per ``batchDelSize`` ids;
+* dead letters and redrives: rows read ``FOR UPDATE``, inserted into the other table and
+  deleted from theirs, in the same transaction (never in both, never in neither);
+* history events: one ``executemany`` INSERT.
+
+A caller's ``await`` returns when every transaction holding its writes has committed,
+so a store-ack (``Saved.STORED``) means COMMIT returned (durable with InnoDB's default
+``innodb_flush_log_at_trx_commit=1``). A save spanning databases whose transactions
+fail in only one of them reports ``StoreUnavailableError`` for exactly the records of
+that database. A record the columns cannot hold (an id longer than 32 characters, a
+topic over 255, a body over ``MAX_BODY_BYTES``…) fails alone with a ``StoreError``
+before it reaches a transaction. Saves, decisions, redrives and metadata writes start a
+transaction at once;
+bookkeeping (reschedules, deletes, dead letters, history) may wait up to
+``flushSeconds`` (or until ``batchUpdateSize`` / ``batchDelSize`` rows are queued) and
+otherwise rides along with the next transaction of its database.
+
+A transaction is retried when nothing of it can have committed: a duplicate key (replayed
+as above), a deadlock or lock wait timeout, or a connection lost before COMMIT was sent.
+A connection lost during COMMIT makes the outcome unknown: the callers get
+``StoreUnavailableError`` (a producer's retry of a save that did commit is a duplicate,
+acknowledged without a second dispatch).
+
+**Threads.** Every SQLAlchemy/PyMySQL call runs on the store's own ``ThreadPoolExecutor``
+of ``maxConn`` threads, and the connection pool holds ``maxConn`` connections (no
+overflow), so a worker never waits for a connection. Connections are pinged on checkout
+and recycled hourly, so connections the server dropped are replaced transparently.
+
+**Reads.** ``page_due`` reads the (next_deliver_time, message_id) keys of the 16 slots
+in one ``UNION ALL`` over ``idx_recover`` (each branch stops after *limit* keys), then
+the rows of the first *limit* keys, both in one snapshot; ``page_uncommitted`` likewise
+in id order. ``backlog`` and ``dlq_size``
+are counted at open and kept up to date from the writes' row counts. Only rows whose
+``kite_server`` is this store's owner (``kiteServer``, by default the host name the
+broker stamps) are paged, counted and listed in the DLQ; ``get``, ``commit``,
+``rollback``, ``get_dead_letter`` and ``redrive`` address any row by id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import enum
+import functools
+import json
+import logging
+import math
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, Literal, TypeVar, TypeVarTuple
+
+import pymysql
+from sqlalchemy import URL, Connection, Engine, create_engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from kiteq.core.errors import ConfigError, StoreError, StoreUnavailableError
+from kiteq.core.limits import MAX_EXPIRY_SECONDS
+from kiteq.core.message import Message, StoredMessage
+from kiteq.store._mysql_schema import (
+    DLQ_COLUMNS,
+    DLQ_TABLE,
+    HISTORY_COLUMNS,
+    HISTORY_TABLE,
+    MESSAGE_COLUMNS,
+    META_TABLE,
+    Layout,
+    check_schema,
+    create_schema,
+)
+from kiteq.store.base import (
+    DeadLetter,
+    DlqFilter,
+    DueCursor,
+    HistoryEvent,
+    Rescheduled,
+    Saved,
+    SaveOutcome,
+)
+from kiteq.store.url import MySQLOptions, mysql_options
+
+__all__ = ["MySQLStore", "page_keys_sql", "schema_command", "schema_main"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+_Row = tuple[Any, ...]
+
+# KiteQ's msg_type for a bytes body (0x12 was a string body; all bodies are bytes here).
+_BYTES_MESSAGE: Final = 0x11
+# One transaction carries at most this many bytes of rows (a single larger call goes
+# alone), so a burst cannot build an unbounded transaction.
+_MAX_FLUSH_BYTES: Final = 8 * 1024 * 1024
+_ROW_OVERHEAD: Final = 256
+# ids per IN (…) list for reads (SELECT … IN, SELECT … FOR UPDATE)
+_READ_CHUNK: Final = 1000
+# history rows removed per statement by prune_history
+_PRUNE_CHUNK: Final = 10_000
+_MAX_ATTEMPTS: Final = 4
+_DEADLOCK: Final = 1213
+_LOCK_WAIT_TIMEOUT: Final = 1205
+_DUPLICATE_KEY: Final = 1062
+_MAX_TIME: Final = sys.float_info.max
+# Column limits checked before a write joins a transaction, so one bad record fails alone
+# instead of failing everything written with it. A body is sent escaped (at worst twice
+# its size) in one statement: the server's max_allowed_packet (16 MiB by default) must
+# hold it.
+MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+_MAX_NAME: Final = 255
+_INT: Final = range(-(2**31), 2**31)
+_BIGINT: Final = range(-(2**63), 2**63)
+_KIND_CHARS: Final = 32
+_REASON_CHARS: Final = 64
+_DETAIL_CHARS: Final = 16_000
+_COLUMNS: Final = ", ".join(f"`{c}`" for c in MESSAGE_COLUMNS)
+_DLQ_COLUMNS: Final = ", ".join(f"`{c}`" for c in DLQ_COLUMNS)
+_HISTORY_COLUMNS: Final = ", ".join(f"`{c}`" for c in HISTORY_COLUMNS)
+# positions in a MESSAGE_COLUMNS row
+_EXPIRED_TIME: Final = MESSAGE_COLUMNS.index("expired_time")
+_DELIVER_COUNT: Final = MESSAGE_COLUMNS.index("deliver_count")
+_KITE_SERVER: Final = MESSAGE_COLUMNS.index("kite_server")
+_FAIL_GROUPS: Final = MESSAGE_COLUMNS.index("fail_groups")
+_SUCC_GROUPS: Final = MESSAGE_COLUMNS.index("succ_groups")
+_NEXT_DELIVER_TIME: Final = MESSAGE_COLUMNS.index("next_deliver_time")
+_TOPIC: Final = MESSAGE_COLUMNS.index("topic")
+_COMMIT: Final = MESSAGE_COLUMNS.index("commit")
+
+
+# -- rows ------------------------------------------------------------------------------
+
+
+def _time(value: float) -> float:
+    """A stored time: negative, -0.0 and NaN become 0.0 (due at once), +inf the largest."""
+    if value > 0.0:
+        return value if value < _MAX_TIME else _MAX_TIME
+    return 0.0
+
+
+def _problem(record: StoredMessage) -> str | None:
+    """Why *record* cannot be stored, or None."""
+    m = record.message
+    if not _storable_id(m.message_id):
+        return "its id is not 1 to 32 ASCII characters"
+    for name, value in (
+        ("topic", m.topic),
+        ("message_type", m.message_type),
+        ("group_id", m.group_id),
+        ("kite_server", record.kite_server),
+    ):
+        if len(value) > _MAX_NAME:
+            return f"its {name} is longer than {_MAX_NAME} characters"
+    if len(m.body) > MAX_BODY_BYTES:
+        return f"its body is larger than {MAX_BODY_BYTES} bytes"
+    if not math.isfinite(record.publish_time):
+        return "its publish_time is not a finite number"
+    if m.deliver_limit not in _INT or record.deliver_count not in _INT:
+        return "its deliver_limit or deliver_count is out of range"
+    if m.expired_time not in _BIGINT:
+        return "its expired_time is out of range"
+    return None
+
+
+def _storable_id(message_id: str) -> bool:
+    return 0 < len(message_id) <= 32 and message_id.isascii()
+
+
+def _count(value: int) -> int:
+    """An INT column value (deliver_count, attempt), clamped."""
+    return value if value in _INT else (_INT.stop - 1 if value > 0 else _INT.start)
+
+
+def _groups(groups: Sequence[str]) -> str:
+    return json.dumps(list(groups), ensure_ascii=False, separators=(",", ":")) if groups else "[]"
+
+
+def _header(message: Message) -> bytes:
+    """The header fields without a column of their own, as JSON (module doc of the schema)."""
+    if not (message.fly or message.snappy or message.properties):
+        return b'{"createTime":%d}' % message.create_time
+    header: dict[str, object] = {"createTime": message.create_time}
+    if message.fly:
+        header["fly"] = True
+    if message.snappy:
+        header["snappy"] = True
+    if message.properties:
+        header["properties"] = dict(message.properties)
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _row(record: StoredMessage) -> _Row:
+    """INSERT values, in ``MESSAGE_COLUMNS`` order."""
+    m = record.message
+    return (
+        m.message_id,
+        _header(m),
+        m.body,
+        _BYTES_MESSAGE,
+        m.topic,
+        m.message_type,
+        m.group_id,
+        1 if m.commit else 0,
+        record.publish_time,
+        m.expired_time,
+        record.deliver_count,
+        m.deliver_limit,
+        record.kite_server,
+        _groups(record.fail_groups),
+        _groups(record.succ_groups),
+        _time(record.next_deliver_time),
+    )
+
+
+def _record(row: _Row) -> StoredMessage:
+    (
+        message_id,
+        header_json,
+        body,
+        _msg_type,
+        topic,
+        message_type,
+        group,
+        commit,
+        publish_time,
+        expired_time,
+        deliver_count,
+        deliver_limit,
+        kite_server,
+        fail_groups,
+        succ_groups,
+        next_deliver_time,
+    ) = row[: len(MESSAGE_COLUMNS)]
+    header: dict[str, Any] = json.loads(header_json) if header_json else {}
+    message = Message(
+        topic=topic,
+        message_type=message_type,
+        body=bytes(body),
+        message_id=message_id,
+        properties=header.get("properties", {}),
+        expired_time=expired_time,
+        deliver_limit=deliver_limit,
+        group_id=group,
+        commit=bool(commit),
+        fly=bool(header.get("fly", False)),
+        create_time=int(header.get("createTime", 0)),
+        snappy=bool(header.get("snappy", False)),
+    )
+    return StoredMessage(
+        message=message,
+        publish_time=publish_time,
+        deliver_count=deliver_count,
+        succ_groups=tuple(json.loads(succ_groups)),
+        fail_groups=tuple(json.loads(fail_groups)),
+        next_deliver_time=next_deliver_time,
+        kite_server=kite_server,
+    )
+
+
+def _dead_letter(row: _Row) -> DeadLetter:
+    reason, dead_time, groups = row[len(MESSAGE_COLUMNS) :]
+    return DeadLetter(_record(row), reason, dead_time, tuple(json.loads(groups)))
+
+
+# -- SQL -------------------------------------------------------------------------------
+# Table names come from the validated layout (``db`` is [A-Za-z0-9_]); every value is a
+# driver parameter. Statements are plain driver SQL rather than compiled Core constructs:
+# their shape changes with every batch size, and compiling them would cost more than the
+# statement itself.
+
+
+def _marks(n: int) -> str:
+    return ", ".join(["%s"] * n)
+
+
+@functools.lru_cache(maxsize=1024)
+def _insert_sql(table: str, columns: str, n: int) -> str:
+    return f"INSERT INTO {table} ({columns}) VALUES ({_marks(n)})"  # noqa: S608
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_sql(table: str, columns: str, n: int, lock: bool = False) -> str:
+    suffix = " FOR UPDATE" if lock else ""
+    return f"SELECT {columns} FROM {table} WHERE message_id IN ({_marks(n)}){suffix}"  # noqa: S608
+
+
+@functools.lru_cache(maxsize=1024)
+def _commit_sql(table: str, n: int) -> str:
+    return f"UPDATE {table} SET `commit` = 1 WHERE message_id IN ({_marks(n)}) AND `commit` = 0"  # noqa: S608
+
+
+@functools.lru_cache(maxsize=1024)
+def _delete_sql(table: str, n: int) -> str:
+    return f"DELETE FROM {table} WHERE message_id IN ({_marks(n)})"  # noqa: S608
+
+
+def _delete_meta_sql(table: str, n: int) -> str:
+    return f"DELETE FROM {table} WHERE meta_key IN ({_marks(n)})"  # noqa: S608
+
+
+_RESCHEDULED: Final = ("deliver_count", "succ_groups", "fail_groups", "next_deliver_time")
+
+
+@functools.lru_cache(maxsize=1024)
+def _reschedule_sql(table: str, n: int) -> str:
+    whens = " ".join(["WHEN %s THEN %s"] * n)
+    sets = ", ".join(f"`{c}` = CASE message_id {whens} END" for c in _RESCHEDULED)
+    return f"UPDATE {table} SET {sets} WHERE message_id IN ({_marks(n)})"  # noqa: S608
+
+
+def page_keys_sql(tables: Sequence[tuple[int, str]]) -> str:
+    """The recover query: due keys of every (slot, table), in due order.
+
+    Parameters per table: owner, now, cursor time, cursor time, cursor id, limit; then
+    the overall limit. Each branch is a range scan of ``idx_recover`` that stops after
+    *limit* keys (no filesort).
+    """
+    branch = (
+        "(SELECT next_deliver_time, message_id, {slot} AS slot FROM {table}"
+        " WHERE kite_server = %s AND `commit` = 1 AND next_deliver_time <= %s"
+        " AND (next_deliver_time > %s OR (next_deliver_time = %s AND message_id > %s))"
+        " ORDER BY next_deliver_time, message_id LIMIT %s)"
+    )
+    union = " UNION ALL ".join(branch.format(slot=slot, table=table) for slot, table in tables)
+    return f"{union} ORDER BY next_deliver_time, message_id LIMIT %s"
+
+
+def uncommitted_keys_sql(tables: Sequence[tuple[int, str]]) -> str:
+    """Uncommitted ids of every (slot, table), in id order (``idx_recover`` prefix).
+
+    Parameters per table: owner, cursor id, limit; then the overall limit.
+    """
+    branch = (
+        "(SELECT message_id, {slot} AS slot FROM {table}"
+        " WHERE kite_server = %s AND `commit` = 0 AND message_id > %s"
+        " ORDER BY message_id LIMIT %s)"
+    )
+    union = " UNION ALL ".join(branch.format(slot=slot, table=table) for slot, table in tables)
+    return f"{union} ORDER BY message_id LIMIT %s"
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# -- queued writes ---------------------------------------------------------------------
+
+
+class _Kind(enum.IntEnum):
+    """The order in which a transaction applies its writes (see ``_segments``)."""
+
+    SAVE = 0
+    REDRIVE = 1
+    COMMIT = 2
+    ROLLBACK = 3
+    RESCHEDULE = 4
+    DEAD_LETTER = 5
+    DELETE = 6
+    HISTORY = 7
+    META = 8
+
+
+# Bookkeeping: may wait for flushSeconds; counted against batchUpdateSize (updates) or
+# batchDelSize (deletes).
+_UPDATES: Final = frozenset({_Kind.RESCHEDULE, _Kind.HISTORY})
+_DELETES: Final = frozenset({_Kind.DELETE, _Kind.DEAD_LETTER})
+
+
+class _Call:
+    """One caller's request; its parts (one per database) settle it."""
+
+    __slots__ = ("error", "future", "left")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] | None = None
+        self.left = 0
+        self.error: StoreUnavailableError | None = None
+
+    def part_done(self) -> None:
+        self.left -= 1
+        if self.left or self.future is None or self.future.done():
+            return
+        if self.error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(self.error)
+
+
+class _SaveCall(_Call):
+    __slots__ = ("outcomes",)
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        unset = StoreUnavailableError("not written")
+        self.outcomes: list[SaveOutcome] = [unset] * n
+
+
+class _RecordCall(_Call):
+    """A call answering records by position (commit: one; redrive: one per id)."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.records: list[StoredMessage | None] = [None] * n
+
+
+class _Part:
+    """A call's writes to one database.
+
+    A part's results are kept on it while its transaction runs (``reset`` at the start
+    of every attempt) and handed to its call by ``succeed`` once COMMIT returned.
+    """
+
+    __slots__ = ("call", "queued", "rows", "shard", "size")
+    kind: _Kind
+
+    def __init__(self, call: _Call, shard: int) -> None:
+        self.call = call
+        self.shard = shard
+        self.size = _ROW_OVERHEAD
+        self.rows = 1
+        self.queued = 0.0
+
+    def ids(self) -> Iterable[str]:
+        """Ids whose stored rows this part reads or changes (``_segments``)."""
+        return ()
+
+    def reset(self) -> None:
+        pass
+
+    def succeed(self) -> None:
+        self.call.part_done()
+
+    def fail(self, error: StoreUnavailableError) -> None:
+        if self.call.error is None:
+            self.call.error = error
+        self.call.part_done()
+
+
+class _SaveItem:
+    __slots__ = ("message_id", "owned", "position", "row", "table", "topic")
+
+    def __init__(
+        self, position: int, table: int, message_id: str, row: _Row, topic: str, owned: bool
+    ) -> None:
+        self.position = position
+        self.table = table
+        self.message_id = message_id
+        self.row = row
+        self.topic = topic
+        self.owned = owned
+
+
+class _SavePart(_Part):
+    __slots__ = ("items", "outcomes", "save")
+    kind = _Kind.SAVE
+
+    def __init__(self, call: _SaveCall, shard: int) -> None:
+        super().__init__(call, shard)
+        self.save = call
+        self.items: list[_SaveItem] = []
+        self.outcomes: list[Saved] = []
+
+    def ids(self) -> Iterable[str]:
+        return (item.message_id for item in self.items)
+
+    def reset(self) -> None:
+        self.outcomes = [Saved.DUPLICATE] * len(self.items)
+
+    def succeed(self) -> None:
+        outcomes = self.save.outcomes
+        for item, outcome in zip(self.items, self.outcomes, strict=True):
+            outcomes[item.position] = outcome
+        self.call.part_done()
+
+    def fail(self, error: StoreUnavailableError) -> None:
+        # A save answers per record; the call itself does not raise.
+        for item in self.items:
+            self.save.outcomes[item.position] = error
+        self.call.part_done()
+
+
+class _RecordPart(_Part):
+    """Parts that name ids and answer records: (position, table number, message id)."""
+
+    __slots__ = ("found", "items", "records")
+
+    def __init__(self, call: _RecordCall, shard: int) -> None:
+        super().__init__(call, shard)
+        self.records = call
+        self.items: list[tuple[int, int, str]] = []
+        self.found: dict[int, StoredMessage] = {}  # position -> record
+
+    def ids(self) -> Iterable[str]:
+        return (item[2] for item in self.items)
+
+    def reset(self) -> None:
+        self.found = {}
+
+    def succeed(self) -> None:
+        for position, record in self.found.items():
+            self.records.records[position] = record
+        self.call.part_done()
+
+
+class _CommitPart(_RecordPart):
+    __slots__ = ()
+    kind = _Kind.COMMIT
+
+
+class _RollbackPart(_RecordPart):
+    __slots__ = ()
+    kind = _Kind.ROLLBACK
+
+
+class _RedrivePart(_RecordPart):
+    __slots__ = ("now",)
+    kind = _Kind.REDRIVE
+
+    def __init__(self, call: _RecordCall, shard: int, now: float) -> None:
+        super().__init__(call, shard)
+        self.now = now
+
+
+class _ReschedulePart(_Part):
+    __slots__ = ("items",)
+    kind = _Kind.RESCHEDULE
+
+    def __init__(self, call: _Call, shard: int) -> None:
+        super().__init__(call, shard)
+        # (table, message_id, deliver_count, succ_groups, fail_groups, next_deliver_time)
+        self.items: list[tuple[int, str, int, str, str, float]] = []
+
+    def ids(self) -> Iterable[str]:
+        return (item[1] for item in self.items)
+
+
+class _DeletePart(_Part):
+    __slots__ = ("items",)
+    kind = _Kind.DELETE
+
+    def __init__(self, call: _Call, shard: int) -> None:
+        super().__init__(call, shard)
+        # (table, message_id, topic, owned by this store)
+        self.items: list[tuple[int, str, str, bool]] = []
+
+    def ids(self) -> Iterable[str]:
+        return (item[1] for item in self.items)
+
+
+_Letter = tuple[int, str, int, str, str, float, str, float, str]
+
+
+class _DeadLetterPart(_Part):
+    __slots__ = ("items",)
+    kind = _Kind.DEAD_LETTER
+
+    def __init__(self, call: _Call, shard: int) -> None:
+        super().__init__(call, shard)
+        # (table, message_id, deliver_count, succ_groups, fail_groups, next_deliver_time,
+        #  reason, dead_time, groups)
+        self.items: list[_Letter] = []
+
+    def ids(self) -> Iterable[str]:
+        return (item[1] for item in self.items)
+
+
+class _HistoryPart(_Part):
+    __slots__ = ("items",)
+    kind = _Kind.HISTORY
+
+    def __init__(self, call: _Call, shard: int) -> None:
+        super().__init__(call, shard)
+        self.items: list[_Row] = []  # HISTORY_COLUMNS values
+
+
+class _MetaPart(_Part):
+    __slots__ = ("key", "value")
+    kind = _Kind.META
+
+    def __init__(self, call: _Call, key: bytes, value: bytes | None) -> None:
+        super().__init__(call, 0)
+        self.key = key
+        self.value = value
+
+
+def _segments(parts: Sequence[_Part]) -> list[list[int]]:
+    """Split a transaction's parts (in call order) into runs that may be regrouped.
+
+    Inside a run, writes are applied by kind in ``_Kind`` order. A part starts a new run
+    when one of its ids was touched earlier in the run by a write of a later kind (a
+    delete then a save of the same id), so every id sees its writes in call order.
+    """
+    segments: list[list[int]] = []
+    current: list[int] = []
+    touched: dict[str, int] = {}
+    for index, part in enumerate(parts):
+        kind = part.kind
+        ids = list(part.ids())
+        if current and any(touched.get(mid, -1) > kind for mid in ids):
+            segments.append(current)
+            current = []
+            touched = {}
+        current.append(index)
+        for mid in ids:
+            if touched.get(mid, -1) < kind:
+                touched[mid] = kind
+    if current:
+        segments.append(current)
+    return segments
+
+
+class _Shard:
+    """One database's write queue; at most one transaction of it runs at a time."""
+
+    __slots__ = ("busy", "deletes", "index", "pending", "timer", "updates", "urgent")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pending: collections.deque[_Part] = collections.deque()
+        self.busy = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.urgent = 0  # queued parts that never wait
+        self.updates = 0  # queued rows counted against batchUpdateSize
+        self.deletes = 0  # queued rows counted against batchDelSize
+
+    def count(self, part: _Part, sign: int) -> None:
+        if part.kind in _UPDATES:
+            self.updates += sign * part.rows
+        elif part.kind in _DELETES:
+            self.deletes += sign * part.rows
+        else:
+            self.urgent += sign
+
+    def oldest_deferred(self) -> float | None:
+        for part in self.pending:
+            if part.kind in _UPDATES or part.kind in _DELETES:
+                return part.queued
+        return None
+
+
+class _Transaction:
+    """What one transaction changed in the counts, and whether COMMIT was sent."""
+
+    __slots__ = ("backlog", "committing", "dlq")
+
+    def __init__(self) -> None:
+        self.backlog: collections.Counter[str] = collections.Counter()
+        self.dlq: collections.Counter[str] = collections.Counter()
+        self.committing = False
+
+
+class _DuplicateKeyError(Exception):
+    """A fast-path INSERT hit a stored id: replay the transaction carefully."""
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+def _engine(options: MySQLOptions, pool_size: int) -> Engine:
+    url = URL.create(
+        "mysql+pymysql",
+        username=options.user,
+        password=options.password or None,
+        host=options.host,
+        port=options.port,
+        query={"charset": "utf8mb4"},
+    )
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=options.timeout,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        # Every connection use ends in COMMIT or in the rollback of Connection.close().
+        pool_reset_on_return=None,
+        connect_args={
+            "connect_timeout": options.timeout,
+            "read_timeout": options.timeout,
+            "write_timeout": options.timeout,
+        },
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's words for a failure, without the SQL (it would carry bodies)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+    if len(args) == 2 and isinstance(args[0], int):
+        return f"({args[0]}) {args[1]}"
+    return str(orig) or type(orig).__name__
+
+
+def _errno(exc: DBAPIError) -> int | None:
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def schema_command(options: MySQLOptions) -> str:
+    """The command that creates the schema for *options* (a password shows as ***)."""
+    auth = f"{options.user}:***@" if options.password else f"{options.user}@"
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    url = f"mysql://{auth}{host}:{options.port}?db={options.db}&shardnum={options.shardnum}"
+    return f"kiteq-schema '{url}' (or: python -m kiteq.store.mysql '{url}')"
+
+
+class MySQLStore:
+    def __init__(self, options: MySQLOptions) -> None:
+        self._options = options
+        self._layout = layout = Layout(options.db, options.shardnum)
+        self._owner = socket.gethostname() if options.kite_server is None else options.kite_server
+        self._description = options.description
+        self._flush_seconds = options.flush_seconds
+        # Built now (no I/O): tests hook engine events before open.
+        self._engine = _engine(options, options.max_conn)
+        self._executor = ThreadPoolExecutor(
+            max_workers=options.max_conn, thread_name_prefix="kiteq-store"
+        )
+
+        def name(shard: int, table: str) -> str:
+            return f"`{layout.database(shard)}`.`{table}`"
+
+        # [shard][table number] -> `database`.`kite_msg_N`
+        self._tables = [
+            [name(shard, layout.table_name(t)) for t in range(layout.tables_per_shard)]
+            for shard in range(options.shardnum)
+        ]
+        self._dlq_tables = [name(shard, DLQ_TABLE) for shard in range(options.shardnum)]
+        self._history_tables = [name(shard, HISTORY_TABLE) for shard in range(options.shardnum)]
+        self._meta = name(0, META_TABLE)
+        self._slots = [(slot, self._tables[shard][table]) for slot, shard, table in layout.slots()]
+        self._page_sql = page_keys_sql(self._slots)
+        self._uncommitted_sql = uncommitted_keys_sql(self._slots)
+        self._status: Literal["new", "opening", "open", "closed"] = "new"
+        self._opening: asyncio.Future[tuple[dict[str, int], dict[str, int]]] | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._shards = [_Shard(i) for i in range(options.shardnum)]
+        self._draining = False
+        self._drained: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backlog: dict[str, int] = {}
+        self._dlq: dict[str, int] = {}
+        self._foreign: set[str] = set()
+        self._transactions = 0
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def owner(self) -> str:
+        """The ``kite_server`` whose rows this store pages and counts."""
+        return self._owner
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def write_transactions(self) -> int:
+        """Write transactions committed so far: with group commit, far fewer than calls."""
+        return self._transactions
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._status == "open":
+            return
+        if self._status != "new":
+            raise self._not_open()
+        self._status = "opening"
+        self._loop = loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self._opening = loop.run_in_executor(self._executor, self._open_sync)
+        try:
+            backlog, dlq = await asyncio.shield(self._opening)
+        except BaseException:
+            if self._closing is None:
+                self._status = "new"
+            raise
+        if self._closing is not None:
+            raise self._not_open()
+        self._backlog, self._dlq = backlog, dlq
+        self._status = "open"
+        logger.info(
+            "store opened %s owner=%s messages=%d dead=%d topics=%d in %.3fs",
+            self.description,
+            self._owner,
+            sum(backlog.values()),
+            sum(dlq.values()),
+            len(backlog),
+            time.monotonic() - started,
+        )
+
+    def _open_sync(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self._translated("open"), self._engine.connect() as conn:
+            if self._options.auto_create:
+                created = create_schema(conn, self._layout)
+                conn.commit()
+                if created:
+                    logger.info("store schema created: %s", "; ".join(created))
+            problems = check_schema(conn, self._layout)
+            if problems:
+                shown = "; ".join(problems[:6]) + (
+                    f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+                )
+                raise StoreUnavailableError(
+                    f"{self.description}: the schema is incomplete (missing {shown}); "
+                    f"create it with {schema_command(self._options)}, "
+                    "or add autoCreate=true to the store URL"
+                )
+            return (
+                self._count(conn, [table for _, table in self._slots]),
+                self._count(conn, self._dlq_tables),
+            )
+
+    def _count(self, conn: Connection, tables: list[str]) -> dict[str, int]:
+        """Rows of this owner per topic in *tables* (idx_backlog)."""
+        sql = " UNION ALL ".join(
+            f"(SELECT topic, COUNT(*) FROM {table} WHERE kite_server = %s GROUP BY topic)"  # noqa: S608
+            for table in tables
+        )
+        counts: collections.Counter[str] = collections.Counter()
+        for topic, count in conn.exec_driver_sql(sql, (self._owner,) * len(tables)):
+            counts[topic] += int(count)
+        return dict(counts)
+
+    async def close(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self._status = "closed"
+        self._draining = True
+        for shard in self._shards:
+            self._kick(shard)
+        if any(shard.busy or shard.pending for shard in self._shards):
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        try:
+            if self._opening is not None:
+                await asyncio.wait([self._opening])
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+            logger.info("store closed %s", self.description)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def save(self, records: Sequence[StoredMessage]) -> list[SaveOutcome]:
+        if not records:
+            return []
+        if self._status != "open":
+            return [self._not_open()] * len(records)
+        call = _SaveCall(len(records))
+        parts: dict[int, _SavePart] = {}
+        route = self._layout.route
+        owner = self._owner
+        for position, record in enumerate(records):
+            message_id = record.message_id
+            problem = _problem(record)
+            if problem is not None:
+                call.outcomes[position] = StoreError(
+                    f"{self.description}: message {message_id[:40]!r} not stored: {problem}"
+                )
+                continue
+            shard, table = route(message_id)
+            part = parts.get(shard)
+            if part is None:
+                part = parts[shard] = _SavePart(call, shard)
+            owned = record.kite_server == owner
+            if not owned:
+                self._warn_foreign(record.kite_server)
+            item = _SaveItem(position, table, message_id, _row(record), record.topic, owned)
+            part.items.append(item)
+            part.size += len(record.message.body) + _ROW_OVERHEAD
+        for part in parts.values():
+            part.rows = len(part.items)
+        if parts:
+            await self._submit(call, list(parts.values()))
+        return call.outcomes
+
+    def _warn_foreign(self, owner: str) -> None:
+        if owner not in self._foreign:
+            self._foreign.add(owner)
+            logger.warning(
+                "saving records of kite_server=%r; this store (owner %r) neither redelivers "
+                "nor counts them (set kiteServer in the store URL to the broker's name)",
+                owner,
+                self._owner,
+            )
+
+    async def commit(self, message_id: str) -> StoredMessage | None:
+        return await self._decide(_CommitPart, message_id)
+
+    async def rollback(self, message_id: str) -> StoredMessage | None:
+        return await self._decide(_RollbackPart, message_id)
+
+    async def _decide(
+        self, kind: type[_CommitPart | _RollbackPart], message_id: str
+    ) -> StoredMessage | None:
+        call = _RecordCall(1)
+        shard, table = self._layout.route(message_id)
+        part = kind(call, shard)
+        if _storable_id(message_id):  # any other id cannot be stored: None
+            part.items.append((0, table, message_id))
+        await self._submit(call, [part] if part.items else [])
+        return call.records[0]
+
+    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
+        if not message_ids:
+            self._check_open()
+            return []
+        call = _RecordCall(len(message_ids))
+        parts: dict[int, _RedrivePart] = {}
+        for position, message_id in enumerate(message_ids):
+            if not _storable_id(message_id):
+                continue
+            shard, table = self._layout.route(message_id)
+            part = parts.get(shard)
+            if part is None:
+                part = parts[shard] = _RedrivePart(call, shard, now)
+            part.items.append((position, table, message_id))
+        await self._submit(call, list(parts.values()))
+        return [record for record in call.records if record is not None]
+
+    async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
+        if not changes:
+            return
+        call = _Call()
+        parts: dict[int, _ReschedulePart] = {}
+        for change in changes:
+            record = change.record
+            if not _storable_id(record.message_id):
+                continue
+            shard, table = self._layout.route(record.message_id)
+            part = parts.get(shard)
+            if part is None:
+                part = parts[shard] = _ReschedulePart(call, shard)
+            part.items.append(
+                (
+                    table,
+                    record.message_id,
+                    _count(record.deliver_count),
+                    _groups(record.succ_groups),
+                    _groups(record.fail_groups),
+                    _time(record.next_deliver_time),
+                )
+            )
+        await self._submit(call, self._sized(parts))
+
+    async def delete(self, records: Sequence[StoredMessage]) -> None:
+        if not records:
+            return
+        call = _Call()
+        parts: dict[int, _DeletePart] = {}
+        for record in records:
+            if not _storable_id(record.message_id):
+                continue
+            shard, table = self._layout.route(record.message_id)
+            part = parts.get(shard)
+            if part is None:
+                part = parts[shard] = _DeletePart(call, shard)
+            owned = record.kite_server == self._owner
+            part.items.append((table, record.message_id, record.topic, owned))
+        await self._submit(call, self._sized(parts))
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        call = _Call()
+        parts: dict[int, _DeadLetterPart] = {}
+        for letter in letters:
+            record = letter.record
+            if not _storable_id(record.message_id):
+                continue
+            shard, table = self._layout.route(record.message_id)
+            part = parts.get(shard)
+            if part is None:
+                part = parts[shard] = _DeadLetterPart(call, shard)
+            part.items.append(
+                (
+                    table,
+                    record.message_id,
+                    _count(record.deliver_count),
+                    _groups(record.succ_groups),
+                    _groups(record.fail_groups),
+                    _time(record.next_deliver_time),
+                    letter.reason[:_REASON_CHARS],
+                    _time(letter.dead_time),
+                    _groups(letter.groups),
+                )
+            )
+        await self._submit(call, self._sized(parts))
+
+    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+        if not events:
+            return
+        call = _Call()
+        parts: dict[int, _HistoryPart] = {}
+        for event in events:
+            if not _storable_id(event.message_id):
+                continue
+            shard, _ = self._layout.route(event.message_id)
+            part = parts.get(shard)
+            if part is None:
+                part = parts[shard] = _HistoryPart(call, shard)
+            # cut to the columns' sizes: one odd event must not fail its transaction
+            part.items.append(
+                (
+                    event.message_id,
+                    _time(event.time),
+                    event.kind[:_KIND_CHARS],
+                    event.group[:_MAX_NAME],
+                    event.connection[:_MAX_NAME],
+                    _count(event.attempt),
+                    event.detail[:_DETAIL_CHARS],
+                )
+            )
+        await self._submit(call, self._sized(parts))
+
+    @staticmethod
+    def _sized(parts: Mapping[int, _Part]) -> list[_Part]:
+        for part in parts.values():
+            n = len(getattr(part, "items", ()))
+            part.rows = n
+            part.size = _ROW_OVERHEAD * (n + 1)
+        return list(parts.values())
+
+    async def put_meta(self, key: str, value: bytes | None) -> None:
+        call = _Call()
+        part = _MetaPart(call, key.encode(), None if value is None else bytes(value))
+        part.size += len(part.key) + (0 if value is None else len(value))
+        await self._submit(call, [part])
+
+    def _submit(self, call: _Call, parts: list[_Part]) -> asyncio.Future[None]:
+        if self._status != "open":
+            raise self._not_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        call.future = future
+        call.left = len(parts)
+        if not parts:
+            future.set_result(None)
+        now = loop.time()
+        for part in parts:
+            part.queued = now
+            shard = self._shards[part.shard]
+            shard.pending.append(part)
+            shard.count(part, 1)
+            self._kick(shard)
+        return future
+
+    # The writers are chains of callbacks rather than tasks: nothing a caller or the
+    # loop's shutdown could cancel halfway, so every queued call is always answered.
+
+    def _kick(self, shard: _Shard) -> None:
+        """Start the shard's next transaction if it is due, or arm the flushSeconds timer."""
+        if shard.busy or not shard.pending:
+            return
+        loop = self._event_loop()
+        oldest = shard.oldest_deferred()
+        if (
+            oldest is None
+            or shard.urgent > 0
+            or self._draining
+            or shard.updates >= self._options.batch_update_size
+            or shard.deletes >= self._options.batch_del_size
+            or loop.time() >= oldest + self._flush_seconds
+        ):
+            if shard.timer is not None:
+                shard.timer.cancel()
+                shard.timer = None
+            shard.busy = True
+            # On the next iteration, so every call made until then joins in.
+            loop.call_soon(self._flush, shard)
+        elif shard.timer is None:
+            shard.timer = loop.call_at(oldest + self._flush_seconds, self._timer_fired, shard)
+
+    def _timer_fired(self, shard: _Shard) -> None:
+        shard.timer = None
+        self._kick(shard)
+
+    def _take(self, shard: _Shard) -> list[_Part]:
+        pending = shard.pending
+        parts: list[_Part] = []
+        size = 0
+        while pending and (not parts or size + pending[0].size <= _MAX_FLUSH_BYTES):
+            part = pending.popleft()
+            parts.append(part)
+            size += part.size
+            shard.count(part, -1)
+        return parts
+
+    def _flush(self, shard: _Shard) -> None:
+        parts = self._take(shard)
+        if not parts:
+            shard.busy = False
+            self._check_drained()
+            return
+        job = self._event_loop().run_in_executor(
+            self._executor, self._flush_sync, shard.index, parts
+        )
+        job.add_done_callback(functools.partial(self._flushed, shard, parts))
+
+    def _flushed(
+        self, shard: _Shard, parts: list[_Part], job: asyncio.Future[_Transaction]
+    ) -> None:
+        try:
+            done = job.result()
+        except StoreUnavailableError as exc:
+            logger.warning("store write failed shard=%d: %s", shard.index, exc)
+            for part in parts:
+                part.fail(exc)
+        except Exception as exc:
+            # _flush_sync translates database failures itself: this is a bug, say so loudly.
+            logger.exception("store writer failed %s", self.description)
+            error = StoreUnavailableError(f"{self.description}: writer failed: {exc!r}")
+            error.__cause__ = exc
+            for part in parts:
+                part.fail(error)
+        else:
+            self._transactions += 1
+            _apply_counts(self._backlog, done.backlog)
+            _apply_counts(self._dlq, done.dlq)
+            for part in parts:
+                part.succeed()
+        shard.busy = False
+        self._kick(shard)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained is None or self._drained.done():
+            return
+        if not any(shard.busy or shard.pending for shard in self._shards):
+            self._drained.set_result(None)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise self._not_open()
+        return self._loop
+
+    # -- the transaction (worker thread) ---------------------------------------------
+
+    def _flush_sync(self, shard: int, parts: list[_Part]) -> _Transaction:
+        careful = False
+        error: BaseException = RuntimeError("no attempt made")
+        for _ in range(_MAX_ATTEMPTS):
+            tx = _Transaction()
+            for part in parts:
+                part.reset()
+            try:
+                with self._engine.connect() as conn:
+                    for segment in _segments(parts):
+                        self._apply(conn, shard, [parts[i] for i in segment], tx, careful)
+                    tx.committing = True
+                    conn.commit()
+            except _DuplicateKeyError as exc:
+                careful = True
+                error = exc.__cause__ or exc
+                continue
+            except DBAPIError as exc:
+                error = exc
+                if _errno(exc) in (_DEADLOCK, _LOCK_WAIT_TIMEOUT) or (
+                    exc.connection_invalidated and not tx.committing
+                ):
+                    logger.info("store write retried shard=%d: %s", shard, _reason(exc))
+                    continue
+                raise self._unavailable("write", exc) from exc
+            except (SQLAlchemyError, pymysql.Error, OSError) as exc:
+                raise self._unavailable("write", exc) from exc
+            return tx
+        raise self._unavailable(f"write (gave up after {_MAX_ATTEMPTS} attempts)", error) from error
+
+    def _apply(
+        self, conn: Connection, shard: int, parts: list[_Part], tx: _Transaction, careful: bool
+    ) -> None:
+        """One run of ``_segments``: every kind of write, in ``_Kind`` order."""
+        kinds = {part.kind for part in parts}
+        if _Kind.SAVE in kinds:
+            saves = [p for p in parts if isinstance(p, _SavePart)]
+            self._apply_saves(conn, shard, saves, tx, careful)
+        if _Kind.REDRIVE in kinds:
+            self._apply_redrives(conn, shard, [p for p in parts if isinstance(p, _RedrivePart)], tx)
+        if _Kind.COMMIT in kinds:
+            commits = [p for p in parts if isinstance(p, _CommitPart)]
+            self._apply_decisions(conn, shard, commits, tx, commit=True)
+        if _Kind.ROLLBACK in kinds:
+            rollbacks = [p for p in parts if isinstance(p, _RollbackPart)]
+            self._apply_decisions(conn, shard, rollbacks, tx, commit=False)
+        if _Kind.RESCHEDULE in kinds:
+            changes = [p for p in parts if isinstance(p, _ReschedulePart)]
+            self._apply_reschedules(conn, shard, changes)
+        if _Kind.DEAD_LETTER in kinds:
+            letters = [p for p in parts if isinstance(p, _DeadLetterPart)]
+            self._apply_dead_letters(conn, shard, letters, tx)
+        if _Kind.DELETE in kinds:
+            self._apply_deletes(conn, shard, [p for p in parts if isinstance(p, _DeletePart)], tx)
+        if _Kind.HISTORY in kinds:
+            self._apply_history(conn, shard, [p for p in parts if isinstance(p, _HistoryPart)])
+        if _Kind.META in kinds:
+            self._apply_metas(conn, [p for p in parts if isinstance(p, _MetaPart)])
+
+    def _apply_saves(
+        self,
+        conn: Connection,
+        shard: int,
+        saves: list[_SavePart],
+        tx: _Transaction,
+        careful: bool,
+    ) -> None:
+        by_table: dict[int, list[tuple[_SavePart, int, _SaveItem]]] = {}
+        seen: set[str] = set()
+        for part in saves:
+            for k, item in enumerate(part.items):
+                if item.message_id in seen:
+                    continue  # repeated in this transaction: the first one wins
+                seen.add(item.message_id)
+                by_table.setdefault(item.table, []).append((part, k, item))
+        for table, entries in by_table.items():
+            name = self._tables[shard][table]
+            stored: set[str] = set()
+            if careful:
+                stored = self._locked_ids(conn, name, [item.message_id for _, _, item in entries])
+            rows: list[_Row] = []
+            for part, k, item in entries:
+                if item.message_id in stored:
+                    continue
+                rows.append(item.row)
+                part.outcomes[k] = Saved.STORED
+                if item.owned:
+                    tx.backlog[item.topic] += 1
+            if not rows:
+                continue
+            try:
+                conn.exec_driver_sql(_insert_sql(name, _COLUMNS, len(MESSAGE_COLUMNS)), rows)
+            except DBAPIError as exc:
+                if not careful and _errno(exc) == _DUPLICATE_KEY:
+                    raise _DuplicateKeyError from exc
+                raise
+
+    def _locked_ids(self, conn: Connection, table: str, ids: Sequence[str]) -> set[str]:
+        """Which of *ids* are stored in *table*, locking them (and the gaps) until COMMIT."""
+        return set(self._locked_rows(conn, table, "message_id", ids))
+
+    def _locked_rows(
+        self, conn: Connection, table: str, columns: str, ids: Sequence[str]
+    ) -> dict[str, _Row]:
+        """Map each stored id of *ids* to its *columns* (message_id first), locked."""
+        found: dict[str, _Row] = {}
+        for chunk in _chunks(ids, _READ_CHUNK):
+            sql = _select_sql(table, columns, len(chunk), lock=True)
+            for row in conn.exec_driver_sql(sql, tuple(chunk)):
+                found[row[0]] = tuple(row)
+        return found
+
+    def _delete_ids(self, conn: Connection, table: str, ids: Sequence[str]) -> int:
+        deleted = 0
+        for chunk in _chunks(ids, self._options.batch_del_size):
+            deleted += conn.exec_driver_sql(_delete_sql(table, len(chunk)), tuple(chunk)).rowcount
+        return deleted
+
+    def _apply_redrives(
+        self, conn: Connection, shard: int, redrives: list[_RedrivePart], tx: _Transaction
+    ) -> None:
+        # id -> (table, now, part, position) of its first redrive in this run: a later
+        # one finds no dead letter left
+        wanted: dict[str, tuple[int, float, _RedrivePart, int]] = {}
+        for part in redrives:
+            for position, table, message_id in part.items:
+                wanted.setdefault(message_id, (table, part.now, part, position))
+        dlq = self._dlq_tables[shard]
+        dead = self._locked_rows(conn, dlq, _DLQ_COLUMNS, list(wanted))
+        if not dead:
+            return
+        self._delete_ids(conn, dlq, list(dead))
+        for letter in dead.values():
+            if letter[_KITE_SERVER] == self._owner:
+                tx.dlq[letter[_TOPIC]] -= 1
+        by_table: dict[int, list[str]] = {}
+        for message_id in dead:
+            by_table.setdefault(wanted[message_id][0], []).append(message_id)
+        for table, ids in by_table.items():
+            name = self._tables[shard][table]
+            live = self._locked_ids(conn, name, ids)
+            rows: list[_Row] = []
+            for message_id in ids:
+                if message_id in live:
+                    # Saved again since it died: the live copy is delivered anyway.
+                    logger.info("redrive of a live message id=%s: dead letter dropped", message_id)
+                    continue
+                _, now, part, position = wanted[message_id]
+                row = list(dead[message_id][: len(MESSAGE_COLUMNS)])
+                row[_DELIVER_COUNT] = 0
+                row[_FAIL_GROUPS] = "[]"
+                row[_NEXT_DELIVER_TIME] = _time(now)
+                if 0 < row[_EXPIRED_TIME] <= now:
+                    row[_EXPIRED_TIME] = int(now) + MAX_EXPIRY_SECONDS
+                rows.append(tuple(row))
+                if row[_KITE_SERVER] == self._owner:
+                    tx.backlog[row[_TOPIC]] += 1
+                if row[_COMMIT]:
+                    part.found[position] = _record(tuple(row))
+            if rows:
+                conn.exec_driver_sql(_insert_sql(name, _COLUMNS, len(MESSAGE_COLUMNS)), rows)
+
+    def _apply_decisions(
+        self,
+        conn: Connection,
+        shard: int,
+        parts: Sequence[_RecordPart],
+        tx: _Transaction,
+        *,
+        commit: bool,
+    ) -> None:
+        """Commit (or roll back) the uncommitted ones among the parts' ids.
+
+        Only the first call of the run that names an id gets its record: a repeated
+        decision finds it decided and gets None.
+        """
+        first: dict[str, tuple[int, _RecordPart, int]] = {}
+        for part in parts:
+            for position, table, message_id in part.items:
+                first.setdefault(message_id, (table, part, position))
+        by_table: dict[int, list[str]] = {}
+        for message_id, (table, _, _) in first.items():
+            by_table.setdefault(table, []).append(message_id)
+        for table, ids in by_table.items():
+            name = self._tables[shard][table]
+            stored = self._locked_rows(conn, name, _COLUMNS, ids)
+            undecided = [mid for mid, row in stored.items() if not row[_COMMIT]]
+            if not undecided:
+                continue
+            if commit:
+                for chunk in _chunks(undecided, self._options.batch_update_size):
+                    conn.exec_driver_sql(_commit_sql(name, len(chunk)), tuple(chunk))
+            else:
+                self._delete_ids(conn, name, undecided)
+            for message_id in undecided:
+                row = list(stored[message_id])
+                if commit:
+                    row[_COMMIT] = 1
+                elif row[_KITE_SERVER] == self._owner:
+                    tx.backlog[row[_TOPIC]] -= 1
+                _, part, position = first[message_id]
+                part.found[position] = _record(tuple(row))
+
+    def _apply_reschedules(
+        self, conn: Connection, shard: int, parts: list[_ReschedulePart]
+    ) -> None:
+        latest: dict[str, tuple[int, str, int, str, str, float]] = {}
+        for part in parts:
+            for item in part.items:
+                latest[item[1]] = item  # the last change of an id wins
+        by_table: dict[int, list[tuple[int, str, int, str, str, float]]] = {}
+        for item in latest.values():
+            by_table.setdefault(item[0], []).append(item)
+        for table, items in by_table.items():
+            name = self._tables[shard][table]
+            for chunk in _chunks(items, self._options.batch_update_size):
+                params: list[object] = []
+                for column in (2, 3, 4, 5):
+                    for item in chunk:
+                        params += (item[1], item[column])
+                params += (item[1] for item in chunk)
+                conn.exec_driver_sql(_reschedule_sql(name, len(chunk)), tuple(params))
+
+    def _apply_dead_letters(
+        self, conn: Connection, shard: int, parts: list[_DeadLetterPart], tx: _Transaction
+    ) -> None:
+        first: dict[str, _Letter] = {}
+        for part in parts:
+            for item in part.items:
+                first.setdefault(item[1], item)  # the first letter of an id moves it
+        by_table: dict[int, list[str]] = {}
+        for message_id, item in first.items():
+            by_table.setdefault(item[0], []).append(message_id)
+        dlq = self._dlq_tables[shard]
+        for table, ids in by_table.items():
+            name = self._tables[shard][table]
+            live = self._locked_rows(conn, name, _COLUMNS, ids)
+            if not live:
+                continue
+            # A letter of an id saved again after it died replaces the old letter.
+            replaced = self._locked_rows(conn, dlq, "message_id, topic, kite_server", list(live))
+            if replaced:
+                self._delete_ids(conn, dlq, list(replaced))
+                for _, topic, owner in replaced.values():
+                    if owner == self._owner:
+                        tx.dlq[topic] -= 1
+            rows: list[_Row] = []
+            for message_id, stored in live.items():
+                _, _, count, succ, fail, ndt, reason, dead_time, groups = first[message_id]
+                row = list(stored)
+                # The caller's bookkeeping is the latest (as in reschedule); the message
+                # and its committed flag are the stored ones.
+                row[_DELIVER_COUNT] = count
+                row[_SUCC_GROUPS] = succ
+                row[_FAIL_GROUPS] = fail
+                row[_NEXT_DELIVER_TIME] = ndt
+                rows.append((*row, reason, dead_time, groups))
+                if stored[_KITE_SERVER] == self._owner:
+                    tx.backlog[stored[_TOPIC]] -= 1
+                    tx.dlq[stored[_TOPIC]] += 1
+            conn.exec_driver_sql(_insert_sql(dlq, _DLQ_COLUMNS, len(DLQ_COLUMNS)), rows)
+            self._delete_ids(conn, name, list(live))
+
+    def _apply_deletes(
+        self, conn: Connection, shard: int, parts: list[_DeletePart], tx: _Transaction
+    ) -> None:
+        groups: dict[tuple[int, str, bool], dict[str, None]] = {}
+        seen: set[str] = set()
+        for part in parts:
+            for table, message_id, topic, owned in part.items:
+                if message_id not in seen:
+                    seen.add(message_id)
+                    groups.setdefault((table, topic, owned), {})[message_id] = None
+        for (table, topic, owned), ids in groups.items():
+            deleted = self._delete_ids(conn, self._tables[shard][table], list(ids))
+            if owned:
+                tx.backlog[topic] -= deleted
+
+    def _apply_history(self, conn: Connection, shard: int, parts: list[_HistoryPart]) -> None:
+        rows = [row for part in parts for row in part.items]
+        table = self._history_tables[shard]
+        conn.exec_driver_sql(_insert_sql(table, _HISTORY_COLUMNS, len(HISTORY_COLUMNS)), rows)
+
+    def _apply_metas(self, conn: Connection, parts: list[_MetaPart]) -> None:
+        final: dict[bytes, bytes | None] = {}
+        for part in parts:
+            final.pop(part.key, None)  # keep call order among keys
+            final[part.key] = part.value
+        puts = [(k, v) for k, v in final.items() if v is not None]
+        gone = [k for k, v in final.items() if v is None]
+        if puts:
+            conn.exec_driver_sql(
+                f"INSERT INTO {self._meta} (meta_key, meta_value) VALUES (%s, %s) "  # noqa: S608
+                "ON DUPLICATE KEY UPDATE meta_value = VALUES(meta_value)",
+                puts,
+            )
+        for chunk in _chunks(gone, _READ_CHUNK):
+            conn.exec_driver_sql(_delete_meta_sql(self._meta, len(chunk)), tuple(chunk))
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get(self, message_id: str) -> StoredMessage | None:
+        self._check_open()
+        shard, table = self._layout.route(message_id)
+        sql = _select_sql(self._tables[shard][table], _COLUMNS, 1)
+
+        def read(conn: Connection) -> StoredMessage | None:
+            row = conn.exec_driver_sql(sql, (message_id,)).first()
+            return None if row is None else _record(tuple(row))
+
+        return await self._run(self._read_sync, "get", read)
+
+    async def page_due(
+        self, now: float, limit: int, after: DueCursor | None = None
+    ) -> list[StoredMessage]:
+        self._check_open()
+        if limit <= 0 or math.isnan(now):
+            return []
+        now = min(now, _MAX_TIME)
+        cursor = (-1.0, "") if after is None else (_time(after[0]), after[1])
+        params = (self._owner, now, cursor[0], cursor[0], cursor[1], limit) * len(self._slots)
+        sql = self._page_sql
+        slots = dict(self._slots)
+
+        def read(conn: Connection) -> list[StoredMessage]:
+            # Both statements in one transaction: one consistent snapshot.
+            keys = conn.exec_driver_sql(sql, (*params, limit)).all()
+            return self._fetch(conn, slots, [(mid, int(slot)) for _, mid, slot in keys])
+
+        return await self._run(self._read_sync, "page_due", read)
+
+    async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        params = (self._owner, after or "", limit) * len(self._slots) + (limit,)
+        sql = self._uncommitted_sql
+        slots = dict(self._slots)
+
+        def read(conn: Connection) -> list[StoredMessage]:
+            keys = conn.exec_driver_sql(sql, params).all()
+            return self._fetch(conn, slots, [(mid, int(slot)) for mid, slot in keys])
+
+        return await self._run(self._read_sync, "page_uncommitted", read)
+
+    @staticmethod
+    def _fetch(
+        conn: Connection, slots: Mapping[int, str], keys: Sequence[tuple[str, int]]
+    ) -> list[StoredMessage]:
+        """The records of *keys* (id, slot), in their order, read in one statement."""
+        if not keys:
+            return []
+        by_slot: dict[int, list[str]] = {}
+        for message_id, slot in keys:
+            by_slot.setdefault(slot, []).append(message_id)
+        fetch = " UNION ALL ".join(
+            f"({_select_sql(slots[slot], _COLUMNS, len(ids))})" for slot, ids in by_slot.items()
+        )
+        values = tuple(mid for ids in by_slot.values() for mid in ids)
+        rows = {row[0]: tuple(row) for row in conn.exec_driver_sql(fetch, values)}
+        return [_record(rows[mid]) for mid, _ in keys if mid in rows]
+
+    async def backlog(self) -> dict[str, int]:
+        self._check_open()
+        return dict(self._backlog)
+
+    async def dlq_size(self) -> dict[str, int]:
+        self._check_open()
+        return dict(self._dlq)
+
+    async def list_dlq(
+        self, where: DlqFilter, limit: int, after: str | None = None
+    ) -> list[DeadLetter]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        conditions = ["kite_server = %s", "message_id > %s"]
+        values: list[object] = [self._owner, after or ""]
+        for column, value in (
+            ("topic", where.topic),
+            ("message_type", where.message_type),
+            ("dead_reason", where.reason),
+        ):
+            if value:
+                conditions.append(f"`{column}` = %s")
+                values.append(value)
+        if where.group:
+            conditions.append("JSON_CONTAINS(dead_groups, JSON_QUOTE(%s))")
+            values.append(where.group)
+        condition = " AND ".join(conditions)
+        branch = "(SELECT {columns} FROM {table} WHERE {condition} ORDER BY message_id LIMIT %s)"
+        sql = (
+            " UNION ALL ".join(
+                branch.format(columns=_DLQ_COLUMNS, table=table, condition=condition)
+                for table in self._dlq_tables
+            )
+            + " ORDER BY message_id LIMIT %s"
+        )
+        params = (*values, limit) * len(self._dlq_tables) + (limit,)
+
+        def read(conn: Connection) -> list[DeadLetter]:
+            return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, params)]
+
+        return await self._run(self._read_sync, "list_dlq", read)
+
+    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+        self._check_open()
+        shard, _ = self._layout.route(message_id)
+        sql = _select_sql(self._dlq_tables[shard], _DLQ_COLUMNS, 1)
+
+        def read(conn: Connection) -> DeadLetter | None:
+            row = conn.exec_driver_sql(sql, (message_id,)).first()
+            return None if row is None else _dead_letter(tuple(row))
+
+        return await self._run(self._read_sync, "get_dead_letter", read)
+
+    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+        self._check_open()
+        shard, _ = self._layout.route(message_id)
+        sql = (
+            f"SELECT {_HISTORY_COLUMNS} FROM {self._history_tables[shard]} "  # noqa: S608
+            "WHERE message_id = %s ORDER BY event_time, seq"
+        )
+
+        def read(conn: Connection) -> list[HistoryEvent]:
+            return [
+                HistoryEvent(mid, event_time, kind, group, connection, attempt, detail)
+                for mid, event_time, kind, group, connection, attempt, detail in conn.exec_driver_sql(
+                    sql, (message_id,)
+                )
+            ]
+
+        return await self._run(self._read_sync, "get_history", read)
+
+    async def prune_history(self, before: float) -> int:
+        """Removes in chunks of its own transactions, beside the write queues."""
+        self._check_open()
+        if not before > 0.0:
+            return 0
+        before = min(before, _MAX_TIME)
+        return await self._run(self._prune_sync, before)
+
+    def _prune_sync(self, before: float) -> int:
+        removed = 0
+        for table in self._history_tables:
+            sql = f"DELETE FROM {table} WHERE event_time < %s LIMIT {_PRUNE_CHUNK}"  # noqa: S608
+            while True:
+
+                def chunk(conn: Connection, sql: str = sql) -> int:
+                    deleted = conn.exec_driver_sql(sql, (before,)).rowcount
+                    conn.commit()
+                    return deleted
+
+                deleted = self._read_sync("prune_history", chunk)
+                removed += deleted
+                if deleted < _PRUNE_CHUNK:
+                    break
+        return removed
+
+    async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
+        self._check_open()
+        raw = prefix.encode()
+        pattern = raw.replace(b"!", b"!!").replace(b"%", b"!%").replace(b"_", b"!_") + b"%"
+        sql = f"SELECT meta_key, meta_value FROM {self._meta} WHERE meta_key LIKE %s ESCAPE '!'"  # noqa: S608
+
+        def read(conn: Connection) -> dict[str, bytes]:
+            return {
+                bytes(key).decode(): bytes(value)
+                for key, value in conn.exec_driver_sql(sql, (pattern,))
+            }
+
+        return await self._run(self._read_sync, "get_meta", read)
+
+    def _read_sync(self, action: str, read: Callable[[Connection], _T]) -> _T:
+        """Run *read* on a pooled connection; once more on a fresh one if it was dropped."""
+        for attempt in range(2):
+            try:
+                with self._engine.connect() as conn:
+                    return read(conn)
+            except DBAPIError as exc:
+                if attempt == 0 and exc.connection_invalidated:
+                    continue
+                raise self._unavailable(action, exc) from exc
+            except (SQLAlchemyError, pymysql.Error, OSError) as exc:
+                raise self._unavailable(action, exc) from exc
+        raise AssertionError("unreachable")
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _not_open(self) -> StoreUnavailableError:
+        state = {"closed": "closed", "opening": "still opening"}.get(self._status, "not open")
+        return StoreUnavailableError(f"{self.description} is {state}")
+
+    def _check_open(self) -> None:
+        if self._status != "open":
+            raise self._not_open()
+
+    def _unavailable(self, action: str, exc: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{self.description}: {action} failed: {_reason(exc)}")
+
+    @contextlib.contextmanager
+    def _translated(self, action: str) -> Iterator[None]:
+        """Database failures outside the write and read paths become one error type."""
+        try:
+            yield
+        except StoreUnavailableError:
+            raise
+        except (SQLAlchemyError, pymysql.Error, OSError) as exc:
+            raise self._unavailable(action, exc) from exc
+
+
+def _apply_counts(counts: dict[str, int], deltas: Mapping[str, int]) -> None:
+    for topic, delta in deltas.items():
+        if not delta:
+            continue
+        count = counts.get(topic, 0) + delta
+        if count > 0:
+            counts[topic] = count
+        else:
+            counts.pop(topic, None)
+
+
+# -- the schema command ------------------------------------------------------------------
+
+
+def schema_main(argv: Sequence[str] | None = None) -> int:
+    """``kiteq-schema [--check] URL``: create (idempotent) or check the MySQL schema.
+
+    Exit status: 0 complete, 1 something is missing (named) or the server failed,
+    2 bad arguments or URL.
+    """
+    parser = argparse.ArgumentParser(
+        prog="kiteq-schema",
+        description="Create the MySQL store's databases, tables and indexes (idempotent), "
+        "or with --check only verify them.",
+    )
+    parser.add_argument("url", help="the store URL, as in the cluster's db setting")
+    parser.add_argument(
+        "--check", action="store_true", help="only check; exit 1 naming what is missing"
+    )
+    args = parser.parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    try:
+        options = mysql_options(args.url)
+    except ConfigError as exc:
+        err.write(f"kiteq-schema: {exc}\n")
+        return 2
+    layout = Layout(options.db, options.shardnum)
+    engine = _engine(options, 1)
+    try:
+        with engine.connect() as conn:
+            created: list[str] = []
+            if not args.check:
+                created = create_schema(conn, layout)
+                conn.commit()
+            problems = check_schema(conn, layout)
+    except (SQLAlchemyError, pymysql.Error, OSError) as exc:
+        err.write(f"kiteq-schema: {options.description}: {_reason(exc)}\n")
+        return 1
+    finally:
+        engine.dispose()
+    for line in created:
+        out.write(f"created {line}\n")
+    if problems:
+        for line in problems:
+            err.write(f"missing {line}\n")
+        hint = "" if args.check else " (existing tables with other columns are never altered)"
+        err.write(f"kiteq-schema: schema incomplete: {len(problems)} problem(s){hint}\n")
+        return 1
+    out.write(
+        f"schema complete: {options.shardnum} database(s) {', '.join(layout.databases())}, "
+        f"{len(layout.expected_tables())} tables\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(schema_main())

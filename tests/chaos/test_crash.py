@@ -1,0 +1,136 @@
+"""Crash tests: a broker SIGKILLed under continuous publishing loses no acknowledged message.
+
+For RocksDB (fsync=batch) and MySQL: a consumer declares a persistent binding and goes
+offline; a producer process publishes without pause (``send_async``), writing the id of
+every store-acked message to a file; the broker is SIGKILLed mid-stream and restarted on
+the same port (the producer reconnects and goes on); then the consumer comes back and
+must receive every acked message. Each run prints acked, lost (must be 0), duplicated
+(delivered more than once) and unacked-but-delivered counts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kiteq.client import Binding, Consumer
+from tests._servers import unavailable
+from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.collector import Collector
+from tests.store import mariadb
+
+PUBLISHER = Path(__file__).with_name("publisher.py")
+BINDING = Binding.fanout("trade", persistent=True)
+GROUP = "acct-svc"
+SECRET = "s3cret"
+# acks wanted before the kill, and how long the producer goes on after the restart
+ACKED_BEFORE_KILL = 3000
+PUBLISH_AFTER_RESTART = 2.0
+
+
+@contextmanager
+def store_url(kind: str, tmp_path: Path) -> Iterator[str]:
+    if kind == "rocksdb":
+        yield f"rocksdb://{tmp_path / 'db'}?fsync=batch"
+        return
+    if not mariadb.available():
+        unavailable("MariaDB")
+    # the broker's default owner: this host's name, as the records it accepts
+    with mariadb.databases(4) as prefix:
+        yield mariadb.url(prefix, shardnum=4)
+
+
+def consumer(broker: BrokerProcess, handler: Collector) -> Consumer:
+    return Consumer(
+        brokers=[broker.address],
+        group_id=GROUP,
+        secret_key=SECRET,
+        bindings=[BINDING],
+        handler=handler,
+    )
+
+
+def acked_ids(path: Path) -> tuple[set[str], str]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    summary = lines[-1] if lines and lines[-1].startswith("#") else ""
+    return {line for line in lines if line and not line.startswith("#")}, summary
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["rocksdb", "mysql"])
+def test_sigkill_under_continuous_publishing_loses_no_acked_message(
+    kind: str, tmp_path: Path
+) -> None:
+    with store_url(kind, tmp_path) as db:
+        config = write_config(tmp_path, db=db, extra={"deliverySeconds": 5, "recoverSeconds": 1})
+        broker = BrokerProcess(config)
+        broker.start()
+        publisher: subprocess.Popen[bytes] | None = None
+        try:
+            # declare the persistent binding, then go offline: everything stays stored
+            with consumer(broker, Collector()):
+                pass
+            acked_file, stop_file = tmp_path / "acked.txt", tmp_path / "stop"
+            publisher = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(PUBLISHER),
+                    broker.address,
+                    str(acked_file),
+                    str(stop_file),
+                    "120",
+                ],
+                cwd=REPO,
+            )
+            wait_until(
+                lambda: len(acked_ids(acked_file)[0]) >= ACKED_BEFORE_KILL,
+                60,
+                f"{ACKED_BEFORE_KILL} acks before the kill",
+            )
+            broker.kill()  # SIGKILL, in the middle of the stream
+            acked_at_kill = len(acked_ids(acked_file)[0])
+            broker.start()
+            time.sleep(PUBLISH_AFTER_RESTART)
+            stop_file.touch()
+            publisher.wait(90)
+            assert publisher.returncode == 0
+            acked, summary = acked_ids(acked_file)
+            assert summary, "the publisher did not finish"
+            assert len(acked) > acked_at_kill, "nothing was acked after the restart"
+
+            got = Collector()
+            with consumer(broker, got):
+                wait_until(lambda: acked <= set(got.ids()), 120, "every acked message")
+                wait_until(lambda: not any(broker.stats().backlog.values()), 60, "an empty backlog")
+            received = Counter(got.ids())
+        finally:
+            if publisher is not None and publisher.poll() is None:
+                publisher.kill()
+                publisher.wait(10)
+            broker.stop_quietly()
+
+    lost = acked - set(received)
+    duplicated = sum(1 for n in received.values() if n > 1)
+    unacked_delivered = len(set(received) - acked)
+    print(
+        f"\ncrash test {kind}: acked={len(acked)} (at kill {acked_at_kill}) lost={len(lost)} "
+        f"duplicated={duplicated} delivered_without_ack={unacked_delivered} "
+        f"received={len(received)} publisher: {summary.lstrip('# ')}"
+    )
+    assert not lost, f"{len(lost)} acked messages lost, e.g. {sorted(lost)[:5]}"
