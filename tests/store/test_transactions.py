@@ -339,7 +339,8 @@ async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
 
 
 class _SpyWrites:
-    """Stands in for the Rdict and records the ``sync`` of every write."""
+    """Stands in for the Rdict and records, per write, whether it was made durable
+    (a synced write, or an unsynced one followed by ``flush_wal(sync=True)``)."""
 
     def __init__(self, real: Rdict) -> None:
         self.real = real
@@ -348,6 +349,11 @@ class _SpyWrites:
     def write(self, batch: WriteBatch, options: WriteOptions) -> None:
         self.syncs.append(options.sync)
         self.real.write(batch, options)
+
+    def flush_wal(self, sync: bool = True) -> None:
+        if sync and self.syncs:
+            self.syncs[-1] = True
+        self.real.flush_wal(sync)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
