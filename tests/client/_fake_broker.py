@@ -2,8 +2,9 @@
 
 It stores messages in memory and can be told to refuse messages (``refuse``), never
 store-ack (``silent``), hold store-acks until ``release`` (``hold``), drop the stream on
-the next publish frames (``drop_next``), require a secret, and push deliveries while
-recording the consumer's acks.
+the next publish frames (``drop_next``), require a secret, push deliveries while
+recording the consumer's acks, and send transaction checks (``push_checks``) while
+recording the producer's decisions (``tx_acks``, per session).
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         self.opens: list[broker_pb2.Open] = []
         self.stored: dict[str, common_pb2.Message] = {}
         self.published_ids: list[str] = []
+        self.publishers: dict[str, FakeSession] = {}  # message id -> session of its publish
         self.publish_frames = 0
         self.seen: collections.Counter[str] = collections.Counter()
         self.acks: list[broker_pb2.DeliverAck] = []
         self.ack_frames = 0
+        self.tx_acks: list[tuple[FakeSession, broker_pb2.TxAck]] = []
+        self.tx_frames = 0
         self.sessions: list[FakeSession] = []
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -119,15 +123,27 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
             broker_pb2.ServerFrame(deliveries=broker_pb2.DeliveryBatch(deliveries=deliveries))
         )
 
-    def push_checks(self, headers: Iterable[common_pb2.Header]) -> None:
-        """Send a ``checks`` frame to every open session."""
+    def push_checks(
+        self,
+        headers: Iterable[common_pb2.Header],
+        check: int = 1,
+        sessions: Iterable[FakeSession] | None = None,
+    ) -> None:
+        """Send one ``checks`` frame to *sessions* (default: every open session)."""
         frame = broker_pb2.ServerFrame(
             checks=broker_pb2.TxCheckBatch(
-                checks=[broker_pb2.TxCheck(header=h, check=1) for h in headers]
+                checks=[broker_pb2.TxCheck(header=h, check=check) for h in headers]
             )
         )
-        for session in self.sessions:
+        for session in self.sessions if sessions is None else sessions:
             session.outbox.put_nowait(frame)
+
+    def decisions(self) -> dict[str, list[int]]:
+        """The TxAck statuses received so far, by message id, in order."""
+        decided: dict[str, list[int]] = {}
+        for _, ack in self.tx_acks:
+            decided.setdefault(ack.messageId, []).append(ack.status)
+        return decided
 
     def release(self) -> None:
         """Send the store-acks held back while ``hold`` was set."""
@@ -195,6 +211,7 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
                     self.publish_frames += 1
                     messages = list(frame.publish.messages)
                     self.published_ids.extend(m.header.messageId for m in messages)
+                    self.publishers.update((m.header.messageId, session) for m in messages)
                     if self.drop_next > 0:
                         self.drop_next -= 1
                         session.outbox.put_nowait(_DROP)
@@ -210,6 +227,9 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
                 elif kind == "acks":
                     self.ack_frames += 1
                     self.acks.extend(frame.acks.acks)
+                elif kind == "tx":
+                    self.tx_frames += 1
+                    self.tx_acks.extend((session, ack) for ack in frame.tx.acks)
         finally:
             session.outbox.put_nowait(_END)
 

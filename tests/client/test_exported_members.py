@@ -50,6 +50,9 @@ def test_required_surface() -> None:
         "SendResult",
         "StoreFullError",
         "StoreUnavailableError",
+        "TxChecker",
+        "TxResult",
+        "TxStatus",
         "UnknownTopicError",
     }
     assert required <= set(client.__all__)

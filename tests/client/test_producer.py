@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -347,21 +346,6 @@ async def test_publish_frames_carry_the_clamps(broker: FakeBroker) -> None:
         3,
         before - 5,
     )
-
-
-async def test_transaction_checks_are_ignored(
-    broker: FakeBroker, producer: AsyncProducer, caplog: pytest.LogCaptureFixture
-) -> None:
-    await producer.send(msg())
-    with caplog.at_level(logging.WARNING, logger="kiteq.client"):
-        broker.push_checks([common_pb2.Header(messageId="a" * 32, topic="trade")])
-        broker.push_checks([common_pb2.Header(messageId="b" * 32, topic="trade")])
-        await asyncio.sleep(0.1)
-        await producer.send(msg())  # still works
-    warnings = [r.getMessage() for r in caplog.records if "transaction checks" in r.message]
-    assert warnings == [
-        f"ignoring 1 transaction checks from broker={broker.address}: no tx_checker"
-    ]
 
 
 async def test_registry_file_routes_by_topic(broker: FakeBroker, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ def test_readme_gives_the_two_setup_commands_and_ci_runs_the_test_command() -> N
 
 
 def test_readme_example_delivers_a_message(broker: BrokerProcess) -> None:
-    [example] = re.findall(r"```python\n(.*?)```", README, re.S)
+    example = re.findall(r"```python\n(.*?)```", README, re.S)[0]
     script = example.replace("127.0.0.1:13800", broker.address)
     run = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
@@ -28,3 +28,14 @@ def test_readme_example_delivers_a_message(broker: BrokerProcess) -> None:
     # the handler prints from its own thread, so the two lines may interleave
     assert "stored" in run.stdout
     assert "got trade/pay-succ attempt=1: b'{\"order\": 42}'" in run.stdout
+
+
+def test_readme_transaction_example_commits(broker: BrokerProcess) -> None:
+    example = re.findall(r"```python\n(.*?)```", README, re.S)[1]
+    assert "send_transactional" in example
+    script = example.replace("127.0.0.1:13800", broker.address)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("COMMIT ")

@@ -1,7 +1,9 @@
 """The KiteQ client library: producers and consumers, blocking and asyncio.
 
 Sends are batched transparently (a frame per batch, not per message), so a plain
-``send()`` loop and a burst of ``send_async()`` calls are both fast. Every error derives
+``send()`` loop and a burst of ``send_async()`` calls are both fast. Transactional
+messages (``send_transactional``, ``tx_checker=``) are delivered only once the local
+transaction commits them. Every error derives
 from ``KiteQError``; ``error.retriable`` says whether the same send (same message id) may
 succeed later.
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 from kiteq.binding.model import Binding
 from kiteq.client._consumer import AsyncConsumer, Consumer, Handler
-from kiteq.client._producer import AsyncProducer, Producer, SendResult
+from kiteq.client._producer import AsyncProducer, SendResult
+from kiteq.client._producer_sync import Producer
+from kiteq.client._tx import LocalTransaction, TxChecker, TxResult, TxStatus
 from kiteq.core.errors import (
     AuthenticationError,
     BodyTooLargeError,
@@ -57,6 +61,7 @@ __all__ = [
     "Handler",
     "InvalidMessageError",
     "KiteQError",
+    "LocalTransaction",
     "Message",
     "MessageRejectedError",
     "NotConnectedError",
@@ -67,5 +72,8 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TxChecker",
+    "TxResult",
+    "TxStatus",
     "UnknownTopicError",
 ]

@@ -342,6 +342,14 @@ class Session:
         """
         await self._write(_wire.acks_frame(results))
 
+    async def send_tx(self, answers: Iterable[_wire.TxAnswer]) -> None:
+        """Write one ``TxAckBatch`` frame (transaction decisions and check answers).
+
+        Raises:
+            NotConnectedError: The session is gone.
+        """
+        await self._write(_wire.tx_frame(answers))
+
     async def _write(self, frame: broker_pb2.ClientFrame) -> None:
         if not self.alive:
             raise NotConnectedError(f"broker {self.address}: not connected")

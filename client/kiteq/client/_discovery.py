@@ -18,10 +18,13 @@ class BrokerDirectory:
     """Broker addresses for a topic.
 
     Attributes:
+        lookup: The addresses serving a topic.
+        every: Every known broker, whatever it serves (where a ``tx_checker`` listens).
         static: True when every broker serves every topic (a plain ``brokers=`` list).
     """
 
     lookup: Callable[[str], Sequence[str]]
+    every: Callable[[], Sequence[str]]
     static: bool
 
     def brokers_for(self, topic: str) -> list[str]:
@@ -63,7 +66,8 @@ def resolve(brokers: Sequence[str] | None, registry: str | None) -> BrokerDirect
         registry_file = read_registry_file(path)
     except KiteQError as exc:
         raise ConfigError(f"registry {registry!r}: {exc}") from exc
-    return BrokerDirectory(registry_file.brokers_for, static=False)
+    addresses = tuple(dict.fromkeys(broker.address for broker in registry_file.brokers))
+    return BrokerDirectory(registry_file.brokers_for, lambda: addresses, static=False)
 
 
 def _static(brokers: Sequence[str]) -> BrokerDirectory:
@@ -72,7 +76,7 @@ def _static(brokers: Sequence[str]) -> BrokerDirectory:
     addresses = tuple(dict.fromkeys(_check_address(address) for address in brokers))
     if not addresses:
         raise ConfigError("brokers must name at least one 'host:port'")
-    return BrokerDirectory(lambda _topic: addresses, static=True)
+    return BrokerDirectory(lambda _topic: addresses, lambda: addresses, static=True)
 
 
 def _check_address(address: object) -> str:

@@ -12,7 +12,12 @@ Data path (all on one event loop, except ``_submit`` which any thread may call):
                          lost stream re-queues the same message (same id) with backoff,
                          preferring another broker
 
-Futures are always resolved on the loop thread; the sync facade's
+Transactions (``_tx``) ride on this path: ``send_transactional`` is a ``send`` of the
+message uncommitted, then the local transaction, then a decision queued in the
+``TxOutbox``, whose task writes one ``TxAckBatch`` per broker for everything queued; the
+broker's checks go to the ``CheckRunner`` and its answers to the same outbox.
+
+Futures are always resolved on the loop thread; the sync facade's (``_producer_sync``)
 ``concurrent.futures.Future`` is thread-safe for that.
 
 Unacknowledged sends are bounded (``max_pending``) by two counters instead of a
@@ -48,8 +53,16 @@ from kiteq.client._channel import (
     open_params,
 )
 from kiteq.client._discovery import BrokerDirectory, resolve
-from kiteq.client._future import RunningFuture
-from kiteq.client._sync import LoopThread
+from kiteq.client._tx import (
+    CheckRunner,
+    LocalTransaction,
+    TxChecker,
+    TxOutbox,
+    TxResult,
+    TxStatus,
+    feedback_of,
+    run_local_tx,
+)
 from kiteq.core.errors import (
     ClientClosedError,
     ConfigError,
@@ -60,7 +73,7 @@ from kiteq.core.errors import (
 from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
 from kiteq.core.message import Message, ReceivedMessage
 
-__all__ = ["AsyncProducer", "Producer", "SendResult"]
+__all__ = ["AsyncProducer", "SendResult", "uncommitted"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +81,8 @@ logger = logging.getLogger(__name__)
 _HEADER_BYTES: Final = 128
 _RETRY_BASE: Final = 0.1
 _RETRY_MAX: Final = 2.0
-# The sync facade's own margin over a send's deadline, in case the loop is stuck.
-_SYNC_MARGIN: Final = 5.0
+# Seconds close() gives queued transaction decisions even when its timeout is spent.
+_TX_FLUSH_MIN: Final = 0.5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,6 +102,17 @@ class SendResult:
 
 
 _Future = asyncio.Future[SendResult] | concurrent.futures.Future[SendResult]
+
+
+def uncommitted(message: Message, group_id: str) -> Message:
+    """The copy of *message* that ``send_transactional`` publishes: uncommitted, grouped.
+
+    Raises:
+        TypeError: *message* is not a ``Message``.
+    """
+    if not isinstance(message, Message):
+        raise TypeError(f"expected a kiteq Message, got {type(message).__name__}")
+    return dataclasses.replace(message, commit=False, group_id=group_id)
 
 
 class _Send:
@@ -157,6 +181,11 @@ class AsyncProducer:
     messages or ``max_batch_bytes``) and written as one frame. Brokers are dialled on the
     first send; each batch goes to a random connected broker serving its topic.
 
+    Transactional messages (``send_transactional``) are stored uncommitted and delivered
+    only once committed. The broker asks the group's ``tx_checker`` about those it has
+    no decision for; a producer with a ``tx_checker`` connects to every broker at
+    ``start`` and stays connected, so the broker can reach it.
+
     Args:
         brokers: Broker addresses (``"host:port"``); give this or ``registry``.
         registry: ``"file://path/to/registry.toml"`` (``zk://`` is not available yet).
@@ -172,6 +201,14 @@ class AsyncProducer:
         connect_timeout: Seconds to open a session.
         reconnect_max_delay: Upper bound of the reconnect backoff (from 0.1 s, doubling).
         close_timeout: Seconds ``close`` waits for pending store-acks.
+        tx_checker: Answers the broker's checks of undecided transactional messages
+            (this group's, whichever process published them): called with the message's
+            header (the body is empty), returns a ``TxStatus`` or a bool; sync (run on
+            a small thread pool) or ``async def``. An exception, a timeout or None
+            answers UNKNOWN. Without one every check is answered UNKNOWN.
+        tx_check_timeout: Seconds a ``tx_checker`` call may take before it answers UNKNOWN.
+        tx_check_concurrency: ``tx_checker`` calls in progress at once (threads for a
+            sync checker; one that overran ``tx_check_timeout`` no longer counts).
 
     Raises:
         ConfigError: An option is invalid.
@@ -202,11 +239,17 @@ class AsyncProducer:
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 30.0,
         close_timeout: float = 10.0,
+        tx_checker: TxChecker | None = None,
+        tx_check_timeout: float = 10.0,
+        tx_check_concurrency: int = 4,
     ) -> None:
+        if tx_checker is not None and not callable(tx_checker):
+            raise ConfigError(f"tx_checker must be callable, got {tx_checker!r}")
         for name, value in (
             ("timeout", timeout),
             ("connect_timeout", connect_timeout),
             ("reconnect_max_delay", reconnect_max_delay),
+            ("tx_check_timeout", tx_check_timeout),
         ):
             check_positive(name, value)
         for name, value in (("linger", linger), ("close_timeout", close_timeout)):
@@ -215,6 +258,7 @@ class AsyncProducer:
             ("max_batch", max_batch),
             ("max_batch_bytes", max_batch_bytes),
             ("max_pending", max_pending),
+            ("tx_check_concurrency", tx_check_concurrency),
         ):
             check_positive(name, count, integer=True)
         check_positive("retries", retries, allow_zero=True, integer=True)
@@ -267,7 +311,15 @@ class AsyncProducer:
         self._topic_brokers: dict[str, tuple[str, ...]] = {}
         self._tasks = TaskSet("kiteq-producer", self._task_failed)
         self._link_tasks = TaskSet("kiteq-producer", self._task_failed)
-        self._tx_warned = False
+        # transactions: decisions and check answers waiting for their frame, and checks
+        self._outbox = TxOutbox(self._open.get)
+        self._checks = CheckRunner(
+            tx_checker,
+            timeout=float(tx_check_timeout),
+            concurrency=tx_check_concurrency,
+            answer=self._outbox.put,
+            owner="kiteq-producer",
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -289,10 +341,13 @@ class AsyncProducer:
     async def start(self) -> None:
         """Bind the producer to the running event loop; idempotent.
 
-        Brokers are dialled on the first send. ``async with`` and the first ``send`` call
-        this for you.
+        Brokers are dialled on the first send; with a ``tx_checker``, every broker (of
+        ``brokers`` or the registry) at once, and ``start`` waits for the first attempts
+        (bounded by ``connect_timeout``; brokers that are down are retried in the
+        background). ``async with`` and the first ``send`` call this for you.
 
         Raises:
+            AuthenticationError: With a ``tx_checker``: the group's secret was refused.
             ClientClosedError: The producer was closed.
 
         Examples:
@@ -306,6 +361,28 @@ class AsyncProducer:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._tasks.spawn(self._write_loop(), "writer")
+        self._tasks.spawn(self._outbox.run(), "tx-writer")
+        if self._checks.checker is not None:
+            await self._connect_all()
+
+    async def _connect_all(self) -> None:
+        # a tx_checker must be reachable before this group publishes anything
+        addresses = tuple(self._directory.every())
+        self._connect(addresses)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._connect_timeout + 1.0):
+                for address in addresses:
+                    await self._links[address].attempted.wait()
+        if self._fatal is not None:
+            error = fresh_error(self._fatal)
+            await self.close()
+            raise error
+        if not self._open:
+            logger.warning(
+                "no broker reachable yet group=%s brokers=%s: retrying in the background",
+                self._group_id,
+                ",".join(addresses),
+            )
 
     async def send(self, message: Message, *, timeout: float | None = None) -> SendResult:
         """Send one message and wait until the broker has made it durable.
@@ -369,11 +446,81 @@ class AsyncProducer:
         self._submit(_Send(prepared, seconds, future, False))
         return future
 
+    async def send_transactional(
+        self, message: Message, local_tx: LocalTransaction, *, timeout: float | None = None
+    ) -> TxResult:
+        """Publish *message* uncommitted, run *local_tx*, then commit or roll it back.
+
+        The broker stores the message and delivers it only once committed. After the
+        store-ack, ``local_tx(message)`` runs (``async def`` or sync; a sync one runs on
+        the event loop: keep it short or make it async); it returns ``TxStatus`` or a
+        bool (True commits, False rolls back). None, UNKNOWN or an exception send
+        UNKNOWN: the broker then asks this group's ``tx_checker`` later. The decision
+        goes to the broker that stored the message, without waiting for an answer. If
+        this call is cancelled after the store-ack, nothing is decided: the broker asks
+        the ``tx_checker``.
+
+        Args:
+            message: The message; published with ``commit=False`` and the producer's group
+                (``local_tx`` gets that copy).
+            local_tx: The local transaction.
+            timeout: Seconds until the store-ack, retries included; default the
+                producer's ``timeout``. The local transaction is not bounded.
+
+        Returns:
+            The decision (message id, status, broker, and the local transaction's
+            exception if it raised one).
+
+        Raises:
+            TypeError: *message* is not a ``Message`` or *local_tx* is not callable.
+            KiteQError: The publish failed, as ``send`` does; ``local_tx`` was not run.
+                After a ``PublishTimeoutError`` the message may be stored all the same:
+                the broker then asks the ``tx_checker``.
+
+        Examples:
+            >>> async def pay(producer: AsyncProducer, order: str) -> None:
+            ...     async def debit(message: Message) -> bool:
+            ...         return await ledger.debit(message.properties["order"])
+            ...     message = Message(topic="trade", message_type="pay-succ", body=b"42",
+            ...                       properties={"order": order})
+            ...     result = await producer.send_transactional(message, debit)
+            ...     print(result.status)  # TxStatus.COMMIT
+        """
+        if not callable(local_tx):
+            raise TypeError(f"local_tx must be callable, got {local_tx!r}")
+        pending = uncommitted(message, self._group_id)
+        stored = await self.send(pending, timeout=timeout)
+        status, error = await run_local_tx(local_tx, pending)
+        self._decide(stored.broker, pending, status, error)
+        return TxResult(pending.message_id, status, stored.broker, error)
+
+    def _decide(
+        self, address: str, message: Message, status: TxStatus, error: Exception | None
+    ) -> None:
+        # loop thread: the session that stored it, or a later one to the same broker
+        feedback = "" if error is None else feedback_of(error)
+        self._outbox.put(
+            address, _wire.TxAnswer(message.message_id, message.topic, status, feedback)
+        )
+
+    def _decide_threadsafe(
+        self, address: str, message: Message, status: TxStatus, error: Exception | None
+    ) -> None:
+        try:
+            self._running_loop.call_soon_threadsafe(self._decide, address, message, status, error)
+        except RuntimeError:  # the loop has closed
+            logger.warning(
+                "decision not sent id=%s status=%s: producer closed (the broker checks later)",
+                message.message_id,
+                status.name,
+            )
+
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking sends, flush the pending ones and wait for their acks; idempotent.
 
         Sends still unacknowledged after *timeout* seconds (default ``close_timeout``)
-        fail with ``ClientClosedError``; then the sessions are closed.
+        fail with ``ClientClosedError``; transaction decisions already made are written;
+        checks in progress are abandoned (the broker asks again); then the sessions close.
 
         Examples:
             >>> async def main(producer: AsyncProducer) -> None:
@@ -386,9 +533,15 @@ class AsyncProducer:
         with self._lock:
             self._accepting = False
             self._room.notify_all()
+        seconds = self._close_timeout if timeout is None else timeout
         try:
             if self._loop is not None:
-                await self._flush(self._close_timeout if timeout is None else timeout)
+                deadline = time.monotonic() + seconds
+                await self._flush(seconds)
+                # checks in progress are abandoned (the broker asks again); decisions and
+                # answers made go out before the sessions close
+                await self._checks.close()
+                await self._outbox.flush(max(deadline - time.monotonic(), _TX_FLUSH_MIN))
                 await self._tasks.cancel()
                 await asyncio.gather(*(link.stop(1.0) for link in self._links.values()))
                 await self._link_tasks.cancel()
@@ -790,6 +943,7 @@ class AsyncProducer:
     def on_opened(self, session: Session) -> None:
         """A session is open: parked sends may go."""
         self._open[session.address] = session
+        self._outbox.wake()
         if self._parked:
             self._ready.extendleft(reversed(self._parked))
             self._parked.clear()
@@ -835,167 +989,5 @@ class AsyncProducer:
         )
 
     def on_tx_checks(self, session: Session, checks: list[_wire.TxCheckRequest]) -> None:
-        """Transaction checks need a ``tx_checker``, which this producer does not have."""
-        if not self._tx_warned:
-            self._tx_warned = True
-            logger.warning(
-                "ignoring %d transaction checks from broker=%s: no tx_checker",
-                len(checks),
-                session.address,
-            )
-
-
-class Producer:
-    """Publishes messages for one producer group (blocking API).
-
-    A facade over ``AsyncProducer`` running on a private event loop in a daemon thread;
-    ``send_async`` only appends to a buffer, so it is cheap to call in a loop. Options are
-    those of ``AsyncProducer``.
-
-    Examples:
-        >>> with Producer(brokers=["127.0.0.1:13800"], group_id="pay-svc",
-        ...               secret_key="s3cret") as producer:
-        ...     result = producer.send(Message(topic="trade", message_type="pay-succ", body=b"1"))
-        ...     future = producer.send_async(
-        ...         Message(topic="trade", message_type="pay-succ", body=b"2"))
-        ...     print(result.message_id, future.result().message_id)
-    """
-
-    def __init__(
-        self,
-        *,
-        brokers: Sequence[str] | None = None,
-        registry: str | None = None,
-        group_id: str,
-        secret_key: str = "",
-        client_id: str | None = None,
-        timeout: float = 5.0,
-        linger: float = 0.002,
-        max_batch: int = 500,
-        max_batch_bytes: int = 1024 * 1024,
-        max_pending: int = 10_000,
-        retries: int = 3,
-        connect_timeout: float = 5.0,
-        reconnect_max_delay: float = 30.0,
-        close_timeout: float = 10.0,
-    ) -> None:
-        self._producer = AsyncProducer(
-            brokers=brokers,
-            registry=registry,
-            group_id=group_id,
-            secret_key=secret_key,
-            client_id=client_id,
-            timeout=timeout,
-            linger=linger,
-            max_batch=max_batch,
-            max_batch_bytes=max_batch_bytes,
-            max_pending=max_pending,
-            retries=retries,
-            connect_timeout=connect_timeout,
-            reconnect_max_delay=reconnect_max_delay,
-            close_timeout=close_timeout,
-        )
-        self._timeout = float(timeout)
-        self._close_timeout = float(close_timeout)
-        self._close_lock = threading.Lock()
-        self._closed = False
-        self._thread = LoopThread("kiteq-producer")
-        self._thread.run(self._producer.start(), timeout=_SYNC_MARGIN)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        """True once ``close`` has been called."""
-        return self._closed
-
-    def send(self, message: Message, *, timeout: float | None = None) -> SendResult:
-        """Send one message and block until the broker has made it durable.
-
-        Args:
-            message: The message; its ``group_id`` is replaced by the producer's group.
-            timeout: Seconds until the store-ack, retries included.
-
-        Returns:
-            The store result (message id, broker, duplicate flag).
-
-        Raises:
-            KiteQError: As ``AsyncProducer.send``: ``InvalidMessageError`` (nothing sent),
-                ``MessageRejectedError`` subclasses, ``StoreFullError``,
-                ``StoreUnavailableError``, ``NotConnectedError``, ``PublishTimeoutError``,
-                ``AuthenticationError``, ``ClientClosedError``.
-
-        Examples:
-            >>> def publish(producer: Producer) -> str:
-            ...     result = producer.send(Message(topic="trade", message_type="pay-succ",
-            ...                                    body=b"42"))
-            ...     return result.message_id
-        """
-        seconds = self._timeout if timeout is None else timeout
-        future = self.send_async(message, timeout=seconds)
-        try:
-            return future.result(seconds + _SYNC_MARGIN)
-        except TimeoutError:
-            if future.done():
-                return future.result()
-            raise PublishTimeoutError(
-                f"no outcome for message {message.message_id} within {seconds}s"
-            ) from None
-
-    def send_async(
-        self, message: Message, *, timeout: float | None = None
-    ) -> concurrent.futures.Future[SendResult]:
-        """Queue one message; return a ``concurrent.futures.Future`` of its ``SendResult``.
-
-        Blocks only while ``max_pending`` sends are unacknowledged. The future's callbacks
-        run on the producer's loop thread: keep them short and never block in them.
-
-        Raises:
-            InvalidMessageError: The message is invalid; nothing was sent.
-            PublishTimeoutError: ``max_pending`` sends stayed unacknowledged for ``timeout``.
-            ClientClosedError: The producer was closed.
-
-        Examples:
-            >>> def burst(producer: Producer, messages: list[Message]) -> None:
-            ...     futures = [producer.send_async(m) for m in messages]
-            ...     for future in futures:
-            ...         future.result()
-        """
-        seconds = self._timeout if timeout is None else timeout
-        producer = self._producer
-        prepared = producer._prepare(message)
-        future: concurrent.futures.Future[SendResult] = RunningFuture()
-        # waits while max_pending sends are unacknowledged (never on the loop thread)
-        producer._submit(_Send(prepared, seconds, future, True), seconds)
-        return future
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stop taking sends, flush the pending ones and wait for their acks; idempotent.
-
-        Never blocks much longer than *timeout* (default ``close_timeout``): sends still
-        unacknowledged then fail with ``ClientClosedError``.
-
-        Examples:
-            >>> def shutdown(producer: Producer) -> None:
-            ...     producer.close(timeout=2.0)
-        """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        seconds = self._close_timeout if timeout is None else timeout
-        try:
-            self._thread.run(self._producer.close(seconds), timeout=seconds + _SYNC_MARGIN)
-        except TimeoutError:
-            logger.warning("producer close did not finish in %.1fs", seconds + _SYNC_MARGIN)
-        finally:
-            self._thread.stop()
+        """Answer with the ``tx_checker`` (UNKNOWN without one), on the same broker."""
+        self._checks.submit(session.address, checks)

@@ -40,6 +40,7 @@ __all__ = [
     "ServerEvent",
     "StoreAcks",
     "StoreResult",
+    "TxAnswer",
     "TxCheckRequest",
     "TxChecks",
     "acks_frame",
@@ -47,6 +48,7 @@ __all__ = [
     "open_frame",
     "publish_frame",
     "rejection_error",
+    "tx_frame",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -117,11 +119,24 @@ class DeliveryResult(NamedTuple):
     feedback: str = ""
 
 
+class TxAnswer(NamedTuple):
+    """A producer's decision on an uncommitted message (``TxAck``): status is a TxStatus."""
+
+    message_id: str
+    topic: str
+    status: int
+    feedback: str = ""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TxCheckRequest:
-    """The broker asks the publishing group to decide an uncommitted message."""
+    """The broker asks the publishing group to decide an uncommitted message.
 
-    message: Message
+    ``message`` is its header (no body: checks do not carry it), with ``attempt`` set to
+    the check's number (1 for the first check).
+    """
+
+    message: ReceivedMessage
     check: int
 
 
@@ -240,6 +255,20 @@ def acks_frame(results: Iterable[DeliveryResult]) -> broker_pb2.ClientFrame:
     return frame
 
 
+def tx_frame(answers: Iterable[TxAnswer]) -> broker_pb2.ClientFrame:
+    """One ``TxAckBatch`` frame."""
+    frame = broker_pb2.ClientFrame()
+    add = frame.tx.acks.add
+    for message_id, topic, status, feedback in answers:
+        ack = add()
+        ack.messageId = message_id
+        ack.topic = topic
+        ack.status = broker_pb2.TxStatus.ValueType(status)
+        if feedback:
+            ack.feedback = feedback
+    return frame
+
+
 def decode_server_frame(frame: broker_pb2.ServerFrame) -> ServerEvent | None:
     """Decode one server frame; None for an empty (unknown) frame."""
     kind = frame.WhichOneof("kind")
@@ -258,7 +287,7 @@ def decode_server_frame(frame: broker_pb2.ServerFrame) -> ServerEvent | None:
     if kind == "checks":
         return TxChecks(
             [
-                TxCheckRequest(_header_message(check.header), check.check)
+                TxCheckRequest(_header_message(check.header, check.check), check.check)
                 for check in frame.checks.checks
             ]
         )
@@ -308,9 +337,9 @@ def _received(deliveries: Iterable[broker_pb2.Delivery]) -> list[ReceivedMessage
     return received
 
 
-def _header_message(header: common_pb2.Header) -> Message:
+def _header_message(header: common_pb2.Header, check: int) -> ReceivedMessage:
     properties = header.properties
-    return Message(
+    return ReceivedMessage(
         topic=header.topic,
         message_type=header.messageType,
         body=b"",
@@ -323,4 +352,5 @@ def _header_message(header: common_pb2.Header) -> Message:
         fly=header.fly,
         create_time=header.createTime,
         snappy=header.snappy,
+        attempt=check,
     )

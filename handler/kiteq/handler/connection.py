@@ -180,9 +180,15 @@ class ConnectionTable:
         return self._all.get(conn_id)
 
     def any_of(self, group: str) -> Connection | None:
-        """A random open connection of *group*, producer or consumer."""
+        """A random open connection of *group*, a producer one when there is one.
+
+        (Transaction checks go here: a connection that only consumes answers none.)
+        """
         members = self._groups.get(group)
-        return self._rng.choice(members) if members else None
+        if not members:
+            return None
+        producers = [c for c in members if not c.consumer]
+        return self._rng.choice(producers or members)
 
     def has_consumers(self, group: str) -> bool:
         return group in self._consumers
