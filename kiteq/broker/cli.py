@@ -15,6 +15,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from kiteq.binding.registry import redact_registry_uri
 from kiteq.broker.server import Broker
 from kiteq.core.config import ClusterConfig, load_cluster
 from kiteq.core.errors import KiteQError
@@ -114,7 +115,7 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
         raise
     print(
         f"kiteq ready cluster={config.name} bind={broker.advertised} store={broker.store_description} "
-        f"registry={config.registry} topics={','.join(config.topics)}",
+        f"registry={redact_registry_uri(config.registry)} topics={','.join(config.topics)}",
         flush=True,
     )
     try:

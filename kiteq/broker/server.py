@@ -1,10 +1,11 @@
 """Broker lifecycle: build the pipeline, serve gRPC, supervise background loops, stop cleanly.
 
 Shutdown order (SIGTERM/SIGINT): leave the registry (ZooKeeper: the broker's ephemeral
-nodes are deleted, so clients stop choosing it) → health NOT_SERVING and refuse new publishes (retriable
-NOT_SERVING) → wait for publishes already accepted to be stored and acked → start no new
-pushes and give in-flight deliveries time to be acked → close the streams → write the
-bookkeeping of what is still in memory → stop the registry → close the store.
+nodes are deleted, so clients stop choosing it) → health NOT_SERVING and refuse new
+publishes (retriable NOT_SERVING) → wait for publishes already accepted to be stored and
+acked → start no new pushes and give in-flight deliveries time to be acked → close the
+streams → write the bookkeeping of what is still in memory → stop the registry (close the
+ZooKeeper session) → close the store.
 Every step is bounded, so the process exits within ``grace`` plus a few seconds.
 """
 

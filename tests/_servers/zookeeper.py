@@ -3,22 +3,40 @@
 Started as ``java -cp CONFDIR:/usr/share/java/zookeeper.jar ...QuorumPeerMain zoo.cfg`` on
 a free loopback port with its data in a temporary directory; ready when it answers the
 ``ruok`` four-letter word with ``imok`` and ``srvr`` reports it serving.
+
+Also here: ``expire_session`` (a session expired for real, the way ZooKeeper expires it)
+and ``TcpProxy`` (cut a client's connection without touching the server: SUSPENDED, and
+LOST when the cut outlasts the session timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
+
+from kazoo.client import KazooClient
 
 from tests._servers import free_port
 
-__all__ = ["ZOOKEEPER_JAR", "ManagedZooKeeper", "ZooKeeperStartError", "missing_zookeeper"]
+__all__ = [
+    "ZOOKEEPER_JAR",
+    "ManagedZooKeeper",
+    "TcpProxy",
+    "ZooKeeperStartError",
+    "expire_session",
+    "missing_zookeeper",
+    "owner",
+    "wait_owner",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +188,126 @@ class ManagedZooKeeper:
                     return True
             time.sleep(0.1)
         return False
+
+
+def expire_session(hosts: str, session_id: int, password: bytes, *, timeout: float = 10.0) -> None:
+    """Expire a session for real, as ZooKeeper does when its owner goes silent.
+
+    A second client joins the session with its id and password (the server moves the
+    session to it and drops the first client's connection), then closes it: the server
+    ends the session and deletes its ephemeral nodes. The first client, reconnecting, is
+    told its session expired (kazoo: LOST, then CONNECTED with a new session).
+    """
+    thief = KazooClient(hosts=hosts, client_id=(session_id, password), timeout=timeout)
+    thief.start(timeout=timeout)
+    try:
+        if thief.client_id is None or thief.client_id[0] != session_id:
+            raise RuntimeError(f"could not join session 0x{session_id:x}")
+    finally:
+        thief.stop()
+        thief.close()
+
+
+class TcpProxy:
+    """A loopback TCP proxy to *port*; ``cut()`` drops every connection and refuses new ones
+    until ``restore()``."""
+
+    def __init__(self, port: int, host: str = HOST) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server((HOST, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._cut = False
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept)
+
+    @property
+    def hosts(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.cut()
+        _shut(self._listener)
+        for thread in self._threads:
+            thread.join(5)
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+        self._listener.close()
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                refuse = self._cut or self._closed
+            if refuse:
+                _shut(client)
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets |= {client, upstream}
+            self._spawn(self._pump, client, upstream)
+            self._spawn(self._pump, upstream, client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            _shut(sink)
+            _shut(source)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def owner(zk: Any, path: str) -> int | None:
+    """The session owning the ephemeral node *path*; 0 if persistent, None if absent."""
+    stat = zk.exists(path)
+    return None if stat is None else int(stat.ephemeralOwner)
+
+
+async def wait_owner(
+    zk: Any, path: str, accept: Callable[[int | None], bool], timeout: float = 20.0
+) -> int | None:
+    """Poll *path*'s owner (off the loop) until *accept* takes it; return it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            current = await asyncio.to_thread(owner, zk, path)
+            if accept(current):
+                return current
+            await asyncio.sleep(0.05)

@@ -10,6 +10,7 @@ from kiteq.binding.file import FileBindingRegistry
 from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
 from kiteq.binding.registry import BindingRegistry, open_registry
+from kiteq.binding.zk import ZkBindingRegistry
 from kiteq.core.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parents[2] / "conf" / "registry_demo.toml"
@@ -48,9 +49,12 @@ def test_file_absolute_path(tmp_path: Path) -> None:
     assert isinstance(registry, FileBindingRegistry)
 
 
-def test_zookeeper_is_not_available_yet() -> None:
-    with pytest.raises(ConfigError, match=r"^zk:// registries are not available yet \(issue #3\)$"):
-        open_registry("zk://127.0.0.1:2181,127.0.0.2:2181", NullMeta())
+def test_zookeeper() -> None:
+    registry = open_registry(
+        "zk://127.0.0.1:2181,127.0.0.2:2181/kiteq?timeout=4", NullMeta(), topics=["trade"]
+    )
+    assert isinstance(registry, ZkBindingRegistry)
+    assert registry.kind == "zk"
 
 
 @pytest.mark.parametrize(
