@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
+from kiteq.client import Binding, Consumer, InvalidMessageError, Message, Producer, ReceivedMessage
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
@@ -256,3 +256,27 @@ def test_watermark_paces_a_group_and_credits_bound_its_unacked_messages(
     assert 2.4 <= elapsed <= 4.5, elapsed
     assert all(m.attempt == 1 for m in got.received), "the limiter must not use up attempts"
     assert most <= 10
+
+
+def test_a_fly_message_is_delivered_without_being_stored_and_must_be_committed(
+    broker: BrokerProcess,
+) -> None:
+    got = Collector()
+    with (
+        Consumer(
+            brokers=[broker.address],
+            group_id="acct",
+            secret_key="s",
+            bindings=[Binding.fanout("trade")],
+            handler=got,
+        ),
+        Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p,
+    ):
+        message_id = p.send(
+            Message(topic="trade", message_type="t", body=b"x", fly=True)
+        ).message_id
+        assert not broker.lookup(message_id).found  # acked without being stored
+        got.wait_count(1)
+        with pytest.raises(InvalidMessageError, match="fly message must be committed"):
+            p.send(Message(topic="trade", message_type="t", body=b"x", fly=True, commit=False))
+    assert got.ids() == [message_id]
