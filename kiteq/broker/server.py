@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
@@ -23,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kiteq.binding._zk_takeover import ZkTakeoverNodes
 from kiteq.binding.match import BindingTable
 from kiteq.binding.registry import (
     BindingRegistry,
@@ -31,6 +33,7 @@ from kiteq.binding.registry import (
     broker_registration,
     open_registry,
 )
+from kiteq.binding.zk import parse_zk_uri
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.service import (
     PROTOCOL_VERSION,
@@ -48,12 +51,13 @@ from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
+from kiteq.handler.takeover import TakeoverLoop, store_identity
 from kiteq.handler.transactions import TxManager
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
 from kiteq.store.base import MessageStore
-from kiteq.store.url import open_store
+from kiteq.store.url import mysql_options, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,26 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"-bind: expected host:port, got {bind!r}")
     return host.strip("[]"), int(port)
+
+
+def owned_store_url(db: str, advertised: str) -> tuple[str, str, bool]:
+    """(store URL, owner name, derived): who owns this broker's stored rows.
+
+    The owner (``kite_server``) is ``kiteServer=`` of a ``mysql://`` URL when given,
+    otherwise the broker's advertised address, unique per broker (KiteQ's host name is
+    shared by brokers on one host); it is added to a ``mysql://`` URL as ``kiteServer``.
+    """
+    if _is_mysql(db):
+        configured = mysql_options(db).kite_server
+        if configured is not None:
+            return db, configured, False
+        joiner = "&" if "?" in db else "?"
+        return f"{db}{joiner}kiteServer={urllib.parse.quote(advertised, safe='')}", advertised, True
+    return db, advertised, True
+
+
+def _is_mysql(db: str) -> bool:
+    return db.strip().lower().startswith("mysql://")
 
 
 def advertised_address(host: str, port: int) -> str:
@@ -142,13 +166,35 @@ class Broker:
         self._registry: BindingRegistry | None = None
         self._registration: BrokerRegistration | None = None
         self._backlog: dict[str, int] = {}
+        self._takeover: TakeoverLoop | None = None
+        self.owner = ""
 
     # -- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
-        self._store = store = open_store(config.db)
+        # the port first: the broker's owner name in the store is its address
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = server
+        try:
+            # no host in -bind means every interface, as KiteQ's :13800
+            listen = f"{self._bind_host or '0.0.0.0'}:{self._bind_port}"  # noqa: S104
+            self.port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"-bind: cannot listen on {self._bind_host}:{self._bind_port}: {exc}"
+            ) from exc
+        self.advertised = advertised_address(self._bind_host, self.port)
+        store_url, self.owner, derived = owned_store_url(config.db, self.advertised)
+        self._store = store = open_store(store_url)
         await store.open()
+        if derived and _is_mysql(config.db):
+            # rows of this host's name (KiteQ's owner, and ours before owners were
+            # addresses) are adopted by the broker that starts on this host
+            legacy = socket.gethostname()
+            adopted = await store.take_over(legacy)
+            if adopted:
+                logger.info("adopted %d stored rows of kite_server=%r", adopted, legacy)
         if not store.durable:
             logger.warning(
                 "store %s is not durable: stored messages are lost when the broker exits",
@@ -198,20 +244,9 @@ class Broker:
             transactions=transactions,
             history=history,
             clock=self._clock,
-            server_name=socket.gethostname(),
+            server_name=self.owner,
             metrics=self.metrics,
         )
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._server = server
-        try:
-            # no host in -bind means every interface, as KiteQ's :13800
-            listen = f"{self._bind_host or '0.0.0.0'}:{self._bind_port}"  # noqa: S104
-            self.port = server.add_insecure_port(listen)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"-bind: cannot listen on {self._bind_host}:{self._bind_port}: {exc}"
-            ) from exc
-        self.advertised = advertised_address(self._bind_host, self.port)
         add_broker_service(
             BrokerService(
                 config=config,
@@ -271,6 +306,19 @@ class Broker:
             self._ops = OpsServer(self._bind_host or "0.0.0.0", self._pport, self.metrics, stats)  # noqa: S104
             await self._ops.start()
         self.metrics.set_info(VERSION, config.name, store.description)
+        if config.takeover and _is_mysql(config.db) and config.registry.startswith("zk://"):
+            # announced before the alive node: a new incarnation is never taken for an old
+            self._takeover = TakeoverLoop(
+                nodes=ZkTakeoverNodes(parse_zk_uri(config.registry)),
+                store=store,
+                address=self.advertised,
+                owner=self.owner,
+                store_id=store_identity(mysql_options(store_url)),
+                grace=config.takeover_grace_seconds,
+                on_taken=self._taken_over,
+            )
+            await self._takeover.start()
+            self._spawn("takeover", self._takeover.run)
         # announced last: clients may choose this broker from now on
         self._registration = broker_registration(registry)
         await self._registration.register(
@@ -280,6 +328,13 @@ class Broker:
                 proto=broker_pb2.DESCRIPTOR.package,
             )
         )
+
+    async def _taken_over(self, moved: int) -> None:
+        """Rows of a dead broker became ours: deliver them now, count them."""
+        self._recover.wake()
+        await self._transactions.load()
+        self._backlog = await self._store_or_fail().backlog()
+        self.metrics.set_backlog(self._backlog)
 
     def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a background loop under supervision: if it dies, the broker stops loudly."""
@@ -380,6 +435,8 @@ class Broker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._takeover is not None:
+            await self._takeover.stop()
         if self._registry is not None:
             await self._registry.stop()
         if self._store is not None:

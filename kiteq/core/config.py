@@ -63,6 +63,14 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "acceptAnySecret": (False, "accept any group secret (development clusters only)"),
         "secrets": ({}, 'per-group secrets: {group = "secret"} (or "sha256:<hex>")'),
         "adminSecret": ("", "secret for the admin service; empty = admin open"),
+        "takeover": (
+            True,
+            "with a zk:// registry and a shared MySQL store, take over the backlog of dead brokers",
+        ),
+        "takeoverGraceSeconds": (
+            30,
+            "seconds a broker's ZooKeeper alive node must be gone before its backlog is taken over",
+        ),
     }
 )
 
@@ -88,6 +96,8 @@ class ClusterConfig:
     accept_any_secret: bool
     secrets: Mapping[str, str]
     admin_secret: str
+    takeover: bool = True
+    takeover_grace_seconds: float = 30.0
 
     @property
     def any_topic(self) -> bool:
@@ -220,6 +230,8 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         accept_any_secret=typed("acceptAnySecret", bool),
         secrets=MappingProxyType(dict(secrets)),
         admin_secret=typed("adminSecret", str),
+        takeover=typed("takeover", bool),
+        takeover_grace_seconds=positive("takeoverGraceSeconds"),
     )
 
 

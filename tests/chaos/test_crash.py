@@ -42,7 +42,7 @@ def store_url(kind: str, tmp_path: Path) -> Iterator[str]:
         return
     if not mariadb.available():
         unavailable("MariaDB")
-    # the broker's default owner: this host's name, as the records it accepts
+    # no kiteServer here: the broker sets its own owner name (its advertised host:port)
     with mariadb.databases(4) as prefix:
         yield mariadb.url(prefix, shardnum=4)
 

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "acceptAnySecret": ("accept_any_secret", False),
     "secrets": ("secrets", {}),
     "adminSecret": ("admin_secret", ""),
+    "takeover": ("takeover", True),
+    "takeoverGraceSeconds": ("takeover_grace_seconds", 30.0),
 }
 
 

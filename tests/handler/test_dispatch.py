@@ -90,6 +90,9 @@ class RecordingStore:
     async def get_history(self, message_id: str) -> list[HistoryEvent]:
         return []
 
+    async def take_over(self, owner: str) -> int:
+        return 0
+
     async def prune_history(self, before: float) -> int:
         return 0
 

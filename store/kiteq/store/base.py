@@ -222,6 +222,17 @@ class MessageStore(Protocol):
         """Dead letters per topic."""
         ...
 
+    async def take_over(self, owner: str) -> int:
+        """Make this store's owner the owner of every record and dead letter of *owner*.
+
+        Backlog takeover (a broker sharing this store died): afterwards ``page_due``,
+        ``page_uncommitted``, ``backlog``, ``list_dlq`` and ``dlq_size`` include them.
+        Batched, one transaction per batch; safe to interrupt and to call again (a
+        repeated call moves what is left, usually nothing). Returns how many rows moved.
+        Stores that cannot be shared between brokers (memory, RocksDB) return 0.
+        """
+        ...
+
     async def append_history(self, events: Sequence[HistoryEvent]) -> None:
         """Durably record *events* (grouped with other writes; no fsync of their own)."""
         ...

@@ -362,6 +362,15 @@ class MemoryStore:
         self._check_open()
         return dict(self._dlq)
 
+    async def take_over(self, owner: str) -> int:
+        """Always 0: nothing to take over.
+
+        This store is never shared between brokers, so no other broker's rows are in it
+        (backlog takeover needs the MySQL store).
+        """
+        self._check_open()
+        return 0
+
     async def append_history(self, events: Sequence[HistoryEvent]) -> None:
         self._check_open()
         history = self._history

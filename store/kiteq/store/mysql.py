@@ -67,6 +67,10 @@ are counted at open and kept up to date from the writes' row counts. Only rows w
 ``kite_server`` is this store's owner (``kiteServer``, by default the host name the
 broker stamps) are paged, counted and listed in the DLQ; ``get``, ``commit``,
 ``rollback``, ``get_dead_letter`` and ``redrive`` address any row by id.
+
+**Takeover.** ``take_over(owner)`` gives this store's owner the rows of another owner
+(a dead broker sharing the database; see ``kiteq.handler.takeover``), in batches of
+``batchUpdateSize`` rows, one transaction each, idempotent when resumed.
 """
 
 from __future__ import annotations
@@ -1658,6 +1662,84 @@ class MySQLStore:
             }
 
         return await self._run(self._read_sync, "get_meta", read)
+
+    async def take_over(self, owner: str) -> int:
+        """Backlog takeover: ``kite_server = owner`` rows become this store's owner's.
+
+        Every message table and every DLQ table, ``batchUpdateSize`` rows per
+        transaction (``SELECT … LIMIT n FOR UPDATE`` on ``idx_recover`` / ``idx_dlq``, then
+        ``UPDATE … SET kite_server = me WHERE kite_server = owner AND message_id IN
+        (…)``), beside the write queues. Each batch commits on its own, so an
+        interrupted takeover leaves every row with exactly one owner and a second call
+        moves the rest; two stores taking over the same owner at once never move a row
+        twice (the row lock and the ``kite_server`` condition). ``backlog`` and
+        ``dlq_size`` count the moved rows when this returns.
+        """
+        self._check_open()
+        if owner == self._owner:
+            return 0
+        loop = self._event_loop()
+        moved, dead = await self._run(self._take_over_sync, owner, loop)
+        if moved or dead:
+            logger.info(
+                "took over kite_server=%r: messages=%d dead=%d (now owner %r)",
+                owner,
+                moved,
+                dead,
+                self._owner,
+            )
+        return moved + dead
+
+    def _take_over_sync(self, owner: str, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
+        """(messages, dead letters) moved; each batch's counts are applied once committed."""
+        totals = {"messages": 0, "dead": 0}
+        size = max(1, self._options.batch_update_size)
+        tables = [(table, self._backlog, "messages") for _, table in self._slots]
+        tables += [(table, self._dlq, "dead") for table in self._dlq_tables]
+        for table, counts, kind in tables:
+            select = (
+                f"SELECT message_id, topic FROM {table} WHERE kite_server = %s "  # noqa: S608
+                f"LIMIT {size} FOR UPDATE"
+            )
+            while True:
+
+                def batch(conn: Connection, table: str = table, select: str = select) -> _Row:
+                    rows = conn.exec_driver_sql(select, (owner,)).all()
+                    if rows:
+                        conn.exec_driver_sql(
+                            f"UPDATE {table} SET kite_server = %s "  # noqa: S608
+                            f"WHERE kite_server = %s AND message_id IN ({_marks(len(rows))})",
+                            (self._owner, owner, *(row[0] for row in rows)),
+                        )
+                    conn.commit()
+                    return tuple(rows)
+
+                rows = self._retried_sync("take_over", batch)
+                if rows:
+                    # on the loop (FIFO: before this call returns), even if a later batch fails
+                    topics = collections.Counter(str(topic) for _, topic in rows)
+                    loop.call_soon_threadsafe(_apply_counts, counts, dict(topics))
+                    totals[kind] += len(rows)
+                if len(rows) < size:
+                    break
+        return totals["messages"], totals["dead"]
+
+    def _retried_sync(self, action: str, work: Callable[[Connection], _T]) -> _T:
+        """``_read_sync``, also retried on a deadlock or a lock wait timeout."""
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                return self._read_sync(action, work)
+            except StoreUnavailableError as exc:
+                cause = exc.__cause__
+                if (
+                    attempt + 1 < _MAX_ATTEMPTS
+                    and isinstance(cause, DBAPIError)
+                    and _errno(cause) in (_DEADLOCK, _LOCK_WAIT_TIMEOUT)
+                ):
+                    logger.info("store %s retried: %s", action, _reason(cause))
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     def _read_sync(self, action: str, read: Callable[[Connection], _T]) -> _T:
         """Run *read* on a pooled connection; once more on a fresh one if it was dropped."""

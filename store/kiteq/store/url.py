@@ -126,8 +126,8 @@ class MySQLOptions:
         auto_create: ``autoCreate`` (``false``): create missing databases, tables and
             indexes when the store opens. When false, a store whose schema is incomplete
             refuses to open and names the command that creates it (``kiteq-schema``).
-        kite_server: ``kiteServer`` (None: this host's name, which is what the broker
-            stamps on the records it accepts): the owner whose rows this store pages for
+        kite_server: ``kiteServer`` (None: this host's name; the broker passes its
+            advertised ``host:port``, the name it stamps on the records it accepts): the owner whose rows this store pages for
             redelivery and counts in ``backlog``, ``dlq_size`` and ``list_dlq`` (KiteQ's
             ``kite_server`` filter). Records are stored with the ``kite_server`` they
             carry; an empty ``kiteServer=`` owns records saved without one (tools, tests).
