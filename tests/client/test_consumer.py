@@ -258,6 +258,7 @@ async def test_close_waits_for_running_handlers_and_their_acks(broker: FakeBroke
 
     consumer = consumer_for(broker, slow)
     await consumer.start()
+    await broker.wait_for(lambda: bool(broker.consumer_sessions()))
     broker.push([pb_message()])
     await started.wait()
     await consumer.close()
@@ -274,6 +275,7 @@ async def test_close_waits_for_a_running_sync_handler_and_its_acks(broker: FakeB
 
     consumer = consumer_for(broker, slow)
     await consumer.start()
+    await broker.wait_for(lambda: bool(broker.consumer_sessions()))
     broker.push([pb_message(), pb_message()])
     await asyncio.to_thread(started.wait, 5)
     await consumer.close()

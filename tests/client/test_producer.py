@@ -364,7 +364,7 @@ async def test_registry_file_routes_by_topic(broker: FakeBroker, tmp_path: Path)
         ({"brokers": ["127.0.0.1:1"], "group_id": "bad group"}, "group_id"),
         ({"group_id": "g"}, "brokers"),
         ({"brokers": ["a:1"], "registry": "file://x", "group_id": "g"}, "not both"),
-        ({"registry": "zk://127.0.0.1:2181", "group_id": "g"}, r"issue #3"),
+        ({"registry": "zk://127.0.0.1:2181?bad=1", "group_id": "g"}, r"unknown parameter"),
         ({"registry": "http://x", "group_id": "g"}, "file://"),
         ({"registry": "file:///nonexistent/registry.toml", "group_id": "g"}, "registry"),
         ({"brokers": ["localhost"], "group_id": "g"}, "host:port"),

@@ -39,7 +39,7 @@ from kiteq.client._channel import (
     fresh_error,
     open_params,
 )
-from kiteq.client._discovery import BrokerDirectory, resolve
+from kiteq.client._discovery import BrokerDirectory, ZkDirectory, resolve
 from kiteq.client._sync import LoopThread
 from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
 from kiteq.core.message import ReceivedMessage
@@ -108,9 +108,16 @@ class AsyncConsumer:
     reconnecting with bounded, jittered backoff. A wrong secret or a refused binding is not
     retried: ``start`` raises it, or ``wait`` does when it happens later.
 
+    With ``registry="zk://..."`` the consumer writes its bindings to the persistent
+    ``/kiteq/sub/{topic}/{group}-bind`` nodes (KiteQ's JSON; only when they differ) before
+    opening its streams, finds the brokers of its topics under ``/kiteq/server/{topic}``
+    and follows them: new brokers are dialled, removed ones closed. While ZooKeeper is
+    unreachable the last known brokers are kept.
+
     Args:
         brokers: Broker addresses (``"host:port"``); give this or ``registry``.
-        registry: ``"file://path/to/registry.toml"`` (``zk://`` is not available yet).
+        registry: ``"file://path/to/registry.toml"`` or
+            ``"zk://h1:2181,h2:2181[/chroot][?timeout=S&digest=user:password]"``.
         group_id: The consumer group; each message goes to one consumer of the group.
         secret_key: The group's secret.
         bindings: What the group consumes (``Binding.direct/regex/fanout``).
@@ -179,7 +186,7 @@ class AsyncConsumer:
             bindings=binding_list,
             max_in_flight=max_in_flight,
         )
-        self._directory: BrokerDirectory = resolve(brokers, registry)
+        self._directory: BrokerDirectory | ZkDirectory = resolve(brokers, registry)
         self._group_id = group_id
         self._handler = handler
         self._async_handler = _is_async(handler)
@@ -262,9 +269,27 @@ class AsyncConsumer:
         if self._started:
             return
         topics = dict.fromkeys(binding.topic for binding in self._params.bindings)
-        addresses = self._directory.brokers_for_any(topics)
+        directory = self._directory
+        if not directory.static and isinstance(directory, ZkDirectory):
+            try:
+                # the bindings first, so a broker has them before the stream opens
+                await directory.write_bindings(
+                    self._group_id, self._params.bindings, self._connect_timeout
+                )
+                await directory.watch(topics, self._connect_timeout)
+            except BaseException:
+                await directory.close()
+                raise
+        addresses = directory.brokers_for_any(topics)
         if not addresses:
-            raise ConfigError(f"no broker serves the topics {', '.join(topics)}")
+            if isinstance(directory, ZkDirectory):
+                logger.warning(
+                    "no broker registered yet for the topics %s group=%s: waiting for one",
+                    ", ".join(topics),
+                    self._group_id,
+                )
+            else:
+                raise ConfigError(f"no broker serves the topics {', '.join(topics)}")
         self._started = True
         self._loop = asyncio.get_running_loop()
         if not self._async_handler:
@@ -274,15 +299,8 @@ class AsyncConsumer:
         # with the links: a failure of the ack writer (a bug) stops the consumer
         self._link_tasks.spawn(self._write_acks(), "acks")
         for address in addresses:
-            link = Link(
-                address,
-                self._params,
-                self,
-                connect_timeout=self._connect_timeout,
-                max_delay=self._reconnect_max_delay,
-            )
-            self._links.append(link)
-            link.start(self._link_tasks)
+            self._add_link(address)
+        directory.add_listener(self._on_brokers_changed)
         try:
             async with asyncio.timeout(self._connect_timeout + 1.0):
                 for link in self._links:
@@ -350,8 +368,38 @@ class AsyncConsumer:
                 if self._executor is not None:
                     self._executor.shutdown(wait=False, cancel_futures=True)
         finally:
-            self._stopped.set()
-            self._closed_event.set()
+            try:
+                await self._directory.close()
+            finally:
+                self._stopped.set()
+                self._closed_event.set()
+
+    def _add_link(self, address: str) -> None:
+        link = Link(
+            address,
+            self._params,
+            self,
+            connect_timeout=self._connect_timeout,
+            max_delay=self._reconnect_max_delay,
+        )
+        self._links.append(link)
+        link.start(self._link_tasks)
+
+    def _on_brokers_changed(self) -> None:
+        """zk://: connect to brokers that appeared, close those gone (loop thread)."""
+        if self._closing or self._error is not None:
+            return
+        topics = dict.fromkeys(binding.topic for binding in self._params.bindings)
+        wanted = self._directory.brokers_for_any(topics)
+        current = {link.address for link in self._links}
+        for link in [link for link in self._links if link.address not in wanted]:
+            logger.info("broker left the registry: closing its session broker=%s", link.address)
+            self._links.remove(link)
+            self._tasks.spawn(link.stop(1.0), f"retire:{link.address}")
+        for address in wanted:
+            if address not in current:
+                logger.info("broker joined the registry broker=%s", address)
+                self._add_link(address)
 
     def _task_failed(self, exc: BaseException) -> None:
         # a link crashed (a bug, not a network error): stop and report it through wait()

@@ -52,7 +52,7 @@ from kiteq.client._channel import (
     fresh_error,
     open_params,
 )
-from kiteq.client._discovery import BrokerDirectory, resolve
+from kiteq.client._discovery import BrokerDirectory, ZkDirectory, resolve
 from kiteq.client._tx import (
     CheckRunner,
     LocalTransaction,
@@ -69,6 +69,7 @@ from kiteq.core.errors import (
     KiteQError,
     NotConnectedError,
     PublishTimeoutError,
+    RegistryUnavailableError,
 )
 from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
 from kiteq.core.message import Message, ReceivedMessage
@@ -83,6 +84,11 @@ _RETRY_BASE: Final = 0.1
 _RETRY_MAX: Final = 2.0
 # Seconds close() gives queued transaction decisions even when its timeout is spent.
 _TX_FLUSH_MIN: Final = 0.5
+# zk://: backoff of a failed look-up of a topic's brokers; seconds a retired broker's
+# session may take to return its last acks
+_DISCOVERY_RETRY_MIN: Final = 0.2
+_DISCOVERY_RETRY_MAX: Final = 5.0
+_RETIRE_GRACE: Final = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,7 +185,16 @@ class AsyncProducer:
     Sends are batched transparently: messages sent while earlier batches await their
     store-acks are collected for at most ``linger`` seconds (or until ``max_batch``
     messages or ``max_batch_bytes``) and written as one frame. Brokers are dialled on the
-    first send; each batch goes to a random connected broker serving its topic.
+    first send; each batch goes to a random connected broker serving its topic. When a
+    broker refuses a batch as retriable, or its stream drops before the store-acks, the
+    unacknowledged messages are sent again, with the same ids, to another broker.
+
+    With ``registry="zk://..."`` the brokers of each topic are found in ZooKeeper
+    (``/kiteq/server/{topic}``) when the topic is first used, and followed: new brokers
+    are dialled, removed ones are no longer chosen (their session is closed once their
+    acks are in). The producer also keeps an ephemeral ``/kiteq/pub/{topic}/{group}/
+    {hostname}`` node (KiteQ's is persistent and never cleaned; ours goes with the
+    session). While ZooKeeper is unreachable the last known brokers are used.
 
     Transactional messages (``send_transactional``) are stored uncommitted and delivered
     only once committed. The broker asks the group's ``tx_checker`` about those it has
@@ -188,7 +203,8 @@ class AsyncProducer:
 
     Args:
         brokers: Broker addresses (``"host:port"``); give this or ``registry``.
-        registry: ``"file://path/to/registry.toml"`` (``zk://`` is not available yet).
+        registry: ``"file://path/to/registry.toml"`` or
+            ``"zk://h1:2181,h2:2181[/chroot][?timeout=S&digest=user:password]"``.
         group_id: The producer group; set as every message's ``group_id``.
         secret_key: The group's secret.
         client_id: A name for this client in broker logs; default host:pid:random.
@@ -265,7 +281,8 @@ class AsyncProducer:
         if max_batch > MAX_BATCH_MESSAGES:
             raise ConfigError(f"max_batch must be <= {MAX_BATCH_MESSAGES}, got {max_batch}")
         self._params = open_params(group_id=group_id, secret_key=secret_key, client_id=client_id)
-        self._directory: BrokerDirectory = resolve(brokers, registry)
+        self._directory: BrokerDirectory | ZkDirectory = resolve(brokers, registry)
+        self._dynamic = isinstance(self._directory, ZkDirectory)
         self._group_id = group_id
         self._timeout = float(timeout)
         self._linger = float(linger)
@@ -309,6 +326,9 @@ class AsyncProducer:
         self._links: dict[str, Link] = {}
         self._open: dict[str, Session] = {}
         self._topic_brokers: dict[str, tuple[str, ...]] = {}
+        # zk://: topics whose brokers are being looked up, and why the last look-up failed
+        self._discovering: set[str] = set()
+        self._registry_error: KiteQError | None = None
         self._tasks = TaskSet("kiteq-producer", self._task_failed)
         self._link_tasks = TaskSet("kiteq-producer", self._task_failed)
         # transactions: decisions and check answers waiting for their frame, and checks
@@ -362,11 +382,16 @@ class AsyncProducer:
         self._loop_thread = threading.get_ident()
         self._tasks.spawn(self._write_loop(), "writer")
         self._tasks.spawn(self._outbox.run(), "tx-writer")
+        self._directory.add_listener(self._on_brokers_changed)
         if self._checks.checker is not None:
             await self._connect_all()
 
     async def _connect_all(self) -> None:
         # a tx_checker must be reachable before this group publishes anything
+        try:
+            await self._directory.watch_alive(self._connect_timeout)
+        except KiteQError as exc:
+            logger.warning("cannot list the live brokers yet group=%s: %s", self._group_id, exc)
         addresses = tuple(self._directory.every())
         self._connect(addresses)
         with contextlib.suppress(TimeoutError):
@@ -546,7 +571,10 @@ class AsyncProducer:
                 await asyncio.gather(*(link.stop(1.0) for link in self._links.values()))
                 await self._link_tasks.cancel()
         finally:
-            self._closed_event.set()
+            try:
+                await self._directory.close()
+            finally:
+                self._closed_event.set()
 
     # -- any thread -------------------------------------------------------------------
 
@@ -729,7 +757,17 @@ class AsyncProducer:
             if head.done:
                 ready.popleft()
                 continue
-            addresses = self._brokers_for(head.message.topic)
+            topic = head.message.topic
+            if self._dynamic and not self._directory.watching(topic):
+                # zk://: the topic's brokers are looked up once, then followed
+                self._parked.append(ready.popleft())
+                self._discover(topic)
+                continue
+            addresses = self._brokers_for(topic)
+            if not addresses and self._dynamic:
+                # none registered right now: wait for one to appear (or the deadline)
+                self._parked.append(ready.popleft())
+                continue
             if not addresses:
                 ready.popleft()
                 self._finish(
@@ -758,6 +796,8 @@ class AsyncProducer:
                     self._requeue_session(session, exc)
 
     def _brokers_for(self, topic: str) -> tuple[str, ...]:
+        if self._dynamic:
+            return tuple(self._directory.brokers_for(topic))
         addresses = self._topic_brokers.get(topic)
         if addresses is None:
             addresses = tuple(self._directory.brokers_for(topic))
@@ -813,6 +853,60 @@ class AsyncProducer:
                 )
                 self._links[address] = link
                 link.start(self._link_tasks)
+
+    # -- loop thread: zk:// discovery -------------------------------------------------
+
+    def _discover(self, topic: str) -> None:
+        if topic not in self._discovering:
+            self._discovering.add(topic)
+            self._tasks.spawn(self._look_up(topic), f"discover:{topic}")
+
+    async def _look_up(self, topic: str) -> None:
+        # retried with backoff until found: parked sends meanwhile expire at their deadline
+        delay = _DISCOVERY_RETRY_MIN
+        try:
+            while True:
+                try:
+                    await self._directory.watch([topic], self._connect_timeout)
+                except (KiteQError, TimeoutError) as exc:
+                    error = exc if isinstance(exc, KiteQError) else None
+                    self._registry_error = error or RegistryUnavailableError(
+                        f"no answer from the registry within {self._connect_timeout}s"
+                    )
+                    if isinstance(exc, ClientClosedError):
+                        return
+                    logger.warning(
+                        "cannot look up the brokers of topic %r (%s); retrying in %.1fs",
+                        topic,
+                        self._registry_error,
+                        delay,
+                    )
+                    await asyncio.sleep(backoff_delay(delay))
+                    delay = min(delay * 2, _DISCOVERY_RETRY_MAX)
+                else:
+                    break
+        finally:
+            self._discovering.discard(topic)
+        self._registry_error = None
+        self._directory.publish_producer(topic, self._group_id)
+        self._on_brokers_changed()
+
+    def _on_brokers_changed(self) -> None:
+        """zk://: dial brokers that appeared, retire those gone; parked sends go again."""
+        if self._closed:
+            return
+        wanted = tuple(self._directory.every())
+        for address in [a for a in self._links if a not in wanted]:
+            link = self._links.pop(address)
+            # half-closed: acks still on the way arrive; what stays unacked is re-sent
+            # elsewhere when the session ends (on_lost)
+            logger.info("broker left the registry: closing its session broker=%s", address)
+            self._tasks.spawn(link.stop(_RETIRE_GRACE), f"retire:{address}")
+        self._connect(wanted)
+        if self._parked:
+            self._ready.extendleft(reversed(self._parked))
+            self._parked.clear()
+        self._wake.set()
 
     # -- loop thread: outcomes --------------------------------------------------------
 
@@ -870,6 +964,8 @@ class AsyncProducer:
                 for a in self._brokers_for(send.message.topic)
                 if a in self._links and self._links[a].last_error is not None
             ]
+            if not reasons and self._registry_error is not None:
+                reasons = [str(self._registry_error)]
             error = NotConnectedError(
                 f"no broker reachable for topic {send.message.topic!r} within {send.timeout}s"
                 + (f" ({reasons[0]})" if reasons else "")
