@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Final
+from typing import Any, Final
+
+import pytest
+from rocksdict import Rdict, WriteBatch, WriteOptions
 
 from kiteq.core.message import Message, StoredMessage
 from kiteq.store.base import MessageStore
+from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import open_store
 
 NOW: Final = 1_700_000_000.0
@@ -65,3 +69,32 @@ def due_order(records: list[StoredMessage]) -> list[str]:
 
 # backends that promise to keep data across close/reopen (a subset of conftest.BACKENDS)
 DURABLE_BACKENDS = ["rocksdb", "mysql"]
+
+
+class SpyWrites:
+    """Stands in for the Rdict and records, per write, whether it was made durable
+    (a synced write, or an unsynced one followed by ``flush_wal(sync=True)``)."""
+
+    def __init__(self, real: Rdict) -> None:
+        self.real = real
+        self.syncs: list[bool] = []
+
+    def write(self, batch: WriteBatch, options: WriteOptions) -> None:
+        self.syncs.append(options.sync)
+        self.real.write(batch, options)
+
+    def flush_wal(self, sync: bool = True) -> None:
+        if sync and self.syncs:
+            self.syncs[-1] = True
+        self.real.flush_wal(sync)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def spy_writes(store: RocksDBStore, monkeypatch: pytest.MonkeyPatch) -> SpyWrites:
+    db = store._db
+    assert db is not None
+    spy = SpyWrites(db.rdict)
+    monkeypatch.setattr(db, "rdict", spy)
+    return spy

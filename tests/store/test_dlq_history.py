@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from hypothesis import given, strategies as st
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict
 
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
 from kiteq.core.limits import MAX_EXPIRY_SECONDS
@@ -25,7 +25,7 @@ from kiteq.store import codec, rocksdb
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent, MessageStore, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record
+from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record, spy_writes
 
 EVERYTHING = DlqFilter()
 
@@ -465,35 +465,6 @@ async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
         yield opened
     finally:
         await opened.close()
-
-
-class _SpyWrites:
-    """Stands in for the Rdict and records, per write, whether it was made durable
-    (a synced write, or an unsynced one followed by ``flush_wal(sync=True)``)."""
-
-    def __init__(self, real: Rdict) -> None:
-        self.real = real
-        self.syncs: list[bool] = []
-
-    def write(self, batch: WriteBatch, options: WriteOptions) -> None:
-        self.syncs.append(options.sync)
-        self.real.write(batch, options)
-
-    def flush_wal(self, sync: bool = True) -> None:
-        if sync and self.syncs:
-            self.syncs[-1] = True
-        self.real.flush_wal(sync)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
-def spy_writes(store: RocksDBStore, monkeypatch: pytest.MonkeyPatch) -> _SpyWrites:
-    db = store._db
-    assert db is not None
-    spy = _SpyWrites(db.rdict)
-    monkeypatch.setattr(db, "rdict", spy)
-    return spy
 
 
 async def test_moves_are_synced_and_history_is_bookkeeping(

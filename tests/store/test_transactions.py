@@ -13,10 +13,9 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict
 
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
 from kiteq.core.message import StoredMessage
@@ -24,7 +23,7 @@ from kiteq.store import codec, rocksdb
 from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record
+from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record, spy_writes
 
 
 def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
@@ -338,27 +337,6 @@ async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
         await opened.close()
 
 
-class _SpyWrites:
-    """Stands in for the Rdict and records, per write, whether it was made durable
-    (a synced write, or an unsynced one followed by ``flush_wal(sync=True)``)."""
-
-    def __init__(self, real: Rdict) -> None:
-        self.real = real
-        self.syncs: list[bool] = []
-
-    def write(self, batch: WriteBatch, options: WriteOptions) -> None:
-        self.syncs.append(options.sync)
-        self.real.write(batch, options)
-
-    def flush_wal(self, sync: bool = True) -> None:
-        if sync and self.syncs:
-            self.syncs[-1] = True
-        self.real.flush_wal(sync)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
 class _FailingWrites:
     def __init__(self, real: Rdict) -> None:
         self.real = real
@@ -372,10 +350,7 @@ async def test_decisions_are_synced_and_checks_are_bookkeeping(
 ) -> None:
     a, b = record(commit=False), record(commit=False)
     await rocks.save([a, b])
-    db = rocks._db
-    assert db is not None
-    spy = _SpyWrites(db.rdict)
-    monkeypatch.setattr(db, "rdict", spy)
+    spy = spy_writes(rocks, monkeypatch)
     await rocks.reschedule([moved(a, NOW + 30, deliver_count=1)])
     await rocks.commit(a.message_id)
     await rocks.rollback(b.message_id)

@@ -8,11 +8,13 @@ simply retry them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from kazoo.exceptions import (
@@ -223,3 +225,22 @@ def _same(data: bytes, group: str, wanted: tuple[Binding, ...]) -> bool:
     # normalised as BindingTable.validate does: the node's group, duplicates dropped
     normalised = dict.fromkeys(b if b.group_id else b.with_group(group) for b in current)
     return tuple(normalised) == wanted
+
+
+def hop(
+    loop: asyncio.AbstractEventLoop | None,
+    closed: threading.Event,
+    callback: Callable[..., None],
+    *args: Any,
+) -> bool:
+    """From a kazoo thread: run *callback* on *loop*, never blocking.
+
+    False once *closed* is set or the loop is gone (a kazoo watch returning it ends).
+    """
+    if closed.is_set() or loop is None:
+        return False
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed
+        return False
+    return True

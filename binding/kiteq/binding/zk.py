@@ -396,14 +396,7 @@ class ZkBindingRegistry:
 
     def _hop(self, callback: Callable[..., None], *args: Any) -> bool:
         """Run *callback* on the loop; False when closed (the watch then ends)."""
-        loop = self._loop
-        if self._closed.is_set() or loop is None:
-            return False
-        try:
-            loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed
-            return False
-        return True
+        return nodes.hop(self._loop, self._closed, callback, *args)
 
     def _kz_state(self, state: str) -> None:
         # kazoo thread; returning True would remove the listener

@@ -391,14 +391,7 @@ class ZkDirectory:
 
     def _hop(self, callback: Callable[..., None], *args: Any) -> bool:
         # kazoo thread: never block; False when closed
-        loop = self._loop
-        if self._closed.is_set() or loop is None:
-            return False
-        try:
-            loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed
-            return False
-        return True
+        return nodes.hop(self._loop, self._closed, callback, *args)
 
     def _kz_children(self, watch: _Watch, children: list[str]) -> bool:
         # kazoo thread; False ends the watch
