@@ -2,7 +2,8 @@
 
 ``mysql://user:pw@host:3306?db=kite&shardnum=4&batchUpdateSize=1000&batchDelSize=1000
 &flushSeconds=1&maxConn=20`` (every parameter: ``kiteq.store.url.MySQLOptions``). The
-layout, the DDL and the routing of ids to databases and tables are in ``_mysql_schema``.
+layout, the DDL and the routing of ids to databases and tables are in ``_mysql_schema``;
+row conversion and SQL in ``_mysql_rows``; the queued-write parts in ``_mysql_writes``.
 
 **Schema.** Created by an explicit command, never silently::
 
@@ -79,17 +80,15 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import enum
 import functools
-import json
 import logging
 import math
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Literal, TypeVar, TypeVarTuple
+from typing import Literal
 
 import pymysql
 from sqlalchemy import URL, Connection, Engine, create_engine
@@ -97,7 +96,54 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from kiteq.core.errors import ConfigError, StoreError, StoreUnavailableError
 from kiteq.core.limits import MAX_EXPIRY_SECONDS
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import StoredMessage
+from kiteq.store._mysql_rows import (
+    _COLUMNS,
+    _COMMIT,
+    _DEADLOCK,
+    _DELIVER_COUNT,
+    _DETAIL_CHARS,
+    _DLQ_COLUMNS,
+    _DUPLICATE_KEY,
+    _EXPIRED_TIME,
+    _FAIL_GROUPS,
+    _HISTORY_COLUMNS,
+    _KIND_CHARS,
+    _KITE_SERVER,
+    _LOCK_WAIT_TIMEOUT,
+    _MAX_ATTEMPTS,
+    _MAX_FLUSH_BYTES,
+    _MAX_NAME,
+    _MAX_TIME,
+    _NEXT_DELIVER_TIME,
+    _PRUNE_CHUNK,
+    _READ_CHUNK,
+    _REASON_CHARS,
+    _ROW_OVERHEAD,
+    _SUCC_GROUPS,
+    _T,
+    _TOPIC,
+    _chunks,
+    _commit_sql,
+    _count,
+    _dead_letter,
+    _delete_meta_sql,
+    _delete_sql,
+    _groups,
+    _insert_sql,
+    _marks,
+    _problem,
+    _record,
+    _reschedule_sql,
+    _Row,
+    _row,
+    _select_sql,
+    _storable_id,
+    _time,
+    _Ts,
+    page_keys_sql,
+    uncommitted_keys_sql,
+)
 from kiteq.store._mysql_schema import (
     DLQ_COLUMNS,
     DLQ_TABLE,
@@ -108,6 +154,29 @@ from kiteq.store._mysql_schema import (
     Layout,
     check_schema,
     create_schema,
+)
+from kiteq.store._mysql_writes import (
+    _Call,
+    _CommitPart,
+    _DeadLetterPart,
+    _DeletePart,
+    _DuplicateKeyError,
+    _HistoryPart,
+    _Kind,
+    _Letter,
+    _MetaPart,
+    _Part,
+    _RecordCall,
+    _RecordPart,
+    _RedrivePart,
+    _ReschedulePart,
+    _RollbackPart,
+    _SaveCall,
+    _SaveItem,
+    _SavePart,
+    _segments,
+    _Shard,
+    _Transaction,
 )
 from kiteq.store.base import (
     DeadLetter,
@@ -123,577 +192,6 @@ from kiteq.store.url import MySQLOptions, mysql_options
 __all__ = ["MySQLStore", "page_keys_sql", "schema_command", "schema_main"]
 
 logger = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-_Ts = TypeVarTuple("_Ts")
-_Row = tuple[Any, ...]
-
-# KiteQ's msg_type for a bytes body (0x12 was a string body; all bodies are bytes here).
-_BYTES_MESSAGE: Final = 0x11
-# One transaction carries at most this many bytes of rows (a single larger call goes
-# alone), so a burst cannot build an unbounded transaction.
-_MAX_FLUSH_BYTES: Final = 8 * 1024 * 1024
-_ROW_OVERHEAD: Final = 256
-# ids per IN (…) list for reads (SELECT … IN, SELECT … FOR UPDATE)
-_READ_CHUNK: Final = 1000
-# history rows removed per statement by prune_history
-_PRUNE_CHUNK: Final = 10_000
-_MAX_ATTEMPTS: Final = 4
-_DEADLOCK: Final = 1213
-_LOCK_WAIT_TIMEOUT: Final = 1205
-_DUPLICATE_KEY: Final = 1062
-_MAX_TIME: Final = sys.float_info.max
-# Column limits checked before a write joins a transaction, so one bad record fails alone
-# instead of failing everything written with it. A body is sent escaped (at worst twice
-# its size) in one statement: the server's max_allowed_packet (16 MiB by default) must
-# hold it.
-MAX_BODY_BYTES: Final = 8 * 1024 * 1024
-_MAX_NAME: Final = 255
-_INT: Final = range(-(2**31), 2**31)
-_BIGINT: Final = range(-(2**63), 2**63)
-_KIND_CHARS: Final = 32
-_REASON_CHARS: Final = 64
-_DETAIL_CHARS: Final = 16_000
-_COLUMNS: Final = ", ".join(f"`{c}`" for c in MESSAGE_COLUMNS)
-_DLQ_COLUMNS: Final = ", ".join(f"`{c}`" for c in DLQ_COLUMNS)
-_HISTORY_COLUMNS: Final = ", ".join(f"`{c}`" for c in HISTORY_COLUMNS)
-# positions in a MESSAGE_COLUMNS row
-_EXPIRED_TIME: Final = MESSAGE_COLUMNS.index("expired_time")
-_DELIVER_COUNT: Final = MESSAGE_COLUMNS.index("deliver_count")
-_KITE_SERVER: Final = MESSAGE_COLUMNS.index("kite_server")
-_FAIL_GROUPS: Final = MESSAGE_COLUMNS.index("fail_groups")
-_SUCC_GROUPS: Final = MESSAGE_COLUMNS.index("succ_groups")
-_NEXT_DELIVER_TIME: Final = MESSAGE_COLUMNS.index("next_deliver_time")
-_TOPIC: Final = MESSAGE_COLUMNS.index("topic")
-_COMMIT: Final = MESSAGE_COLUMNS.index("commit")
-
-
-# -- rows ------------------------------------------------------------------------------
-
-
-def _time(value: float) -> float:
-    """A stored time: negative, -0.0 and NaN become 0.0 (due at once), +inf the largest."""
-    if value > 0.0:
-        return value if value < _MAX_TIME else _MAX_TIME
-    return 0.0
-
-
-def _problem(record: StoredMessage) -> str | None:
-    """Why *record* cannot be stored, or None."""
-    m = record.message
-    if not _storable_id(m.message_id):
-        return "its id is not 1 to 32 ASCII characters"
-    for name, value in (
-        ("topic", m.topic),
-        ("message_type", m.message_type),
-        ("group_id", m.group_id),
-        ("kite_server", record.kite_server),
-    ):
-        if len(value) > _MAX_NAME:
-            return f"its {name} is longer than {_MAX_NAME} characters"
-    if len(m.body) > MAX_BODY_BYTES:
-        return f"its body is larger than {MAX_BODY_BYTES} bytes"
-    if not math.isfinite(record.publish_time):
-        return "its publish_time is not a finite number"
-    if m.deliver_limit not in _INT or record.deliver_count not in _INT:
-        return "its deliver_limit or deliver_count is out of range"
-    if m.expired_time not in _BIGINT:
-        return "its expired_time is out of range"
-    return None
-
-
-def _storable_id(message_id: str) -> bool:
-    return 0 < len(message_id) <= 32 and message_id.isascii()
-
-
-def _count(value: int) -> int:
-    """An INT column value (deliver_count, attempt), clamped."""
-    return value if value in _INT else (_INT.stop - 1 if value > 0 else _INT.start)
-
-
-def _groups(groups: Sequence[str]) -> str:
-    return json.dumps(list(groups), ensure_ascii=False, separators=(",", ":")) if groups else "[]"
-
-
-def _header(message: Message) -> bytes:
-    """The header fields without a column of their own, as JSON (module doc of the schema)."""
-    if not (message.fly or message.snappy or message.properties):
-        return b'{"createTime":%d}' % message.create_time
-    header: dict[str, object] = {"createTime": message.create_time}
-    if message.fly:
-        header["fly"] = True
-    if message.snappy:
-        header["snappy"] = True
-    if message.properties:
-        header["properties"] = dict(message.properties)
-    return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _row(record: StoredMessage) -> _Row:
-    """INSERT values, in ``MESSAGE_COLUMNS`` order."""
-    m = record.message
-    return (
-        m.message_id,
-        _header(m),
-        m.body,
-        _BYTES_MESSAGE,
-        m.topic,
-        m.message_type,
-        m.group_id,
-        1 if m.commit else 0,
-        record.publish_time,
-        m.expired_time,
-        record.deliver_count,
-        m.deliver_limit,
-        record.kite_server,
-        _groups(record.fail_groups),
-        _groups(record.succ_groups),
-        _time(record.next_deliver_time),
-    )
-
-
-def _record(row: _Row) -> StoredMessage:
-    (
-        message_id,
-        header_json,
-        body,
-        _msg_type,
-        topic,
-        message_type,
-        group,
-        commit,
-        publish_time,
-        expired_time,
-        deliver_count,
-        deliver_limit,
-        kite_server,
-        fail_groups,
-        succ_groups,
-        next_deliver_time,
-    ) = row[: len(MESSAGE_COLUMNS)]
-    header: dict[str, Any] = json.loads(header_json) if header_json else {}
-    message = Message(
-        topic=topic,
-        message_type=message_type,
-        body=bytes(body),
-        message_id=message_id,
-        properties=header.get("properties", {}),
-        expired_time=expired_time,
-        deliver_limit=deliver_limit,
-        group_id=group,
-        commit=bool(commit),
-        fly=bool(header.get("fly", False)),
-        create_time=int(header.get("createTime", 0)),
-        snappy=bool(header.get("snappy", False)),
-    )
-    return StoredMessage(
-        message=message,
-        publish_time=publish_time,
-        deliver_count=deliver_count,
-        succ_groups=tuple(json.loads(succ_groups)),
-        fail_groups=tuple(json.loads(fail_groups)),
-        next_deliver_time=next_deliver_time,
-        kite_server=kite_server,
-    )
-
-
-def _dead_letter(row: _Row) -> DeadLetter:
-    reason, dead_time, groups = row[len(MESSAGE_COLUMNS) :]
-    return DeadLetter(_record(row), reason, dead_time, tuple(json.loads(groups)))
-
-
-# -- SQL -------------------------------------------------------------------------------
-# Table names come from the validated layout (``db`` is [A-Za-z0-9_]); every value is a
-# driver parameter. Statements are plain driver SQL rather than compiled Core constructs:
-# their shape changes with every batch size, and compiling them would cost more than the
-# statement itself.
-
-
-def _marks(n: int) -> str:
-    return ", ".join(["%s"] * n)
-
-
-@functools.lru_cache(maxsize=1024)
-def _insert_sql(table: str, columns: str, n: int) -> str:
-    return f"INSERT INTO {table} ({columns}) VALUES ({_marks(n)})"  # noqa: S608
-
-
-@functools.lru_cache(maxsize=1024)
-def _select_sql(table: str, columns: str, n: int, lock: bool = False) -> str:
-    suffix = " FOR UPDATE" if lock else ""
-    return f"SELECT {columns} FROM {table} WHERE message_id IN ({_marks(n)}){suffix}"  # noqa: S608
-
-
-@functools.lru_cache(maxsize=1024)
-def _commit_sql(table: str, n: int) -> str:
-    return f"UPDATE {table} SET `commit` = 1 WHERE message_id IN ({_marks(n)}) AND `commit` = 0"  # noqa: S608
-
-
-@functools.lru_cache(maxsize=1024)
-def _delete_sql(table: str, n: int) -> str:
-    return f"DELETE FROM {table} WHERE message_id IN ({_marks(n)})"  # noqa: S608
-
-
-def _delete_meta_sql(table: str, n: int) -> str:
-    return f"DELETE FROM {table} WHERE meta_key IN ({_marks(n)})"  # noqa: S608
-
-
-_RESCHEDULED: Final = ("deliver_count", "succ_groups", "fail_groups", "next_deliver_time")
-
-
-@functools.lru_cache(maxsize=1024)
-def _reschedule_sql(table: str, n: int) -> str:
-    whens = " ".join(["WHEN %s THEN %s"] * n)
-    sets = ", ".join(f"`{c}` = CASE message_id {whens} END" for c in _RESCHEDULED)
-    return f"UPDATE {table} SET {sets} WHERE message_id IN ({_marks(n)})"  # noqa: S608
-
-
-def page_keys_sql(tables: Sequence[tuple[int, str]]) -> str:
-    """The recover query: due keys of every (slot, table), in due order.
-
-    Parameters per table: owner, now, cursor time, cursor time, cursor id, limit; then
-    the overall limit. Each branch is a range scan of ``idx_recover`` that stops after
-    *limit* keys (no filesort).
-    """
-    branch = (
-        "(SELECT next_deliver_time, message_id, {slot} AS slot FROM {table}"
-        " WHERE kite_server = %s AND `commit` = 1 AND next_deliver_time <= %s"
-        " AND (next_deliver_time > %s OR (next_deliver_time = %s AND message_id > %s))"
-        " ORDER BY next_deliver_time, message_id LIMIT %s)"
-    )
-    union = " UNION ALL ".join(branch.format(slot=slot, table=table) for slot, table in tables)
-    return f"{union} ORDER BY next_deliver_time, message_id LIMIT %s"
-
-
-def uncommitted_keys_sql(tables: Sequence[tuple[int, str]]) -> str:
-    """Uncommitted ids of every (slot, table), in id order (``idx_recover`` prefix).
-
-    Parameters per table: owner, cursor id, limit; then the overall limit.
-    """
-    branch = (
-        "(SELECT message_id, {slot} AS slot FROM {table}"
-        " WHERE kite_server = %s AND `commit` = 0 AND message_id > %s"
-        " ORDER BY message_id LIMIT %s)"
-    )
-    union = " UNION ALL ".join(branch.format(slot=slot, table=table) for slot, table in tables)
-    return f"{union} ORDER BY message_id LIMIT %s"
-
-
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# -- queued writes ---------------------------------------------------------------------
-
-
-class _Kind(enum.IntEnum):
-    """The order in which a transaction applies its writes (see ``_segments``)."""
-
-    SAVE = 0
-    REDRIVE = 1
-    COMMIT = 2
-    ROLLBACK = 3
-    RESCHEDULE = 4
-    DEAD_LETTER = 5
-    DELETE = 6
-    HISTORY = 7
-    META = 8
-
-
-# Bookkeeping: may wait for flushSeconds; counted against batchUpdateSize (updates) or
-# batchDelSize (deletes).
-_UPDATES: Final = frozenset({_Kind.RESCHEDULE, _Kind.HISTORY})
-_DELETES: Final = frozenset({_Kind.DELETE, _Kind.DEAD_LETTER})
-
-
-class _Call:
-    """One caller's request; its parts (one per database) settle it."""
-
-    __slots__ = ("error", "future", "left")
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[None] | None = None
-        self.left = 0
-        self.error: StoreUnavailableError | None = None
-
-    def part_done(self) -> None:
-        self.left -= 1
-        if self.left or self.future is None or self.future.done():
-            return
-        if self.error is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(self.error)
-
-
-class _SaveCall(_Call):
-    __slots__ = ("outcomes",)
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        unset = StoreUnavailableError("not written")
-        self.outcomes: list[SaveOutcome] = [unset] * n
-
-
-class _RecordCall(_Call):
-    """A call answering records by position (commit: one; redrive: one per id)."""
-
-    __slots__ = ("records",)
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.records: list[StoredMessage | None] = [None] * n
-
-
-class _Part:
-    """A call's writes to one database.
-
-    A part's results are kept on it while its transaction runs (``reset`` at the start
-    of every attempt) and handed to its call by ``succeed`` once COMMIT returned.
-    """
-
-    __slots__ = ("call", "queued", "rows", "shard", "size")
-    kind: _Kind
-
-    def __init__(self, call: _Call, shard: int) -> None:
-        self.call = call
-        self.shard = shard
-        self.size = _ROW_OVERHEAD
-        self.rows = 1
-        self.queued = 0.0
-
-    def ids(self) -> Iterable[str]:
-        """Ids whose stored rows this part reads or changes (``_segments``)."""
-        return ()
-
-    def reset(self) -> None:
-        pass
-
-    def succeed(self) -> None:
-        self.call.part_done()
-
-    def fail(self, error: StoreUnavailableError) -> None:
-        if self.call.error is None:
-            self.call.error = error
-        self.call.part_done()
-
-
-class _SaveItem:
-    __slots__ = ("message_id", "owned", "position", "row", "table", "topic")
-
-    def __init__(
-        self, position: int, table: int, message_id: str, row: _Row, topic: str, owned: bool
-    ) -> None:
-        self.position = position
-        self.table = table
-        self.message_id = message_id
-        self.row = row
-        self.topic = topic
-        self.owned = owned
-
-
-class _SavePart(_Part):
-    __slots__ = ("items", "outcomes", "save")
-    kind = _Kind.SAVE
-
-    def __init__(self, call: _SaveCall, shard: int) -> None:
-        super().__init__(call, shard)
-        self.save = call
-        self.items: list[_SaveItem] = []
-        self.outcomes: list[Saved] = []
-
-    def ids(self) -> Iterable[str]:
-        return (item.message_id for item in self.items)
-
-    def reset(self) -> None:
-        self.outcomes = [Saved.DUPLICATE] * len(self.items)
-
-    def succeed(self) -> None:
-        outcomes = self.save.outcomes
-        for item, outcome in zip(self.items, self.outcomes, strict=True):
-            outcomes[item.position] = outcome
-        self.call.part_done()
-
-    def fail(self, error: StoreUnavailableError) -> None:
-        # A save answers per record; the call itself does not raise.
-        for item in self.items:
-            self.save.outcomes[item.position] = error
-        self.call.part_done()
-
-
-class _RecordPart(_Part):
-    """Parts that name ids and answer records: (position, table number, message id)."""
-
-    __slots__ = ("found", "items", "records")
-
-    def __init__(self, call: _RecordCall, shard: int) -> None:
-        super().__init__(call, shard)
-        self.records = call
-        self.items: list[tuple[int, int, str]] = []
-        self.found: dict[int, StoredMessage] = {}  # position -> record
-
-    def ids(self) -> Iterable[str]:
-        return (item[2] for item in self.items)
-
-    def reset(self) -> None:
-        self.found = {}
-
-    def succeed(self) -> None:
-        for position, record in self.found.items():
-            self.records.records[position] = record
-        self.call.part_done()
-
-
-class _CommitPart(_RecordPart):
-    __slots__ = ()
-    kind = _Kind.COMMIT
-
-
-class _RollbackPart(_RecordPart):
-    __slots__ = ()
-    kind = _Kind.ROLLBACK
-
-
-class _RedrivePart(_RecordPart):
-    __slots__ = ("now",)
-    kind = _Kind.REDRIVE
-
-    def __init__(self, call: _RecordCall, shard: int, now: float) -> None:
-        super().__init__(call, shard)
-        self.now = now
-
-
-class _ReschedulePart(_Part):
-    __slots__ = ("items",)
-    kind = _Kind.RESCHEDULE
-
-    def __init__(self, call: _Call, shard: int) -> None:
-        super().__init__(call, shard)
-        # (table, message_id, deliver_count, succ_groups, fail_groups, next_deliver_time)
-        self.items: list[tuple[int, str, int, str, str, float]] = []
-
-    def ids(self) -> Iterable[str]:
-        return (item[1] for item in self.items)
-
-
-class _DeletePart(_Part):
-    __slots__ = ("items",)
-    kind = _Kind.DELETE
-
-    def __init__(self, call: _Call, shard: int) -> None:
-        super().__init__(call, shard)
-        # (table, message_id, topic, owned by this store)
-        self.items: list[tuple[int, str, str, bool]] = []
-
-    def ids(self) -> Iterable[str]:
-        return (item[1] for item in self.items)
-
-
-_Letter = tuple[int, str, int, str, str, float, str, float, str]
-
-
-class _DeadLetterPart(_Part):
-    __slots__ = ("items",)
-    kind = _Kind.DEAD_LETTER
-
-    def __init__(self, call: _Call, shard: int) -> None:
-        super().__init__(call, shard)
-        # (table, message_id, deliver_count, succ_groups, fail_groups, next_deliver_time,
-        #  reason, dead_time, groups)
-        self.items: list[_Letter] = []
-
-    def ids(self) -> Iterable[str]:
-        return (item[1] for item in self.items)
-
-
-class _HistoryPart(_Part):
-    __slots__ = ("items",)
-    kind = _Kind.HISTORY
-
-    def __init__(self, call: _Call, shard: int) -> None:
-        super().__init__(call, shard)
-        self.items: list[_Row] = []  # HISTORY_COLUMNS values
-
-
-class _MetaPart(_Part):
-    __slots__ = ("key", "value")
-    kind = _Kind.META
-
-    def __init__(self, call: _Call, key: bytes, value: bytes | None) -> None:
-        super().__init__(call, 0)
-        self.key = key
-        self.value = value
-
-
-def _segments(parts: Sequence[_Part]) -> list[list[int]]:
-    """Split a transaction's parts (in call order) into runs that may be regrouped.
-
-    Inside a run, writes are applied by kind in ``_Kind`` order. A part starts a new run
-    when one of its ids was touched earlier in the run by a write of a later kind (a
-    delete then a save of the same id), so every id sees its writes in call order.
-    """
-    segments: list[list[int]] = []
-    current: list[int] = []
-    touched: dict[str, int] = {}
-    for index, part in enumerate(parts):
-        kind = part.kind
-        ids = list(part.ids())
-        if current and any(touched.get(mid, -1) > kind for mid in ids):
-            segments.append(current)
-            current = []
-            touched = {}
-        current.append(index)
-        for mid in ids:
-            if touched.get(mid, -1) < kind:
-                touched[mid] = kind
-    if current:
-        segments.append(current)
-    return segments
-
-
-class _Shard:
-    """One database's write queue; at most one transaction of it runs at a time."""
-
-    __slots__ = ("busy", "deletes", "index", "pending", "timer", "updates", "urgent")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.pending: collections.deque[_Part] = collections.deque()
-        self.busy = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.urgent = 0  # queued parts that never wait
-        self.updates = 0  # queued rows counted against batchUpdateSize
-        self.deletes = 0  # queued rows counted against batchDelSize
-
-    def count(self, part: _Part, sign: int) -> None:
-        if part.kind in _UPDATES:
-            self.updates += sign * part.rows
-        elif part.kind in _DELETES:
-            self.deletes += sign * part.rows
-        else:
-            self.urgent += sign
-
-    def oldest_deferred(self) -> float | None:
-        for part in self.pending:
-            if part.kind in _UPDATES or part.kind in _DELETES:
-                return part.queued
-        return None
-
-
-class _Transaction:
-    """What one transaction changed in the counts, and whether COMMIT was sent."""
-
-    __slots__ = ("backlog", "committing", "dlq")
-
-    def __init__(self) -> None:
-        self.backlog: collections.Counter[str] = collections.Counter()
-        self.dlq: collections.Counter[str] = collections.Counter()
-        self.committing = False
-
-
-class _DuplicateKeyError(Exception):
-    """A fast-path INSERT hit a stored id: replay the transaction carefully."""
 
 
 # -- the store -------------------------------------------------------------------------
