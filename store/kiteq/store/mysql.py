@@ -88,7 +88,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pymysql
 from sqlalchemy import URL, Connection, Engine, create_engine
@@ -188,6 +188,8 @@ from kiteq.store.base import (
     SaveOutcome,
 )
 from kiteq.store.url import MySQLOptions, mysql_options
+
+_PartT = TypeVar("_PartT", bound=_Part)
 
 __all__ = ["MySQLStore", "page_keys_sql", "schema_command", "schema_main"]
 
@@ -462,10 +464,9 @@ class MySQLStore:
         for position, message_id in enumerate(message_ids):
             if not _storable_id(message_id):
                 continue
-            shard, table = self._layout.route(message_id)
-            part = parts.get(shard)
-            if part is None:
-                part = parts[shard] = _RedrivePart(call, shard, now)
+            part, table = self._part(
+                parts, message_id, lambda shard_: _RedrivePart(call, shard_, now)
+            )
             part.items.append((position, table, message_id))
         await self._submit(call, list(parts.values()))
         return [record for record in call.records if record is not None]
@@ -479,10 +480,9 @@ class MySQLStore:
             record = change.record
             if not _storable_id(record.message_id):
                 continue
-            shard, table = self._layout.route(record.message_id)
-            part = parts.get(shard)
-            if part is None:
-                part = parts[shard] = _ReschedulePart(call, shard)
+            part, table = self._part(
+                parts, record.message_id, lambda shard_: _ReschedulePart(call, shard_)
+            )
             part.items.append(
                 (
                     table,
@@ -503,10 +503,9 @@ class MySQLStore:
         for record in records:
             if not _storable_id(record.message_id):
                 continue
-            shard, table = self._layout.route(record.message_id)
-            part = parts.get(shard)
-            if part is None:
-                part = parts[shard] = _DeletePart(call, shard)
+            part, table = self._part(
+                parts, record.message_id, lambda shard_: _DeletePart(call, shard_)
+            )
             owned = record.kite_server == self._owner
             part.items.append((table, record.message_id, record.topic, owned))
         await self._submit(call, self._sized(parts))
@@ -520,10 +519,9 @@ class MySQLStore:
             record = letter.record
             if not _storable_id(record.message_id):
                 continue
-            shard, table = self._layout.route(record.message_id)
-            part = parts.get(shard)
-            if part is None:
-                part = parts[shard] = _DeadLetterPart(call, shard)
+            part, table = self._part(
+                parts, record.message_id, lambda shard_: _DeadLetterPart(call, shard_)
+            )
             part.items.append(
                 (
                     table,
@@ -564,6 +562,16 @@ class MySQLStore:
                 )
             )
         await self._submit(call, self._sized(parts))
+
+    def _part(
+        self, parts: dict[int, _PartT], message_id: str, make: Callable[[int], _PartT]
+    ) -> tuple[_PartT, int]:
+        """The part of *parts* for *message_id*'s database (made when missing), and its table."""
+        shard, table = self._layout.route(message_id)
+        part = parts.get(shard)
+        if part is None:
+            part = parts[shard] = make(shard)
+        return part, table
 
     @staticmethod
     def _sized(parts: Mapping[int, _Part]) -> list[_Part]:
