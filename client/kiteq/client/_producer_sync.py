@@ -239,9 +239,4 @@ class Producer:
                 return
             self._closed = True
         seconds = self._close_timeout if timeout is None else timeout
-        try:
-            self._thread.run(self._producer.close(seconds), timeout=seconds + _SYNC_MARGIN)
-        except TimeoutError:
-            logger.warning("producer close did not finish in %.1fs", seconds + _SYNC_MARGIN)
-        finally:
-            self._thread.stop()
+        self._thread.close_with(self._producer.close(seconds), seconds + _SYNC_MARGIN, "producer")

@@ -76,6 +76,15 @@ class LoopThread:
             future.cancel()
             raise TimeoutError(f"no result within {timeout}s") from None
 
+    def close_with(self, close: Coroutine[Any, Any, None], timeout: float, what: str) -> None:
+        """Run a client's *close* coroutine (bounded by *timeout*), then stop the loop."""
+        try:
+            self.run(close, timeout=timeout)
+        except TimeoutError:
+            logger.warning("%s close did not finish in %.1fs", what, timeout)
+        finally:
+            self.stop()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop and join the thread (bounded); idempotent."""
         if not self._thread.is_alive():
