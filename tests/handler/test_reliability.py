@@ -105,7 +105,7 @@ async def test_watermark_100_per_second_paces_the_group_without_using_attempts()
         assert per_tick[0] == 50
         assert sum(per_tick[1:11]) in range(95, 106)
         delivered = sum(per_tick)
-        assert delivered == 50 + 100 * 3.9 or abs(delivered - 440) <= 10
+        assert abs(delivered - (50 + 100 * 3.9)) <= 10  # burst + 100/s over the remaining 3.9 s
         await b.settle()
         assert b.dispatcher.flow_limited > 0
         left = [r for r in records if await b.store.get(r.message_id) is not None]
