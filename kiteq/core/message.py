@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 
 from kiteq.core.ids import new_message_id
 
-__all__ = ["Message", "ReceivedMessage", "StoredMessage"]
+__all__ = ["GroupDelivery", "GroupState", "Message", "ReceivedMessage", "StoredMessage"]
 
 
 # Not frozen on purpose: a frozen dataclass sets each field through object.__setattr__,
@@ -56,21 +57,55 @@ class ReceivedMessage(Message):
     attempt: int = 1
 
 
+class GroupState(enum.Enum):
+    """Where one group stands with one message (issue #10: delivery state per group)."""
+
+    # still to be delivered to this group, under its own attempts and backoff window
+    PENDING = "pending"
+    # the group acked it: never delivered to that group again
+    ACKED = "acked"
+    # dead-lettered for this group (deliverLimit, expiry): a DLQ entry names the group
+    DEAD = "dead"
+
+
+@dataclasses.dataclass(slots=True)
+class GroupDelivery:
+    """One group's delivery bookkeeping for one message.
+
+    ``attempts`` counts this group's delivery attempts (deliverLimit applies to it);
+    ``next_deliver_time`` is when this group may be offered the message again (its own
+    backoff window). A group absent from ``StoredMessage.groups`` has had no attempt yet:
+    it is pending with 0 attempts and due at once.
+    """
+
+    state: GroupState = GroupState.PENDING
+    attempts: int = 0
+    next_deliver_time: float = 0.0
+
+
 @dataclasses.dataclass(slots=True)
 class StoredMessage:
     """A message as the broker keeps it, with its delivery bookkeeping.
 
-    ``deliver_count`` counts delivery rounds; ``succ_groups`` are the groups that acked and
-    are never delivered to again; ``next_deliver_time`` (Unix seconds) is when the recover
-    scan may deliver it next.
+    Delivery state is per group (``groups``): one group's attempts, backoff or
+    dead-lettering never decides another group's delivery. ``next_deliver_time`` (Unix
+    seconds) is the message-level due time the store indexes: the earliest
+    ``next_deliver_time`` of its pending groups (the broker keeps it so), so the recover
+    scan finds the message when any group is due and then offers it only to the groups
+    that are due. ``only_groups``, when not empty, are the only groups the message is
+    delivered to (a redrive names them; every other bound group has settled it).
+
+    ``deliver_count`` counts transaction checks while the message is uncommitted; for a
+    committed message it is the highest attempt count of any group (informational, and
+    KiteQ's column).
     """
 
     message: Message
     publish_time: float
     deliver_count: int = 0
-    succ_groups: tuple[str, ...] = ()
-    fail_groups: tuple[str, ...] = ()
+    groups: dict[str, GroupDelivery] = dataclasses.field(default_factory=dict)
     next_deliver_time: float = 0.0
+    only_groups: tuple[str, ...] = ()
     kite_server: str = ""
     # The transport's encoding of ``message``, cached by the edge that received it so a
     # push does not rebuild it; never stored. Opaque to everything but that edge.
@@ -85,3 +120,15 @@ class StoredMessage:
     @property
     def topic(self) -> str:
         return self.message.topic
+
+    def settled(self, group: str) -> bool:
+        """The group acked or dead-lettered this message (or a redrive excluded it)."""
+        if self.only_groups and group not in self.only_groups:
+            return True
+        state = self.groups.get(group)
+        return state is not None and state.state is not GroupState.PENDING
+
+    @property
+    def succ_groups(self) -> tuple[str, ...]:
+        """The groups that acked (KiteQ's succ_groups), sorted."""
+        return tuple(sorted(g for g, d in self.groups.items() if d.state is GroupState.ACKED))

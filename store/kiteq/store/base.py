@@ -22,6 +22,7 @@ from kiteq.core.message import StoredMessage
 __all__ = [
     "DeadLetter",
     "DlqFilter",
+    "DlqKey",
     "DueCursor",
     "HistoryEvent",
     "MessageStore",
@@ -57,19 +58,34 @@ class Rescheduled:
 DueCursor = tuple[float, str]
 
 
+# A dead letter is one (message_id, group): each group dead-letters a message on its own.
+DlqKey = tuple[str, str]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message moved out of delivery, with why and when.
+    """A message moved out of delivery for one group, with why and when.
 
     ``reason`` is one of ``expired``, ``deliver_limit``, ``no_binding`` (kept longer than
     noBindingRetentionSeconds without any binding) or another short word the broker
-    documents. ``groups`` are the groups that had not acked it.
+    documents. ``group`` is the group it was dead-lettered for; ``""`` only for
+    ``no_binding`` (no group was bound). ``record`` is the message with its per-group
+    state at the move.
+
+    ``keep``: other groups still have the message to deliver, so ``dead_letter`` writes
+    ``record``'s bookkeeping to the stored message (its ``groups`` with this group
+    ``DEAD``) instead of removing it. Letters of one message in one call agree on it.
     """
 
     record: StoredMessage
     reason: str
     dead_time: float
-    groups: tuple[str, ...] = ()
+    group: str = ""
+    keep: bool = False
+
+    @property
+    def key(self) -> DlqKey:
+        return (self.record.message_id, self.group)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +102,7 @@ class DlqFilter:
         return (
             (not self.topic or message.topic == self.topic)
             and (not self.message_type or message.message_type == self.message_type)
-            and (not self.group or self.group in letter.groups)
+            and (not self.group or letter.group == self.group)
             and (not self.reason or letter.reason == self.reason)
         )
 
@@ -143,7 +159,11 @@ class MessageStore(Protocol):
         ...
 
     async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
-        """Record delivery results: deliver_count, succ/fail groups, next_deliver_time."""
+        """Record delivery results.
+
+        Writes deliver_count, the per-group ``groups`` state, ``only_groups`` and the
+        message-level next_deliver_time (the due index).
+        """
         ...
 
     async def delete(self, records: Sequence[StoredMessage]) -> None:
@@ -188,38 +208,44 @@ class MessageStore(Protocol):
         ...
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        """Move each letter's record from delivery to the dead-letter queue.
+        """Add each letter to the dead-letter queue under its (message_id, group).
 
-        Atomic per record: it is never in both, never in neither. Ids not stored are
-        ignored.
+        Atomic per message: its DLQ entries are added and, in the same write, the stored
+        message is updated to the letter's record (``keep``) or removed (no group has it
+        left to deliver). A message is never lost between the two. An entry already there
+        for the same key is replaced. Ids not stored are ignored.
         """
         ...
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: str | None = None
+        self, where: DlqFilter, limit: int, after: DlqKey | None = None
     ) -> list[DeadLetter]:
         """Dead letters matching *where*, at most *limit*.
 
-        Ordered by message id, ids strictly greater than *after*.
+        Ordered by (message_id, group), keys strictly greater than *after*.
         """
         ...
 
-    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
-        """One dead letter by id, or None."""
+    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
+        """The dead letters of one message (one per group), ordered by group."""
         ...
 
-    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
-        """Move dead letters back to delivery, due at *now*.
+    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+        """Move dead letters back to delivery, for their group only, due at *now*.
 
-        ``deliver_count`` restarts at 0, ``fail_groups`` are cleared, ``succ_groups`` are
-        kept (groups that acked do not get it again), and an expiry already past becomes
-        now + 7 days (redriving an expired message is an operator's decision to deliver
-        it). Returns the records now due again; unknown ids are ignored.
+        For each key the DLQ entry is removed and the group is pending again with 0
+        attempts, due at *now*. When the message is still stored (other groups had not
+        finished it) only that group's state changes (and the message's
+        ``next_deliver_time`` becomes at most *now*). Otherwise the message is stored
+        again with ``only_groups`` naming the redriven groups, so no other group gets it
+        a second time. An expiry already past becomes now + 7 days (redriving an expired
+        message is an operator's decision to deliver it). Returns the records now due
+        again, one per message; unknown keys are ignored.
         """
         ...
 
-    async def dlq_size(self) -> dict[str, int]:
-        """Dead letters per topic."""
+    async def dlq_size(self) -> dict[tuple[str, str], int]:
+        """Dead letters per (topic, group)."""
         ...
 
     async def take_over(self, owner: str) -> int:
