@@ -20,11 +20,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Final, Generic, TypeVar
 
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
-from kiteq.core.limits import MAX_EXPIRY_SECONDS
 from kiteq.core.message import StoredMessage
+from kiteq.store._groups import copy_groups, redrive_groups
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
+    DlqKey,
     DueCursor,
     HistoryEvent,
     Rescheduled,
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 _CHUNK: Final = 512
 DEFAULT_HISTORY_MESSAGES: Final = 100_000
 
-_K = TypeVar("_K", DueCursor, str)
+_K = TypeVar("_K", DueCursor, DlqKey, str)
 
 
 def _time_key(time: float) -> float:
@@ -53,7 +54,7 @@ def _due_key(ndt: float, message_id: str) -> DueCursor:
 
 
 class _SortedKeys(Generic[_K]):
-    """Distinct keys, sorted: the due index and the dead-letter ids.
+    """Distinct keys, sorted: the due index and the dead-letter keys.
 
     Kept in chunks of about ``_CHUNK`` keys, so an insert or a removal moves a few hundred
     pointers instead of the whole index.
@@ -115,10 +116,10 @@ class MemoryStore:
         # ids of the stored records not yet committed (the transaction checks)
         self._uncommitted: _SortedKeys[str] = _SortedKeys()
         self._backlog: dict[str, int] = {}
-        # The dead letters own their records (copies); _dead_ids orders them for list_dlq.
-        self._dead: dict[str, DeadLetter] = {}
-        self._dead_ids: _SortedKeys[str] = _SortedKeys()
-        self._dlq: dict[str, int] = {}
+        # The dead letters own their records (copies); _dead_keys orders them for list_dlq.
+        self._dead: dict[DlqKey, DeadLetter] = {}
+        self._dead_keys: _SortedKeys[DlqKey] = _SortedKeys()
+        self._dlq: dict[tuple[str, str], int] = {}
         # message id -> events in append order; dict order is first-event order
         self._history: dict[str, list[HistoryEvent]] = {}
         self._history_messages = history_messages
@@ -151,7 +152,7 @@ class MemoryStore:
         self._uncommitted = _SortedKeys()
         self._backlog.clear()
         self._dead.clear()
-        self._dead_ids = _SortedKeys()
+        self._dead_keys = _SortedKeys()
         self._dlq.clear()
         self._history.clear()
         self._meta.clear()
@@ -175,7 +176,7 @@ class MemoryStore:
             elif len(self._records) + len(self._dead) >= self._maxcap:
                 outcomes.append(StoreFullError(f"{self.description} holds {self._maxcap} messages"))
             else:
-                stored = dataclasses.replace(record)
+                stored = _copy_record(record)
                 self._records[mid] = stored
                 self._link(stored)
                 outcomes.append(Saved.STORED)
@@ -184,22 +185,15 @@ class MemoryStore:
     async def get(self, message_id: str) -> StoredMessage | None:
         self._check_open()
         stored = self._records.get(message_id)
-        return None if stored is None else dataclasses.replace(stored)
+        return None if stored is None else _copy_record(stored)
 
     async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
         self._check_open()
         for change in changes:
             new = change.record
             stored = self._records.get(new.message_id)
-            if stored is None:
-                continue
-            if stored.message.commit:
-                self._due.discard(_due_key(stored.next_deliver_time, stored.message_id))
-                self._due.add(_due_key(new.next_deliver_time, stored.message_id))
-            stored.deliver_count = new.deliver_count
-            stored.succ_groups = new.succ_groups
-            stored.fail_groups = new.fail_groups
-            stored.next_deliver_time = new.next_deliver_time
+            if stored is not None:
+                self._take_bookkeeping(stored, new)
 
     async def delete(self, records: Sequence[StoredMessage]) -> None:
         self._check_open()
@@ -207,6 +201,19 @@ class MemoryStore:
             stored = self._records.pop(record.message_id, None)
             if stored is not None:
                 self._unlink(stored)
+
+    def _take_bookkeeping(self, stored: StoredMessage, new: StoredMessage) -> None:
+        """Write *new*'s delivery state to the stored record, keeping the due index."""
+        due_before = stored.next_deliver_time
+        stored.next_deliver_time = new.next_deliver_time
+        self._reindex(stored, due_before)
+        _copy_bookkeeping(stored, new)
+
+    def _reindex(self, stored: StoredMessage, due_before: float) -> None:
+        """Move a stored record whose next_deliver_time was *due_before* in the due index."""
+        if stored.message.commit:
+            self._due.discard(_due_key(due_before, stored.message_id))
+            self._due.add(_due_key(stored.next_deliver_time, stored.message_id))
 
     def _link(self, stored: StoredMessage) -> None:
         """Index a record just put in ``_records``: due or uncommitted, and backlog."""
@@ -236,7 +243,7 @@ class MemoryStore:
         self._uncommitted.discard(message_id)
         stored.message = dataclasses.replace(stored.message, commit=True)
         self._due.add(_due_key(stored.next_deliver_time, message_id))
-        return dataclasses.replace(stored)
+        return _copy_record(stored)
 
     async def rollback(self, message_id: str) -> StoredMessage | None:
         self._check_open()
@@ -254,7 +261,7 @@ class MemoryStore:
         if limit <= 0:
             return page
         for mid in self._uncommitted.after(after):
-            page.append(dataclasses.replace(self._records[mid]))
+            page.append(_copy_record(self._records[mid]))
             if len(page) == limit:
                 break
         return page
@@ -270,7 +277,7 @@ class MemoryStore:
         for ndt, mid in self._due.after(cursor):
             if ndt > now:
                 break
-            page.append(dataclasses.replace(self._records[mid]))
+            page.append(_copy_record(self._records[mid]))
             if len(page) == limit:
                 break
         return page
@@ -281,84 +288,100 @@ class MemoryStore:
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         self._check_open()
+        by_message: dict[str, list[DeadLetter]] = {}
         for letter in letters:
-            mid = letter.record.message_id
-            stored = self._records.pop(mid, None)
+            by_message.setdefault(letter.record.message_id, []).append(letter)
+        for mid, mine in by_message.items():
+            stored = self._records.get(mid)
             if stored is None:
                 continue
-            self._unlink(stored)
-            # The caller's bookkeeping is the latest (as in reschedule); the message and
-            # its committed flag are the stored ones.
-            r = letter.record
-            dead = DeadLetter(
-                dataclasses.replace(
-                    stored,
-                    deliver_count=r.deliver_count,
-                    succ_groups=tuple(r.succ_groups),
-                    fail_groups=tuple(r.fail_groups),
-                    next_deliver_time=r.next_deliver_time,
-                    wire=None,
-                ),
-                letter.reason,
-                letter.dead_time,
-                tuple(letter.groups),
-            )
-            replaced = self._dead.get(mid)
-            if replaced is None:
-                self._dead_ids.add(mid)
+            for letter in mine:
+                # The caller's bookkeeping is the latest (as in reschedule); the message and
+                # its committed flag are the stored ones.
+                dead = _copy_record(stored)
+                dead.wire = None
+                dead.next_deliver_time = letter.record.next_deliver_time
+                _copy_bookkeeping(dead, letter.record)
+                self._put_dead(dataclasses.replace(letter, record=dead))
+            if mine[-1].keep:
+                self._take_bookkeeping(stored, mine[-1].record)
             else:
-                _add(self._dlq, replaced.record.topic, -1)
-            self._dead[mid] = dead
-            _add(self._dlq, stored.topic, 1)
+                del self._records[mid]
+                self._unlink(stored)
+
+    def _put_dead(self, letter: DeadLetter) -> None:
+        key = letter.key
+        replaced = self._dead.get(key)
+        if replaced is None:
+            self._dead_keys.add(key)
+        else:
+            _add(self._dlq, (replaced.record.topic, key[1]), -1)
+        self._dead[key] = letter
+        _add(self._dlq, (letter.record.topic, key[1]), 1)
+
+    def _pop_dead(self, key: DlqKey) -> DeadLetter | None:
+        letter = self._dead.pop(key, None)
+        if letter is not None:
+            self._dead_keys.discard(key)
+            _add(self._dlq, (letter.record.topic, key[1]), -1)
+        return letter
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: str | None = None
+        self, where: DlqFilter, limit: int, after: DlqKey | None = None
     ) -> list[DeadLetter]:
         self._check_open()
         found: list[DeadLetter] = []
         if limit <= 0:
             return found
-        for mid in self._dead_ids.after(after):
-            letter = self._dead[mid]
+        for key in self._dead_keys.after(after):
+            letter = self._dead[key]
             if where.matches(letter):
                 found.append(_copy(letter))
                 if len(found) == limit:
                     break
         return found
 
-    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
         self._check_open()
-        letter = self._dead.get(message_id)
-        return None if letter is None else _copy(letter)
+        first = (message_id, "")
+        found = [_copy(self._dead[first])] if first in self._dead else []
+        for key in self._dead_keys.after(first):
+            if key[0] != message_id:
+                break
+            found.append(_copy(self._dead[key]))
+        return found
 
-    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
+    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
         self._check_open()
-        due: list[StoredMessage] = []
-        for mid in message_ids:
-            letter = self._dead.pop(mid, None)
+        # message id -> (its latest dead letter, the groups redriven), in first-key order
+        revived: dict[str, tuple[DeadLetter, list[str]]] = {}
+        for key in keys:
+            letter = self._pop_dead(key)
             if letter is None:
                 continue
-            self._dead_ids.discard(mid)
-            _add(self._dlq, letter.record.topic, -1)
-            if mid in self._records:
-                # Saved again since it died: the live copy is delivered anyway.
-                logger.info("redrive of a live message id=%s: dead letter dropped", mid)
-                continue
-            record = letter.record
-            record.deliver_count = 0
-            record.fail_groups = ()
-            record.next_deliver_time = now
-            if 0 < record.message.expired_time <= now:
-                record.message = dataclasses.replace(
-                    record.message, expired_time=int(now) + MAX_EXPIRY_SECONDS
-                )
-            self._records[mid] = record
-            self._link(record)
+            mid, group = key
+            latest, groups = revived.get(mid, (letter, []))
+            groups.append(group)
+            # the latest letter has the latest state of the message's other groups
+            revived[mid] = (letter if letter.dead_time >= latest.dead_time else latest, groups)
+        due: list[StoredMessage] = []
+        for mid, (letter, groups) in revived.items():
+            stored = self._records.get(mid)
+            if stored is not None:
+                due_before = stored.next_deliver_time
+                redrive_groups(stored, groups, now, still_stored=True)
+                self._reindex(stored, due_before)
+                record = stored
+            else:
+                record = letter.record
+                redrive_groups(record, groups, now, still_stored=False)
+                self._records[mid] = record
+                self._link(record)
             if record.message.commit:
-                due.append(dataclasses.replace(record))
+                due.append(_copy_record(record))
         return due
 
-    async def dlq_size(self) -> dict[str, int]:
+    async def dlq_size(self) -> dict[tuple[str, str], int]:
         self._check_open()
         return dict(self._dlq)
 
@@ -414,13 +437,28 @@ class MemoryStore:
         return {k: v for k, v in self._meta.items() if k.startswith(prefix)}
 
 
-def _add(counts: dict[str, int], topic: str, delta: int) -> None:
-    count = counts.get(topic, 0) + delta
+_Count = TypeVar("_Count", str, tuple[str, str])
+
+
+def _add(counts: dict[_Count, int], key: _Count, delta: int) -> None:
+    count = counts.get(key, 0) + delta
     if count:
-        counts[topic] = count
+        counts[key] = count
     else:
-        del counts[topic]
+        del counts[key]
+
+
+def _copy_bookkeeping(stored: StoredMessage, new: StoredMessage) -> None:
+    """Everything of *new*'s delivery state but next_deliver_time (the due index's)."""
+    stored.deliver_count = new.deliver_count
+    stored.groups = copy_groups(new.groups)
+    stored.only_groups = tuple(new.only_groups)
+
+
+def _copy_record(record: StoredMessage) -> StoredMessage:
+    # dataclasses.replace alone would share the groups dict and its entries
+    return dataclasses.replace(record, groups=copy_groups(record.groups))
 
 
 def _copy(letter: DeadLetter) -> DeadLetter:
-    return dataclasses.replace(letter, record=dataclasses.replace(letter.record))
+    return dataclasses.replace(letter, record=_copy_record(letter.record))
