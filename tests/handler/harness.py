@@ -30,6 +30,7 @@ class Broker:
         timeout: float = 5.0,
         retention: float = 3600.0,
         check_max: int = 15,
+        max_workers: int = 10_000,
     ) -> None:
         self.clock = ManualClock(NOW)
         self.table = BindingTable()
@@ -44,7 +45,7 @@ class Broker:
             history=self.history,
             clock=self.clock,
             delivery_timeout=timeout,
-            max_workers=10_000,
+            max_workers=max_workers,
             no_binding_retention=retention,
         )
         self.tx = TxManager(

@@ -8,7 +8,7 @@ import pytest
 from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
 from kiteq.core.clock import ManualClock
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
 from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS, redelivery_delay
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
@@ -17,6 +17,7 @@ from kiteq.handler.history import History
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
+    DlqKey,
     DueCursor,
     HistoryEvent,
     Rescheduled,
@@ -65,7 +66,7 @@ class RecordingStore:
         self.dead.extend(letters)
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: str | None = None
+        self, where: DlqFilter, limit: int, after: DlqKey | None = None
     ) -> list[DeadLetter]:
         return []
 
@@ -75,13 +76,13 @@ class RecordingStore:
     async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
         return []
 
-    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
-        return None
-
-    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
+    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
         return []
 
-    async def dlq_size(self) -> dict[str, int]:
+    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+        return []
+
+    async def dlq_size(self) -> dict[tuple[str, str], int]:
         return {}
 
     async def append_history(self, events: Sequence[HistoryEvent]) -> None:
@@ -248,8 +249,11 @@ async def test_after_immediate_attempts_the_message_is_rescheduled_with_backoff(
     assert h.store.deleted == []
     [change] = h.store.rescheduled
     assert change.record.deliver_count == IMMEDIATE_ATTEMPTS
-    assert change.record.fail_groups == ("acct",)
-    assert change.record.next_deliver_time == h.clock.now() + redelivery_delay(IMMEDIATE_ATTEMPTS)
+    due = h.clock.now() + redelivery_delay(IMMEDIATE_ATTEMPTS)
+    assert change.record.groups == {
+        "acct": GroupDelivery(GroupState.PENDING, IMMEDIATE_ATTEMPTS, due)
+    }
+    assert change.record.next_deliver_time == due
 
 
 async def test_offline_persistent_group_keeps_the_message_without_using_attempts(
@@ -313,7 +317,15 @@ async def test_succeeded_groups_are_not_delivered_again(h: Harness) -> None:
         expired_time=int(h.clock.now()) + 60,
         deliver_limit=100,
     )
-    record = StoredMessage(message, publish_time=h.clock.now(), succ_groups=("a",), deliver_count=4)
+    record = StoredMessage(
+        message,
+        publish_time=h.clock.now(),
+        groups={
+            "a": GroupDelivery(GroupState.ACKED, 1),
+            "b": GroupDelivery(GroupState.PENDING, 4, h.clock.now()),
+        },
+        deliver_count=4,
+    )
     h.dispatcher.submit(record)
     assert taken(a) == []
     assert taken(b) == [(message.message_id, 5)]

@@ -63,11 +63,11 @@ async def test_deliver_limit_3_gives_exactly_3_attempts_then_the_dlq_and_redrive
         seen += b.answer(bad, nack)
         assert seen == [(record.message_id, 1), (record.message_id, 2), (record.message_id, 3)]
         [letter] = await b.store.list_dlq(DlqFilter(), 10)
-        assert (letter.reason, letter.groups) == ("deliver_limit", ("acct",))
+        assert (letter.reason, letter.group, letter.keep) == ("deliver_limit", "acct", False)
         assert await b.store.get(record.message_id) is None
         b.dispatcher.connection_closed(bad)
         good = b.connect("acct")
-        [again] = await b.store.redrive([record.message_id], b.clock.now())
+        [again] = await b.store.redrive([letter.key], b.clock.now())
         b.dispatcher.submit(again)
         assert b.answer(good, ack) == [(record.message_id, 1)]
         await b.settle()
@@ -86,7 +86,7 @@ async def test_an_expired_message_goes_to_the_dlq_and_is_never_delivered_after_i
         await b.scan()
         assert b.answer(conn, ack) == []
         [letter] = await b.store.list_dlq(DlqFilter(reason="expired"), 10)
-        assert letter.record.message_id == record.message_id
+        assert (letter.record.message_id, letter.group) == (record.message_id, "acct")
 
 
 async def test_watermark_100_per_second_paces_the_group_without_using_attempts() -> None:
@@ -194,7 +194,7 @@ async def test_a_message_without_binding_goes_to_the_dlq_after_the_retention() -
         b.clock.advance(61)
         await b.scan()
         [letter] = await b.store.list_dlq(DlqFilter(reason="no_binding"), 10)
-        assert letter.record.message_id == record.message_id
+        assert (letter.record.message_id, letter.group) == (record.message_id, "")
 
 
 async def test_history_shows_each_attempt() -> None:

@@ -104,7 +104,9 @@ class Cluster:
         for r in records:
             r.kite_server = owner
         await store.save(records)
-        await store.dead_letter([DeadLetter(r, "deliver_limit", NOW) for r in records[:5]])
+        await store.dead_letter(
+            [DeadLetter(r, "deliver_limit", NOW, group="acct") for r in records[:5]]
+        )
         return store
 
     async def announce(self, address: str, owner: str, incarnation: str = "one") -> None:
@@ -154,7 +156,7 @@ async def test_store_take_over_moves_rows_and_counts(cluster: Cluster) -> None:
     assert await taker.backlog() == {}
     assert await taker.take_over(DEAD) == N
     assert await taker.backlog() == {"trade": N - 5}
-    assert await taker.dlq_size() == {"trade": 5}
+    assert await taker.dlq_size() == {("trade", "acct"): 5}
     assert len(await taker.page_due(NOW + 1, 1000)) == N - 5
     assert await taker.take_over(DEAD) == 0  # idempotent
     assert cluster.owners() == {"b": N}

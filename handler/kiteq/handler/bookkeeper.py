@@ -4,6 +4,10 @@ The dispatcher settles messages one at a time; writing each result on its own wo
 one store round trip per message. The bookkeeper queues them and one task flushes
 everything queued since its previous write.
 
+Reschedules and dead letters carry a snapshot of the record's per-group state: the
+dispatcher goes on changing ``record.groups`` in place while a store thread encodes the
+write. Deletes read only the id, so the common case copies nothing.
+
 It also answers the recover scan's question "is a write for this id still settling?":
 a scan that read the store before a delete landed must not redeliver that message.
 """
@@ -11,10 +15,12 @@ a scan that read the store before a delete landed must not redeliver that messag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Sequence
 
 from kiteq.core.errors import StoreError
-from kiteq.core.message import StoredMessage
+from kiteq.core.message import GroupDelivery, StoredMessage
 from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled
 
 logger = logging.getLogger(__name__)
@@ -49,12 +55,17 @@ class Bookkeeper:
         self._queued(record.message_id)
 
     def reschedule(self, record: StoredMessage, previous_due: float) -> None:
-        self._reschedules.append(Rescheduled(record, previous_due))
+        self._reschedules.append(Rescheduled(_snapshot(record), previous_due))
         self._queued(record.message_id)
 
-    def dead_letter(self, letter: DeadLetter) -> None:
-        self._letters.append(letter)
-        self._queued(letter.record.message_id)
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Queue the letters of one message (one per group, agreeing on ``keep``)."""
+        if not letters:
+            return
+        record = _snapshot(letters[0].record)
+        for letter in letters:
+            self._letters.append(dataclasses.replace(letter, record=record))
+            self._queued(record.message_id)
 
     def history(self, events: list[HistoryEvent]) -> None:
         self._events.extend(events)
@@ -102,7 +113,7 @@ class Bookkeeper:
             if reschedules:
                 writes.append(self._store.reschedule(reschedules))
             if letters:
-                writes.append(self._store.dead_letter(letters))
+                writes.append(self._store.dead_letter(_agreeing(letters)))
             if deletes:
                 writes.append(self._store.delete(deletes))
             if events:
@@ -140,3 +151,34 @@ class Bookkeeper:
             self._pending[message_id] = left
         if self._scans:
             self._done[message_id] = self._epoch
+
+
+def _snapshot(record: StoredMessage) -> StoredMessage:
+    """A copy of *record* whose per-group state the dispatcher cannot change any more."""
+    return dataclasses.replace(
+        record,
+        groups={
+            g: GroupDelivery(d.state, d.attempts, d.next_deliver_time)
+            for g, d in record.groups.items()
+        },
+    )
+
+
+def _agreeing(letters: list[DeadLetter]) -> list[DeadLetter]:
+    """Letters of one message queued in several rounds, made to agree on the latest state.
+
+    The store writes a message's letters and its stored state in one step (``keep``);
+    the latest round knows whether any group still has the message to deliver.
+    """
+    latest: dict[str, DeadLetter] = {}
+    for letter in letters:
+        latest[letter.record.message_id] = letter
+    if len(latest) == len(letters):
+        return letters
+    agreed = []
+    for letter in letters:
+        last = latest[letter.record.message_id]
+        if letter.record is not last.record:
+            letter = dataclasses.replace(letter, record=last.record, keep=last.keep)
+        agreed.append(letter)
+    return agreed

@@ -2,8 +2,10 @@
 
 Rules (DESIGN §5):
 
-- every group whose binding matches gets the message once; groups in ``succ_groups``
-  already have it;
+- every group whose binding matches gets the message once; delivery state is kept per
+  (message, group) in ``StoredMessage.groups`` (issue #10): a group that acked has it, and
+  one group's attempts, backoff window, deliverLimit or dead letter never decide another
+  group's delivery;
 - inside a group, one random live connection with credit (its ``maxInFlight`` not used
   up), weighted by warm-up;
 - each (topic, group) is held to its binding's watermark (messages per second, token
@@ -11,18 +13,23 @@ Rules (DESIGN §5):
   ``maxDeliverWorkers`` waits in memory and does not use up an attempt;
 - an ack settles the group; a nack, a timeout (``deliverySeconds``) or a lost connection
   retries at once (on another connection of the group when there is one) until the
-  group has had ``IMMEDIATE_ATTEMPTS`` attempts; after that the message is rescheduled in
-  the store and the recover scan brings it back after the backoff window;
+  group has had ``IMMEDIATE_ATTEMPTS`` attempts; after that the group's backoff window
+  is set by its own attempt count and the recover scan brings the message back to that
+  group (only) once the window has passed;
 - a persistent group with no live connection does not use up an attempt: the message
   stays due in the store and the recover scan offers it again (at once when a connection
   of the group opens); a non-persistent group with no live connection is skipped for this
   message, as in KiteQ, and the history says so;
-- a message that has expired or used up ``deliverLimit`` attempts goes to the dead-letter
-  queue with that reason, and so does one that matched no binding for longer than
-  ``noBindingRetentionSeconds``: nothing is dropped silently, nothing is delivered after
-  its expiry;
+- a group that used up ``deliverLimit`` attempts, or whose next window would open after
+  the expiry, dead-letters the message for that group only; an expired message is
+  dead-lettered for every group that had not acked it; one that matched no binding for
+  longer than ``noBindingRetentionSeconds`` is dead-lettered with no group: nothing is
+  dropped silently, nothing is delivered after its expiry;
 - a message is never pushed to a group while a push of it to that group is unresolved;
-- when every group has the message, it is deleted.
+- when every bound group has acked or dead-lettered the message, it is deleted.
+
+The store indexes one due time per message: the earliest due time of its pending groups
+(``StoredMessage.next_deliver_time``), kept here whenever a group's state changes.
 
 Everything here runs on the event loop and never awaits: store writes go through the
 ``Bookkeeper``.
@@ -32,12 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kiteq.core.clock import Clock
-from kiteq.core.message import StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
 from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS, redelivery_delay
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable, Pending
@@ -46,7 +54,7 @@ from kiteq.handler.limiter import TokenBucket
 from kiteq.store.base import DeadLetter
 
 if TYPE_CHECKING:
-    from kiteq.binding.match import BindingTable
+    from kiteq.binding.match import BindingTable, Route
     from kiteq.ops.metrics import BrokerMetrics
 
 logger = logging.getLogger(__name__)
@@ -58,11 +66,14 @@ _Key = tuple[str, str]
 class Flight:
     """A message being delivered: the groups still to settle in this round.
 
-    A plain slotted class: one is made per message, so construction cost matters.
+    The per-group attempt counts and due times live in ``record.groups``; a flight only
+    holds what this round needs. A plain slotted class: one is made per message, so
+    construction cost matters.
     """
 
     __slots__ = (
-        "attempts",
+        "dead",
+        "deferred",
         "dirty",
         "due",
         "durable",
@@ -87,10 +98,14 @@ class Flight:
         self.due = record.next_deliver_time
         # group -> persistent, for groups queued or in flight
         self.pending: dict[str, bool] = {}
-        self.attempts: dict[str, int] = {}
+        # groups whose round ended without an ack (their state says when they go on)
         self.failed: set[str] = set()
+        # (group, reason) dead-lettered in this round; None until the first (rare)
+        self.dead: list[tuple[str, str]] | None = None
         # a persistent group had no live connection: retry later without using an attempt
         self.parked = False
+        # a pending group was not due yet (its own backoff window): not offered this round
+        self.deferred = False
         # bookkeeping changed and must be written if the message is not deleted
         self.dirty = False
 
@@ -126,6 +141,9 @@ class Dispatcher:
         self._limits: dict[_Key, TokenBucket] = {}
         self._keys_of: dict[str, set[_Key]] = {}
         self._inflight = 0
+        # a push waited for maxDeliverWorkers: the next released worker must pump every
+        # group, not only the group whose ack released it (that group would keep them all)
+        self._starved = False
         # wall and monotonic time, read once per entry point: everything an entry point
         # does happens at one instant, and a clock read per message per step added up
         self._now = clock.now()
@@ -171,7 +189,11 @@ class Dispatcher:
         durable: bool = True,
         on_done: Callable[[Flight], None] | None = None,
     ) -> None:
-        """Start delivering *record* (committed) unless it is already in flight.
+        """Start delivering *record* (committed) to its groups that are due.
+
+        When the message is already in flight, the groups that are due and not in that
+        flight join it (the flight's record is the current state; *record* may be a
+        stale store copy): one group's round never holds back another group.
 
         *durable* False: not stored (fly, deliveryFirst), so no store bookkeeping.
         *on_done*: deliveryFirst; each group gets one attempt, no retry, and *on_done*
@@ -179,45 +201,31 @@ class Dispatcher:
         which groups still need the message).
         """
         message = record.message
-        if message.message_id in self._flights:
-            return
+        current = self._flights.get(record.message_id)
         self._stamp()
+        if current is not None:
+            if current.on_done is None:
+                self._join(current)
+            return
         now = self._now
         flight = Flight(record, durable, on_done)
-        if message.expired_time <= now:
-            self._dead_letter(flight, "expired", now)
-            return
-        if record.deliver_count >= message.deliver_limit:
-            self._dead_letter(flight, "deliver_limit", now)
-            return
-        done = record.succ_groups
         routes = self._bindings.routes(message.topic, message.message_type)
-        if done:
-            routes = tuple(r for r in routes if r.group not in done)
+        if message.expired_time <= now:
+            self._expired(flight, routes)
+            return
         if not routes:
+            flight.parked = True
             if on_done is not None:
-                flight.parked = True
                 on_done(flight)
-            elif done or now - record.publish_time <= self._no_binding_retention:
-                flight.parked = True  # no binding (yet): keep it, never delete on arrival
-                self._finish(flight)
+            elif record.groups or now - record.publish_time <= self._no_binding_retention:
+                pass  # no binding (yet): keep it due, never delete on arrival; nothing to write
             else:
-                self._dead_letter(flight, "no_binding", now)
+                self._bury(flight, "", "no_binding")
+                self._finish(flight)
             return
         self._flights[message.message_id] = flight
-        for route in routes:
-            flight.pending[route.group] = route.persistent
-            flight.attempts[route.group] = record.deliver_count
-            key = (message.topic, route.group)
-            bucket = self._limits.get(key)
-            if route.watermark <= 0:
-                if bucket is not None:
-                    del self._limits[key]
-            elif bucket is None or bucket.rate != route.watermark:
-                # KiteQ: rate = watermark, burst = half of it
-                self._limits[key] = TokenBucket(route.watermark, route.watermark / 2, self._clock)
-        for route in routes:
-            self._offer(flight, route.group, None)
+        for group in self._admit(flight, routes):
+            self._offer(flight, group, None)
         self._maybe_finish(flight)
 
     def acked(self, conn: Connection, results: list[tuple[str, bool]]) -> None:
@@ -229,7 +237,7 @@ class Dispatcher:
                 continue  # late ack after a timeout, or a duplicate ack
             self._released(1)
             self._settle(pending, conn, ok, "ack" if ok else "nack")
-        self._pump(conn.group)
+        self._pump_released(conn.group)
 
     def connection_opened(self, conn: Connection) -> None:
         self._stamp()
@@ -268,7 +276,7 @@ class Dispatcher:
                 expired += 1
                 self._settle(pending, conn, False, "timeout")
             if expired > before:
-                self._pump(conn.group)
+                self._pump_released(conn.group)
         return expired
 
     def tick(self) -> None:
@@ -305,7 +313,7 @@ class Dispatcher:
         """
         flights = [f for f in self._flights.values() if f.dirty and f.durable]
         for flight in flights:
-            self._sync_count(flight)
+            _sync_count(flight.record)
             self._bookkeeper.reschedule(flight.record, flight.due)
         self._flights.clear()
         self._waiting.clear()
@@ -323,20 +331,107 @@ class Dispatcher:
         if not self._inflight:
             self._idle.set()
 
+    def _admit(self, flight: Flight, routes: Sequence[Route]) -> list[str]:
+        """Add the groups of *routes* that are due to *flight*; returns them.
+
+        A group is due when it has not settled the message (acked, dead-lettered, or left
+        out by a redrive's ``only_groups``), is not in this flight already, and its own
+        backoff window has passed. A group that used up deliverLimit is dead-lettered.
+        """
+        record = flight.record
+        groups = record.groups
+        only = record.only_groups
+        limit = record.message.deliver_limit
+        now = self._now
+        topic = record.message.topic
+        admitted: list[str] = []
+        for route in routes:
+            group = route.group
+            if group in flight.pending:
+                continue
+            if groups or only:
+                # a message with delivery history; new messages skip all of this
+                if only and group not in only:
+                    continue
+                state = groups.get(group)
+                if state is not None:
+                    if state.state is not GroupState.PENDING:
+                        continue
+                    if state.attempts >= limit:
+                        self._bury(flight, group, "deliver_limit")
+                        continue
+                    if state.next_deliver_time > now:
+                        flight.deferred = True
+                        continue
+            flight.pending[group] = route.persistent
+            admitted.append(group)
+            key = (topic, group)
+            bucket = self._limits.get(key)
+            if route.watermark <= 0:
+                if bucket is not None:
+                    del self._limits[key]
+            elif bucket is None or bucket.rate != route.watermark:
+                # KiteQ: rate = watermark, burst = half of it
+                self._limits[key] = TokenBucket(route.watermark, route.watermark / 2, self._clock)
+        return admitted
+
+    def _join(self, flight: Flight) -> None:
+        """The recover scan found a message in flight: offer it to its other due groups."""
+        message = flight.record.message
+        routes = self._bindings.routes(message.topic, message.message_type)
+        if message.expired_time <= self._now:
+            return  # the flight's own groups see the expiry when their round ends
+        for group in self._admit(flight, routes):
+            self._offer(flight, group, None)
+        self._maybe_finish(flight)
+
+    def _expired(self, flight: Flight, routes: Sequence[Route]) -> None:
+        """Dead-letter an expired message for every group that had not acked it.
+
+        That includes bound groups never attempted; a message no group was ever bound to
+        gets one letter with no group.
+        """
+        record = flight.record
+        names = {route.group for route in routes}
+        names.update(g for g, d in record.groups.items() if d.state is GroupState.PENDING)
+        unsettled = sorted(g for g in names if not record.settled(g))
+        if unsettled:
+            for group in unsettled:
+                self._bury(flight, group, "expired")
+        elif not names:
+            self._bury(flight, "", "expired")
+        self._finish(flight)
+
+    def _bury(self, flight: Flight, group: str, reason: str) -> None:
+        """Dead-letter the message for *group*; the letter is written when the round ends."""
+        if flight.dead is None:
+            flight.dead = []
+        flight.dead.append((group, reason))
+        flight.dirty = True
+        if group:
+            state = flight.record.groups.get(group)
+            if state is None:
+                flight.record.groups[group] = GroupDelivery(GroupState.DEAD)
+            else:
+                state.state = GroupState.DEAD
+
     def _offer(self, flight: Flight, group: str, exclude: Connection | None) -> None:
         if not self._connections.has_consumers(group):
             self._unreachable(flight, group)
             return
         key = (flight.record.message.topic, group)
         queue = self._waiting.get(key)
-        if not queue and self._inflight < self._max_workers and not self._paused:
-            conn = self._connections.pick(group, self._mono, exclude)
-            if conn is not None:
-                bucket = self._limits.get(key)
-                if bucket is None or bucket.take(1):
-                    self._push(flight, group, conn)
-                    return
-                self.flow_limited += 1
+        if not queue and not self._paused:
+            if self._inflight < self._max_workers:
+                conn = self._connections.pick(group, self._mono, exclude)
+                if conn is not None:
+                    bucket = self._limits.get(key)
+                    if bucket is None or bucket.take(1):
+                        self._push(flight, group, conn)
+                        return
+                    self.flow_limited += 1
+            else:
+                self._starved = True
         if queue is None:
             queue = self._waiting[key] = deque()
             self._keys_of.setdefault(group, set()).add(key)
@@ -345,11 +440,17 @@ class Dispatcher:
     def _unreachable(self, flight: Flight, group: str) -> None:
         persistent = flight.pending.pop(group)
         if persistent:
+            # its state (attempts so far, due) is unchanged: the message stays due for it
             flight.parked = True
             return
-        # KiteQ: a non-persistent group that is offline is skipped for this message.
+        # KiteQ: a non-persistent group that is offline is skipped for this message; it
+        # counts as settled for that group (GroupState has no separate "skipped").
         record = flight.record
-        record.succ_groups = (*record.succ_groups, group)
+        state = record.groups.get(group)
+        if state is None:
+            record.groups[group] = GroupDelivery(GroupState.ACKED)
+        else:
+            state.state = GroupState.ACKED
         flight.dirty = True
         self._history.record(
             record.message_id, self._now, "skipped", group=group, detail="group offline"
@@ -357,11 +458,16 @@ class Dispatcher:
         self._history.keep(record.message_id)
 
     def _push(self, flight: Flight, group: str, conn: Connection) -> None:
-        attempt = flight.attempts[group] + 1
-        flight.attempts[group] = attempt
+        record = flight.record
+        state = record.groups.get(group)
+        if state is None:
+            attempt = 1
+            record.groups[group] = GroupDelivery(GroupState.PENDING, 1)
+        else:
+            attempt = state.attempts + 1
+            state.attempts = attempt
         flight.dirty = True
         deadline = self._mono + self._timeout
-        record = flight.record
         message_id = record.message_id
         conn.inflight[message_id] = Pending(flight, deadline, attempt)
         conn.expiry.append((deadline, message_id))
@@ -395,21 +501,49 @@ class Dispatcher:
         )
         if group not in flight.pending:
             return
+        state = record.groups[group]
         if ok:
             self.delivered += 1
             del flight.pending[group]
-            record.succ_groups = (*record.succ_groups, group)
+            state.state = GroupState.ACKED
         elif (
             flight.on_done is None
-            and flight.attempts[group] < IMMEDIATE_ATTEMPTS
-            and flight.attempts[group] < record.message.deliver_limit
+            and state.attempts < IMMEDIATE_ATTEMPTS
+            and state.attempts < record.message.deliver_limit
             and record.message.expired_time > self._now
         ):
             self._offer(flight, group, conn)
         else:
             del flight.pending[group]
             flight.failed.add(group)
+            if flight.on_done is None:
+                self._round_failed(flight, group, state)
         self._maybe_finish(flight)
+
+    def _round_failed(self, flight: Flight, group: str, state: GroupDelivery) -> None:
+        """*group* used its immediate attempts: its own window, or its dead letter."""
+        record = flight.record
+        message = record.message
+        now = self._now
+        if state.attempts >= message.deliver_limit:
+            self._bury(flight, group, "deliver_limit")
+            return
+        due = now + redelivery_delay(state.attempts)
+        if due >= message.expired_time:
+            # the group's next window opens after the expiry: it can never have it
+            self._bury(flight, group, "expired")
+            return
+        state.next_deliver_time = due
+        if flight.durable:
+            self._history.record(
+                record.message_id,
+                now,
+                "rescheduled",
+                group=group,
+                attempt=state.attempts,
+                detail=f"next attempt after {due - now:.0f}s",
+            )
+            self._history.keep(record.message_id)
 
     def _maybe_finish(self, flight: Flight) -> None:
         if not flight.pending:
@@ -417,75 +551,82 @@ class Dispatcher:
                 del self._flights[flight.record.message_id]
             self._finish(flight)
 
-    def _sync_count(self, flight: Flight) -> None:
-        if flight.attempts:
-            record = flight.record
-            record.deliver_count = max(record.deliver_count, *flight.attempts.values())
-
     def _finish(self, flight: Flight) -> None:
         record = flight.record
-        self._sync_count(flight)
         if flight.on_done is not None:
+            _sync_count(record)
             flight.on_done(flight)
             return
-        if not flight.failed and not flight.parked:
-            if flight.durable:
-                self._bookkeeper.delete(record)
-            return
         if not flight.durable:
-            logger.warning(
-                "fly message not delivered to every group id=%s failed=%s",
-                record.message_id,
-                sorted(flight.failed),
-            )
+            if flight.failed or flight.parked or flight.dead:
+                logger.warning(
+                    "fly message not delivered to every group id=%s failed=%s dead=%s",
+                    record.message_id,
+                    sorted(flight.failed),
+                    flight.dead or [],
+                )
+            return
+        if not (flight.failed or flight.parked or flight.deferred or flight.dead):
+            # the common case: every group this round was for acked, none is waiting
+            self._bookkeeper.delete(record)
             return
         now = self._now
-        if flight.failed:
-            message = record.message
-            if record.deliver_count >= message.deliver_limit:
-                self._dead_letter(flight, "deliver_limit", now)
-                return
-            record.fail_groups = tuple(sorted(flight.failed))
-            record.next_deliver_time = now + redelivery_delay(record.deliver_count)
-            if record.next_deliver_time >= message.expired_time:
-                # the next window opens after the expiry: it can never be delivered
-                self._dead_letter(flight, "expired", now)
-                return
-            self._history.record(
-                record.message_id,
-                now,
-                "rescheduled",
-                detail=f"next attempt after {record.next_deliver_time - now:.0f}s",
-            )
-            self._history.keep(record.message_id)
-        elif not flight.dirty and record.next_deliver_time <= now:
-            return  # parked and unchanged: the store already has it due; nothing to write
-        else:
-            record.next_deliver_time = min(record.next_deliver_time, now)
+        message = record.message
+        # the message-level due time: the earliest of its pending bound groups (a group
+        # without state, e.g. parked before its first push, is due at once)
+        due = math.inf
+        for route in self._bindings.routes(message.topic, message.message_type):
+            group = route.group
+            if record.settled(group):
+                continue
+            state = record.groups.get(group)
+            group_due = 0.0 if state is None else state.next_deliver_time
+            due = min(due, group_due)
+        keep = due != math.inf
+        # a group due already keeps the message's place in the due order
+        next_due = due if due > now else min(record.next_deliver_time, now)
+        _sync_count(record)
+        if flight.dead:
+            if keep:
+                record.next_deliver_time = next_due
+            self._dead_letter(flight, flight.dead, now, keep)
+            return
+        if not keep:
+            self._bookkeeper.delete(record)
+            return
+        if not flight.dirty and next_due == flight.due:
+            return  # parked and unchanged: the store already has it so; nothing to write
+        record.next_deliver_time = next_due
         self._bookkeeper.reschedule(record, flight.due)
 
-    def _dead_letter(self, flight: Flight, reason: str, now: float) -> None:
+    def _dead_letter(
+        self, flight: Flight, dead: list[tuple[str, str]], now: float, keep: bool
+    ) -> None:
         record = flight.record
-        if not flight.durable:
-            logger.warning("fly message %s not delivered: %s", record.message_id, reason)
-            return
-        done = set(record.succ_groups)
-        groups = sorted(
-            {r.group for r in self._bindings.routes(record.topic, record.message.message_type)}
-            - done
-            | flight.failed
-        )
-        self.dead_lettered += 1
-        logger.info(
-            "dead letter id=%s topic=%s reason=%s groups=%s",
-            record.message_id,
-            record.topic,
-            reason,
-            groups,
-        )
-        self._history.record(record.message_id, now, "dead_lettered", detail=reason)
+        letters = []
+        for group, reason in dead:
+            self.dead_lettered += 1
+            logger.info(
+                "dead letter id=%s topic=%s group=%s reason=%s",
+                record.message_id,
+                record.topic,
+                group,
+                reason,
+            )
+            self._history.record(
+                record.message_id, now, "dead_lettered", group=group, detail=reason
+            )
+            letters.append(DeadLetter(record, reason, now, group=group, keep=keep))
         self._history.keep(record.message_id)
-        self._bookkeeper.dead_letter(DeadLetter(record, reason, now, tuple(groups)))
+        self._bookkeeper.dead_letter(letters)
+
+    def _pump_released(self, group: str) -> None:
+        """Workers were released by *group*: pump it, and every group if one waited for them."""
+        if self._starved and self._inflight < self._max_workers:
+            self._starved = False
+            self._pump_all()
+        else:
+            self._pump(group)
 
     def _pump(self, group: str) -> None:
         keys = self._keys_of.get(group)
@@ -498,7 +639,10 @@ class Dispatcher:
         for key in list(keys):
             queue = self._waiting[key]
             bucket = self._limits.get(key)
-            while queue and self._inflight < self._max_workers and not self._paused:
+            while queue and not self._paused:
+                if self._inflight >= self._max_workers:
+                    self._starved = True
+                    break
                 flight = queue[0]
                 if (
                     group not in flight.pending
@@ -530,6 +674,13 @@ class Dispatcher:
                 ):
                     self._unreachable(flight, group)
                     self._maybe_finish(flight)
+
+
+def _sync_count(record: StoredMessage) -> None:
+    """KiteQ's deliver_count column: the highest attempt count of any group."""
+    for state in record.groups.values():
+        if state.attempts > record.deliver_count:
+            record.deliver_count = state.attempts
 
 
 _RESULT_EVENTS = {

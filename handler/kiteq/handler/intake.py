@@ -182,8 +182,8 @@ class Intake:
             if flight is not None and not flight.failed and not flight.parked:
                 outcomes[i] = Outcome(record.message_id, AckCode.OK, "delivered before storing")
                 continue
-            # not (fully) delivered, or still waiting: store it; groups that acked are in
-            # succ_groups and will not get it again
+            # not (fully) delivered, or still waiting: store it; its per-group state says
+            # which groups acked (never delivered again) and which had an attempt
             if record.message.commit:
                 record.next_deliver_time = self._clock.now()
             record.wire = None

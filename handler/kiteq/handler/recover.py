@@ -2,7 +2,9 @@
 
 It brings back messages whose backoff window has passed, messages parked because their
 group was offline or had no binding yet, messages the dispatcher had no room for, and —
-after a restart — every message that was stored but not fully delivered.
+after a restart — every message that was stored but not fully delivered. The store's
+due index has one time per message (its earliest pending group); the dispatcher offers
+each message only to the groups that are due.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ class RecoverLoop:
                 page = await self._store.page_due(now, PAGE_SIZE, cursor)
                 for record in page:
                     message_id = record.message_id
-                    if self._dispatcher.tracking(message_id) or self._bookkeeper.settled_since(
+                    # A message in flight joins with its groups that are due (the flight has
+                    # the current state); otherwise a write still settling makes the read
+                    # stale for it.
+                    if not self._dispatcher.tracking(message_id) and self._bookkeeper.settled_since(
                         message_id, epoch
                     ):
                         continue
