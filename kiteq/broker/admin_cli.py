@@ -7,6 +7,7 @@ Examples::
     kiteq-admin message 0f3c...e1 -body
     kiteq-admin dlq -topic trade -reason expired
     kiteq-admin redrive -topic trade -group acct-svc
+    kiteq-admin redrive 0f3c...e1 -group acct-svc
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _filter_flags(dlq)
     dlq.add_argument("-limit", "--limit", type=int, default=100)
     dlq.add_argument("-after", "--after", default="", help="page after this message id")
+    dlq.add_argument(
+        "-after-group", "--after-group", default="", help="and this group (the reply's nextGroup)"
+    )
     redrive = sub.add_parser("redrive", help="deliver dead letters again")
     redrive.add_argument(
         "message_ids", nargs="*", help="ids; none: every dead letter the filters match"
@@ -61,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-topic", "--topic", default="")
     parser.add_argument("-type", "--type", dest="message_type", default="")
-    parser.add_argument(
-        "-group", "--group", default="", help="dead letters this group had not acked"
-    )
+    parser.add_argument("-group", "--group", default="", help="only this group's dead letters")
     parser.add_argument(
         "-reason", "--reason", default="", help="expired, deliver_limit, no_binding"
     )
@@ -106,7 +108,10 @@ async def _call(options: argparse.Namespace) -> dict[str, object]:
         elif options.command == "dlq":
             reply = await stub.ListDeadLetters(
                 admin_pb2.ListDeadLettersRequest(
-                    filter=_dlq_filter(options), limit=options.limit, after=options.after
+                    filter=_dlq_filter(options),
+                    limit=options.limit,
+                    after=options.after,
+                    afterGroup=options.after_group,
                 ),
                 metadata=metadata,
                 timeout=timeout,
@@ -114,7 +119,9 @@ async def _call(options: argparse.Namespace) -> dict[str, object]:
         elif options.command == "redrive":
             reply = await stub.Redrive(
                 admin_pb2.RedriveRequest(
-                    messageIds=options.message_ids, filter=_dlq_filter(options)
+                    messageIds=options.message_ids,
+                    filter=_dlq_filter(options),
+                    groupId=options.group,
                 ),
                 metadata=metadata,
                 timeout=timeout,

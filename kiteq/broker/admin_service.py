@@ -19,7 +19,7 @@ from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.transactions import TxManager, TxStatus
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from kiteq.store.base import MessageStore
+from kiteq.store.base import DlqKey, MessageStore
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
             for group, members in sorted(self._connections.groups().items())
         ]
+        dead = await self._store.dlq_size()
+        dead_per_topic: dict[str, int] = {}
+        for (topic, _), n in dead.items():
+            dead_per_topic[topic] = dead_per_topic.get(topic, 0) + n
         return admin_pb2.StatsResponse(
             broker=self._advertised,
             cluster=self._config.name,
@@ -91,11 +95,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             groups=groups,
             uptimeSeconds=self._uptime(),
             topics=list(self._config.topics),
-            deadLetters=await self._store.dlq_size(),
+            deadLetters=dead_per_topic,
             deadLettered=self._dispatcher.dead_lettered,
             flowLimited=self._dispatcher.flow_limited,
             pendingTransactions=self._transactions.pending,
             unresolvedTransactions=self._transactions.unresolved,
+            deadLetterGroups=[
+                admin_pb2.DeadLetterCount(topic=topic, groupId=group, count=n)
+                for (topic, group), n in sorted(dead.items())
+            ],
         )
 
     async def ListBindings(
@@ -126,22 +134,26 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         events.sort(key=lambda e: e.time)
         history = [wire.history_to_pb(e) for e in events]
         record = await self._store.get(message_id)
+        # a message still delivered to some groups may be dead-lettered for others
+        letters = await self._store.get_dead_letters(message_id)
         if record is not None:
             reply = wire.message_info(record, request.withBody)
             reply.state = admin_pb2.MESSAGE_STATE_LIVE
         else:
-            letter = await self._store.get_dead_letter(message_id)
-            if letter is not None:
-                reply = wire.message_info(letter.record, request.withBody)
+            if letters:
+                latest = max(letters, key=lambda letter: letter.dead_time)
+                reply = wire.message_info(latest.record, request.withBody)
                 reply.state = admin_pb2.MESSAGE_STATE_DEAD_LETTER
-                reply.deadReason = letter.reason
-                reply.deadTime = letter.dead_time
             elif history:
                 reply = admin_pb2.GetMessageResponse(
                     found=False, state=admin_pb2.MESSAGE_STATE_GONE
                 )
             else:
                 return admin_pb2.GetMessageResponse(found=False)
+        if letters:
+            reply.deadReason = letters[0].reason
+            reply.deadTime = letters[0].dead_time
+            reply.deadLetters.extend(wire.dead_letter_to_pb(letter) for letter in letters)
         reply.history.extend(history)
         return reply
 
@@ -154,12 +166,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListDeadLettersResponse:
         await self._authorize(context)  # type: ignore[arg-type]
         limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
-        letters = await self._store.list_dlq(
-            wire.dlq_filter(request.filter), limit, request.after or None
-        )
+        after = (request.after, request.afterGroup) if request.after else None
+        letters = await self._store.list_dlq(wire.dlq_filter(request.filter), limit, after)
+        more = len(letters) == limit
         return admin_pb2.ListDeadLettersResponse(
             deadLetters=[wire.dead_letter_to_pb(letter) for letter in letters],
-            next=letters[-1].record.message_id if len(letters) == limit else "",
+            next=letters[-1].record.message_id if more else "",
+            nextGroup=letters[-1].group if more else "",
         )
 
     async def Redrive(
@@ -175,7 +188,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"invalid message id {message_id!r}"
                 )
         if ids:
-            return admin_pb2.RedriveResponse(redriven=await self._redrive(ids))
+            # by id: every group's letter of each id, or only the named group's
+            keys = [
+                letter.key
+                for message_id in ids
+                for letter in await self._store.get_dead_letters(message_id)
+                if not request.groupId or letter.group == request.groupId
+            ]
+            return admin_pb2.RedriveResponse(redriven=await self._redrive(keys))
         where = wire.dlq_filter(request.filter)
         redriven = 0
         while True:
@@ -183,7 +203,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             page = await self._store.list_dlq(where, MAX_PAGE)
             if not page:
                 break
-            redriven += await self._redrive([letter.record.message_id for letter in page])
+            redriven += await self._redrive([letter.key for letter in page])
         return admin_pb2.RedriveResponse(redriven=redriven)
 
     async def ListTransactions(
@@ -228,13 +248,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         changed = await self._transactions.decide(request.messageId, status, "operator")
         return admin_pb2.ResolveTransactionResponse(changed=changed)
 
-    async def _redrive(self, message_ids: list[str]) -> int:
+    async def _redrive(self, keys: list[DlqKey]) -> int:
+        """Redrive dead letters; each is delivered again to its own group only."""
+        if not keys:
+            return 0
         now = self._clock.now()
-        records = await self._store.redrive(message_ids, now)
+        records = await self._store.redrive(keys, now)
+        for message_id, group in keys:
+            self._history.record(message_id, now, "redriven", group=group)
+            self._history.keep(message_id)
         for record in records:
-            self._history.record(record.message_id, now, "redriven")
-            self._history.keep(record.message_id)
             if record.message.commit:
                 self._dispatcher.submit(record)
-        logger.info("redrove %d dead letters", len(records))
-        return len(records)
+        logger.info("redrove %d dead letters of %d messages", len(keys), len(records))
+        return len(keys)

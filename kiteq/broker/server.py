@@ -166,6 +166,7 @@ class Broker:
         self._registry: BindingRegistry | None = None
         self._registration: BrokerRegistration | None = None
         self._backlog: dict[str, int] = {}
+        self._dead_letters: dict[tuple[str, str], int] = {}
         self._takeover: TakeoverLoop | None = None
         self.owner = ""
 
@@ -302,6 +303,7 @@ class Broker:
                 dispatcher=dispatcher,
                 intake=intake,
                 backlog=lambda: self._backlog,
+                dead_letters=lambda: self._dead_letters,
             )
             self._ops = OpsServer(self._bind_host or "0.0.0.0", self._pport, self.metrics, stats)  # noqa: S104
             await self._ops.start()
@@ -366,6 +368,8 @@ class Broker:
         while True:
             self._backlog = await self._store_or_fail().backlog()
             self.metrics.set_backlog(self._backlog)
+            self._dead_letters = await self._store_or_fail().dlq_size()
+            self.metrics.set_dead_letters(self._dead_letters)
             self.metrics.set_inflight(self._dispatcher.inflight)
             consumers = sum(1 for c in self._connections if c.consumer)
             self.metrics.set_connections("consumer", consumers)

@@ -21,17 +21,23 @@ class StatsView:
         dispatcher: Dispatcher,
         intake: Intake,
         backlog: Callable[[], Mapping[str, int]],
+        dead_letters: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> None:
         self._bindings = bindings
         self._connections = connections
         self._dispatcher = dispatcher
         self._intake = intake
         self._backlog = backlog
+        self._dead_letters = dead_letters
 
     def stat_snapshot(self) -> dict[str, Any]:
         groups: dict[str, list[str]] = {}
         for conn in self._connections:
             groups.setdefault(conn.group, []).append(conn.peer)
+        # ours, beside KiteQ's keys: topic -> group -> dead letters ("" = no group bound)
+        dead: dict[str, dict[str, int]] = {}
+        for (topic, group), n in self._dead_letters().items():
+            dead.setdefault(topic, {})[group] = n
         return {
             "kiteq": {
                 "goroutine": threading.active_count(),
@@ -43,6 +49,7 @@ class StatsView:
                 "topics_recieve": {},
                 "groups": groups,
                 "accept_limiter": [0, 0],
+                "dead_letters": dead,
             },
             "network": {"connections": len(self._connections)},
         }

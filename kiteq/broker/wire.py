@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from kiteq.binding.model import Binding, BindType
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupState, Message, StoredMessage
 from kiteq.handler.connection import Outcome
 from kiteq.proto.v1 import admin_pb2, broker_pb2, common_pb2
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
@@ -193,10 +193,22 @@ def message_info(record: StoredMessage, with_body: bool) -> admin_pb2.GetMessage
         body=record.message.body if with_body else b"",
         deliverCount=record.deliver_count,
         succGroups=list(record.succ_groups),
-        failGroups=list(record.fail_groups),
+        failGroups=sorted(
+            g for g, d in record.groups.items() if d.state is not GroupState.ACKED and d.attempts
+        ),
         nextDeliverTime=record.next_deliver_time,
         publishTime=record.publish_time,
         bodyBytes=len(record.message.body),
+        groups=[
+            admin_pb2.GroupDeliveryInfo(
+                groupId=group,
+                state=d.state.value,
+                attempts=d.attempts,
+                nextDeliverTime=d.next_deliver_time,
+            )
+            for group, d in sorted(record.groups.items())
+        ],
+        onlyGroups=list(record.only_groups),
     )
 
 
@@ -219,13 +231,15 @@ def dlq_filter(pb: admin_pb2.DeadLetterFilter) -> DlqFilter:
 
 def dead_letter_to_pb(letter: DeadLetter) -> admin_pb2.DeadLetterInfo:
     record = letter.record
+    state = record.groups.get(letter.group)
     return admin_pb2.DeadLetterInfo(
         header=header_to_pb(record.message),
         reason=letter.reason,
         deadTime=letter.dead_time,
-        groups=list(letter.groups),
-        deliverCount=record.deliver_count,
+        groups=[letter.group] if letter.group else [],
+        deliverCount=state.attempts if state is not None else record.deliver_count,
         bodyBytes=len(record.message.body),
+        groupId=letter.group,
     )
 
 

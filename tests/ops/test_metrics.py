@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kiteq.ops.metrics import (
     CONTENT_TYPE,
     INVALID_LABEL,
+    NO_GROUP_LABEL,
     OTHER_LABEL,
     BrokerMetrics,
 )
@@ -28,6 +29,7 @@ KITEQ_FAMILIES = {
     "kiteq_client_connections": "gauge",
     "kiteq_deliver_inflight": "gauge",
     "kiteq_store_backlog_messages": "gauge",
+    "kiteq_dead_letters": "gauge",
     "kiteq_build_info": "gauge",
 }
 
@@ -207,6 +209,19 @@ def test_backlog_folds_overflow_topics_into_other() -> None:
     assert value(metrics, "kiteq_store_backlog_messages", topic=OTHER_LABEL) == 5
     metrics.set_backlog({"a": 4})
     assert value(metrics, "kiteq_store_backlog_messages", topic=OTHER_LABEL) is None
+
+
+def test_dead_letters_per_topic_and_group_replace_and_fold_overflow() -> None:
+    metrics = BrokerMetrics(max_groups=1)
+    metrics.set_dead_letters({("trade", "acct"): 3, ("trade", "audit"): 2, ("trade", ""): 1})
+    assert value(metrics, "kiteq_dead_letters", topic="trade", group="acct") == 3
+    assert value(metrics, "kiteq_dead_letters", topic="trade", group=OTHER_LABEL) == 2
+    assert value(metrics, "kiteq_dead_letters", topic="trade", group=NO_GROUP_LABEL) == 1
+    metrics.set_dead_letters({("trade", "acct"): 1})
+    assert value(metrics, "kiteq_dead_letters", topic="trade", group="acct") == 1
+    assert value(metrics, "kiteq_dead_letters", topic="trade", group=OTHER_LABEL) is None
+    metrics.set_dead_letters({})
+    assert b"kiteq_dead_letters{" not in metrics.render()
 
 
 def test_build_info_is_replaced_and_never_carries_credentials(metrics: BrokerMetrics) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DELIVERY_RESULTS",
     "INVALID_LABEL",
+    "NO_GROUP_LABEL",
     "OTHER_LABEL",
     "REJECT_REASONS",
     "BrokerMetrics",
@@ -49,6 +50,8 @@ CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
 OTHER_LABEL: Final = "_other"
 INVALID_LABEL: Final = "_invalid"
+NO_GROUP_LABEL: Final = "_none"
+"""The ``group`` label of dead letters that name no group (``no_binding``)."""
 
 REJECT_REASONS: Final = frozenset(
     {
@@ -220,10 +223,18 @@ class BrokerMetrics:
             ["topic"],
             registry=reg,
         )
+        self._dead_letters = Gauge(
+            "kiteq_dead_letters",
+            f"Dead letters in the store, by topic and the group they were dead-lettered for "
+            f"({NO_GROUP_LABEL}: no group was bound).",
+            ["topic", "group"],
+            registry=reg,
+        )
         self._build = Info("kiteq_build", "Version and configuration of this broker.", registry=reg)
         if process:
             ProcessCollector(registry=reg)
         self._backlog_topics: set[str] = set()
+        self._dead_letter_labels: set[tuple[str, str]] = set()
         # Zero series for the fixed label sets so rate() and dashboards see them at once.
         for role in sorted(CONNECTION_ROLES):
             self._connections.labels(role).set(0)
@@ -276,6 +287,18 @@ class BrokerMetrics:
         for gone in self._backlog_topics - totals.keys():
             self._backlog.remove(gone)
         self._backlog_topics = set(totals)
+
+    def set_dead_letters(self, sizes: Mapping[tuple[str, str], int]) -> None:
+        """Replace the dead-letter counts per (topic, group); absent pairs lose their series."""
+        totals: dict[tuple[str, str], int] = {}
+        for (topic, group), count in sizes.items():
+            label = (self._topic(topic), self._group(group) if group else NO_GROUP_LABEL)
+            totals[label] = totals.get(label, 0) + count
+        for label, count in totals.items():
+            self._dead_letters.labels(*label).set(count)
+        for gone in self._dead_letter_labels - totals.keys():
+            self._dead_letters.remove(*gone)
+        self._dead_letter_labels = set(totals)
 
     def set_info(self, version: str, cluster: str, store: str) -> None:
         """Publish ``kiteq_build_info{version,cluster,store} 1``.

@@ -144,6 +144,7 @@ class StatsResponse(_message.Message):
     FLOWLIMITED_FIELD_NUMBER: _builtins.int
     PENDINGTRANSACTIONS_FIELD_NUMBER: _builtins.int
     UNRESOLVEDTRANSACTIONS_FIELD_NUMBER: _builtins.int
+    DEADLETTERGROUPS_FIELD_NUMBER: _builtins.int
     broker: _builtins.str
     cluster: _builtins.str
     store: _builtins.str
@@ -169,8 +170,10 @@ class StatsResponse(_message.Message):
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def deadLetters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Dead letters per topic."""
+        """Dead letters per topic (all groups together); per (topic, group) in deadLetterGroups."""
 
+    @_builtins.property
+    def deadLetterGroups(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetterCount]: ...
     def __init__(
         self,
         *,
@@ -191,14 +194,40 @@ class StatsResponse(_message.Message):
         flowLimited: _builtins.int = ...,
         pendingTransactions: _builtins.int = ...,
         unresolvedTransactions: _builtins.int = ...,
+        deadLetterGroups: _abc.Iterable[Global___DeadLetterCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLetterGroups", b"deadLetterGroups", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class DeadLetterCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    GROUPID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    groupId: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        groupId: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "groupId", b"groupId", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetterCount: _TypeAlias = DeadLetterCount  # noqa: Y015
 
 @_typing.final
 class ListBindingsRequest(_message.Message):
@@ -315,6 +344,9 @@ class GetMessageResponse(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     DEADREASON_FIELD_NUMBER: _builtins.int
     DEADTIME_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    DEADLETTERS_FIELD_NUMBER: _builtins.int
+    ONLYGROUPS_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     body: _builtins.bytes
     deliverCount: _builtins.int
@@ -323,6 +355,7 @@ class GetMessageResponse(_message.Message):
     bodyBytes: _builtins.int
     state: Global___MessageState.ValueType
     deadReason: _builtins.str
+    """the first dead letter's (in group order); every one is in deadLetters"""
     deadTime: _builtins.float
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
@@ -332,6 +365,18 @@ class GetMessageResponse(_message.Message):
     def failGroups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryEvent]: ...
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupDeliveryInfo]:
+        """delivery state per group (issue #10); succGroups/failGroups are derived from it"""
+
+    @_builtins.property
+    def deadLetters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetterInfo]:
+        """one per group the message was dead-lettered for"""
+
+    @_builtins.property
+    def onlyGroups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """when not empty, the only groups it is delivered to (set by a redrive)"""
+
     def __init__(
         self,
         *,
@@ -348,14 +393,47 @@ class GetMessageResponse(_message.Message):
         history: _abc.Iterable[Global___HistoryEvent] | None = ...,
         deadReason: _builtins.str = ...,
         deadTime: _builtins.float = ...,
+        groups: _abc.Iterable[Global___GroupDeliveryInfo] | None = ...,
+        deadLetters: _abc.Iterable[Global___DeadLetterInfo] | None = ...,
+        onlyGroups: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bodyBytes", b"bodyBytes", "deadReason", b"deadReason", "deadTime", b"deadTime", "deliverCount", b"deliverCount", "failGroups", b"failGroups", "found", b"found", "header", b"header", "history", b"history", "nextDeliverTime", b"nextDeliverTime", "publishTime", b"publishTime", "state", b"state", "succGroups", b"succGroups"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bodyBytes", b"bodyBytes", "deadLetters", b"deadLetters", "deadReason", b"deadReason", "deadTime", b"deadTime", "deliverCount", b"deliverCount", "failGroups", b"failGroups", "found", b"found", "groups", b"groups", "header", b"header", "history", b"history", "nextDeliverTime", b"nextDeliverTime", "onlyGroups", b"onlyGroups", "publishTime", b"publishTime", "state", b"state", "succGroups", b"succGroups"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMessageResponse: _TypeAlias = GetMessageResponse  # noqa: Y015
+
+@_typing.final
+class GroupDeliveryInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXTDELIVERTIME_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    state: _builtins.str
+    """pending, acked, dead"""
+    attempts: _builtins.int
+    nextDeliverTime: _builtins.float
+    """when this group may be offered the message again (its own backoff window)"""
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+        state: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        nextDeliverTime: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "groupId", b"groupId", "nextDeliverTime", b"nextDeliverTime", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupDeliveryInfo: _TypeAlias = GroupDeliveryInfo  # noqa: Y015
 
 @_typing.final
 class DeadLetterFilter(_message.Message):
@@ -368,7 +446,7 @@ class DeadLetterFilter(_message.Message):
     topic: _builtins.str
     messageType: _builtins.str
     groupId: _builtins.str
-    """dead letters that this group had not acked"""
+    """dead letters of this group"""
     reason: _builtins.str
     """expired, deliver_limit, no_binding"""
     def __init__(
@@ -397,14 +475,20 @@ class DeadLetterInfo(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     DELIVERCOUNT_FIELD_NUMBER: _builtins.int
     BODYBYTES_FIELD_NUMBER: _builtins.int
+    GROUPID_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     deadTime: _builtins.float
     deliverCount: _builtins.int
+    """this group's attempts"""
     bodyBytes: _builtins.int
+    groupId: _builtins.str
+    """the group it was dead-lettered for; empty only for no_binding"""
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     @_builtins.property
-    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """[groupId], for clients written before groupId"""
+
     def __init__(
         self,
         *,
@@ -414,10 +498,11 @@ class DeadLetterInfo(_message.Message):
         groups: _abc.Iterable[_builtins.str] | None = ...,
         deliverCount: _builtins.int = ...,
         bodyBytes: _builtins.int = ...,
+        groupId: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodyBytes", b"bodyBytes", "deadTime", b"deadTime", "deliverCount", b"deliverCount", "groups", b"groups", "header", b"header", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodyBytes", b"bodyBytes", "deadTime", b"deadTime", "deliverCount", b"deliverCount", "groupId", b"groupId", "groups", b"groups", "header", b"header", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,10 +515,12 @@ class ListDeadLettersRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     AFTER_FIELD_NUMBER: _builtins.int
+    AFTERGROUP_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
     """at most this many (default 100, at most 1000)"""
     after: _builtins.str
-    """page after this message id"""
+    """page after this (message id, afterGroup)"""
+    afterGroup: _builtins.str
     @_builtins.property
     def filter(self) -> Global___DeadLetterFilter: ...
     def __init__(
@@ -442,10 +529,11 @@ class ListDeadLettersRequest(_message.Message):
         filter: Global___DeadLetterFilter | None = ...,
         limit: _builtins.int = ...,
         after: _builtins.str = ...,
+        afterGroup: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "filter", b"filter", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "afterGroup", b"afterGroup", "filter", b"filter", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -457,8 +545,10 @@ class ListDeadLettersResponse(_message.Message):
 
     DEADLETTERS_FIELD_NUMBER: _builtins.int
     NEXT_FIELD_NUMBER: _builtins.int
+    NEXTGROUP_FIELD_NUMBER: _builtins.int
     next: _builtins.str
-    """pass as `after` for the next page; empty when this was the last"""
+    """pass as `after` and `afterGroup` for the next page; empty when this was the last"""
+    nextGroup: _builtins.str
     @_builtins.property
     def deadLetters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetterInfo]: ...
     def __init__(
@@ -466,10 +556,11 @@ class ListDeadLettersResponse(_message.Message):
         *,
         deadLetters: _abc.Iterable[Global___DeadLetterInfo] | None = ...,
         next: _builtins.str = ...,
+        nextGroup: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadLetters", b"deadLetters", "next", b"next"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadLetters", b"deadLetters", "next", b"next", "nextGroup", b"nextGroup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -481,6 +572,9 @@ class RedriveRequest(_message.Message):
 
     MESSAGEIDS_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    GROUPID_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    """with messageIds: only this group's letters of them; empty: every group's"""
     @_builtins.property
     def messageIds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -492,10 +586,11 @@ class RedriveRequest(_message.Message):
         *,
         messageIds: _abc.Iterable[_builtins.str] | None = ...,
         filter: Global___DeadLetterFilter | None = ...,
+        groupId: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "messageIds", b"messageIds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "groupId", b"groupId", "messageIds", b"messageIds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

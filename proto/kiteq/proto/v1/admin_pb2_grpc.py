@@ -100,7 +100,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Redrive(self, request, context):
-        """Move dead letters back to delivery: the listed ids, or every one the filter matches.
+        """Move dead letters back to delivery: the listed ids, or every one the filter matches;
+        each redriven letter is delivered again to its own group only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

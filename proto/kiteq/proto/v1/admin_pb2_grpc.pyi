@@ -37,7 +37,9 @@ class AdminStub:
     """A message by id: where it is (delivering, dead-lettered, gone), its state and history."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
     Redrive: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedriveRequest, _admin_pb2.RedriveResponse]
-    """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
+    """Move dead letters back to delivery: the listed ids, or every one the filter matches;
+    each redriven letter is delivered again to its own group only.
+    """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTransactionsRequest, _admin_pb2.ListTransactionsResponse]
     """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
     ResolveTransaction: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveTransactionRequest, _admin_pb2.ResolveTransactionResponse]
@@ -52,7 +54,9 @@ class AdminAsyncStub(AdminStub):
     """A message by id: where it is (delivering, dead-lettered, gone), its state and history."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     Redrive: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedriveRequest, _admin_pb2.RedriveResponse]  # type: ignore[assignment]
-    """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
+    """Move dead letters back to delivery: the listed ids, or every one the filter matches;
+    each redriven letter is delivered again to its own group only.
+    """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTransactionsRequest, _admin_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
     ResolveTransaction: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveTransactionRequest, _admin_pb2.ResolveTransactionResponse]  # type: ignore[assignment]
@@ -94,7 +98,9 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RedriveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RedriveResponse, _abc.Awaitable[_admin_pb2.RedriveResponse]]:
-        """Move dead letters back to delivery: the listed ids, or every one the filter matches."""
+        """Move dead letters back to delivery: the listed ids, or every one the filter matches;
+        each redriven letter is delivered again to its own group only.
+        """
 
     @_abc_1.abstractmethod
     def ListTransactions(
