@@ -63,7 +63,7 @@ async def test_deliver_limit_3_gives_exactly_3_attempts_then_the_dlq_and_redrive
         seen += b.answer(bad, nack)
         assert seen == [(record.message_id, 1), (record.message_id, 2), (record.message_id, 3)]
         [letter] = await b.store.list_dlq(DlqFilter(), 10)
-        assert (letter.reason, letter.group, letter.keep) == ("deliver_limit", "acct", False)
+        assert (letter.reason, letter.group) == ("deliver_limit", "acct")
         assert await b.store.get(record.message_id) is None
         b.dispatcher.connection_closed(bad)
         good = b.connect("acct")

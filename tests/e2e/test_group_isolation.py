@@ -1,0 +1,148 @@
+"""Issue #10 end to end: one group's failures never decide another group's delivery (real
+broker process on RocksDB, real clients, real time)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+from tests.e2e.broker_process import BrokerProcess
+from tests.e2e.collector import Collector
+from tests.e2e.test_reliability import admin
+
+BINDING = Binding.fanout("trade", persistent=True)
+N = 200
+
+
+def consumer(broker: BrokerProcess, group: str, handler: Collector) -> Consumer:
+    return Consumer(
+        brokers=[broker.address],
+        group_id=group,
+        secret_key="s",
+        bindings=[BINDING],
+        handler=handler,
+    )
+
+
+def dead_letters(broker: BrokerProcess, group: str = "") -> list[admin_pb2.DeadLetterInfo]:
+    with grpc.insecure_channel(broker.address) as channel:
+        reply = admin_pb2_grpc.AdminStub(channel).ListDeadLetters(
+            admin_pb2.ListDeadLettersRequest(
+                filter=admin_pb2.DeadLetterFilter(groupId=group), limit=1000
+            ),
+            timeout=5,
+        )
+    return list(reply.deadLetters)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def backlog(broker: BrokerProcess) -> int:
+    return sum(broker.stats().backlog.values())
+
+
+def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive_reaches_it(
+    broker: BrokerProcess,
+) -> None:
+    # "offline" declares its persistent binding, then goes away
+    with consumer(broker, "offline", Collector()):
+        pass
+    healthy, failing, offline, redriven = (
+        Collector(),
+        Collector(lambda _: False),
+        Collector(),
+        Collector(),
+    )
+    with consumer(broker, "healthy", healthy), consumer(broker, "failing", failing):
+        with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+            futures = [
+                p.send_async(
+                    Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=2)
+                )
+                for _ in range(N)
+            ]
+            sent = {f.result(20).message_id for f in futures}
+        healthy.wait_count(N, timeout=60)
+        wait_until(lambda: len(dead_letters(broker)) == N, f"{N} dead letters")
+    letters = dead_letters(broker)
+    assert {(d.header.messageId, d.groupId, d.reason) for d in letters} == {
+        (mid, "failing", "deliver_limit") for mid in sent
+    }
+    assert {d.deliverCount for d in letters} == {2}
+    assert Counter(failing.ids()) == dict.fromkeys(sent, 2)
+    stats = admin(broker, "stats")
+    assert stats["deadLetterGroups"] == [{"topic": "trade", "groupId": "failing", "count": str(N)}]
+    assert stats["backlog"] == {"trade": str(N)}  # still to be delivered to "offline"
+    probe = admin(broker, "message", next(iter(sent)))
+    assert probe["state"] == "MESSAGE_STATE_LIVE"
+    states = {g["groupId"]: (g["state"], g["attempts"]) for g in probe["groups"]}
+    assert states == {"healthy": ("acked", 1), "failing": ("dead", 2)}
+    assert [(d["groupId"], d["reason"]) for d in probe["deadLetters"]] == [
+        ("failing", "deliver_limit")
+    ]
+
+    with consumer(broker, "offline", offline), consumer(broker, "healthy", healthy):
+        offline.wait_count(N, timeout=60)
+        wait_until(lambda: backlog(broker) == 0, "an empty backlog")
+        assert Counter(offline.ids()) == dict.fromkeys(sent, 1)
+        assert {m.attempt for m in offline.received} == {1}  # its own count
+
+        # redrive the failing group's letters: only that group gets them again
+        assert admin(broker, "redrive", "-group", "failing")["redriven"] == N
+        with consumer(broker, "failing", redriven):
+            redriven.wait_count(N, timeout=60)
+            wait_until(lambda: backlog(broker) == 0, "an empty backlog after the redrive")
+        assert set(redriven.ids()) == sent
+        assert {m.attempt for m in redriven.received} == {1}
+    assert dead_letters(broker) == []
+    assert len(healthy.ids()) == N  # the redrive reached neither of the other groups
+    assert len(offline.ids()) == N
+    history = admin(broker, "message", next(iter(sent)))["history"]
+    assert ("redriven", "failing") in {(e["kind"], e["groupId"]) for e in history}
+
+
+def test_a_group_in_its_backoff_window_does_not_delay_a_group_that_connects_later(
+    broker: BrokerProcess,
+) -> None:
+    with consumer(broker, "late", Collector()):
+        pass
+    slow_times: dict[int, float] = {}
+    in_window = threading.Event()
+
+    def nack(message: ReceivedMessage) -> bool:
+        slow_times[message.attempt] = time.monotonic()
+        if message.attempt == 4:
+            in_window.set()  # attempts 1-3 at once, 4 at a scan; then a 5 s window
+        return False
+
+    slow, late = Collector(nack), Collector()
+    with consumer(broker, "slow", slow):
+        with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+            message_id = p.send(
+                Message(topic="trade", message_type="pay-succ", body=b"x")
+            ).message_id
+        assert in_window.wait(20)
+        with consumer(broker, "late", late):
+            late.wait_count(1, timeout=10)
+            got_late = time.monotonic()
+            slow.wait_for(lambda received: any(m.attempt == 5 for m in received), timeout=20)
+    assert late.ids() == [message_id]
+    assert late.received[0].attempt == 1
+    # "late" had it inside the slow group's window, which it did not shorten
+    assert got_late < slow_times[4] + 5.0
+    assert slow_times[5] - slow_times[4] >= 5.0
+    lookup: dict[str, Any] = admin(broker, "message", message_id)
+    states = {g["groupId"]: g["state"] for g in lookup["groups"]}
+    assert states == {"slow": "pending", "late": "acked"}
