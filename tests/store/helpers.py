@@ -9,8 +9,8 @@ from typing import Any, Final
 import pytest
 from rocksdict import Rdict, WriteBatch, WriteOptions
 
-from kiteq.core.message import Message, StoredMessage
-from kiteq.store.base import MessageStore
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
+from kiteq.store.base import DeadLetter, MessageStore
 from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import open_store
 
@@ -54,6 +54,29 @@ def record(
     if message_id is not None:
         message = dataclasses.replace(message, message_id=message_id)
     return StoredMessage(message=message, publish_time=NOW - 0.5, next_deliver_time=ndt)
+
+
+def pending(attempts: int = 0, ndt: float = 0.0) -> GroupDelivery:
+    return GroupDelivery(GroupState.PENDING, attempts, ndt)
+
+
+def acked(attempts: int = 1, ndt: float = 0.0) -> GroupDelivery:
+    return GroupDelivery(GroupState.ACKED, attempts, ndt)
+
+
+def dead(attempts: int = 0, ndt: float = 0.0) -> GroupDelivery:
+    return GroupDelivery(GroupState.DEAD, attempts, ndt)
+
+
+def letter(
+    r: StoredMessage,
+    reason: str = "deliver_limit",
+    dead_time: float = NOW,
+    group: str = "g1",
+    *,
+    keep: bool = False,
+) -> DeadLetter:
+    return DeadLetter(r, reason, dead_time, group, keep)
 
 
 def ids(records: list[StoredMessage]) -> list[str]:

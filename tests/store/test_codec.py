@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 from hypothesis import given, strategies as st
 
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
 from kiteq.store import codec
-from tests.store.helpers import record
+from tests.store.helpers import NOW, acked, dead, pending, record
 
 _text = st.text(max_size=40)
 _int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -27,14 +27,20 @@ _messages = st.builds(
     create_time=_int64,
     snappy=st.booleans(),
 )
+_deliveries = st.builds(
+    GroupDelivery,
+    state=st.sampled_from(GroupState),
+    attempts=st.integers(min_value=0, max_value=2**32 - 1),
+    next_deliver_time=st.floats(allow_nan=False),
+)
 _records = st.builds(
     StoredMessage,
     message=_messages,
     publish_time=st.floats(allow_nan=False),
     deliver_count=st.integers(min_value=0, max_value=2**32 - 1),
-    succ_groups=st.lists(_text, max_size=5).map(tuple),
-    fail_groups=st.lists(_text, max_size=5).map(tuple),
+    groups=st.dictionaries(_text, _deliveries, max_size=5),
     next_deliver_time=st.floats(allow_nan=False),
+    only_groups=st.lists(_text, max_size=5).map(tuple),
     kite_server=_text,
 )
 
@@ -51,8 +57,8 @@ def test_round_trip(r: StoredMessage) -> None:
 
 def test_round_trip_of_edge_values() -> None:
     r = record(body=b"", properties={"": "", "ключ": "値 ✓ \x00"}, topic="t")
-    r.succ_groups = ("", "g")
-    r.fail_groups = ("ü",)
+    r.groups = {"": acked(), "g": dead(2**32 - 1, -1.0), "ü": pending(3, NOW + 0.125)}
+    r.only_groups = ("", "ü")
     assert round_trip(r) == r
     assert round_trip(r).message.body == b""
 
@@ -67,14 +73,34 @@ def test_state_carries_the_commit_flag_and_the_topic() -> None:
 
 def test_records_start_with_the_format_version() -> None:
     r = record()
-    assert codec.encode_message(r)[0] == codec.FORMAT_VERSION
-    assert codec.encode_state(codec.state_of(r))[0] == codec.FORMAT_VERSION
+    assert codec.encode_message(r)[0] == codec.MESSAGE_VERSION
+    assert codec.encode_state(codec.state_of(r))[0] == codec.STATE_VERSION == 2
+
+
+def test_a_record_no_group_has_tried_costs_what_it_did_before_per_group_state() -> None:
+    # version 1 had the same fixed part and wrote nothing more for no succ/fail groups
+    r = record(topic="trade")
+    assert len(codec.encode_state(codec.state_of(r))) == 26 + len("trade")
+    r.groups = {"g": pending(1, NOW)}
+    assert len(codec.encode_state(codec.state_of(r))) == 26 + len("trade") + 17 + len("g")
+
+
+def test_a_state_does_not_share_the_records_groups() -> None:
+    r = record()
+    r.groups = {"g": pending()}
+    state = codec.state_of(r)
+    r.groups["g"].attempts = 3
+    r.groups["h"] = acked()
+    assert state.groups == {"g": pending()}
+    decoded = codec.decode_message(codec.encode_message(r), state)
+    decoded.groups["g"].attempts = 4
+    assert state.groups == {"g": pending()}
 
 
 @pytest.mark.parametrize("mangle", ["version", "truncate", "extend", "empty"])
 def test_corrupt_records_raise_value_error(mangle: str) -> None:
     r = record(properties={"k": "v"})
-    r.succ_groups = ("g",)
+    r.groups = {"g": acked()}
     message = codec.encode_message(r)
     state = codec.encode_state(codec.state_of(r))
     match mangle:
@@ -94,6 +120,15 @@ def test_corrupt_records_raise_value_error(mangle: str) -> None:
 
 def test_truncated_fixed_part_raises_value_error() -> None:
     with pytest.raises(ValueError, match="truncated"):
-        codec.decode_message(bytes([codec.FORMAT_VERSION, 0, 0]), codec.state_of(record()))
+        codec.decode_message(bytes([codec.MESSAGE_VERSION, 0, 0]), codec.state_of(record()))
     with pytest.raises(ValueError, match="truncated"):
-        codec.decode_state(bytes([codec.FORMAT_VERSION, 0]))
+        codec.decode_state(bytes([codec.STATE_VERSION, 0]))
+
+
+def test_an_unknown_group_state_code_raises_value_error() -> None:
+    r = record(topic="t")
+    r.groups = {"g": acked()}
+    value = bytearray(codec.encode_state(codec.state_of(r)))
+    value[26 + 1 + 4] = 7  # after the fixed part, the topic and the name's length
+    with pytest.raises(ValueError, match="group state"):
+        codec.decode_state(bytes(value))

@@ -11,7 +11,17 @@ import pytest
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store.base import MessageStore, Rescheduled, Saved
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, due_order, ids, record
+from tests.store.helpers import (
+    DURABLE_BACKENDS,
+    NOW,
+    Backend,
+    acked,
+    dead,
+    due_order,
+    ids,
+    pending,
+    record,
+)
 
 
 def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
@@ -32,8 +42,8 @@ async def all_due(store: MessageStore, now: float = NOW, limit: int = 1000) -> l
 async def test_save_then_get_returns_the_same_record(store: MessageStore) -> None:
     r = record(properties={"trace": "abc", "ключ": "значение ✓"}, body=b"\x00\xff" * 500)
     r.deliver_count = 2
-    r.succ_groups = ("g1",)
-    r.fail_groups = ("g2", "g3")
+    r.groups = {"g1": acked(), "g2": pending(2, NOW + 5.25), "g3": dead(2, NOW - 1)}
+    r.only_groups = ("g2", "g3")
     r.kite_server = "host-1"
     assert await store.save([r]) == [Saved.STORED]
     assert await store.get(r.message_id) == r
@@ -54,15 +64,29 @@ async def test_get_missing_is_none(store: MessageStore) -> None:
 
 async def test_stored_record_is_not_shared_with_the_caller(store: MessageStore) -> None:
     r = record()
+    r.groups = {"g": pending()}
     await store.save([r])
     r.deliver_count = 99
+    r.groups["g"].attempts = 5
+    r.groups["h"] = acked()
     got = await store.get(r.message_id)
     assert got is not None
-    assert got.deliver_count == 0
+    assert (got.deliver_count, got.groups) == (0, {"g": pending()})
     got.deliver_count = 42
+    got.groups["g"].attempts = 7
     again = await store.get(r.message_id)
     assert again is not None
-    assert again.deliver_count == 0
+    assert (again.deliver_count, again.groups) == (0, {"g": pending()})
+
+    # a reschedule keeps what the record said when it was called
+    change = moved(again, NOW + 1, groups={"g": pending(1, NOW + 1)})
+    done = asyncio.ensure_future(store.reschedule([change]))
+    await asyncio.sleep(0)  # the call has started; its record changes while it is written
+    change.record.groups["g"].attempts = 9
+    await done
+    after = await store.get(r.message_id)
+    assert after is not None
+    assert after.groups == {"g": pending(1, NOW + 1)}
 
 
 async def test_duplicate_of_a_stored_id_is_not_overwritten(store: MessageStore) -> None:
@@ -167,18 +191,18 @@ async def test_reschedule_moves_the_record_and_updates_bookkeeping(
 ) -> None:
     a, b, c = record(ndt=NOW - 3), record(ndt=NOW - 2), record(ndt=NOW - 1)
     await store.save([a, b, c])
-    await store.reschedule(
-        [moved(a, NOW - 1.5, deliver_count=1, succ_groups=("g1",), fail_groups=("g2",))]
-    )
+    groups = {"g1": acked(), "g2": pending(1, NOW - 1.5)}
+    await store.reschedule([moved(a, NOW - 1.5, deliver_count=1, groups=groups)])
     assert await all_due(store) == [b.message_id, a.message_id, c.message_id]
     got = await store.get(a.message_id)
     assert got is not None
-    assert (got.deliver_count, got.succ_groups, got.fail_groups, got.next_deliver_time) == (
+    assert (got.deliver_count, got.groups, got.only_groups, got.next_deliver_time) == (
         1,
-        ("g1",),
-        ("g2",),
+        groups,
+        (),
         NOW - 1.5,
     )
+    assert got.succ_groups == ("g1",)
     await store.reschedule([moved(got, NOW + 60, deliver_count=2)])
     assert await all_due(store) == [b.message_id, c.message_id]
     assert await all_due(store, now=NOW + 60) == [b.message_id, c.message_id, a.message_id]
@@ -361,7 +385,9 @@ async def test_persistence_across_close_and_reopen(store: MessageStore, backend:
     gone = record(ndt=NOW - 4)
     await store.save([plain, tx, later, gone])
     await store.commit(tx.message_id)
-    await store.reschedule([moved(later, NOW + 10, deliver_count=3, succ_groups=("g",))])
+    await store.reschedule(
+        [moved(later, NOW + 10, deliver_count=3, groups={"g": acked(), "h": pending(3, NOW + 10)})]
+    )
     await store.delete([gone])
     await store.put_meta("k", b"v")
     expected = {r.message_id: await store.get(r.message_id) for r in (plain, tx, later)}

@@ -22,21 +22,23 @@ from kiteq.core.errors import StoreFullError, StoreUnavailableError
 from kiteq.core.limits import MAX_EXPIRY_SECONDS
 from kiteq.core.message import StoredMessage
 from kiteq.store import codec, rocksdb
-from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent, MessageStore, Saved
+from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent, MessageStore, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record, spy_writes
+from tests.store.helpers import (
+    DURABLE_BACKENDS,
+    NOW,
+    Backend,
+    acked,
+    dead,
+    ids,
+    letter,
+    pending,
+    record,
+    spy_writes,
+)
 
 EVERYTHING = DlqFilter()
-
-
-def letter(
-    r: StoredMessage,
-    reason: str = "deliver_limit",
-    dead_time: float = NOW,
-    groups: tuple[str, ...] = ("g1",),
-) -> DeadLetter:
-    return DeadLetter(r, reason, dead_time, groups)
 
 
 def event(message_id: str, time: float, kind: str, **fields: Any) -> HistoryEvent:
@@ -47,6 +49,16 @@ async def dead_ids(store: MessageStore, where: DlqFilter = EVERYTHING) -> list[s
     return ids([d.record for d in await store.list_dlq(where, 1000)])
 
 
+async def dead_keys(
+    store: MessageStore, where: DlqFilter = EVERYTHING, after: DlqKey | None = None
+) -> list[DlqKey]:
+    return [d.key for d in await store.list_dlq(where, 1000, after)]
+
+
+def g1(r: StoredMessage) -> DlqKey:
+    return (r.message_id, "g1")
+
+
 async def all_due(store: MessageStore, now: float = NOW) -> list[str]:
     return ids(await store.page_due(now, 1000))
 
@@ -55,22 +67,28 @@ async def all_due(store: MessageStore, now: float = NOW) -> list[str]:
 
 
 async def test_dead_letter_moves_a_record_out_of_delivery(store: MessageStore) -> None:
-    dead, live = record(ndt=NOW - 2), record(ndt=NOW - 1)
-    await store.save([dead, live])
-    await store.dead_letter([letter(dead, "expired", NOW + 1, ("g1", "g2"))])
+    doomed, live = record(ndt=NOW - 2), record(ndt=NOW - 1)
+    await store.save([doomed, live])
+    doomed.groups = {"g1": dead(3), "g2": dead(1)}
+    await store.dead_letter(
+        [letter(doomed, "expired", NOW + 1, "g2"), letter(doomed, "expired", NOW + 1, "g1")]
+    )
 
-    assert await store.get(dead.message_id) is None
+    assert await store.get(doomed.message_id) is None
     assert await all_due(store) == [live.message_id]
     assert await store.backlog() == {"trade": 1}
-    assert await store.dlq_size() == {"trade": 1}
-    expected = DeadLetter(dead, "expired", NOW + 1, ("g1", "g2"))
-    assert await store.list_dlq(EVERYTHING, 10) == [expected]
-    assert await store.get_dead_letter(dead.message_id) == expected
-    assert await store.get_dead_letter(live.message_id) is None
+    assert await store.dlq_size() == {("trade", "g1"): 1, ("trade", "g2"): 1}
+    expected = [
+        DeadLetter(doomed, "expired", NOW + 1, "g1"),
+        DeadLetter(doomed, "expired", NOW + 1, "g2"),
+    ]
+    assert await store.list_dlq(EVERYTHING, 10) == expected
+    assert await store.get_dead_letters(doomed.message_id) == expected
+    assert await store.get_dead_letters(live.message_id) == []
     # a dead letter is not live: nothing that works on live records reaches it
-    assert await store.commit(dead.message_id) is None
-    await store.delete([dead])
-    assert await store.dlq_size() == {"trade": 1}
+    assert await store.commit(doomed.message_id) is None
+    await store.delete([doomed])
+    assert await store.dlq_size() == {("trade", "g1"): 1, ("trade", "g2"): 1}
 
 
 async def test_dead_letter_keeps_the_callers_bookkeeping_and_the_stored_message(
@@ -82,13 +100,12 @@ async def test_dead_letter_keeps_the_callers_bookkeeping_and_the_stored_message(
         r,
         message=dataclasses.replace(r.message, body=b"not what was stored"),
         deliver_count=7,
-        succ_groups=("g1",),
-        fail_groups=("g2", "g3"),
+        groups={"g1": acked(), "g2": dead(7, NOW + 80), "g3": dead(2, NOW + 5)},
         next_deliver_time=NOW + 80,
     )
-    await store.dead_letter([letter(latest, groups=("g2", "g3"))])
-    [got] = await store.list_dlq(EVERYTHING, 10)
-    assert got.record == dataclasses.replace(latest, message=r.message)
+    await store.dead_letter([letter(latest, group="g2"), letter(latest, group="g3")])
+    got = await store.list_dlq(EVERYTHING, 10)
+    assert [d.record for d in got] == [dataclasses.replace(latest, message=r.message)] * 2
 
 
 async def test_dead_letter_of_missing_or_already_dead_ids_is_ignored(
@@ -99,10 +116,11 @@ async def test_dead_letter_of_missing_or_already_dead_ids_is_ignored(
     assert await store.list_dlq(EVERYTHING, 10) == []
     assert await store.dlq_size() == {}
     await store.save([r])
+    # the same key twice in one call: the later letter replaces the earlier one
     await store.dead_letter([letter(r, "expired", NOW), letter(r, "deliver_limit", NOW + 5)])
-    await store.dead_letter([letter(r, "no_binding", NOW + 9)])
-    assert await store.list_dlq(EVERYTHING, 10) == [letter(r, "expired", NOW)]
-    assert await store.dlq_size() == {"trade": 1}
+    await store.dead_letter([letter(r, "no_binding", NOW + 9, "")])
+    assert await store.list_dlq(EVERYTHING, 10) == [letter(r, "deliver_limit", NOW + 5)]
+    assert await store.dlq_size() == {("trade", "g1"): 1}
     assert await store.backlog() == {}
     await store.dead_letter([])
 
@@ -115,14 +133,13 @@ async def test_dead_letter_of_an_uncommitted_record_never_makes_it_deliverable(
     await store.dead_letter([letter(tx, "expired")])
     assert await store.get(tx.message_id) is None
     assert await store.backlog() == {}
-    assert await store.dlq_size() == {"trade": 1}
-    dead = await store.get_dead_letter(tx.message_id)
-    assert dead is not None
-    assert dead.record.message.commit is False
+    assert await store.dlq_size() == {("trade", "g1"): 1}
+    [letter_] = await store.get_dead_letters(tx.message_id)
+    assert letter_.record.message.commit is False
     assert await store.commit(tx.message_id) is None
 
     # Back in delivery it is still uncommitted: stored, counted, not due, not returned.
-    assert await store.redrive([tx.message_id], NOW) == []
+    assert await store.redrive([g1(tx)], NOW) == []
     got = await store.get(tx.message_id)
     assert got is not None
     assert got.message.commit is False
@@ -144,53 +161,67 @@ async def test_list_dlq_filters_by_topic_type_group_and_reason(store: MessageSto
     await store.save([a, b, c, d])
     await store.dead_letter(
         [
-            letter(a, "expired", groups=("g1",)),
-            letter(b, "deliver_limit", groups=("g1", "g2")),
-            letter(c, "deliver_limit", groups=("g2",)),
-            letter(d, "no_binding", groups=()),
+            letter(a, "expired", group="g1"),
+            letter(b, "deliver_limit", group="g1"),
+            letter(b, "deliver_limit", group="g2"),
+            letter(c, "deliver_limit", group="g2"),
+            letter(d, "no_binding", group=""),
         ]
     )
 
-    def sort(*records: StoredMessage) -> list[str]:
-        return sorted(ids(list(records)))
+    def keys(*pairs: tuple[StoredMessage, str]) -> list[DlqKey]:
+        return sorted((r.message_id, group) for r, group in pairs)
 
-    assert await dead_ids(store) == sort(a, b, c, d)
-    assert await dead_ids(store, DlqFilter(topic="trade")) == sort(a, b)
-    assert await dead_ids(store, DlqFilter(message_type="pay-succ")) == sort(a, c)
-    assert await dead_ids(store, DlqFilter(group="g2")) == sort(b, c)
-    assert await dead_ids(store, DlqFilter(reason="deliver_limit")) == sort(b, c)
-    assert await dead_ids(store, DlqFilter(topic="user", reason="deliver_limit")) == sort(c)
-    assert await dead_ids(store, DlqFilter(topic="user", group="g1")) == []
-    assert await dead_ids(store, DlqFilter(topic="nothing")) == []
-    assert await store.dlq_size() == {"trade": 2, "user": 2}
+    everything = keys((a, "g1"), (b, "g1"), (b, "g2"), (c, "g2"), (d, ""))
+    assert await dead_keys(store) == everything
+    assert await dead_keys(store, DlqFilter(topic="trade")) == keys((a, "g1"), (b, "g1"), (b, "g2"))
+    assert await dead_keys(store, DlqFilter(message_type="pay-succ")) == keys((a, "g1"), (c, "g2"))
+    assert await dead_keys(store, DlqFilter(group="g2")) == keys((b, "g2"), (c, "g2"))
+    assert await dead_keys(store, DlqFilter(reason="deliver_limit")) == keys(
+        (b, "g1"), (b, "g2"), (c, "g2")
+    )
+    assert await dead_keys(store, DlqFilter(topic="user", reason="deliver_limit")) == keys(
+        (c, "g2")
+    )
+    assert await dead_keys(store, DlqFilter(topic="user", group="g1")) == []
+    assert await dead_keys(store, DlqFilter(topic="nothing")) == []
+    assert await store.dlq_size() == {
+        ("trade", "g1"): 2,
+        ("trade", "g2"): 1,
+        ("user", "g2"): 1,
+        ("user", ""): 1,
+    }
 
 
-async def test_list_dlq_pages_by_id_with_after(store: MessageStore) -> None:
+async def test_list_dlq_pages_by_message_and_group_with_after(store: MessageStore) -> None:
     records = [record(topic="even" if i % 2 else "odd") for i in range(25)]
     await store.save(records)
-    await store.dead_letter([letter(r) for r in records])
-    everything = sorted(ids(records))
+    # every third message is dead for two groups (and "" sorts first)
+    groups = {r.message_id: ("g1", "") if i % 3 == 0 else ("g1",) for i, r in enumerate(records)}
+    await store.dead_letter([letter(r, group=g) for r in records for g in groups[r.message_id]])
+    everything = sorted((mid, g) for mid, gs in groups.items() for g in gs)
+    assert len(everything) == 34
 
-    seen: list[str] = []
+    seen: list[DlqKey] = []
     after = None
     while page := await store.list_dlq(EVERYTHING, 4, after):
         assert len(page) <= 4
-        seen += ids([d.record for d in page])
-        after = page[-1].record.message_id
+        seen += [d.key for d in page]
+        after = page[-1].key
     assert seen == everything
 
-    evens = sorted(r.message_id for r in records if r.topic == "even")
+    evens = sorted(k for k in everything if k[0] in {r.message_id for r in records[1::2]})
     page = await store.list_dlq(DlqFilter(topic="even"), 3, evens[4])
-    assert ids([d.record for d in page]) == evens[5:8]
-    # after needs not be a stored id
-    between = everything[10] + "~"
-    assert await dead_ids_after(store, between) == everything[11:]
+    assert [d.key for d in page] == evens[5:8]
+    # after needs not be a stored key: a group after every group of its message...
+    assert await dead_keys(store, after=(everything[10][0], "~")) == [
+        k for k in everything if k[0] > everything[10][0]
+    ]
+    # ...or before them all, which is the message's first key when it has group ""
+    first = next(k for k in everything if k[1] == "")
+    assert await dead_keys(store, after=(first[0], "")) == everything[everything.index(first) + 1 :]
     assert await store.list_dlq(EVERYTHING, 0) == []
     assert await store.list_dlq(EVERYTHING, 10, everything[-1]) == []
-
-
-async def dead_ids_after(store: MessageStore, after: str) -> list[str]:
-    return ids([d.record for d in await store.list_dlq(EVERYTHING, 1000, after)])
 
 
 # -- redrive -------------------------------------------------------------------------
@@ -203,18 +234,30 @@ async def test_redrive_restarts_delivery_by_the_contracts_rules(store: MessageSt
     endless = record(ndt=NOW - 80, expired_time=0)
     await store.save([fresh, expired, endless])
     worn = [
-        dataclasses.replace(r, deliver_count=5, succ_groups=("g1",), fail_groups=("g2",))
+        dataclasses.replace(r, deliver_count=5, groups={"g1": acked(), "g2": dead(5, NOW - 1)})
         for r in (fresh, expired, endless)
     ]
-    await store.dead_letter([letter(r, "deliver_limit", groups=("g2",)) for r in worn])
+    await store.dead_letter([letter(r, "deliver_limit", group="g2") for r in worn])
 
     redriven = await store.redrive(
-        [fresh.message_id, "f" * 32, expired.message_id, endless.message_id, fresh.message_id],
+        [
+            (fresh.message_id, "g2"),
+            ("f" * 32, "g2"),
+            (fresh.message_id, "g1"),  # g1 acked it: not a dead letter
+            (expired.message_id, "g2"),
+            (endless.message_id, "g2"),
+            (fresh.message_id, "g2"),
+        ],
         later,
     )
+    # No longer stored: stored again for g2 alone, so g1 does not get it twice.
     expected = {
         r.message_id: dataclasses.replace(
-            r, deliver_count=0, succ_groups=("g1",), fail_groups=(), next_deliver_time=later
+            r,
+            deliver_count=0,
+            groups={"g1": acked(), "g2": pending(0, later)},
+            only_groups=("g2",),
+            next_deliver_time=later,
         )
         for r in (fresh, expired, endless)
     }
@@ -231,7 +274,7 @@ async def test_redrive_restarts_delivery_by_the_contracts_rules(store: MessageSt
     assert await store.list_dlq(EVERYTHING, 10) == []
     assert await store.dlq_size() == {}
     assert await store.backlog() == {"trade": 2, "user": 1}
-    assert await store.redrive(list(expected), later) == []
+    assert await store.redrive([(mid, "g2") for mid in expected], later) == []
     assert await store.redrive([], later) == []
 
 
@@ -239,10 +282,10 @@ async def test_a_redriven_record_can_die_again(store: MessageStore) -> None:
     r = record()
     await store.save([r])
     await store.dead_letter([letter(r, "expired")])
-    [back] = await store.redrive([r.message_id], NOW)
+    [back] = await store.redrive([g1(r)], NOW)
     await store.dead_letter([letter(back, "deliver_limit", NOW + 1)])
     assert await store.list_dlq(EVERYTHING, 10) == [letter(back, "deliver_limit", NOW + 1)]
-    assert await store.dlq_size() == {"trade": 1}
+    assert await store.dlq_size() == {("trade", "g1"): 1}
     assert await store.backlog() == {}
     assert await all_due(store) == []
 
@@ -334,7 +377,7 @@ async def test_dead_letter_moves_among_concurrent_writes_stay_consistent(
     await asyncio.gather(*calls)
 
     assert await dead_ids(store) == sorted(ids(doomed))
-    assert await store.dlq_size() == {"trade": 20}
+    assert await store.dlq_size() == {("trade", "g1"): 20}
     assert await store.backlog() == {"trade": 20, "user": 20}
     assert sorted(await all_due(store)) == sorted(ids(new + kept))
     for r in doomed:
@@ -344,13 +387,13 @@ async def test_dead_letter_moves_among_concurrent_writes_stay_consistent(
     # and back, while the same ids are also dead-lettered again and deleted
     back = doomed[:10]
     redriven, *_ = await asyncio.gather(
-        store.redrive(ids(back), NOW),
+        store.redrive([g1(r) for r in back], NOW),
         store.dead_letter([letter(r, "expired") for r in new[:5]]),
         store.delete(kept[:5]),
     )
     assert sorted(ids(redriven)) == sorted(ids(back))
     assert await dead_ids(store) == sorted(ids(doomed[10:] + new[:5]))
-    assert await store.dlq_size() == {"trade": 15}
+    assert await store.dlq_size() == {("trade", "g1"): 15}
     assert await store.backlog() == {"trade": 25, "user": 15}
     assert sorted(await all_due(store)) == sorted(ids(back + new[5:] + kept[5:]))
 
@@ -358,7 +401,7 @@ async def test_dead_letter_moves_among_concurrent_writes_stay_consistent(
 async def test_save_then_dead_letter_then_redrive_in_one_burst(store: MessageStore) -> None:
     r = record(ndt=NOW - 3)
     saved, _, redriven = await asyncio.gather(
-        store.save([r]), store.dead_letter([letter(r)]), store.redrive([r.message_id], NOW)
+        store.save([r]), store.dead_letter([letter(r)]), store.redrive([g1(r)], NOW)
     )
     assert saved == [Saved.STORED]
     assert ids(redriven) == [r.message_id]
@@ -377,8 +420,8 @@ async def test_dlq_and_history_calls_fail_once_closed(store: MessageStore) -> No
     calls: list[Callable[[], Any]] = [
         lambda: store.dead_letter([letter(r)]),
         lambda: store.list_dlq(EVERYTHING, 10),
-        lambda: store.get_dead_letter(r.message_id),
-        lambda: store.redrive([r.message_id], NOW),
+        lambda: store.get_dead_letters(r.message_id),
+        lambda: store.redrive([g1(r)], NOW),
         lambda: store.dlq_size(),
         lambda: store.append_history([event(r.message_id, NOW, "published")]),
         lambda: store.get_history(r.message_id),
@@ -393,30 +436,38 @@ async def test_dlq_and_history_calls_fail_once_closed(store: MessageStore) -> No
 async def test_dlq_and_history_persist_across_close_and_reopen(
     store: MessageStore, backend: Backend
 ) -> None:
-    dead, back, live = record(), record(topic="user"), record(ndt=NOW - 1)
-    await store.save([dead, back, live])
-    await store.dead_letter([letter(dead, "expired", NOW, ("g1", "g2")), letter(back)])
-    await store.redrive([back.message_id], NOW - 2)
-    first = [event(dead.message_id, NOW, "published"), event(dead.message_id, NOW, "delivered")]
+    gone, back, live = record(), record(topic="user"), record(ndt=NOW - 1)
+    await store.save([gone, back, live])
+    gone.groups = {"g1": dead(2, NOW - 3), "g2": dead(1, NOW - 4)}
+    await store.dead_letter(
+        [letter(gone, "expired", NOW, "g1"), letter(gone, "expired", NOW, "g2"), letter(back)]
+    )
+    await store.redrive([g1(back)], NOW - 2)
+    first = [event(gone.message_id, NOW, "published"), event(gone.message_id, NOW, "delivered")]
     await store.append_history(first)
     expected_dead = await store.list_dlq(EVERYTHING, 10)
+    assert len(expected_dead) == 2
     await store.close()
 
     reopened = backend.build()
     await reopened.open()
     try:
         assert await reopened.list_dlq(EVERYTHING, 10) == expected_dead
-        assert await reopened.dlq_size() == {"trade": 1}
+        assert await reopened.dlq_size() == {("trade", "g1"): 1, ("trade", "g2"): 1}
         assert await reopened.backlog() == {"trade": 1, "user": 1}
-        assert await reopened.get(dead.message_id) is None
+        assert await reopened.get(gone.message_id) is None
         assert await all_due(reopened) == [back.message_id, live.message_id]
         # an event of the same time appended after the restart still sorts after them
-        again = event(dead.message_id, NOW, "dead_lettered")
+        again = event(gone.message_id, NOW, "dead_lettered")
         await reopened.append_history([again])
-        assert await reopened.get_history(dead.message_id) == [*first, again]
-        [redriven] = await reopened.redrive([dead.message_id], NOW)
-        assert redriven.message == dead.message
-        assert await reopened.dlq_size() == {}
+        assert await reopened.get_history(gone.message_id) == [*first, again]
+        [redriven] = await reopened.redrive([(gone.message_id, "g2")], NOW)
+        assert redriven.message == gone.message
+        assert (redriven.groups, redriven.only_groups) == (
+            {"g1": dead(2, NOW - 3), "g2": pending(0, NOW)},
+            ("g2",),
+        )
+        assert await reopened.dlq_size() == {("trade", "g1"): 1}
     finally:
         await reopened.close()
 
@@ -425,15 +476,19 @@ async def test_dlq_and_history_persist_across_close_and_reopen(
 
 
 @pytest.mark.parametrize("backend", ["memory", "rocksdb"], indirect=True)
-async def test_redrive_of_an_id_saved_again_drops_the_dead_letter(store: MessageStore) -> None:
+async def test_redrive_of_an_id_saved_again_applies_to_the_stored_copy(
+    store: MessageStore,
+) -> None:
     r = record(body=b"first")
     await store.save([r])
     await store.dead_letter([letter(r)])
     again = record(message_id=r.message_id, body=b"again", ndt=NOW - 1)
     # save does not look into the DLQ (it would cost a read per saved message)
     assert await store.save([again]) == [Saved.STORED]
-    assert await store.redrive([r.message_id], NOW) == []
-    assert await store.get(r.message_id) == again
+    # a message still stored: only the group's state changes, on the stored copy
+    expected = dataclasses.replace(again, groups={"g1": pending(0, NOW)})
+    assert await store.redrive([g1(r)], NOW) == [expected]
+    assert await store.get(r.message_id) == expected
     assert await store.list_dlq(EVERYTHING, 10) == []
     assert await store.dlq_size() == {}
     assert await store.backlog() == {"trade": 1}
@@ -450,7 +505,7 @@ async def test_dead_letter_of_an_id_saved_again_replaces_the_dead_letter(
     await store.save([again])
     await store.dead_letter([letter(again, "deliver_limit", NOW + 1)])
     assert await store.list_dlq(EVERYTHING, 10) == [letter(again, "deliver_limit", NOW + 1)]
-    assert await store.dlq_size() == {"user": 1}
+    assert await store.dlq_size() == {("user", "g1"): 1}
     assert await store.backlog() == {}
 
 
@@ -477,7 +532,7 @@ async def test_moves_are_synced_and_history_is_bookkeeping(
     await rocks.delete([record()])  # nothing to write
     await rocks.dead_letter([letter(r)])
     await rocks.append_history([event(r.message_id, NOW, "dead_lettered")])
-    await rocks.redrive([r.message_id], NOW)
+    await rocks.redrive([g1(r)], NOW)
     assert spy.syncs == [False, True, False, True]
 
 
@@ -496,7 +551,7 @@ async def test_history_and_dead_letters_ride_in_the_batch_of_other_writes(
         rocks.delete([gone]),
         rocks.commit(fresh.message_id),
         rocks.dead_letter([letter(fresh)]),
-        rocks.redrive([fresh.message_id], NOW - 1),
+        rocks.redrive([g1(fresh)], NOW - 1),
         rocks.append_history([event(fresh.message_id, NOW, "redriven")]),
     )
     assert rocks.write_batches - before == 1
@@ -504,7 +559,7 @@ async def test_history_and_dead_letters_ride_in_the_batch_of_other_writes(
     assert await all_due(rocks) == [fresh.message_id]
     assert await dead_ids(rocks) == [doomed.message_id]
     assert await rocks.backlog() == {"trade": 1}
-    assert await rocks.dlq_size() == {"trade": 1}
+    assert await rocks.dlq_size() == {("trade", "g1"): 1}
     assert len(await rocks.get_history(doomed.message_id)) == 1
 
 
@@ -519,28 +574,28 @@ class _FailingWrites:
 async def test_a_failed_move_leaves_the_record_where_it_was(
     rocks: RocksDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    live, dead = record(), record()
-    await rocks.save([live, dead])
-    await rocks.dead_letter([letter(dead)])
+    live, gone = record(), record()
+    await rocks.save([live, gone])
+    await rocks.dead_letter([letter(gone)])
     db = rocks._db
     assert db is not None
     monkeypatch.setattr(db, "rdict", _FailingWrites(db.rdict))
     results = await asyncio.gather(
         rocks.dead_letter([letter(live)]),
-        rocks.redrive([dead.message_id], NOW),
+        rocks.redrive([g1(gone)], NOW),
         rocks.append_history([event(live.message_id, NOW, "dead_lettered")]),
         return_exceptions=True,
     )
     assert all(isinstance(r, StoreUnavailableError) for r in results)
     monkeypatch.undo()
     assert await all_due(rocks) == [live.message_id]
-    assert await dead_ids(rocks) == [dead.message_id]
+    assert await dead_ids(rocks) == [gone.message_id]
     assert await rocks.backlog() == {"trade": 1}
-    assert await rocks.dlq_size() == {"trade": 1}
+    assert await rocks.dlq_size() == {("trade", "g1"): 1}
     assert await rocks.get_history(live.message_id) == []
     # and the next attempt works
     await rocks.dead_letter([letter(live)])
-    assert await rocks.dlq_size() == {"trade": 2}
+    assert await rocks.dlq_size() == {("trade", "g1"): 2}
 
 
 async def test_scans_go_in_chunks_and_let_writes_through(
@@ -552,7 +607,7 @@ async def test_scans_go_in_chunks_and_let_writes_through(
     await rocks.dead_letter([letter(r) for r in records])
     b_ids = sorted(r.message_id for r in records if r.topic == "b")
     assert await dead_ids(rocks, DlqFilter(topic="b")) == b_ids
-    page = await rocks.list_dlq(DlqFilter(topic="b"), 2, b_ids[0])
+    page = await rocks.list_dlq(DlqFilter(topic="b"), 2, (b_ids[0], "g1"))
     assert ids([d.record for d in page]) == b_ids[1:3]
 
     events = [event(r.message_id, NOW - i % 2, "published") for i, r in enumerate(records)]
@@ -619,9 +674,9 @@ async def test_dlq_and_history_use_only_the_store_thread(
     await store.append_history([event(r.message_id, NOW - 5, "published")])
     await store.dead_letter([letter(r)])
     await store.list_dlq(EVERYTHING, 10)
-    await store.get_dead_letter(r.message_id)
+    await store.get_dead_letters(r.message_id)
     await store.dlq_size()
-    await store.redrive([r.message_id], NOW)
+    await store.redrive([g1(r)], NOW)
     await store.get_history(r.message_id)
     await store.prune_history(NOW)
     await store.close()
@@ -656,7 +711,7 @@ async def test_memory_dead_letters_count_towards_maxcap() -> None:
     await store.dead_letter([letter(a)])
     [outcome] = await store.save([record()])
     assert isinstance(outcome, StoreFullError)
-    await store.redrive([a.message_id], NOW)  # moving back needs no room
+    await store.redrive([g1(a)], NOW)  # moving back needs no room
     assert await store.backlog() == {"trade": 2}
     await store.close()
 
@@ -689,38 +744,40 @@ def test_event_round_trip(e: HistoryEvent) -> None:
 @given(
     reason=_text,
     dead_time=st.floats(allow_nan=False),
-    groups=st.lists(_text, max_size=5).map(tuple),
+    group=_text,
+    others=st.lists(_text, max_size=5),
     topic=_text,
 )
 def test_dead_entry_round_trip(
-    reason: str, dead_time: float, groups: tuple[str, ...], topic: str
+    reason: str, dead_time: float, group: str, others: list[str], topic: str
 ) -> None:
     r = record(topic=topic, properties={"k": "v"})
-    r.fail_groups = groups
+    r.groups = {g: pending(1, NOW) for g in others}
+    r.groups[group] = dead(3, NOW + 1)
     value = codec.encode_dead_entry(
-        codec.encode_message(r), codec.state_of(r), reason, dead_time, groups
+        codec.encode_message(r), codec.state_of(r), reason, dead_time, group
     )
-    assert codec.decode_dead_letter(value) == DeadLetter(r, reason, dead_time, groups)
-    assert codec.dead_entry_topic(value) == topic
+    assert codec.decode_dead_letter(value) == DeadLetter(r, reason, dead_time, group)
+    assert codec.dead_entry_topic_group(value) == (topic, group)
 
 
 @pytest.mark.parametrize("mangle", ["version", "truncate", "extend", "empty"])
 def test_corrupt_dead_entries_and_events_raise_value_error(mangle: str) -> None:
     r = record()
-    dead = codec.encode_dead_entry(
-        codec.encode_message(r), codec.state_of(r), "expired", NOW, ("g1",)
+    entry = codec.encode_dead_entry(
+        codec.encode_message(r), codec.state_of(r), "expired", NOW, "g1"
     )
     e = codec.encode_event(event(r.message_id, NOW, "published", detail="x"))
     match mangle:
         case "version":
-            dead, e = b"\x09" + dead[1:], b"\x09" + e[1:]
+            entry, e = b"\x09" + entry[1:], b"\x09" + e[1:]
         case "truncate":
-            dead, e = dead[:-1], e[:-1]
+            entry, e = entry[:-1], e[:-1]
         case "extend":
-            dead, e = dead + b"x", e + b"x"
+            entry, e = entry + b"x", e + b"x"
         case _:
-            dead, e = b"", b""
+            entry, e = b"", b""
     with pytest.raises(ValueError, match="record"):
-        codec.decode_dead_letter(dead)
+        codec.decode_dead_letter(entry)
     with pytest.raises(ValueError, match="record"):
         codec.decode_event(r.message_id, e)

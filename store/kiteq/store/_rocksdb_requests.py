@@ -10,7 +10,6 @@ store thread.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import struct
 from collections.abc import Iterable, Sequence
@@ -19,12 +18,14 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from rocksdict import WriteBatch
 
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.core.limits import MAX_EXPIRY_SECONDS
-from kiteq.core.message import StoredMessage
-from kiteq.store.base import DeadLetter, HistoryEvent, Rescheduled, Saved, SaveOutcome
+from kiteq.core.message import GroupDelivery, StoredMessage
+from kiteq.store._groups import copy_groups, redrive_groups
+from kiteq.store.base import DeadLetter, DlqKey, HistoryEvent, Rescheduled, Saved, SaveOutcome
 from kiteq.store.codec import (
+    DeadEntry,
     State,
-    dead_entry_topic,
+    dead_entry_key,
+    dead_entry_topic_group,
     decode_dead_entry,
     decode_message,
     decode_state,
@@ -72,18 +73,19 @@ class _Batch:
         }
         self.messages: dict[bytes, bytes] = {}
         self.backlog: dict[str, int] = {}
-        # dead-letter values of the ids DLQ requests touch (None: not in the DLQ)
-        dead = list({key: None for request in requests for key in request.dlq_ids_read()})
+        # dead-letter values of the dlq keys DLQ requests touch (None: not in the DLQ)
+        dead = list({key: None for request in requests for key in request.dlq_keys_read()})
         self.dead: dict[bytes, bytes | None] = (
             dict(zip(dead, db.dlq.get_many(dead), strict=True)) if dead else {}
         )
-        self.dlq: dict[str, int] = {}
+        # dead-letter count changes per (topic, group)
+        self.dlq: dict[tuple[str, str], int] = {}
 
     def count(self, topic: str, delta: int) -> None:
         self.backlog[topic] = self.backlog.get(topic, 0) + delta
 
-    def count_dlq(self, topic: str, delta: int) -> None:
-        self.dlq[topic] = self.dlq.get(topic, 0) + delta
+    def count_dlq(self, topic_group: tuple[str, str], delta: int) -> None:
+        self.dlq[topic_group] = self.dlq.get(topic_group, 0) + delta
 
     def message(self, key: bytes) -> bytes | None:
         """The message value of a live record, as this batch left it."""
@@ -93,6 +95,40 @@ class _Batch:
     def put_state(self, key: bytes, state: State) -> None:
         self.states[key] = state
         self.wb.put(key, encode_state(state), self.db.state.handle)
+
+    def move_due(self, key: bytes, old: State, new: State) -> None:
+        """Write *new* over the stored *old* state, moving its due key with it."""
+        self.put_state(key, new)
+        if old.committed:
+            due = self.db.due.handle
+            self.wb.delete(_due_time(old.next_deliver_time) + key, due)
+            self.wb.put(_due_time(new.next_deliver_time) + key, b"", due)
+
+    def remove(self, key: bytes, old: State) -> None:
+        """Delete the stored record whose state is *old* (and its index entry)."""
+        db, wb = self.db, self.wb
+        wb.delete(key, db.msg.handle)
+        wb.delete(key, db.state.handle)
+        if old.committed:
+            wb.delete(_due_time(old.next_deliver_time) + key, db.due.handle)
+        else:
+            wb.delete(key, db.uncommitted.handle)
+        self.states[key] = None
+        self.messages.pop(key, None)
+        self.count(old.topic, -1)
+
+    def add(self, key: bytes, value: bytes, state: State) -> None:
+        """Store a record that is not stored (a redrive), indexed by its state."""
+        db = self.db
+        self.wb.put(key, value, db.msg.handle)
+        self.put_state(key, state)
+        self.messages[key] = value
+        self.count(state.topic, 1)
+        if state.committed:
+            self.wb.put(_due_time(state.next_deliver_time) + key, b"", db.due.handle)
+        else:
+            # still waiting for its decision: checked again, never delivered
+            self.wb.put(key, b"", db.uncommitted.handle)
 
 
 class _Request:
@@ -111,8 +147,8 @@ class _Request:
         """Message ids whose stored state ``apply`` needs."""
         return ()
 
-    def dlq_ids_read(self) -> Iterable[bytes]:
-        """Message ids whose dead-letter value ``apply`` needs."""
+    def dlq_keys_read(self) -> Iterable[bytes]:
+        """The dlq keys whose dead-letter value ``apply`` needs."""
         return ()
 
     def apply(self, batch: _Batch) -> None:
@@ -170,27 +206,40 @@ class _Reschedule(_Request):
 
     def __init__(self, changes: Sequence[Rescheduled]) -> None:
         super().__init__(len(changes) * _KEY_OVERHEAD)
-        self.changes = [(c.record.message_id.encode(), c.record) for c in changes]
+        self.changes = [(c.record.message_id.encode(), _Bookkeeping(c.record)) for c in changes]
 
     def ids_read(self) -> Iterable[bytes]:
         return (key for key, _ in self.changes)
 
     def apply(self, batch: _Batch) -> None:
-        due = batch.db.due.handle
-        for key, record in self.changes:
+        for key, bookkeeping in self.changes:
             old = batch.states[key]
-            if old is None:
-                continue
-            new = old._replace(
-                deliver_count=record.deliver_count,
-                succ_groups=record.succ_groups,
-                fail_groups=record.fail_groups,
-                next_deliver_time=record.next_deliver_time,
-            )
-            batch.put_state(key, new)
-            if old.committed:
-                batch.wb.delete(_due_time(old.next_deliver_time) + key, due)
-                batch.wb.put(_due_time(new.next_deliver_time) + key, b"", due)
+            if old is not None:
+                batch.move_due(key, old, bookkeeping.on(old))
+
+
+class _Bookkeeping:
+    """A record's delivery state, copied on the loop.
+
+    The caller may change its record while the store thread encodes this copy.
+    """
+
+    __slots__ = ("deliver_count", "groups", "next_deliver_time", "only_groups")
+
+    def __init__(self, record: StoredMessage) -> None:
+        self.deliver_count = record.deliver_count
+        self.groups: dict[str, GroupDelivery] = copy_groups(record.groups)
+        self.only_groups = tuple(record.only_groups)
+        self.next_deliver_time = record.next_deliver_time
+
+    def on(self, state: State) -> State:
+        """*state* (its topic and committed flag) with this bookkeeping."""
+        return state._replace(
+            deliver_count=self.deliver_count,
+            groups=self.groups,
+            only_groups=self.only_groups,
+            next_deliver_time=self.next_deliver_time,
+        )
 
 
 class _Delete(_Request):
@@ -205,21 +254,10 @@ class _Delete(_Request):
         return self.ids
 
     def apply(self, batch: _Batch) -> None:
-        db = batch.db
-        wb = batch.wb
         for key in self.ids:
             old = batch.states[key]
-            if old is None:
-                continue
-            wb.delete(key, db.msg.handle)
-            wb.delete(key, db.state.handle)
-            if old.committed:
-                wb.delete(_due_time(old.next_deliver_time) + key, db.due.handle)
-            else:
-                wb.delete(key, db.uncommitted.handle)
-            batch.states[key] = None
-            batch.messages.pop(key, None)
-            batch.count(old.topic, -1)
+            if old is not None:
+                batch.remove(key, old)
 
 
 class _Decision(_Request):
@@ -301,22 +339,32 @@ class _PutMeta(_Request):
 
 
 class _DeadLetter(_Request):
-    __slots__ = ("letters",)
+    """Dead letters, applied per message.
+
+    A message's entries and the update or removal of its stored record go into the same
+    WriteBatch, so a crash keeps both or neither.
+    """
+
+    __slots__ = ("messages",)
 
     def __init__(self, letters: Sequence[DeadLetter]) -> None:
         super().__init__(sum(len(letter.record.message.body) + _KEY_OVERHEAD for letter in letters))
-        self.letters = [(letter.record.message_id.encode(), letter) for letter in letters]
+        # message id -> [(dlq key, letter, its bookkeeping)], in call order
+        self.messages: dict[bytes, list[tuple[bytes, DeadLetter, _Bookkeeping]]] = {}
+        for letter in letters:
+            mid = letter.record.message_id
+            self.messages.setdefault(mid.encode(), []).append(
+                (dead_entry_key(mid, letter.group), letter, _Bookkeeping(letter.record))
+            )
 
     def ids_read(self) -> Iterable[bytes]:
-        return (key for key, _ in self.letters)
+        return self.messages
 
-    def dlq_ids_read(self) -> Iterable[bytes]:
-        return self.ids_read()
+    def dlq_keys_read(self) -> Iterable[bytes]:
+        return (dlq_key for mine in self.messages.values() for dlq_key, _, _ in mine)
 
     def apply(self, batch: _Batch) -> None:
-        db = batch.db
-        wb = batch.wb
-        for key, letter in self.letters:
+        for key, mine in self.messages.items():
             old = batch.states[key]
             if old is None:
                 continue
@@ -324,82 +372,80 @@ class _DeadLetter(_Request):
             if value is None:
                 logger.warning("state without message id=%s: not dead-lettered", key.decode())
                 continue
-            # The caller's bookkeeping is the latest (as in reschedule); the message and
-            # its committed flag are the stored ones.
-            r = letter.record
-            state = old._replace(
-                deliver_count=r.deliver_count,
-                succ_groups=r.succ_groups,
-                fail_groups=r.fail_groups,
-                next_deliver_time=r.next_deliver_time,
-            )
-            wb.delete(key, db.msg.handle)
-            wb.delete(key, db.state.handle)
-            if old.committed:
-                wb.delete(_due_time(old.next_deliver_time) + key, db.due.handle)
+            for dlq_key, letter, bookkeeping in mine:
+                # The caller's bookkeeping is the latest (as in reschedule); the message and
+                # its committed flag are the stored ones.
+                entry = encode_dead_entry(
+                    value, bookkeeping.on(old), letter.reason, letter.dead_time, letter.group
+                )
+                batch.wb.put(dlq_key, entry, batch.db.dlq.handle)
+                replaced = batch.dead[dlq_key]
+                if replaced is not None:
+                    batch.count_dlq(dead_entry_topic_group(replaced), -1)
+                batch.dead[dlq_key] = entry
+                batch.count_dlq((old.topic, letter.group), 1)
+            _, last, bookkeeping = mine[-1]
+            if last.keep:
+                batch.move_due(key, old, bookkeeping.on(old))
             else:
-                wb.delete(key, db.uncommitted.handle)
-            entry = encode_dead_entry(value, state, letter.reason, letter.dead_time, letter.groups)
-            wb.put(key, entry, db.dlq.handle)
-            batch.states[key] = None
-            batch.messages.pop(key, None)
-            batch.count(old.topic, -1)
-            replaced = batch.dead[key]
-            if replaced is not None:
-                batch.count_dlq(dead_entry_topic(replaced), -1)
-            batch.dead[key] = entry
-            batch.count_dlq(old.topic, 1)
+                batch.remove(key, old)
 
 
 class _Redrive(_Request):
     __slots__ = ("keys", "now", "records")
 
-    def __init__(self, message_ids: Sequence[str], now: float) -> None:
-        super().__init__(len(message_ids) * _KEY_OVERHEAD)
-        self.keys = list({mid.encode(): None for mid in message_ids})
+    def __init__(self, keys: Sequence[DlqKey], now: float) -> None:
+        super().__init__(len(keys) * _KEY_OVERHEAD)
+        # (message id, dlq key, group), each dlq key once
+        unique = {dead_entry_key(mid, group): (mid.encode(), group) for mid, group in keys}
+        self.keys = [(mid, dlq_key, group) for dlq_key, (mid, group) in unique.items()]
         self.now = now
         self.records: list[StoredMessage] = []
 
     def ids_read(self) -> Iterable[bytes]:
-        return self.keys
+        return (mid for mid, _, _ in self.keys)
 
-    def dlq_ids_read(self) -> Iterable[bytes]:
-        return self.keys
+    def dlq_keys_read(self) -> Iterable[bytes]:
+        return (dlq_key for _, dlq_key, _ in self.keys)
 
     def apply(self, batch: _Batch) -> None:
-        db = batch.db
-        wb = batch.wb
-        now = self.now
-        for key in self.keys:
-            dead = batch.dead[key]
+        # message id -> (its latest dead letter taken, the groups redriven)
+        revived: dict[bytes, tuple[DeadEntry, list[str]]] = {}
+        for key, dlq_key, group in self.keys:
+            dead = batch.dead[dlq_key]
             if dead is None:
                 continue
             entry = decode_dead_entry(dead)
-            wb.delete(key, db.dlq.handle)
-            batch.dead[key] = None
-            batch.count_dlq(entry.state.topic, -1)
-            if batch.states[key] is not None:
-                # Saved again since it died: the live copy is delivered anyway.
-                logger.info("redrive of a live message id=%s: dead letter dropped", key.decode())
-                continue
-            state = entry.state._replace(deliver_count=0, fail_groups=(), next_deliver_time=now)
-            value = entry.message
-            record = decode_message(value, state)
-            if 0 < record.message.expired_time <= now:
-                record.message = dataclasses.replace(
-                    record.message, expired_time=int(now) + MAX_EXPIRY_SECONDS
-                )
-                value = encode_message(record)
-            wb.put(key, value, db.msg.handle)
-            batch.put_state(key, state)
+            batch.wb.delete(dlq_key, batch.db.dlq.handle)
+            batch.dead[dlq_key] = None
+            batch.count_dlq((entry.state.topic, group), -1)
+            latest, groups = revived.get(key, (entry, []))
+            groups.append(group)
+            # the latest letter has the latest state of the message's other groups
+            revived[key] = (entry if entry.dead_time >= latest.dead_time else latest, groups)
+        for key, (entry, groups) in revived.items():
+            self._revive(batch, key, entry, groups)
+
+    def _revive(self, batch: _Batch, key: bytes, entry: DeadEntry, groups: list[str]) -> None:
+        old = batch.states[key]
+        stored = None if old is None else batch.message(key)
+        if old is not None and stored is not None:
+            value, record = stored, decode_message(stored, old)
+        else:
+            value, record = entry.message, decode_message(entry.message, entry.state)
+        expired_time = record.message.expired_time
+        redrive_groups(record, groups, self.now, still_stored=old is not None)
+        if record.message.expired_time != expired_time:
+            value = encode_message(record)
+            batch.wb.put(key, value, batch.db.msg.handle)
             batch.messages[key] = value
-            batch.count(state.topic, 1)
-            if state.committed:
-                wb.put(_due_time(now) + key, b"", db.due.handle)
-                self.records.append(record)
-            else:
-                # still waiting for its decision: checked again, never delivered
-                wb.put(key, b"", db.uncommitted.handle)
+        state = state_of(record)
+        if old is None:
+            batch.add(key, value, state)
+        else:
+            batch.move_due(key, old, state)
+        if state.committed:
+            self.records.append(record)
 
 
 class _AppendHistory(_Request):

@@ -75,6 +75,7 @@ class DeadLetter:
     ``keep``: other groups still have the message to deliver, so ``dead_letter`` writes
     ``record``'s bookkeeping to the stored message (its ``groups`` with this group
     ``DEAD``) instead of removing it. Letters of one message in one call agree on it.
+    It is an instruction to that call, not stored: letters read back have it False.
     """
 
     record: StoredMessage
@@ -213,7 +214,8 @@ class MessageStore(Protocol):
         Atomic per message: its DLQ entries are added and, in the same write, the stored
         message is updated to the letter's record (``keep``) or removed (no group has it
         left to deliver). A message is never lost between the two. An entry already there
-        for the same key is replaced. Ids not stored are ignored.
+        for the same key is replaced (also by a later letter of the same key in the same
+        call). Ids not stored are ignored.
         """
         ...
 
@@ -236,11 +238,14 @@ class MessageStore(Protocol):
         For each key the DLQ entry is removed and the group is pending again with 0
         attempts, due at *now*. When the message is still stored (other groups had not
         finished it) only that group's state changes (and the message's
-        ``next_deliver_time`` becomes at most *now*). Otherwise the message is stored
+        ``next_deliver_time`` becomes at most *now*; a non-empty ``only_groups`` gains
+        the group). Otherwise the message is stored
         again with ``only_groups`` naming the redriven groups, so no other group gets it
-        a second time. An expiry already past becomes now + 7 days (redriving an expired
-        message is an operator's decision to deliver it). Returns the records now due
-        again, one per message; unknown keys are ignored.
+        a second time; a redriven ``no_binding`` letter (group ``""``: no group ever had
+        the message) is stored again for every group. An expiry already past becomes
+        now + 7 days (redriving an expired message is an operator's decision to deliver
+        it). Returns the committed records now due again, one per message (an
+        uncommitted one goes back to its transaction checks); unknown keys are ignored.
         """
         ...
 

@@ -8,7 +8,8 @@ A stored message is split in two values because they change at different rates:
   the backlog can be counted at open from small values only), the committed flag and
   the delivery bookkeeping.
 
-Both start with a format version byte so a later format can be read next to this one.
+Every value starts with a format version byte so a later format can be read next to an
+older one (``MESSAGE_VERSION``, ``STATE_VERSION``, ``DEAD_VERSION``, ``EVENT_VERSION``).
 Layout is a little-endian ``struct`` fixed part holding every length, followed by the
 UTF-8 strings and the raw body, so encoding is one ``pack`` plus one ``join`` and no
 per-field framing. Protobuf is deliberately not used: it would tie the storage format to
@@ -21,17 +22,31 @@ Message value, version 1::
     body) | u32 property count | id | topic | type | group | kite_server
     | 2n x u32 len (key, value per property) | keys and values | body
 
-State value, version 1::
+State value, version 2 (issue #10: delivery state per group)::
+
+    u8 version | u8 flags (1 committed) | u32 deliver_count | f64 next_deliver_time
+    | u32 len(topic) | u32 group count | u32 len(only_groups) | topic
+    | n x (u32 len(name), u8 state, u32 attempts, f64 next_deliver_time) | group names
+    | m x u32 len | only_groups names
+
+(The fixed part has the size of version 1's, so a record no group has tried yet costs
+what it did.) Version 1, written before issue #10, is still read::
 
     u8 version | u8 flags (1 committed) | u32 deliver_count | f64 next_deliver_time
     | u32 len(topic) | u32 len(succ_groups) | u32 len(fail_groups) | topic
     | (succ + fail) x u32 len | group names
 
-Dead-letter value, version 1 (a whole record out of delivery: its message and state
-values, verbatim, behind why and when)::
+Its groups map as ``kiteq.store._groups.legacy_groups`` says; it is rewritten as version
+2 by the next write of that record's state.
 
-    u8 version | f64 dead_time | u32 len(reason) | u32 group count | u32 len(state value)
-    | reason | n x u32 len | group names | state value | message value
+Dead-letter value, version 2 (one group's dead letter: the record's message and state
+values, verbatim, behind why, when and for which group)::
+
+    u8 version | f64 dead_time | u32 len(reason) | u32 len(group) | u32 len(state value)
+    | reason | group | state value | message value
+
+Version 1 (one value per message, naming every group that had not acked) is read only
+to migrate it: ``decode_legacy_dead_letters`` makes one letter per group of it.
 
 History event value, version 1 (the message id is in the key)::
 
@@ -42,48 +57,73 @@ History event value, version 1 (the message id is in the key)::
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
+from kiteq.store._groups import copy_groups, legacy_groups
 from kiteq.store.base import DeadLetter, HistoryEvent
 
 __all__ = [
-    "FORMAT_VERSION",
+    "DEAD_VERSION",
+    "DLQ_KEY_SEPARATOR",
+    "EVENT_VERSION",
+    "MESSAGE_VERSION",
+    "STATE_VERSION",
     "DeadEntry",
     "State",
-    "dead_entry_topic",
+    "dead_entry_key",
+    "dead_entry_topic_group",
     "decode_dead_entry",
     "decode_dead_letter",
     "decode_event",
+    "decode_legacy_dead_letters",
     "decode_message",
     "decode_state",
     "encode_dead_entry",
     "encode_event",
     "encode_message",
     "encode_state",
+    "is_legacy_dead_entry",
     "state_of",
 ]
 
-FORMAT_VERSION: Final = 1
+MESSAGE_VERSION: Final = 1
+STATE_VERSION: Final = 2
+DEAD_VERSION: Final = 2
+EVENT_VERSION: Final = 1
+# what the versions were before issue #10 (read, never written)
+_LEGACY_VERSION: Final = 1
 
 _MESSAGE: Final = struct.Struct("<BBqiqdIIIIIII")
 _STATE: Final = struct.Struct("<BBIdIII")
+_GROUP: Final = "IBId"
+_GROUP_SIZE: Final = struct.calcsize("<" + _GROUP)
 _DEAD: Final = struct.Struct("<BdIII")
+_LEGACY_DEAD: Final = struct.Struct("<BdIII")
 _EVENT: Final = struct.Struct("<BdqIIII")
 _FLY: Final = 1
 _SNAPPY: Final = 2
 _COMMITTED: Final = 1
+_STATE_CODES: Final = {GroupState.PENDING: 0, GroupState.ACKED: 1, GroupState.DEAD: 2}
+_CODE_STATES: Final = {code: state for state, code in _STATE_CODES.items()}
+# between the message id and the group in a dlq key: sorts before every other character,
+# so keys sort as (message_id, group) tuples do
+DLQ_KEY_SEPARATOR: Final = b"\x00"
 
 
 class State(NamedTuple):
-    """The mutable part of a stored message."""
+    """The mutable part of a stored message.
+
+    ``groups`` is owned by the State (``state_of`` copies it): it is encoded on the store
+    thread while the caller's record may change.
+    """
 
     topic: str
     committed: bool
     deliver_count: int
-    succ_groups: tuple[str, ...]
-    fail_groups: tuple[str, ...]
+    groups: Mapping[str, GroupDelivery]
+    only_groups: tuple[str, ...]
     next_deliver_time: float
 
 
@@ -92,8 +132,8 @@ def state_of(record: StoredMessage) -> State:
         record.message.topic,
         record.message.commit,
         record.deliver_count,
-        record.succ_groups,
-        record.fail_groups,
+        copy_groups(record.groups),
+        tuple(record.only_groups),
         record.next_deliver_time,
     )
 
@@ -107,7 +147,7 @@ def encode_message(record: StoredMessage) -> bytes:
     server = record.kite_server.encode()
     flags = (_FLY if m.fly else 0) | (_SNAPPY if m.snappy else 0)
     head = _MESSAGE.pack(
-        FORMAT_VERSION,
+        MESSAGE_VERSION,
         flags,
         m.expired_time,
         m.deliver_limit,
@@ -142,7 +182,7 @@ def decode_message(data: bytes, state: State) -> StoredMessage:
 
 def _decode_message(data: bytes, state: State) -> StoredMessage:
     version = data[0] if data else None
-    if version != FORMAT_VERSION:
+    if version != MESSAGE_VERSION:
         raise ValueError(f"unsupported message record version {version}")
     (
         _,
@@ -199,29 +239,43 @@ def _decode_message(data: bytes, state: State) -> StoredMessage:
         message=message,
         publish_time=publish_time,
         deliver_count=state.deliver_count,
-        succ_groups=state.succ_groups,
-        fail_groups=state.fail_groups,
+        # the record's own copy: a State may be read again (the RocksDB batch keeps it)
+        groups=copy_groups(state.groups),
         next_deliver_time=state.next_deliver_time,
+        only_groups=state.only_groups,
         kite_server=kite_server,
     )
 
 
 def encode_state(state: State) -> bytes:
     topic = state.topic.encode()
+    groups, only = state.groups, state.only_groups
     head = _STATE.pack(
-        FORMAT_VERSION,
+        STATE_VERSION,
         _COMMITTED if state.committed else 0,
         state.deliver_count,
         state.next_deliver_time,
         len(topic),
-        len(state.succ_groups),
-        len(state.fail_groups),
+        len(groups),
+        len(only),
     )
-    if not state.succ_groups and not state.fail_groups:
+    if not groups and not only:
         return head + topic
-    groups = [g.encode() for g in (*state.succ_groups, *state.fail_groups)]
-    lengths = struct.pack(f"<{len(groups)}I", *map(len, groups))
-    return b"".join((head, topic, lengths, *groups))
+    names = [g.encode() for g in groups]
+    fields: list[int | float] = []
+    for name, d in zip(names, groups.values(), strict=True):
+        fields += (len(name), _STATE_CODES[d.state], d.attempts, d.next_deliver_time)
+    only_names = [g.encode() for g in only]
+    return b"".join(
+        (
+            head,
+            topic,
+            struct.pack("<" + _GROUP * len(names), *fields),
+            *names,
+            struct.pack(f"<{len(only_names)}I", *map(len, only_names)),
+            *only_names,
+        )
+    )
 
 
 def decode_state(data: bytes) -> State:
@@ -230,33 +284,65 @@ def decode_state(data: bytes) -> State:
         return _decode_state(data)
     except struct.error as exc:
         raise ValueError(f"truncated state record: {exc}") from exc
+    except KeyError as exc:
+        raise ValueError(f"state record with an unknown group state {exc}") from exc
 
 
 def _decode_state(data: bytes) -> State:
     version = data[0] if data else None
-    if version != FORMAT_VERSION:
+    if version == _LEGACY_VERSION:
+        return _decode_legacy_state(data)
+    if version != STATE_VERSION:
         raise ValueError(f"unsupported state record version {version}")
+    _, flags, deliver_count, next_deliver_time, n_topic, n_groups, n_only = _STATE.unpack_from(data)
+    pos = _STATE.size
+    topic = data[pos : pos + n_topic].decode()
+    pos += n_topic
+    groups: dict[str, GroupDelivery] = {}
+    only: tuple[str, ...] = ()
+    if n_groups or n_only:
+        fields = struct.unpack_from("<" + _GROUP * n_groups, data, pos)
+        pos += _GROUP_SIZE * n_groups
+        for i in range(0, 4 * n_groups, 4):
+            n = fields[i]
+            name = data[pos : pos + n].decode()
+            pos += n
+            groups[name] = GroupDelivery(_CODE_STATES[fields[i + 1]], fields[i + 2], fields[i + 3])
+        names, pos = _strings(data, pos, n_only)
+        only = tuple(names)
+    if pos != len(data):
+        raise ValueError(f"state record is {len(data)} bytes, its lengths say {pos}")
+    return State(topic, bool(flags & _COMMITTED), deliver_count, groups, only, next_deliver_time)
+
+
+def _decode_legacy_state(data: bytes) -> State:
     _, flags, deliver_count, next_deliver_time, n_topic, n_succ, n_fail = _STATE.unpack_from(data)
     pos = _STATE.size
     topic = data[pos : pos + n_topic].decode()
     pos += n_topic
-    groups: list[str] = []
-    if n_succ or n_fail:
-        lengths = struct.unpack_from(f"<{n_succ + n_fail}I", data, pos)
-        pos += 4 * (n_succ + n_fail)
-        for n in lengths:
-            groups.append(data[pos : pos + n].decode())
-            pos += n
+    names, pos = _strings(data, pos, n_succ + n_fail)
     if pos != len(data):
         raise ValueError(f"state record is {len(data)} bytes, its lengths say {pos}")
-    return State(
-        topic,
-        bool(flags & _COMMITTED),
-        deliver_count,
-        tuple(groups[:n_succ]),
-        tuple(groups[n_succ:]),
-        next_deliver_time,
-    )
+    groups = legacy_groups(names[:n_succ], names[n_succ:], deliver_count, next_deliver_time)
+    return State(topic, bool(flags & _COMMITTED), deliver_count, groups, (), next_deliver_time)
+
+
+def _strings(data: bytes, pos: int, count: int) -> tuple[list[str], int]:
+    """*count* strings stored as count x u32 len then the UTF-8 bytes, from *pos*."""
+    if not count:
+        return [], pos
+    lengths = struct.unpack_from(f"<{count}I", data, pos)
+    pos += 4 * count
+    strings: list[str] = []
+    for n in lengths:
+        strings.append(data[pos : pos + n].decode())
+        pos += n
+    return strings, pos
+
+
+def dead_entry_key(message_id: str, group: str) -> bytes:
+    """The dlq key of one (message_id, group): ordered as the tuples are."""
+    return message_id.encode() + DLQ_KEY_SEPARATOR + group.encode()
 
 
 class DeadEntry(NamedTuple):
@@ -264,64 +350,52 @@ class DeadEntry(NamedTuple):
 
     reason: str
     dead_time: float
-    groups: tuple[str, ...]
+    group: str
     state: State
     message: bytes
 
 
 def encode_dead_entry(
-    message: bytes, state: State, reason: str, dead_time: float, groups: Sequence[str]
+    message: bytes, state: State, reason: str, dead_time: float, group: str
 ) -> bytes:
     """A dead-letter value around an encoded *message* value and its *state*."""
     encoded_state = encode_state(state)
     why = reason.encode()
-    head = _DEAD.pack(FORMAT_VERSION, dead_time, len(why), len(groups), len(encoded_state))
-    if not groups:
-        return b"".join((head, why, encoded_state, message))
-    names = [g.encode() for g in groups]
-    lengths = struct.pack(f"<{len(names)}I", *map(len, names))
-    return b"".join((head, why, lengths, *names, encoded_state, message))
+    name = group.encode()
+    head = _DEAD.pack(DEAD_VERSION, dead_time, len(why), len(name), len(encoded_state))
+    return b"".join((head, why, name, encoded_state, message))
 
 
 def decode_dead_entry(data: bytes) -> DeadEntry:
     """Raises ``ValueError`` like ``decode_message`` (the message value is not checked)."""
     try:
-        return _decode_dead_entry(data)
+        dead_time, reason, group, start, end = _dead_head(data)
+        return DeadEntry(reason, dead_time, group, decode_state(data[start:end]), data[end:])
     except struct.error as exc:
         raise ValueError(f"truncated dead-letter record: {exc}") from exc
 
 
-def _dead_head(data: bytes) -> tuple[float, str, tuple[str, ...], int, int]:
-    """dead_time, reason, groups, and where the state value starts and ends."""
+def _dead_head(data: bytes) -> tuple[float, str, str, int, int]:
+    """dead_time, reason, group, and where the state value starts and ends."""
     version = data[0] if data else None
-    if version != FORMAT_VERSION:
+    if version != DEAD_VERSION:
         raise ValueError(f"unsupported dead-letter record version {version}")
-    _, dead_time, n_reason, n_groups, n_state = _DEAD.unpack_from(data)
+    _, dead_time, n_reason, n_group, n_state = _DEAD.unpack_from(data)
     pos = _DEAD.size
     reason = data[pos : pos + n_reason].decode()
     pos += n_reason
-    groups: list[str] = []
-    if n_groups:
-        lengths = struct.unpack_from(f"<{n_groups}I", data, pos)
-        pos += 4 * n_groups
-        for n in lengths:
-            groups.append(data[pos : pos + n].decode())
-            pos += n
+    group = data[pos : pos + n_group].decode()
+    pos += n_group
     if pos + n_state > len(data):
         raise ValueError(f"dead-letter record is {len(data)} bytes, its lengths say more")
-    return dead_time, reason, tuple(groups), pos, pos + n_state
+    return dead_time, reason, group, pos, pos + n_state
 
 
-def _decode_dead_entry(data: bytes) -> DeadEntry:
-    dead_time, reason, groups, start, end = _dead_head(data)
-    return DeadEntry(reason, dead_time, groups, decode_state(data[start:end]), data[end:])
-
-
-def dead_entry_topic(data: bytes) -> str:
-    """The topic of a dead-letter value, without copying its message."""
+def dead_entry_topic_group(data: bytes) -> tuple[str, str]:
+    """The (topic, group) of a dead-letter value, without copying its message."""
     try:
-        _, _, _, start, end = _dead_head(data)
-        return decode_state(data[start:end]).topic
+        _, _, group, start, end = _dead_head(data)
+        return decode_state(data[start:end]).topic, group
     except struct.error as exc:
         raise ValueError(f"truncated dead-letter record: {exc}") from exc
 
@@ -330,7 +404,47 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
     """The whole dead letter; raises ``ValueError`` like ``decode_message``."""
     entry = decode_dead_entry(data)
     record = decode_message(entry.message, entry.state)
-    return DeadLetter(record, entry.reason, entry.dead_time, entry.groups)
+    return DeadLetter(record, entry.reason, entry.dead_time, entry.group)
+
+
+def is_legacy_dead_entry(data: bytes) -> bool:
+    return bool(data) and data[0] == _LEGACY_VERSION
+
+
+def decode_legacy_dead_letters(data: bytes) -> list[DeadLetter]:
+    """The letters of a dead-letter value written before issue #10, one per group.
+
+    That value named every group that had not acked; each becomes ``DEAD`` in the
+    record, with the message's attempt count. A value naming no group (``no_binding``)
+    becomes the letter of group ``""``. Raises ``ValueError`` like ``decode_message``.
+    """
+    try:
+        return _decode_legacy_dead_letters(data)
+    except struct.error as exc:
+        raise ValueError(f"truncated dead-letter record: {exc}") from exc
+
+
+def _decode_legacy_dead_letters(data: bytes) -> list[DeadLetter]:
+    if not is_legacy_dead_entry(data):
+        raise ValueError(f"not a version {_LEGACY_VERSION} dead-letter record")
+    _, dead_time, n_reason, n_groups, n_state = _LEGACY_DEAD.unpack_from(data)
+    pos = _LEGACY_DEAD.size
+    reason = data[pos : pos + n_reason].decode()
+    pos += n_reason
+    groups, pos = _strings(data, pos, n_groups)
+    if pos + n_state > len(data):
+        raise ValueError(f"dead-letter record is {len(data)} bytes, its lengths say more")
+    state = decode_state(data[pos : pos + n_state])
+    if groups:
+        dead = copy_groups(state.groups)
+        for g in groups:
+            dead[g] = GroupDelivery(GroupState.DEAD, state.deliver_count, state.next_deliver_time)
+        state = state._replace(groups=dead)
+    message = data[pos + n_state :]
+    return [
+        DeadLetter(decode_message(message, state), reason, dead_time, group)
+        for group in groups or ("",)
+    ]
 
 
 def encode_event(event: HistoryEvent) -> bytes:
@@ -339,7 +453,7 @@ def encode_event(event: HistoryEvent) -> bytes:
     connection = event.connection.encode()
     detail = event.detail.encode()
     head = _EVENT.pack(
-        FORMAT_VERSION,
+        EVENT_VERSION,
         event.time,
         event.attempt,
         len(kind),
@@ -360,7 +474,7 @@ def decode_event(message_id: str, data: bytes) -> HistoryEvent:
 
 def _decode_event(message_id: str, data: bytes) -> HistoryEvent:
     version = data[0] if data else None
-    if version != FORMAT_VERSION:
+    if version != EVENT_VERSION:
         raise ValueError(f"unsupported history record version {version}")
     _, time, attempt, n_kind, n_group, n_connection, n_detail = _EVENT.unpack_from(data)
     pos = _EVENT.size

@@ -302,7 +302,8 @@ class MemoryStore:
                 dead.wire = None
                 dead.next_deliver_time = letter.record.next_deliver_time
                 _copy_bookkeeping(dead, letter.record)
-                self._put_dead(dataclasses.replace(letter, record=dead))
+                # keep is an instruction to this call, not part of the letter (see base)
+                self._put_dead(dataclasses.replace(letter, record=dead, keep=False))
             if mine[-1].keep:
                 self._take_bookkeeping(stored, mine[-1].record)
             else:

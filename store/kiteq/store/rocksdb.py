@@ -41,10 +41,16 @@ Column families (all keys and values are raw bytes, readable by any RocksDB tool
   stays). The one-byte key ``0xff`` (sorting after every id) marks the index complete: a
   database without it, new or older than the index, is indexed from ``state`` at open;
 * ``meta``: UTF-8 key -> value, small broker metadata;
-* ``dlq``: message id -> dead-letter value (``codec.encode_dead_entry``: reason, dead time,
-  groups, then the record's state and message values verbatim). A dead-letter move
-  deletes ``msg``/``state``/``due`` (or ``uncommitted``) and puts ``dlq`` in one
-  WriteBatch, a redrive the reverse, so a record is in exactly one of the two;
+* ``dlq``: message id + ``0x00`` + group -> dead-letter value (``codec.encode_dead_entry``:
+  reason, dead time, group, then the record's state and message values verbatim), so
+  keys sort as (message_id, group) and one message's letters are adjacent. A
+  dead-letter call puts a message's entries and, in the same WriteBatch, rewrites its
+  ``state`` (other groups still have it: ``keep``) or deletes ``msg``/``state``/``due``
+  (or ``uncommitted``); a redrive deletes entries and, in one WriteBatch, makes the
+  groups pending again on the stored record or stores the record again. Entries
+  written before issue #10 (key: the message id; one value naming several groups) are
+  rewritten at open as one entry per group, one WriteBatch per chunk, each message
+  whole in one;
 * ``history``: message id + big-endian IEEE-754 event time (as in ``due``) + big-endian
   u32 sequence -> event value (``codec.encode_event``), so one message's events are
   adjacent and in time order, events of the same time in the order they were appended.
@@ -102,17 +108,25 @@ from kiteq.store._rocksdb_requests import (
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
+    DlqKey,
     DueCursor,
     HistoryEvent,
     Rescheduled,
     SaveOutcome,
 )
 from kiteq.store.codec import (
-    dead_entry_topic,
+    DLQ_KEY_SEPARATOR,
+    dead_entry_key,
+    dead_entry_topic_group,
     decode_dead_letter,
     decode_event,
+    decode_legacy_dead_letters,
     decode_message,
     decode_state,
+    encode_dead_entry,
+    encode_message,
+    is_legacy_dead_entry,
+    state_of,
 )
 
 __all__ = ["FSYNC_MODES", "Fsync", "RocksDBStore"]
@@ -135,6 +149,9 @@ _SCAN_CHUNK: Final = 4096
 
 _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
+_Count = TypeVar("_Count", str, tuple[str, str])
+# dead letters per (topic, group)
+_DlqCounts = dict[tuple[str, str], int]
 
 
 class _Column:
@@ -249,7 +266,7 @@ class RocksDBStore:
         self._writing = False
         self._drained: asyncio.Future[None] | None = None
         self._backlog: dict[str, int] = {}
-        self._dlq: dict[str, int] = {}
+        self._dlq: _DlqCounts = {}
         # Sequence of the next history event; assigned on the loop, in call order.
         self._history_seq = 0
         self._prune_options = WriteOptions()
@@ -316,10 +333,11 @@ class RocksDBStore:
         finally:
             self._executor.shutdown(wait=False)
 
-    def _open_sync(self) -> tuple[dict[str, int], dict[str, int], int]:
+    def _open_sync(self) -> tuple[dict[str, int], _DlqCounts, int]:
         """Open (unless an earlier, cancelled or failed, open did) and load the counters.
 
-        Returns the backlog and the dead letters per topic, and the next history sequence.
+        Returns the backlog per topic, the dead letters per (topic, group), and the next
+        history sequence.
         """
         with self._translated("open"):
             if self._db is None:
@@ -332,13 +350,59 @@ class RocksDBStore:
                 topics = collections.Counter(
                     decode_state(value).topic for value in db.state.values()
                 )
-            dead = (dead_entry_topic(value) for value in db.dlq.values())
+            dead = self._count_dead_letters(db)
             seq = db.history.get(_HISTORY_SEQ_KEY)
-            return (
-                dict(topics),
-                dict(collections.Counter(dead)),
-                0 if seq is None else _SEQ.unpack(seq)[0],
-            )
+            return dict(topics), dead, 0 if seq is None else _SEQ.unpack(seq)[0]
+
+    def _count_dead_letters(self, db: _DB) -> _DlqCounts:
+        """Dead letters per (topic, group); entries from before issue #10 are migrated."""
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        legacy: list[tuple[bytes, bytes]] = []
+        migrated = 0
+        for key, value in db.dlq.items(b""):
+            if is_legacy_dead_entry(value):
+                legacy.append((key, value))
+                if len(legacy) == _SCAN_CHUNK:
+                    migrated += self._migrate_dead_letters(db, legacy, counts)
+                    legacy = []
+            else:
+                counts[dead_entry_topic_group(value)] += 1
+        if legacy:
+            migrated += self._migrate_dead_letters(db, legacy, counts)
+        if migrated:
+            logger.info("dead letters migrated to one per group %s: %d", self.description, migrated)
+        return dict(counts)
+
+    def _migrate_dead_letters(
+        self,
+        db: _DB,
+        entries: list[tuple[bytes, bytes]],
+        counts: collections.Counter[tuple[str, str]],
+    ) -> int:
+        """Rewrite version-1 dead letters (one per message) as one entry per group.
+
+        One WriteBatch: each message's old entry and its new ones go together. Returns
+        how many messages' entries were rewritten.
+        """
+        wb = WriteBatch(raw_mode=True)
+        for key, value in entries:
+            for letter in decode_legacy_dead_letters(value):
+                record = letter.record
+                entry = encode_dead_entry(
+                    encode_message(record),
+                    state_of(record),
+                    letter.reason,
+                    letter.dead_time,
+                    letter.group,
+                )
+                wb.put(dead_entry_key(record.message_id, letter.group), entry, db.dlq.handle)
+                counts[(record.topic, letter.group)] += 1
+            wb.delete(key, db.dlq.handle)
+        # not counted in write_batches, which counts the batches of calls
+        db.rdict.write(wb, self._write_options)
+        if self._sync_saves:
+            db.rdict.flush_wal(True)
+        return len(entries)
 
     def _build_uncommitted_index(self, db: _DB) -> collections.Counter[str]:
         """Index the uncommitted records of a new database or one older than the index.
@@ -412,11 +476,11 @@ class RocksDBStore:
         if letters:
             await self._submit(_DeadLetter(letters))
 
-    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
-        if not message_ids:
+    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+        if not keys:
             self._check_open()
             return []
-        request = _Redrive(message_ids, now)
+        request = _Redrive(keys, now)
         await self._submit(request)
         return request.records
 
@@ -452,7 +516,7 @@ class RocksDBStore:
         self,
         loop: asyncio.AbstractEventLoop,
         requests: list[_Request],
-        job: asyncio.Future[tuple[dict[str, int], dict[str, int]]],
+        job: asyncio.Future[tuple[dict[str, int], _DlqCounts]],
     ) -> None:
         try:
             backlog, dlq = job.result()
@@ -485,13 +549,14 @@ class RocksDBStore:
             size += request.size
         return batch
 
-    def _write_sync(self, requests: list[_Request]) -> tuple[dict[str, int], dict[str, int]]:
+    def _write_sync(self, requests: list[_Request]) -> tuple[dict[str, int], _DlqCounts]:
         """Runs on the store thread: build and write one WriteBatch per group.
 
-        Returns the backlog and dead-letter count changes per topic of what was written.
+        Returns the backlog (per topic) and dead-letter (per topic and group) count
+        changes of what was written.
         """
         backlog: dict[str, int] = {}
-        dlq: dict[str, int] = {}
+        dlq: _DlqCounts = {}
         groups = [[r] for r in requests] if self._fsync == "always" else [requests]
         for group in groups:
             try:
@@ -603,7 +668,7 @@ class RocksDBStore:
         self._check_open()
         return dict(self._backlog)
 
-    async def dlq_size(self) -> dict[str, int]:
+    async def dlq_size(self) -> dict[tuple[str, str], int]:
         self._check_open()
         return dict(self._dlq)
 
@@ -617,13 +682,13 @@ class RocksDBStore:
         return 0
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: str | None = None
+        self, where: DlqFilter, limit: int, after: DlqKey | None = None
     ) -> list[DeadLetter]:
         self._check_open()
         found: list[DeadLetter] = []
         if limit <= 0:
             return found
-        cursor = None if after is None else after.encode()
+        cursor = None if after is None else dead_entry_key(*after)
         while True:
             page, cursor = await self._run(self._list_dlq_sync, where, limit - len(found), cursor)
             found += page
@@ -655,15 +720,20 @@ class RocksDBStore:
                     return page, key
         return page, None
 
-    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
         self._check_open()
-        return await self._run(self._get_dead_letter_sync, message_id.encode())
+        return await self._run(self._get_dead_letters_sync, message_id.encode())
 
-    def _get_dead_letter_sync(self, key: bytes) -> DeadLetter | None:
+    def _get_dead_letters_sync(self, message_id: bytes) -> list[DeadLetter]:
         db = self._require_db()
-        with self._translated("get_dead_letter"):
-            value = db.dlq.get(key)
-            return None if value is None else decode_dead_letter(value)
+        prefix = message_id + DLQ_KEY_SEPARATOR
+        found: list[DeadLetter] = []
+        with self._translated("get_dead_letters"):
+            for key, value in db.dlq.items(prefix):
+                if not key.startswith(prefix):
+                    break
+                found.append(decode_dead_letter(value))
+        return found
 
     async def get_history(self, message_id: str) -> list[HistoryEvent]:
         self._check_open()
@@ -768,10 +838,10 @@ class RocksDBStore:
             raise StoreUnavailableError(f"{self.description}: {action} failed: {exc}") from exc
 
 
-def _add_counts(counts: dict[str, int], deltas: Mapping[str, int]) -> None:
-    for topic, delta in deltas.items():
-        count = counts.get(topic, 0) + delta
+def _add_counts(counts: dict[_Count, int], deltas: Mapping[_Count, int]) -> None:
+    for key, delta in deltas.items():
+        count = counts.get(key, 0) + delta
         if count:
-            counts[topic] = count
+            counts[key] = count
         else:
-            counts.pop(topic, None)
+            counts.pop(key, None)

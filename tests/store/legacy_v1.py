@@ -1,0 +1,106 @@
+"""Data as the stores wrote it before issue #10 (commit 6de450d), to test that it loads.
+
+RocksDB: the state and dead-letter value encoders of ``store/kiteq/store/codec.py`` at
+6de450d (``git show 6de450d:store/kiteq/store/codec.py``), frozen: the message value did
+not change, so ``codec.encode_message`` still writes it. ``STATE_HEX`` and ``DEAD_HEX``
+are what that version itself wrote for ``golden_record()`` (run from a checkout of
+6de450d); ``test_legacy_data.py`` checks the frozen encoders reproduce them byte for
+byte, so the databases the tests build from them are what an old broker left behind.
+
+Do not change this module to follow the store: it is the previous version.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from kiteq.core.message import Message
+
+__all__ = [
+    "DEAD_HEX",
+    "MESSAGE_ID",
+    "STATE_HEX",
+    "encode_dead_entry",
+    "encode_state",
+    "golden_message",
+]
+
+_STATE: Final = struct.Struct("<BBIdIII")
+_DEAD: Final = struct.Struct("<BdIII")
+_COMMITTED: Final = 1
+_VERSION: Final = 1
+
+NOW: Final = 1_700_000_000.0
+MESSAGE_ID: Final = "0123456789abcdef0123456789abcdef"
+
+# 6de450d's encode_state(state_of(r)) and encode_dead_entry(encode_message(r), state_of(r),
+# "deliver_limit", NOW, ("g1", "g2")) for r = golden_message() with publish_time NOW - 0.5,
+# deliver_count 5, succ_groups ("g0",), fail_groups ("g1", "g2"), next_deliver_time NOW + 20
+STATE_HEX: Final = (
+    "01010500000000000045fc54d9410500000001000000020000007472616465020000000200000002000000"
+    "673067316732"
+)
+DEAD_HEX: Final = (
+    "0100000040fc54d9410d000000020000003100000064656c697665725f6c696d6974020000000200000067"
+    "31673201010500000000000045fc54d9410500000001000000020000007472616465020000000200000002"
+    "000000673067316732010010ff53650000000064000000fff05365000000000000e03ffc54d94120000000"
+    "050000000800000007000000000000000800000001000000303132333435363738396162636465663031"
+    "323334353637383961626364656674726164657061792d7375636370732d7465737401000000010000006b"
+    "766f6c6420626f6479"
+)
+
+
+def golden_message() -> Message:
+    return Message(
+        topic="trade",
+        message_type="pay-succ",
+        body=b"old body",
+        message_id=MESSAGE_ID,
+        properties={"k": "v"},
+        expired_time=int(NOW) + 3600,
+        deliver_limit=100,
+        group_id="ps-test",
+        commit=True,
+        create_time=int(NOW) - 1,
+    )
+
+
+def encode_state(
+    topic: str,
+    committed: bool,
+    deliver_count: int,
+    succ_groups: Sequence[str],
+    fail_groups: Sequence[str],
+    next_deliver_time: float,
+) -> bytes:
+    """6de450d's ``encode_state`` (its ``State`` fields as arguments)."""
+    encoded_topic = topic.encode()
+    head = _STATE.pack(
+        _VERSION,
+        _COMMITTED if committed else 0,
+        deliver_count,
+        next_deliver_time,
+        len(encoded_topic),
+        len(succ_groups),
+        len(fail_groups),
+    )
+    if not succ_groups and not fail_groups:
+        return head + encoded_topic
+    groups = [g.encode() for g in (*succ_groups, *fail_groups)]
+    lengths = struct.pack(f"<{len(groups)}I", *map(len, groups))
+    return b"".join((head, encoded_topic, lengths, *groups))
+
+
+def encode_dead_entry(
+    message: bytes, state: bytes, reason: str, dead_time: float, groups: Sequence[str]
+) -> bytes:
+    """6de450d's ``encode_dead_entry``, taking the state value already encoded."""
+    why = reason.encode()
+    head = _DEAD.pack(_VERSION, dead_time, len(why), len(groups), len(state))
+    if not groups:
+        return b"".join((head, why, state, message))
+    names = [g.encode() for g in groups]
+    lengths = struct.pack(f"<{len(names)}I", *map(len, names))
+    return b"".join((head, why, lengths, *names, state, message))

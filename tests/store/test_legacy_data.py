@@ -1,0 +1,197 @@
+"""Data written before issue #10 (per-message delivery state) loads in today's stores.
+
+The mapping (``kiteq.store._groups.legacy_groups``): a group in ``succ_groups`` is
+``ACKED``; a group in ``fail_groups`` is ``PENDING`` with the message's deliver_count as
+its attempts and the message's next_deliver_time as its own; an old dead letter naming
+groups (g1, g2) is one dead letter per group, each ``DEAD`` in the record, and one
+naming none (``no_binding``) is the letter of group ``""``.
+
+RocksDB databases are written with the previous version's encoders
+(``tests/store/legacy_v1.py``, pinned against that version's own bytes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rocksdict import Options, Rdict
+
+from kiteq.core.message import StoredMessage
+from kiteq.store import codec, rocksdb
+from kiteq.store.base import DeadLetter, DlqFilter, Rescheduled
+from kiteq.store.rocksdb import RocksDBStore
+from tests.store import legacy_v1
+from tests.store.helpers import NOW, acked, dead, pending, record
+
+EVERYTHING = DlqFilter()
+_FAMILIES = ("msg", "state", "due", "meta", "dlq", "history", "uncommitted")
+
+
+def test_the_frozen_encoders_write_what_the_previous_version_wrote() -> None:
+    r = StoredMessage(message=legacy_v1.golden_message(), publish_time=NOW - 0.5)
+    state = legacy_v1.encode_state("trade", True, 5, ("g0",), ("g1", "g2"), NOW + 20)
+    assert state.hex() == legacy_v1.STATE_HEX
+    entry = legacy_v1.encode_dead_entry(
+        codec.encode_message(r), state, "deliver_limit", NOW, ("g1", "g2")
+    )
+    assert entry.hex() == legacy_v1.DEAD_HEX
+
+
+def test_a_previous_version_state_value_decodes_to_per_group_state() -> None:
+    state = codec.decode_state(bytes.fromhex(legacy_v1.STATE_HEX))
+    assert state.groups == {"g0": acked(0), "g1": pending(5, NOW + 20), "g2": pending(5, NOW + 20)}
+    assert (state.topic, state.committed, state.deliver_count, state.only_groups) == (
+        "trade",
+        True,
+        5,
+        (),
+    )
+
+
+def test_a_previous_version_dead_letter_is_one_letter_per_group() -> None:
+    letters = codec.decode_legacy_dead_letters(bytes.fromhex(legacy_v1.DEAD_HEX))
+    groups = {"g0": acked(0), "g1": dead(5, NOW + 20), "g2": dead(5, NOW + 20)}
+    expected = StoredMessage(
+        message=legacy_v1.golden_message(),
+        publish_time=NOW - 0.5,
+        deliver_count=5,
+        groups=groups,
+        next_deliver_time=NOW + 20,
+    )
+    assert letters == [
+        DeadLetter(expected, "deliver_limit", NOW, "g1"),
+        DeadLetter(expected, "deliver_limit", NOW, "g2"),
+    ]
+
+
+def _write_old_database(path: str) -> dict[str, StoredMessage]:
+    """A RocksDB database as the previous version left it; returns its records by role."""
+    acked_and_failed = record(ndt=NOW + 20)
+    untouched = record(ndt=NOW - 5, topic="user")
+    uncommitted = record(commit=False, ndt=NOW + 6)
+    dead_two = record(message_type="pay-fail")
+    no_binding = record(topic="user")
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.create_missing_column_families(True)
+    db = Rdict(path, options, column_families={n: Options(raw_mode=True) for n in _FAMILIES})
+    msg, state, due = (db.get_column_family(n) for n in ("msg", "state", "due"))
+    dlq, uncommitted_cf = db.get_column_family("dlq"), db.get_column_family("uncommitted")
+    live = [
+        (acked_and_failed, 3, ("g0",), ("g1",)),
+        (untouched, 0, (), ()),
+        (uncommitted, 2, (), ()),
+    ]
+    for r, count, succ, fail in live:
+        key = r.message_id.encode()
+        msg[key] = codec.encode_message(r)
+        state[key] = legacy_v1.encode_state(
+            r.topic, r.message.commit, count, succ, fail, r.next_deliver_time
+        )
+        if r.message.commit:
+            due[rocksdb._due_time(r.next_deliver_time) + key] = b""
+        else:
+            uncommitted_cf[key] = b""
+    uncommitted_cf[b"\xff"] = b""  # that version's marker: the index is complete
+    old_dead = [
+        (dead_two, "deliver_limit", ("g0",), ("g1", "g2"), ("g1", "g2")),
+        (no_binding, "no_binding", (), (), ()),
+    ]
+    for r, reason, succ, fail, groups in old_dead:
+        old_state = legacy_v1.encode_state(r.topic, True, 7, succ, fail, NOW + 40)
+        dlq[r.message_id.encode()] = legacy_v1.encode_dead_entry(
+            codec.encode_message(r), old_state, reason, NOW + 1, groups
+        )
+    del msg, state, due, dlq, uncommitted_cf
+    db.close()
+    return {
+        "acked_and_failed": acked_and_failed,
+        "untouched": untouched,
+        "uncommitted": uncommitted,
+        "dead_two": dead_two,
+        "no_binding": no_binding,
+    }
+
+
+async def test_rocksdb_opens_a_database_of_the_previous_version(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    old = _write_old_database(path)
+    store = RocksDBStore(path)
+    await store.open()
+    try:
+        r = old["acked_and_failed"]
+        got = await store.get(r.message_id)
+        assert got is not None
+        assert got.message == r.message
+        assert (got.deliver_count, got.groups, got.only_groups) == (
+            3,
+            {"g0": acked(0), "g1": pending(3, NOW + 20)},
+            (),
+        )
+        assert got.settled("g0")
+        assert not got.settled("g1")
+        untouched = await store.get(old["untouched"].message_id)
+        assert untouched is not None
+        assert untouched.groups == {}
+        [tx] = await store.page_uncommitted(10)
+        assert (tx.message_id, tx.deliver_count) == (old["uncommitted"].message_id, 2)
+        assert [d.message_id for d in await store.page_due(NOW + 20, 10)] == [
+            old["untouched"].message_id,
+            r.message_id,
+        ]
+        assert await store.backlog() == {"trade": 2, "user": 1}
+
+        two, none = old["dead_two"], old["no_binding"]
+        assert await store.dlq_size() == {("trade", "g1"): 1, ("trade", "g2"): 1, ("user", ""): 1}
+        assert [d.key for d in await store.list_dlq(EVERYTHING, 10)] == sorted(
+            [(two.message_id, "g1"), (two.message_id, "g2"), (none.message_id, "")]
+        )
+        letters = await store.get_dead_letters(two.message_id)
+        assert [(d.group, d.reason, d.dead_time) for d in letters] == [
+            ("g1", "deliver_limit", NOW + 1),
+            ("g2", "deliver_limit", NOW + 1),
+        ]
+        assert letters[0].record.groups == {
+            "g0": acked(0),
+            "g1": dead(7, NOW + 40),
+            "g2": dead(7, NOW + 40),
+        }
+        assert letters[0].record.message == two.message
+
+        # the old records work with today's writes: a reschedule rewrites the state...
+        new = got
+        new.groups["g1"] = pending(4, NOW + 60)
+        new.next_deliver_time = NOW + 60
+        await store.reschedule([Rescheduled(new, NOW + 20)])
+        # ...and a redrive of one group of an old dead letter is for that group only
+        [back] = await store.redrive([(two.message_id, "g2")], NOW)
+        assert back.only_groups == ("g2",)
+        assert back.groups == {"g0": acked(0), "g1": dead(7, NOW + 40), "g2": pending(0, NOW)}
+    finally:
+        await store.close()
+
+    reopened = RocksDBStore(path)
+    await reopened.open()
+    try:
+        assert await reopened.get(r.message_id) == new
+        assert await reopened.get(two.message_id) == back
+        assert await reopened.dlq_size() == {("trade", "g1"): 1, ("user", ""): 1}
+    finally:
+        await reopened.close()
+    # rewritten in today's format: the rescheduled state and the migrated dead letters
+    states = dict(_raw(path, "state"))
+    assert states[r.message_id.encode()][0] == codec.STATE_VERSION
+    assert states[old["untouched"].message_id.encode()][0] == 1  # read as it is
+    assert {value[0] for _, value in _raw(path, "dlq")} == {codec.DEAD_VERSION}
+
+
+def _raw(path: str, family: str) -> list[tuple[bytes, bytes]]:
+    families = {n: Options(raw_mode=True) for n in _FAMILIES}
+    db = Rdict(path, Options(raw_mode=True), column_families=families)
+    try:
+        column = db.get_column_family(family)
+        items = [(bytes(k), bytes(v)) for k, v in column.items()]  # type: ignore[arg-type]
+        del column
+        return items
+    finally:
+        db.close()
