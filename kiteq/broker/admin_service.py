@@ -254,11 +254,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             return 0
         now = self._clock.now()
         records = await self._store.redrive(keys, now)
+        groups: dict[str, list[str]] = {}
         for message_id, group in keys:
+            groups.setdefault(message_id, []).append(group)
             self._history.record(message_id, now, "redriven", group=group)
             self._history.keep(message_id)
         for record in records:
             if record.message.commit:
-                self._dispatcher.submit(record)
+                self._dispatcher.redriven(record, groups[record.message_id])
         logger.info("redrove %d dead letters of %d messages", len(keys), len(records))
         return len(keys)

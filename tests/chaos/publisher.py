@@ -1,7 +1,7 @@
 """A producer process for the crash tests: publishes until told to stop, and appends the
 id of every message whose store-ack it received to a file.
 
-    python tests/chaos/publisher.py ADDRESS ACKED_FILE STOP_FILE MAX_SECONDS
+    python tests/chaos/publisher.py ADDRESS ACKED_FILE STOP_FILE MAX_SECONDS [DELIVER_LIMIT]
 
 Exits after the stop file appears (or MAX_SECONDS), once every send has an outcome; the
 last line of the file is then ``# sent=N acked=N failed=N``.
@@ -22,6 +22,8 @@ BODY = b"x" * 512
 
 def main() -> None:
     address, acked_path, stop_path, max_seconds = sys.argv[1:5]
+    # 0: the broker's default
+    deliver_limit = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     stop = Path(stop_path)
     deadline = time.monotonic() + float(max_seconds)
     lock = threading.Lock()
@@ -53,7 +55,12 @@ def main() -> None:
                 for _ in range(50):
                     try:
                         future = producer.send_async(
-                            Message(topic="trade", message_type="pay-succ", body=BODY)
+                            Message(
+                                topic="trade",
+                                message_type="pay-succ",
+                                body=BODY,
+                                deliver_limit=deliver_limit,
+                            )
                         )
                     except KiteQError:
                         with lock:

@@ -6,6 +6,11 @@ every store-acked message to a file; the broker is SIGKILLed mid-stream and rest
 the same port (the producer reconnects and goes on); then the consumer comes back and
 must receive every acked message. Each run prints acked, lost (must be 0), duplicated
 (delivered more than once) and unacked-but-delivered counts.
+
+Issue #10: the same with three groups on the message, one of which fails every delivery
+(deliverLimit 2): the healthy group (connected across the kill) and the offline group
+(connecting at the end) lose nothing, and the failing group's copies are all in the DLQ
+under its name.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from kiteq.client import Binding, Consumer
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers import unavailable
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
@@ -47,13 +54,14 @@ def store_url(kind: str, tmp_path: Path) -> Iterator[str]:
         yield mariadb.url(prefix, shardnum=4)
 
 
-def consumer(broker: BrokerProcess, handler: Collector) -> Consumer:
+def consumer(broker: BrokerProcess, handler: Collector, group: str = GROUP) -> Consumer:
     return Consumer(
         brokers=[broker.address],
-        group_id=GROUP,
+        group_id=group,
         secret_key=SECRET,
         bindings=[BINDING],
         handler=handler,
+        reconnect_max_delay=0.5,
     )
 
 
@@ -134,3 +142,96 @@ def test_sigkill_under_continuous_publishing_loses_no_acked_message(
         f"received={len(received)} publisher: {summary.lstrip('# ')}"
     )
     assert not lost, f"{len(lost)} acked messages lost, e.g. {sorted(lost)[:5]}"
+
+
+def dead_letter_ids(broker: BrokerProcess, group: str) -> set[str]:
+    """Every dead letter of *group*, page by page."""
+    found: set[str] = set()
+    after, after_group = "", ""
+    with grpc.insecure_channel(broker.address) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        while True:
+            reply = stub.ListDeadLetters(
+                admin_pb2.ListDeadLettersRequest(
+                    filter=admin_pb2.DeadLetterFilter(groupId=group),
+                    limit=1000,
+                    after=after,
+                    afterGroup=after_group,
+                ),
+                timeout=10,
+            )
+            found.update(d.header.messageId for d in reply.deadLetters)
+            if not reply.next:
+                return found
+            after, after_group = reply.next, reply.nextGroup
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["rocksdb", "mysql"])
+def test_sigkill_with_a_failing_group_loses_nothing_for_the_healthy_and_offline_groups(
+    kind: str, tmp_path: Path
+) -> None:
+    with store_url(kind, tmp_path) as db:
+        config = write_config(tmp_path, db=db, extra={"deliverySeconds": 5, "recoverSeconds": 1})
+        broker = BrokerProcess(config)
+        broker.start()
+        publisher: subprocess.Popen[bytes] | None = None
+        healthy, failing, offline = Collector(), Collector(lambda _: False), Collector()
+        try:
+            with consumer(broker, Collector(), "offline"):
+                pass  # declares its persistent binding, then stays away until the end
+            with consumer(broker, healthy, "healthy"), consumer(broker, failing, "failing"):
+                acked_file, stop_file = tmp_path / "acked.txt", tmp_path / "stop"
+                publisher = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(PUBLISHER),
+                        broker.address,
+                        str(acked_file),
+                        str(stop_file),
+                        "120",
+                        "2",
+                    ],
+                    cwd=REPO,
+                )
+                wait_until(
+                    lambda: len(acked_ids(acked_file)[0]) >= ACKED_BEFORE_KILL,
+                    60,
+                    f"{ACKED_BEFORE_KILL} acks before the kill",
+                )
+                broker.kill()  # SIGKILL, while all three groups have messages to settle
+                acked_at_kill = len(acked_ids(acked_file)[0])
+                broker.start()
+                time.sleep(PUBLISH_AFTER_RESTART)
+                stop_file.touch()
+                publisher.wait(90)
+                assert publisher.returncode == 0
+                acked, summary = acked_ids(acked_file)
+                assert summary, "the publisher did not finish"
+                assert len(acked) > acked_at_kill, "nothing was acked after the restart"
+                wait_until(lambda: acked <= set(healthy.ids()), 120, "the healthy group")
+                wait_until(
+                    lambda: acked <= dead_letter_ids(broker, "failing"),
+                    120,
+                    "the failing group's dead letters",
+                )
+            with consumer(broker, offline, "offline"):
+                wait_until(lambda: acked <= set(offline.ids()), 120, "the offline group")
+                wait_until(lambda: not any(broker.stats().backlog.values()), 60, "an empty backlog")
+        finally:
+            if publisher is not None and publisher.poll() is None:
+                publisher.kill()
+                publisher.wait(10)
+            broker.stop_quietly()
+
+    healthy_got, offline_got = Counter(healthy.ids()), Counter(offline.ids())
+    print(
+        f"\ncrash test {kind}, three groups: acked={len(acked)} (at kill {acked_at_kill}) "
+        f"healthy lost={len(acked - set(healthy_got))} "
+        f"dup={sum(1 for n in healthy_got.values() if n > 1)} "
+        f"offline lost={len(acked - set(offline_got))} "
+        f"dup={sum(1 for n in offline_got.values() if n > 1)} "
+        f"failing attempts={len(failing.ids())} publisher: {summary.lstrip('# ')}"
+    )
+    assert acked <= set(healthy_got)
+    assert acked <= set(offline_got)

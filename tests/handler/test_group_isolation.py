@@ -190,3 +190,28 @@ async def test_each_groups_own_count_and_window_are_stored() -> None:
             GroupState.PENDING, 4, first.clock.now() + redelivery_delay(4)
         )
         assert stored.next_deliver_time == first.clock.now() + redelivery_delay(4)
+
+
+async def test_a_redrive_while_the_message_is_in_flight_for_another_group_reaches_its_group() -> (
+    None
+):
+    async with Broker() as b:
+        b.bind("holder", Binding.fanout("trade", persistent=True))
+        b.bind("bad", Binding.fanout("trade"))
+        bad = b.connect("bad")
+        record = await b.publish(deliver_limit=1)
+        b.answer(bad, nack)  # "holder" is offline: the letter for "bad" is written at once
+        await b.settle()
+        [letter] = await b.store.get_dead_letters(record.message_id)
+        assert letter.group == "bad"
+        holder = b.connect("holder")
+        await b.scan()
+        _, held = holder.drain()  # in flight for "holder", not answered yet
+        assert [r.message_id for r, _ in held] == [record.message_id]
+        [again] = await b.store.redrive([letter.key], b.clock.now())
+        b.dispatcher.redriven(again, ["bad"])
+        assert b.answer(bad, ack) == [(record.message_id, 1)]
+        b.dispatcher.acked(holder, [(record.message_id, True)])
+        await b.settle()
+        assert await b.store.get(record.message_id) is None
+        assert await b.store.list_dlq(DlqFilter(), 10) == []

@@ -228,6 +228,28 @@ class Dispatcher:
             self._offer(flight, group, None)
         self._maybe_finish(flight)
 
+    def redriven(self, record: StoredMessage, groups: Sequence[str]) -> None:
+        """A redrive made *groups* pending again; *record* is the store's copy after it.
+
+        A message still in flight for other groups has its state in that flight, which
+        would otherwise write the redriven groups back as dead when its round ends.
+        """
+        flight = self._flights.get(record.message_id)
+        if flight is not None and flight.on_done is None:
+            mine = flight.record
+            for group in groups:
+                state = record.groups.get(group)
+                if group and state is not None:
+                    mine.groups[group] = GroupDelivery(
+                        state.state, state.attempts, state.next_deliver_time
+                    )
+            mine.only_groups = record.only_groups
+            if mine.message.expired_time != record.message.expired_time:
+                mine.message = record.message  # a redrive extends a past expiry
+                mine.wire = None
+            flight.dirty = True
+        self.submit(record)
+
     def acked(self, conn: Connection, results: list[tuple[str, bool]]) -> None:
         """Results from *conn*'s client: (message id, processed)."""
         self._stamp()
