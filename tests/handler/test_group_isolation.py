@@ -215,3 +215,22 @@ async def test_a_redrive_while_the_message_is_in_flight_for_another_group_reache
         await b.settle()
         assert await b.store.get(record.message_id) is None
         assert await b.store.list_dlq(DlqFilter(), 10) == []
+
+
+async def test_scarce_delivery_workers_take_turns_between_groups() -> None:
+    async with Broker(max_workers=1) as b:
+        for group in ("a", "b", "c"):
+            b.bind(group, Binding.fanout("trade"))
+        conns = {group: b.connect(group) for group in ("a", "b", "c")}
+        first, second = await b.publish(), await b.publish()
+        names = {first.message_id: "first", second.message_id: "second"}
+        order: list[tuple[str, str]] = []
+        for _ in range(6):
+            [group] = [g for g, c in conns.items() if c.inflight]  # the only worker's push
+            [(message_id, _)] = b.answer(conns[group], ack)
+            order.append((group, names[message_id]))
+        # every group has the first message before any group has a second one
+        assert sorted(order[:3]) == [("a", "first"), ("b", "first"), ("c", "first")]
+        assert sorted(order[3:]) == [("a", "second"), ("b", "second"), ("c", "second")]
+        await b.settle()
+        assert await b.store.backlog() == {}

@@ -1,7 +1,8 @@
 """KiteQ's redelivery schedule (kiteq/server/kiteq_server.go redelivery windows).
 
 The first deliveries are retried at once, in process; after that the recover scan
-redelivers a message once ``redelivery_delay(deliver_count)`` has passed.
+redelivers a message to a group once ``redelivery_delay(attempts)`` has passed, where
+*attempts* are that group's own (issue #10: counted per (message, group)).
 """
 
 from __future__ import annotations

@@ -684,8 +684,19 @@ class Dispatcher:
             del self._keys_of[group]
 
     def _pump_all(self) -> None:
+        served = []
         for group in list(self._keys_of):
+            if self._inflight >= self._max_workers:
+                self._starved = True
+                break
             self._pump(group)
+            served.append(group)
+        # the groups served go to the back: when workers are scarce, the groups that had
+        # no turn go first next time, instead of the first group taking every worker
+        for group in served:
+            keys = self._keys_of.pop(group, None)
+            if keys is not None:
+                self._keys_of[group] = keys
 
     def _park_waiting(self, group: str) -> None:
         for key in self._keys_of.pop(group, ()):
