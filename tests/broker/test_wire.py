@@ -8,9 +8,10 @@ from hypothesis import given, strategies as st
 
 from kiteq.broker import wire
 from kiteq.core.codes import AckCode
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
 from kiteq.handler.connection import Outcome
 from kiteq.proto.v1 import broker_pb2, common_pb2
+from kiteq.store.base import DeadLetter
 
 
 def record(body: bytes, expired_time: int, deliver_limit: int) -> StoredMessage:
@@ -69,3 +70,28 @@ def test_store_acks_frame_round_trips(items: list[tuple[str, AckCode, str]]) -> 
         storeAcks=broker_pb2.StoreAckBatch(acks=wire.store_acks(outcomes))
     )
     assert frame == expected
+
+
+def test_message_info_and_dead_letters_show_the_state_of_each_group() -> None:
+    stored = record(b"x", expired_time=1_900_000_000, deliver_limit=2)
+    stored.groups = {
+        "ok": GroupDelivery(GroupState.ACKED, 1),
+        "bad": GroupDelivery(GroupState.DEAD, 2, 0.0),
+        "slow": GroupDelivery(GroupState.PENDING, 4, 1_800_000_005.0),
+        "parked": GroupDelivery(GroupState.PENDING, 0, 0.0),
+    }
+    stored.only_groups = ("bad", "ok", "parked", "slow")
+    info = wire.message_info(stored, with_body=False)
+    assert [(g.groupId, g.state, g.attempts, g.nextDeliverTime) for g in info.groups] == [
+        ("bad", "dead", 2, 0.0),
+        ("ok", "acked", 1, 0.0),
+        ("parked", "pending", 0, 0.0),
+        ("slow", "pending", 4, 1_800_000_005.0),
+    ]
+    assert list(info.succGroups) == ["ok"]
+    assert list(info.failGroups) == ["bad", "slow"]  # had an attempt and did not ack
+    assert list(info.onlyGroups) == ["bad", "ok", "parked", "slow"]
+    letter = wire.dead_letter_to_pb(DeadLetter(stored, "deliver_limit", 5.0, group="bad"))
+    assert (letter.groupId, list(letter.groups), letter.deliverCount) == ("bad", ["bad"], 2)
+    none = wire.dead_letter_to_pb(DeadLetter(stored, "no_binding", 5.0))
+    assert (none.groupId, list(none.groups)) == ("", [])
