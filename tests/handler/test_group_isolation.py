@@ -234,3 +234,22 @@ async def test_scarce_delivery_workers_take_turns_between_groups() -> None:
         assert sorted(order[3:]) == [("a", "second"), ("b", "second"), ("c", "second")]
         await b.settle()
         assert await b.store.backlog() == {}
+
+
+async def test_a_shutdown_writes_the_letters_of_groups_dead_while_others_were_in_flight() -> None:
+    async with Broker() as b:
+        b.bind("holder", Binding.fanout("trade"))
+        b.bind("bad", Binding.fanout("trade"))
+        holder, bad = b.connect("holder"), b.connect("bad")
+        record = await b.publish(deliver_limit=1)
+        holder.drain()  # in flight for "holder" at the shutdown
+        b.answer(bad, nack)
+        b.dispatcher.pause()
+        assert b.dispatcher.checkpoint() == 1
+        await b.settle()
+        [letter] = await b.store.get_dead_letters(record.message_id)
+        assert (letter.group, letter.reason) == ("bad", "deliver_limit")
+        stored = await b.store.get(record.message_id)
+        assert stored is not None  # still to be delivered to "holder"
+        assert stored.groups["bad"].state is GroupState.DEAD
+        assert stored.groups["holder"] == GroupDelivery(GroupState.PENDING, 1, 0.0)

@@ -336,7 +336,12 @@ class Dispatcher:
         flights = [f for f in self._flights.values() if f.dirty and f.durable]
         for flight in flights:
             _sync_count(flight.record)
-            self._bookkeeper.reschedule(flight.record, flight.due)
+            if flight.dead:
+                # groups dead-lettered while others were in flight: their letters and the
+                # state go together, or the groups would be dead with no letter
+                self._dead_letter(flight, flight.dead, self._now, keep=True)
+            else:
+                self._bookkeeper.reschedule(flight.record, flight.due)
         self._flights.clear()
         self._waiting.clear()
         self._keys_of.clear()
