@@ -7,6 +7,11 @@ are what that version itself wrote for ``golden_record()`` (run from a checkout 
 6de450d); ``test_legacy_data.py`` checks the frozen encoders reproduce them byte for
 byte, so the databases the tests build from them are what an old broker left behind.
 
+MySQL: the DDL that version's ``kiteq-schema`` ran (its SQLAlchemy tables compiled for
+MySQL, printed from a checkout of 6de450d; ``{db}`` stands for a database) and the
+columns its rows had: succ/fail groups as JSON arrays, one dead-letter row per message
+naming its groups in ``dead_groups``.
+
 Do not change this module to follow the store: it is the previous version.
 """
 
@@ -20,7 +25,10 @@ from kiteq.core.message import Message
 
 __all__ = [
     "DEAD_HEX",
+    "DLQ_COLUMNS",
+    "MESSAGE_COLUMNS",
     "MESSAGE_ID",
+    "MYSQL_DDL",
     "STATE_HEX",
     "encode_dead_entry",
     "encode_state",
@@ -104,3 +112,90 @@ def encode_dead_entry(
     names = [g.encode() for g in groups]
     lengths = struct.pack(f"<{len(names)}I", *map(len, names))
     return b"".join((head, why, lengths, *names, state, message))
+
+
+# -- MySQL -----------------------------------------------------------------------------
+
+MESSAGE_COLUMNS: Final = (
+    "message_id",
+    "header",
+    "body",
+    "msg_type",
+    "topic",
+    "message_type",
+    "publish_group",
+    "commit",
+    "publish_time",
+    "expired_time",
+    "deliver_count",
+    "deliver_limit",
+    "kite_server",
+    "fail_groups",
+    "succ_groups",
+    "next_deliver_time",
+)
+DLQ_COLUMNS: Final = (*MESSAGE_COLUMNS, "dead_reason", "dead_time", "dead_groups")
+
+_MESSAGE_COLUMNS_DDL: Final = """
+    id BIGINT NOT NULL AUTO_INCREMENT,
+    message_id VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    header MEDIUMBLOB NOT NULL,
+    body MEDIUMBLOB NOT NULL,
+    msg_type TINYINT UNSIGNED NOT NULL,
+    topic VARCHAR(255) NOT NULL,
+    message_type VARCHAR(255) NOT NULL,
+    publish_group VARCHAR(255) NOT NULL,
+    `commit` TINYINT(1) NOT NULL,
+    publish_time DOUBLE NOT NULL,
+    expired_time BIGINT NOT NULL,
+    deliver_count INTEGER NOT NULL,
+    deliver_limit INTEGER NOT NULL,
+    kite_server VARCHAR(255) NOT NULL,
+    fail_groups MEDIUMTEXT NOT NULL,
+    succ_groups MEDIUMTEXT NOT NULL,
+    next_deliver_time DOUBLE NOT NULL,"""
+_TABLE_OPTIONS: Final = "ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin"
+
+
+def _message_table(name: str) -> list[str]:
+    return [
+        f"CREATE TABLE `{{db}}`.{name} ({_MESSAGE_COLUMNS_DDL}\n    PRIMARY KEY (id)\n)"
+        f"{_TABLE_OPTIONS}",
+        f"CREATE INDEX idx_backlog ON `{{db}}`.{name} (kite_server, topic)",
+        f"CREATE INDEX idx_recover ON `{{db}}`.{name} "
+        "(kite_server, `commit`, next_deliver_time, message_id)",
+        f"CREATE UNIQUE INDEX idx_message_id ON `{{db}}`.{name} (message_id)",
+    ]
+
+
+# for a database holding all 16 slots (shardnum=1)
+MYSQL_DDL: Final = [
+    *(statement for t in range(16) for statement in _message_table(f"kite_msg_{t}")),
+    f"""CREATE TABLE `{{db}}`.kite_msg_dlq ({_MESSAGE_COLUMNS_DDL}
+    dead_reason VARCHAR(64) NOT NULL,
+    dead_time DOUBLE NOT NULL,
+    dead_groups MEDIUMTEXT NOT NULL,
+    PRIMARY KEY (id)
+){_TABLE_OPTIONS}""",
+    "CREATE INDEX idx_backlog ON `{db}`.kite_msg_dlq (kite_server, topic)",
+    "CREATE INDEX idx_dlq ON `{db}`.kite_msg_dlq (kite_server, message_id)",
+    "CREATE UNIQUE INDEX idx_message_id ON `{db}`.kite_msg_dlq (message_id)",
+    f"""CREATE TABLE `{{db}}`.kite_msg_history (
+    seq BIGINT NOT NULL AUTO_INCREMENT,
+    message_id VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    event_time DOUBLE NOT NULL,
+    kind VARCHAR(32) NOT NULL,
+    group_name VARCHAR(255) NOT NULL,
+    connection VARCHAR(255) NOT NULL,
+    attempt INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (seq)
+){_TABLE_OPTIONS}""",
+    "CREATE INDEX idx_history ON `{db}`.kite_msg_history (message_id, event_time, seq)",
+    "CREATE INDEX idx_event_time ON `{db}`.kite_msg_history (event_time)",
+    f"""CREATE TABLE `{{db}}`.kite_meta (
+    meta_key VARBINARY(1024) NOT NULL,
+    meta_value MEDIUMBLOB NOT NULL,
+    PRIMARY KEY (meta_key)
+){_TABLE_OPTIONS}""",
+]

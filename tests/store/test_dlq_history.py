@@ -472,10 +472,9 @@ async def test_dlq_and_history_persist_across_close_and_reopen(
         await reopened.close()
 
 
-# -- what only our two backends promise (not yet in the Protocol) ----------------------
+# -- an id saved again after it died (save does not look into the DLQ) -------------------
 
 
-@pytest.mark.parametrize("backend", ["memory", "rocksdb"], indirect=True)
 async def test_redrive_of_an_id_saved_again_applies_to_the_stored_copy(
     store: MessageStore,
 ) -> None:
@@ -494,7 +493,6 @@ async def test_redrive_of_an_id_saved_again_applies_to_the_stored_copy(
     assert await store.backlog() == {"trade": 1}
 
 
-@pytest.mark.parametrize("backend", ["memory", "rocksdb"], indirect=True)
 async def test_dead_letter_of_an_id_saved_again_replaces_the_dead_letter(
     store: MessageStore,
 ) -> None:

@@ -36,7 +36,7 @@ from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent, Rescheduled, S
 from kiteq.store.mysql import MySQLStore, page_keys_sql, schema_main
 from kiteq.store.url import open_store
 from tests.store import mariadb
-from tests.store.helpers import NOW, ids, record
+from tests.store.helpers import NOW, acked, dead, ids, pending, record
 
 HEX = "0123456789abcdef"
 
@@ -318,6 +318,38 @@ async def test_a_failed_transaction_fails_every_record_of_it_and_stores_none(
         assert await store.save(same_database) == [Saved.STORED] * 4
 
 
+async def test_a_failed_dead_letter_changes_neither_the_message_nor_the_dlq(
+    prefix: str,
+) -> None:
+    # a dead letter for the group "poison" cannot be inserted in {prefix}_0's DLQ
+    rows_where(
+        f"CREATE TRIGGER `{prefix}_0`.poison_letter BEFORE INSERT ON `{prefix}_0`.`kite_msg_dlq` "
+        "FOR EACH ROW BEGIN IF NEW.group_id = 'poison' THEN "
+        "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
+    )
+    try:
+        async with opened(url_of(prefix)) as store:
+            kept, gone = with_id_ending("0"), with_id_ending("1")
+            await store.save([kept, gone])
+            for r, keep in ((kept, True), (gone, False)):
+                state = dataclasses.replace(
+                    r, groups={"g1": dead(3), "poison": dead(3), "g2": pending(1, NOW + 9)}
+                )
+                letters = [
+                    DeadLetter(state, "deliver_limit", NOW, "g1", keep),
+                    DeadLetter(state, "deliver_limit", NOW, "poison", keep),
+                ]
+                with pytest.raises(StoreUnavailableError, match="injected failure"):
+                    await store.dead_letter(letters)
+                # the letter of g1 and the update (or removal) were in the same transaction
+                assert await store.get(r.message_id) == r
+                assert await store.get_dead_letters(r.message_id) == []
+            assert await store.dlq_size() == {}
+            assert await store.backlog() == {"trade": 2}
+    finally:
+        rows_where(f"DROP TRIGGER `{prefix}_0`.poison_letter")
+
+
 async def test_a_failed_commit_is_never_acknowledged(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -365,7 +397,7 @@ async def test_a_record_the_columns_cannot_hold_fails_alone(prefix: str) -> None
         odd = record(message_id="é" * 32)
         assert await store.commit(odd.message_id) is None
         assert await store.rollback(odd.message_id) is None
-        assert await store.redrive([odd.message_id], NOW) == []
+        assert await store.redrive([(odd.message_id, "g")], NOW) == []
         await store.delete([odd])
         await store.reschedule([Rescheduled(odd, NOW)])
         await store.dead_letter([DeadLetter(odd, "x" * 500, NOW)])
@@ -566,7 +598,8 @@ async def test_every_database_call_runs_on_the_stores_threads(prefix: str) -> No
         await store.reschedule([Rescheduled(r, NOW)])
         await store.dead_letter([DeadLetter(r, "expired", NOW)])
         await store.list_dlq(DlqFilter(), 10)
-        await store.redrive([r.message_id], NOW)
+        await store.get_dead_letters(r.message_id)
+        await store.redrive([(r.message_id, "")], NOW)
         await store.put_meta("k", b"v")
         await store.get_meta("k")
         await store.prune_history(NOW)
@@ -610,14 +643,14 @@ async def test_only_rows_of_the_stores_owner_are_paged_counted_and_listed(
         assert ids([d.record for d in await store.list_dlq(DlqFilter(), 10)]) == [
             mine[0].message_id
         ]
-        assert await store.dlq_size() == {"trade": 1}
-        assert await store.get_dead_letter(theirs[0].message_id) is not None
+        assert await store.dlq_size() == {("trade", ""): 1}
+        assert len(await store.get_dead_letters(theirs[0].message_id)) == 1
         await store.delete(theirs)
         assert await store.backlog() == {"trade": 2}
     # counted again from the tables when reopened
     async with opened(url_of(prefix, kiteServer="broker-a")) as store:
         assert await store.backlog() == {"trade": 2}
-        assert await store.dlq_size() == {"trade": 1}
+        assert await store.dlq_size() == {("trade", ""): 1}
 
 
 def test_the_default_owner_is_the_host_name_the_broker_stamps() -> None:
@@ -627,51 +660,41 @@ def test_the_default_owner_is_the_host_name_the_broker_stamps() -> None:
 async def test_rows_are_kiteqs_columns_with_documented_encodings(prefix: str) -> None:
     async with opened(url_of(prefix)) as store:
         r = with_id_ending("1", properties={"k": "v ✓"})
-        r.succ_groups = ("g1",)
-        r.fail_groups = ("g2", "g3")
+        r.groups = {
+            "g1": acked(1, NOW - 3),
+            "g2": pending(2, NOW + 10.5),
+            "g3": dead(4, NOW),
+            "g4": pending(),  # no attempt yet: not one of KiteQ's fail_groups
+        }
+        r.only_groups = ("g2", "g4")
         r.kite_server = ""
-        await store.save([r])
-    [row] = rows_where(
+        plain = with_id_ending("1")
+        await store.save([r, plain])
+    rows = rows_where(
         "SELECT message_id, header, msg_type, topic, message_type, publish_group, `commit`, "
-        "expired_time, deliver_limit, succ_groups, fail_groups, next_deliver_time "
-        f"FROM `{prefix}_0`.`kite_msg_1`"
+        "expired_time, deliver_limit, succ_groups, fail_groups, next_deliver_time, "
+        f"group_state, only_groups FROM `{prefix}_0`.`kite_msg_1` WHERE message_id = %s",
+        r.message_id,
     )
-    assert row[0] == r.message_id
+    [row] = rows
     assert json.loads(row[1]) == {"createTime": int(NOW) - 1, "properties": {"k": "v ✓"}}
     assert row[2:9] == (0x11, "trade", "pay-succ", "ps-test", 1, int(NOW) + 3600, 100)
+    # KiteQ's columns, derived; then ours
     assert (json.loads(row[9]), json.loads(row[10]), row[11]) == (["g1"], ["g2", "g3"], NOW)
-
-
-# -- DLQ behaviour the other backends pin too ---------------------------------------------
-
-
-async def test_redrive_of_an_id_saved_again_drops_the_dead_letter(prefix: str) -> None:
-    async with opened(url_of(prefix)) as store:
-        r = record(body=b"first")
-        await store.save([r])
-        await store.dead_letter([DeadLetter(r, "expired", NOW)])
-        again = record(message_id=r.message_id, body=b"again", ndt=NOW - 1)
-        assert await store.save([again]) == [Saved.STORED]
-        assert await store.redrive([r.message_id], NOW) == []
-        assert await store.get(r.message_id) == again
-        assert await store.list_dlq(DlqFilter(), 10) == []
-        assert await store.dlq_size() == {}
-        assert await store.backlog() == {"trade": 1}
-
-
-async def test_dead_letter_of_an_id_saved_again_replaces_the_dead_letter(prefix: str) -> None:
-    async with opened(url_of(prefix)) as store:
-        r = record(body=b"first")
-        await store.save([r])
-        await store.dead_letter([DeadLetter(r, "expired", NOW)])
-        again = record(message_id=r.message_id, body=b"again", topic="user")
-        await store.save([again])
-        await store.dead_letter([DeadLetter(again, "deliver_limit", NOW + 1)])
-        assert await store.list_dlq(DlqFilter(), 10) == [
-            DeadLetter(again, "deliver_limit", NOW + 1)
-        ]
-        assert await store.dlq_size() == {"user": 1}
-        assert await store.backlog() == {}
+    assert json.loads(row[12]) == {
+        "g1": ["acked", 1, NOW - 3],
+        "g2": ["pending", 2, NOW + 10.5],
+        "g3": ["dead", 4, NOW],
+        "g4": ["pending", 0, 0.0],
+    }
+    assert json.loads(row[13]) == ["g2", "g4"]
+    # a record no group has tried: the smallest values, no JSON built
+    [empty] = rows_where(
+        "SELECT succ_groups, fail_groups, group_state, only_groups "
+        f"FROM `{prefix}_0`.`kite_msg_1` WHERE message_id = %s",
+        plain.message_id,
+    )
+    assert empty == ("[]", "[]", "{}", None)
 
 
 # -- dropped connections ------------------------------------------------------------------

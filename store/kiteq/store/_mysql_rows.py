@@ -9,7 +9,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, TypeVar, TypeVarTuple
 
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
+from kiteq.store._groups import failed_groups, legacy_groups
 from kiteq.store._mysql_schema import (
     DLQ_COLUMNS,
     HISTORY_COLUMNS,
@@ -61,6 +62,12 @@ _SUCC_GROUPS: Final = MESSAGE_COLUMNS.index("succ_groups")
 _NEXT_DELIVER_TIME: Final = MESSAGE_COLUMNS.index("next_deliver_time")
 _TOPIC: Final = MESSAGE_COLUMNS.index("topic")
 _COMMIT: Final = MESSAGE_COLUMNS.index("commit")
+_GROUP_STATE: Final = MESSAGE_COLUMNS.index("group_state")
+# group_state of a record no group has tried yet (NULL is a row from before issue #10)
+_NO_GROUPS: Final = "{}"
+_STATES: Final = {state.value: state for state in GroupState}
+# (deliver_count, succ_groups, fail_groups, group_state, only_groups, next_deliver_time)
+_Bookkeeping = tuple[int, str, str, str, str | None, float]
 
 
 # -- rows ------------------------------------------------------------------------------
@@ -110,6 +117,59 @@ def _groups(groups: Sequence[str]) -> str:
     return json.dumps(list(groups), ensure_ascii=False, separators=(",", ":")) if groups else "[]"
 
 
+def _group_state(groups: dict[str, GroupDelivery]) -> str:
+    """The ``group_state`` column: ``{"group": ["pending", attempts, next_deliver_time]}``."""
+    if not groups:
+        return _NO_GROUPS
+    return json.dumps(
+        {g: [d.state.value, d.attempts, d.next_deliver_time] for g, d in groups.items()},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _bookkeeping(record: StoredMessage) -> _Bookkeeping:
+    """The delivery-state columns of *record*, KiteQ's succ/fail groups derived."""
+    groups = record.groups
+    if not groups:
+        succ = fail = "[]"
+    else:
+        succ, fail = _groups(record.succ_groups), _groups(failed_groups(groups))
+    return (
+        _count(record.deliver_count),
+        succ,
+        fail,
+        _group_state(groups),
+        _groups(record.only_groups) if record.only_groups else None,
+        _time(record.next_deliver_time),
+    )
+
+
+def _read_groups(
+    group_state: str | None,
+    succ_groups: str,
+    fail_groups: str,
+    deliver_count: int,
+    next_deliver_time: float,
+    dead_groups: str = "[]",
+) -> dict[str, GroupDelivery]:
+    if group_state is None:
+        # written before issue #10: KiteQ's columns and one count for every group
+        return legacy_groups(
+            json.loads(succ_groups),
+            json.loads(fail_groups),
+            deliver_count,
+            next_deliver_time,
+            json.loads(dead_groups),
+        )
+    if group_state == _NO_GROUPS:
+        return {}
+    return {
+        g: GroupDelivery(_STATES[state], attempts, ndt)
+        for g, (state, attempts, ndt) in json.loads(group_state).items()
+    }
+
+
 def _header(message: Message) -> bytes:
     """The header fields without a column of their own, as JSON (module doc of the schema)."""
     if not (message.fly or message.snappy or message.properties):
@@ -127,6 +187,7 @@ def _header(message: Message) -> bytes:
 def _row(record: StoredMessage) -> _Row:
     """INSERT values, in ``MESSAGE_COLUMNS`` order."""
     m = record.message
+    deliver_count, succ, fail, group_state, only_groups, next_deliver_time = _bookkeeping(record)
     return (
         m.message_id,
         _header(m),
@@ -138,16 +199,19 @@ def _row(record: StoredMessage) -> _Row:
         1 if m.commit else 0,
         record.publish_time,
         m.expired_time,
-        record.deliver_count,
+        deliver_count,
         m.deliver_limit,
         record.kite_server,
-        _groups(record.fail_groups),
-        _groups(record.succ_groups),
-        _time(record.next_deliver_time),
+        fail,
+        succ,
+        next_deliver_time,
+        group_state,
+        only_groups,
     )
 
 
-def _record(row: _Row) -> StoredMessage:
+def _record(row: _Row, dead_groups: str = "[]") -> StoredMessage:
+    """The record of a message row (or of a dead-letter row, naming its *dead_groups*)."""
     (
         message_id,
         header_json,
@@ -165,6 +229,8 @@ def _record(row: _Row) -> StoredMessage:
         fail_groups,
         succ_groups,
         next_deliver_time,
+        group_state,
+        only_groups,
     ) = row[: len(MESSAGE_COLUMNS)]
     header: dict[str, Any] = json.loads(header_json) if header_json else {}
     message = Message(
@@ -185,16 +251,18 @@ def _record(row: _Row) -> StoredMessage:
         message=message,
         publish_time=publish_time,
         deliver_count=deliver_count,
-        succ_groups=tuple(json.loads(succ_groups)),
-        fail_groups=tuple(json.loads(fail_groups)),
+        groups=_read_groups(
+            group_state, succ_groups, fail_groups, deliver_count, next_deliver_time, dead_groups
+        ),
         next_deliver_time=next_deliver_time,
+        only_groups=tuple(json.loads(only_groups)) if only_groups else (),
         kite_server=kite_server,
     )
 
 
 def _dead_letter(row: _Row) -> DeadLetter:
-    reason, dead_time, groups = row[len(MESSAGE_COLUMNS) :]
-    return DeadLetter(_record(row), reason, dead_time, tuple(json.loads(groups)))
+    reason, dead_time, dead_groups, group = row[len(MESSAGE_COLUMNS) :]
+    return DeadLetter(_record(row, dead_groups), reason, dead_time, group)
 
 
 # -- SQL -------------------------------------------------------------------------------
@@ -233,7 +301,15 @@ def _delete_meta_sql(table: str, n: int) -> str:
     return f"DELETE FROM {table} WHERE meta_key IN ({_marks(n)})"  # noqa: S608
 
 
-_RESCHEDULED: Final = ("deliver_count", "succ_groups", "fail_groups", "next_deliver_time")
+# the columns of _Bookkeeping, in its order
+_RESCHEDULED: Final = (
+    "deliver_count",
+    "succ_groups",
+    "fail_groups",
+    "group_state",
+    "only_groups",
+    "next_deliver_time",
+)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -8,9 +8,10 @@ This is KiteQ's ``kite_mysql_shard.go``: for ``shardnum=4``, ids ending in ``0``
 go to ``kite_0.kite_msg_0``-``3``, ids ending in ``c``-``f`` to ``kite_3``.
 
 Every database also holds ``kite_msg_dlq``, the dead-letter queue of its slots (KiteQ's
-table plus ``dead_reason``, ``dead_time`` and ``dead_groups``, the JSON array of the
-groups that had not acked), and ``kite_msg_history``, the events of its slots' messages;
-the first database holds ``kite_meta`` (broker metadata, ``put_meta``).
+table plus ``dead_reason``, ``dead_time``, ``group_id`` (the group it is dead for: one row
+per (message_id, group_id)) and ``dead_groups``, the JSON array naming that group), and
+``kite_msg_history``, the events of its slots' messages; the first database holds
+``kite_meta`` (broker metadata, ``put_meta``).
 
 Columns are KiteQ's, with these deliberate differences:
 
@@ -24,17 +25,30 @@ Columns are KiteQ's, with these deliberate differences:
   ``{"createTime": 1700000000, "fly": true, "snappy": true, "properties": {"k": "v"}}``
   (KiteQ stores the protobuf header here; the wire schema is kept out of storage);
 * ``fail_groups`` / ``succ_groups`` are JSON arrays as in KiteQ, in ``MEDIUMTEXT`` so
-  any number of groups fits;
+  any number of groups fits. Since issue #10 they are derived (still filled for KiteQ's
+  tools): the delivery state is ``group_state``, a JSON object
+  ``{"group": ["pending"|"acked"|"dead", attempts, next_deliver_time]}`` (``{}`` when no
+  group has had an attempt), and ``only_groups``, a JSON array or NULL (no restriction);
+* **upgrade** (issue #10): a schema made before has neither column and one dead-letter
+  row per message. ``create_schema`` (``kiteq-schema``) adds the columns (a NULL
+  ``group_state`` marks a row written before: read from ``succ_groups``/``fail_groups``,
+  every failed group with the message's ``deliver_count`` and ``next_deliver_time``),
+  replaces the DLQ's unique ``idx_message_id`` by ``idx_dlq_key (message_id, group_id)``
+  after splitting each old dead letter into one row per group it names, and widens
+  ``idx_dlq``; each step is idempotent and the schema is reported incomplete until the
+  last one, so an interrupted upgrade is finished by running the command again;
 * the recover index is ``idx_recover (kite_server, commit, next_deliver_time,
   message_id)``, the order ``page_due`` reads in, and it exists: KiteQ's query forces an
   ``idx_recover`` its DDL never creates (it creates ``idx_recover_a``);
 * ``idx_backlog (kite_server, topic)`` counts a broker's backlog without a table scan;
-  in the DLQ, ``idx_dlq (kite_server, message_id)`` pages dead letters by id.
+  in the DLQ, ``idx_dlq (kite_server, message_id, group_id)`` pages dead letters by
+  (message_id, group_id).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -52,6 +66,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.schema import CreateColumn
 
 __all__ = [
     "DLQ_COLUMNS",
@@ -92,9 +107,15 @@ MESSAGE_COLUMNS: Final = (
     "fail_groups",
     "succ_groups",
     "next_deliver_time",
+    # ours, issue #10 (added to older schemas by create_schema)
+    "group_state",
+    "only_groups",
 )
 
-DLQ_COLUMNS: Final = (*MESSAGE_COLUMNS, "dead_reason", "dead_time", "dead_groups")
+DLQ_COLUMNS: Final = (*MESSAGE_COLUMNS, "dead_reason", "dead_time", "dead_groups", "group_id")
+# Columns create_schema adds to a table made before them (every other missing column is
+# only reported): nullable or with a default, so existing rows need no value.
+ADDED_COLUMNS: Final = frozenset({"group_state", "only_groups", "group_id"})
 HISTORY_COLUMNS: Final = (
     "message_id",
     "event_time",
@@ -115,10 +136,15 @@ MESSAGE_INDEXES: Final[_Indexes] = {
 }
 DLQ_INDEXES: Final[_Indexes] = {
     "PRIMARY": (True, ("id",)),
-    "idx_message_id": (True, ("message_id",)),
-    "idx_dlq": (False, ("kite_server", "message_id")),
+    "idx_dlq_key": (True, ("message_id", "group_id")),
+    "idx_dlq": (False, ("kite_server", "message_id", "group_id")),
     "idx_backlog": (False, ("kite_server", "topic")),
 }
+# indexes of a schema made before issue #10, dropped by create_schema: a unique
+# message_id allowed one dead letter per message
+OBSOLETE_DLQ_INDEXES: Final = ("idx_message_id",)
+# rows split into one per group by create_schema
+_UNSPLIT_CHUNK: Final = 1000
 HISTORY_INDEXES: Final[_Indexes] = {
     "PRIMARY": (True, ("seq",)),
     "idx_history": (False, ("message_id", "event_time", "seq")),
@@ -222,6 +248,7 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
             Column("dead_reason", mysql.VARCHAR(64), nullable=False),
             Column("dead_time", mysql.DOUBLE, nullable=False),
             Column("dead_groups", mysql.MEDIUMTEXT, nullable=False),
+            Column("group_id", mysql.VARCHAR(255), nullable=False, server_default=""),
         ]
         if dlq
         else []
@@ -246,6 +273,8 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
         Column("fail_groups", mysql.MEDIUMTEXT, nullable=False),
         Column("succ_groups", mysql.MEDIUMTEXT, nullable=False),
         Column("next_deliver_time", mysql.DOUBLE, nullable=False),
+        Column("group_state", mysql.MEDIUMTEXT, nullable=True),
+        Column("only_groups", mysql.MEDIUMTEXT, nullable=True),
         *dead,
         schema=schema,
         mysql_engine="InnoDB",
@@ -296,7 +325,11 @@ def _in_names(select: str) -> TextClause:
 
 
 def check_schema(conn: Connection, layout: Layout) -> list[str]:
-    """What is missing or wrong, one line each (empty: the schema is complete)."""
+    """What is missing or wrong, one line each (empty: the schema is complete).
+
+    A line starting with ``upgrade`` is a change of a schema made before issue #10 (the
+    others name what is missing: columns, indexes, tables).
+    """
     databases = layout.databases()
     names = {"names": databases}
     found_dbs = {
@@ -347,14 +380,23 @@ def check_schema(conn: Connection, layout: Layout) -> list[str]:
                     f"index {where}.{index} is ({', '.join(c for _, c, _ in got)}), "
                     f"expected {'unique ' if unique else ''}({', '.join(cols)})"
                 )
+        if indexes is DLQ_INDEXES:
+            problems += [
+                f"upgrade of {where}: drop index {index} "
+                "(one dead letter per message, before issue #10)"
+                for index in OBSOLETE_DLQ_INDEXES
+                if (database, name, index) in parts
+            ]
     return problems
 
 
 def create_schema(conn: Connection, layout: Layout) -> list[str]:
-    """Create what is missing (databases, tables, indexes); idempotent.
+    """Create what is missing (databases, tables, indexes) and upgrade; idempotent.
 
-    Returns what it created. Never drops or alters existing columns or indexes: a table
-    whose columns differ is left for ``check_schema`` to report.
+    Returns what it created or changed. The upgrade of a schema made before issue #10
+    (module doc) is the only change to existing tables: ``ADDED_COLUMNS``, the DLQ's
+    indexes and the split of its old rows. Any other difference (a column missing or of
+    another type, an index on other columns) is left for ``check_schema`` to report.
     """
     if not check_schema(conn, layout):
         return []
@@ -374,6 +416,7 @@ def create_schema(conn: Connection, layout: Layout) -> list[str]:
             created.append(f"database {database}")
     before = check_schema(conn, layout)
     metadata = layout.metadata()
+    upgraded = _upgrade(conn, layout, metadata)
     metadata.create_all(conn, checkfirst=True)
     missing = set(check_schema(conn, layout))
     for table in metadata.tables.values():
@@ -382,4 +425,100 @@ def create_schema(conn: Connection, layout: Layout) -> list[str]:
             if f"index {table.schema}.{table.name}.{index.name} ({cols})" in missing:
                 index.create(conn)
     after = set(check_schema(conn, layout))
-    return created + [problem for problem in before if problem not in after]
+    fixed = [problem for problem in before if problem not in after]
+    return list(dict.fromkeys([*created, *upgraded, *fixed]))
+
+
+def _upgrade(conn: Connection, layout: Layout, metadata: MetaData) -> list[str]:
+    """Bring tables made before issue #10 to today's layout; what it did, one line each.
+
+    In this order, so a run stopped anywhere leaves the schema reported incomplete (the
+    unique ``idx_dlq_key`` is created last, by the caller) and the next run goes on.
+    """
+    databases = layout.databases()
+    names = {"names": databases}
+    columns: dict[tuple[str, str], set[str]] = {}
+    for schema, table, column in conn.execute(
+        _in_names(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA"
+        ),
+        names,
+    ):
+        columns.setdefault((schema, table), set()).add(column)
+    indexes: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
+    for schema, table, index, seq, column in conn.execute(
+        _in_names(
+            "SELECT TABLE_SCHEMA, TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX, COLUMN_NAME "
+            "FROM information_schema.STATISTICS WHERE TABLE_SCHEMA"
+        ),
+        names,
+    ):
+        indexes.setdefault((schema, table, index), []).append((int(seq), column))
+    done: list[str] = []
+    for (database, name), expected in layout.expected_tables().items():
+        have = columns.get((database, name))
+        if have is None:
+            continue  # a new table: create_all makes it whole
+        table = metadata.tables[f"{database}.{name}"]
+        quoted = f"`{database}`.`{name}`"
+        missing = [c for c in table.columns if c.name in ADDED_COLUMNS and c.name not in have]
+        if missing:
+            adds = ", ".join(
+                f"ADD COLUMN {CreateColumn(c).compile(dialect=conn.dialect)}" for c in missing
+            )
+            conn.execute(text(f"ALTER TABLE {quoted} {adds}"))
+            done += [f"column {database}.{name}.{c.name}" for c in missing]
+        if expected is not DLQ_INDEXES:
+            continue
+        for index in OBSOLETE_DLQ_INDEXES:
+            if (database, name, index) in indexes:
+                # reported by check_schema before, so the caller lists it as done
+                conn.execute(text(f"ALTER TABLE {quoted} DROP INDEX `{index}`"))
+        split = _split_dead_letters(conn, quoted)
+        if split:
+            done.append(
+                f"upgrade of {database}.{name}: split {split} dead letter(s) into one per group"
+            )
+        got = tuple(c for _, c in sorted(indexes.get((database, name, "idx_dlq"), [])))
+        if got and got != DLQ_INDEXES["idx_dlq"][1]:
+            # the caller creates it again with today's columns
+            conn.execute(text(f"ALTER TABLE {quoted} DROP INDEX `idx_dlq`"))
+    return done
+
+
+def _split_dead_letters(conn: Connection, table: str) -> int:
+    """One row per group for each dead letter written before issue #10; how many.
+
+    Such a row has ``group_id`` '' (the column's default) and names its groups in
+    ``dead_groups``: it becomes the row of its first group, copies are inserted for the
+    others, each batch in one transaction (a row is split whole or not at all).
+    ``dead_groups`` keeps every name, so each copy reads its record with all of them
+    ``DEAD``, as the old row meant.
+    """
+    copied = ", ".join(f"`{c}`" for c in DLQ_COLUMNS if c != "group_id")
+    select = text(
+        f"SELECT id, dead_groups FROM {table} WHERE group_id = '' AND dead_groups <> '[]' "  # noqa: S608
+        f"ORDER BY id LIMIT {_UNSPLIT_CHUNK} FOR UPDATE"
+    )
+    update = text(
+        f"UPDATE {table} SET group_id = :g, dead_groups = :d WHERE id = :id"  # noqa: S608
+    )
+    copy = text(
+        f"INSERT INTO {table} ({copied}, `group_id`) SELECT {copied}, :g FROM {table} "  # noqa: S608
+        "WHERE id = :id"
+    )
+    split = 0
+    while rows := conn.execute(select).all():
+        for row_id, dead_groups in rows:
+            # a group named "" cannot be told from "not split yet": it is the letter of ""
+            groups = [g for g in json.loads(dead_groups) if g]
+            if not groups:
+                conn.execute(update, {"g": "", "d": "[]", "id": row_id})
+                continue
+            conn.execute(update, {"g": groups[0], "d": dead_groups, "id": row_id})
+            for group in groups[1:]:
+                conn.execute(copy, {"g": group, "id": row_id})
+        conn.commit()
+        split += len(rows)
+    return split

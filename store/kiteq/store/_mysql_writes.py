@@ -12,6 +12,7 @@ from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store._mysql_rows import (
     _ROW_OVERHEAD,
+    _Bookkeeping,
     _Row,
 )
 from kiteq.store.base import (
@@ -191,12 +192,23 @@ class _RollbackPart(_RecordPart):
 
 
 class _RedrivePart(_RecordPart):
-    __slots__ = ("now",)
+    """Redrives of (message_id, group) keys.
+
+    ``items[i]`` names the id and ``groups[i]`` the group; ``found`` holds a record at
+    the position of its message's first key.
+    """
+
+    __slots__ = ("groups", "now")
     kind = _Kind.REDRIVE
 
     def __init__(self, call: _RecordCall, shard: int, now: float) -> None:
         super().__init__(call, shard)
         self.now = now
+        self.groups: list[str] = []
+
+
+# (table, message_id, then the _Bookkeeping columns)
+_Change = tuple[int, str, int, str, str, str, str | None, float]
 
 
 class _ReschedulePart(_Part):
@@ -205,8 +217,7 @@ class _ReschedulePart(_Part):
 
     def __init__(self, call: _Call, shard: int) -> None:
         super().__init__(call, shard)
-        # (table, message_id, deliver_count, succ_groups, fail_groups, next_deliver_time)
-        self.items: list[tuple[int, str, int, str, str, float]] = []
+        self.items: list[_Change] = []
 
     def ids(self) -> Iterable[str]:
         return (item[1] for item in self.items)
@@ -225,7 +236,8 @@ class _DeletePart(_Part):
         return (item[1] for item in self.items)
 
 
-_Letter = tuple[int, str, int, str, str, float, str, float, str]
+# (table, message_id, the record's bookkeeping, reason, dead_time, group, keep)
+_Letter = tuple[int, str, _Bookkeeping, str, float, str, bool]
 
 
 class _DeadLetterPart(_Part):
@@ -234,8 +246,6 @@ class _DeadLetterPart(_Part):
 
     def __init__(self, call: _Call, shard: int) -> None:
         super().__init__(call, shard)
-        # (table, message_id, deliver_count, succ_groups, fail_groups, next_deliver_time,
-        #  reason, dead_time, groups)
         self.items: list[_Letter] = []
 
     def ids(self) -> Iterable[str]:
@@ -323,7 +333,8 @@ class _Transaction:
 
     def __init__(self) -> None:
         self.backlog: collections.Counter[str] = collections.Counter()
-        self.dlq: collections.Counter[str] = collections.Counter()
+        # per (topic, group)
+        self.dlq: collections.Counter[tuple[str, str]] = collections.Counter()
         self.committing = False
 
 

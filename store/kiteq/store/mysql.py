@@ -11,8 +11,9 @@ row conversion and SQL in ``_mysql_rows``; the queued-write parts in ``_mysql_wr
     kiteq-schema --check 'mysql://root:pw@db:3306?db=kite&shardnum=4'  # exit 1 naming gaps
     python -m kiteq.store.mysql [--check] URL                          # the same
 
-``open`` checks the schema and refuses to start when something is missing, naming that
-command; with ``autoCreate=true`` in the URL it creates what is missing instead.
+``open`` checks the schema and refuses to start when something is missing or the schema
+is older (made before issue #10: the command upgrades it, see ``_mysql_schema``), naming
+that command; with ``autoCreate=true`` in the URL it creates or upgrades instead.
 
 **Writes: group commit, one transaction per database.** Each database (shard) has one
 writer. Every write call (``save``, ``commit``, ``rollback``, ``reschedule``,
@@ -33,8 +34,10 @@ it) and are otherwise grouped into few statements per table:
   IN (…)`` per ``batchUpdateSize`` rows (an executemany UPDATE would be one statement
   per row);
 * deletes: ``DELETE … WHERE message_id IN (…)`` per ``batchDelSize`` ids;
-* dead letters and redrives: rows read ``FOR UPDATE``, inserted into the other table and
-  deleted from theirs, in the same transaction (never in both, never in neither);
+* dead letters and redrives: rows read ``FOR UPDATE``; a message's dead-letter rows (one
+  per (message_id, group_id)) are inserted and its row updated (other groups still have
+  it) or deleted in the same transaction; a redrive deletes dead-letter rows and makes
+  the groups pending again in the stored row, or inserts the row again for them;
 * history events: one ``executemany`` INSERT.
 
 A caller's ``await`` returns when every transaction holding its writes has committed,
@@ -67,7 +70,7 @@ in id order. ``backlog`` and ``dlq_size``
 are counted at open and kept up to date from the writes' row counts. Only rows whose
 ``kite_server`` is this store's owner (``kiteServer``, by default the host name the
 broker stamps) are paged, counted and listed in the DLQ; ``get``, ``commit``,
-``rollback``, ``get_dead_letter`` and ``redrive`` address any row by id.
+``rollback``, ``get_dead_letters`` and ``redrive`` address any row by id.
 
 **Takeover.** ``take_over(owner)`` gives this store's owner the rows of another owner
 (a dead broker sharing the database; see ``kiteq.handler.takeover``), in batches of
@@ -88,25 +91,22 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 import pymysql
 from sqlalchemy import URL, Connection, Engine, create_engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from kiteq.core.errors import ConfigError, StoreError, StoreUnavailableError
-from kiteq.core.limits import MAX_EXPIRY_SECONDS
 from kiteq.core.message import StoredMessage
+from kiteq.store._groups import redrive_groups
 from kiteq.store._mysql_rows import (
     _COLUMNS,
     _COMMIT,
     _DEADLOCK,
-    _DELIVER_COUNT,
     _DETAIL_CHARS,
     _DLQ_COLUMNS,
     _DUPLICATE_KEY,
-    _EXPIRED_TIME,
-    _FAIL_GROUPS,
     _HISTORY_COLUMNS,
     _KIND_CHARS,
     _KITE_SERVER,
@@ -115,14 +115,14 @@ from kiteq.store._mysql_rows import (
     _MAX_FLUSH_BYTES,
     _MAX_NAME,
     _MAX_TIME,
-    _NEXT_DELIVER_TIME,
     _PRUNE_CHUNK,
     _READ_CHUNK,
     _REASON_CHARS,
+    _RESCHEDULED,
     _ROW_OVERHEAD,
-    _SUCC_GROUPS,
     _T,
     _TOPIC,
+    _bookkeeping,
     _chunks,
     _commit_sql,
     _count,
@@ -157,6 +157,7 @@ from kiteq.store._mysql_schema import (
 )
 from kiteq.store._mysql_writes import (
     _Call,
+    _Change,
     _CommitPart,
     _DeadLetterPart,
     _DeletePart,
@@ -181,6 +182,7 @@ from kiteq.store._mysql_writes import (
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
+    DlqKey,
     DueCursor,
     HistoryEvent,
     Rescheduled,
@@ -190,6 +192,18 @@ from kiteq.store.base import (
 from kiteq.store.url import MySQLOptions, mysql_options
 
 _PartT = TypeVar("_PartT", bound=_Part)
+_Count = TypeVar("_Count", str, tuple[str, str])
+# dead letters per (topic, group)
+_DlqCounts = dict[tuple[str, str], int]
+# positions of the bookkeeping columns in a MESSAGE_COLUMNS row, in _Bookkeeping order
+_BOOKKEEPING: Final = tuple(MESSAGE_COLUMNS.index(c) for c in _RESCHEDULED)
+# a dead-letter row read for a move: its primary key first, then DLQ_COLUMNS
+_DLQ_ROW: Final = "id, " + _DLQ_COLUMNS
+_MESSAGE_ID_AT: Final = 1 + DLQ_COLUMNS.index("message_id")
+_GROUP_AT: Final = 1 + DLQ_COLUMNS.index("group_id")
+_DEAD_TIME_AT: Final = 1 + DLQ_COLUMNS.index("dead_time")
+_DLQ_TOPIC_AT: Final = 1 + DLQ_COLUMNS.index("topic")
+_DLQ_OWNER_AT: Final = 1 + DLQ_COLUMNS.index("kite_server")
 
 __all__ = ["MySQLStore", "page_keys_sql", "schema_command", "schema_main"]
 
@@ -275,14 +289,14 @@ class MySQLStore:
         self._page_sql = page_keys_sql(self._slots)
         self._uncommitted_sql = uncommitted_keys_sql(self._slots)
         self._status: Literal["new", "opening", "open", "closed"] = "new"
-        self._opening: asyncio.Future[tuple[dict[str, int], dict[str, int]]] | None = None
+        self._opening: asyncio.Future[tuple[dict[str, int], _DlqCounts]] | None = None
         self._closing: asyncio.Future[None] | None = None
         self._shards = [_Shard(i) for i in range(options.shardnum)]
         self._draining = False
         self._drained: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backlog: dict[str, int] = {}
-        self._dlq: dict[str, int] = {}
+        self._dlq: _DlqCounts = {}
         self._foreign: set[str] = set()
         self._transactions = 0
 
@@ -339,7 +353,7 @@ class MySQLStore:
             time.monotonic() - started,
         )
 
-    def _open_sync(self) -> tuple[dict[str, int], dict[str, int]]:
+    def _open_sync(self) -> tuple[dict[str, int], _DlqCounts]:
         with self._translated("open"), self._engine.connect() as conn:
             if self._options.auto_create:
                 created = create_schema(conn, self._layout)
@@ -352,17 +366,15 @@ class MySQLStore:
                     f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
                 )
                 raise StoreUnavailableError(
-                    f"{self.description}: the schema is incomplete (missing {shown}); "
-                    f"create it with {schema_command(self._options)}, "
-                    "or add autoCreate=true to the store URL"
+                    f"{self.description}: the schema is incomplete or from an older "
+                    f"version (needs: {shown}); create or upgrade it with "
+                    f"{schema_command(self._options)}, or add autoCreate=true to the store URL"
                 )
-            return (
-                self._count(conn, [table for _, table in self._slots]),
-                self._count(conn, self._dlq_tables),
-            )
+            return self._count(conn), self._count_dead(conn)
 
-    def _count(self, conn: Connection, tables: list[str]) -> dict[str, int]:
-        """Rows of this owner per topic in *tables* (idx_backlog)."""
+    def _count(self, conn: Connection) -> dict[str, int]:
+        """Messages of this owner per topic (idx_backlog)."""
+        tables = [table for _, table in self._slots]
         sql = " UNION ALL ".join(
             f"(SELECT topic, COUNT(*) FROM {table} WHERE kite_server = %s GROUP BY topic)"  # noqa: S608
             for table in tables
@@ -370,6 +382,19 @@ class MySQLStore:
         counts: collections.Counter[str] = collections.Counter()
         for topic, count in conn.exec_driver_sql(sql, (self._owner,) * len(tables)):
             counts[topic] += int(count)
+        return dict(counts)
+
+    def _count_dead(self, conn: Connection) -> _DlqCounts:
+        """Dead letters of this owner per (topic, group)."""
+        tables = self._dlq_tables
+        sql = " UNION ALL ".join(
+            f"(SELECT topic, group_id, COUNT(*) FROM {table} WHERE kite_server = %s "  # noqa: S608
+            "GROUP BY topic, group_id)"
+            for table in tables
+        )
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        for topic, group, count in conn.exec_driver_sql(sql, (self._owner,) * len(tables)):
+            counts[(topic, group)] += int(count)
         return dict(counts)
 
     async def close(self) -> None:
@@ -455,19 +480,20 @@ class MySQLStore:
         await self._submit(call, [part] if part.items else [])
         return call.records[0]
 
-    async def redrive(self, message_ids: Sequence[str], now: float) -> list[StoredMessage]:
-        if not message_ids:
+    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+        if not keys:
             self._check_open()
             return []
-        call = _RecordCall(len(message_ids))
+        call = _RecordCall(len(keys))
         parts: dict[int, _RedrivePart] = {}
-        for position, message_id in enumerate(message_ids):
+        for position, (message_id, group) in enumerate(keys):
             if not _storable_id(message_id):
                 continue
             part, table = self._part(
                 parts, message_id, lambda shard_: _RedrivePart(call, shard_, now)
             )
             part.items.append((position, table, message_id))
+            part.groups.append(group[:_MAX_NAME])
         await self._submit(call, list(parts.values()))
         return [record for record in call.records if record is not None]
 
@@ -483,16 +509,7 @@ class MySQLStore:
             part, table = self._part(
                 parts, record.message_id, lambda shard_: _ReschedulePart(call, shard_)
             )
-            part.items.append(
-                (
-                    table,
-                    record.message_id,
-                    _count(record.deliver_count),
-                    _groups(record.succ_groups),
-                    _groups(record.fail_groups),
-                    _time(record.next_deliver_time),
-                )
-            )
+            part.items.append((table, record.message_id, *_bookkeeping(record)))
         await self._submit(call, self._sized(parts))
 
     async def delete(self, records: Sequence[StoredMessage]) -> None:
@@ -526,13 +543,11 @@ class MySQLStore:
                 (
                     table,
                     record.message_id,
-                    _count(record.deliver_count),
-                    _groups(record.succ_groups),
-                    _groups(record.fail_groups),
-                    _time(record.next_deliver_time),
+                    _bookkeeping(record),
                     letter.reason[:_REASON_CHARS],
                     _time(letter.dead_time),
-                    _groups(letter.groups),
+                    letter.group[:_MAX_NAME],
+                    letter.keep,
                 )
             )
         await self._submit(call, self._sized(parts))
@@ -814,49 +829,88 @@ class MySQLStore:
             deleted += conn.exec_driver_sql(_delete_sql(table, len(chunk)), tuple(chunk)).rowcount
         return deleted
 
+    def _locked_dead(self, conn: Connection, dlq: str, ids: Sequence[str]) -> list[_Row]:
+        """The dead-letter rows (``_DLQ_ROW``) of the messages *ids*, locked until COMMIT."""
+        found: list[_Row] = []
+        for chunk in _chunks(ids, _READ_CHUNK):
+            sql = _select_sql(dlq, _DLQ_ROW, len(chunk), lock=True)
+            found += (tuple(row) for row in conn.exec_driver_sql(sql, tuple(chunk)))
+        return found
+
+    def _delete_dead(
+        self, conn: Connection, dlq: str, rows: Sequence[_Row], tx: _Transaction
+    ) -> None:
+        """Delete dead-letter rows read by ``_locked_dead``, by primary key, and uncount them."""
+        for chunk in _chunks(rows, self._options.batch_del_size):
+            conn.exec_driver_sql(
+                f"DELETE FROM {dlq} WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+                tuple(row[0] for row in chunk),
+            )
+        for row in rows:
+            if row[_DLQ_OWNER_AT] == self._owner:
+                tx.dlq[(row[_DLQ_TOPIC_AT], row[_GROUP_AT])] -= 1
+
     def _apply_redrives(
         self, conn: Connection, shard: int, redrives: list[_RedrivePart], tx: _Transaction
     ) -> None:
-        # id -> (table, now, part, position) of its first redrive in this run: a later
-        # one finds no dead letter left
-        wanted: dict[str, tuple[int, float, _RedrivePart, int]] = {}
+        # id -> (table, now, part, position) of its first key in this run; later keys of
+        # a message join its redrive, keys repeated find no dead letter left
+        first: dict[str, tuple[int, float, _RedrivePart, int]] = {}
+        wanted: set[DlqKey] = set()
         for part in redrives:
-            for position, table, message_id in part.items:
-                wanted.setdefault(message_id, (table, part.now, part, position))
+            for (position, table, message_id), group in zip(part.items, part.groups, strict=True):
+                first.setdefault(message_id, (table, part.now, part, position))
+                wanted.add((message_id, group))
         dlq = self._dlq_tables[shard]
-        dead = self._locked_rows(conn, dlq, _DLQ_COLUMNS, list(wanted))
+        dead = [
+            row
+            for row in self._locked_dead(conn, dlq, list(first))
+            if (row[_MESSAGE_ID_AT], row[_GROUP_AT]) in wanted
+        ]
         if not dead:
             return
-        self._delete_ids(conn, dlq, list(dead))
-        for letter in dead.values():
-            if letter[_KITE_SERVER] == self._owner:
-                tx.dlq[letter[_TOPIC]] -= 1
+        self._delete_dead(conn, dlq, dead, tx)
+        # id -> (its latest dead-letter row, the groups redriven)
+        revived: dict[str, tuple[_Row, list[str]]] = {}
+        for row in dead:
+            message_id = row[_MESSAGE_ID_AT]
+            latest, groups = revived.get(message_id, (row, []))
+            groups.append(row[_GROUP_AT])
+            # the latest letter has the latest state of the message's other groups
+            revived[message_id] = (
+                row if row[_DEAD_TIME_AT] >= latest[_DEAD_TIME_AT] else latest,
+                groups,
+            )
         by_table: dict[int, list[str]] = {}
-        for message_id in dead:
-            by_table.setdefault(wanted[message_id][0], []).append(message_id)
+        for message_id in revived:
+            by_table.setdefault(first[message_id][0], []).append(message_id)
         for table, ids in by_table.items():
             name = self._tables[shard][table]
-            live = self._locked_ids(conn, name, ids)
+            live = self._locked_rows(conn, name, _COLUMNS, ids)
             rows: list[_Row] = []
+            updates: list[tuple[object, ...]] = []
             for message_id in ids:
-                if message_id in live:
-                    # Saved again since it died: the live copy is delivered anyway.
-                    logger.info("redrive of a live message id=%s: dead letter dropped", message_id)
-                    continue
-                _, now, part, position = wanted[message_id]
-                row = list(dead[message_id][: len(MESSAGE_COLUMNS)])
-                row[_DELIVER_COUNT] = 0
-                row[_FAIL_GROUPS] = "[]"
-                row[_NEXT_DELIVER_TIME] = _time(now)
-                if 0 < row[_EXPIRED_TIME] <= now:
-                    row[_EXPIRED_TIME] = int(now) + MAX_EXPIRY_SECONDS
-                rows.append(tuple(row))
-                if row[_KITE_SERVER] == self._owner:
-                    tx.backlog[row[_TOPIC]] += 1
-                if row[_COMMIT]:
-                    part.found[position] = _record(tuple(row))
+                latest, groups = revived[message_id]
+                _, now, part, position = first[message_id]
+                stored = live.get(message_id)
+                record = _record(stored) if stored is not None else _dead_letter(latest[1:]).record
+                redrive_groups(record, groups, now, still_stored=stored is not None)
+                if stored is None:
+                    rows.append(_row(record))
+                    if record.kite_server == self._owner:
+                        tx.backlog[record.topic] += 1
+                else:
+                    updates.append((*_bookkeeping(record), record.message.expired_time, message_id))
+                if record.message.commit:
+                    part.found[position] = record
             if rows:
                 conn.exec_driver_sql(_insert_sql(name, _COLUMNS, len(MESSAGE_COLUMNS)), rows)
+            if updates:
+                sets = ", ".join(f"`{c}` = %s" for c in (*_RESCHEDULED, "expired_time"))
+                conn.exec_driver_sql(
+                    f"UPDATE {name} SET {sets} WHERE message_id = %s",  # noqa: S608
+                    updates,
+                )
 
     def _apply_decisions(
         self,
@@ -902,62 +956,86 @@ class MySQLStore:
     def _apply_reschedules(
         self, conn: Connection, shard: int, parts: list[_ReschedulePart]
     ) -> None:
-        latest: dict[str, tuple[int, str, int, str, str, float]] = {}
+        latest: dict[str, _Change] = {}
         for part in parts:
             for item in part.items:
                 latest[item[1]] = item  # the last change of an id wins
-        by_table: dict[int, list[tuple[int, str, int, str, str, float]]] = {}
+        by_table: dict[int, list[_Change]] = {}
         for item in latest.values():
             by_table.setdefault(item[0], []).append(item)
         for table, items in by_table.items():
-            name = self._tables[shard][table]
-            for chunk in _chunks(items, self._options.batch_update_size):
-                params: list[object] = []
-                for column in (2, 3, 4, 5):
-                    for item in chunk:
-                        params += (item[1], item[column])
-                params += (item[1] for item in chunk)
-                conn.exec_driver_sql(_reschedule_sql(name, len(chunk)), tuple(params))
+            self._update_bookkeeping(conn, self._tables[shard][table], items)
+
+    def _update_bookkeeping(self, conn: Connection, name: str, items: Sequence[_Change]) -> None:
+        """Write the bookkeeping columns of *items* (one id each).
+
+        ``batchUpdateSize`` rows per statement.
+        """
+        columns = range(2, 2 + len(_RESCHEDULED))
+        for chunk in _chunks(items, self._options.batch_update_size):
+            params: list[object] = []
+            for column in columns:
+                for item in chunk:
+                    params += (item[1], item[column])
+            params += (item[1] for item in chunk)
+            conn.exec_driver_sql(_reschedule_sql(name, len(chunk)), tuple(params))
 
     def _apply_dead_letters(
         self, conn: Connection, shard: int, parts: list[_DeadLetterPart], tx: _Transaction
     ) -> None:
-        first: dict[str, _Letter] = {}
+        # id -> its letters in call order; table of the id
+        letters: dict[str, list[_Letter]] = {}
         for part in parts:
             for item in part.items:
-                first.setdefault(item[1], item)  # the first letter of an id moves it
+                letters.setdefault(item[1], []).append(item)
         by_table: dict[int, list[str]] = {}
-        for message_id, item in first.items():
-            by_table.setdefault(item[0], []).append(message_id)
+        for message_id, mine in letters.items():
+            by_table.setdefault(mine[0][0], []).append(message_id)
         dlq = self._dlq_tables[shard]
         for table, ids in by_table.items():
             name = self._tables[shard][table]
             live = self._locked_rows(conn, name, _COLUMNS, ids)
             if not live:
                 continue
-            # A letter of an id saved again after it died replaces the old letter.
-            replaced = self._locked_rows(conn, dlq, "message_id, topic, kite_server", list(live))
-            if replaced:
-                self._delete_ids(conn, dlq, list(replaced))
-                for _, topic, owner in replaced.values():
-                    if owner == self._owner:
-                        tx.dlq[topic] -= 1
+            keys: set[DlqKey] = {
+                (message_id, item[5]) for message_id in live for item in letters[message_id]
+            }
+            # a letter of a key already there (say, an id saved again) replaces it
+            replaced = [
+                row
+                for row in self._locked_dead(conn, dlq, list(live))
+                if (row[_MESSAGE_ID_AT], row[_GROUP_AT]) in keys
+            ]
+            self._delete_dead(conn, dlq, replaced, tx)
             rows: list[_Row] = []
+            kept: list[_Change] = []
+            removed: list[str] = []
             for message_id, stored in live.items():
-                _, _, count, succ, fail, ndt, reason, dead_time, groups = first[message_id]
-                row = list(stored)
-                # The caller's bookkeeping is the latest (as in reschedule); the message
-                # and its committed flag are the stored ones.
-                row[_DELIVER_COUNT] = count
-                row[_SUCC_GROUPS] = succ
-                row[_FAIL_GROUPS] = fail
-                row[_NEXT_DELIVER_TIME] = ndt
-                rows.append((*row, reason, dead_time, groups))
-                if stored[_KITE_SERVER] == self._owner:
-                    tx.backlog[stored[_TOPIC]] -= 1
-                    tx.dlq[stored[_TOPIC]] += 1
+                mine = letters[message_id]
+                owned = stored[_KITE_SERVER] == self._owner
+                # the last letter of a key wins
+                final = {item[5]: item for item in mine}
+                for _, _, bookkeeping, reason, dead_time, group, _ in final.values():
+                    row = list(stored)
+                    # The caller's bookkeeping is the latest (as in reschedule); the message
+                    # and its committed flag are the stored ones.
+                    for at, value in zip(_BOOKKEEPING, bookkeeping, strict=True):
+                        row[at] = value
+                    rows.append((*row, reason, dead_time, _groups([group] if group else ()), group))
+                    if owned:
+                        tx.dlq[(stored[_TOPIC], group)] += 1
+                last = mine[-1]
+                if last[6]:
+                    kept.append((table, message_id, *last[2]))
+                else:
+                    removed.append(message_id)
+                    if owned:
+                        tx.backlog[stored[_TOPIC]] -= 1
             conn.exec_driver_sql(_insert_sql(dlq, _DLQ_COLUMNS, len(DLQ_COLUMNS)), rows)
-            self._delete_ids(conn, name, list(live))
+            if kept:
+                self._update_bookkeeping(conn, name, kept)
+            if removed:
+                self._delete_ids(conn, name, removed)
 
     def _apply_deletes(
         self, conn: Connection, shard: int, parts: list[_DeletePart], tx: _Transaction
@@ -1062,37 +1140,40 @@ class MySQLStore:
         self._check_open()
         return dict(self._backlog)
 
-    async def dlq_size(self) -> dict[str, int]:
+    async def dlq_size(self) -> dict[tuple[str, str], int]:
         self._check_open()
         return dict(self._dlq)
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: str | None = None
+        self, where: DlqFilter, limit: int, after: DlqKey | None = None
     ) -> list[DeadLetter]:
         self._check_open()
         if limit <= 0:
             return []
-        conditions = ["kite_server = %s", "message_id > %s"]
-        values: list[object] = [self._owner, after or ""]
+        conditions = ["kite_server = %s"]
+        values: list[object] = [self._owner]
+        if after is not None:
+            # the first condition is the range idx_dlq is scanned over
+            conditions.append("message_id >= %s AND (message_id > %s OR group_id > %s)")
+            values += (after[0], after[0], after[1])
         for column, value in (
             ("topic", where.topic),
             ("message_type", where.message_type),
             ("dead_reason", where.reason),
+            ("group_id", where.group),
         ):
             if value:
                 conditions.append(f"`{column}` = %s")
                 values.append(value)
-        if where.group:
-            conditions.append("JSON_CONTAINS(dead_groups, JSON_QUOTE(%s))")
-            values.append(where.group)
         condition = " AND ".join(conditions)
-        branch = "(SELECT {columns} FROM {table} WHERE {condition} ORDER BY message_id LIMIT %s)"
+        order = "ORDER BY message_id, group_id LIMIT %s"
+        branch = "(SELECT {columns} FROM {table} WHERE {condition} {order})"
         sql = (
             " UNION ALL ".join(
-                branch.format(columns=_DLQ_COLUMNS, table=table, condition=condition)
+                branch.format(columns=_DLQ_COLUMNS, table=table, condition=condition, order=order)
                 for table in self._dlq_tables
             )
-            + " ORDER BY message_id LIMIT %s"
+            + f" {order}"
         )
         params = (*values, limit) * len(self._dlq_tables) + (limit,)
 
@@ -1101,16 +1182,18 @@ class MySQLStore:
 
         return await self._run(self._read_sync, "list_dlq", read)
 
-    async def get_dead_letter(self, message_id: str) -> DeadLetter | None:
+    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
         self._check_open()
         shard, _ = self._layout.route(message_id)
-        sql = _select_sql(self._dlq_tables[shard], _DLQ_COLUMNS, 1)
+        sql = (
+            f"SELECT {_DLQ_COLUMNS} FROM {self._dlq_tables[shard]} "  # noqa: S608
+            "WHERE message_id = %s ORDER BY group_id"
+        )
 
-        def read(conn: Connection) -> DeadLetter | None:
-            row = conn.exec_driver_sql(sql, (message_id,)).first()
-            return None if row is None else _dead_letter(tuple(row))
+        def read(conn: Connection) -> list[DeadLetter]:
+            return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, (message_id,))]
 
-        return await self._run(self._read_sync, "get_dead_letter", read)
+        return await self._run(self._read_sync, "get_dead_letters", read)
 
     async def get_history(self, message_id: str) -> list[HistoryEvent]:
         self._check_open()
@@ -1198,37 +1281,57 @@ class MySQLStore:
 
     def _take_over_sync(self, owner: str, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
         """(messages, dead letters) moved; each batch's counts are applied once committed."""
-        totals = {"messages": 0, "dead": 0}
+        moved = sum(
+            self._take_over_table(owner, loop, table, "message_id", "topic", self._backlog)
+            for _, table in self._slots
+        )
+        # by primary key: a batch may end between two dead letters of one message
+        dead = sum(
+            self._take_over_table(owner, loop, table, "id", "topic, group_id", self._dlq)
+            for table in self._dlq_tables
+        )
+        return moved, dead
+
+    def _take_over_table(
+        self,
+        owner: str,
+        loop: asyncio.AbstractEventLoop,
+        table: str,
+        key: str,
+        counted: str,
+        counts: dict[_Count, int],
+    ) -> int:
+        """Move *table*'s rows of *owner* in batches by *key*; how many.
+
+        *counted* names the columns of the counts' keys (one: a str, two: a tuple).
+        """
         size = max(1, self._options.batch_update_size)
-        tables = [(table, self._backlog, "messages") for _, table in self._slots]
-        tables += [(table, self._dlq, "dead") for table in self._dlq_tables]
-        for table, counts, kind in tables:
-            select = (
-                f"SELECT message_id, topic FROM {table} WHERE kite_server = %s "  # noqa: S608
-                f"LIMIT {size} FOR UPDATE"
-            )
-            while True:
+        select = (
+            f"SELECT {key}, {counted} FROM {table} WHERE kite_server = %s "  # noqa: S608
+            f"LIMIT {size} FOR UPDATE"
+        )
+        update = f"UPDATE {table} SET kite_server = %s WHERE kite_server = %s AND {key} IN "  # noqa: S608
 
-                def batch(conn: Connection, table: str = table, select: str = select) -> _Row:
-                    rows = conn.exec_driver_sql(select, (owner,)).all()
-                    if rows:
-                        conn.exec_driver_sql(
-                            f"UPDATE {table} SET kite_server = %s "  # noqa: S608
-                            f"WHERE kite_server = %s AND message_id IN ({_marks(len(rows))})",
-                            (self._owner, owner, *(row[0] for row in rows)),
-                        )
-                    conn.commit()
-                    return tuple(rows)
+        def batch(conn: Connection) -> _Row:
+            found: _Row = tuple(conn.exec_driver_sql(select, (owner,)).all())
+            if found:
+                conn.exec_driver_sql(
+                    f"{update}({_marks(len(found))})",
+                    (self._owner, owner, *(row[0] for row in found)),
+                )
+            conn.commit()
+            return found
 
-                rows = self._retried_sync("take_over", batch)
-                if rows:
-                    # on the loop (FIFO: before this call returns), even if a later batch fails
-                    topics = collections.Counter(str(topic) for _, topic in rows)
-                    loop.call_soon_threadsafe(_apply_counts, counts, dict(topics))
-                    totals[kind] += len(rows)
-                if len(rows) < size:
-                    break
-        return totals["messages"], totals["dead"]
+        total = 0
+        while True:
+            rows = self._retried_sync("take_over", batch)
+            if rows:
+                keys = [row[1] if len(row) == 2 else tuple(row[1:]) for row in rows]
+                # on the loop (FIFO: before this call returns), even if a later batch fails
+                loop.call_soon_threadsafe(_apply_counts, counts, dict(collections.Counter(keys)))
+                total += len(rows)
+            if len(rows) < size:
+                return total
 
     def _retried_sync(self, action: str, work: Callable[[Connection], _T]) -> _T:
         """``_read_sync``, also retried on a deadlock or a lock wait timeout."""
@@ -1288,15 +1391,15 @@ class MySQLStore:
             raise self._unavailable(action, exc) from exc
 
 
-def _apply_counts(counts: dict[str, int], deltas: Mapping[str, int]) -> None:
-    for topic, delta in deltas.items():
+def _apply_counts(counts: dict[_Count, int], deltas: Mapping[_Count, int]) -> None:
+    for key, delta in deltas.items():
         if not delta:
             continue
-        count = counts.get(topic, 0) + delta
+        count = counts.get(key, 0) + delta
         if count > 0:
-            counts[topic] = count
+            counts[key] = count
         else:
-            counts.pop(topic, None)
+            counts.pop(key, None)
 
 
 # -- the schema command ------------------------------------------------------------------
@@ -1339,11 +1442,15 @@ def schema_main(argv: Sequence[str] | None = None) -> int:
     finally:
         engine.dispose()
     for line in created:
-        out.write(f"created {line}\n")
+        out.write(f"{line}\n" if line.startswith("upgrade") else f"created {line}\n")
     if problems:
         for line in problems:
-            err.write(f"missing {line}\n")
-        hint = "" if args.check else " (existing tables with other columns are never altered)"
+            err.write(f"{line}\n" if line.startswith("upgrade") else f"missing {line}\n")
+        hint = (
+            ""
+            if args.check
+            else " (existing tables are altered only to upgrade a schema from before issue #10)"
+        )
         err.write(f"kiteq-schema: schema incomplete: {len(problems)} problem(s){hint}\n")
         return 1
     out.write(
