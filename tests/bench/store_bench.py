@@ -6,6 +6,7 @@ loop. Every phase is bounded by a record count and a time limit::
     python tests/bench/store_bench.py                       # memory and rocksdb (fsync=batch)
     python tests/bench/store_bench.py --fsync batch,never --callers 1,16 --max-seconds 2
     python tests/bench/store_bench.py --backends mysql      # the local MariaDB (--mysql-url)
+    python tests/bench/store_bench.py --groups 1            # reschedules carry group state
 
 MySQL runs use fresh databases (``kqbench_<random>``, created with ``autoCreate=true`` and
 dropped afterwards) on the server of ``--mysql-url``, whose parameters apply
@@ -16,6 +17,11 @@ Columns: records/s per phase; ``loop us/call`` is the CPU the calling (event loo
 spent per ``save`` call, encoding included, measured with ``time.thread_time``;
 ``cpu us/rec`` is the whole process's CPU per saved record (writer thread included);
 ``batches`` is how many WriteBatches (RocksDB) or transactions (MySQL) the saves took.
+
+Records are saved with no per-group state (no group has had an attempt yet, the common
+case); a reschedule sets deliver_count 1 and, with ``--groups N``, N pending groups with
+one attempt each (issue #10's per-group state; 0 by default, the workload of the
+benchmark before it).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from kiteq.core.message import Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
 from kiteq.store.base import MessageStore, Rescheduled, Saved
 from kiteq.store.url import open_store
 
@@ -102,7 +108,13 @@ async def run_phase(
 
 
 async def bench_one(
-    url: str, batch_size: int, callers: int, records: int, body: bytes, max_seconds: float
+    url: str,
+    batch_size: int,
+    callers: int,
+    records: int,
+    body: bytes,
+    max_seconds: float,
+    groups: int = 0,
 ) -> tuple[Phase, Phase, Phase, int | None]:
     store: MessageStore = open_store(url)
     await store.open()
@@ -125,7 +137,15 @@ async def bench_one(
             changes = [
                 Rescheduled(
                     dataclasses.replace(
-                        r, deliver_count=1, next_deliver_time=r.next_deliver_time + 5
+                        r,
+                        deliver_count=1,
+                        groups={
+                            f"group-{i}": GroupDelivery(
+                                GroupState.PENDING, 1, r.next_deliver_time + 5
+                            )
+                            for i in range(groups)
+                        },
+                        next_deliver_time=r.next_deliver_time + 5,
                     ),
                     r.next_deliver_time,
                 )
@@ -191,7 +211,13 @@ async def main(args: argparse.Namespace) -> None:
                     url = template.format(run=f"{session}_{run}")
                     try:
                         saved, rescheduled, deleted, batches = await bench_one(
-                            url, batch_size, callers, args.records, body, args.max_seconds
+                            url,
+                            batch_size,
+                            callers,
+                            args.records,
+                            body,
+                            args.max_seconds,
+                            args.groups,
                         )
                     finally:
                         if url.startswith("mysql://"):
@@ -219,6 +245,9 @@ if __name__ == "__main__":
     parser.add_argument("--records", type=int, default=20_000, help="per run, at most")
     parser.add_argument("--body", type=int, default=1024, help="body bytes")
     parser.add_argument("--max-seconds", type=float, default=2.0, help="per phase, at most")
+    parser.add_argument(
+        "--groups", type=int, default=0, help="pending groups set by each reschedule"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     parser.add_argument(
         "--mysql-url",
