@@ -8,6 +8,7 @@ atomic.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -268,6 +269,27 @@ async def test_redrive_of_two_groups_in_one_call_stores_the_message_once(
     assert back.groups == {"x": pending(0, NOW), "y": pending(0, NOW)}
     assert await store.backlog() == {"trade": 1}
     assert await store.dlq_size() == {}
+
+
+async def test_concurrent_redrives_of_two_groups_each_get_the_message(
+    store: MessageStore,
+) -> None:
+    r = record()
+    await store.save([r])
+    state = bookkept(r, NOW, groups={"x": dead(4), "y": dead(2)})
+    await store.dead_letter([letter(state, group="x"), letter(state, group="y")])
+    # issued together, so the batching backends apply them in one write
+    x, y = await asyncio.gather(
+        store.redrive([(r.message_id, "x")], NOW), store.redrive([(r.message_id, "y")], NOW)
+    )
+    assert (ids(x), ids(y)) == ([r.message_id], [r.message_id])
+    got = await store.get(r.message_id)
+    assert got is not None
+    assert (got.only_groups, got.groups) == (
+        ("x", "y"),
+        {"x": pending(0, NOW), "y": pending(0, NOW)},
+    )
+    assert await store.backlog() == {"trade": 1}
 
 
 async def test_redrive_of_a_no_binding_letter_is_for_every_group(store: MessageStore) -> None:

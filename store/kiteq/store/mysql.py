@@ -853,14 +853,15 @@ class MySQLStore:
     def _apply_redrives(
         self, conn: Connection, shard: int, redrives: list[_RedrivePart], tx: _Transaction
     ) -> None:
-        # id -> (table, now, part, position) of its first key in this run; later keys of
-        # a message join its redrive, keys repeated find no dead letter left
-        first: dict[str, tuple[int, float, _RedrivePart, int]] = {}
-        wanted: set[DlqKey] = set()
+        # id -> (table, now) of its first key in this run: later keys of a message join
+        # its redrive, keys repeated find no dead letter left
+        first: dict[str, tuple[int, float]] = {}
+        # key -> (call, position) of each call naming it
+        wanted: dict[DlqKey, list[tuple[_RedrivePart, int]]] = {}
         for part in redrives:
             for (position, table, message_id), group in zip(part.items, part.groups, strict=True):
-                first.setdefault(message_id, (table, part.now, part, position))
-                wanted.add((message_id, group))
+                first.setdefault(message_id, (table, part.now))
+                wanted.setdefault((message_id, group), []).append((part, position))
         dlq = self._dlq_tables[shard]
         dead = [
             row
@@ -872,8 +873,13 @@ class MySQLStore:
         self._delete_dead(conn, dlq, dead, tx)
         # id -> (its latest dead-letter row, the groups redriven)
         revived: dict[str, tuple[_Row, list[str]]] = {}
+        # id -> each call that redrove one of its letters, at its first such key
+        answers: dict[str, dict[_RedrivePart, int]] = {}
         for row in dead:
             message_id = row[_MESSAGE_ID_AT]
+            for part, position in wanted[(message_id, row[_GROUP_AT])]:
+                found = answers.setdefault(message_id, {})
+                found[part] = min(position, found.get(part, position))
             latest, groups = revived.get(message_id, (row, []))
             groups.append(row[_GROUP_AT])
             # the latest letter has the latest state of the message's other groups
@@ -891,7 +897,7 @@ class MySQLStore:
             updates: list[tuple[object, ...]] = []
             for message_id in ids:
                 latest, groups = revived[message_id]
-                _, now, part, position = first[message_id]
+                _, now = first[message_id]
                 stored = live.get(message_id)
                 record = _record(stored) if stored is not None else _dead_letter(latest[1:]).record
                 redrive_groups(record, groups, now, still_stored=stored is not None)
@@ -902,7 +908,8 @@ class MySQLStore:
                 else:
                     updates.append((*_bookkeeping(record), record.message.expired_time, message_id))
                 if record.message.commit:
-                    part.found[position] = record
+                    for part, position in answers[message_id].items():
+                        part.found[position] = record
             if rows:
                 conn.exec_driver_sql(_insert_sql(name, _COLUMNS, len(MESSAGE_COLUMNS)), rows)
             if updates:
