@@ -224,8 +224,7 @@ class Dispatcher:
                 self._finish(flight)
             return
         self._flights[message.message_id] = flight
-        for group in self._admit(flight, routes):
-            self._offer(flight, group, None)
+        self._admit(flight, routes)
         self._maybe_finish(flight)
 
     def redriven(self, record: StoredMessage, groups: Sequence[str]) -> None:
@@ -358,8 +357,8 @@ class Dispatcher:
         if not self._inflight:
             self._idle.set()
 
-    def _admit(self, flight: Flight, routes: Sequence[Route]) -> list[str]:
-        """Add the groups of *routes* that are due to *flight*; returns them.
+    def _admit(self, flight: Flight, routes: Sequence[Route]) -> None:
+        """Add the groups of *routes* that are due to *flight* and offer it to them.
 
         A group is due when it has not settled the message (acked, dead-lettered, or left
         out by a redrive's ``only_groups``), is not in this flight already, and its own
@@ -371,7 +370,6 @@ class Dispatcher:
         limit = record.message.deliver_limit
         now = self._now
         topic = record.message.topic
-        admitted: list[str] = []
         for route in routes:
             group = route.group
             if group in flight.pending:
@@ -391,7 +389,6 @@ class Dispatcher:
                         flight.deferred = True
                         continue
             flight.pending[group] = route.persistent
-            admitted.append(group)
             key = (topic, group)
             bucket = self._limits.get(key)
             if route.watermark <= 0:
@@ -400,7 +397,8 @@ class Dispatcher:
             elif bucket is None or bucket.rate != route.watermark:
                 # KiteQ: rate = watermark, burst = half of it
                 self._limits[key] = TokenBucket(route.watermark, route.watermark / 2, self._clock)
-        return admitted
+            # offering cannot end the flight: that waits for the caller's _maybe_finish
+            self._offer(flight, group, None)
 
     def _join(self, flight: Flight) -> None:
         """The recover scan found a message in flight: offer it to its other due groups."""
@@ -408,8 +406,7 @@ class Dispatcher:
         routes = self._bindings.routes(message.topic, message.message_type)
         if message.expired_time <= self._now:
             return  # the flight's own groups see the expiry when their round ends
-        for group in self._admit(flight, routes):
-            self._offer(flight, group, None)
+        self._admit(flight, routes)
         self._maybe_finish(flight)
 
     def _expired(self, flight: Flight, routes: Sequence[Route]) -> None:
