@@ -1,24 +1,47 @@
 """Issue #10 end to end: one group's failures never decide another group's delivery (real
-broker process on RocksDB, real clients, real time)."""
+broker processes on RocksDB and on MySQL, real clients, real time)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests.e2e.broker_process import BrokerProcess
+from tests._servers import unavailable
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.e2e.test_reliability import admin
+from tests.store import mariadb
 
 BINDING = Binding.fanout("trade", persistent=True)
 N = 200
+
+
+@pytest.fixture(params=["rocksdb", "mysql"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A real broker process on each durable store (per-group state is the store's)."""
+    if request.param == "rocksdb":
+        yield from _broker(tmp_path, f"rocksdb://{tmp_path / 'db'}?fsync=batch")
+        return
+    if not mariadb.available():
+        unavailable("MariaDB")
+    with mariadb.databases(4) as prefix:
+        yield from _broker(tmp_path, mariadb.url(prefix, shardnum=4, flushSeconds=0.05))
+
+
+def _broker(tmp_path: Path, db: str) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(write_config(tmp_path, db=db))
+    process.start()
+    yield process
+    process.stop_quietly()
 
 
 def consumer(broker: BrokerProcess, group: str, handler: Collector) -> Consumer:
