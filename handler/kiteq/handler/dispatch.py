@@ -332,6 +332,7 @@ class Dispatcher:
 
         Acks already received are then not redelivered after a restart. Returns how many.
         """
+        self._stamp()
         flights = [f for f in self._flights.values() if f.dirty and f.durable]
         for flight in flights:
             _sync_count(flight.record)
