@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, ClassVar, Final
 from rocksdict import WriteBatch
 
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.core.message import GroupDelivery, StoredMessage
-from kiteq.store._groups import copy_groups, redrive_groups
+from kiteq.core.message import StoredMessage
+from kiteq.store._groups import redrive_groups
 from kiteq.store.base import DeadLetter, DlqKey, HistoryEvent, Rescheduled, Saved, SaveOutcome
 from kiteq.store.codec import (
+    Bookkeeping,
     DeadEntry,
     State,
+    bookkeeping_of,
     dead_entry_key,
     dead_entry_topic_group,
     decode_dead_entry,
@@ -206,40 +208,28 @@ class _Reschedule(_Request):
 
     def __init__(self, changes: Sequence[Rescheduled]) -> None:
         super().__init__(len(changes) * _KEY_OVERHEAD)
-        self.changes = [(c.record.message_id.encode(), _Bookkeeping(c.record)) for c in changes]
+        # copied on the loop: the caller may change its records while the store thread
+        # encodes them
+        self.changes = [(c.record.message_id.encode(), bookkeeping_of(c.record)) for c in changes]
 
     def ids_read(self) -> Iterable[bytes]:
         return (key for key, _ in self.changes)
 
     def apply(self, batch: _Batch) -> None:
+        # Bound locally and inlined (move_due): reschedules come in large batches.
+        states = batch.states
+        put, delete = batch.wb.put, batch.wb.delete
+        state_cf, due = batch.db.state.handle, batch.db.due.handle
         for key, bookkeeping in self.changes:
-            old = batch.states[key]
-            if old is not None:
-                batch.move_due(key, old, bookkeeping.on(old))
-
-
-class _Bookkeeping:
-    """A record's delivery state, copied on the loop.
-
-    The caller may change its record while the store thread encodes this copy.
-    """
-
-    __slots__ = ("deliver_count", "groups", "next_deliver_time", "only_groups")
-
-    def __init__(self, record: StoredMessage) -> None:
-        self.deliver_count = record.deliver_count
-        self.groups: dict[str, GroupDelivery] = copy_groups(record.groups)
-        self.only_groups = tuple(record.only_groups)
-        self.next_deliver_time = record.next_deliver_time
-
-    def on(self, state: State) -> State:
-        """*state* (its topic and committed flag) with this bookkeeping."""
-        return state._replace(
-            deliver_count=self.deliver_count,
-            groups=self.groups,
-            only_groups=self.only_groups,
-            next_deliver_time=self.next_deliver_time,
-        )
+            old = states[key]
+            if old is None:
+                continue
+            new = State(old.topic, old.committed, *bookkeeping)
+            states[key] = new
+            put(key, encode_state(new), state_cf)
+            if old.committed:
+                delete(_due_time(old.next_deliver_time) + key, due)
+                put(_due_time(new.next_deliver_time) + key, b"", due)
 
 
 class _Delete(_Request):
@@ -350,11 +340,11 @@ class _DeadLetter(_Request):
     def __init__(self, letters: Sequence[DeadLetter]) -> None:
         super().__init__(sum(len(letter.record.message.body) + _KEY_OVERHEAD for letter in letters))
         # message id -> [(dlq key, letter, its bookkeeping)], in call order
-        self.messages: dict[bytes, list[tuple[bytes, DeadLetter, _Bookkeeping]]] = {}
+        self.messages: dict[bytes, list[tuple[bytes, DeadLetter, Bookkeeping]]] = {}
         for letter in letters:
             mid = letter.record.message_id
             self.messages.setdefault(mid.encode(), []).append(
-                (dead_entry_key(mid, letter.group), letter, _Bookkeeping(letter.record))
+                (dead_entry_key(mid, letter.group), letter, bookkeeping_of(letter.record))
             )
 
     def ids_read(self) -> Iterable[bytes]:
@@ -376,7 +366,11 @@ class _DeadLetter(_Request):
                 # The caller's bookkeeping is the latest (as in reschedule); the message and
                 # its committed flag are the stored ones.
                 entry = encode_dead_entry(
-                    value, bookkeeping.on(old), letter.reason, letter.dead_time, letter.group
+                    value,
+                    State(old.topic, old.committed, *bookkeeping),
+                    letter.reason,
+                    letter.dead_time,
+                    letter.group,
                 )
                 batch.wb.put(dlq_key, entry, batch.db.dlq.handle)
                 replaced = batch.dead[dlq_key]
@@ -386,7 +380,7 @@ class _DeadLetter(_Request):
                 batch.count_dlq((old.topic, letter.group), 1)
             _, last, bookkeeping = mine[-1]
             if last.keep:
-                batch.move_due(key, old, bookkeeping.on(old))
+                batch.move_due(key, old, State(old.topic, old.committed, *bookkeeping))
             else:
                 batch.remove(key, old)
 

@@ -57,6 +57,7 @@ History event value, version 1 (the message id is in the key)::
 from __future__ import annotations
 
 import struct
+import types
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
@@ -69,9 +70,12 @@ __all__ = [
     "DLQ_KEY_SEPARATOR",
     "EVENT_VERSION",
     "MESSAGE_VERSION",
+    "NO_GROUPS",
     "STATE_VERSION",
+    "Bookkeeping",
     "DeadEntry",
     "State",
+    "bookkeeping_of",
     "dead_entry_key",
     "dead_entry_topic_group",
     "decode_dead_entry",
@@ -112,11 +116,15 @@ _CODE_STATES: Final = {code: state for state, code in _STATE_CODES.items()}
 DLQ_KEY_SEPARATOR: Final = b"\x00"
 
 
+# the groups of a record no group has tried yet, shared: a State never changes its groups
+NO_GROUPS: Final[Mapping[str, GroupDelivery]] = types.MappingProxyType({})
+
+
 class State(NamedTuple):
     """The mutable part of a stored message.
 
-    ``groups`` is owned by the State (``state_of`` copies it): it is encoded on the store
-    thread while the caller's record may change.
+    ``groups`` is owned by the State (``state_of`` copies it) and never changed: it is
+    encoded on the store thread while the caller's record may change.
     """
 
     topic: str
@@ -127,15 +135,23 @@ class State(NamedTuple):
     next_deliver_time: float
 
 
-def state_of(record: StoredMessage) -> State:
-    return State(
-        record.message.topic,
-        record.message.commit,
+# A record's delivery bookkeeping: State's fields after topic and committed, in its order
+# (``State(topic, committed, *bookkeeping)``), copied as ``state_of`` copies.
+Bookkeeping = tuple[int, Mapping[str, GroupDelivery], tuple[str, ...], float]
+
+
+def bookkeeping_of(record: StoredMessage) -> Bookkeeping:
+    groups = record.groups
+    return (
         record.deliver_count,
-        copy_groups(record.groups),
+        copy_groups(groups) if groups else NO_GROUPS,
         tuple(record.only_groups),
         record.next_deliver_time,
     )
+
+
+def state_of(record: StoredMessage) -> State:
+    return State(record.message.topic, record.message.commit, *bookkeeping_of(record))
 
 
 def encode_message(record: StoredMessage) -> bytes:
@@ -298,18 +314,21 @@ def _decode_state(data: bytes) -> State:
     pos = _STATE.size
     topic = data[pos : pos + n_topic].decode()
     pos += n_topic
-    groups: dict[str, GroupDelivery] = {}
+    # shared when empty: a batch decodes a State per id it touches, and a dict each
+    # would cost the cyclic GC more than the decoding
+    groups: Mapping[str, GroupDelivery] = NO_GROUPS
     only: tuple[str, ...] = ()
     if n_groups or n_only:
         fields = struct.unpack_from("<" + _GROUP * n_groups, data, pos)
         pos += _GROUP_SIZE * n_groups
+        found: dict[str, GroupDelivery] = {}
         for i in range(0, 4 * n_groups, 4):
             n = fields[i]
             name = data[pos : pos + n].decode()
             pos += n
-            groups[name] = GroupDelivery(_CODE_STATES[fields[i + 1]], fields[i + 2], fields[i + 3])
+            found[name] = GroupDelivery(_CODE_STATES[fields[i + 1]], fields[i + 2], fields[i + 3])
         names, pos = _strings(data, pos, n_only)
-        only = tuple(names)
+        groups, only = found or NO_GROUPS, tuple(names)
     if pos != len(data):
         raise ValueError(f"state record is {len(data)} bytes, its lengths say {pos}")
     return State(topic, bool(flags & _COMMITTED), deliver_count, groups, only, next_deliver_time)

@@ -189,11 +189,22 @@ class MemoryStore:
 
     async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
         self._check_open()
+        records, due = self._records, self._due
+        # inlined _take_bookkeeping: reschedules come in large batches
         for change in changes:
             new = change.record
-            stored = self._records.get(new.message_id)
-            if stored is not None:
-                self._take_bookkeeping(stored, new)
+            mid = new.message_id
+            stored = records.get(mid)
+            if stored is None:
+                continue
+            if stored.message.commit:
+                due.discard(_due_key(stored.next_deliver_time, mid))
+                due.add(_due_key(new.next_deliver_time, mid))
+            stored.next_deliver_time = new.next_deliver_time
+            stored.deliver_count = new.deliver_count
+            groups = new.groups
+            stored.groups = copy_groups(groups) if groups else {}
+            stored.only_groups = tuple(new.only_groups)
 
     async def delete(self, records: Sequence[StoredMessage]) -> None:
         self._check_open()
@@ -457,8 +468,18 @@ def _copy_bookkeeping(stored: StoredMessage, new: StoredMessage) -> None:
 
 
 def _copy_record(record: StoredMessage) -> StoredMessage:
-    # dataclasses.replace alone would share the groups dict and its entries
-    return dataclasses.replace(record, groups=copy_groups(record.groups))
+    # Built field by field: dataclasses.replace would share the groups dict and its
+    # entries, and costs more than this on every save and read.
+    return StoredMessage(
+        message=record.message,
+        publish_time=record.publish_time,
+        deliver_count=record.deliver_count,
+        groups=copy_groups(record.groups),
+        next_deliver_time=record.next_deliver_time,
+        only_groups=record.only_groups,
+        kite_server=record.kite_server,
+        wire=record.wire,
+    )
 
 
 def _copy(letter: DeadLetter) -> DeadLetter:
