@@ -73,10 +73,13 @@ class BrokerProcess:
         cluster: str = "e2e",
         port: int | None = None,
         cwd: Path | None = None,
+        pport: int = 0,
     ) -> None:
         self.config = config
         self.cluster = cluster
         self.port = port or free_port()
+        # the ops HTTP port (/metrics, /stat); 0: off
+        self.pport = pport
         self.cwd = cwd or config.parent
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
@@ -97,6 +100,7 @@ class BrokerProcess:
                 f"-configPath={self.config}",
                 f"-bind=127.0.0.1:{self.port}",
                 "-grace=5",
+                f"-pport={self.pport}",
             ],
             cwd=self.cwd,
             env=env,

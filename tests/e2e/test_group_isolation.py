@@ -3,8 +3,10 @@ broker processes on RocksDB and on MySQL, real clients, real time)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers import unavailable
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, free_port, write_config
 from tests.e2e.collector import Collector
 from tests.e2e.test_reliability import admin
 from tests.store import mariadb
@@ -169,3 +171,52 @@ def test_a_group_in_its_backoff_window_does_not_delay_a_group_that_connects_late
     lookup: dict[str, Any] = admin(broker, "message", message_id)
     states = {g["groupId"]: g["state"] for g in lookup["groups"]}
     assert states == {"slow": "pending", "late": "acked"}
+
+
+def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_per_group(
+    tmp_path: Path,
+) -> None:
+    pport = free_port()
+    broker = BrokerProcess(
+        write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"), pport=pport
+    )
+    broker.start()
+    try:
+        with (
+            consumer(broker, "a", Collector(lambda _: False)),
+            consumer(broker, "b", Collector(lambda _: False)),
+        ):
+            with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+                message_id = p.send(
+                    Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=1)
+                ).message_id
+            wait_until(lambda: len(dead_letters(broker)) == 2, "a letter per group")
+        assert sorted(d.groupId for d in dead_letters(broker)) == ["a", "b"]
+
+        def ops(path: str) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{pport}{path}", timeout=5) as reply:
+                return str(reply.read().decode())
+
+        wait_until(
+            lambda: (
+                json.loads(ops("/stat"))["kiteq"]["dead_letters"] == {"trade": {"a": 1, "b": 1}}
+            ),
+            "/stat dead letters per group",
+            timeout=20,
+        )
+        metrics = ops("/metrics")
+        assert 'kiteq_dead_letters{group="a",topic="trade"} 1.0' in metrics
+        assert 'kiteq_dead_letters{group="b",topic="trade"} 1.0' in metrics
+
+        a, b = Collector(), Collector()
+        with consumer(broker, "a", a), consumer(broker, "b", b):
+            assert admin(broker, "redrive", message_id, "-group", "a")["redriven"] == 1
+            a.wait_count(1)
+            assert [d.groupId for d in dead_letters(broker)] == ["b"]
+            assert admin(broker, "redrive", message_id)["redriven"] == 1  # every group left
+            b.wait_count(1)
+            wait_until(lambda: backlog(broker) == 0, "an empty backlog")
+        assert (a.ids(), b.ids()) == ([message_id], [message_id])
+        assert dead_letters(broker) == []
+    finally:
+        broker.stop_quietly()
