@@ -54,15 +54,9 @@ _COLUMNS: Final = ", ".join(f"`{c}`" for c in MESSAGE_COLUMNS)
 _DLQ_COLUMNS: Final = ", ".join(f"`{c}`" for c in DLQ_COLUMNS)
 _HISTORY_COLUMNS: Final = ", ".join(f"`{c}`" for c in HISTORY_COLUMNS)
 # positions in a MESSAGE_COLUMNS row
-_EXPIRED_TIME: Final = MESSAGE_COLUMNS.index("expired_time")
-_DELIVER_COUNT: Final = MESSAGE_COLUMNS.index("deliver_count")
 _KITE_SERVER: Final = MESSAGE_COLUMNS.index("kite_server")
-_FAIL_GROUPS: Final = MESSAGE_COLUMNS.index("fail_groups")
-_SUCC_GROUPS: Final = MESSAGE_COLUMNS.index("succ_groups")
-_NEXT_DELIVER_TIME: Final = MESSAGE_COLUMNS.index("next_deliver_time")
 _TOPIC: Final = MESSAGE_COLUMNS.index("topic")
 _COMMIT: Final = MESSAGE_COLUMNS.index("commit")
-_GROUP_STATE: Final = MESSAGE_COLUMNS.index("group_state")
 # group_state of a record no group has tried yet (NULL is a row from before issue #10)
 _NO_GROUPS: Final = "{}"
 _STATES: Final = {state.value: state for state in GroupState}
