@@ -10,6 +10,7 @@ from kiteq.core.errors import (
     FlowLimitedError,
     KiteQError,
     MessageRejectedError,
+    PermissionDeniedError,
     StoreFullError,
     StoreUnavailableError,
     UnknownTopicError,
@@ -29,6 +30,7 @@ class AckCode(enum.IntEnum):
     STORE_FULL = 7
     NOT_SERVING = 8
     UNAUTHENTICATED = 9
+    PERMISSION_DENIED = 10
 
     @property
     def retriable(self) -> bool:
@@ -55,6 +57,8 @@ def code_for(error: KiteQError) -> AckCode:
             return AckCode.OVERFLOW
         case BodyTooLargeError():
             return AckCode.TOO_LARGE
+        case PermissionDeniedError():
+            return AckCode.PERMISSION_DENIED
         case MessageRejectedError():
             return AckCode.INVALID_ARGUMENT
         case StoreFullError():

@@ -13,7 +13,8 @@ doing the same thing again (for a publish: the same message, same id) may succee
     │   │   └── BodyTooLargeError      body above the size limit
     │   ├── UnknownTopicError          the broker does not serve the topic
     │   ├── ExpiredMessageError        expired before it arrived
-    │   └── FlowLimitedError           retriable; the broker's receive rate is exhausted
+    │   ├── FlowLimitedError           retriable; the broker's receive rate is exhausted
+    │   └── PermissionDeniedError      the session's group may not do this (acl, another group)
     ├── AuthenticationError            wrong or missing group secret
     ├── StoreError
     │   ├── StoreFullError             retriable; memory store at capacity
@@ -42,6 +43,7 @@ __all__ = [
     "KiteQError",
     "MessageRejectedError",
     "NotConnectedError",
+    "PermissionDeniedError",
     "ProtocolError",
     "PublishTimeoutError",
     "RegistryError",
@@ -96,6 +98,14 @@ class FlowLimitedError(MessageRejectedError):
     """The broker-wide receive rate is exhausted; send the same message again later."""
 
     retriable = True
+
+
+class PermissionDeniedError(MessageRejectedError):
+    """The session's group may not do this.
+
+    Publish to the topic, act for another group, decide another group's transaction, or
+    bind the topic.
+    """
 
 
 class AuthenticationError(KiteQError):

@@ -23,6 +23,7 @@ from kiteq.core.errors import (
     KiteQError,
     MessageRejectedError,
     NotConnectedError,
+    PermissionDeniedError,
     StoreFullError,
     StoreUnavailableError,
     UnknownTopicError,
@@ -60,6 +61,7 @@ _REJECTED: Final[dict[int, type[MessageRejectedError]]] = {
     common_pb2.ERROR_CODE_UNKNOWN_TOPIC: UnknownTopicError,
     common_pb2.ERROR_CODE_EXPIRED: ExpiredMessageError,
     common_pb2.ERROR_CODE_OVERFLOW: FlowLimitedError,
+    common_pb2.ERROR_CODE_PERMISSION_DENIED: PermissionDeniedError,
 }
 # Store-ack codes whose error class takes a plain message.
 _FAILED: Final[dict[int, type[KiteQError]]] = {

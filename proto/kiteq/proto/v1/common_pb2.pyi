@@ -61,6 +61,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_CODE_NOT_SERVING: _ErrorCode.ValueType  # 8
     """retriable: the broker is shutting down."""
     ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 9
+    ERROR_CODE_PERMISSION_DENIED: _ErrorCode.ValueType  # 10
+    """The session's group may not do this: publish to the topic (acl), publish for another
+    group, decide a transaction another group published, or bind the topic.
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Why a message was refused. Codes marked retriable may succeed if the same message
@@ -81,6 +85,10 @@ ERROR_CODE_STORE_FULL: ErrorCode.ValueType  # 7
 ERROR_CODE_NOT_SERVING: ErrorCode.ValueType  # 8
 """retriable: the broker is shutting down."""
 ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 9
+ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 10
+"""The session's group may not do this: publish to the topic (acl), publish for another
+group, decide a transaction another group published, or bind the topic.
+"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
