@@ -36,6 +36,7 @@ __all__ = [
     "CONNECTION_ROLES",
     "CONTENT_TYPE",
     "DELIVERY_RESULTS",
+    "FRAME_REJECT_REASONS",
     "INVALID_LABEL",
     "OTHER_LABEL",
     "REJECT_REASONS",
@@ -61,6 +62,21 @@ REJECT_REASONS: Final = frozenset(
         "store_unavailable",
         "not_serving",
         "unauthenticated",
+        "permission_denied",
+    }
+)
+# Client input refused before it reaches a message: whole frames (undecodable, not allowed
+# at that point, a bad open, a wrong secret) and items of a frame (acks naming no delivery
+# of the session, TxAck items with a bad id or status or for another group's message).
+FRAME_REJECT_REASONS: Final = frozenset(
+    {
+        "undecodable",
+        "unexpected",
+        "invalid_open",
+        "unauthenticated",
+        "stray_ack",
+        "invalid_tx",
+        "denied_tx",
     }
 )
 DELIVERY_RESULTS: Final = frozenset({"ack", "nack", "timeout", "disconnected"})
@@ -177,6 +193,12 @@ class BrokerMetrics:
             ["topic", "reason"],
             registry=reg,
         )
+        self._rejected_frames = Counter(
+            "kiteq_rejected_frames_total",
+            "Client frames (or items of one) refused before any message, by reason.",
+            ["reason"],
+            registry=reg,
+        )
         self._delivered = Counter(
             "kiteq_messages_delivered_total",
             "Delivery attempts to a consumer group, by outcome.",
@@ -227,6 +249,8 @@ class BrokerMetrics:
         # Zero series for the fixed label sets so rate() and dashboards see them at once.
         for role in sorted(CONNECTION_ROLES):
             self._connections.labels(role).set(0)
+        for reason in sorted(FRAME_REJECT_REASONS):
+            self._rejected_frames.labels(reason)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -241,6 +265,12 @@ class BrokerMetrics:
         """Count *n* messages refused; *reason* is one of ``REJECT_REASONS``."""
         reason = _check("reject reason", reason, REJECT_REASONS)
         self._rejected.labels(self._topic(topic), reason).inc(n)
+
+    def rejected_frames(self, reason: str, n: int = 1) -> None:
+        """Count *n* refused client frames or items; *reason* is in ``FRAME_REJECT_REASONS``."""
+        self._rejected_frames.labels(
+            _check("frame reject reason", reason, FRAME_REJECT_REASONS)
+        ).inc(n)
 
     def delivered(self, topic: str, group: str, result: str, n: int = 1) -> None:
         """Count *n* delivery outcomes; *result* is one of ``DELIVERY_RESULTS``."""
