@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiteq.ops.metrics import (
     CONTENT_TYPE,
+    FRAME_REJECT_REASONS,
     INVALID_LABEL,
     OTHER_LABEL,
     BrokerMetrics,
@@ -22,6 +23,7 @@ KITEQ_FAMILIES = {
     "kiteq_messages_rejected": "counter",
     "kiteq_messages_delivered": "counter",
     "kiteq_messages_redelivered": "counter",
+    "kiteq_rejected_frames": "counter",
     "kiteq_metrics_label_overflow": "counter",
     "kiteq_store_operation_duration_seconds": "histogram",
     "kiteq_store_batch_size": "histogram",
@@ -244,3 +246,14 @@ def test_promtool_lints_the_exposition(touched_metrics: BrokerMetrics, promtool:
         check=False,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_rejected_frames_count_by_bounded_reason(metrics: BrokerMetrics) -> None:
+    for reason in FRAME_REJECT_REASONS:
+        assert value(metrics, "kiteq_rejected_frames_total", reason=reason) == 0
+    metrics.rejected_frames("undecodable")
+    metrics.rejected_frames("stray_ack", 3)
+    assert value(metrics, "kiteq_rejected_frames_total", reason="undecodable") == 1
+    assert value(metrics, "kiteq_rejected_frames_total", reason="stray_ack") == 3
+    with pytest.raises(ValueError, match="frame reject reason"):
+        metrics.rejected_frames("anything a peer sent")
