@@ -43,9 +43,11 @@ from kiteq.core.errors import (
     StoreError,
     StoreFullError,
     StoreUnavailableError,
+    TlsError,
     UnknownTopicError,
 )
 from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.tls import TlsOptions
 
 __all__ = [
     "AsyncConsumer",
@@ -74,6 +76,8 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TlsError",
+    "TlsOptions",
     "TxChecker",
     "TxResult",
     "TxStatus",
