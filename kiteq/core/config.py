@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from kiteq.core.acl import Permissions, parse_acl
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import is_name
 
@@ -33,6 +34,9 @@ __all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster"]
 
 ANY_TOPIC: Final = "*"
 EMBEDDED_REGISTRY: Final = "embedded://"
+DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC: Final = 1000
+# the wire format's own bound on a regex binding (kiteq.binding.model.MAX_PATTERN_CHARS)
+MAX_PATTERN_LENGTH: Final = 256
 
 # key: (default, documentation). The README's table is generated from the same words.
 CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
@@ -71,6 +75,19 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
             30,
             "seconds a broker's ZooKeeper alive node must be gone before its backlog is taken over",
         ),
+        "acl": (
+            {},
+            "per-group permissions: {group = {publish = [topics], subscribe = [topics]}}, "
+            'a topic name or "*"; absent or empty = open, else what is not granted is denied',
+        ),
+        "maxBindingsPerGroupTopic": (
+            DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC,
+            "most bindings one group may hold for one topic; more are refused at declaration",
+        ),
+        "maxPatternLength": (
+            MAX_PATTERN_LENGTH,
+            f"longest regex binding pattern in characters (1..{MAX_PATTERN_LENGTH})",
+        ),
     }
 )
 
@@ -98,6 +115,9 @@ class ClusterConfig:
     admin_secret: str
     takeover: bool = True
     takeover_grace_seconds: float = 30.0
+    acl: Permissions = dataclasses.field(default_factory=Permissions)
+    max_bindings_per_group_topic: int = DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC
+    max_pattern_length: int = MAX_PATTERN_LENGTH
 
     @property
     def any_topic(self) -> bool:
@@ -210,6 +230,12 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         if not is_name(group) or not isinstance(secret, str) or not secret:
             raise ConfigError(f"{prefix}.secrets.{group}: expected a non-empty string secret")
 
+    max_pattern_length = positive_int("maxPatternLength")
+    if max_pattern_length > MAX_PATTERN_LENGTH:
+        raise ConfigError(
+            f"{prefix}.maxPatternLength: must be 1..{MAX_PATTERN_LENGTH}, got {max_pattern_length}"
+        )
+
     return ClusterConfig(
         name=name,
         env=env,
@@ -232,6 +258,9 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         admin_secret=typed("adminSecret", str),
         takeover=typed("takeover", bool),
         takeover_grace_seconds=positive("takeoverGraceSeconds"),
+        acl=parse_acl(f"{prefix}.acl", values["acl"]),
+        max_bindings_per_group_topic=positive_int("maxBindingsPerGroupTopic"),
+        max_pattern_length=max_pattern_length,
     )
 
 
