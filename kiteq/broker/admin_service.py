@@ -12,7 +12,7 @@ from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
-from kiteq.core.ids import is_message_id
+from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
@@ -117,7 +117,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.GetMessageResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        message_id = request.messageId
+        message_id = canonical_message_id(request.messageId)
         if not is_message_id(message_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
@@ -168,7 +168,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[admin_pb2.RedriveRequest, admin_pb2.RedriveResponse],
     ) -> admin_pb2.RedriveResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        ids = list(request.messageIds)
+        ids = [canonical_message_id(m) for m in request.messageIds]
         for message_id in ids:
             if not is_message_id(message_id):
                 await context.abort(
@@ -220,12 +220,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.ResolveTransactionResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        if not is_message_id(request.messageId):
+        message_id = canonical_message_id(request.messageId)
+        if not is_message_id(message_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
             )
         status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
-        changed = await self._transactions.decide(request.messageId, status, "operator")
+        changed = await self._transactions.decide(message_id, status, "operator")
         return admin_pb2.ResolveTransactionResponse(changed=changed)
 
     async def _redrive(self, message_ids: list[str]) -> int:
