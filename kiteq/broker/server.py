@@ -258,6 +258,7 @@ class Broker:
                 recover=recover,
                 transactions=transactions,
                 clock=self._clock,
+                metrics=self.metrics,
             ),
             server,
         )
