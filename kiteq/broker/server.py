@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiteq.binding._zk_takeover import ZkTakeoverNodes
-from kiteq.binding.match import BindingTable
+from kiteq.binding.match import BindingLimits, BindingTable
 from kiteq.binding.registry import (
     BindingRegistry,
     BrokerInfo,
@@ -200,7 +200,11 @@ class Broker:
                 "store %s is not durable: stored messages are lost when the broker exits",
                 store.description,
             )
-        bindings = BindingTable()
+        bindings = BindingTable(
+            limits=BindingLimits(config.max_bindings_per_group_topic, config.max_pattern_length),
+            permissions=config.acl,
+            on_refused=lambda reason: self.metrics.bindings_refused(reason.value),
+        )
         self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
         self._connections = connections = ConnectionTable()

@@ -37,8 +37,10 @@ Watches: a DataWatch on each ``/kiteq/sub/{topic}`` node (re-created nodes get a
 ChildrenWatch), a ChildrenWatch on it to find ``{group}-bind`` nodes, and a DataWatch on
 each of those. Changes apply per group: new data replaces that group's bindings, a deleted
 node removes that group only. Other groups of the topic are never touched (KiteQ briefly
-drops every group of the topic). A malformed node is logged and skipped; the group keeps
-its previous bindings.
+drops every group of the topic). A malformed node, or one beyond the binding limits, is
+logged and skipped; the group keeps its previous bindings. A node for a topic the group may
+not subscribe (the cluster's ``acl``) is not applied; each refused node version is logged
+once and counted by the table.
 
 Session: SUSPENDED keeps serving with the last known bindings. After LOST, once connected
 again, the broker's ephemeral nodes are re-created, owner-checked (a stale node of an old
@@ -65,17 +67,20 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
-from kazoo.retry import KazooRetry
-from kazoo.security import make_acl, make_digest_acl
 
 from kiteq.binding import _zk_nodes as nodes
+from kiteq.binding._zk_client import new_client
 from kiteq.binding.model import Binding, loads
-from kiteq.core.errors import ConfigError, RegistryError, RegistryUnavailableError
+from kiteq.core.errors import (
+    ConfigError,
+    PermissionDeniedError,
+    RegistryError,
+    RegistryUnavailableError,
+)
 from kiteq.core.limits import is_name
 
 if TYPE_CHECKING:
@@ -240,6 +245,8 @@ class ZkBindingRegistry:
         self._group_nodes: set[tuple[str, str]] = set()
         self._served: set[str] = set(self._topics)
         self._applied: dict[tuple[str, str], int] = {}
+        # the node version last refused per (topic, group): each refused version is logged once
+        self._refused: dict[tuple[str, str], int] = {}
         self._waiters: dict[tuple[str, str], list[tuple[int, asyncio.Future[None]]]] = {}
         self._watch_tasks: set[asyncio.Task[None]] = set()
         self._broker: BrokerInfo | None = None
@@ -341,24 +348,7 @@ class ZkBindingRegistry:
             raise TimeoutError(f"no answer within {self._connect_timeout:g}s") from exc
 
     def _client(self, hosts: str) -> Any:
-        settings = self._settings
-        acl = None
-        auth = None
-        if settings.digest is not None:
-            user, password = settings.digest
-            acl = [
-                make_digest_acl(user, password, all=True),
-                make_acl("world", "anyone", read=True),
-            ]
-            auth = [("digest", f"{user}:{password}")]
-        return KazooClient(
-            hosts=hosts,
-            timeout=settings.session_timeout,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=5.0),
-            command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=2.0),
-            default_acl=acl,
-            auth_data=auth,
-        )
+        return new_client(self._settings, hosts)
 
     def _create_chroot(self) -> None:
         # worker thread: kazoo warns when a chroot is missing; create it first, outside it
@@ -505,12 +495,19 @@ class ZkBindingRegistry:
             if table.remove_group(topic, group):
                 logger.info("binding node deleted path=%s: group removed from the topic", path)
             return
-        if mzxid < self._applied.get(key, -1):
-            return  # an older read, overtaken
+        if mzxid < self._applied.get(key, -1) or self._refused.get(key) == mzxid:
+            return  # an older read, overtaken, or a version already refused and logged
         self._applied[key] = mzxid
         try:
             table.replace(topic, group, loads(data or b""))
+        except PermissionDeniedError as exc:
+            self._refused[key] = mzxid
+            table.remove_group(topic, group)
+            logger.error(  # noqa: TRY400 - a refusal, not a bug: no traceback
+                "binding node refused path=%s, bindings not applied: %s", path, exc.reason
+            )
         except ValueError as exc:
+            self._refused[key] = mzxid
             logger.error(  # noqa: TRY400 - bad data, not a bug: no traceback
                 "malformed binding node path=%s, keeping the group's previous bindings: %s",
                 path,
@@ -675,7 +672,10 @@ class ZkBindingRegistry:
         group keeps what ZooKeeper has.
 
         Raises:
-            ValueError: A binding is invalid; nothing was written.
+            ValueError: A binding is invalid or beyond the table's limits; nothing was
+                written.
+            PermissionDeniedError: *group* may not bind a declared topic; nothing was
+                written.
             RegistryError: The registry is not started.
         """
         table = self._table
