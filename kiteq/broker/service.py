@@ -30,6 +30,7 @@ from kiteq.broker.rejections import Rejection, RejectionLog
 from kiteq.core.clock import Clock
 from kiteq.core.codes import AckCode
 from kiteq.core.config import ClusterConfig
+from kiteq.core.errors import PermissionDeniedError
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.limits import (
     MAX_BATCH_BYTES,
@@ -238,6 +239,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             await self._registry.declare(group, bindings)
         except ValueError as exc:
             await self._refuse(context, Rejection.INVALID_OPEN, str(exc))
+        except PermissionDeniedError as exc:  # the cluster's acl: only authenticated peers
+            logger.warning("bindings refused peer=%s: %s", context.peer(), exc.reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.reason)
 
     async def _read(self, conn: Connection, frames: AsyncIterator[bytes]) -> Refusal | None:
         """Read *conn*'s frames until the client half-closes (None) or sends one it may not."""

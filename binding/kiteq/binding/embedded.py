@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from kiteq.binding.model import Binding, dumps, loads
-from kiteq.core.errors import RegistryError
+from kiteq.core.errors import PermissionDeniedError, RegistryError
 
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable
@@ -34,11 +34,17 @@ def _meta_key(topic: str, group: str) -> str:
 def _decode(
     table: BindingTable, topic: str, group: str, value: bytes
 ) -> tuple[Binding, ...] | ValueError:
-    """A stored entry's bindings, or why it is unreadable (bad data: no traceback)."""
+    """A stored entry's bindings, or why it is unreadable or refused (no traceback).
+
+    Stored bindings are judged by today's limits and permissions: a configuration that
+    has since revoked a group's topic does not bring its old bindings back.
+    """
     try:
         return table.validate(topic, group, loads(value))
     except ValueError as exc:
         return exc
+    except PermissionDeniedError as exc:
+        return ValueError(exc.reason)
 
 
 class EmbeddedRegistry:
@@ -69,7 +75,7 @@ class EmbeddedRegistry:
             topic, _, group = key.removeprefix(META_PREFIX).partition("/")
             stored = _decode(table, topic, group, value)
             if isinstance(stored, ValueError):
-                logger.error("skipping corrupt stored bindings key=%s: %s", key, stored)
+                logger.error("skipping stored bindings key=%s: %s", key, stored)
                 self._corrupt.add((topic, group))
                 continue
             table.replace(topic, group, stored)
@@ -84,7 +90,10 @@ class EmbeddedRegistry:
         written to the store only when they differ from what it holds.
 
         Raises:
-            ValueError: A binding is invalid; nothing was stored or applied.
+            ValueError: A binding is invalid or beyond the table's limits; nothing was
+                stored or applied.
+            PermissionDeniedError: *group* may not bind a declared topic; nothing was
+                stored or applied.
             RegistryError: The registry is not started.
             StoreError: The store failed; the table is unchanged.
         """

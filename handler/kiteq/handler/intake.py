@@ -148,6 +148,7 @@ class Intake:
                     raise UnknownTopicError(
                         message.message_id, f"topic {message.topic!r} is not served by this broker"
                     )
+                self._config.acl.check_publish(group, message.topic, raw.message_id)
             except MessageRejectedError as exc:
                 outcomes[i] = Outcome(raw.message_id, code_for(exc), exc.reason)
                 continue

@@ -33,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from kiteq.core.limits import is_name
 
 __all__ = [
+    "BINDING_REFUSAL_REASONS",
     "CONNECTION_ROLES",
     "CONTENT_TYPE",
     "DELIVERY_RESULTS",
@@ -79,6 +80,8 @@ FRAME_REJECT_REASONS: Final = frozenset(
         "denied_tx",
     }
 )
+# why a group's bindings were refused (kiteq.binding.match.RefusalReason)
+BINDING_REFUSAL_REASONS: Final = frozenset({"permission", "limit"})
 DELIVERY_RESULTS: Final = frozenset({"ack", "nack", "timeout", "disconnected"})
 CONNECTION_ROLES: Final = frozenset({"producer", "consumer"})
 
@@ -199,6 +202,12 @@ class BrokerMetrics:
             ["reason"],
             registry=reg,
         )
+        self._bindings_refused = Counter(
+            "kiteq_bindings_refused_total",
+            "Binding declarations or registry nodes refused, by reason (acl or limits).",
+            ["reason"],
+            registry=reg,
+        )
         self._delivered = Counter(
             "kiteq_messages_delivered_total",
             "Delivery attempts to a consumer group, by outcome.",
@@ -251,6 +260,8 @@ class BrokerMetrics:
             self._connections.labels(role).set(0)
         for reason in sorted(FRAME_REJECT_REASONS):
             self._rejected_frames.labels(reason)
+        for reason in sorted(BINDING_REFUSAL_REASONS):
+            self._bindings_refused.labels(reason)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -265,6 +276,11 @@ class BrokerMetrics:
         """Count *n* messages refused; *reason* is one of ``REJECT_REASONS``."""
         reason = _check("reject reason", reason, REJECT_REASONS)
         self._rejected.labels(self._topic(topic), reason).inc(n)
+
+    def bindings_refused(self, reason: str) -> None:
+        """Count one refused binding list; *reason* is in ``BINDING_REFUSAL_REASONS``."""
+        reason = _check("binding refusal reason", reason, BINDING_REFUSAL_REASONS)
+        self._bindings_refused.labels(reason).inc()
 
     def rejected_frames(self, reason: str, n: int = 1) -> None:
         """Count *n* refused client frames or items; *reason* is in ``FRAME_REJECT_REASONS``."""
