@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 
@@ -10,6 +9,7 @@ import grpc
 
 from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
+from kiteq.core.admin import audit, secret_matches
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import canonical_message_id, is_message_id
@@ -61,7 +61,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not expected:
             return
         given = dict(context.invocation_metadata() or ()).get(ADMIN_SECRET_HEADER, "")
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
+        if not given or not secret_matches(given, expected):
+            audit.warning(
+                "admin auth failed peer=%s reason=%s",
+                context.peer(),
+                "wrong secret" if given else "no secret",
+            )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing admin secret")
 
     async def Stats(
@@ -175,7 +180,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"invalid message id {message_id!r}"
                 )
         if ids:
-            return admin_pb2.RedriveResponse(redriven=await self._redrive(ids))
+            redriven = await self._redrive(ids)
+            audit.info(
+                "admin redrive peer=%s ids=%d redriven=%d", context.peer(), len(ids), redriven
+            )
+            return admin_pb2.RedriveResponse(redriven=redriven)
         where = wire.dlq_filter(request.filter)
         redriven = 0
         while True:
@@ -184,6 +193,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if not page:
                 break
             redriven += await self._redrive([letter.record.message_id for letter in page])
+        audit.info(
+            "admin redrive peer=%s filter=topic:%s,type:%s,group:%s,reason:%s redriven=%d",
+            context.peer(),
+            request.filter.topic or "*",
+            request.filter.messageType or "*",
+            request.filter.groupId or "*",
+            request.filter.reason or "*",
+            redriven,
+        )
         return admin_pb2.RedriveResponse(redriven=redriven)
 
     async def ListTransactions(
@@ -227,6 +245,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
         changed = await self._transactions.decide(message_id, status, "operator")
+        audit.info(
+            "admin %s peer=%s id=%s changed=%s",
+            "commit" if request.commit else "rollback",
+            context.peer(),
+            message_id,
+            changed,
+        )
         return admin_pb2.ResolveTransactionResponse(changed=changed)
 
     async def _redrive(self, message_ids: list[str]) -> int:

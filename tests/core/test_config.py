@@ -46,6 +46,11 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "acceptAnySecret": ("accept_any_secret", False),
     "secrets": ("secrets", {}),
     "adminSecret": ("admin_secret", ""),
+    "adminSecretFile": ("admin_secret", ""),
+    "adminOpen": ("admin_open", False),
+    "tlsCert": ("tls_cert", ""),
+    "tlsKey": ("tls_key", ""),
+    "tlsClientCa": ("tls_client_ca", ""),
     "takeover": ("takeover", True),
     "takeoverGraceSeconds": ("takeover_grace_seconds", 30.0),
     "acl": ("acl", Permissions()),
@@ -303,3 +308,31 @@ subscribe = ["*"]
         "pay-svc": Grant(publish=frozenset({"trade"})),
         "acct-svc": Grant(subscribe=frozenset({"*"})),
     }
+
+
+def test_admin_secret_file_is_read_and_exclusive(tmp_path: Path) -> None:
+    secret = tmp_path / "admin.secret"
+    secret.write_text("  from-a-file \nignored second line\n")
+    config = load(tmp_path, f'[clusters.c]\nadminSecretFile = "{secret}"\n')
+    assert config.admin_secret == "from-a-file"
+    both = load_error(tmp_path, f'[clusters.c]\nadminSecret = "x"\nadminSecretFile = "{secret}"\n')
+    assert "clusters.c.adminSecretFile" in both
+    missing = load_error(tmp_path, f'[clusters.c]\nadminSecretFile = "{tmp_path / "nope"}"\n')
+    assert "clusters.c.adminSecretFile" in missing
+    secret.write_text("\n")
+    empty = load_error(tmp_path, f'[clusters.c]\nadminSecretFile = "{secret}"\n')
+    assert "holds no secret" in empty
+
+
+@pytest.mark.parametrize(
+    ("cluster", "dev"),
+    [("rocksdb_dev", True), ("memory_dev", True), ("file_dev", True), ("zk_online", False)],
+)
+def test_shipped_dev_clusters(cluster: str, dev: bool) -> None:
+    assert load_cluster(REPO / "conf" / "cluster.toml", cluster).dev is dev
+
+
+def test_a_cluster_accepting_any_secret_is_dev(tmp_path: Path) -> None:
+    assert load(tmp_path, "[clusters.c]\nacceptAnySecret = true\n").dev
+    assert not load(tmp_path, "[clusters.c]\n").dev
+    assert load(tmp_path, "[clusters.c_dev]\n", "c_dev").dev
