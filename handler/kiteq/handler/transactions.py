@@ -50,6 +50,10 @@ class TxStatus(enum.IntEnum):
     ROLLBACK = 2
 
 
+# the history's name for an applied decision
+_KINDS: Final = {TxStatus.COMMIT: "committed", TxStatus.ROLLBACK: "rolled_back"}
+
+
 class TxDecision(enum.Enum):
     """What became of one producer decision (one TxAck item)."""
 
@@ -143,7 +147,9 @@ class TxManager:
         """
         owner = self._owner(message_id)
         if owner is None:
-            # no history entry: any id can be sent, and history is kept per message
+            # absent or decided already: history says so, as for an operator's decision
+            kind = "tx_unknown" if status is TxStatus.UNKNOWN else f"{_KINDS[status]}_ignored"
+            self._history.record(message_id, self._clock.now(), kind, detail=source)
             return TxDecision.IGNORED
         if owner != group:
             self._history.record(
@@ -173,7 +179,7 @@ class TxManager:
             record = await self._store.commit(message_id)
         else:
             record = await self._store.rollback(message_id)
-        kind = "committed" if status is TxStatus.COMMIT else "rolled_back"
+        kind = _KINDS[status]
         if record is None:
             # absent, or decided already: decisions are final
             self._history.record(message_id, now, f"{kind}_ignored", detail=source)
