@@ -10,7 +10,6 @@ client can explain a refused connection instead of retrying it until a timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import os
@@ -192,16 +191,18 @@ async def probe_transport(address: str, timeout: float) -> PeerTransport:
     try:
         async with asyncio.timeout(timeout):
             try:
-                reader, writer = await asyncio.open_connection(
-                    host.strip("[]"), int(port), ssl=context
-                )
+                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            except (OSError, ValueError):
+                return PeerTransport.UNREACHABLE
+            try:
+                await writer.start_tls(context)
             except ssl.SSLError as exc:
-                # an alert from the server is TLS; a record that is not TLS is plaintext
+                # a record that is not TLS is plaintext; an alert from the server is TLS
                 if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc):
                     return PeerTransport.PLAINTEXT
                 return PeerTransport.TLS_CLIENT_CERT
-            except (OSError, ValueError):
-                return PeerTransport.UNREACHABLE
+            except ConnectionError:
+                return PeerTransport.TLS_CLIENT_CERT
             writer.write(_H2_PREFACE)
             try:
                 answer = await reader.read(1)
@@ -214,7 +215,4 @@ async def probe_transport(address: str, timeout: float) -> PeerTransport:
         return PeerTransport.UNREACHABLE
     finally:
         if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await writer.wait_closed()
+            writer.transport.abort()  # nothing to flush: a probe ends without a goodbye

@@ -64,7 +64,8 @@ class Transport:
         if error.code() is not grpc.StatusCode.UNAVAILABLE:
             return None
         details = error.details() or ""
-        if "handshake" in details.lower():
+        lowered = details.lower()
+        if "handshake" in lowered or "verification" in lowered:
             return self._handshake_error(address, details)
         if any(word in details for word in _NOT_TLS_RELATED):
             return None  # nothing listens, or nothing answered: a probe cannot tell more
@@ -103,7 +104,7 @@ class Transport:
                 f"broker {address}: TLS certificate not trusted ({reason or 'verify failed'}): "
                 "check TlsOptions.ca, or server_name when the certificate names another host"
             )
-        if "peer name" in details.lower() or "not in peer certificate" in details.lower():
+        if "hostname verification" in details.lower() or "peer name" in details.lower():
             return TlsError(
                 f"broker {address}: its TLS certificate does not name the host dialled: "
                 "set TlsOptions.server_name to a name it carries"
