@@ -8,16 +8,14 @@ READ + ALL for the digest user, and kazoo's DEBUG log of the ``Auth`` request is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any, Final
 
 import pytest
-from kazoo.client import KazooClient
-from kazoo.exceptions import NoAuthError, NoNodeError
+from kazoo.exceptions import NoAuthError
 from kazoo.protocol.serialization import Auth
-from kazoo.security import make_acl, make_digest_acl_credential
+from kazoo.security import make_acl
 
 from kiteq.binding._zk_client import KAZOO_LOGGER, digest_acl, new_client
 from kiteq.binding._zk_takeover import ZkTakeoverNodes
@@ -25,50 +23,17 @@ from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
 from kiteq.binding.registry import BrokerInfo
 from kiteq.binding.zk import ZkBindingRegistry, parse_zk_uri
+from tests._servers.zk_acl import EXPECTED, PASSWORD, USER, acl_of, authed_session, walk
 from tests._servers.zookeeper import ManagedZooKeeper, expire_session, wait_owner
 
-USER: Final = "kiteq"
-# distinctive, so that a search of every log record for it cannot match by chance
-PASSWORD: Final = "pw-7Qz3-never-logged"
-# the ACL as ZooKeeper reports it: (scheme, id, perms); 31 = ALL, 1 = READ
-EXPECTED: Final = {
-    ("digest", make_digest_acl_credential(USER, PASSWORD), 31),
-    ("world", "anyone", 1),
-}
 ADDRESS: Final = "10.0.0.7:13800"
-
-
-def acl_of(zk: Any, path: str) -> set[tuple[str, str, int]]:
-    acl, _ = zk.get_acls(path)
-    return {(entry.id.scheme, entry.id.id, entry.perms) for entry in acl}
-
-
-def walk(zk: Any, path: str) -> Iterator[str]:
-    """*path* and every node below it."""
-    yield path
-    for child in sorted(zk.get_children(path)):
-        yield from walk(zk, f"{path}/{child}")
 
 
 @pytest.fixture
 def authed(zookeeper: ManagedZooKeeper, zk: Any) -> Iterator[Any]:
-    """A session in the test's chroot with the credentials.
-
-    At the end it removes what the ACLs keep the unauthenticated ``zk`` fixture from
-    deleting.
-    """
-    client = KazooClient(
-        hosts=zookeeper.hosts + zk.chroot, auth_data=[("digest", f"{USER}:{PASSWORD}")], timeout=5
-    )
-    client.start(timeout=10)
-    try:
+    """The credentials' holder in the test's chroot; it cleans up what the ACLs protect."""
+    with authed_session(zookeeper.hosts + zk.chroot) as client:
         yield client
-    finally:
-        for top in client.get_children("/"):
-            with contextlib.suppress(NoNodeError):
-                client.delete(f"/{top}", recursive=True)
-        client.stop()
-        client.close()
 
 
 def test_digest_acl_is_world_read_and_all_for_the_user() -> None:
