@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -361,3 +362,74 @@ tlsClientCa = "{tls_files.ca}"
             assert time.monotonic() - started < QUICK + 2  # the ZooKeeper look-up included
     finally:
         broker.stop_quietly()
+
+
+def readme_production_example() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### A production-shaped example", 1)[1]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_production_example_runs(
+    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    secret_file = tmp_path / "admin.secret"
+    secret_file.write_text("readme-admin-secret\n")
+    example = readme_production_example()
+    for placeholder, real in (
+        ("zk1:2181,zk2:2181,zk3:2181", zookeeper.hosts + zk.chroot),
+        ("/var/lib/kiteq/db", str(tmp_path / "db")),
+        ("/etc/kiteq/admin.secret", str(secret_file)),
+        ("/etc/kiteq/tls/broker.pem", str(tls_files.server_cert)),
+        ("/etc/kiteq/tls/broker.key", str(tls_files.server_key)),
+        ("/etc/kiteq/tls/clients-ca.pem", str(tls_files.ca)),
+    ):
+        assert placeholder in example, placeholder
+        example = example.replace(placeholder, real)
+    config = tmp_path / "cluster.toml"
+    config.write_text(example)
+    broker = BrokerProcess(
+        config,
+        cluster="prod",
+        tls=tls_files.admin(cert=True),
+        admin_secret="readme-admin-secret",
+    )
+    broker.start()
+    try:
+        assert "tls=mtls" in ready_line(broker)
+        tls = tls_files.client(cert=True)
+        got = Collector()
+        with (
+            Consumer(
+                brokers=[broker.address],
+                group_id="acct-svc",
+                secret_key="123",
+                bindings=[TRADE],
+                handler=got,
+                tls=tls,
+            ),
+            Producer(
+                brokers=[broker.address], group_id="pay-svc", secret_key="password", tls=tls
+            ) as producer,
+        ):
+            message_id = producer.send(trade()).message_id
+            got.wait_count(1)
+        assert got.ids() == [message_id]
+        assert broker.stats().cluster == "prod"
+    finally:
+        broker.stop_quietly()
+        # the broker's nodes carry the example's digest ACL: only its credentials delete them
+        zk.add_auth("digest", "kiteq:zk-password")
+        zk.delete("/kiteq", recursive=True)
+    without_secret = config.read_text().replace(f'adminSecretFile = "{secret_file}"\n', "")
+    config.write_text(without_secret)
+    refused = subprocess.run(
+        [sys.executable, "-m", "kiteq", "-clusterName=prod", f"-configPath={config}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "KITEQ_ADMIN_SECRET"},
+    )
+    assert refused.returncode == 1
+    assert "clusters.prod.adminSecret" in refused.stderr
