@@ -176,17 +176,22 @@ def _check_pair(cert: PemPath, key: PemPath, cert_name: str, key_name: str) -> N
         raise ConfigError(f"{cert_name}/{key_name}: {exc}") from exc
 
 
-async def probe_transport(address: str, timeout: float) -> PeerTransport:
+async def probe_transport(
+    address: str, timeout: float, *, client_cert: tuple[PemPath, PemPath] | None = None
+) -> PeerTransport:
     """Connect to *address* (``host:port``) and find out whether it speaks TLS.
 
     The handshake does not verify the peer: the answer only explains a refused connection,
-    nothing is sent over it but the HTTP/2 preface.
+    nothing is sent over it but the HTTP/2 preface. With *client_cert* (certificate and
+    key files) the probe presents it, so ``TLS`` then means the broker accepts it.
     """
     host, _, port = address.rpartition(":")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # a probe: nothing is trusted or sent
     context.set_alpn_protocols(["h2"])
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):

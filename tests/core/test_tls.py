@@ -125,3 +125,13 @@ async def test_probe_tells_plaintext_tls_and_mtls_apart(servers: dict[str, str])
     assert await probe_transport(servers["tls"], 2.0) is PeerTransport.TLS
     assert await probe_transport(servers["mtls"], 2.0) is PeerTransport.TLS_CLIENT_CERT
     assert await probe_transport(f"127.0.0.1:{free_port()}", 2.0) is PeerTransport.UNREACHABLE
+
+
+async def test_probe_with_a_client_certificate(files: TlsFiles, servers: dict[str, str]) -> None:
+    accepted = (files.client_cert, files.client_key)
+    rogue = (files.rogue_cert, files.rogue_key)
+    assert await probe_transport(servers["mtls"], 2.0, client_cert=accepted) is PeerTransport.TLS
+    assert (
+        await probe_transport(servers["mtls"], 2.0, client_cert=rogue)
+        is PeerTransport.TLS_CLIENT_CERT
+    )

@@ -433,3 +433,44 @@ def test_readme_production_example_runs(
     )
     assert refused.returncode == 1
     assert "clusters.prod.adminSecret" in refused.stderr
+
+
+def test_mtls_clients_reconnect_after_a_broker_restart(tmp_path: Path, tls_files: TlsFiles) -> None:
+    # a lost connection is retried as usual: only a TLS refusal is final
+    config = write_config(
+        tmp_path,
+        db=f"rocksdb://{tmp_path / 'db'}",
+        extra=tls_files.broker_keys(mtls=True),
+    )
+    broker = BrokerProcess(config)
+    broker.start()
+    tls = tls_files.client(cert=True)
+    got = Collector()
+    try:
+        with (
+            Consumer(
+                brokers=[broker.address],
+                group_id="acct-svc",
+                bindings=[Binding.direct("trade", "pay-succ", persistent=True)],
+                handler=got,
+                tls=tls,
+                reconnect_max_delay=0.5,
+            ) as consumer,
+            Producer(
+                brokers=[broker.address],
+                group_id="pay-svc",
+                tls=tls,
+                timeout=30,
+                reconnect_max_delay=0.5,
+            ) as producer,
+        ):
+            first = producer.send(trade(b"before")).message_id
+            got.wait_count(1)
+            broker.kill()
+            broker.start()
+            second = producer.send(trade(b"after")).message_id
+            got.wait_for(lambda received: second in {m.message_id for m in received}, 30)
+            assert consumer.error is None
+        assert {first, second} <= set(got.ids())
+    finally:
+        broker.stop_quietly()

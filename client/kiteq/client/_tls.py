@@ -78,11 +78,19 @@ class Transport:
                 )
             return None
         if found is PeerTransport.TLS_CLIENT_CERT:
-            if self._tls.cert is None:
+            tls = self._tls
+            if tls.cert is None or tls.key is None:
                 return TlsError(
                     f"broker {address} requires a client certificate (mTLS, TLS closed after "
                     "the handshake): pass TlsOptions(cert=..., key=...)"
                 )
+            # the same connection with this client's certificate: accepted means the
+            # failure was something else (a broker going down), to be retried
+            with_cert = await probe_transport(
+                address, _PROBE_TIMEOUT, client_cert=(tls.cert, tls.key)
+            )
+            if with_cert is not PeerTransport.TLS_CLIENT_CERT:
+                return None
             return TlsError(
                 f"broker {address} refused this client's TLS certificate (mTLS): is it "
                 "signed by a CA in the broker's tlsClientCa?"
