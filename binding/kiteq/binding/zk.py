@@ -14,8 +14,9 @@ URI (``[registry.<env>] hosts``)::
   bindings, only holders of the credentials can write. Nodes that already exist keep their
   ACLs (this registry never changes an ACL), so create the tree with ACLs from the start.
   Digest credentials cross the network in clear text; use them on a trusted network.
-  KiteQ's Go clients cannot authenticate: with ACLs on they discover brokers but cannot
-  write their ``-bind`` nodes (Python consumers' bindings are written by the broker).
+  Python clients given the same URI authenticate likewise and their nodes get the same
+  ACL (the one session recipe: ``kiteq.binding._zk_client``). KiteQ's Go clients cannot
+  authenticate: with ACLs on they discover brokers but cannot write their ``-bind`` nodes.
 
 Layout (KiteQ's ``kiteq-common/registry``; node data of the broker's nodes:
 ``{"grpc": "host:port", "protocolVersion": 1, "proto": "kiteq.proto.v1"}``)::
