@@ -296,6 +296,7 @@ class Broker:
             clock=self._clock,
             server_name=self.owner,
             metrics=self.metrics,
+            routes=bindings,
         )
         add_broker_service(
             BrokerService(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 import time
 from types import MappingProxyType
@@ -471,3 +473,54 @@ def test_route_cache_keeps_recently_used_types() -> None:
     assert table.routes("trade", "p1") is first  # used again: now the most recent
     table.routes("trade", "p3")  # evicts p2, the least recently used
     assert list(table._topics["trade"].cache) == ["p1", "p3"]
+
+
+async def test_prepare_computes_uncached_routes_off_the_loop() -> None:
+    table = BindingTable()
+    table.replace("t", "g", [Binding.regex("t", "^pay-"), Binding.direct("t", "x")])
+    table.replace("direct-only", "g", [Binding.direct("direct-only", "x")])
+    keys = [("t", "pay-1"), ("t", "pay-1"), ("t", "refund"), ("direct-only", "x"), ("none", "x")]
+    await table.prepare(keys)
+    cache = table._topics["t"].cache
+    assert dict(cache) == {"pay-1": (Route("g", True, 0),), "refund": ()}
+    assert table.routes("t", "pay-1") is cache["pay-1"]
+    # no regex bindings: nothing to gain from a thread, left to routes()
+    assert not table._topics["direct-only"].cache
+
+
+async def test_prepare_drops_what_a_change_made_stale() -> None:
+    table = BindingTable()
+    table.replace("t", "g", [Binding.regex("t", "^pay-")])
+    preparing = asyncio.create_task(table.prepare([("t", "pay-1")]))
+    await asyncio.sleep(0)  # the task has taken its snapshot and waits for the thread
+    table.replace("t", "g", [Binding.regex("t", "^refund-")])
+    await preparing
+    assert "pay-1" not in table._topics["t"].cache
+    assert table.routes("t", "pay-1") == ()
+
+
+async def test_expensive_patterns_are_matched_while_the_loop_goes_on() -> None:
+    # each of these makes the Set's DFA build a new state per character of a hostile type
+    table = BindingTable()
+    patterns = [f"[ab]{{{40 + i}}}a[ab]{{{10 + i}}}" for i in range(20)]
+    table.replace("t", "g", [Binding.regex("t", p) for p in patterns])
+    rng = random.Random(7)
+    types = ["".join(rng.choice("ab") for _ in range(250)) for _ in range(40)]
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    await table.prepare(("t", message_type) for message_type in types)
+    spent = time.perf_counter() - started
+    ticking.cancel()
+    assert all(message_type in table._topics["t"].cache for message_type in types)
+    assert spent > 0.2, "the patterns must be expensive for this test to mean anything"
+    assert max(gaps) < spent / 2, (max(gaps), spent)

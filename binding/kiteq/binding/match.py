@@ -10,7 +10,9 @@ This module is server-side: it is the only one in ``kiteq.binding`` that imports
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import enum
 import logging
@@ -199,6 +201,8 @@ class _GroupRules:
 
     __slots__ = ("_direct", "_fanout", "_regex", "_set", "bindings")
 
+    # immutable once built: worker threads match with it while the loop may replace it
+
     def __init__(self, bindings: tuple[Binding, ...]) -> None:
         self.bindings = bindings
         self._direct: dict[str, list[Binding]] = {}
@@ -214,6 +218,10 @@ class _GroupRules:
         self._fanout = tuple(fanout)
         self._regex = tuple(regex)
         self._set = _compile_set(b.message_type for b in regex) if regex else None
+
+    @property
+    def has_regex(self) -> bool:
+        return self._set is not None
 
     def matched(self, message_type: str) -> list[Binding]:
         matched = list(self._fanout)
@@ -247,26 +255,42 @@ def _compile_set(patterns: Iterable[str]) -> Any:
 class _TopicRoutes:
     """A topic's groups and its bounded LRU route cache."""
 
-    __slots__ = ("cache", "groups", "order")
+    __slots__ = ("cache", "groups", "regex", "rules")
 
     def __init__(self) -> None:
         self.groups: dict[str, _GroupRules] = {}
-        self.order: tuple[str, ...] = ()
+        # (group, rules) sorted by group: a snapshot replaced, never changed, on each change,
+        # so that a worker thread can compute routes from it while the table changes
+        self.rules: tuple[tuple[str, _GroupRules], ...] = ()
+        self.regex = False
         self.cache: collections.OrderedDict[str, tuple[Route, ...]] = collections.OrderedDict()
 
-    def compute(self, message_type: str) -> tuple[Route, ...]:
-        routes = []
-        for group in self.order:
-            matched = self.groups[group].matched(message_type)
-            if matched:
-                routes.append(
-                    Route(
-                        group=group,
-                        persistent=any(b.persistent for b in matched),
-                        watermark=_loosest(b.effective_watermark for b in matched),
-                    )
+    def rebuild(self) -> None:
+        self.rules = tuple(sorted(self.groups.items()))
+        self.regex = any(rules.has_regex for _, rules in self.rules)
+        self.cache.clear()
+
+
+def _compute(rules: tuple[tuple[str, _GroupRules], ...], message_type: str) -> tuple[Route, ...]:
+    routes = []
+    for group, group_rules in rules:
+        matched = group_rules.matched(message_type)
+        if matched:
+            routes.append(
+                Route(
+                    group=group,
+                    persistent=any(b.persistent for b in matched),
+                    watermark=_loosest(b.effective_watermark for b in matched),
                 )
-        return tuple(routes)
+            )
+    return tuple(routes)
+
+
+def _compute_all(
+    work: list[tuple[tuple[tuple[str, _GroupRules], ...], list[str]]],
+) -> list[list[tuple[Route, ...]]]:
+    # worker thread: RE2 matching is thread-safe and releases the GIL
+    return [[_compute(rules, message_type) for message_type in types] for rules, types in work]
 
 
 class BindingTable:
@@ -303,6 +327,7 @@ class BindingTable:
         self._permissions = Permissions() if permissions is None else permissions
         self._on_refused = on_refused
         self._listeners: list[Callable[[str, str], None]] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def limits(self) -> BindingLimits:
@@ -334,8 +359,7 @@ class BindingTable:
         else:
             del entry.groups[group]
         if entry.groups:
-            entry.order = tuple(sorted(entry.groups))
-            entry.cache.clear()
+            entry.rebuild()
         else:
             del self._topics[topic]
         logger.info("bindings changed topic=%s group=%s bindings=%d", topic, group, len(wanted))
@@ -359,11 +383,55 @@ class BindingTable:
         if hit is not None:
             cache.move_to_end(message_type)
             return hit
-        result = entry.compute(message_type)
+        result = _compute(entry.rules, message_type)
+        self._cache_route(entry, message_type, result)
+        return result
+
+    async def prepare(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Compute the uncached routes of (topic, message type) *keys* off the event loop.
+
+        A publish batch calls this before its messages are dispatched, so that a batch of
+        new message types on a topic with regex bindings is matched in a worker thread
+        while the loop goes on serving everybody else; ``routes`` then finds them cached.
+        One thread does this for the whole table: a group whose patterns are expensive to
+        match (RE2 is linear, but a Set's DFA can be made to build a state per character)
+        delays batches that need those patterns, never the loop. Topics without regex
+        bindings are only dict lookups and stay on the loop.
+        """
+        wanted: dict[str, list[str]] = {}
+        for topic, message_type in keys:
+            entry = self._topics.get(topic)
+            if entry is not None and entry.regex and message_type not in entry.cache:
+                types = wanted.setdefault(topic, [])
+                if message_type not in types:
+                    types.append(message_type)
+        if not wanted:
+            return
+        entries = [(topic, self._topics[topic]) for topic in wanted]
+        snapshots = [entry.rules for _, entry in entries]
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="kiteq-routes"
+            )
+        work = [
+            (rules, wanted[topic]) for (topic, _), rules in zip(entries, snapshots, strict=True)
+        ]
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, _compute_all, work)
+        for (topic, entry), rules, found in zip(entries, snapshots, results, strict=True):
+            # a change meanwhile replaced the snapshot: those routes would be stale
+            if self._topics.get(topic) is entry and entry.rules is rules:
+                for message_type, result in zip(wanted[topic], found, strict=True):
+                    self._cache_route(entry, message_type, result)
+
+    def _cache_route(
+        self, entry: _TopicRoutes, message_type: str, result: tuple[Route, ...]
+    ) -> None:
+        cache = entry.cache
         cache[message_type] = result
+        cache.move_to_end(message_type)
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
-        return result
 
     def bindings(self, topic: str | None = None) -> list[Binding]:
         """All bindings (or *topic*'s), ordered by topic, then group."""
@@ -372,8 +440,8 @@ class BindingTable:
         for t in topics:
             entry = self._topics.get(t)
             if entry is not None:
-                for group in entry.order:
-                    result.extend(entry.groups[group].bindings)
+                for _, rules in entry.rules:
+                    result.extend(rules.bindings)
         return result
 
     def topics(self) -> list[str]:
@@ -383,7 +451,7 @@ class BindingTable:
     def groups(self, topic: str) -> list[str]:
         """Groups bound to *topic*, sorted."""
         entry = self._topics.get(topic)
-        return [] if entry is None else list(entry.order)
+        return [] if entry is None else [group for group, _ in entry.rules]
 
     def add_listener(self, callback: Callable[[str, str], None]) -> None:
         """Call ``callback(topic, group)`` after every change (on the changing thread).

@@ -34,6 +34,7 @@ from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore, Saved
 
 if TYPE_CHECKING:
+    from kiteq.binding.match import BindingTable
     from kiteq.ops.metrics import BrokerMetrics
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Intake:
         clock: Clock,
         server_name: str,
         metrics: BrokerMetrics | None = None,
+        routes: BindingTable | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -61,6 +63,7 @@ class Intake:
         self._clock = clock
         self._server_name = server_name
         self._metrics = metrics
+        self._routes = routes
         rate = config.recieve_permits_per_second
         self._limiter = TokenBucket(rate, rate / 2, clock)
         self._accepting = True
@@ -166,6 +169,11 @@ class Intake:
             else:
                 records.append(record)
                 positions.append(i)
+        if self._routes is not None and (records or fly):
+            # new message types of regex-bound topics are matched off the event loop
+            await self._routes.prepare(
+                (r.topic, r.message.message_type) for r in (*records, *fly) if r.message.commit
+            )
         if records and self._config.delivery_first:
             records, positions = await self._deliver_first(records, positions, outcomes, messages)
         if records:
