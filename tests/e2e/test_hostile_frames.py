@@ -304,3 +304,49 @@ def test_random_and_mutated_frames_are_refused_and_the_broker_keeps_serving(
     others = [line for line in new_lines if line not in sessions and line not in refusals]
     assert len(others) <= 50, others[:20]
     assert not [line for line in new_lines if "Traceback" in line]
+
+
+async def read_all(
+    call: grpc.aio.StreamStreamCall[bytes, bytes], into: list[broker_pb2.ServerFrame]
+) -> None:
+    async for reply in call:
+        into.append(broker_pb2.ServerFrame.FromString(reply))
+
+
+async def test_garbage_inside_a_session_ends_it_after_the_acks_of_what_came_before(
+    broker: BrokerProcess,
+) -> None:
+    good = broker_pb2.ClientFrame(
+        publish=broker_pb2.PublishBatch(
+            messages=[
+                common_pb2.Message(
+                    header=common_pb2.Header(
+                        messageId=new_message_id(), topic="trade", messageType="t", commit=True
+                    ),
+                    body=b"x",
+                )
+            ]
+        )
+    )
+    open_frame = broker_pb2.ClientFrame(open=broker_pb2.Open(groupId="pay", secretKey="right"))
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        session: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(SESSION)
+        call = session(timeout=10)
+        for data in (open_frame.SerializeToString(), good.SerializeToString(), b"\xff\xff\xff"):
+            await call.write(data)
+        frames: list[broker_pb2.ServerFrame] = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await read_all(call, frames)
+        kinds = [f.WhichOneof("kind") for f in frames]
+        assert kinds == ["opened", "storeAcks"], "the publish read first is answered first"
+        assert [a.status for a in frames[1].storeAcks.acks] == [True]
+        assert ended.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert ended.value.details() == "the frame is not a ClientFrame"
+        publish: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PUBLISH)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await publish(b"\x0a\xff", timeout=10)
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "the request is not a PublishRequest"
+    assert broker.lookup(good.publish.messages[0].header.messageId).found
+    counts = rejected_frames(broker)
+    assert counts["undecodable"] == 2
