@@ -119,7 +119,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self._recover = recover
         self._transactions = transactions
         self._clock = clock
-        self.rejections = RejectionLog(clock, metrics)
+        self._rejections = RejectionLog(clock, metrics)
 
     async def Session(  # type: ignore[override]  # writes with context.write, not yield
         self,
@@ -181,7 +181,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self, context: grpc.aio.ServicerContext[Any, Any], reason: Rejection, detail: str
     ) -> NoReturn:
         """End the call with INVALID_ARGUMENT and *detail*; counted, logged rate-limited."""
-        self.rejections.note(context.peer(), reason, detail)
+        self._rejections.note(context.peer(), reason, detail)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
 
     async def _authenticate(
@@ -191,7 +191,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if not is_name(group):
             await self._refuse(context, Rejection.INVALID_OPEN, f"invalid group id {group[:64]!r}")
         if len(secret) > MAX_SECRET_BYTES or not self._config.check_secret(group, secret):
-            self.rejections.note(context.peer(), Rejection.UNAUTHENTICATED, f"group={group}")
+            self._rejections.note(context.peer(), Rejection.UNAUTHENTICATED, f"group={group}")
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, f"wrong secret for group {group!r}"
             )
@@ -287,7 +287,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if stray:
             # late after a timeout, twice, or naming another session's delivery: none of
             # them settles anything
-            self.rejections.note(
+            self._rejections.note(
                 conn.peer,
                 Rejection.STRAY_ACK,
                 f"conn={conn.id} group={conn.group}: {stray} acks name no delivery in flight",
@@ -338,7 +338,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             (Rejection.INVALID_TX, len(refused) - denied),
         ):
             if n:
-                self.rejections.note(
+                self._rejections.note(
                     conn.peer, reason, f"conn={conn.id} group={conn.group}: {n} TxAck items", n
                 )
         if not conn.closed:
