@@ -103,13 +103,17 @@ class EmbeddedRegistry:
         by_topic: dict[str, list[Binding]] = {}
         for binding in bindings:
             by_topic.setdefault(binding.topic, []).append(binding.with_group(group))
-        # validate everything before storing or applying anything
-        declared = {topic: table.validate(topic, group, items) for topic, items in by_topic.items()}
+        # validate and compile everything before storing or applying anything; off the loop,
+        # as a declaration may hold a thousand patterns
+        declared = await asyncio.to_thread(
+            lambda: [table.build(topic, group, items) for topic, items in by_topic.items()]
+        )
         async with self._lock:
-            for topic, items in declared.items():
-                await self._save(topic, group, tuple(b for b in items if b.persistent))
-            for topic, items in declared.items():
-                table.replace(topic, group, items)
+            for prepared in declared:
+                persistent = tuple(b for b in prepared.bindings if b.persistent)
+                await self._save(prepared.topic, group, persistent)
+            for prepared in declared:
+                table.install(prepared)
         return True
 
     async def unbind(self, topic: str, group: str) -> bool:

@@ -34,6 +34,7 @@ __all__ = [
     "BindingLimits",
     "BindingTable",
     "CompiledPattern",
+    "PreparedBindings",
     "RefusalReason",
     "Route",
     "check_binding",
@@ -293,6 +294,16 @@ def _compute_all(
     return [[_compute(rules, message_type) for message_type in types] for rules, types in work]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreparedBindings:
+    """A group's validated bindings for a topic and their compiled matcher (``build``)."""
+
+    topic: str
+    group: str
+    bindings: tuple[Binding, ...]
+    rules: _GroupRules | None  # None: the group is removed from the topic
+
+
 class BindingTable:
     """Topic → group → bindings, with a cached ``routes`` lookup per message.
 
@@ -336,7 +347,8 @@ class BindingTable:
     def replace(self, topic: str, group: str, bindings: Iterable[Binding]) -> bool:
         """Set *group*'s full binding list for *topic*; an empty list removes the group.
 
-        Other groups of the topic are not touched.
+        Other groups of the topic are not touched. ``build`` then ``install`` do the same
+        in two steps, the expensive one off the loop.
 
         Returns:
             True if the table changed.
@@ -346,7 +358,24 @@ class BindingTable:
                 nothing changed.
             PermissionDeniedError: *group* may not bind *topic*; nothing changed.
         """
+        return self.install(self.build(topic, group, bindings))
+
+    def build(self, topic: str, group: str, bindings: Iterable[Binding]) -> PreparedBindings:
+        """Validate *group*'s bindings for *topic* and compile their matcher.
+
+        Thread-safe and pure (apart from counting refusals): registries call it in a worker
+        thread, since a thousand long patterns take tens of milliseconds to compile.
+
+        Raises:
+            ValueError: See ``validate``.
+            PermissionDeniedError: See ``validate``.
+        """
         wanted = self.validate(topic, group, bindings)
+        return PreparedBindings(topic, group, wanted, _GroupRules(wanted) if wanted else None)
+
+    def install(self, prepared: PreparedBindings) -> bool:
+        """Make *prepared* (from ``build``) its group's bindings; True if the table changed."""
+        topic, group, wanted = prepared.topic, prepared.group, prepared.bindings
         entry = self._topics.get(topic)
         current = entry.groups.get(group) if entry is not None else None
         if (current.bindings if current is not None else ()) == wanted:
@@ -354,8 +383,8 @@ class BindingTable:
         if entry is None:
             # a new topic: wanted differs from nothing, so it is not empty
             entry = self._topics[topic] = _TopicRoutes()
-        if wanted:
-            entry.groups[group] = _GroupRules(wanted)
+        if prepared.rules is not None:
+            entry.groups[group] = prepared.rules
         else:
             del entry.groups[group]
         if entry.groups:

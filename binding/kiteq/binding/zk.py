@@ -85,7 +85,7 @@ from kiteq.core.errors import (
 from kiteq.core.limits import is_name
 
 if TYPE_CHECKING:
-    from kiteq.binding.match import BindingTable
+    from kiteq.binding.match import BindingTable, PreparedBindings
     from kiteq.binding.registry import BrokerInfo
 
 __all__ = ["DEFAULT_SESSION_TIMEOUT", "ZkBindingRegistry", "ZkSettings", "parse_zk_uri"]
@@ -248,6 +248,8 @@ class ZkBindingRegistry:
         self._applied: dict[tuple[str, str], int] = {}
         # the node version last refused per (topic, group): each refused version is logged once
         self._refused: dict[tuple[str, str], int] = {}
+        # events seen per (topic, group): an apply finishing after a newer event is dropped
+        self._events: dict[tuple[str, str], int] = {}
         self._waiters: dict[tuple[str, str], list[tuple[int, asyncio.Future[None]]]] = {}
         self._watch_tasks: set[asyncio.Task[None]] = set()
         self._broker: BrokerInfo | None = None
@@ -491,29 +493,55 @@ class ZkBindingRegistry:
         if table is None or self._closed.is_set():
             return
         key = (topic, group)
-        path = nodes.bind_path(topic, group)
+        # every event of a node supersedes the ones before it, a build still running included
+        event = self._events[key] = self._events.get(key, 0) + 1
         if mzxid is None:
             if table.remove_group(topic, group):
+                path = nodes.bind_path(topic, group)
                 logger.info("binding node deleted path=%s: group removed from the topic", path)
             return
         if mzxid < self._applied.get(key, -1) or self._refused.get(key) == mzxid:
             return  # an older read, overtaken, or a version already refused and logged
         self._applied[key] = mzxid
+        # parsing and compiling a thousand patterns takes tens of ms: not on the loop
+        task = asyncio.create_task(
+            self._apply(table, key, data, mzxid, event), name=f"kiteq-zk-apply:{topic}/{group}"
+        )
+        self._watch_tasks.add(task)
+        task.add_done_callback(self._watch_tasks.discard)
+
+    async def _apply(
+        self,
+        table: BindingTable,
+        key: tuple[str, str],
+        data: bytes | None,
+        mzxid: int,
+        event: int,
+    ) -> None:
+        topic, group = key
+        path = nodes.bind_path(topic, group)
+        outcome: PreparedBindings | PermissionDeniedError | ValueError
         try:
-            table.replace(topic, group, loads(data or b""))
-        except PermissionDeniedError as exc:
+            outcome = await asyncio.to_thread(_build, table, topic, group, data)
+        except (PermissionDeniedError, ValueError) as exc:
+            outcome = exc
+        if self._events.get(key) != event or self._closed.is_set():
+            return  # a newer event of the node is being applied
+        if isinstance(outcome, PermissionDeniedError):
             self._refused[key] = mzxid
             table.remove_group(topic, group)
-            logger.error(  # noqa: TRY400 - a refusal, not a bug: no traceback
-                "binding node refused path=%s, bindings not applied: %s", path, exc.reason
+            logger.error(
+                "binding node refused path=%s, bindings not applied: %s", path, outcome.reason
             )
-        except ValueError as exc:
+        elif isinstance(outcome, ValueError):
             self._refused[key] = mzxid
-            logger.error(  # noqa: TRY400 - bad data, not a bug: no traceback
+            logger.error(
                 "malformed binding node path=%s, keeping the group's previous bindings: %s",
                 path,
-                exc,
+                outcome,
             )
+        else:
+            table.install(outcome)
         for waiter_zxid, future in self._waiters.pop(key, ()):
             if waiter_zxid <= mzxid:
                 if not future.done():
@@ -723,6 +751,11 @@ class ZkBindingRegistry:
             waiters = self._waiters.get(key, [])
             if entry in waiters:
                 waiters.remove(entry)
+
+
+def _build(table: BindingTable, topic: str, group: str, data: bytes | None) -> PreparedBindings:
+    # worker thread
+    return table.build(topic, group, loads(data or b""))
 
 
 def _close(zk: Any) -> None:
