@@ -713,7 +713,12 @@ class ZkBindingRegistry:
         by_topic: dict[str, list[Binding]] = {}
         for binding in bindings:
             by_topic.setdefault(binding.topic, []).append(binding.with_group(group))
-        declared = {topic: table.validate(topic, group, items) for topic, items in by_topic.items()}
+        # compiling a thousand patterns takes tens of ms: not on the loop
+        declared = await asyncio.to_thread(
+            lambda: {
+                topic: table.validate(topic, group, items) for topic, items in by_topic.items()
+            }
+        )
         async with self._declare_lock:
             for topic, wanted in declared.items():
                 await self._write_declared(topic, group, wanted)
