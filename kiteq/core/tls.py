@@ -47,7 +47,7 @@ class TlsMode(enum.StrEnum):
 class PeerTransport(enum.StrEnum):
     """What ``probe_transport`` found at an address."""
 
-    UNREACHABLE = "unreachable"  # no TCP connection (or no answer in time)
+    UNREACHABLE = "unreachable"  # no connection, no answer in time, or one that tells nothing
     PLAINTEXT = "plaintext"  # answered, but not with TLS
     TLS = "tls"  # TLS handshake done, then HTTP/2 answered
     TLS_CLIENT_CERT = "tls-client-cert"  # TLS handshake done, then closed: wants a certificate
@@ -203,11 +203,15 @@ async def probe_transport(
                 await writer.start_tls(context)
             except ssl.SSLError as exc:
                 # a record that is not TLS is plaintext; an alert from the server is TLS
-                if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc):
+                # (TLS 1.2 refuses a missing client certificate in the handshake)
+                reason = str(exc).upper()
+                if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
                     return PeerTransport.PLAINTEXT
-                return PeerTransport.TLS_CLIENT_CERT
+                if "ALERT" in reason:
+                    return PeerTransport.TLS_CLIENT_CERT
+                return PeerTransport.UNREACHABLE  # closed mid-handshake: tells nothing
             except ConnectionError:
-                return PeerTransport.TLS_CLIENT_CERT
+                return PeerTransport.UNREACHABLE
             writer.write(_H2_PREFACE)
             try:
                 answer = await reader.read(1)

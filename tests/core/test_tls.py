@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -135,3 +136,17 @@ async def test_probe_with_a_client_certificate(files: TlsFiles, servers: dict[st
         await probe_transport(servers["mtls"], 2.0, client_cert=rogue)
         is PeerTransport.TLS_CLIENT_CERT
     )
+
+
+async def test_a_peer_that_just_closes_is_not_taken_for_tls() -> None:
+    # a broker going down may accept and close: that must stay a retriable failure
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await probe_transport(f"127.0.0.1:{port}", 2.0) is PeerTransport.UNREACHABLE
+    finally:
+        server.close()
+        await server.wait_closed()
