@@ -12,6 +12,11 @@ One broker process per run; producers and the consumer are separate processes.
    publish timed out or failed.
 2. **New types on the bound topic.** Fresh-type messages published to ``trade`` as fast as
    possible, consumed by one group holding one regex binding, then the maximum.
+3. **Expensive patterns.** Part 1's unrelated topic again, now beside a consumer whose
+   maximum of patterns make RE2's DFA build a state per character (``[ab]{40}a[ab]{10}``,
+   unanchored) fed random new types at ``--hostile-rate``: their matching runs in the
+   broker's route thread, so the unrelated rate is printed against part 1's baseline,
+   with the hostile producer's own (slow) store-acks. Informational: not in the verdict.
 
     python tests/bench/bindings_bench.py                 # defaults: 10 s per run
     python tests/bench/bindings_bench.py --seconds 20 --bindings 1000 --db memory
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -46,17 +52,30 @@ WINDOW = 2000
 SEND_TIMEOUT = 10.0
 
 
-def pattern(i: int) -> str:
+def pattern(i: int, style: str) -> str:
+    if style == "hostile":
+        # unanchored counted repetitions: RE2's DFA builds a new state for nearly every
+        # character of a random a/b type; (?:q<i>)? only makes each pattern distinct
+        return f"[ab]{{{40 + i % 40}}}a[ab]{{{10 + i % 20}}}(?:q{i})?"
     return f"^n{i:05d}-"
 
 
-def run_producer(address: str, topic: str, fresh: int, rate: float, seconds: float) -> None:
+def message_type(seq: int, fresh: int, style: str, rng: random.Random) -> str:
+    if style == "hostile":
+        return "".join(rng.choice("ab") for _ in range(200)) + f"-{seq}"
+    return f"n{seq % fresh:05d}-{seq}" if fresh else "tick"
+
+
+def run_producer(
+    address: str, topic: str, fresh: int, rate: float, seconds: float, style: str
+) -> None:
     """Publish for *seconds*; *fresh* > 0: each message a new type ``n<seq % fresh>-<seq>``."""
     from kiteq.client import Message, Producer
     from kiteq.core.errors import PublishTimeoutError
 
     sent = acked = failed = timeouts = 0
     worst = 0.0
+    rng = random.Random(seconds)
     pending: collections.deque[tuple[float, Any]] = collections.deque()
 
     def settle(item: tuple[float, Any]) -> None:
@@ -80,8 +99,8 @@ def run_producer(address: str, topic: str, fresh: int, rate: float, seconds: flo
             if rate > 0 and sent >= (now - begin) * rate:
                 time.sleep(min(0.001, end - now))
                 continue
-            message_type = f"n{sent % fresh:05d}-{sent}" if fresh else "tick"
-            message = Message(topic=topic, message_type=message_type, body=b"x" * 100)
+            kind = message_type(sent, fresh, style, rng) if fresh else "tick"
+            message = Message(topic=topic, message_type=kind, body=b"x" * 100)
             pending.append((time.monotonic(), producer.send_async(message)))
             sent += 1
             while len(pending) >= WINDOW:
@@ -101,7 +120,7 @@ def run_producer(address: str, topic: str, fresh: int, rate: float, seconds: flo
     print(json.dumps(result), flush=True)
 
 
-def run_consumer(address: str, bindings: int, seconds: float) -> None:
+def run_consumer(address: str, bindings: int, seconds: float, style: str) -> None:
     from kiteq.client import Binding, Consumer, ReceivedMessage
 
     received = 0
@@ -115,7 +134,7 @@ def run_consumer(address: str, bindings: int, seconds: float) -> None:
         brokers=[address],
         group_id="bench-consumer",
         secret_key=SECRET,
-        bindings=[Binding.regex(BOUND, pattern(i)) for i in range(bindings)],
+        bindings=[Binding.regex(BOUND, pattern(i, style)) for i in range(bindings)],
         handler=handle,
         max_in_flight=2000,
     ):
@@ -166,6 +185,7 @@ def run(
     bindings: int,
     max_bindings: int,
     producers: Sequence[tuple[str, int, float]],
+    style: str = "plain",
 ) -> list[dict[str, Any]]:
     """One broker; a consumer with *bindings* regex bindings (0: none); *producers*."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +204,9 @@ def run(
         procs: list[subprocess.Popen[str]] = []
         try:
             if bindings:
-                consumer = child("consumer", broker.address, str(bindings), str(seconds + 60))
+                consumer = child(
+                    "consumer", broker.address, str(bindings), str(seconds + 60), style
+                )
                 procs.append(consumer)
                 read_json(consumer, 60)
                 deadline = time.monotonic() + 30
@@ -193,7 +215,7 @@ def run(
                         raise RuntimeError("the consumer's bindings were not applied")
                     time.sleep(0.05)
             started = [
-                child("producer", broker.address, topic, str(fresh), str(rate), str(seconds))
+                child("producer", broker.address, topic, str(fresh), str(rate), str(seconds), style)
                 for topic, fresh, rate in producers
             ]
             procs.extend(started)
@@ -219,15 +241,18 @@ def main() -> int:
     parser.add_argument(
         "--fresh-rate", type=float, default=2000.0, help="new-type messages/s during part 1"
     )
+    parser.add_argument(
+        "--hostile-rate", type=float, default=50.0, help="expensive new types/s in part 3"
+    )
     parser.add_argument("--db", choices=["rocksdb", "memory"], default="rocksdb")
     options, rest = parser.parse_known_args()
     if options.role == "producer":
-        address, topic, types, rate, seconds = rest
-        run_producer(address, topic, int(types), float(rate), float(seconds))
+        address, topic, types, rate, seconds, style = rest
+        run_producer(address, topic, int(types), float(rate), float(seconds), style)
         return 0
     if options.role == "consumer":
-        address, count, seconds = rest
-        run_consumer(address, int(count), float(seconds))
+        address, count, seconds, style = rest
+        run_consumer(address, int(count), float(seconds), style)
         return 0
 
     db = "rocksdb://{tmp}/db?fsync=batch" if options.db == "rocksdb" else "memory://"
@@ -278,6 +303,28 @@ def main() -> int:
             f"timed out {fresh['timeouts']}, failed {fresh['failed']})",
             flush=True,
         )
+
+    # 3. expensive patterns: their matching runs in the broker's route thread; the
+    # unrelated topic must not notice much (the hostile group's own publishes may wait)
+    other, hostile = run(
+        db,
+        seconds=seconds,
+        bindings=n,
+        max_bindings=n,
+        producers=[(UNRELATED, 0, 0.0), (BOUND, n, options.hostile_rate)],
+        style="hostile",
+    )
+    timeouts += other["timeouts"]
+    failed += other["failed"]
+    hostile_ratio = other["rate"] / runs["without"][0]["rate"]
+    print(
+        f"unrelated topic beside {n} DFA-expensive patterns fed new types at "
+        f"{options.hostile_rate:g}/s: {other['rate']:,.0f} msg/s = {hostile_ratio:.0%} "
+        f"(worst store-ack {other['worst_ack_seconds']:.3f} s); the expensive types: "
+        f"{hostile['rate']:,.1f} msg/s, worst store-ack {hostile['worst_ack_seconds']:.1f} s, "
+        f"timed out {hostile['timeouts']}",
+        flush=True,
+    )
     ok = ratio >= 0.5 and timeouts == 0 and failed == 0
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
