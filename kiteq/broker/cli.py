@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from kiteq.binding.registry import redact_registry_uri
 from kiteq.broker.server import Broker
-from kiteq.core.admin import ADMIN_SECRET_ENV
+from kiteq.core.admin import ADMIN_SECRET_ENV, AUDIT_LOGGER
 from kiteq.core.config import ClusterConfig, load_cluster, read_secret_file
 from kiteq.core.errors import KiteQError
 
@@ -127,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # the audit trail is not chatter: -logLevel=WARNING must not drop admin mutations
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
     faulthandler.register(signal.SIGUSR1)
     try:
         config = load_cluster(options.config_path, options.cluster_name)
