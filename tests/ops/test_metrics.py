@@ -24,6 +24,7 @@ KITEQ_FAMILIES = {
     "kiteq_messages_delivered": "counter",
     "kiteq_messages_redelivered": "counter",
     "kiteq_rejected_frames": "counter",
+    "kiteq_bindings_refused": "counter",
     "kiteq_metrics_label_overflow": "counter",
     "kiteq_store_operation_duration_seconds": "histogram",
     "kiteq_store_batch_size": "histogram",
@@ -257,3 +258,18 @@ def test_rejected_frames_count_by_bounded_reason(metrics: BrokerMetrics) -> None
     assert value(metrics, "kiteq_rejected_frames_total", reason="stray_ack") == 3
     with pytest.raises(ValueError, match="frame reject reason"):
         metrics.rejected_frames("anything a peer sent")
+
+
+def test_binding_refusals_are_counted_by_bounded_reason() -> None:
+    metrics = BrokerMetrics(process=False)
+    metrics.bindings_refused("permission")
+    metrics.bindings_refused("limit")
+    metrics.bindings_refused("limit")
+    with pytest.raises(ValueError, match="binding refusal reason"):
+        metrics.bindings_refused("anything")
+    samples = {
+        s.labels["reason"]: s.value
+        for s in families(metrics)["kiteq_bindings_refused"].samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"permission": 1.0, "limit": 2.0}
