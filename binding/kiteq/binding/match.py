@@ -5,6 +5,13 @@ does in KiteQ: ``pay`` matches ``pay-succ-200``. RE2 runs in time linear in the 
 hostile pattern such as ``(a+)+$`` cannot stall the broker; backreferences and lookarounds
 do not exist in RE2 and are rejected when the binding is registered.
 
+Routing cost does not grow with the number of patterns: a group's regex bindings for a
+topic are one ``re2.Set`` (every pattern in one pass over the message type), its direct
+bindings a dict, and each topic has an LRU route cache. What a Set can still cost (its DFA
+may build a state per character for patterns like ``[ab]{40}a[ab]{10}``) is paid in a
+worker thread for publish batches (``BindingTable.prepare``), and compiling a thousand
+patterns likewise (``BindingTable.build``), never on the event loop.
+
 This module is server-side: it is the only one in ``kiteq.binding`` that imports ``re2``.
 """
 
