@@ -347,10 +347,6 @@ class BindingTable:
         self._listeners: list[Callable[[str, str], None]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    @property
-    def limits(self) -> BindingLimits:
-        return self._limits
-
     def replace(self, topic: str, group: str, bindings: Iterable[Binding]) -> bool:
         """Set *group*'s full binding list for *topic*; an empty list removes the group.
 
