@@ -8,6 +8,11 @@ Examples::
     kiteq-admin dlq -topic trade -reason expired
     kiteq-admin redrive -topic trade -group acct-svc
     kiteq-admin redrive 0f3c...e1 -group acct-svc
+    KITEQ_ADMIN_SECRET=... kiteq-admin -tlsCa ca.pem -broker broker1:13800 stats
+
+The admin secret comes from ``-secretFile`` (its first line), else ``KITEQ_ADMIN_SECRET``;
+``-secret`` also works but puts the secret on the command line, which every local user
+can read (``ps``). Any ``-tls*`` flag (or ``-tls``) connects with TLS.
 """
 
 from __future__ import annotations
@@ -15,21 +20,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from kiteq.broker.admin_service import ADMIN_SECRET_HEADER
+from kiteq.core.admin import ADMIN_SECRET_ENV
+from kiteq.core.config import read_secret_file
+from kiteq.core.errors import KiteQError
+from kiteq.core.tls import PeerTransport, TlsOptions, probe_transport
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+
+_PROBE_TIMEOUT = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiteq-admin", allow_abbrev=False)
     parser.add_argument("-broker", "--broker", default="127.0.0.1:13800", help="broker host:port")
-    parser.add_argument("-secret", "--secret", default="", help="the cluster's adminSecret")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument(
+        "-secret", "--secret", default="", help="the admin secret (visible in ps: prefer below)"
+    )
+    secret.add_argument(
+        "-secretFile",
+        "--secretFile",
+        "--secret-file",
+        dest="secret_file",
+        default=None,
+        help=f"file whose first line is the admin secret (default: ${ADMIN_SECRET_ENV})",
+    )
     parser.add_argument("-timeout", "--timeout", type=float, default=5.0, help="seconds")
+    parser.add_argument(
+        "-tls", "--tls", action="store_true", help="TLS with the system's trusted roots"
+    )
+    parser.add_argument("-tlsCa", "--tlsCa", dest="tls_ca", default=None, help="PEM CA bundle")
+    parser.add_argument(
+        "-tlsCert", "--tlsCert", dest="tls_cert", default=None, help="PEM client certificate"
+    )
+    parser.add_argument("-tlsKey", "--tlsKey", dest="tls_key", default=None, help="PEM key")
+    parser.add_argument(
+        "-tlsServerName",
+        "--tlsServerName",
+        dest="tls_server_name",
+        default=None,
+        help="name the broker's certificate carries, when not the host dialled",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("stats", help="counters, backlog per topic, connections per group")
     bindings = sub.add_parser("bindings", help="bindings known to the broker")
@@ -80,9 +119,79 @@ def _dlq_filter(options: argparse.Namespace) -> admin_pb2.DeadLetterFilter:
     )
 
 
-async def _call(options: argparse.Namespace) -> dict[str, object]:
-    metadata = ((ADMIN_SECRET_HEADER, options.secret),) if options.secret else None
-    async with grpc.aio.insecure_channel(options.broker) as channel:
+def admin_secret(options: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The secret to send: ``-secret``, ``-secretFile``, else ``KITEQ_ADMIN_SECRET``.
+
+    Raises:
+        ConfigError: The ``-secretFile`` cannot be read or is empty.
+    """
+    if options.secret:
+        return str(options.secret)
+    if options.secret_file is not None:
+        return read_secret_file(options.secret_file, "-secretFile")
+    return environ.get(ADMIN_SECRET_ENV, "").strip()
+
+
+def tls_options(options: argparse.Namespace) -> TlsOptions | None:
+    """The TLS settings of the flags; None: plaintext."""
+    paths = (options.tls_ca, options.tls_cert, options.tls_key)
+    if not options.tls and all(p is None for p in (*paths, options.tls_server_name)):
+        return None
+    return TlsOptions(
+        ca=Path(options.tls_ca) if options.tls_ca else None,
+        cert=Path(options.tls_cert) if options.tls_cert else None,
+        key=Path(options.tls_key) if options.tls_key else None,
+        server_name=options.tls_server_name,
+    )
+
+
+def _channel(address: str, tls: TlsOptions | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address)
+    material = tls.load("-tls")
+    credentials = grpc.ssl_channel_credentials(material.ca, material.key, material.cert)
+    override = (
+        (("grpc.ssl_target_name_override", material.server_name),) if material.server_name else ()
+    )
+    return grpc.aio.secure_channel(address, credentials, options=override)
+
+
+async def _hint(address: str, tls: TlsOptions | None, exc: grpc.aio.AioRpcError) -> str:
+    """What to change when the call failed for a reason the status alone does not say."""
+    code = exc.code()
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return f" (give -secretFile or set {ADMIN_SECRET_ENV})"
+    if code is not grpc.StatusCode.UNAVAILABLE:
+        return ""
+    if "handshake" in (exc.details() or "").lower():
+        return " (TLS handshake failed: check -tlsCa, -tlsServerName, or is the port plaintext?)"
+    found = await probe_transport(address, _PROBE_TIMEOUT)
+    if tls is None and found in (PeerTransport.TLS, PeerTransport.TLS_CLIENT_CERT):
+        return " (the broker serves TLS: add -tlsCa, and -tlsCert/-tlsKey for mTLS)"
+    if tls is not None and found is PeerTransport.TLS_CLIENT_CERT:
+        return " (the broker requires a client certificate it trusts: -tlsCert and -tlsKey)"
+    return ""
+
+
+async def _call(
+    options: argparse.Namespace, secret: str, tls: TlsOptions | None
+) -> dict[str, object]:
+    try:
+        return await _ask(options, secret, tls)
+    except grpc.aio.AioRpcError as exc:
+        hint = await _hint(options.broker, tls, exc)
+        raise _CallFailedError(f"{exc.code().name}: {exc.details()}{hint}") from exc
+
+
+class _CallFailedError(Exception):
+    """The call failed; the message is what to print."""
+
+
+async def _ask(
+    options: argparse.Namespace, secret: str, tls: TlsOptions | None
+) -> dict[str, object]:
+    metadata = ((ADMIN_SECRET_HEADER, secret),) if secret else None
+    async with _channel(options.broker, tls) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         timeout = options.timeout
         if options.command == "stats":
@@ -152,9 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         parser.error("redrive with no ids and no filter redrives every dead letter: add -all")
     try:
-        result = asyncio.run(_call(options))
-    except grpc.aio.AioRpcError as exc:
-        print(f"kiteq-admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        secret = admin_secret(options, os.environ)
+        tls = tls_options(options)
+        result = asyncio.run(_call(options, secret, tls))
+    except (KiteQError, _CallFailedError) as exc:
+        print(f"kiteq-admin: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 
@@ -10,9 +9,10 @@ import grpc
 
 from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
+from kiteq.core.admin import audit, secret_matches
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
-from kiteq.core.ids import is_message_id
+from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
@@ -61,7 +61,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not expected:
             return
         given = dict(context.invocation_metadata() or ()).get(ADMIN_SECRET_HEADER, "")
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
+        if not given or not secret_matches(given, expected):
+            audit.warning(
+                "admin auth failed peer=%s reason=%s",
+                context.peer(),
+                "wrong secret" if given else "no secret",
+            )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing admin secret")
 
     async def Stats(
@@ -125,7 +130,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.GetMessageResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        message_id = request.messageId
+        message_id = canonical_message_id(request.messageId)
         if not is_message_id(message_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
@@ -181,7 +186,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext[admin_pb2.RedriveRequest, admin_pb2.RedriveResponse],
     ) -> admin_pb2.RedriveResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        ids = list(request.messageIds)
+        ids = [canonical_message_id(m) for m in request.messageIds]
         for message_id in ids:
             if not is_message_id(message_id):
                 await context.abort(
@@ -195,7 +200,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 for letter in await self._store.get_dead_letters(message_id)
                 if not request.groupId or letter.group == request.groupId
             ]
-            return admin_pb2.RedriveResponse(redriven=await self._redrive(keys))
+            redriven = await self._redrive(keys)
+            audit.info(
+                "admin redrive peer=%s ids=%d group=%s redriven=%d",
+                context.peer(),
+                len(ids),
+                request.groupId or "*",
+                redriven,
+            )
+            return admin_pb2.RedriveResponse(redriven=redriven)
         where = wire.dlq_filter(request.filter)
         redriven = 0
         while True:
@@ -204,6 +217,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if not page:
                 break
             redriven += await self._redrive([letter.key for letter in page])
+        audit.info(
+            "admin redrive peer=%s filter=topic:%s,type:%s,group:%s,reason:%s redriven=%d",
+            context.peer(),
+            request.filter.topic or "*",
+            request.filter.messageType or "*",
+            request.filter.groupId or "*",
+            request.filter.reason or "*",
+            redriven,
+        )
         return admin_pb2.RedriveResponse(redriven=redriven)
 
     async def ListTransactions(
@@ -240,12 +262,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.ResolveTransactionResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        if not is_message_id(request.messageId):
+        message_id = canonical_message_id(request.messageId)
+        if not is_message_id(message_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
             )
         status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
-        changed = await self._transactions.decide(request.messageId, status, "operator")
+        changed = await self._transactions.decide(message_id, status, "operator")
+        audit.info(
+            "admin %s peer=%s id=%s changed=%s",
+            "commit" if request.commit else "rollback",
+            context.peer(),
+            message_id,
+            changed,
+        )
         return admin_pb2.ResolveTransactionResponse(changed=changed)
 
     async def _redrive(self, keys: list[DlqKey]) -> int:

@@ -2,23 +2,30 @@
 
 Exit codes: 0 after a clean stop, 1 on a configuration or startup error (the message names
 the flag or key), 2 on a usage error.
+
+Settings that are also config keys take precedence in this order: flag, then environment
+(``KITEQ_ADMIN_SECRET``), then the file. The admin secret has no flag of its own: the
+command line of a process is visible to every local user (``ps``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import faulthandler
 import gc
 import logging
+import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Final
 
 from kiteq.binding.registry import redact_registry_uri
 from kiteq.broker.server import Broker
-from kiteq.core.config import ClusterConfig, load_cluster
+from kiteq.core.admin import ADMIN_SECRET_ENV, AUDIT_LOGGER
+from kiteq.core.config import ClusterConfig, load_cluster, read_secret_file
 from kiteq.core.errors import KiteQError
 
 logger = logging.getLogger("kiteq.broker")
@@ -72,7 +79,45 @@ def build_parser() -> argparse.ArgumentParser:
     flag(
         "grace", "grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default 10)"
     )
+    flag("tlsCert", "tls_cert", default=None, help="PEM certificate chain (overrides tlsCert)")
+    flag("tlsKey", "tls_key", default=None, help="PEM private key (overrides tlsKey)")
+    flag(
+        "tlsClientCa",
+        "tls_client_ca",
+        default=None,
+        help="PEM CA bundle that client certificates must be signed by (mTLS)",
+    )
+    flag(
+        "adminSecretFile",
+        "admin_secret_file",
+        default=None,
+        help=f"file whose first line is the admin secret (overrides {ADMIN_SECRET_ENV})",
+    )
     return parser
+
+
+def apply_overrides(
+    config: ClusterConfig, options: argparse.Namespace, environ: Mapping[str, str]
+) -> ClusterConfig:
+    """*config* with the flags and environment variables that override its keys.
+
+    Raises:
+        ConfigError: The ``-adminSecretFile`` cannot be read or is empty.
+    """
+    secret = config.admin_secret
+    if options.admin_secret_file is not None:
+        secret = read_secret_file(options.admin_secret_file, "-adminSecretFile")
+    elif environ.get(ADMIN_SECRET_ENV, "").strip():
+        secret = environ[ADMIN_SECRET_ENV].strip()
+    return dataclasses.replace(
+        config,
+        tls_cert=config.tls_cert if options.tls_cert is None else options.tls_cert,
+        tls_key=config.tls_key if options.tls_key is None else options.tls_key,
+        tls_client_ca=(
+            config.tls_client_ca if options.tls_client_ca is None else options.tls_client_ca
+        ),
+        admin_secret=secret,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,9 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # the audit trail is not chatter: -logLevel=WARNING must not drop admin mutations
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
     faulthandler.register(signal.SIGUSR1)
     try:
         config = load_cluster(options.config_path, options.cluster_name)
+        config = apply_overrides(config, options, os.environ)
     except KiteQError as exc:
         print(f"kiteq: {exc}", file=sys.stderr)
         return 1
@@ -126,7 +174,8 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
     gc.freeze()  # what start() built lives as long as the process: never rescan it
     print(
         f"kiteq ready cluster={config.name} bind={broker.advertised} store={broker.store_description} "
-        f"registry={redact_registry_uri(config.registry)} topics={','.join(config.topics)}",
+        f"registry={redact_registry_uri(config.registry)} topics={','.join(config.topics)} "
+        f"tls={broker.tls_mode}",
         flush=True,
     )
     try:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiteq.binding._zk_takeover import ZkTakeoverNodes
-from kiteq.binding.match import BindingTable
+from kiteq.binding.match import BindingLimits, BindingTable
 from kiteq.binding.registry import (
     BindingRegistry,
     BrokerInfo,
@@ -45,6 +45,7 @@ from kiteq.core.clock import Clock, SystemClock
 from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import MAX_FRAME_BYTES
+from kiteq.core.tls import ServerTls, TlsMode, load_server_tls
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
@@ -105,6 +106,38 @@ def owned_store_url(db: str, advertised: str) -> tuple[str, str, bool]:
 
 def _is_mysql(db: str) -> bool:
     return db.strip().lower().startswith("mysql://")
+
+
+def check_admin_protection(config: ClusterConfig) -> None:
+    """Refuse to run a production-shaped cluster whose admin service nobody protects.
+
+    Raises:
+        ConfigError: Not a dev cluster (``ClusterConfig.dev``), no admin secret and no
+            ``adminOpen = true``; the message names the keys.
+    """
+    if config.admin_secret or config.admin_open or config.dev:
+        return
+    raise ConfigError(
+        f"clusters.{config.name}.adminSecret: a production-shaped cluster (checks group "
+        "secrets, name not *_dev) needs an admin secret: set adminSecret or adminSecretFile, "
+        "or KITEQ_ADMIN_SECRET, or -adminSecretFile; adminOpen = true runs the admin "
+        "service open"
+    )
+
+
+def server_tls(config: ClusterConfig) -> ServerTls | None:
+    """The gRPC port's TLS material from the config (None: plaintext).
+
+    Raises:
+        ConfigError: Names the key whose file is missing, unreadable or invalid.
+    """
+    return load_server_tls(
+        config.tls_cert, config.tls_key, config.tls_client_ca, prefix=f"clusters.{config.name}"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1"} or host.startswith("127.")
 
 
 def advertised_address(host: str, port: int) -> str:
@@ -169,23 +202,36 @@ class Broker:
         self._dead_letters: dict[tuple[str, str], int] = {}
         self._takeover: TakeoverLoop | None = None
         self.owner = ""
+        self.tls_mode = TlsMode.OFF
 
     # -- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
+        check_admin_protection(config)
+        tls = server_tls(config)
         # the port first: the broker's owner name in the store is its address
         server = grpc.aio.server(options=SERVER_OPTIONS)
         self._server = server
         try:
             # no host in -bind means every interface, as KiteQ's :13800
             listen = f"{self._bind_host or '0.0.0.0'}:{self._bind_port}"  # noqa: S104
-            self.port = server.add_insecure_port(listen)
+            if tls is None:
+                self.port = server.add_insecure_port(listen)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)],
+                    root_certificates=tls.client_ca,
+                    require_client_auth=tls.client_ca is not None,
+                )
+                self.port = server.add_secure_port(listen, credentials)
+                self.tls_mode = tls.mode
         except RuntimeError as exc:
             raise ConfigError(
                 f"-bind: cannot listen on {self._bind_host}:{self._bind_port}: {exc}"
             ) from exc
         self.advertised = advertised_address(self._bind_host, self.port)
+        self._warn_unprotected()
         store_url, self.owner, derived = owned_store_url(config.db, self.advertised)
         self._store = store = open_store(store_url)
         await store.open()
@@ -201,7 +247,11 @@ class Broker:
                 "store %s is not durable: stored messages are lost when the broker exits",
                 store.description,
             )
-        bindings = BindingTable()
+        bindings = BindingTable(
+            limits=BindingLimits(config.max_bindings_per_group_topic, config.max_pattern_length),
+            permissions=config.acl,
+            on_refused=lambda reason: self.metrics.bindings_refused(reason.value),
+        )
         self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
         self._connections = connections = ConnectionTable()
@@ -247,6 +297,7 @@ class Broker:
             clock=self._clock,
             server_name=self.owner,
             metrics=self.metrics,
+            routes=bindings,
         )
         add_broker_service(
             BrokerService(
@@ -259,6 +310,7 @@ class Broker:
                 recover=recover,
                 transactions=transactions,
                 clock=self._clock,
+                metrics=self.metrics,
             ),
             server,
         )
@@ -305,7 +357,13 @@ class Broker:
                 backlog=lambda: self._backlog,
                 dead_letters=lambda: self._dead_letters,
             )
-            self._ops = OpsServer(self._bind_host or "0.0.0.0", self._pport, self.metrics, stats)  # noqa: S104
+            self._ops = OpsServer(
+                self._bind_host or "0.0.0.0",  # noqa: S104
+                self._pport,
+                self.metrics,
+                stats,
+                admin_secret=config.admin_secret,
+            )
             await self._ops.start()
         self.metrics.set_info(VERSION, config.name, store.description)
         if config.takeover and _is_mysql(config.db) and config.registry.startswith("zk://"):
@@ -330,6 +388,23 @@ class Broker:
                 proto=broker_pb2.DESCRIPTOR.package,
             )
         )
+
+    def _warn_unprotected(self) -> None:
+        config = self.config
+        if not config.admin_secret:
+            # expected on a dev cluster; a production-shaped one asked for it explicitly
+            dev = config.dev
+            logger.log(
+                logging.INFO if dev else logging.WARNING,
+                "admin service and ops pages open: no admin secret (%s)",
+                "dev cluster" if dev else "adminOpen = true",
+            )
+        if self.tls_mode is TlsMode.OFF and not _is_loopback(self._bind_host) and not config.dev:
+            logger.warning(
+                "gRPC port %s is plaintext: group and admin secrets cross the network in "
+                "cleartext (set tlsCert and tlsKey)",
+                self.advertised,
+            )
 
     async def _taken_over(self, moved: int) -> None:
         """Rows of a dead broker became ours: deliver them now, count them."""

@@ -4,6 +4,13 @@ Each session is one reader task (client frames) and the handler coroutine itself
 only writer (gRPC allows one writer per stream). The dispatcher and intake queue work on
 the ``Connection``; the writer drains it in batches, so everything queued in one loop
 tick leaves in one frame.
+
+A session acts only for the group it opened with: its messages carry that group (see
+``Intake``), its TxAcks decide only that group's messages, its acks settle only its own
+deliveries. Input is decoded here, not by gRPC, so a frame that is not protobuf (or not
+allowed where it is) ends the call with ``INVALID_ARGUMENT`` and a short reason instead of
+gRPC's ``UNKNOWN`` and a traceback per frame; every refusal is counted and logged through
+``RejectionLog`` (bounded lines per peer).
 """
 
 from __future__ import annotations
@@ -11,17 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kiteq.binding.model import Binding
 from kiteq.binding.registry import BindingRegistry
 from kiteq.broker import wire
+from kiteq.broker.rejections import Rejection, RejectionLog
 from kiteq.core.clock import Clock
 from kiteq.core.codes import AckCode
 from kiteq.core.config import ClusterConfig
-from kiteq.core.ids import is_message_id
+from kiteq.core.errors import PermissionDeniedError
+from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.limits import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
@@ -34,10 +44,15 @@ from kiteq.handler.connection import Connection, ConnectionTable, Outcome
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
-from kiteq.handler.transactions import TxManager, TxStatus
+from kiteq.handler.transactions import TxDecision, TxManager, TxStatus
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
+if TYPE_CHECKING:
+    from kiteq.ops.metrics import BrokerMetrics
+
 logger = logging.getLogger(__name__)
+
+SessionContext = grpc.aio.ServicerContext[bytes, broker_pb2.ServerFrame | bytes]
 
 PROTOCOL_VERSION: Final = 1
 MAX_IN_FLIGHT: Final = 10_000
@@ -48,22 +63,31 @@ MAX_CONCURRENT_PUBLISHES: Final = 32
 # deliveries per frame, and their approximate byte budget
 _FRAME_MESSAGES: Final = 500
 _FRAME_BYTES: Final = 4 * 1024 * 1024
+# how much of a refused id a TxAck answer echoes (an id field may hold anything)
+_ECHO_ID_CHARS: Final = 64
+
+
+class Refusal(NamedTuple):
+    """Why the reader stopped reading a session: the call ends with INVALID_ARGUMENT."""
+
+    reason: Rejection
+    detail: str
 
 
 def add_to_server(service: BrokerService, server: grpc.aio.Server) -> None:
     """Register *service* like the generated helper does.
 
-    The difference: session frames may be bytes already encoded by ``wire``.
+    The differences: session frames may be bytes already encoded by ``wire``, and
+    Requests arrive as bytes (no deserializer): the servicer decodes them, so that a
+    frame that does not decode is answered with INVALID_ARGUMENT, not gRPC's UNKNOWN.
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Session": grpc.stream_stream_rpc_method_handler(
             service.Session,
-            request_deserializer=broker_pb2.ClientFrame.FromString,
             response_serializer=wire.serialize_server_frame,
         ),
         "Publish": grpc.unary_unary_rpc_method_handler(
             service.Publish,
-            request_deserializer=broker_pb2.PublishRequest.FromString,
             response_serializer=broker_pb2.PublishResponse.SerializeToString,
         ),
     }
@@ -84,6 +108,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         recover: RecoverLoop,
         transactions: TxManager,
         clock: Clock,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self._config = config
         self._advertised = advertised
@@ -94,18 +119,22 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self._recover = recover
         self._transactions = transactions
         self._clock = clock
+        self._rejections = RejectionLog(clock, metrics)
 
     async def Session(  # type: ignore[override]  # writes with context.write, not yield
         self,
-        request_iterator: AsyncIterator[broker_pb2.ClientFrame],
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
+        request_iterator: AsyncIterator[bytes],
+        context: SessionContext,
     ) -> None:
         try:
-            first = await anext(aiter(request_iterator))
+            data = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
+        first = _decode_frame(data)
+        if first is None:
+            await self._refuse(context, Rejection.UNDECODABLE, "the frame is not a ClientFrame")
         if first.WhichOneof("kind") != "open":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be 'open'")
+            await self._refuse(context, Rejection.UNEXPECTED, "the first frame must be 'open'")
         conn = await self._open(first.open, context)
         await context.write(
             broker_pb2.ServerFrame(
@@ -132,35 +161,48 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             self._recover.wake()
         reader = asyncio.create_task(self._read(conn, request_iterator))
         reader.add_done_callback(lambda _: conn.wake.set())
+        refusal: Refusal | None = None
         try:
             await self._write(conn, context, reader)
         finally:
             reader.cancel()
             try:
-                await reader
+                refusal = await reader
             except asyncio.CancelledError:
                 pass
             except Exception:
                 logger.exception("session reader failed conn=%d", conn.id)
             self._dispatcher.connection_closed(conn)
             logger.info("session closed conn=%d group=%s", conn.id, conn.group)
+        if refusal is not None:
+            await self._refuse(context, refusal.reason, refusal.detail)
 
-    async def _open(
-        self,
-        meta: broker_pb2.Open,
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
-    ) -> Connection:
-        group = meta.groupId
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], reason: Rejection, detail: str
+    ) -> NoReturn:
+        """End the call with INVALID_ARGUMENT and *detail*; counted, logged rate-limited."""
+        self._rejections.note(context.peer(), reason, detail)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
+
+    async def _authenticate(
+        self, group: str, secret: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Refuse the call unless *secret* is *group*'s: INVALID_ARGUMENT or UNAUTHENTICATED."""
         if not is_name(group):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid group id {group!r}")
-        if len(meta.secretKey) > MAX_SECRET_BYTES or not self._config.check_secret(
-            group, meta.secretKey
-        ):
-            logger.warning("authentication failed group=%s peer=%s", group, context.peer())
+            await self._refuse(context, Rejection.INVALID_OPEN, f"invalid group id {group[:64]!r}")
+        if len(secret) > MAX_SECRET_BYTES or not self._config.check_secret(group, secret):
+            self._rejections.note(context.peer(), Rejection.UNAUTHENTICATED, f"group={group}")
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, f"wrong secret for group {group!r}"
             )
-        bindings = [wire.binding_from_pb(b).with_group(group) for b in meta.bindings]
+
+    async def _open(self, meta: broker_pb2.Open, context: SessionContext) -> Connection:
+        group = meta.groupId
+        await self._authenticate(group, meta.secretKey, context)
+        try:
+            bindings = [wire.binding_from_pb(b).with_group(group) for b in meta.bindings]
+        except ValueError as exc:  # an enum value the protocol does not define
+            await self._refuse(context, Rejection.INVALID_OPEN, f"invalid binding: {exc}")
         await self._declare(group, bindings, context)
         in_flight = min(meta.maxInFlight, MAX_IN_FLIGHT)
         if bindings and in_flight == 0:
@@ -178,16 +220,17 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self,
         group: str,
         bindings: Sequence[Binding],
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
+        context: SessionContext,
     ) -> None:
         for binding in bindings:
             try:
                 binding.check()
             except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                await self._refuse(context, Rejection.INVALID_OPEN, str(exc))
             if not self._config.serves(binding.topic):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                await self._refuse(
+                    context,
+                    Rejection.INVALID_OPEN,
                     f"binding topic {binding.topic!r} is not served by this broker",
                 )
         if not bindings:
@@ -195,9 +238,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         try:
             await self._registry.declare(group, bindings)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, Rejection.INVALID_OPEN, str(exc))
+        except PermissionDeniedError as exc:  # the cluster's acl: only authenticated peers
+            logger.warning("bindings refused peer=%s: %s", context.peer(), exc.reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.reason)
 
-    async def _read(self, conn: Connection, frames: AsyncIterator[broker_pb2.ClientFrame]) -> None:
+    async def _read(self, conn: Connection, frames: AsyncIterator[bytes]) -> Refusal | None:
+        """Read *conn*'s frames until the client half-closes (None) or sends one it may not."""
         slots = asyncio.Semaphore(MAX_CONCURRENT_PUBLISHES)
         tasks: set[asyncio.Task[None]] = set()
 
@@ -208,7 +255,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 logger.error("publish task failed conn=%d", conn.id, exc_info=task.exception())
 
         try:
-            async for frame in frames:
+            async for data in frames:
+                frame = _decode_frame(data)
+                if frame is None:
+                    return Refusal(Rejection.UNDECODABLE, "the frame is not a ClientFrame")
                 kind = frame.WhichOneof("kind")
                 if kind == "publish":
                     await slots.acquire()
@@ -216,46 +266,104 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     tasks.add(task)
                     task.add_done_callback(finished)
                 elif kind == "acks":
-                    self._dispatcher.acked(conn, [(a.messageId, a.status) for a in frame.acks.acks])
+                    self._acked(conn, frame.acks.acks)
                 elif kind == "tx":
                     await slots.acquire()
                     task = asyncio.create_task(self._decide(conn, frame.tx.acks))
                     tasks.add(task)
                     task.add_done_callback(finished)
-                else:
-                    logger.warning("ignoring unexpected %s frame conn=%d", kind, conn.id)
+                else:  # a second open, or no kind this protocol version knows
+                    return Refusal(Rejection.UNEXPECTED, f"unexpected {kind or 'empty'} frame")
+            return None
         finally:
             # publishes already read finish and queue their acks
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _acked(self, conn: Connection, acks: Sequence[broker_pb2.DeliverAck]) -> None:
+        stray = self._dispatcher.acked(
+            conn, [(canonical_message_id(a.messageId), a.status) for a in acks]
+        )
+        if stray:
+            # late after a timeout, twice, or naming another session's delivery: none of
+            # them settles anything
+            self._rejections.note(
+                conn.peer,
+                Rejection.STRAY_ACK,
+                f"conn={conn.id} group={conn.group}: {stray} acks name no delivery in flight",
+                stray,
+            )
+
     async def _decide(self, conn: Connection, acks: Sequence[broker_pb2.TxAck]) -> None:
-        """A producer's transaction decisions, or its answers to checks."""
+        """A producer's transaction decisions, or its answers to checks, each on its own.
+
+        An item refused (bad id or status, or a message of another group) is answered with
+        a failed store-ack naming it; the items around it are applied all the same.
+        """
         source = f"producer {conn.name}"
+        refused: list[Outcome] = []
         for ack in acks:
-            if not is_message_id(ack.messageId):
-                logger.warning("ignoring TxAck with invalid id from %s", conn.name)
+            sent_id = ack.messageId
+            message_id = canonical_message_id(sent_id)
+            if not is_message_id(message_id):
+                refused.append(
+                    Outcome(
+                        sent_id[:_ECHO_ID_CHARS],
+                        AckCode.INVALID_ARGUMENT,
+                        "tx: message id must be 32 hex characters",
+                    )
+                )
                 continue
-            await self._transactions.decide(ack.messageId, TxStatus(int(ack.status)), source)
+            try:
+                status = TxStatus(ack.status)
+            except ValueError:
+                refused.append(
+                    Outcome(sent_id, AckCode.INVALID_ARGUMENT, f"tx: unknown status {ack.status}")
+                )
+                continue
+            decision = await self._transactions.decide_for(conn.group, message_id, status, source)
+            if decision is TxDecision.DENIED:
+                refused.append(
+                    Outcome(
+                        sent_id,
+                        AckCode.PERMISSION_DENIED,
+                        f"tx: group {conn.group!r} did not publish this message",
+                    )
+                )
+        if not refused:
+            return
+        denied = sum(1 for o in refused if o.code is AckCode.PERMISSION_DENIED)
+        for reason, n in (
+            (Rejection.DENIED_TX, denied),
+            (Rejection.INVALID_TX, len(refused) - denied),
+        ):
+            if n:
+                self._rejections.note(
+                    conn.peer, reason, f"conn={conn.id} group={conn.group}: {n} TxAck items", n
+                )
+        if not conn.closed:
+            conn.send_acks(refused)
 
     async def _publish(self, conn: Connection, batch: Sequence[common_pb2.Message]) -> None:
-        outcomes = await self._publish_batch(batch, conn)
+        outcomes = await self._publish_batch(batch, conn.group, conn)
         if not conn.closed:
             conn.send_acks(outcomes)
 
     async def _publish_batch(
-        self, batch: Sequence[common_pb2.Message], origin: Connection | None = None
+        self, batch: Sequence[common_pb2.Message], group: str, origin: Connection | None = None
     ) -> list[Outcome]:
         if len(batch) > MAX_BATCH_MESSAGES:
             reason = f"batch of {len(batch)} messages exceeds {MAX_BATCH_MESSAGES}"
             return [Outcome(m.header.messageId, AckCode.INVALID_ARGUMENT, reason) for m in batch]
-        return await self._intake.publish([wire.message_from_pb(m) for m in batch], batch, origin)
+        return await self._intake.publish(
+            [wire.message_from_pb(m) for m in batch], group=group, wires=batch, origin=origin
+        )
 
     async def _write(
         self,
         conn: Connection,
-        context: grpc.aio.ServicerContext[broker_pb2.ClientFrame, broker_pb2.ServerFrame | bytes],
-        reader: asyncio.Task[None],
+        context: SessionContext,
+        reader: asyncio.Task[Refusal | None],
     ) -> None:
         while True:
             await conn.wake.wait()
@@ -275,20 +383,29 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             if reader.done() and not conn.wake.is_set():
                 return
 
-    async def Publish(
+    async def Publish(  # type: ignore[override]  # decodes its request itself
         self,
-        request: broker_pb2.PublishRequest,
-        context: grpc.aio.ServicerContext[broker_pb2.PublishRequest, broker_pb2.PublishResponse],
+        request: bytes,
+        context: grpc.aio.ServicerContext[bytes, broker_pb2.PublishResponse],
     ) -> broker_pb2.PublishResponse:
-        group = request.groupId
-        if not is_name(group):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid group id {group!r}")
-        if not self._config.check_secret(group, request.secretKey):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, f"wrong secret for group {group!r}"
+        try:
+            decoded = broker_pb2.PublishRequest.FromString(request)
+        except DecodeError:
+            await self._refuse(
+                context, Rejection.UNDECODABLE, "the request is not a PublishRequest"
             )
-        outcomes = await self._publish_batch(request.messages)
+        group = decoded.groupId
+        await self._authenticate(group, decoded.secretKey, context)
+        outcomes = await self._publish_batch(decoded.messages, group)
         return broker_pb2.PublishResponse(acks=wire.store_acks(outcomes))
+
+
+def _decode_frame(data: bytes) -> broker_pb2.ClientFrame | None:
+    """*data* as a ClientFrame; None when it is not one (bad wire format, invalid UTF-8)."""
+    try:
+        return broker_pb2.ClientFrame.FromString(data)
+    except DecodeError:
+        return None
 
 
 def _chunks(items: list[tuple[StoredMessage, int]]) -> list[list[tuple[StoredMessage, int]]]:

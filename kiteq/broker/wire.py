@@ -87,7 +87,11 @@ def message_bytes(record: StoredMessage) -> bytes:
     message = record.message
     if isinstance(cached, common_pb2.Message):
         header = cached.header
-        # the only fields normalisation changes
+        # the only fields the broker changes: the id's spelling, the session's group, clamps
+        if header.messageId != message.message_id:
+            header.messageId = message.message_id
+        if header.groupId != message.group_id:
+            header.groupId = message.group_id
         if header.expiredTime != message.expired_time:
             header.expiredTime = message.expired_time
         if header.deliverLimit != message.deliver_limit:

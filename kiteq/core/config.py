@@ -26,13 +26,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from kiteq.core.acl import Permissions, parse_acl
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import is_name
 
-__all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster"]
+__all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster", "read_secret_file"]
 
 ANY_TOPIC: Final = "*"
 EMBEDDED_REGISTRY: Final = "embedded://"
+DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC: Final = 1000
+# the wire format's own bound on a regex binding (kiteq.binding.model.MAX_PATTERN_CHARS)
+MAX_PATTERN_LENGTH: Final = 256
 
 # key: (default, documentation). The README's table is generated from the same words.
 CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
@@ -62,7 +66,29 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "deliveryFirst": (False, "push before storing; store only on failure"),
         "acceptAnySecret": (False, "accept any group secret (development clusters only)"),
         "secrets": ({}, 'per-group secrets: {group = "secret"} (or "sha256:<hex>")'),
-        "adminSecret": ("", "secret for the admin service; empty = admin open"),
+        "adminSecret": (
+            "",
+            "secret of the admin service and of the ops pages /stat /binds / "
+            "(KITEQ_ADMIN_SECRET overrides it); required unless dev cluster or adminOpen",
+        ),
+        "adminSecretFile": (
+            "",
+            "file whose first line is the admin secret (instead of adminSecret); "
+            "-adminSecretFile overrides it",
+        ),
+        "adminOpen": (
+            False,
+            "let a production-shaped cluster run with no admin secret (admin service open)",
+        ),
+        "tlsCert": (
+            "",
+            "PEM certificate chain of the gRPC port; with tlsKey: TLS on; empty = plaintext",
+        ),
+        "tlsKey": ("", "PEM private key of tlsCert"),
+        "tlsClientCa": (
+            "",
+            "PEM CA bundle: clients must present a certificate it signed (mTLS); empty = no check",
+        ),
         "takeover": (
             True,
             "with a zk:// registry and a shared MySQL store, take over the backlog of dead brokers",
@@ -70,6 +96,19 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "takeoverGraceSeconds": (
             30,
             "seconds a broker's ZooKeeper alive node must be gone before its backlog is taken over",
+        ),
+        "acl": (
+            {},
+            "per-group permissions: {group = {publish = [topics], subscribe = [topics]}}, "
+            'a topic name or "*"; absent or empty = open, else what is not granted is denied',
+        ),
+        "maxBindingsPerGroupTopic": (
+            DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC,
+            "most bindings one group may hold for one topic; more are refused at declaration",
+        ),
+        "maxPatternLength": (
+            MAX_PATTERN_LENGTH,
+            f"longest regex binding pattern in characters (1..{MAX_PATTERN_LENGTH})",
         ),
     }
 )
@@ -98,6 +137,23 @@ class ClusterConfig:
     admin_secret: str
     takeover: bool = True
     takeover_grace_seconds: float = 30.0
+    admin_open: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    acl: Permissions = dataclasses.field(default_factory=Permissions)
+    max_bindings_per_group_topic: int = DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC
+    max_pattern_length: int = MAX_PATTERN_LENGTH
+
+    @property
+    def dev(self) -> bool:
+        """A development cluster: named ``*_dev``, or accepting any group secret.
+
+        ``acceptAnySecret = true`` already trusts every client that can reach the port,
+        so there is nothing for an admin secret to protect. Every other cluster (one that
+        checks group secrets, like ``zk_online``) is production-shaped.
+        """
+        return self.name.endswith("_dev") or self.accept_any_secret
 
     @property
     def any_topic(self) -> bool:
@@ -210,6 +266,12 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         if not is_name(group) or not isinstance(secret, str) or not secret:
             raise ConfigError(f"{prefix}.secrets.{group}: expected a non-empty string secret")
 
+    max_pattern_length = positive_int("maxPatternLength")
+    if max_pattern_length > MAX_PATTERN_LENGTH:
+        raise ConfigError(
+            f"{prefix}.maxPatternLength: must be 1..{MAX_PATTERN_LENGTH}, got {max_pattern_length}"
+        )
+
     return ClusterConfig(
         name=name,
         env=env,
@@ -229,10 +291,45 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         delivery_first=typed("deliveryFirst", bool),
         accept_any_secret=typed("acceptAnySecret", bool),
         secrets=MappingProxyType(dict(secrets)),
-        admin_secret=typed("adminSecret", str),
+        admin_secret=_admin_secret(
+            prefix, typed("adminSecret", str), typed("adminSecretFile", str)
+        ),
+        admin_open=typed("adminOpen", bool),
+        tls_cert=typed("tlsCert", str),
+        tls_key=typed("tlsKey", str),
+        tls_client_ca=typed("tlsClientCa", str),
         takeover=typed("takeover", bool),
         takeover_grace_seconds=positive("takeoverGraceSeconds"),
+        acl=parse_acl(f"{prefix}.acl", values["acl"]),
+        max_bindings_per_group_topic=positive_int("maxBindingsPerGroupTopic"),
+        max_pattern_length=max_pattern_length,
     )
+
+
+def _admin_secret(prefix: str, secret: str, secret_file: str) -> str:
+    if secret and secret_file:
+        raise ConfigError(
+            f"{prefix}.adminSecretFile: give adminSecret or adminSecretFile, not both"
+        )
+    if secret_file:
+        return read_secret_file(secret_file, f"{prefix}.adminSecretFile")
+    return secret
+
+
+def read_secret_file(path: str | Path, name: str) -> str:
+    """The first line of *path*, without surrounding whitespace; *name* is the key in errors.
+
+    Raises:
+        ConfigError: The file cannot be read or its first line is empty.
+    """
+    try:
+        with Path(path).open(encoding="utf-8") as fh:
+            secret = fh.readline(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read the secret from {str(path)!r}: {exc}") from exc
+    if not secret:
+        raise ConfigError(f"{name}: {str(path)!r} holds no secret (its first line is empty)")
+    return secret
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

@@ -24,6 +24,7 @@ doing the same thing again (for a publish: the same message, same id) may succee
     └── ClientError
         ├── ClientClosedError          the producer/consumer was closed
         ├── NotConnectedError          retriable; no broker reachable for the topic
+        ├── TlsError                   TLS refused: plaintext vs TLS, untrusted or missing certificate
         └── PublishTimeoutError        retriable; no store-ack in time (also a TimeoutError)
 """
 
@@ -51,6 +52,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TlsError",
     "UnknownTopicError",
 ]
 
@@ -150,6 +152,15 @@ class NotConnectedError(ClientError):
     """No broker is reachable for the message's topic."""
 
     retriable = True
+
+
+class TlsError(ClientError):
+    """The connection to a broker failed at the TLS layer; retrying the same way cannot help.
+
+    The client speaks plaintext to a TLS port (or TLS to a plaintext one), the broker's
+    certificate is not trusted, or the broker requires a client certificate (mTLS) that
+    was not given or not accepted. The message says which.
+    """
 
 
 class PublishTimeoutError(ClientError, TimeoutError):

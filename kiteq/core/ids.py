@@ -6,6 +6,10 @@ within a process and unique across processes with overwhelming probability, and 
 system call each: ``uuid4`` reads ``os.urandom`` per id, which also hands the GIL over
 to any other busy thread. The last hex digit, which MySQL stores shard by, is a
 counter's last digit: it cycles through all 16 values, so shards fill evenly.
+
+The id is the dedupe key, so it has one spelling: lower-case hex (``canonical_message_id``).
+Publishers may send either case; the broker stores and looks up the canonical spelling,
+so ``ABC...`` and ``abc...`` are one message.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import re
 from typing import Final
 
-__all__ = ["MESSAGE_ID_RE", "is_message_id", "new_message_id"]
+__all__ = ["MESSAGE_ID_RE", "canonical_message_id", "is_message_id", "new_message_id"]
 
 MESSAGE_ID_RE: Final = re.compile(r"[0-9a-fA-F]{32}")
 
@@ -51,3 +55,12 @@ def is_message_id(value: str) -> bool:
     one more for the garbage collector to track.
     """
     return len(value) == 32 and not value.strip(_HEX_DIGITS)
+
+
+def canonical_message_id(value: str) -> str:
+    """The one spelling of a message id: lower case (what ``new_message_id`` makes).
+
+    Applied to every id the broker stores or looks up; ids that are not valid are
+    returned lower-cased too, so a refusal can still name them.
+    """
+    return value.lower()

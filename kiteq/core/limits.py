@@ -11,7 +11,7 @@ import re
 from typing import Final
 
 from kiteq.core.errors import BodyTooLargeError, ExpiredMessageError, InvalidMessageError
-from kiteq.core.ids import is_message_id
+from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import Message
 
 NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -120,9 +120,11 @@ def clamp(
 
 
 def normalize(message: Message, now: float) -> Message:
-    """Validate *message* and return it with KiteQ's clamps applied (what brokers do).
+    """Validate *message* and return it as a broker stores it (what brokers do).
 
-    See ``validate`` and ``clamp``; the message itself is returned when no clamp applies.
+    KiteQ's clamps are applied (see ``validate`` and ``clamp``) and the id is made
+    canonical (``canonical_message_id``: it is the dedupe key, one spelling per message);
+    the message itself is returned when nothing changes.
 
     Raises:
         InvalidMessageError: A field is outside the limits.
@@ -132,14 +134,20 @@ def normalize(message: Message, now: float) -> Message:
     expired, limit, created = clamp(
         message.expired_time, message.deliver_limit, message.create_time, now
     )
+    message_id = canonical_message_id(message.message_id)
     if (
         expired == message.expired_time
         and limit == message.deliver_limit
         and created == message.create_time
+        and message_id == message.message_id
     ):
         return message
     return dataclasses.replace(
-        message, expired_time=expired, deliver_limit=limit, create_time=created
+        message,
+        message_id=message_id,
+        expired_time=expired,
+        deliver_limit=limit,
+        create_time=created,
     )
 
 

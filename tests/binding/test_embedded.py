@@ -3,13 +3,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import pytest
 
 from kiteq.binding.embedded import EmbeddedRegistry
-from kiteq.binding.match import BindingTable, Route
+from kiteq.binding.match import BindingLimits, BindingTable, Route
 from kiteq.binding.model import Binding, loads
-from kiteq.core.errors import RegistryError, StoreUnavailableError
+from kiteq.core.acl import Grant, Permissions
+from kiteq.core.errors import PermissionDeniedError, RegistryError, StoreUnavailableError
 
 
 class FakeMeta:
@@ -33,9 +35,11 @@ class FakeMeta:
         return {k: v for k, v in self.data.items() if k.startswith(prefix)}
 
 
-async def _started(meta: FakeMeta) -> tuple[EmbeddedRegistry, BindingTable]:
+async def _started(
+    meta: FakeMeta, table: BindingTable | None = None
+) -> tuple[EmbeddedRegistry, BindingTable]:
     registry = EmbeddedRegistry(meta)
-    table = BindingTable()
+    table = BindingTable() if table is None else table
     await registry.start(table)
     return registry, table
 
@@ -214,3 +218,44 @@ async def test_not_started_or_started_twice() -> None:
     await registry.start(BindingTable())
     with pytest.raises(RegistryError, match="already started"):
         await registry.start(BindingTable())
+
+
+ACCT_ONLY = Permissions(MappingProxyType({"acct": Grant(subscribe=frozenset({"trade"}))}))
+
+
+async def test_declarations_outside_the_acl_or_limits_store_and_apply_nothing() -> None:
+    meta = FakeMeta()
+    table = BindingTable(limits=BindingLimits(max_per_group_topic=2), permissions=ACCT_ONLY)
+    registry, _ = await _started(meta, table)
+    await registry.declare("acct", [Binding.direct("trade", "pay")])
+    with pytest.raises(PermissionDeniedError, match="'acct' may not subscribe to topic 'user'"):
+        await registry.declare("acct", [Binding.direct("trade", "x"), Binding.fanout("user")])
+    with pytest.raises(PermissionDeniedError, match="'spy' may not subscribe"):
+        await registry.declare("spy", [Binding.fanout("trade")])
+    with pytest.raises(ValueError, match="limit is 2"):
+        await registry.declare("acct", [Binding.direct("trade", t) for t in "abc"])
+    assert table.bindings() == [Binding.direct("trade", "pay").with_group("acct")]
+    assert meta.writes == ["bind/trade/acct"]
+
+
+async def test_stored_bindings_the_acl_now_refuses_are_not_loaded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stored = Binding.fanout("trade")
+    meta = FakeMeta(
+        {
+            "bind/trade/acct": dumps_one(stored.with_group("acct")),
+            "bind/trade/spy": dumps_one(stored.with_group("spy")),
+        }
+    )
+    with caplog.at_level(logging.ERROR, logger="kiteq.binding.embedded"):
+        _, table = await _started(meta, BindingTable(permissions=ACCT_ONLY))
+    assert table.bindings() == [stored.with_group("acct")]
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping stored bindings key=bind/trade/spy: "
+        "group 'spy' may not subscribe to topic 'trade'"
+    ]
+
+
+def dumps_one(binding: Binding) -> bytes:
+    return json.dumps([binding.to_json_obj()]).encode()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -17,8 +18,9 @@ from kiteq.binding.file import (
     parse_registry,
     read_registry_file,
 )
-from kiteq.binding.match import BindingTable, Route, check_binding
+from kiteq.binding.match import BindingLimits, BindingTable, Route, check_binding
 from kiteq.binding.model import Binding
+from kiteq.core.acl import Grant, Permissions
 from kiteq.core.errors import RegistryError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -365,3 +367,40 @@ async def test_a_crashed_reload_task_is_surfaced(
         await registry.stop()
     assert isinstance(info.value.__cause__, RuntimeError)
     await registry.stop()
+
+
+@pytest.mark.parametrize(
+    ("table", "reason"),
+    [
+        (
+            BindingTable(
+                permissions=Permissions(
+                    MappingProxyType({"acct": Grant(subscribe=frozenset({"trade"}))})
+                )
+            ),
+            r"entry 1: group 'ledger' may not subscribe to topic 'trade'",
+        ),
+        (
+            BindingTable(limits=BindingLimits(max_pattern_length=5)),
+            r"entry 2: regex binding pattern of 6 characters .* \(maxPatternLength\)",
+        ),
+    ],
+    ids=["acl", "pattern-length"],
+)
+async def test_file_bindings_outside_the_acl_or_limits_reject_the_file(
+    tmp_path: Path, table: BindingTable, reason: str
+) -> None:
+    path = tmp_path / "r.toml"
+    _write(path, BASE)
+    with pytest.raises(RegistryError, match=reason):
+        await FileBindingRegistry(path).start(table)
+    assert table.bindings() == []
+
+
+async def test_file_bindings_beyond_the_count_limit_reject_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    _write(path, BASE.replace('groupIds = ["audit"]', 'groupIds = ["acct"]'))
+    table = BindingTable(limits=BindingLimits(max_per_group_topic=1))
+    with pytest.raises(RegistryError, match=r"group 'acct': group 'acct' declares 2 bindings"):
+        await FileBindingRegistry(path).start(table)
+    assert table.bindings() == []

@@ -1,19 +1,26 @@
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 import time
+from types import MappingProxyType
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from kiteq.binding.match import (
+    BindingLimits,
     BindingTable,
+    RefusalReason,
     Route,
     check_binding,
     compile_pattern,
     validate_bindings,
 )
 from kiteq.binding.model import Binding, BindType
+from kiteq.core.acl import Grant, Permissions
+from kiteq.core.errors import PermissionDeniedError
 
 
 # Go regexp.MatchString(pattern, messageType): RE2 syntax, unanchored search.
@@ -233,7 +240,7 @@ def test_route_cache_is_bounded() -> None:
         for message_type in types:
             expected = (Route("g", True, 0),) if message_type[0] == "p" else ()
             assert table.routes("trade", message_type) == expected
-    assert sum(len(v) for v in table._cache.values()) <= 3
+    assert len(table._topics["trade"].cache) <= 3
     with pytest.raises(ValueError, match="cache_size"):
         BindingTable(cache_size=0)
 
@@ -365,3 +372,155 @@ def test_a_group_is_capped_only_if_every_matching_binding_caps_it() -> None:
         ],
     )
     assert table.routes("t", "x") == (Route("g", True, 0),)
+
+
+# -- limits, permissions, and matching many patterns in one pass ---------------------------
+
+_ACL = Permissions(
+    MappingProxyType(
+        {"acct": Grant(subscribe=frozenset({"trade"})), "audit": Grant(subscribe=frozenset({"*"}))}
+    )
+)
+
+
+def test_bindings_beyond_the_limits_are_refused_and_counted() -> None:
+    refused: list[RefusalReason] = []
+    table = BindingTable(limits=BindingLimits(3, 10), on_refused=refused.append)
+    three = [Binding.direct("trade", f"t{i}") for i in range(3)]
+    assert table.replace("trade", "g", three)
+    with pytest.raises(ValueError, match=r"declares 4 bindings .* limit is 3 \(maxBindings"):
+        table.replace("trade", "g", [*three, Binding.direct("trade", "t3")])
+    # duplicates collapse before counting
+    assert not table.replace("trade", "g", [*three, three[0]])
+    with pytest.raises(ValueError, match=r"pattern of 11 characters .* limit is 10 \(maxPattern"):
+        table.replace("trade", "h", [Binding.regex("trade", "a" * 11)])
+    table.replace("trade", "h", [Binding.regex("trade", "a" * 10)])
+    assert table.groups("trade") == ["g", "h"]
+    assert table.bindings("trade")[:3] == [b.with_group("g") for b in three]
+    assert refused == [RefusalReason.LIMIT, RefusalReason.LIMIT]
+
+
+def test_bindings_outside_the_groups_permissions_are_refused() -> None:
+    refused: list[RefusalReason] = []
+    table = BindingTable(permissions=_ACL, on_refused=refused.append)
+    assert table.replace("trade", "acct", [Binding.fanout("trade")])
+    assert table.replace("user", "audit", [Binding.fanout("user")])
+    with pytest.raises(PermissionDeniedError, match="'acct' may not subscribe to topic 'user'"):
+        table.replace("user", "acct", [Binding.fanout("user")])
+    with pytest.raises(PermissionDeniedError, match="'stranger' may not subscribe"):
+        table.validate("trade", "stranger", [Binding.fanout("trade")])
+    # removing is always allowed, and refused declarations changed nothing
+    assert not table.replace("user", "acct", [])
+    assert table.routes("user", "x") == (Route("audit", True, 0),)
+    assert refused == [RefusalReason.PERMISSION, RefusalReason.PERMISSION]
+
+
+def test_many_regex_bindings_of_many_groups_match_like_separate_searches() -> None:
+    table = BindingTable()
+    patterns = {
+        "a": ["^pay-", r"\d{3}$", "(?i)REFUND", "x|y"],
+        "b": ["succ", "^pay-(succ|fail)$", r"\bfail\b"],
+        "c": ["^$x", "z+"],
+    }
+    for group, items in patterns.items():
+        table.replace("t", group, [Binding.regex("t", p) for p in items])
+    table.replace(
+        "t", "b", [*(Binding.regex("t", p) for p in patterns["b"]), Binding.direct("t", "q")]
+    )
+    for message_type in ["pay-succ", "pay-fail-200", "Refund", "q", "xyz", "none", "fail"]:
+        expected = tuple(
+            Route(group, True, 0)
+            for group, items in sorted(patterns.items())
+            if any(compile_pattern(p).matches(message_type) for p in items)
+            or (group == "b" and message_type == "q")
+        )
+        assert table.routes("t", message_type) == expected, message_type
+
+
+def test_the_maximum_number_of_long_patterns_compiles_and_matches() -> None:
+    limits = BindingLimits()
+    table = BindingTable(limits=limits)
+    width = limits.max_pattern_length - 8
+    bindings = [
+        Binding.regex("t", f"^n{i:05d}-" + "[a-z0-9]?" * ((width - 8) // 9))
+        for i in range(limits.max_per_group_topic)
+    ]
+    assert all(len(b.message_type) <= limits.max_pattern_length for b in bindings)
+    table.replace("t", "g", bindings)
+    assert table.routes("t", "n00999-abc") == (Route("g", True, 0),)
+    assert table.routes("t", "n01000-abc") == ()
+
+
+def test_a_route_lookup_does_not_grow_with_the_number_of_patterns() -> None:
+    def miss_seconds(patterns: int) -> float:
+        table = BindingTable()
+        table.replace("t", "g", [Binding.regex("t", f"^e{i:05d}-") for i in range(patterns)])
+        started = time.perf_counter()
+        for i in range(2000):
+            assert table.routes("t", f"e{i % patterns:05d}-{i}")  # a fresh type: a miss
+        return time.perf_counter() - started
+
+    few, many = miss_seconds(10), miss_seconds(1000)
+    # one Set scan per lookup: a rule-by-rule scan would be ~100x slower with 100x the rules
+    assert many < few * 5, (few, many)
+
+
+def test_route_cache_keeps_recently_used_types() -> None:
+    table = BindingTable(cache_size=2)
+    table.replace("trade", "g", [Binding.regex("trade", "^p")])
+    first = table.routes("trade", "p1")
+    table.routes("trade", "p2")
+    assert table.routes("trade", "p1") is first  # used again: now the most recent
+    table.routes("trade", "p3")  # evicts p2, the least recently used
+    assert list(table._topics["trade"].cache) == ["p1", "p3"]
+
+
+async def test_prepare_computes_uncached_routes_off_the_loop() -> None:
+    table = BindingTable()
+    table.replace("t", "g", [Binding.regex("t", "^pay-"), Binding.direct("t", "x")])
+    table.replace("direct-only", "g", [Binding.direct("direct-only", "x")])
+    keys = [("t", "pay-1"), ("t", "pay-1"), ("t", "refund"), ("direct-only", "x"), ("none", "x")]
+    await table.prepare(keys)
+    cache = table._topics["t"].cache
+    assert dict(cache) == {"pay-1": (Route("g", True, 0),), "refund": ()}
+    assert table.routes("t", "pay-1") is cache["pay-1"]
+    # no regex bindings: nothing to gain from a thread, left to routes()
+    assert not table._topics["direct-only"].cache
+
+
+async def test_prepare_drops_what_a_change_made_stale() -> None:
+    table = BindingTable()
+    table.replace("t", "g", [Binding.regex("t", "^pay-")])
+    preparing = asyncio.create_task(table.prepare([("t", "pay-1")]))
+    await asyncio.sleep(0)  # the task has taken its snapshot and waits for the thread
+    table.replace("t", "g", [Binding.regex("t", "^refund-")])
+    await preparing
+    assert "pay-1" not in table._topics["t"].cache
+    assert table.routes("t", "pay-1") == ()
+
+
+async def test_expensive_patterns_are_matched_while_the_loop_goes_on() -> None:
+    # each of these makes the Set's DFA build a new state per character of a hostile type
+    table = BindingTable()
+    patterns = [f"[ab]{{{40 + i}}}a[ab]{{{10 + i}}}" for i in range(20)]
+    table.replace("t", "g", [Binding.regex("t", p) for p in patterns])
+    rng = random.Random(7)
+    types = ["".join(rng.choice("ab") for _ in range(250)) for _ in range(80)]
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    await table.prepare(("t", message_type) for message_type in types)
+    spent = time.perf_counter() - started
+    ticking.cancel()
+    assert all(message_type in table._topics["t"].cache for message_type in types)
+    assert spent > 0.1, "the patterns must be expensive for this test to mean anything"
+    assert max(gaps) < spent / 2, (max(gaps), spent)

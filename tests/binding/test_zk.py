@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from types import MappingProxyType
 from typing import Any, Final
 
 import pytest
@@ -19,11 +20,12 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import make_acl, make_digest_acl
 
-from kiteq.binding.match import BindingTable
+from kiteq.binding.match import BindingLimits, BindingTable, RefusalReason
 from kiteq.binding.model import Binding, dumps, loads
 from kiteq.binding.registry import BrokerInfo
 from kiteq.binding.zk import ZkBindingRegistry, parse_zk_uri
-from kiteq.core.errors import RegistryUnavailableError
+from kiteq.core.acl import Grant, Permissions
+from kiteq.core.errors import PermissionDeniedError, RegistryUnavailableError
 from tests._servers import free_port
 from tests._servers.zookeeper import (
     ManagedZooKeeper,
@@ -80,10 +82,15 @@ class Registries:
         self._open: list[ZkBindingRegistry] = []
 
     async def open(
-        self, topics: tuple[str, ...] = ("trade",), *, uri: str | None = None, **options: Any
+        self,
+        topics: tuple[str, ...] = ("trade",),
+        *,
+        uri: str | None = None,
+        table: BindingTable | None = None,
+        **options: Any,
     ) -> tuple[ZkBindingRegistry, BindingTable]:
         registry = ZkBindingRegistry(parse_zk_uri(uri or self.uri), topics=topics, **options)
-        table = BindingTable()
+        table = BindingTable() if table is None else table
         await registry.start(table)
         self._open.append(registry)
         return registry, table
@@ -458,6 +465,52 @@ async def test_invalid_declaration_raises_and_writes_nothing(
         await registry.declare("acct-svc", [Binding.fanout("trade"), Binding.regex("trade", "(")])
     assert zk.exists(ACCT) is None
     assert table.bindings() == []
+
+
+async def test_nodes_outside_the_acl_or_limits_are_skipped_logged_once_and_counted(
+    registries: Registries, zk: Any, zk_log: RegistryLog
+) -> None:
+    spy = "/kiteq/sub/trade/spy-svc-bind"
+    granted = Grant(subscribe=frozenset({"trade"}))
+    refused: list[RefusalReason] = []
+    table = BindingTable(
+        limits=BindingLimits(max_per_group_topic=2),
+        permissions=Permissions(MappingProxyType({"acct-svc": granted, "audit-svc": granted})),
+        on_refused=refused.append,
+    )
+    zk.create(ACCT, KITEQ_JSON, makepath=True)
+    zk.create(spy, dumps([Binding.fanout("trade")]))
+    registry, _ = await registries.open(table=table)
+    assert groups(table) == ["acct-svc"]
+    assert f"binding node refused path={spy}" in zk_log.text
+    assert "'spy-svc' may not subscribe to topic 'trade'" in zk_log.text
+    assert refused == [RefusalReason.PERMISSION]
+
+    # over the limit: skipped, the group keeps what it had
+    changes = Changes(table)
+    await kz(zk.create, AUDIT, dumps([Binding.fanout("trade")]))
+    await changes.until(lambda: groups(table) == ["acct-svc", "audit-svc"])
+    three = [Binding.direct("trade", t) for t in ("a", "b", "c")]
+    await kz(zk.set, AUDIT, dumps(three))
+    await zk_log.until("limit is 2 (maxBindingsPerGroupTopic)")
+    assert groups(table) == ["acct-svc", "audit-svc"]
+    assert refused == [RefusalReason.PERMISSION, RefusalReason.LIMIT]
+
+    # a later change of a permitted group applies; the refused node stays unapplied and
+    # its version was logged once
+    refund = Binding.direct("trade", "refund").with_group("acct-svc")
+    await kz(zk.set, ACCT, dumps([refund]))
+    await changes.until(lambda: table.bindings("trade")[0] == refund)
+    assert zk_log.text.count(f"binding node refused path={spy}") == 1
+    assert table.groups("trade") == ["acct-svc", "audit-svc"]
+
+    # a declaration outside the acl is refused before anything is written
+    with pytest.raises(PermissionDeniedError, match="'other-svc' may not subscribe"):
+        await registry.declare("other-svc", [Binding.fanout("trade")])
+    assert zk.exists("/kiteq/sub/trade/other-svc-bind") is None
+    with pytest.raises(ValueError, match="maxBindingsPerGroupTopic"):
+        await registry.declare("acct-svc", three)
+    assert loads(zk.get(ACCT)[0]) == [refund]
 
 
 # -- sessions ----------------------------------------------------------------------------

@@ -57,6 +57,22 @@ def test_publisher_protobuf_is_reused_with_the_brokers_clamps() -> None:
     assert isinstance(clamped.wire, bytes)  # cached for redeliveries
 
 
+def test_publisher_protobuf_gets_the_canonical_id_and_the_sessions_group() -> None:
+    pb = common_pb2.Message(
+        header=common_pb2.Header(messageId="AB" * 16, topic="t", messageType="x", commit=True),
+        body=b"b",
+    )
+    message = wire.message_from_pb(pb)
+    stored = StoredMessage(
+        dataclasses.replace(message, message_id="ab" * 16, group_id="pay"),
+        publish_time=1.0,
+        wire=pb,
+    )
+    data = wire.deliveries_frame([(stored, 1)])
+    header = broker_pb2.ServerFrame.FromString(data).deliveries.deliveries[0].message.header
+    assert (header.messageId, header.groupId) == ("ab" * 16, "pay")
+
+
 @given(
     st.lists(
         st.tuples(st.text(max_size=40), st.sampled_from(list(AckCode)), st.text(max_size=300)),

@@ -183,3 +183,15 @@ def test_static_directory_deduplicates() -> None:
     assert directory.static
     assert directory.brokers_for("any") == ["a:1", "b:2"]
     assert directory.brokers_for_any(["x", "y"]) == ["a:1", "b:2"]
+
+
+def test_tx_frame_sends_canonical_ids() -> None:
+    lower = "0123456789abcdef0123456789abcdef"
+    frame = _wire.tx_frame(
+        [_wire.TxAnswer(lower.upper(), "trade", 1), _wire.TxAnswer(lower, "trade", 2, "why")]
+    )
+    acks = broker_pb2.ClientFrame.FromString(frame.SerializeToString()).tx.acks
+    assert [(a.messageId, a.status, a.feedback) for a in acks] == [
+        (lower, 1, ""),
+        (lower, 2, "why"),
+    ]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kiteq.core.acl import AclMode, Grant, Permissions
 from kiteq.core.config import CLUSTER_DEFAULTS, ClusterConfig, load_cluster
 from kiteq.core.errors import ConfigError
 
@@ -45,8 +46,16 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "acceptAnySecret": ("accept_any_secret", False),
     "secrets": ("secrets", {}),
     "adminSecret": ("admin_secret", ""),
+    "adminSecretFile": ("admin_secret", ""),
+    "adminOpen": ("admin_open", False),
+    "tlsCert": ("tls_cert", ""),
+    "tlsKey": ("tls_key", ""),
+    "tlsClientCa": ("tls_client_ca", ""),
     "takeover": ("takeover", True),
     "takeoverGraceSeconds": ("takeover_grace_seconds", 30.0),
+    "acl": ("acl", Permissions()),
+    "maxBindingsPerGroupTopic": ("max_bindings_per_group_topic", 1000),
+    "maxPatternLength": ("max_pattern_length", 256),
 }
 
 
@@ -172,6 +181,15 @@ def test_unknown_key_is_named_with_the_known_ones(tmp_path: Path) -> None:
         ('secrets = {"a/b" = "x"}', "clusters.c.secrets.a/b"),
         ('secrets = {g = ""}', "clusters.c.secrets.g: expected a non-empty string"),
         ("secrets = {g = 1}", "clusters.c.secrets.g: expected a non-empty string"),
+        ('acl = "x"', "clusters.c.acl: expected a table of groups"),
+        ('acl = {"a/b" = {}}', "clusters.c.acl.a/b: invalid group name"),
+        ("acl = {g = 1}", "clusters.c.acl.g: expected a table"),
+        ("acl = {g = {read = []}}", "clusters.c.acl.g.read: unknown key"),
+        ('acl = {g = {publish = "trade"}}', "clusters.c.acl.g.publish: expected an array"),
+        ('acl = {g = {subscribe = ["pay.*"]}}', "prefix patterns are not supported"),
+        ("maxBindingsPerGroupTopic = 0", "clusters.c.maxBindingsPerGroupTopic: must be a positive"),
+        ("maxPatternLength = 257", "clusters.c.maxPatternLength: must be 1..256"),
+        ("maxPatternLength = 0", "clusters.c.maxPatternLength: must be a positive"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, line: str, expected: str) -> None:
@@ -265,3 +283,56 @@ def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for key in CLUSTER_DEFAULTS:
         assert f"| `{key}` |" in readme, key
+
+
+def test_acl_and_binding_limits_are_read(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+[clusters.c]
+maxBindingsPerGroupTopic = 10
+maxPatternLength = 64
+
+[clusters.c.acl.pay-svc]
+publish = ["trade"]
+
+[clusters.c.acl.acct-svc]
+publish = []
+subscribe = ["*"]
+""",
+    )
+    assert config.max_bindings_per_group_topic == 10
+    assert config.max_pattern_length == 64
+    assert config.acl.mode is AclMode.ENFORCED
+    assert dict(config.acl.grants) == {
+        "pay-svc": Grant(publish=frozenset({"trade"})),
+        "acct-svc": Grant(subscribe=frozenset({"*"})),
+    }
+
+
+def test_admin_secret_file_is_read_and_exclusive(tmp_path: Path) -> None:
+    secret = tmp_path / "admin.secret"
+    secret.write_text("  from-a-file \nignored second line\n")
+    config = load(tmp_path, f'[clusters.c]\nadminSecretFile = "{secret}"\n')
+    assert config.admin_secret == "from-a-file"
+    both = load_error(tmp_path, f'[clusters.c]\nadminSecret = "x"\nadminSecretFile = "{secret}"\n')
+    assert "clusters.c.adminSecretFile" in both
+    missing = load_error(tmp_path, f'[clusters.c]\nadminSecretFile = "{tmp_path / "nope"}"\n')
+    assert "clusters.c.adminSecretFile" in missing
+    secret.write_text("\n")
+    empty = load_error(tmp_path, f'[clusters.c]\nadminSecretFile = "{secret}"\n')
+    assert "holds no secret" in empty
+
+
+@pytest.mark.parametrize(
+    ("cluster", "dev"),
+    [("rocksdb_dev", True), ("memory_dev", True), ("file_dev", True), ("zk_online", False)],
+)
+def test_shipped_dev_clusters(cluster: str, dev: bool) -> None:
+    assert load_cluster(REPO / "conf" / "cluster.toml", cluster).dev is dev
+
+
+def test_a_cluster_accepting_any_secret_is_dev(tmp_path: Path) -> None:
+    assert load(tmp_path, "[clusters.c]\nacceptAnySecret = true\n").dev
+    assert not load(tmp_path, "[clusters.c]\n").dev
+    assert load(tmp_path, "[clusters.c_dev]\n", "c_dev").dev

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiteq.core import ids
-from kiteq.core.ids import MESSAGE_ID_RE, is_message_id, new_message_id
+from kiteq.core.ids import MESSAGE_ID_RE, canonical_message_id, is_message_id, new_message_id
 
 
 def test_ids_are_32_lowercase_hex_characters() -> None:
@@ -164,3 +164,10 @@ def test_is_message_id_agrees_with_the_regex() -> None:
         noisy = rng.random() < 0.3
         value = "".join(rng.choice(alphabet if noisy else string.hexdigits) for _ in range(length))
         assert is_message_id(value) == (MESSAGE_ID_RE.fullmatch(value) is not None), value
+
+
+def test_generated_ids_are_canonical_and_every_spelling_maps_to_one() -> None:
+    value = new_message_id()
+    assert canonical_message_id(value) == value
+    assert canonical_message_id(value.upper()) == value
+    assert canonical_message_id("ABCDEF" + value[6:]) == canonical_message_id("abcdef" + value[6:])

@@ -31,7 +31,7 @@ from kiteq.core.message import Message
 
 NOW = 1_700_000_000.5
 CEILING = int(NOW) + MAX_EXPIRY_SECONDS
-MID = "0123456789abcdef0123456789ABCDEF"
+MID = "0123456789abcdef0123456789abcdef"
 
 
 def message(**changes: Any) -> Message:
@@ -69,6 +69,14 @@ def test_invalid_names(name: str) -> None:
 def test_valid_message_is_returned_as_is() -> None:
     original = message()
     assert normalize(original, NOW) is original
+
+
+def test_normalize_gives_an_id_its_one_spelling() -> None:
+    mixed = message(message_id=MID.upper()[:16] + MID[16:])
+    validate(mixed, NOW)  # either case is a valid id
+    result = normalize(mixed, NOW)
+    assert result.message_id == MID
+    assert dataclasses.replace(result, message_id=mixed.message_id) == mixed
 
 
 @pytest.mark.parametrize(

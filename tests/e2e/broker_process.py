@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -9,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 
+from kiteq.broker.admin_service import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +46,9 @@ def write_config(
         "deliverySeconds": 2,
         "recoverSeconds": 1,
         "acceptAnySecret": True,
+        # test clusters with secrets are production-shaped: their admin service is open
+        # only because the tests say so (tests/e2e/test_admin_security.py checks the rule)
+        "adminOpen": True,
     }
     settings.update(extra or {})
     for key, value in settings.items():
@@ -63,8 +68,28 @@ def write_config(
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientTls:
+    """PEM files of a TLS test broker's CA, and of a client certificate for mTLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(),
+            self.key.read_bytes() if self.key else None,
+            self.cert.read_bytes() if self.cert else None,
+        )
+
+
 class BrokerProcess:
-    """One broker process; ``start`` waits for its ready line."""
+    """One broker process; ``start`` waits for its ready line.
+
+    *args* are extra command-line flags and *env* extra environment variables; *tls* is
+    what ``stats``/``lookup`` connect with (a TLS broker), *admin_secret* what they send.
+    """
 
     def __init__(
         self,
@@ -74,6 +99,10 @@ class BrokerProcess:
         port: int | None = None,
         cwd: Path | None = None,
         pport: int = 0,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        tls: ClientTls | None = None,
+        admin_secret: str = "",
     ) -> None:
         self.config = config
         self.cluster = cluster
@@ -81,6 +110,10 @@ class BrokerProcess:
         # the ops HTTP port (/metrics, /stat); 0: off
         self.pport = pport
         self.cwd = cwd or config.parent
+        self.args = tuple(args)
+        self.env = dict(env or {})
+        self.tls = tls
+        self.admin_secret = admin_secret
         self.proc: subprocess.Popen[str] | None = None
         self.output: list[str] = []
 
@@ -89,7 +122,7 @@ class BrokerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.output = []
         self.proc = subprocess.Popen(
             [
@@ -101,6 +134,7 @@ class BrokerProcess:
                 f"-bind=127.0.0.1:{self.port}",
                 "-grace=5",
                 f"-pport={self.pport}",
+                *self.args,
             ],
             cwd=self.cwd,
             env=env,
@@ -147,12 +181,24 @@ class BrokerProcess:
         if self.proc is not None:
             self._pump.join(10)
 
+    def admin_channel(self) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.tls.channel_credentials())
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((ADMIN_SECRET_HEADER, self.admin_secret),) if self.admin_secret else ()
+
     def stats(self) -> admin_pb2.StatsResponse:
-        with grpc.insecure_channel(self.address) as channel:
-            return admin_pb2_grpc.AdminStub(channel).Stats(admin_pb2.StatsRequest(), timeout=5)
+        with self.admin_channel() as channel:
+            return admin_pb2_grpc.AdminStub(channel).Stats(
+                admin_pb2.StatsRequest(), metadata=self._metadata(), timeout=5
+            )
 
     def lookup(self, message_id: str) -> admin_pb2.GetMessageResponse:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.admin_channel() as channel:
             return admin_pb2_grpc.AdminStub(channel).GetMessage(
-                admin_pb2.GetMessageRequest(messageId=message_id), timeout=5
+                admin_pb2.GetMessageRequest(messageId=message_id),
+                metadata=self._metadata(),
+                timeout=5,
             )

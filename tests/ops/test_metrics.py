@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiteq.ops.metrics import (
     CONTENT_TYPE,
+    FRAME_REJECT_REASONS,
     INVALID_LABEL,
     NO_GROUP_LABEL,
     OTHER_LABEL,
@@ -23,6 +24,8 @@ KITEQ_FAMILIES = {
     "kiteq_messages_rejected": "counter",
     "kiteq_messages_delivered": "counter",
     "kiteq_messages_redelivered": "counter",
+    "kiteq_rejected_frames": "counter",
+    "kiteq_bindings_refused": "counter",
     "kiteq_metrics_label_overflow": "counter",
     "kiteq_store_operation_duration_seconds": "histogram",
     "kiteq_store_batch_size": "histogram",
@@ -259,3 +262,29 @@ def test_promtool_lints_the_exposition(touched_metrics: BrokerMetrics, promtool:
         check=False,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_rejected_frames_count_by_bounded_reason(metrics: BrokerMetrics) -> None:
+    for reason in FRAME_REJECT_REASONS:
+        assert value(metrics, "kiteq_rejected_frames_total", reason=reason) == 0
+    metrics.rejected_frames("undecodable")
+    metrics.rejected_frames("stray_ack", 3)
+    assert value(metrics, "kiteq_rejected_frames_total", reason="undecodable") == 1
+    assert value(metrics, "kiteq_rejected_frames_total", reason="stray_ack") == 3
+    with pytest.raises(ValueError, match="frame reject reason"):
+        metrics.rejected_frames("anything a peer sent")
+
+
+def test_binding_refusals_are_counted_by_bounded_reason() -> None:
+    metrics = BrokerMetrics(process=False)
+    metrics.bindings_refused("permission")
+    metrics.bindings_refused("limit")
+    metrics.bindings_refused("limit")
+    with pytest.raises(ValueError, match="binding refusal reason"):
+        metrics.bindings_refused("anything")
+    samples = {
+        s.labels["reason"]: s.value
+        for s in families(metrics)["kiteq_bindings_refused"].samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"permission": 1.0, "limit": 2.0}

@@ -30,13 +30,11 @@ import json
 import logging
 from typing import Any, Final
 
-from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
-from kazoo.retry import KazooRetry
-from kazoo.security import make_acl, make_digest_acl
 
 from kiteq.binding import _zk_nodes as nodes
+from kiteq.binding._zk_client import new_client
 from kiteq.binding.zk import ZkSettings
 from kiteq.core.errors import RegistryUnavailableError
 
@@ -86,24 +84,7 @@ class ZkTakeoverNodes:
         self._zk: Any = None
 
     def _client(self) -> Any:
-        settings = self._settings
-        acl = None
-        auth = None
-        if settings.digest is not None:
-            user, password = settings.digest
-            acl = [
-                make_digest_acl(user, password, all=True),
-                make_acl("world", "anyone", read=True),
-            ]
-            auth = [("digest", f"{user}:{password}")]
-        return KazooClient(
-            hosts=settings.connect_string,
-            timeout=settings.session_timeout,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=5.0),
-            command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=2.0),
-            default_acl=acl,
-            auth_data=auth,
-        )
+        return new_client(self._settings)
 
     @property
     def _started(self) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from kiteq.binding.model import Binding, dumps, loads
-from kiteq.core.errors import RegistryError
+from kiteq.core.errors import PermissionDeniedError, RegistryError
 
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable
@@ -34,11 +34,17 @@ def _meta_key(topic: str, group: str) -> str:
 def _decode(
     table: BindingTable, topic: str, group: str, value: bytes
 ) -> tuple[Binding, ...] | ValueError:
-    """A stored entry's bindings, or why it is unreadable (bad data: no traceback)."""
+    """A stored entry's bindings, or why it is unreadable or refused (no traceback).
+
+    Stored bindings are judged by today's limits and permissions: a configuration that
+    has since revoked a group's topic does not bring its old bindings back.
+    """
     try:
         return table.validate(topic, group, loads(value))
     except ValueError as exc:
         return exc
+    except PermissionDeniedError as exc:
+        return ValueError(exc.reason)
 
 
 class EmbeddedRegistry:
@@ -69,7 +75,7 @@ class EmbeddedRegistry:
             topic, _, group = key.removeprefix(META_PREFIX).partition("/")
             stored = _decode(table, topic, group, value)
             if isinstance(stored, ValueError):
-                logger.error("skipping corrupt stored bindings key=%s: %s", key, stored)
+                logger.error("skipping stored bindings key=%s: %s", key, stored)
                 self._corrupt.add((topic, group))
                 continue
             table.replace(topic, group, stored)
@@ -84,7 +90,10 @@ class EmbeddedRegistry:
         written to the store only when they differ from what it holds.
 
         Raises:
-            ValueError: A binding is invalid; nothing was stored or applied.
+            ValueError: A binding is invalid or beyond the table's limits; nothing was
+                stored or applied.
+            PermissionDeniedError: *group* may not bind a declared topic; nothing was
+                stored or applied.
             RegistryError: The registry is not started.
             StoreError: The store failed; the table is unchanged.
         """
@@ -94,13 +103,17 @@ class EmbeddedRegistry:
         by_topic: dict[str, list[Binding]] = {}
         for binding in bindings:
             by_topic.setdefault(binding.topic, []).append(binding.with_group(group))
-        # validate everything before storing or applying anything
-        declared = {topic: table.validate(topic, group, items) for topic, items in by_topic.items()}
+        # validate and compile everything before storing or applying anything; off the loop,
+        # as a declaration may hold a thousand patterns
+        declared = await asyncio.to_thread(
+            lambda: [table.build(topic, group, items) for topic, items in by_topic.items()]
+        )
         async with self._lock:
-            for topic, items in declared.items():
-                await self._save(topic, group, tuple(b for b in items if b.persistent))
-            for topic, items in declared.items():
-                table.replace(topic, group, items)
+            for prepared in declared:
+                persistent = tuple(b for b in prepared.bindings if b.persistent)
+                await self._save(prepared.topic, group, persistent)
+            for prepared in declared:
+                table.install(prepared)
         return True
 
     async def unbind(self, topic: str, group: str) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import tomllib
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from kiteq.binding.model import Binding, BindType, bind_type_from_name
-from kiteq.core.errors import RegistryError
+from kiteq.core.errors import PermissionDeniedError, RegistryError
 from kiteq.core.limits import is_name
 
 if TYPE_CHECKING:
@@ -93,6 +94,18 @@ def read_registry_file(
             the entry.
     """
     return parse_registry(_read_bytes(Path(path)), source=str(path), check=check)
+
+
+def _check(table: BindingTable, binding: Binding) -> None:
+    _check_all(table, binding.topic, binding.group_id, (binding,))
+
+
+def _check_all(table: BindingTable, topic: str, group: str, bindings: Sequence[Binding]) -> None:
+    """``table.validate``, a permission refusal included as a ``ValueError``."""
+    try:
+        table.validate(topic, group, bindings)
+    except PermissionDeniedError as exc:
+        raise ValueError(exc.reason) from None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -312,11 +325,18 @@ class FileBindingRegistry:
 
     def _parse(self, data: bytes, table: BindingTable) -> RegistryFile:
         # worker thread: validation is pure, the table is not modified here
-        return parse_registry(
-            data,
-            source=str(self._path),
-            check=lambda b: table.validate(b.topic, b.group_id, (b,)),
-        )
+        source = str(self._path)
+        registry = parse_registry(data, source=source, check=functools.partial(_check, table))
+        # limits and permissions judge a group's whole list for a topic, not one entry
+        wanted: dict[tuple[str, str], list[Binding]] = {}
+        for binding in registry.bindings:
+            wanted.setdefault((binding.topic, binding.group_id), []).append(binding)
+        for (topic, group), bindings in wanted.items():
+            try:
+                _check_all(table, topic, group, bindings)
+            except ValueError as exc:
+                raise RegistryError(f"{source}: bindings of group {group!r}: {exc}") from None
+        return registry
 
     def _apply(self, table: BindingTable, registry: RegistryFile) -> bool:
         wanted: dict[tuple[str, str], list[Binding]] = {}

@@ -14,8 +14,9 @@ URI (``[registry.<env>] hosts``)::
   bindings, only holders of the credentials can write. Nodes that already exist keep their
   ACLs (this registry never changes an ACL), so create the tree with ACLs from the start.
   Digest credentials cross the network in clear text; use them on a trusted network.
-  KiteQ's Go clients cannot authenticate: with ACLs on they discover brokers but cannot
-  write their ``-bind`` nodes (Python consumers' bindings are written by the broker).
+  Python clients given the same URI authenticate likewise and their nodes get the same
+  ACL (the one session recipe: ``kiteq.binding._zk_client``). KiteQ's Go clients cannot
+  authenticate: with ACLs on they discover brokers but cannot write their ``-bind`` nodes.
 
 Layout (KiteQ's ``kiteq-common/registry``; node data of the broker's nodes:
 ``{"grpc": "host:port", "protocolVersion": 1, "proto": "kiteq.proto.v1"}``)::
@@ -37,8 +38,10 @@ Watches: a DataWatch on each ``/kiteq/sub/{topic}`` node (re-created nodes get a
 ChildrenWatch), a ChildrenWatch on it to find ``{group}-bind`` nodes, and a DataWatch on
 each of those. Changes apply per group: new data replaces that group's bindings, a deleted
 node removes that group only. Other groups of the topic are never touched (KiteQ briefly
-drops every group of the topic). A malformed node is logged and skipped; the group keeps
-its previous bindings.
+drops every group of the topic). A malformed node, or one beyond the binding limits, is
+logged and skipped; the group keeps its previous bindings. A node for a topic the group may
+not subscribe (the cluster's ``acl``) is not applied; each refused node version is logged
+once and counted by the table.
 
 Session: SUSPENDED keeps serving with the last known bindings. After LOST, once connected
 again, the broker's ephemeral nodes are re-created, owner-checked (a stale node of an old
@@ -65,21 +68,24 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
-from kazoo.retry import KazooRetry
-from kazoo.security import make_acl, make_digest_acl
 
 from kiteq.binding import _zk_nodes as nodes
+from kiteq.binding._zk_client import new_client
 from kiteq.binding.model import Binding, loads
-from kiteq.core.errors import ConfigError, RegistryError, RegistryUnavailableError
+from kiteq.core.errors import (
+    ConfigError,
+    PermissionDeniedError,
+    RegistryError,
+    RegistryUnavailableError,
+)
 from kiteq.core.limits import is_name
 
 if TYPE_CHECKING:
-    from kiteq.binding.match import BindingTable
+    from kiteq.binding.match import BindingTable, PreparedBindings
     from kiteq.binding.registry import BrokerInfo
 
 __all__ = ["DEFAULT_SESSION_TIMEOUT", "ZkBindingRegistry", "ZkSettings", "parse_zk_uri"]
@@ -240,6 +246,10 @@ class ZkBindingRegistry:
         self._group_nodes: set[tuple[str, str]] = set()
         self._served: set[str] = set(self._topics)
         self._applied: dict[tuple[str, str], int] = {}
+        # the node version last refused per (topic, group): each refused version is logged once
+        self._refused: dict[tuple[str, str], int] = {}
+        # events seen per (topic, group): an apply finishing after a newer event is dropped
+        self._events: dict[tuple[str, str], int] = {}
         self._waiters: dict[tuple[str, str], list[tuple[int, asyncio.Future[None]]]] = {}
         self._watch_tasks: set[asyncio.Task[None]] = set()
         self._broker: BrokerInfo | None = None
@@ -341,24 +351,7 @@ class ZkBindingRegistry:
             raise TimeoutError(f"no answer within {self._connect_timeout:g}s") from exc
 
     def _client(self, hosts: str) -> Any:
-        settings = self._settings
-        acl = None
-        auth = None
-        if settings.digest is not None:
-            user, password = settings.digest
-            acl = [
-                make_digest_acl(user, password, all=True),
-                make_acl("world", "anyone", read=True),
-            ]
-            auth = [("digest", f"{user}:{password}")]
-        return KazooClient(
-            hosts=hosts,
-            timeout=settings.session_timeout,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=5.0),
-            command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=2.0),
-            default_acl=acl,
-            auth_data=auth,
-        )
+        return new_client(self._settings, hosts)
 
     def _create_chroot(self) -> None:
         # worker thread: kazoo warns when a chroot is missing; create it first, outside it
@@ -500,22 +493,55 @@ class ZkBindingRegistry:
         if table is None or self._closed.is_set():
             return
         key = (topic, group)
-        path = nodes.bind_path(topic, group)
+        # every event of a node supersedes the ones before it, a build still running included
+        event = self._events[key] = self._events.get(key, 0) + 1
         if mzxid is None:
             if table.remove_group(topic, group):
+                path = nodes.bind_path(topic, group)
                 logger.info("binding node deleted path=%s: group removed from the topic", path)
             return
-        if mzxid < self._applied.get(key, -1):
-            return  # an older read, overtaken
+        if mzxid < self._applied.get(key, -1) or self._refused.get(key) == mzxid:
+            return  # an older read, overtaken, or a version already refused and logged
         self._applied[key] = mzxid
+        # parsing and compiling a thousand patterns takes tens of ms: not on the loop
+        task = asyncio.create_task(
+            self._apply(table, key, data, mzxid, event), name=f"kiteq-zk-apply:{topic}/{group}"
+        )
+        self._watch_tasks.add(task)
+        task.add_done_callback(self._watch_tasks.discard)
+
+    async def _apply(
+        self,
+        table: BindingTable,
+        key: tuple[str, str],
+        data: bytes | None,
+        mzxid: int,
+        event: int,
+    ) -> None:
+        topic, group = key
+        path = nodes.bind_path(topic, group)
+        outcome: PreparedBindings | PermissionDeniedError | ValueError
         try:
-            table.replace(topic, group, loads(data or b""))
-        except ValueError as exc:
-            logger.error(  # noqa: TRY400 - bad data, not a bug: no traceback
+            outcome = await asyncio.to_thread(_build, table, topic, group, data)
+        except (PermissionDeniedError, ValueError) as exc:
+            outcome = exc
+        if self._events.get(key) != event or self._closed.is_set():
+            return  # a newer event of the node is being applied
+        if isinstance(outcome, PermissionDeniedError):
+            self._refused[key] = mzxid
+            table.remove_group(topic, group)
+            logger.error(
+                "binding node refused path=%s, bindings not applied: %s", path, outcome.reason
+            )
+        elif isinstance(outcome, ValueError):
+            self._refused[key] = mzxid
+            logger.error(
                 "malformed binding node path=%s, keeping the group's previous bindings: %s",
                 path,
-                exc,
+                outcome,
             )
+        else:
+            table.install(outcome)
         for waiter_zxid, future in self._waiters.pop(key, ()):
             if waiter_zxid <= mzxid:
                 if not future.done():
@@ -675,7 +701,10 @@ class ZkBindingRegistry:
         group keeps what ZooKeeper has.
 
         Raises:
-            ValueError: A binding is invalid; nothing was written.
+            ValueError: A binding is invalid or beyond the table's limits; nothing was
+                written.
+            PermissionDeniedError: *group* may not bind a declared topic; nothing was
+                written.
             RegistryError: The registry is not started.
         """
         table = self._table
@@ -684,7 +713,12 @@ class ZkBindingRegistry:
         by_topic: dict[str, list[Binding]] = {}
         for binding in bindings:
             by_topic.setdefault(binding.topic, []).append(binding.with_group(group))
-        declared = {topic: table.validate(topic, group, items) for topic, items in by_topic.items()}
+        # compiling a thousand patterns takes tens of ms: not on the loop
+        declared = await asyncio.to_thread(
+            lambda: {
+                topic: table.validate(topic, group, items) for topic, items in by_topic.items()
+            }
+        )
         async with self._declare_lock:
             for topic, wanted in declared.items():
                 await self._write_declared(topic, group, wanted)
@@ -722,6 +756,11 @@ class ZkBindingRegistry:
             waiters = self._waiters.get(key, [])
             if entry in waiters:
                 waiters.remove(entry)
+
+
+def _build(table: BindingTable, topic: str, group: str, data: bytes | None) -> PreparedBindings:
+    # worker thread
+    return table.build(topic, group, loads(data or b""))
 
 
 def _close(zk: Any) -> None:

@@ -7,6 +7,10 @@ transaction commits them. Every error derives
 from ``KiteQError``; ``error.retriable`` says whether the same send (same message id) may
 succeed later.
 
+Brokers with TLS: give any of the four classes ``tls=TlsOptions(ca=..., cert=..., key=...)``
+(cert and key only for brokers that verify clients); a client whose transport does not
+match the broker's fails at once with ``TlsError``, saying what to change.
+
 Examples:
     >>> from kiteq.client import Binding, Consumer, Message, Producer
     >>> with Producer(brokers=["127.0.0.1:13800"], group_id="pay-svc",
@@ -43,9 +47,11 @@ from kiteq.core.errors import (
     StoreError,
     StoreFullError,
     StoreUnavailableError,
+    TlsError,
     UnknownTopicError,
 )
 from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.tls import TlsOptions
 
 __all__ = [
     "AsyncConsumer",
@@ -74,6 +80,8 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TlsError",
+    "TlsOptions",
     "TxChecker",
     "TxResult",
     "TxStatus",

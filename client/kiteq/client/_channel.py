@@ -22,6 +22,7 @@ import grpc
 
 from kiteq.binding.model import Binding
 from kiteq.client import _wire
+from kiteq.client._tls import PLAINTEXT, Transport
 from kiteq.core.errors import (
     AuthenticationError,
     ConfigError,
@@ -257,8 +258,11 @@ class Session:
     gRPC's own backoff, which can reach two minutes.
     """
 
-    def __init__(self, address: str, params: _wire.OpenParams) -> None:
+    def __init__(
+        self, address: str, params: _wire.OpenParams, *, transport: Transport = PLAINTEXT
+    ) -> None:
         self.address = address
+        self._transport = transport
         self.limits = _wire.BrokerLimits(address, 0, 0, 0)
         self.alive = False
         self._params = params
@@ -273,9 +277,11 @@ class Session:
         """Open the stream, send ``open`` and wait for ``opened``.
 
         Raises:
+            TlsError: The broker refused the connection at the TLS layer (plaintext against
+                TLS, untrusted or missing certificate); not retriable.
             KiteQError: Mapped by ``mapped_rpc_errors``; NotConnectedError on a timeout.
         """
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._channel = self._transport.channel(self.address, CHANNEL_OPTIONS)
         self._call = broker_pb2_grpc.BrokerStub(self._channel).Session()
         try:
             with mapped_rpc_errors(self.address):
@@ -285,6 +291,14 @@ class Session:
         except TimeoutError:
             await self.close()
             raise NotConnectedError(f"broker {self.address}: no answer within {timeout}s") from None
+        except NotConnectedError as exc:
+            await self.close()
+            cause = exc.__cause__
+            if isinstance(cause, grpc.aio.AioRpcError):
+                tls_error = await self._transport.explain(self.address, cause)
+                if tls_error is not None:
+                    raise tls_error from cause
+            raise
         except BaseException:
             await self.close()
             raise
@@ -408,9 +422,11 @@ class Link:
         *,
         connect_timeout: float,
         max_delay: float,
+        transport: Transport = PLAINTEXT,
     ) -> None:
         self.address = address
         self.session: Session | None = None
+        self._transport = transport
         self.last_error: KiteQError | None = None
         self.attempted = asyncio.Event()
         self._params = params
@@ -427,7 +443,7 @@ class Link:
     async def _run(self) -> None:
         delay = INITIAL_BACKOFF
         while not self._stopping.is_set():
-            session = Session(self.address, self._params)
+            session = Session(self.address, self._params, transport=self._transport)
             try:
                 await session.open(self._connect_timeout)
             except KiteQError as exc:

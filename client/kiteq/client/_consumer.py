@@ -41,8 +41,10 @@ from kiteq.client._channel import (
 )
 from kiteq.client._discovery import BrokerDirectory, ZkDirectory, resolve
 from kiteq.client._sync import LoopThread
+from kiteq.client._tls import Transport
 from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
 from kiteq.core.message import ReceivedMessage
+from kiteq.core.tls import TlsOptions
 
 __all__ = ["AsyncConsumer", "Consumer", "Handler"]
 
@@ -129,6 +131,9 @@ class AsyncConsumer:
         client_id: A name for this client in broker logs; default host:pid:random.
         connect_timeout: Seconds to open a session.
         reconnect_max_delay: Upper bound of the reconnect backoff (from 0.1 s, doubling).
+        tls: Connect to the brokers with TLS (``TlsOptions(ca=..., cert=..., key=...)``);
+            None connects in plaintext. A broker that refuses the connection at the TLS
+            layer fails the client with ``TlsError`` (not retried).
         close_timeout: Seconds ``close`` waits for running handlers and their acks.
 
     Raises:
@@ -162,6 +167,7 @@ class AsyncConsumer:
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 30.0,
         close_timeout: float = 10.0,
+        tls: TlsOptions | None = None,
     ) -> None:
         if not callable(handler):
             raise ConfigError(f"handler must be callable, got {handler!r}")
@@ -186,6 +192,7 @@ class AsyncConsumer:
             bindings=binding_list,
             max_in_flight=max_in_flight,
         )
+        self._transport = Transport(tls)
         self._directory: BrokerDirectory | ZkDirectory = resolve(brokers, registry)
         self._group_id = group_id
         self._handler = handler
@@ -381,6 +388,7 @@ class AsyncConsumer:
             self,
             connect_timeout=self._connect_timeout,
             max_delay=self._reconnect_max_delay,
+            transport=self._transport,
         )
         self._links.append(link)
         link.start(self._link_tasks)
@@ -612,6 +620,7 @@ class Consumer:
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 30.0,
         close_timeout: float = 10.0,
+        tls: TlsOptions | None = None,
     ) -> None:
         self._consumer = AsyncConsumer(
             brokers=brokers,
@@ -627,6 +636,7 @@ class Consumer:
             connect_timeout=connect_timeout,
             reconnect_max_delay=reconnect_max_delay,
             close_timeout=close_timeout,
+            tls=tls,
         )
         self._connect_timeout = float(connect_timeout)
         self._close_timeout = float(close_timeout)

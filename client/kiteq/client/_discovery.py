@@ -3,12 +3,16 @@
 ``file://path`` reads a registry file once; ``zk://h1:2181,h2:2181[/chroot][?timeout=S&
 digest=user:password]`` finds the brokers of each topic in ZooKeeper (KiteQ's layout) and
 follows them live (``ZkDirectory``).
+
+With ``digest=user:password`` the client authenticates as *user* and every node it
+creates (producer nodes, ``-bind`` nodes, the parents of both, a topic's
+``/kiteq/server/{topic}`` when it is missing, the chroot) gets the broker's ACL: world READ,
+ALL for *user* (``kiteq.binding._zk_client``). A node that already exists keeps its ACL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import json
@@ -18,13 +22,12 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
-from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.recipe.watchers import ChildrenWatch
-from kazoo.retry import KazooRetry
 
 from kiteq.binding import _zk_nodes as nodes
+from kiteq.binding._zk_client import new_client
 from kiteq.binding.model import Binding
 from kiteq.binding.zk import parse_zk_uri
 from kiteq.core.errors import (
@@ -106,7 +109,7 @@ def resolve(brokers: Sequence[str] | None, registry: str | None) -> BrokerDirect
         return _static(brokers)
     if registry is None:
         raise ConfigError("give brokers=[...] or registry='file://...|zk://...'")
-    if registry.startswith(_ZK_SCHEME):
+    if registry[: len(_ZK_SCHEME)].lower() == _ZK_SCHEME:
         return ZkDirectory(registry)
     if not registry.startswith(_FILE_SCHEME):
         raise ConfigError(f"registry {registry!r}: expected file://<path> or zk://<hosts>")
@@ -207,6 +210,9 @@ class ZkDirectory:
     def __init__(self, uri: str) -> None:
         self.settings = parse_zk_uri(uri)
         self._where = self.settings.redacted()
+        digest = self.settings.digest
+        # who the ZooKeeper ACLs see (for errors; never the password)
+        self._who = "an unauthenticated session" if digest is None else f"digest user {digest[0]}"
         self._zk: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -216,6 +222,7 @@ class ZkDirectory:
         self._names: dict[str, str | None] = {}  # node path -> dial address (cache)
         self._listeners: list[Callable[[], None]] = []
         self._own: dict[str, bytes] = {}  # ephemeral nodes to keep: path -> data
+        self._denied: set[str] = set()  # of those, refused by an ACL in this session
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sync_wanted = asyncio.Event()
 
@@ -271,27 +278,17 @@ class ZkDirectory:
     async def _connect(self, timeout: float) -> None:
 
         settings = self.settings
-        auth = None if settings.digest is None else [("digest", ":".join(settings.digest))]
-
-        def client(hosts: str) -> Any:
-            return KazooClient(
-                hosts=hosts,
-                timeout=settings.session_timeout,
-                connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=5.0),
-                command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=2.0),
-                auth_data=auth,
-            )
 
         def connect() -> Any:
             # worker thread; a missing chroot is created first, outside it (kazoo warns)
             if settings.chroot:
-                root = client(settings.hosts)
+                root = new_client(settings, settings.hosts)
                 try:
                     root.start(timeout)
                     root.retry(root.ensure_path, settings.chroot)
                 finally:
                     _close_client(root)
-            zk = client(settings.connect_string)
+            zk = new_client(settings)
             zk.add_listener(self._kz_state)
             try:
                 zk.start(timeout)
@@ -473,6 +470,7 @@ class ZkDirectory:
         if state == "CONNECTED":
             logger.info("zookeeper connected again %s", self._where)
             if previous == "LOST":
+                self._denied.clear()  # a new session: try the refused ones once more
                 self._sync_wanted.set()  # ephemeral nodes died with the old session
         elif state == "SUSPENDED":
             logger.warning("zookeeper connection suspended: using the last known brokers")
@@ -486,7 +484,8 @@ class ZkDirectory:
 
         Informational (nobody reads it in KiteQ); a broker serving ``*`` serves the topic
         once it appears under ``/kiteq/pub``. Written in the background, again after a LOST
-        session; a node another process of this host already holds is left alone.
+        session; a node another process of this host already holds is left alone, one the
+        ZooKeeper ACLs refuse is logged as an error once per session.
         """
         path = f"{nodes.PUB_ROOT}/{topic}/{group}/{socket.gethostname()}"
         if path not in self._own:
@@ -495,11 +494,17 @@ class ZkDirectory:
 
     async def _keep_nodes(self) -> None:
 
-        def create(zk: Any, paths: list[str]) -> None:
-            # worker thread
+        def create(zk: Any, paths: list[str]) -> list[str]:
+            # worker thread; returns the paths this identity may not create
+            denied = []
             for path in paths:
-                with contextlib.suppress(NodeExistsError):
+                try:
                     zk.retry(zk.create, path, self._own[path], ephemeral=True, makepath=True)
+                except NodeExistsError:
+                    pass
+                except NoAuthError:
+                    denied.append(path)
+            return denied
 
         delay = _RETRY_MIN
         while True:
@@ -509,7 +514,9 @@ class ZkDirectory:
             if zk is None or self._state != "CONNECTED":
                 continue  # CONNECTED after LOST sets it again
             try:
-                await asyncio.to_thread(create, zk, sorted(self._own))
+                denied = await asyncio.to_thread(
+                    create, zk, sorted(self._own.keys() - self._denied)
+                )
             except KazooException as exc:
                 logger.warning("cannot write producer nodes (%r); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -517,6 +524,10 @@ class ZkDirectory:
                 self._sync_wanted.set()
                 continue
             delay = _RETRY_MIN
+            # not retried in this session: only a changed ACL would help
+            self._denied.update(denied)
+            for path in denied:
+                logger.error("no permission to create producer node %s as %s", path, self._who)
 
     async def write_bindings(self, group: str, bindings: Sequence[Binding], timeout: float) -> None:
         """Write *group*'s bindings to ``/kiteq/sub/{topic}/{group}-bind`` (KiteQ's JSON).
@@ -543,6 +554,9 @@ class ZkDirectory:
                     ),
                     timeout,
                 )
+            except NoAuthError:
+                logger.warning("no permission to write bindings path=%s as %s", path, self._who)
+                continue
             except (KazooException, TimeoutError) as exc:
                 logger.warning("cannot write bindings path=%s: %r", path, exc)
                 continue

@@ -53,6 +53,7 @@ from kiteq.client._channel import (
     open_params,
 )
 from kiteq.client._discovery import BrokerDirectory, ZkDirectory, resolve
+from kiteq.client._tls import Transport
 from kiteq.client._tx import (
     CheckRunner,
     LocalTransaction,
@@ -73,6 +74,7 @@ from kiteq.core.errors import (
 )
 from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
 from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.tls import TlsOptions
 
 __all__ = ["AsyncProducer", "SendResult", "uncommitted"]
 
@@ -216,6 +218,9 @@ class AsyncProducer:
         retries: Further attempts after a retriable refusal or a lost stream; same id.
         connect_timeout: Seconds to open a session.
         reconnect_max_delay: Upper bound of the reconnect backoff (from 0.1 s, doubling).
+        tls: Connect to the brokers with TLS (``TlsOptions(ca=..., cert=..., key=...)``);
+            None connects in plaintext. A broker that refuses the connection at the TLS
+            layer fails the client with ``TlsError`` (not retried).
         close_timeout: Seconds ``close`` waits for pending store-acks.
         tx_checker: Answers the broker's checks of undecided transactional messages
             (this group's, whichever process published them): called with the message's
@@ -255,6 +260,7 @@ class AsyncProducer:
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 30.0,
         close_timeout: float = 10.0,
+        tls: TlsOptions | None = None,
         tx_checker: TxChecker | None = None,
         tx_check_timeout: float = 10.0,
         tx_check_concurrency: int = 4,
@@ -281,6 +287,7 @@ class AsyncProducer:
         if max_batch > MAX_BATCH_MESSAGES:
             raise ConfigError(f"max_batch must be <= {MAX_BATCH_MESSAGES}, got {max_batch}")
         self._params = open_params(group_id=group_id, secret_key=secret_key, client_id=client_id)
+        self._transport = Transport(tls)
         self._directory: BrokerDirectory | ZkDirectory = resolve(brokers, registry)
         self._dynamic = isinstance(self._directory, ZkDirectory)
         self._group_id = group_id
@@ -850,6 +857,7 @@ class AsyncProducer:
                     self,
                     connect_timeout=self._connect_timeout,
                     max_delay=self._reconnect_max_delay,
+                    transport=self._transport,
                 )
                 self._links[address] = link
                 link.start(self._link_tasks)

@@ -20,6 +20,7 @@ from kiteq.client._sync import LoopThread
 from kiteq.client._tx import TxChecker, TxResult, TxStatus, is_async, run_local_tx_sync
 from kiteq.core.errors import PublishTimeoutError
 from kiteq.core.message import Message
+from kiteq.core.tls import TlsOptions
 
 __all__ = ["Producer"]
 
@@ -70,6 +71,7 @@ class Producer:
         tx_checker: TxChecker | None = None,
         tx_check_timeout: float = 10.0,
         tx_check_concurrency: int = 4,
+        tls: TlsOptions | None = None,
     ) -> None:
         self._producer = AsyncProducer(
             brokers=brokers,
@@ -89,6 +91,7 @@ class Producer:
             tx_checker=tx_checker,
             tx_check_timeout=tx_check_timeout,
             tx_check_concurrency=tx_check_concurrency,
+            tls=tls,
         )
         self._timeout = float(timeout)
         self._close_timeout = float(close_timeout)

@@ -28,6 +28,7 @@ from kiteq.core.errors import (
     StoreUnavailableError,
     UnknownTopicError,
 )
+from kiteq.core.ids import canonical_message_id
 from kiteq.core.limits import clamp
 from kiteq.core.message import Message, ReceivedMessage
 from kiteq.proto.v1 import broker_pb2, common_pb2
@@ -258,12 +259,15 @@ def acks_frame(results: Iterable[DeliveryResult]) -> broker_pb2.ClientFrame:
 
 
 def tx_frame(answers: Iterable[TxAnswer]) -> broker_pb2.ClientFrame:
-    """One ``TxAckBatch`` frame."""
+    """One ``TxAckBatch`` frame, ids in their canonical spelling (as the broker stores them).
+
+    (A publish keeps the spelling the caller gave: its store-ack is matched by that id.)
+    """
     frame = broker_pb2.ClientFrame()
     add = frame.tx.acks.add
     for message_id, topic, status, feedback in answers:
         ack = add()
-        ack.messageId = message_id
+        ack.messageId = canonical_message_id(message_id)
         ack.topic = topic
         ack.status = broker_pb2.TxStatus.ValueType(status)
         if feedback:

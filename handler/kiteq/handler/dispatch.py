@@ -249,16 +249,24 @@ class Dispatcher:
             flight.dirty = True
         self.submit(record)
 
-    def acked(self, conn: Connection, results: list[tuple[str, bool]]) -> None:
-        """Results from *conn*'s client: (message id, processed)."""
+    def acked(self, conn: Connection, results: list[tuple[str, bool]]) -> int:
+        """Results from *conn*'s client: (message id, processed).
+
+        Only deliveries in flight on *conn* itself are settled: an ack can never settle a
+        push to another connection, whatever id it names. Returns how many results named
+        no delivery in flight here (late after a timeout, duplicate, or foreign).
+        """
         self._stamp()
+        stray = 0
         for message_id, ok in results:
             pending = conn.inflight.pop(message_id, None)
             if pending is None:
-                continue  # late ack after a timeout, or a duplicate ack
+                stray += 1
+                continue
             self._released(1)
             self._settle(pending, conn, ok, "ack" if ok else "nack")
         self._pump_released(conn.group)
+        return stray
 
     def connection_opened(self, conn: Connection) -> None:
         self._stamp()

@@ -2,12 +2,18 @@
 
 The store-ack is only ``OK`` once the store says the message is durable (group commit),
 and a refused message gets a code and a reason: nothing is dropped silently.
+
+A batch is published for one group, the session's: a message without a ``group_id`` gets
+it, a message naming another group is refused with ``PERMISSION_DENIED`` (it would make
+consumers and transaction checks trust a group that never sent it). A store-ack names the
+message with the id as the publisher spelled it; the store has its canonical spelling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections import Counter
@@ -28,6 +34,7 @@ from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore, Saved
 
 if TYPE_CHECKING:
+    from kiteq.binding.match import BindingTable
     from kiteq.ops.metrics import BrokerMetrics
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ class Intake:
         clock: Clock,
         server_name: str,
         metrics: BrokerMetrics | None = None,
+        routes: BindingTable | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -55,6 +63,7 @@ class Intake:
         self._clock = clock
         self._server_name = server_name
         self._metrics = metrics
+        self._routes = routes
         rate = config.recieve_permits_per_second
         self._limiter = TokenBucket(rate, rate / 2, clock)
         self._accepting = True
@@ -79,25 +88,32 @@ class Intake:
     async def publish(
         self,
         messages: Sequence[Message],
+        *,
+        group: str,
         wires: Sequence[object] | None = None,
         origin: Connection | None = None,
     ) -> list[Outcome]:
-        """Accept a batch; one outcome per message, in order.
+        """Accept a batch that *group* (the authenticated session's) publishes.
 
-        *wires*, when given, are the transport's encodings of *messages* (same order); they
-        ride along with the stored records so a push need not rebuild them.
+        Returns one outcome per message, in order. *wires*, when given, are the
+        transport's encodings of *messages* (same order); they ride along with the stored
+        records so a push need not rebuild them.
         """
         self._active += 1
         self._idle.clear()
         try:
-            return await self._publish(messages, wires, origin)
+            return await self._publish(messages, group, wires, origin)
         finally:
             self._active -= 1
             if not self._active:
                 self._idle.set()
 
     async def _publish(
-        self, messages: Sequence[Message], wires: Sequence[object] | None, origin: Connection | None
+        self,
+        messages: Sequence[Message],
+        group: str,
+        wires: Sequence[object] | None,
+        origin: Connection | None,
     ) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(messages)
         if not self._accepting:
@@ -119,12 +135,23 @@ class Intake:
                     raw.message_id, AckCode.OVERFLOW, "receive rate exceeded; retry later"
                 )
                 continue
+            if raw.group_id != group:
+                if raw.group_id:
+                    outcomes[i] = Outcome(
+                        raw.message_id,
+                        AckCode.PERMISSION_DENIED,
+                        f"a session of group {group!r} cannot publish for group "
+                        f"{raw.group_id[:64]!r}",
+                    )
+                    continue
+                raw = dataclasses.replace(raw, group_id=group)
             try:
                 message = normalize(raw, now)
                 if not self._config.serves(message.topic):
                     raise UnknownTopicError(
                         message.message_id, f"topic {message.topic!r} is not served by this broker"
                     )
+                self._config.acl.check_publish(group, message.topic, raw.message_id)
             except MessageRejectedError as exc:
                 outcomes[i] = Outcome(raw.message_id, code_for(exc), exc.reason)
                 continue
@@ -137,22 +164,31 @@ class Intake:
                 wire=None if wires is None else wires[i],
             )
             if message.fly:
-                outcomes[i] = Outcome(message.message_id, AckCode.OK, "fly: not stored")
+                outcomes[i] = Outcome(raw.message_id, AckCode.OK, "fly: not stored")
                 fly.append(record)
             else:
                 records.append(record)
                 positions.append(i)
+        if self._routes is not None and (records or fly):
+            # new message types of regex-bound topics are matched off the event loop
+            await self._routes.prepare(
+                (r.topic, r.message.message_type) for r in (*records, *fly) if r.message.commit
+            )
         if records and self._config.delivery_first:
-            records, positions = await self._deliver_first(records, positions, outcomes)
+            records, positions = await self._deliver_first(records, positions, outcomes, messages)
         if records:
-            await self._persist(records, positions, outcomes, origin)
+            await self._persist(records, positions, outcomes, messages, origin)
         for record in fly:
             self._dispatcher.submit(record, durable=False)
         done = [o for o in outcomes if o is not None]
         return self._count(done, messages)
 
     async def _deliver_first(
-        self, records: list[StoredMessage], positions: list[int], outcomes: list[Outcome | None]
+        self,
+        records: list[StoredMessage],
+        positions: list[int],
+        outcomes: list[Outcome | None],
+        messages: Sequence[Message],
     ) -> tuple[list[StoredMessage], list[int]]:
         """deliveryFirst: push before storing; return what still has to be stored.
 
@@ -180,7 +216,9 @@ class Intake:
         for i, record, wait in zip(positions, records, waits, strict=True):
             flight = wait.result() if wait.done() else None
             if flight is not None and not flight.failed and not flight.parked:
-                outcomes[i] = Outcome(record.message_id, AckCode.OK, "delivered before storing")
+                outcomes[i] = Outcome(
+                    messages[i].message_id, AckCode.OK, "delivered before storing"
+                )
                 continue
             # not (fully) delivered, or still waiting: store it; its per-group state says
             # which groups acked (never delivered again) and which had an attempt
@@ -196,6 +234,7 @@ class Intake:
         records: list[StoredMessage],
         positions: list[int],
         outcomes: list[Outcome | None],
+        messages: Sequence[Message],
         origin: Connection | None,
     ) -> None:
         started = self._clock.monotonic()
@@ -204,14 +243,15 @@ class Intake:
         except StoreError as exc:
             logger.exception("store save failed for %d messages", len(records))
             code = code_for(exc)
-            for i, record in zip(positions, records, strict=True):
-                outcomes[i] = Outcome(record.message_id, code, str(exc))
+            for i in positions:
+                outcomes[i] = Outcome(messages[i].message_id, code, str(exc))
             return
         if self._metrics is not None:
             self._metrics.observe_store("save", self._clock.monotonic() - started, len(records))
         for i, record, result in zip(positions, records, results, strict=True):
+            sent_id = messages[i].message_id
             if result is Saved.STORED:
-                outcomes[i] = Outcome(record.message_id, AckCode.OK)
+                outcomes[i] = Outcome(sent_id, AckCode.OK)
                 self._history.record(
                     record.message_id,
                     record.publish_time,
@@ -225,9 +265,9 @@ class Intake:
                 elif not self._config.delivery_first and self._dispatcher.has_room:
                     self._dispatcher.submit(record)
             elif result is Saved.DUPLICATE:
-                outcomes[i] = Outcome(record.message_id, AckCode.OK, "duplicate: already stored")
+                outcomes[i] = Outcome(sent_id, AckCode.OK, "duplicate: already stored")
             else:
-                outcomes[i] = Outcome(record.message_id, code_for(result), str(result))
+                outcomes[i] = Outcome(sent_id, code_for(result), str(result))
 
     def _count(self, outcomes: list[Outcome], messages: Sequence[Message]) -> list[Outcome]:
         ok = sum(1 for o in outcomes if o.ok)

@@ -12,6 +12,10 @@ Checks are fire-and-forget frames and answers arrive as decisions, so a producer
 never answers or hangs its checker delays nothing else: every check goes out on time.
 Decisions are final: the store commits or rolls back only an uncommitted record, so a
 second or late decision (or a late UNKNOWN) changes nothing.
+
+A producer decides only what its own group published (``decide_for``): another group's
+id is refused and the message stays pending for its owner. Only an operator
+(``decide``) decides any message.
 """
 
 from __future__ import annotations
@@ -46,6 +50,20 @@ class TxStatus(enum.IntEnum):
     ROLLBACK = 2
 
 
+# the history's name for an applied decision
+_KINDS: Final = {TxStatus.COMMIT: "committed", TxStatus.ROLLBACK: "rolled_back"}
+
+
+class TxDecision(enum.Enum):
+    """What became of one producer decision (one TxAck item)."""
+
+    APPLIED = "applied"
+    # UNKNOWN, or nothing pending under this id (absent, or decided already: final)
+    IGNORED = "ignored"
+    # another group published the message; it stays pending for that group
+    DENIED = "denied"
+
+
 class TxManager:
     def __init__(
         self,
@@ -73,7 +91,8 @@ class TxManager:
         self._pending: dict[str, StoredMessage] = {}
         self._schedule: list[tuple[float, str]] = []
         self._publisher: dict[str, int] = {}
-        self._unresolved: set[str] = set()
+        # unresolved id -> publishing group (the record itself is not kept)
+        self._unresolved: dict[str, str] = {}
         self._wake = asyncio.Event()
         self.checks_sent = 0
         self.unanswered = 0
@@ -111,14 +130,47 @@ class TxManager:
 
     def _watch(self, record: StoredMessage) -> None:
         if record.deliver_count >= self._check_max:
-            self._unresolved.add(record.message_id)
+            self._unresolved[record.message_id] = record.message.group_id
             return
         self._pending[record.message_id] = record
         heapq.heappush(self._schedule, (record.next_deliver_time, record.message_id))
         self._wake.set()
 
+    async def decide_for(
+        self, group: str, message_id: str, status: TxStatus, source: str
+    ) -> TxDecision:
+        """Apply a decision of a producer of *group*, only on a message *group* published.
+
+        An id pending here under another group is refused (its owner still decides it);
+        an id not pending here is ignored without asking the store, so no decision can
+        reach a record that is being stored and not yet tracked.
+        """
+        owner = self._owner(message_id)
+        if owner is None:
+            # absent or decided already: history says so, as for an operator's decision
+            kind = "tx_unknown" if status is TxStatus.UNKNOWN else f"{_KINDS[status]}_ignored"
+            self._history.record(message_id, self._clock.now(), kind, detail=source)
+            return TxDecision.IGNORED
+        if owner != group:
+            self._history.record(
+                message_id, self._clock.now(), "tx_denied", detail=f"{source} of group {group}"
+            )
+            return TxDecision.DENIED
+        changed = await self.decide(message_id, status, source)
+        return TxDecision.APPLIED if changed else TxDecision.IGNORED
+
+    def _owner(self, message_id: str) -> str | None:
+        """The publishing group of an undecided message, None if none is pending here."""
+        record = self._pending.get(message_id)
+        if record is not None:
+            return record.message.group_id
+        return self._unresolved.get(message_id)
+
     async def decide(self, message_id: str, status: TxStatus, source: str) -> bool:
-        """Apply a producer's (or an operator's) decision; True if it changed anything."""
+        """Apply an operator's (or an owner's) decision; True if it changed anything.
+
+        Not scoped to a group: producers go through ``decide_for``.
+        """
         now = self._clock.now()
         if status is TxStatus.UNKNOWN:
             self._history.record(message_id, now, "tx_unknown", detail=source)
@@ -127,7 +179,7 @@ class TxManager:
             record = await self._store.commit(message_id)
         else:
             record = await self._store.rollback(message_id)
-        kind = "committed" if status is TxStatus.COMMIT else "rolled_back"
+        kind = _KINDS[status]
         if record is None:
             # absent, or decided already: decisions are final
             self._history.record(message_id, now, f"{kind}_ignored", detail=source)
@@ -148,7 +200,7 @@ class TxManager:
     def _forget(self, message_id: str) -> None:
         self._pending.pop(message_id, None)
         self._publisher.pop(message_id, None)
-        self._unresolved.discard(message_id)
+        self._unresolved.pop(message_id, None)
 
     async def run(self) -> None:
         while True:
@@ -183,7 +235,7 @@ class TxManager:
         if record.deliver_count >= self._check_max:
             del self._pending[message_id]
             self._publisher.pop(message_id, None)
-            self._unresolved.add(message_id)
+            self._unresolved[message_id] = record.message.group_id
             self._history.record(
                 message_id, now, "unresolved", detail=f"{record.deliver_count} checks unanswered"
             )

@@ -11,12 +11,19 @@ request line and headers, a deadline per connection and a cap on concurrent conn
 ``/healthz``    ``ok``
 ``/``           a self-contained page that shows ``/stat`` and ``/binds``, refreshed
 ==============  ==========================================================================
+
+With an admin secret, ``/stat``, ``/binds`` and ``/`` (they name clients, peers and groups)
+answer ``401`` unless the request carries it: ``Authorization: Bearer <secret>``, or Basic
+credentials whose password is the secret (what a browser asks for after the ``401``, and
+then sends with the page's own requests). ``/metrics`` and ``/healthz`` stay open for
+scrapers and probes. Each refused request is one line on the audit logger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -27,6 +34,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self
 from urllib.parse import urlsplit
 
+from kiteq.core.admin import audit, secret_matches
 from kiteq.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerMetrics
 
 __all__ = ["OpsServer", "StatsSource"]
@@ -40,6 +48,9 @@ DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_MAX_CONNECTIONS: Final = 64
 LINGER_SECONDS: Final = 1.0
 ALLOWED_METHODS: Final = ("GET", "HEAD")
+# paths that reveal clients, peers or messages: behind the admin secret when there is one
+PROTECTED_PATHS: Final = frozenset({"/", "/stat", "/binds"})
+_CHALLENGE: Final = 'Basic realm="kiteq admin", charset="UTF-8"'
 
 
 class StatsSource(Protocol):
@@ -157,6 +168,21 @@ _PAGE_CSP: Final = (
 _Response = tuple[HTTPStatus, str, bytes, dict[str, str]]
 
 
+def _credential(authorization: str) -> str | None:
+    """The secret in an ``Authorization`` value: a Bearer token or a Basic password."""
+    scheme, _, value = authorization.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return value.strip()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
+    return None
+
+
 class OpsServer:
     """Serves ``/metrics``, ``/stat``, ``/binds``, ``/healthz`` and ``/`` over HTTP/1.1.
 
@@ -167,6 +193,7 @@ class OpsServer:
         source: Provides the ``/stat`` and ``/binds`` documents.
         timeout: Seconds a client has to send its request and read the response.
         max_connections: Connections served at once; more get ``503``.
+        admin_secret: When set, ``/stat``, ``/binds`` and ``/`` require it (see above).
     """
 
     def __init__(
@@ -178,7 +205,9 @@ class OpsServer:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        admin_secret: str = "",
     ) -> None:
+        self._admin_secret = admin_secret
         self._host = host
         self._requested_port = port
         self._metrics = metrics
@@ -290,14 +319,33 @@ class OpsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = False
         try:
-            method, path = await self._read_request(reader)
+            method, path, authorization = await self._read_request(reader)
             head = method == "HEAD"
-            response = self._route(method, path)
+            response = self._authorize(path, authorization, writer) or self._route(method, path)
         except _HTTPError as exc:
             response = self._error(exc.status, exc.detail)
         await self._send(writer, response, head=head)
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str]:
+    def _authorize(
+        self, path: str, authorization: str | None, writer: asyncio.StreamWriter
+    ) -> _Response | None:
+        """None when the request may go on, else the ``401`` answer."""
+        if not self._admin_secret or path not in PROTECTED_PATHS:
+            return None
+        given = _credential(authorization) if authorization is not None else None
+        if given and secret_matches(given, self._admin_secret):
+            return None
+        peer = writer.get_extra_info("peername")
+        audit.warning(
+            "admin auth failed peer=%s path=%s reason=%s",
+            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else peer,
+            path,
+            "wrong secret" if given else "no secret",
+        )
+        status, ctype, body, headers = self._error(HTTPStatus.UNAUTHORIZED, "admin secret required")
+        return status, ctype, body, {**headers, "WWW-Authenticate": _CHALLENGE}
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str, str | None]:
         line = await self._read_line(reader, HTTPStatus.REQUEST_URI_TOO_LONG)
         parts = line.split(" ")
         if len(parts) != 3 or not all(parts):
@@ -308,6 +356,7 @@ class OpsServer:
                 raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line")
         total = len(line)
+        authorization: str | None = None
         for _ in range(MAX_HEADERS + 1):
             header = await self._read_line(reader, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
             if not header:
@@ -315,9 +364,11 @@ class OpsServer:
             total += len(header)
             if total > MAX_HEADER_BYTES:
                 raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-            name, sep, _value = header.partition(":")
+            name, sep, value = header.partition(":")
             if not sep or not name or name != name.strip() or " " in name:
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header")
+            if name.lower() == "authorization":
+                authorization = value
         else:
             raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
         if target.startswith("/"):
@@ -326,7 +377,7 @@ class OpsServer:
             path = urlsplit(target).path or "/"
         else:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "bad request target")
-        return method, path
+        return method, path, authorization
 
     @staticmethod
     async def _read_line(reader: asyncio.StreamReader, too_long: HTTPStatus) -> str:

@@ -33,9 +33,11 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from kiteq.core.limits import is_name
 
 __all__ = [
+    "BINDING_REFUSAL_REASONS",
     "CONNECTION_ROLES",
     "CONTENT_TYPE",
     "DELIVERY_RESULTS",
+    "FRAME_REJECT_REASONS",
     "INVALID_LABEL",
     "NO_GROUP_LABEL",
     "OTHER_LABEL",
@@ -64,8 +66,25 @@ REJECT_REASONS: Final = frozenset(
         "store_unavailable",
         "not_serving",
         "unauthenticated",
+        "permission_denied",
     }
 )
+# Client input refused before it reaches a message: whole frames (undecodable, not allowed
+# at that point, a bad open, a wrong secret) and items of a frame (acks naming no delivery
+# of the session, TxAck items with a bad id or status or for another group's message).
+FRAME_REJECT_REASONS: Final = frozenset(
+    {
+        "undecodable",
+        "unexpected",
+        "invalid_open",
+        "unauthenticated",
+        "stray_ack",
+        "invalid_tx",
+        "denied_tx",
+    }
+)
+# why a group's bindings were refused (kiteq.binding.match.RefusalReason)
+BINDING_REFUSAL_REASONS: Final = frozenset({"permission", "limit"})
 DELIVERY_RESULTS: Final = frozenset({"ack", "nack", "timeout", "disconnected"})
 CONNECTION_ROLES: Final = frozenset({"producer", "consumer"})
 
@@ -180,6 +199,18 @@ class BrokerMetrics:
             ["topic", "reason"],
             registry=reg,
         )
+        self._rejected_frames = Counter(
+            "kiteq_rejected_frames_total",
+            "Client frames (or items of one) refused before any message, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self._bindings_refused = Counter(
+            "kiteq_bindings_refused_total",
+            "Binding declarations or registry nodes refused, by reason (acl or limits).",
+            ["reason"],
+            registry=reg,
+        )
         self._delivered = Counter(
             "kiteq_messages_delivered_total",
             "Delivery attempts to a consumer group, by outcome.",
@@ -238,6 +269,10 @@ class BrokerMetrics:
         # Zero series for the fixed label sets so rate() and dashboards see them at once.
         for role in sorted(CONNECTION_ROLES):
             self._connections.labels(role).set(0)
+        for reason in sorted(FRAME_REJECT_REASONS):
+            self._rejected_frames.labels(reason)
+        for reason in sorted(BINDING_REFUSAL_REASONS):
+            self._bindings_refused.labels(reason)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -252,6 +287,17 @@ class BrokerMetrics:
         """Count *n* messages refused; *reason* is one of ``REJECT_REASONS``."""
         reason = _check("reject reason", reason, REJECT_REASONS)
         self._rejected.labels(self._topic(topic), reason).inc(n)
+
+    def bindings_refused(self, reason: str) -> None:
+        """Count one refused binding list; *reason* is in ``BINDING_REFUSAL_REASONS``."""
+        reason = _check("binding refusal reason", reason, BINDING_REFUSAL_REASONS)
+        self._bindings_refused.labels(reason).inc()
+
+    def rejected_frames(self, reason: str, n: int = 1) -> None:
+        """Count *n* refused client frames or items; *reason* is in ``FRAME_REJECT_REASONS``."""
+        self._rejected_frames.labels(
+            _check("frame reject reason", reason, FRAME_REJECT_REASONS)
+        ).inc(n)
 
     def delivered(self, topic: str, group: str, result: str, n: int = 1) -> None:
         """Count *n* delivery outcomes; *result* is one of ``DELIVERY_RESULTS``."""

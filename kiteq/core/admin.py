@@ -1,0 +1,35 @@
+"""Admin authentication shared by the gRPC admin service and the ops HTTP pages.
+
+One check (``secret_matches``) and one audit logger (``kiteq.audit``): every admin
+mutation and every failed admin authentication is one line there, with the peer, so an
+operator can route that logger to its own file or alerting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Final
+
+__all__ = ["ADMIN_SECRET_ENV", "AUDIT_LOGGER", "audit", "secret_matches"]
+
+AUDIT_LOGGER: Final = "kiteq.audit"
+# read by the kiteq and kiteq-admin commands (not at import): keeps the secret out of ps
+ADMIN_SECRET_ENV: Final = "KITEQ_ADMIN_SECRET"  # noqa: S105 - a variable name
+
+audit: Final = logging.getLogger(AUDIT_LOGGER)
+
+
+def secret_matches(given: str | bytes, expected: str) -> bool:
+    """Constant-time check of *given* against *expected* (a non-empty secret).
+
+    Both sides are hashed first, so the time taken does not depend on where they differ
+    nor on their lengths.
+    """
+    if not expected:
+        return False
+    raw = given.encode() if isinstance(given, str) else given
+    return hmac.compare_digest(
+        hashlib.sha256(raw).digest(), hashlib.sha256(expected.encode()).digest()
+    )
