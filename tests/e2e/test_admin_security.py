@@ -282,7 +282,7 @@ def test_admin_mutations_are_audit_logged_with_peer_and_filter(
         rf"kiteq\.audit admin redrive {peer} filter=topic:trade,type:\*,group:\*,reason:expired "
         r"redriven=0",
     )
-    wait_for_line(broker, rf"kiteq\.audit admin redrive {peer} ids=1 redriven=0")
+    wait_for_line(broker, rf"kiteq\.audit admin redrive {peer} ids=1 group=\* redriven=0")
     assert len(audit_lines(broker, "admin ")) == 4
     assert audit_lines(broker, "auth failed") == []
 
