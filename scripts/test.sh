@@ -9,7 +9,7 @@
 #   mariadb-server  for the MySQL store tests: started when 127.0.0.1:3306 does not answer,
 #               and root may then log in over TCP without a password (as on the dev image).
 #               KITEQ_TEST_MYSQL=mysql://user:pw@host:port points the tests elsewhere instead.
-# Python: the project with its server extra, editable, plus the "dev" dependency group.
+# Python: the project with its server and bench extras, editable, plus the "dev" dependency group.
 # Checks: protobuf freshness, ruff format, ruff lint, mypy (strict), pytest.
 # pytest collecting no test (exit code 5) fails the run. Under CI=true a test whose
 # component is missing fails instead of skipping (tests/_servers/__init__.py).
@@ -118,7 +118,7 @@ python_packages() {
     if [[ $help != *--group* ]]; then
         "$PYTHON" -m pip install -q --root-user-action=ignore --upgrade 'pip>=25.1'
     fi
-    "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[server]" --group dev
+    "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[server,bench]" --group dev
 }
 
 run_pytest() {

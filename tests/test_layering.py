@@ -46,6 +46,8 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     "kiteq.ops.http": frozenset({"kiteq.core", "kiteq.ops", "kiteq.ops.metrics"}),
     "kiteq.broker": _BASE | _MIDDLE | {"kiteq.handler", "kiteq.ops.http"},
     "kiteq.client": frozenset({"kiteq.core", "kiteq.proto", "kiteq.binding"}),
+    # load generator: drives clients, starts brokers as processes (never imports them)
+    "kiteq.bench": frozenset({"kiteq.core", "kiteq.client"}),
     "kiteq.__main__": frozenset({"kiteq.broker"}),  # python -m kiteq
 }
 _PACKAGE_ONLY: Final = frozenset({"kiteq.ops"})  # components that are a bare __init__

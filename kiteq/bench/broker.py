@@ -1,0 +1,179 @@
+"""A broker process of the bench's own: a temporary cluster on a free loopback port.
+
+``kiteq`` runs as ``python -m kiteq`` with a generated cluster file (embedded registry,
+any secret accepted) in a temporary directory that also holds the RocksDB files. A MySQL
+store gets fresh databases (``kqbench_<random>_<n>``, created by the broker with
+``autoCreate=true``) that are dropped when the broker stops.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from kiteq.bench.cpu import process_cpu
+from kiteq.core.errors import ConfigError, KiteQError
+
+__all__ = ["STORES", "OwnBroker", "store_url"]
+
+# store name -> (label, URL template); {dir} is the broker's temporary directory
+STORES: Final = {
+    "rocksdb": ("rocksdb fsync=batch", "rocksdb://{dir}/db?fsync=batch"),
+    "rocksdb-never": ("rocksdb fsync=never", "rocksdb://{dir}/db?fsync=never"),
+    "memory": ("memory", "memory://?maxcap=5000000"),
+    "mysql": ("mysql", "mysql://root@127.0.0.1:3306?shardnum=4"),
+}
+_LOG_LINES: Final = 60
+
+
+def store_url(store: str, directory: Path) -> tuple[str, str]:
+    """(label, db URL) for *store*: a name of ``STORES`` or a store URL.
+
+    A ``mysql://`` URL gets a fresh ``db=`` prefix and ``autoCreate=true``.
+
+    Raises:
+        ConfigError: *store* is neither.
+    """
+    if store in STORES:
+        label, template = STORES[store]
+        url = template.format(dir=directory)
+    elif "://" in store:
+        label, url = store.split("://", 1)[0], store
+    else:
+        raise ConfigError(f"unknown store {store!r}: one of {', '.join(STORES)} or a store URL")
+    if url.startswith("mysql://"):
+        separator = "&" if "?" in url else "?"
+        url = f"{url}{separator}db=kqbench_{secrets.token_hex(6)}&autoCreate=true"
+    return label, url
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnBroker:
+    """A ``kiteq`` process on 127.0.0.1 and a free port; a context manager."""
+
+    def __init__(self, store: str, *, extra_config: str = "") -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="kiteq-bench-")
+        directory = Path(self._tmp.name)
+        self.store_label, self.db = store_url(store, directory)
+        self.port = _free_port()
+        self.output: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
+        config = directory / "cluster.toml"
+        config.write_text(
+            "[registry.local]\n"
+            'hosts = "embedded://"\n'
+            "[clusters.bench]\n"
+            'env = "local"\n'
+            f'db = "{self.db}"\n'
+            "acceptAnySecret = true\n"
+            # a delivery waits in the consumer's queue under load: no retry storm from that
+            "deliverySeconds = 30\n"
+            f"{extra_config}"
+        )
+        self._argv = [
+            sys.executable,
+            "-m",
+            "kiteq",
+            "-clusterName=bench",
+            f"-configPath={config}",
+            f"-bind=127.0.0.1:{self.port}",
+            "-logLevel=WARNING",
+            "-grace=5",
+        ]
+        self._cwd = directory
+        self._proc: subprocess.Popen[str] | None = None
+        self._pump: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise KiteQError("the bench broker has not been started")
+        return self._proc.pid
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu(self.pid)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the broker and wait for its ready line.
+
+        Raises:
+            KiteQError: It exited or did not get ready within *timeout*.
+        """
+        ready = threading.Event()
+        self._proc = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
+            self._argv,
+            cwd=self._cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        stream = self._proc.stdout
+
+        def pump() -> None:
+            if stream is None:  # never: stdout=PIPE
+                return
+            with stream:
+                for line in stream:
+                    self.output.append(line.rstrip())
+                    if line.startswith("kiteq ready"):
+                        ready.set()
+
+        self._pump = threading.Thread(target=pump, name="bench-broker-log", daemon=True)
+        self._pump.start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise KiteQError("broker did not start:\n" + "\n".join(self.output))
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s; drop its MySQL databases; remove its files."""
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGTERM)
+                try:
+                    self._proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait(10)
+            if self._pump is not None:
+                self._pump.join(10)
+            if self.db.startswith("mysql://"):
+                from kiteq.bench._mysql import drop_databases  # the server extra's PyMySQL
+
+                drop_databases(self.db)
+        finally:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
