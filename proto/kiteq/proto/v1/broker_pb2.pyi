@@ -5,6 +5,9 @@ KiteQ for Python: the broker's client-facing service.
 
 Batching is part of the contract: every frame carries a batch. A Python gRPC frame costs
 100-300 us, a message inside a batch about 1 us.
+
+proto/PROTOCOL.md is the protocol's written rules (session states, limits, codes,
+ZooKeeper nodes); these comments agree with it.
 """
 
 from collections import abc as _abc
@@ -41,6 +44,38 @@ TX_STATUS_COMMIT: TxStatus.ValueType  # 1
 TX_STATUS_ROLLBACK: TxStatus.ValueType  # 2
 Global___TxStatus: _TypeAlias = TxStatus  # noqa: Y015
 
+class _StoreDisposition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StoreDispositionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StoreDisposition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STORE_DISPOSITION_UNSPECIFIED: _StoreDisposition.ValueType  # 0
+    """Refused: see code and feedback."""
+    STORE_DISPOSITION_STORED: _StoreDisposition.ValueType  # 1
+    """Durable in the broker's store (an uncommitted message: stored, awaiting a decision)."""
+    STORE_DISPOSITION_DUPLICATE: _StoreDisposition.ValueType  # 2
+    """The id was stored before (a resend); nothing new was stored, the first copy counts."""
+    STORE_DISPOSITION_DELIVERED: _StoreDisposition.ValueType  # 3
+    """deliveryFirst: every bound group acknowledged it before it was stored; never stored."""
+    STORE_DISPOSITION_FLY: _StoreDisposition.ValueType  # 4
+    """A fly message: accepted for best-effort delivery, not stored."""
+
+class StoreDisposition(_StoreDisposition, metaclass=_StoreDispositionEnumTypeWrapper):
+    """How the broker took a message it accepted (StoreAck.code OK)."""
+
+STORE_DISPOSITION_UNSPECIFIED: StoreDisposition.ValueType  # 0
+"""Refused: see code and feedback."""
+STORE_DISPOSITION_STORED: StoreDisposition.ValueType  # 1
+"""Durable in the broker's store (an uncommitted message: stored, awaiting a decision)."""
+STORE_DISPOSITION_DUPLICATE: StoreDisposition.ValueType  # 2
+"""The id was stored before (a resend); nothing new was stored, the first copy counts."""
+STORE_DISPOSITION_DELIVERED: StoreDisposition.ValueType  # 3
+"""deliveryFirst: every bound group acknowledged it before it was stored; never stored."""
+STORE_DISPOSITION_FLY: StoreDisposition.ValueType  # 4
+"""A fly message: accepted for best-effort delivery, not stored."""
+Global___StoreDisposition: _TypeAlias = StoreDisposition  # noqa: Y015
+
 @_typing.final
 class Open(_message.Message):
     """KiteQ's ConnMeta, plus what the connection consumes."""
@@ -54,6 +89,7 @@ class Open(_message.Message):
     BINDINGS_FIELD_NUMBER: _builtins.int
     MAXINFLIGHT_FIELD_NUMBER: _builtins.int
     PROTOCOLVERSION_FIELD_NUMBER: _builtins.int
+    MAXRECEIVEBYTES_FIELD_NUMBER: _builtins.int
     groupId: _builtins.str
     secretKey: _builtins.str
     warmingupSec: _builtins.int
@@ -61,13 +97,27 @@ class Open(_message.Message):
     clientId: _builtins.str
     """Free-form client instance name (host, pid) for logs and stats."""
     maxInFlight: _builtins.int
-    """Maximum unacknowledged deliveries on this connection; 0 = does not consume."""
+    """Maximum unacknowledged deliveries on this connection. 0 without bindings: the session
+    does not consume (a producer). 0 with bindings: 1000. Values above 10,000: 10,000.
+    The value granted is announced in Opened.maxInFlight.
+    """
     protocolVersion: _builtins.int
-    """The protocol revision the client speaks (currently 1)."""
+    """The protocol revision the client speaks: must be 1 (anything else, 0 included, ends
+    the call with INVALID_ARGUMENT naming the versions this broker speaks).
+    """
+    maxReceiveBytes: _builtins.int
+    """The largest frame the client's gRPC receives (its max receive message length).
+    0: gRPC's default, 4 MiB (4194304). Below 1 MiB: 1 MiB; above Opened.maxFrameBytes:
+    that. The broker never sends a larger frame: delivery batches are split, and a
+    message too large for one frame is sent as a Delivery with bodyBytes set followed by
+    BodyPart frames.
+    """
     @_builtins.property
     def bindings(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Binding]:
-        """Bindings this connection consumes. With the embedded registry they are declared here;
-        with file:// or zk:// registries the registry is authoritative and these are ignored.
+        """Bindings this connection consumes (groupId is set to the session's group). With the
+        embedded registry they are declared here; with zk:// the broker writes them to the
+        group's /kiteq/sub/{topic}/{group}-bind node (replacing that node whole) and applies
+        them; with file:// the file's bindings are the only ones and these must be empty.
         """
 
     def __init__(
@@ -80,10 +130,11 @@ class Open(_message.Message):
         bindings: _abc.Iterable[_common_pb2.Binding] | None = ...,
         maxInFlight: _builtins.int = ...,
         protocolVersion: _builtins.int = ...,
+        maxReceiveBytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bindings", b"bindings", "clientId", b"clientId", "groupId", b"groupId", "maxInFlight", b"maxInFlight", "protocolVersion", b"protocolVersion", "secretKey", b"secretKey", "warmingupSec", b"warmingupSec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bindings", b"bindings", "clientId", b"clientId", "groupId", b"groupId", "maxInFlight", b"maxInFlight", "maxReceiveBytes", b"maxReceiveBytes", "protocolVersion", b"protocolVersion", "secretKey", b"secretKey", "warmingupSec", b"warmingupSec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -111,6 +162,10 @@ Global___PublishBatch: _TypeAlias = PublishBatch  # noqa: Y015
 
 @_typing.final
 class DeliverAck(_message.Message):
+    """A consumer's answer to a delivery. It settles the delivery only on the session that
+    received it (acks naming anything else are dropped and counted, never answered).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGEID_FIELD_NUMBER: _builtins.int
@@ -118,7 +173,7 @@ class DeliverAck(_message.Message):
     FEEDBACK_FIELD_NUMBER: _builtins.int
     messageId: _builtins.str
     status: _builtins.bool
-    """true: processed; false: failed, redeliver."""
+    """true: processed; false: failed, redeliver (attempt + 1, after the group's backoff)."""
     feedback: _builtins.str
     def __init__(
         self,
@@ -157,7 +212,11 @@ Global___DeliverAckBatch: _TypeAlias = DeliverAckBatch  # noqa: Y015
 
 @_typing.final
 class TxAck(_message.Message):
-    """A producer's decision on an uncommitted message, or its answer to a check."""
+    """A producer's decision on an uncommitted message, or its answer to a TxCheck. Only the
+    group that published the message may decide it (else a failed StoreAck with
+    PERMISSION_DENIED names the id). COMMIT and ROLLBACK are final; UNKNOWN leaves the
+    message to the next check. Nothing answers an accepted decision.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -167,8 +226,10 @@ class TxAck(_message.Message):
     FEEDBACK_FIELD_NUMBER: _builtins.int
     messageId: _builtins.str
     topic: _builtins.str
+    """The message's topic, as in its header (informational: the broker looks ids up)."""
     status: Global___TxStatus.ValueType
     feedback: _builtins.str
+    """Free text for logs and the message's history."""
     def __init__(
         self,
         *,
@@ -241,6 +302,8 @@ Global___ClientFrame: _TypeAlias = ClientFrame  # noqa: Y015
 
 @_typing.final
 class Opened(_message.Message):
+    """The broker's answer to `open`: its limits and its keepalive policy."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BROKER_FIELD_NUMBER: _builtins.int
@@ -248,13 +311,52 @@ class Opened(_message.Message):
     MAXBATCHMESSAGES_FIELD_NUMBER: _builtins.int
     MAXBATCHBYTES_FIELD_NUMBER: _builtins.int
     MAXBODYBYTES_FIELD_NUMBER: _builtins.int
+    MAXFRAMEBYTES_FIELD_NUMBER: _builtins.int
+    SENDFRAMEBYTES_FIELD_NUMBER: _builtins.int
+    MAXPROPERTIES_FIELD_NUMBER: _builtins.int
+    MAXPROPERTYKEYBYTES_FIELD_NUMBER: _builtins.int
+    MAXPROPERTYVALUEBYTES_FIELD_NUMBER: _builtins.int
+    MAXINFLIGHT_FIELD_NUMBER: _builtins.int
+    KEEPALIVETIMEMS_FIELD_NUMBER: _builtins.int
+    KEEPALIVETIMEOUTMS_FIELD_NUMBER: _builtins.int
+    MINPINGINTERVALMS_FIELD_NUMBER: _builtins.int
+    MAXPINGSTRIKES_FIELD_NUMBER: _builtins.int
+    DELIVERYSECONDS_FIELD_NUMBER: _builtins.int
     broker: _builtins.str
     """The broker's advertised address (host:port)."""
     protocolVersion: _builtins.int
     maxBatchMessages: _builtins.int
-    """Limits the client should batch under."""
+    """At most this many messages per publish batch (more: every message refused)."""
     maxBatchBytes: _builtins.int
+    """The bodies of one publish batch add up to at most this; messages past it are refused
+    one by one with ERROR_CODE_BATCH_TOO_LARGE (retriable in a later batch).
+    """
     maxBodyBytes: _builtins.int
+    """A larger body is refused with ERROR_CODE_TOO_LARGE."""
+    maxFrameBytes: _builtins.int
+    """The largest frame the broker receives; a larger one ends the call with
+    RESOURCE_EXHAUSTED and every ack still pending on it is lost.
+    """
+    sendFrameBytes: _builtins.int
+    """The largest frame the broker sends on this session (Open.maxReceiveBytes as granted)."""
+    maxProperties: _builtins.int
+    """Properties per message, bytes of a key, bytes of a value."""
+    maxPropertyKeyBytes: _builtins.int
+    maxPropertyValueBytes: _builtins.int
+    maxInFlight: _builtins.int
+    """Unacknowledged deliveries granted to this session (0: it does not consume)."""
+    keepaliveTimeMs: _builtins.int
+    """The broker pings an idle connection this often and drops it when the ping is not
+    answered within keepaliveTimeMs.
+    """
+    keepaliveTimeoutMs: _builtins.int
+    minPingIntervalMs: _builtins.int
+    """Client pings closer together than this (without data in between) are strikes; after
+    maxPingStrikes the broker ends the connection (GOAWAY "too_many_pings").
+    """
+    maxPingStrikes: _builtins.int
+    deliverySeconds: _builtins.int
+    """A delivery not acknowledged within this many seconds is redelivered (attempt + 1)."""
     def __init__(
         self,
         *,
@@ -263,10 +365,21 @@ class Opened(_message.Message):
         maxBatchMessages: _builtins.int = ...,
         maxBatchBytes: _builtins.int = ...,
         maxBodyBytes: _builtins.int = ...,
+        maxFrameBytes: _builtins.int = ...,
+        sendFrameBytes: _builtins.int = ...,
+        maxProperties: _builtins.int = ...,
+        maxPropertyKeyBytes: _builtins.int = ...,
+        maxPropertyValueBytes: _builtins.int = ...,
+        maxInFlight: _builtins.int = ...,
+        keepaliveTimeMs: _builtins.int = ...,
+        keepaliveTimeoutMs: _builtins.int = ...,
+        minPingIntervalMs: _builtins.int = ...,
+        maxPingStrikes: _builtins.int = ...,
+        deliverySeconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker", b"broker", "maxBatchBytes", b"maxBatchBytes", "maxBatchMessages", b"maxBatchMessages", "maxBodyBytes", b"maxBodyBytes", "protocolVersion", b"protocolVersion"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker", b"broker", "deliverySeconds", b"deliverySeconds", "keepaliveTimeMs", b"keepaliveTimeMs", "keepaliveTimeoutMs", b"keepaliveTimeoutMs", "maxBatchBytes", b"maxBatchBytes", "maxBatchMessages", b"maxBatchMessages", "maxBodyBytes", b"maxBodyBytes", "maxFrameBytes", b"maxFrameBytes", "maxInFlight", b"maxInFlight", "maxPingStrikes", b"maxPingStrikes", "maxProperties", b"maxProperties", "maxPropertyKeyBytes", b"maxPropertyKeyBytes", "maxPropertyValueBytes", b"maxPropertyValueBytes", "minPingIntervalMs", b"minPingIntervalMs", "protocolVersion", b"protocolVersion", "sendFrameBytes", b"sendFrameBytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,7 +387,10 @@ Global___Opened: _TypeAlias = Opened  # noqa: Y015
 
 @_typing.final
 class StoreAck(_message.Message):
-    """KiteQ's MessageStoreAck, with a machine-readable code."""
+    """KiteQ's MessageStoreAck, with a machine-readable code. The acks of one publish frame
+    may arrive in any order, mixed with other frames' acks and split over several
+    StoreAckBatch frames: match them by messageId (as sent, or in canonical lowercase).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -282,10 +398,14 @@ class StoreAck(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    DISPOSITION_FIELD_NUMBER: _builtins.int
     messageId: _builtins.str
     status: _builtins.bool
+    """true exactly when code is ERROR_CODE_OK."""
     feedback: _builtins.str
+    """Human-readable; never parse it (disposition and code say what happened)."""
     code: _common_pb2.ErrorCode.ValueType
+    disposition: Global___StoreDisposition.ValueType
     def __init__(
         self,
         *,
@@ -293,10 +413,11 @@ class StoreAck(_message.Message):
         status: _builtins.bool = ...,
         feedback: _builtins.str = ...,
         code: _common_pb2.ErrorCode.ValueType = ...,
+        disposition: Global___StoreDisposition.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "feedback", b"feedback", "messageId", b"messageId", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "disposition", b"disposition", "feedback", b"feedback", "messageId", b"messageId", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,8 +449,15 @@ class Delivery(_message.Message):
 
     MESSAGE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    BODYBYTES_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
-    """1 for the first delivery of the message, then 2, 3, ..."""
+    """1 for the first delivery of the message to this group, then 2, 3, ..."""
+    bodyBytes: _builtins.int
+    """0: message.body is the whole body. Otherwise the message did not fit in a frame under
+    the session's sendFrameBytes: this is the body's full length, message.body its first
+    part, and BodyPart frames with the rest follow this frame at once (no other frame in
+    between). Such a Delivery is alone in its DeliveryBatch.
+    """
     @_builtins.property
     def message(self) -> _common_pb2.Message: ...
     def __init__(
@@ -337,14 +465,39 @@ class Delivery(_message.Message):
         *,
         message: _common_pb2.Message | None = ...,
         attempt: _builtins.int = ...,
+        bodyBytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bodyBytes", b"bodyBytes", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
+
+@_typing.final
+class BodyPart(_message.Message):
+    """The next part of the body of the Delivery before it (see Delivery.bodyBytes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGEID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    messageId: _builtins.str
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        messageId: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "messageId", b"messageId"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BodyPart: _TypeAlias = BodyPart  # noqa: Y015
 
 @_typing.final
 class DeliveryBatch(_message.Message):
@@ -368,13 +521,17 @@ Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
 
 @_typing.final
 class TxCheck(_message.Message):
-    """The broker asks the publishing group to decide an uncommitted message."""
+    """The broker asks the publishing group to decide an uncommitted message: answer with a
+    TxAck (COMMIT, ROLLBACK or UNKNOWN). Sent to the session that published it, else to a
+    session of its group (a producer one first); the body is not included.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHECK_FIELD_NUMBER: _builtins.int
     check: _builtins.int
+    """1 for the first check of the message, then 2, 3, ... up to the broker's maximum."""
     @_builtins.property
     def header(self) -> _common_pb2.Header: ...
     def __init__(
@@ -419,6 +576,7 @@ class ServerFrame(_message.Message):
     STOREACKS_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    BODYPART_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___Opened: ...
     @_builtins.property
@@ -427,6 +585,8 @@ class ServerFrame(_message.Message):
     def deliveries(self) -> Global___DeliveryBatch: ...
     @_builtins.property
     def checks(self) -> Global___TxCheckBatch: ...
+    @_builtins.property
+    def bodyPart(self) -> Global___BodyPart: ...
     def __init__(
         self,
         *,
@@ -434,12 +594,13 @@ class ServerFrame(_message.Message):
         storeAcks: Global___StoreAckBatch | None = ...,
         deliveries: Global___DeliveryBatch | None = ...,
         checks: Global___TxCheckBatch | None = ...,
+        bodyPart: Global___BodyPart | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "deliveries", b"deliveries", "kind", b"kind", "opened", b"opened", "storeAcks", b"storeAcks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bodyPart", b"bodyPart", "checks", b"checks", "deliveries", b"deliveries", "kind", b"kind", "opened", b"opened", "storeAcks", b"storeAcks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "deliveries", b"deliveries", "kind", b"kind", "opened", b"opened", "storeAcks", b"storeAcks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodyPart", b"bodyPart", "checks", b"checks", "deliveries", b"deliveries", "kind", b"kind", "opened", b"opened", "storeAcks", b"storeAcks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "storeAcks", "deliveries", "checks"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "storeAcks", "deliveries", "checks", "bodyPart"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -447,6 +608,8 @@ Global___ServerFrame: _TypeAlias = ServerFrame  # noqa: Y015
 
 @_typing.final
 class PublishRequest(_message.Message):
+    """Publish without a session: the same checks and store-acks as a session's publish frame."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GROUPID_FIELD_NUMBER: _builtins.int

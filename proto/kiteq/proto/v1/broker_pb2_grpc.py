@@ -51,7 +51,9 @@ class BrokerServicer:
 
     def Session(self, request_iterator, context):
         """The long-lived connection of one client (KiteQ's TCP connection). The first client
-        frame must be `open`; a wrong secret ends the call with UNAUTHENTICATED.
+        frame must be `open` and the only one: a wrong secret ends the call with
+        UNAUTHENTICATED; a bad group, binding or protocolVersion, a second `open` or an
+        undecodable frame with INVALID_ARGUMENT; bindings the acl refuses with PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

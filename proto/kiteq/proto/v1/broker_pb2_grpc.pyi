@@ -5,6 +5,9 @@ KiteQ for Python: the broker's client-facing service.
 
 Batching is part of the contract: every frame carries a batch. A Python gRPC frame costs
 100-300 us, a message inside a batch about 1 us.
+
+proto/PROTOCOL.md is the protocol's written rules (session states, limits, codes,
+ZooKeeper nodes); these comments agree with it.
 """
 
 from collections import abc as _abc
@@ -37,7 +40,9 @@ class BrokerStub:
     def __new__(cls, channel: _aio.Channel) -> BrokerAsyncStub: ...
     Session: _grpc.StreamStreamMultiCallable[_broker_pb2.ClientFrame, _broker_pb2.ServerFrame]
     """The long-lived connection of one client (KiteQ's TCP connection). The first client
-    frame must be `open`; a wrong secret ends the call with UNAUTHENTICATED.
+    frame must be `open` and the only one: a wrong secret ends the call with
+    UNAUTHENTICATED; a bad group, binding or protocolVersion, a second `open` or an
+    undecodable frame with INVALID_ARGUMENT; bindings the acl refuses with PERMISSION_DENIED.
     """
     Publish: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PublishRequest, _broker_pb2.PublishResponse]
     """Publish a batch without a session (simple clients, other languages)."""
@@ -47,7 +52,9 @@ class BrokerAsyncStub(BrokerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Session: _aio.StreamStreamMultiCallable[_broker_pb2.ClientFrame, _broker_pb2.ServerFrame]  # type: ignore[assignment]
     """The long-lived connection of one client (KiteQ's TCP connection). The first client
-    frame must be `open`; a wrong secret ends the call with UNAUTHENTICATED.
+    frame must be `open` and the only one: a wrong secret ends the call with
+    UNAUTHENTICATED; a bad group, binding or protocolVersion, a second `open` or an
+    undecodable frame with INVALID_ARGUMENT; bindings the acl refuses with PERMISSION_DENIED.
     """
     Publish: _aio.UnaryUnaryMultiCallable[_broker_pb2.PublishRequest, _broker_pb2.PublishResponse]  # type: ignore[assignment]
     """Publish a batch without a session (simple clients, other languages)."""
@@ -60,7 +67,9 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.ServerFrame], _abc.AsyncIterator[_broker_pb2.ServerFrame]]:
         """The long-lived connection of one client (KiteQ's TCP connection). The first client
-        frame must be `open`; a wrong secret ends the call with UNAUTHENTICATED.
+        frame must be `open` and the only one: a wrong secret ends the call with
+        UNAUTHENTICATED; a bad group, binding or protocolVersion, a second `open` or an
+        undecodable frame with INVALID_ARGUMENT; bindings the acl refuses with PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

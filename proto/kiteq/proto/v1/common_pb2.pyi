@@ -65,6 +65,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """The session's group may not do this: publish to the topic (acl), publish for another
     group, decide a transaction another group published, or bind the topic.
     """
+    ERROR_CODE_BATCH_TOO_LARGE: _ErrorCode.ValueType  # 11
+    """retriable: the bodies of the publish batch so far exceeded Opened.maxBatchBytes; send
+    the message again in a later batch.
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Why a message was refused. Codes marked retriable may succeed if the same message
@@ -88,6 +92,10 @@ ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 9
 ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 10
 """The session's group may not do this: publish to the topic (acl), publish for another
 group, decide a transaction another group published, or bind the topic.
+"""
+ERROR_CODE_BATCH_TOO_LARGE: ErrorCode.ValueType  # 11
+"""retriable: the bodies of the publish batch so far exceeded Opened.maxBatchBytes; send
+the message again in a later batch.
 """
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
@@ -137,15 +145,21 @@ class Header(_message.Message):
     deliverLimit: _builtins.int
     """Maximum delivery attempts. <= 0 or > 100: 100."""
     groupId: _builtins.str
-    """The publishing group (set by the client library to its own group)."""
+    """The publishing group. Empty: the broker sets the session's (or PublishRequest's)
+    group; another group's name: refused with ERROR_CODE_PERMISSION_DENIED.
+    """
     commit: _builtins.bool
-    """false: a transactional (half) message, stored but not delivered until committed."""
+    """Set it to true for a plain message. false (proto3's default): a transactional (half)
+    message, stored and acked OK, never delivered until the publishing group commits it.
+    """
     fly: _builtins.bool
     """true: not stored, best-effort delivery; must be committed."""
     createTime: _builtins.int
     """Unix seconds; 0: the broker sets it on arrival."""
     snappy: _builtins.bool
-    """The body is snappy-compressed by the client; the broker never looks at bodies."""
+    """Not part of this protocol (KiteQ's field number kept): nothing compresses bodies, and
+    a message with snappy = true is refused with ERROR_CODE_INVALID_ARGUMENT.
+    """
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
