@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("duration", type=float, default=0.0, help="seconds to send instead of a count")
     flag("rate", type=float, default=0.0, help="target msg/s in all, open loop (default: max)")
     flag("sync", action="store_true", help="each producer waits for every store-ack")
+    flag("window", type=int, default=1000, help="unacked sends per producer (default 1000)")
     flag("tx", type=float, default=0.0, help="transactional share 0..1, committed at once")
     flag(
         "store",
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             duration=options.duration,
             rate=options.rate,
             publish=Publish.SYNC if options.sync else Publish.PIPELINED,
+            window=options.window,
             tx_share=options.tx,
             topic=options.topic,
         )

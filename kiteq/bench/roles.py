@@ -71,6 +71,7 @@ def produce(target: str, spec: ChildSpec) -> None:
             **_where(target),
             group_id=PRODUCER_GROUP,
             secret_key=os.environ.get(SECRET_ENV, ""),
+            max_pending=workload.window,
         ) as producer,
         concurrent.futures.ThreadPoolExecutor(_TX_THREADS, "bench-tx") as tx_pool,
     ):

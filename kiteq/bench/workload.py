@@ -48,6 +48,9 @@ class Workload:
             from each message's scheduled time, so a stalled broker is not hidden);
             0 = as fast as each producer can.
         publish: Pipelined or synchronous sends.
+        window: Unacknowledged sends per pipelined producer (KiteQ's ``max_pending``, the
+            peers' unconfirmed publishes): equal for every system, so that latencies at the
+            maximum rate (the window's queueing time, by Little's law) compare.
         tx_share: Share of messages (0..1) sent as transactional and committed at once.
         topic: Topic (and queue, stream) name.
     """
@@ -59,6 +62,7 @@ class Workload:
     duration: float = 0.0
     rate: float = 0.0
     publish: Publish = Publish.PIPELINED
+    window: int = 1000
     tx_share: float = 0.0
     topic: str = "bench"
 
@@ -67,6 +71,8 @@ class Workload:
             raise ConfigError("producers must be >= 1 and consumers >= 0")
         if self.size < STAMP_BYTES:
             raise ConfigError(f"size must be >= {STAMP_BYTES} bytes (the stamp), got {self.size}")
+        if self.window < 1:
+            raise ConfigError(f"window must be >= 1, got {self.window}")
         if self.count < 0 or self.duration < 0 or self.rate < 0:
             raise ConfigError("count, duration and rate must be >= 0")
         if self.count == 0 and self.duration == 0:
@@ -108,21 +114,27 @@ def filler(size: int) -> bytes:
 class Pacer:
     """Intended send times of one producer: at once (no rate) or on an open-loop schedule.
 
-    ``next()`` sleeps (the calling thread only) until the next message is due and returns
-    its scheduled time in ns; behind schedule it returns at once with the scheduled time,
-    so the lateness shows up in the latencies instead of quietly lowering the rate.
+    Behind schedule, the next message is due at once with its scheduled time, so the
+    lateness shows up in the latencies instead of quietly lowering the rate.
     """
 
     def __init__(self, rate: float, started_ns: int) -> None:
         self._interval_ns = int(1e9 / rate) if rate > 0 else 0
         self._next_ns = started_ns
 
-    def next(self) -> int:
+    def take(self) -> tuple[int, float]:
+        """(the next message's scheduled time in ns, seconds to wait before sending it)."""
         if self._interval_ns == 0:
-            return time.time_ns()
+            return time.time_ns(), 0.0
         due = self._next_ns
         self._next_ns += self._interval_ns
         wait = due - time.time_ns()
-        if wait > 200_000:  # sleeping shorter than ~0.2 ms overshoots more than it saves
-            time.sleep(wait / 1e9)
+        # sleeping shorter than ~0.2 ms overshoots more than it saves
+        return due, wait / 1e9 if wait > 200_000 else 0.0
+
+    def next(self) -> int:
+        """``take``, sleeping the calling thread until the message is due."""
+        due, wait = self.take()
+        if wait:
+            time.sleep(wait)
         return due
