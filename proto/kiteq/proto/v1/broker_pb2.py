@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kiteq.proto.v1 import common_pb2 as kiteq_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkiteq/proto/v1/broker.proto\x12\x0ekiteq.proto.v1\x1a\x1bkiteq/proto/v1/common.proto\"\xc4\x01\n\x04Open\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\x11\n\tsecretKey\x18\x02 \x01(\t\x12\x14\n\x0cwarmingupSec\x18\x03 \x01(\x05\x12\x10\n\x08\x63lientId\x18\x04 \x01(\t\x12)\n\x08\x62indings\x18\x05 \x03(\x0b\x32\x17.kiteq.proto.v1.Binding\x12\x13\n\x0bmaxInFlight\x18\x06 \x01(\r\x12\x17\n\x0fprotocolVersion\x18\x07 \x01(\r\x12\x17\n\x0fmaxReceiveBytes\x18\x08 \x01(\r\"9\n\x0cPublishBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kiteq.proto.v1.Message\"A\n\nDeliverAck\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\t\";\n\x0f\x44\x65liverAckBatch\x12(\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1a.kiteq.proto.v1.DeliverAck\"e\n\x05TxAck\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.kiteq.proto.v1.TxStatus\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\t\"1\n\nTxAckBatch\x12#\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x15.kiteq.proto.v1.TxAck\"\xc7\x01\n\x0b\x43lientFrame\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.kiteq.proto.v1.OpenH\x00\x12/\n\x07publish\x18\x02 \x01(\x0b\x32\x1c.kiteq.proto.v1.PublishBatchH\x00\x12/\n\x04\x61\x63ks\x18\x03 \x01(\x0b\x32\x1f.kiteq.proto.v1.DeliverAckBatchH\x00\x12(\n\x02tx\x18\x04 \x01(\x0b\x32\x1a.kiteq.proto.v1.TxAckBatchH\x00\x42\x06\n\x04kind\"\x90\x03\n\x06Opened\x12\x0e\n\x06\x62roker\x18\x01 \x01(\t\x12\x17\n\x0fprotocolVersion\x18\x02 \x01(\r\x12\x18\n\x10maxBatchMessages\x18\x03 \x01(\r\x12\x15\n\rmaxBatchBytes\x18\x04 \x01(\r\x12\x14\n\x0cmaxBodyBytes\x18\x05 \x01(\r\x12\x15\n\rmaxFrameBytes\x18\x06 \x01(\r\x12\x16\n\x0esendFrameBytes\x18\x07 \x01(\r\x12\x15\n\rmaxProperties\x18\x08 \x01(\r\x12\x1b\n\x13maxPropertyKeyBytes\x18\t \x01(\r\x12\x1d\n\x15maxPropertyValueBytes\x18\n \x01(\r\x12\x13\n\x0bmaxInFlight\x18\x0b \x01(\r\x12\x17\n\x0fkeepaliveTimeMs\x18\x0c \x01(\r\x12\x1a\n\x12keepaliveTimeoutMs\x18\r \x01(\r\x12\x19\n\x11minPingIntervalMs\x18\x0e \x01(\r\x12\x16\n\x0emaxPingStrikes\x18\x0f \x01(\r\x12\x17\n\x0f\x64\x65liverySeconds\x18\x10 \x01(\r\"\x9f\x01\n\x08StoreAck\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\t\x12\'\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x19.kiteq.proto.v1.ErrorCode\x12\x35\n\x0b\x64isposition\x18\x05 \x01(\x0e\x32 .kiteq.proto.v1.StoreDisposition\"7\n\rStoreAckBatch\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kiteq.proto.v1.StoreAck\"X\n\x08\x44\x65livery\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.kiteq.proto.v1.Message\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tbodyBytes\x18\x03 \x01(\r\"+\n\x08\x42odyPart\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"=\n\rDeliveryBatch\x12,\n\ndeliveries\x18\x01 \x03(\x0b\x32\x18.kiteq.proto.v1.Delivery\"@\n\x07TxCheck\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\r\n\x05\x63heck\x18\x02 \x01(\r\"7\n\x0cTxCheckBatch\x12\'\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x17.kiteq.proto.v1.TxCheck\"\x86\x02\n\x0bServerFrame\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.OpenedH\x00\x12\x32\n\tstoreAcks\x18\x02 \x01(\x0b\x32\x1d.kiteq.proto.v1.StoreAckBatchH\x00\x12\x33\n\ndeliveries\x18\x03 \x01(\x0b\x32\x1d.kiteq.proto.v1.DeliveryBatchH\x00\x12.\n\x06\x63hecks\x18\x04 \x01(\x0b\x32\x1c.kiteq.proto.v1.TxCheckBatchH\x00\x12,\n\x08\x62odyPart\x18\x05 \x01(\x0b\x32\x18.kiteq.proto.v1.BodyPartH\x00\x42\x06\n\x04kind\"_\n\x0ePublishRequest\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\x11\n\tsecretKey\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.kiteq.proto.v1.Message\"9\n\x0fPublishResponse\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kiteq.proto.v1.StoreAck*O\n\x08TxStatus\x12\x15\n\x11TX_STATUS_UNKNOWN\x10\x00\x12\x14\n\x10TX_STATUS_COMMIT\x10\x01\x12\x16\n\x12TX_STATUS_ROLLBACK\x10\x02*\xb0\x01\n\x10StoreDisposition\x12!\n\x1dSTORE_DISPOSITION_UNSPECIFIED\x10\x00\x12\x1c\n\x18STORE_DISPOSITION_STORED\x10\x01\x12\x1f\n\x1bSTORE_DISPOSITION_DUPLICATE\x10\x02\x12\x1f\n\x1bSTORE_DISPOSITION_DELIVERED\x10\x03\x12\x19\n\x15STORE_DISPOSITION_FLY\x10\x04\x32\x9d\x01\n\x06\x42roker\x12G\n\x07Session\x12\x1b.kiteq.proto.v1.ClientFrame\x1a\x1b.kiteq.proto.v1.ServerFrame(\x01\x30\x01\x12J\n\x07Publish\x12\x1e.kiteq.proto.v1.PublishRequest\x1a\x1f.kiteq.proto.v1.PublishResponseBA\n\x11io.kiteq.proto.v1P\x01Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkiteq/proto/v1/broker.proto\x12\x0ekiteq.proto.v1\x1a\x1bkiteq/proto/v1/common.proto\"\xc4\x01\n\x04Open\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\x11\n\tsecretKey\x18\x02 \x01(\t\x12\x14\n\x0cwarmingupSec\x18\x03 \x01(\x05\x12\x10\n\x08\x63lientId\x18\x04 \x01(\t\x12)\n\x08\x62indings\x18\x05 \x03(\x0b\x32\x17.kiteq.proto.v1.Binding\x12\x13\n\x0bmaxInFlight\x18\x06 \x01(\r\x12\x17\n\x0fprotocolVersion\x18\x07 \x01(\r\x12\x17\n\x0fmaxReceiveBytes\x18\x08 \x01(\r\"9\n\x0cPublishBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kiteq.proto.v1.Message\"\x81\x01\n\nDeliverAck\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65layMs\x18\x04 \x01(\r\x12-\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x1d.kiteq.proto.v1.DeliverAction\"0\n\x04\x46low\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.kiteq.proto.v1.FlowState\";\n\x0f\x44\x65liverAckBatch\x12(\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1a.kiteq.proto.v1.DeliverAck\"e\n\x05TxAck\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.kiteq.proto.v1.TxStatus\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\t\"1\n\nTxAckBatch\x12#\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x15.kiteq.proto.v1.TxAck\"\xed\x01\n\x0b\x43lientFrame\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.kiteq.proto.v1.OpenH\x00\x12/\n\x07publish\x18\x02 \x01(\x0b\x32\x1c.kiteq.proto.v1.PublishBatchH\x00\x12/\n\x04\x61\x63ks\x18\x03 \x01(\x0b\x32\x1f.kiteq.proto.v1.DeliverAckBatchH\x00\x12(\n\x02tx\x18\x04 \x01(\x0b\x32\x1a.kiteq.proto.v1.TxAckBatchH\x00\x12$\n\x04\x66low\x18\x05 \x01(\x0b\x32\x14.kiteq.proto.v1.FlowH\x00\x42\x06\n\x04kind\"\x90\x03\n\x06Opened\x12\x0e\n\x06\x62roker\x18\x01 \x01(\t\x12\x17\n\x0fprotocolVersion\x18\x02 \x01(\r\x12\x18\n\x10maxBatchMessages\x18\x03 \x01(\r\x12\x15\n\rmaxBatchBytes\x18\x04 \x01(\r\x12\x14\n\x0cmaxBodyBytes\x18\x05 \x01(\r\x12\x15\n\rmaxFrameBytes\x18\x06 \x01(\r\x12\x16\n\x0esendFrameBytes\x18\x07 \x01(\r\x12\x15\n\rmaxProperties\x18\x08 \x01(\r\x12\x1b\n\x13maxPropertyKeyBytes\x18\t \x01(\r\x12\x1d\n\x15maxPropertyValueBytes\x18\n \x01(\r\x12\x13\n\x0bmaxInFlight\x18\x0b \x01(\r\x12\x17\n\x0fkeepaliveTimeMs\x18\x0c \x01(\r\x12\x1a\n\x12keepaliveTimeoutMs\x18\r \x01(\r\x12\x19\n\x11minPingIntervalMs\x18\x0e \x01(\r\x12\x16\n\x0emaxPingStrikes\x18\x0f \x01(\r\x12\x17\n\x0f\x64\x65liverySeconds\x18\x10 \x01(\r\"\x9f\x01\n\x08StoreAck\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\t\x12\'\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x19.kiteq.proto.v1.ErrorCode\x12\x35\n\x0b\x64isposition\x18\x05 \x01(\x0e\x32 .kiteq.proto.v1.StoreDisposition\"7\n\rStoreAckBatch\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kiteq.proto.v1.StoreAck\"X\n\x08\x44\x65livery\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.kiteq.proto.v1.Message\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tbodyBytes\x18\x03 \x01(\r\"+\n\x08\x42odyPart\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"=\n\rDeliveryBatch\x12,\n\ndeliveries\x18\x01 \x03(\x0b\x32\x18.kiteq.proto.v1.Delivery\"@\n\x07TxCheck\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\r\n\x05\x63heck\x18\x02 \x01(\r\"7\n\x0cTxCheckBatch\x12\'\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x17.kiteq.proto.v1.TxCheck\"\x86\x02\n\x0bServerFrame\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.OpenedH\x00\x12\x32\n\tstoreAcks\x18\x02 \x01(\x0b\x32\x1d.kiteq.proto.v1.StoreAckBatchH\x00\x12\x33\n\ndeliveries\x18\x03 \x01(\x0b\x32\x1d.kiteq.proto.v1.DeliveryBatchH\x00\x12.\n\x06\x63hecks\x18\x04 \x01(\x0b\x32\x1c.kiteq.proto.v1.TxCheckBatchH\x00\x12,\n\x08\x62odyPart\x18\x05 \x01(\x0b\x32\x18.kiteq.proto.v1.BodyPartH\x00\x42\x06\n\x04kind\"_\n\x0ePublishRequest\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\x11\n\tsecretKey\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.kiteq.proto.v1.Message\"9\n\x0fPublishResponse\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kiteq.proto.v1.StoreAck*J\n\rDeliverAction\x12\x19\n\x15\x44\x45LIVER_ACTION_SETTLE\x10\x00\x12\x1e\n\x1a\x44\x45LIVER_ACTION_IN_PROGRESS\x10\x01*:\n\tFlowState\x12\x16\n\x12\x46LOW_STATE_RUNNING\x10\x00\x12\x15\n\x11\x46LOW_STATE_PAUSED\x10\x01*O\n\x08TxStatus\x12\x15\n\x11TX_STATUS_UNKNOWN\x10\x00\x12\x14\n\x10TX_STATUS_COMMIT\x10\x01\x12\x16\n\x12TX_STATUS_ROLLBACK\x10\x02*\xb0\x01\n\x10StoreDisposition\x12!\n\x1dSTORE_DISPOSITION_UNSPECIFIED\x10\x00\x12\x1c\n\x18STORE_DISPOSITION_STORED\x10\x01\x12\x1f\n\x1bSTORE_DISPOSITION_DUPLICATE\x10\x02\x12\x1f\n\x1bSTORE_DISPOSITION_DELIVERED\x10\x03\x12\x19\n\x15STORE_DISPOSITION_FLY\x10\x04\x32\x9d\x01\n\x06\x42roker\x12G\n\x07Session\x12\x1b.kiteq.proto.v1.ClientFrame\x1a\x1b.kiteq.proto.v1.ServerFrame(\x01\x30\x01\x12J\n\x07Publish\x12\x1e.kiteq.proto.v1.PublishRequest\x1a\x1f.kiteq.proto.v1.PublishResponseBA\n\x11io.kiteq.proto.v1P\x01Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,46 +33,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kiteq.proto.v1.broker_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021io.kiteq.proto.v1P\001Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1'
-  _globals['_TXSTATUS']._serialized_start=2182
-  _globals['_TXSTATUS']._serialized_end=2261
-  _globals['_STOREDISPOSITION']._serialized_start=2264
-  _globals['_STOREDISPOSITION']._serialized_end=2440
+  _globals['_DELIVERACTION']._serialized_start=2335
+  _globals['_DELIVERACTION']._serialized_end=2409
+  _globals['_FLOWSTATE']._serialized_start=2411
+  _globals['_FLOWSTATE']._serialized_end=2469
+  _globals['_TXSTATUS']._serialized_start=2471
+  _globals['_TXSTATUS']._serialized_end=2550
+  _globals['_STOREDISPOSITION']._serialized_start=2553
+  _globals['_STOREDISPOSITION']._serialized_end=2729
   _globals['_OPEN']._serialized_start=77
   _globals['_OPEN']._serialized_end=273
   _globals['_PUBLISHBATCH']._serialized_start=275
   _globals['_PUBLISHBATCH']._serialized_end=332
-  _globals['_DELIVERACK']._serialized_start=334
-  _globals['_DELIVERACK']._serialized_end=399
-  _globals['_DELIVERACKBATCH']._serialized_start=401
-  _globals['_DELIVERACKBATCH']._serialized_end=460
-  _globals['_TXACK']._serialized_start=462
-  _globals['_TXACK']._serialized_end=563
-  _globals['_TXACKBATCH']._serialized_start=565
-  _globals['_TXACKBATCH']._serialized_end=614
-  _globals['_CLIENTFRAME']._serialized_start=617
-  _globals['_CLIENTFRAME']._serialized_end=816
-  _globals['_OPENED']._serialized_start=819
-  _globals['_OPENED']._serialized_end=1219
-  _globals['_STOREACK']._serialized_start=1222
-  _globals['_STOREACK']._serialized_end=1381
-  _globals['_STOREACKBATCH']._serialized_start=1383
-  _globals['_STOREACKBATCH']._serialized_end=1438
-  _globals['_DELIVERY']._serialized_start=1440
-  _globals['_DELIVERY']._serialized_end=1528
-  _globals['_BODYPART']._serialized_start=1530
-  _globals['_BODYPART']._serialized_end=1573
-  _globals['_DELIVERYBATCH']._serialized_start=1575
-  _globals['_DELIVERYBATCH']._serialized_end=1636
-  _globals['_TXCHECK']._serialized_start=1638
-  _globals['_TXCHECK']._serialized_end=1702
-  _globals['_TXCHECKBATCH']._serialized_start=1704
-  _globals['_TXCHECKBATCH']._serialized_end=1759
-  _globals['_SERVERFRAME']._serialized_start=1762
-  _globals['_SERVERFRAME']._serialized_end=2024
-  _globals['_PUBLISHREQUEST']._serialized_start=2026
-  _globals['_PUBLISHREQUEST']._serialized_end=2121
-  _globals['_PUBLISHRESPONSE']._serialized_start=2123
-  _globals['_PUBLISHRESPONSE']._serialized_end=2180
-  _globals['_BROKER']._serialized_start=2443
-  _globals['_BROKER']._serialized_end=2600
+  _globals['_DELIVERACK']._serialized_start=335
+  _globals['_DELIVERACK']._serialized_end=464
+  _globals['_FLOW']._serialized_start=466
+  _globals['_FLOW']._serialized_end=514
+  _globals['_DELIVERACKBATCH']._serialized_start=516
+  _globals['_DELIVERACKBATCH']._serialized_end=575
+  _globals['_TXACK']._serialized_start=577
+  _globals['_TXACK']._serialized_end=678
+  _globals['_TXACKBATCH']._serialized_start=680
+  _globals['_TXACKBATCH']._serialized_end=729
+  _globals['_CLIENTFRAME']._serialized_start=732
+  _globals['_CLIENTFRAME']._serialized_end=969
+  _globals['_OPENED']._serialized_start=972
+  _globals['_OPENED']._serialized_end=1372
+  _globals['_STOREACK']._serialized_start=1375
+  _globals['_STOREACK']._serialized_end=1534
+  _globals['_STOREACKBATCH']._serialized_start=1536
+  _globals['_STOREACKBATCH']._serialized_end=1591
+  _globals['_DELIVERY']._serialized_start=1593
+  _globals['_DELIVERY']._serialized_end=1681
+  _globals['_BODYPART']._serialized_start=1683
+  _globals['_BODYPART']._serialized_end=1726
+  _globals['_DELIVERYBATCH']._serialized_start=1728
+  _globals['_DELIVERYBATCH']._serialized_end=1789
+  _globals['_TXCHECK']._serialized_start=1791
+  _globals['_TXCHECK']._serialized_end=1855
+  _globals['_TXCHECKBATCH']._serialized_start=1857
+  _globals['_TXCHECKBATCH']._serialized_end=1912
+  _globals['_SERVERFRAME']._serialized_start=1915
+  _globals['_SERVERFRAME']._serialized_end=2177
+  _globals['_PUBLISHREQUEST']._serialized_start=2179
+  _globals['_PUBLISHREQUEST']._serialized_end=2274
+  _globals['_PUBLISHRESPONSE']._serialized_start=2276
+  _globals['_PUBLISHRESPONSE']._serialized_end=2333
+  _globals['_BROKER']._serialized_start=2732
+  _globals['_BROKER']._serialized_end=2889
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,40 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _DeliverAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliverActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliverAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVER_ACTION_SETTLE: _DeliverAction.ValueType  # 0
+    """Settle the delivery (ack or nack, by status)."""
+    DELIVER_ACTION_IN_PROGRESS: _DeliverAction.ValueType  # 1
+    """Still being handled: extend its deadline."""
+
+class DeliverAction(_DeliverAction, metaclass=_DeliverActionEnumTypeWrapper): ...
+
+DELIVER_ACTION_SETTLE: DeliverAction.ValueType  # 0
+"""Settle the delivery (ack or nack, by status)."""
+DELIVER_ACTION_IN_PROGRESS: DeliverAction.ValueType  # 1
+"""Still being handled: extend its deadline."""
+Global___DeliverAction: _TypeAlias = DeliverAction  # noqa: Y015
+
+class _FlowState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FlowStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FlowState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FLOW_STATE_RUNNING: _FlowState.ValueType  # 0
+    FLOW_STATE_PAUSED: _FlowState.ValueType  # 1
+
+class FlowState(_FlowState, metaclass=_FlowStateEnumTypeWrapper): ...
+
+FLOW_STATE_RUNNING: FlowState.ValueType  # 0
+FLOW_STATE_PAUSED: FlowState.ValueType  # 1
+Global___FlowState: _TypeAlias = FlowState  # noqa: Y015
+
 class _TxStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -171,24 +205,64 @@ class DeliverAck(_message.Message):
     MESSAGEID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
+    DELAYMS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
     messageId: _builtins.str
     status: _builtins.bool
     """true: processed; false: failed, redeliver (attempt + 1, after the group's backoff)."""
     feedback: _builtins.str
+    delayMs: _builtins.int
+    """A nack (status false) only: redeliver to the group no earlier than this many
+    milliseconds from now, and not at once on another connection. The group's backoff
+    window and deliverLimit still apply (the later of the delay and the window; a nack
+    that uses up deliverLimit, or whose delay passes the expiry, dead-letters the message
+    for the group). A fly message is not stored: a delayed nack ends its delivery.
+    """
+    action: Global___DeliverAction.ValueType
+    """DELIVER_ACTION_IN_PROGRESS: not a result; restart this delivery's deliverySeconds
+    (status, feedback and delayMs are ignored). An id with no delivery in flight on this
+    session is dropped and counted, like a stray ack.
+    """
     def __init__(
         self,
         *,
         messageId: _builtins.str = ...,
         status: _builtins.bool = ...,
         feedback: _builtins.str = ...,
+        delayMs: _builtins.int = ...,
+        action: Global___DeliverAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feedback", b"feedback", "messageId", b"messageId", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "delayMs", b"delayMs", "feedback", b"feedback", "messageId", b"messageId", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliverAck: _TypeAlias = DeliverAck  # noqa: Y015
+
+@_typing.final
+class Flow(_message.Message):
+    """Stop or restart deliveries to this session without closing it. Paused, the session
+    gets no new delivery (its credit counts as zero); deliveries already sent stay in flight
+    and settle as usual. A session opens running.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    state: Global___FlowState.ValueType
+    def __init__(
+        self,
+        *,
+        state: Global___FlowState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Flow: _TypeAlias = Flow  # noqa: Y015
 
 @_typing.final
 class DeliverAckBatch(_message.Message):
@@ -274,6 +348,7 @@ class ClientFrame(_message.Message):
     PUBLISH_FIELD_NUMBER: _builtins.int
     ACKS_FIELD_NUMBER: _builtins.int
     TX_FIELD_NUMBER: _builtins.int
+    FLOW_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___Open: ...
     @_builtins.property
@@ -282,6 +357,8 @@ class ClientFrame(_message.Message):
     def acks(self) -> Global___DeliverAckBatch: ...
     @_builtins.property
     def tx(self) -> Global___TxAckBatch: ...
+    @_builtins.property
+    def flow(self) -> Global___Flow: ...
     def __init__(
         self,
         *,
@@ -289,12 +366,13 @@ class ClientFrame(_message.Message):
         publish: Global___PublishBatch | None = ...,
         acks: Global___DeliverAckBatch | None = ...,
         tx: Global___TxAckBatch | None = ...,
+        flow: Global___Flow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "open", b"open", "publish", b"publish", "tx", b"tx"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "flow", b"flow", "kind", b"kind", "open", b"open", "publish", b"publish", "tx", b"tx"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "kind", b"kind", "open", b"open", "publish", b"publish", "tx", b"tx"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "flow", b"flow", "kind", b"kind", "open", b"open", "publish", b"publish", "tx", b"tx"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "publish", "acks", "tx"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "publish", "acks", "tx", "flow"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
