@@ -68,9 +68,9 @@ class DeadLetter:
 
     ``reason`` is one of ``expired``, ``deliver_limit``, ``no_binding`` (kept longer than
     noBindingRetentionSeconds without any binding) or another short word the broker
-    documents. ``group`` is the group it was dead-lettered for; ``""`` only for
-    ``no_binding`` (no group was bound). ``record`` is the message with its per-group
-    state at the move.
+    documents. ``group`` is the group it was dead-lettered for; ``""`` only when no
+    group was bound (``no_binding``, or ``expired`` before any binding appeared).
+    ``record`` is the message with its per-group state at the move.
 
     ``keep``: other groups still have the message to deliver, so ``dead_letter`` writes
     ``record``'s bookkeeping to the stored message (its ``groups`` with this group
