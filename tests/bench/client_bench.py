@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,40 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 for _part in ("", "binding", "store", "handler", "client", "ops", "proto"):
     sys.path.insert(0, str(REPO / _part))
 
+from kiteq.bench.cpu import cpu_seconds, thread_cpu, thread_delta  # noqa: E402
+
 TOPIC = "bench"
 MESSAGE_TYPE = "tick"
 CASES = ("producer", "async_producer", "consumer")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds per live thread name (Linux; empty elsewhere): where the time goes."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    names = {str(t.native_id): t.name for t in threading.enumerate()}
-    result: dict[str, float] = {}
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return result
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                name = names.get(tid) or comm.read().strip()
-        except OSError:
-            continue
-        # utime and stime are fields 14 and 15 of stat; the split starts at field 3
-        result[name] = result.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return result
-
-
-def thread_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {name: round(after[name] - before.get(name, 0.0), 3) for name in after}
 
 
 # -- the fake broker (its own process) ---------------------------------------------------

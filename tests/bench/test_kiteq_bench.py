@@ -10,11 +10,13 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kiteq.bench.broker import OwnBroker
+from kiteq.bench.cli import build_parser
 from kiteq.bench.histogram import Latency
 from kiteq.bench.roles import _is_tx
 from kiteq.bench.run import ProgressLine
@@ -175,3 +177,17 @@ def test_progress_line_without_a_terminal_writes_whole_lines() -> None:
     line.update(2.1, sent=11, acked=9, received=7)  # within 5 s: not repeated
     line.done()
     assert stream.getvalue() == "kiteq:    2.0s sent 10 acked 8 received 6 (4 acked/s)\n"
+
+
+def test_readme_commands_parse() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Performance", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        line.split("#", 1)[0].split()[1:]
+        for line in section.splitlines()
+        if line.startswith("kiteq-bench ") or line.strip() == "kiteq-bench"
+    ]
+    assert len(commands) >= 5
+    for args in commands:
+        options = build_parser().parse_args(args)
+        assert options.size >= STAMP_BYTES
