@@ -5,7 +5,8 @@ Imports only point down::
     kiteq.proto -> kiteq.core -> {kiteq.store, kiteq.binding, kiteq.ops.metrics}
                 -> kiteq.handler -> {kiteq.broker, kiteq.ops.http}
 
-``kiteq.client`` may import only core, proto and binding. Generated ``*_pb2`` modules are
+``kiteq.client`` may import only core, proto and binding; ``kiteq.admin`` (kiteq-admin) only
+core and proto, and of third-party code only grpc and protobuf (``CLIENT_ONLY_THIRD_PARTY``). Generated ``*_pb2`` modules are
 imported only by the edge modules in ``PB2_IMPORTERS``. Every import counts, including
 those under ``if TYPE_CHECKING:`` and inside functions.
 """
@@ -13,6 +14,7 @@ those under ``if TYPE_CHECKING:`` and inside functions.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -26,11 +28,17 @@ PB2_IMPORTERS: Final = frozenset(
         "kiteq.broker.service",
         "kiteq.broker.wire",
         "kiteq.broker.admin_service",
-        "kiteq.broker.admin_cli",
+        "kiteq.admin.cli",
+        "kiteq.admin.render",
         "kiteq.client._wire",
         "kiteq.client._channel",
     }
 )
+
+# What the client-only install (``pip install kiteq``) provides besides the standard library;
+# the components in CLIENT_ONLY_COMPONENTS import no other third-party module.
+CLIENT_ONLY_THIRD_PARTY: Final = frozenset({"grpc", "google"})
+CLIENT_ONLY_COMPONENTS: Final = frozenset({"kiteq.admin", "kiteq.core"})
 
 # component -> the components it may import (besides itself).
 _BASE: Final = frozenset({"kiteq.proto", "kiteq.core"})
@@ -46,6 +54,8 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     "kiteq.ops.http": frozenset({"kiteq.core", "kiteq.ops", "kiteq.ops.metrics"}),
     "kiteq.broker": _BASE | _MIDDLE | {"kiteq.handler", "kiteq.ops.http"},
     "kiteq.client": frozenset({"kiteq.core", "kiteq.proto", "kiteq.binding"}),
+    # kiteq-admin: a gRPC client that runs from the client-only install
+    "kiteq.admin": frozenset({"kiteq.core", "kiteq.proto"}),
     # load generator: drives clients, starts brokers as processes (never imports them)
     "kiteq.bench": frozenset({"kiteq.core", "kiteq.client"}),
     "kiteq.__main__": frozenset({"kiteq.broker"}),  # python -m kiteq
@@ -222,6 +232,21 @@ def test_imports_point_down() -> None:
             continue
         problems += violations(module, imports)
     assert not problems, "layering violations:\n" + "\n".join(problems)
+
+
+def test_client_only_components_import_no_server_extra() -> None:
+    # kiteq-admin and the core run without the server extra (rocksdict, sqlalchemy, ...)
+    problems: list[str] = []
+    for path, module, is_package in source_files():
+        if component_of(module) not in CLIENT_ONLY_COMPONENTS:
+            continue
+        source = path.read_text(encoding="utf-8")
+        for target in imported_modules(source, module, is_package=is_package):
+            top = target.partition(".")[0]
+            if top in sys.stdlib_module_names or top in CLIENT_ONLY_THIRD_PARTY or top == "kiteq":
+                continue
+            problems.append(f"{module} imports {target}: not in the client-only install")
+    assert not problems, "\n".join(sorted(set(problems)))
 
 
 def test_namespace_directories_hold_no_modules() -> None:

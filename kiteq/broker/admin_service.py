@@ -9,7 +9,7 @@ import grpc
 
 from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
-from kiteq.core.admin import audit, secret_matches
+from kiteq.core.admin import ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS, audit, secret_matches
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import canonical_message_id, is_message_id
@@ -19,13 +19,12 @@ from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.transactions import TxManager, TxStatus
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from kiteq.store.base import DlqKey, MessageStore
+from kiteq.store.base import DlqFilter, DlqKey, MessageStore
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-ADMIN_SECRET_HEADER = "x-kiteq-admin-secret"  # noqa: S105 - a header name
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -170,6 +169,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.ListDeadLettersResponse:
         await self._authorize(context)  # type: ignore[arg-type]
+        await _check_reason(request.filter, context)  # type: ignore[arg-type]
         limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
         after = (request.after, request.afterGroup) if request.after else None
         letters = await self._store.list_dlq(wire.dlq_filter(request.filter), limit, after)
@@ -200,6 +200,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 for letter in await self._store.get_dead_letters(message_id)
                 if not request.groupId or letter.group == request.groupId
             ]
+            if request.dryRun:
+                return admin_pb2.RedriveResponse(redriven=len(keys), dryRun=True)
             redriven = await self._redrive(keys)
             audit.info(
                 "admin redrive peer=%s ids=%d group=%s redriven=%d",
@@ -209,7 +211,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 redriven,
             )
             return admin_pb2.RedriveResponse(redriven=redriven)
+        await _check_reason(request.filter, context)  # type: ignore[arg-type]
         where = wire.dlq_filter(request.filter)
+        if request.dryRun:
+            return admin_pb2.RedriveResponse(redriven=await self._count(where), dryRun=True)
         redriven = 0
         while True:
             # each page leaves the DLQ, so the next page starts from the beginning again
@@ -278,6 +283,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         return admin_pb2.ResolveTransactionResponse(changed=changed)
 
+    async def _count(self, where: DlqFilter) -> int:
+        """How many dead letters *where* matches (what a redrive by filter would move)."""
+        count = 0
+        after: DlqKey | None = None
+        while True:
+            page = await self._store.list_dlq(where, MAX_PAGE, after)
+            count += len(page)
+            if len(page) < MAX_PAGE:
+                return count
+            after = page[-1].key
+
     async def _redrive(self, keys: list[DlqKey]) -> int:
         """Redrive dead letters; each is delivered again to its own group only."""
         if not keys:
@@ -294,3 +310,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 self._dispatcher.redriven(record, groups[record.message_id])
         logger.info("redrove %d dead letters of %d messages", len(keys), len(records))
         return len(keys)
+
+
+async def _check_reason(
+    where: admin_pb2.DeadLetterFilter, context: grpc.aio.ServicerContext[object, object]
+) -> None:
+    """Refuse a reason no dead letter can have: it would match nothing, silently."""
+    if where.reason and where.reason not in DEAD_LETTER_REASONS:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"unknown dead-letter reason {where.reason!r}; known: {', '.join(DEAD_LETTER_REASONS)}",
+        )

@@ -12,11 +12,24 @@ import hmac
 import logging
 from typing import Final
 
-__all__ = ["ADMIN_SECRET_ENV", "AUDIT_LOGGER", "audit", "secret_matches"]
+__all__ = [
+    "ADMIN_SECRET_ENV",
+    "ADMIN_SECRET_HEADER",
+    "AUDIT_LOGGER",
+    "DEAD_LETTER_REASONS",
+    "audit",
+    "secret_matches",
+]
 
 AUDIT_LOGGER: Final = "kiteq.audit"
 # read by the kiteq and kiteq-admin commands (not at import): keeps the secret out of ps
 ADMIN_SECRET_ENV: Final = "KITEQ_ADMIN_SECRET"  # noqa: S105 - a variable name
+# gRPC metadata key of the admin secret; here, not in the servicer, because kiteq-admin
+# (a client-only command) sends it
+ADMIN_SECRET_HEADER: Final = "x-kiteq-admin-secret"  # noqa: S105 - a header name
+# why a message leaves delivery for a group (kiteq.handler.dispatch): the only values a
+# dead-letter filter can match, so any other is refused rather than matching nothing
+DEAD_LETTER_REASONS: Final = ("expired", "deliver_limit", "no_binding")
 
 audit: Final = logging.getLogger(AUDIT_LOGGER)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kiteq.broker import admin_cli, cli
+from kiteq.admin import cli as admin_cli
+from kiteq.broker import cli
 from kiteq.broker.server import check_admin_protection
 from kiteq.core.config import ClusterConfig, load_cluster
 from kiteq.core.errors import ConfigError

@@ -59,7 +59,7 @@ def admin_cli(
     broker: BrokerProcess, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kiteq.broker.admin_cli", "-broker", broker.address, *args],
+        [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -270,10 +270,11 @@ def test_admin_mutations_are_audit_logged_with_peer_and_filter(
     assert json.loads(commit.stdout) == {"changed": True}, commit.stderr
     rollback = admin_cli(broker, "rollback", pending[1], env=env)
     assert json.loads(rollback.stdout) == {"changed": True}, rollback.stderr
+    # nothing to move: exit 4 (nothing changed), the call still made and audited
     by_filter = admin_cli(broker, "redrive", "-topic", "trade", "-reason", "expired", env=env)
-    assert by_filter.returncode == 0, by_filter.stderr
+    assert by_filter.returncode == 4, by_filter.stderr
     by_id = admin_cli(broker, "redrive", pending[0], env=env)
-    assert by_id.returncode == 0, by_id.stderr
+    assert by_id.returncode == 4, by_id.stderr
     peer = r"peer=ipv4:127\.0\.0\.1:\d+"
     wait_for_line(broker, rf"kiteq\.audit admin commit {peer} id={pending[0]} changed=True")
     wait_for_line(broker, rf"kiteq\.audit admin rollback {peer} id={pending[1]} changed=True")

@@ -22,7 +22,7 @@ from tests.e2e.collector import Collector
 
 def admin(broker: BrokerProcess, *args: str) -> dict[str, Any]:
     run = subprocess.run(
-        [sys.executable, "-m", "kiteq.broker.admin_cli", "-broker", broker.address, *args],
+        [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
         cwd=REPO,
         capture_output=True,
         text=True,

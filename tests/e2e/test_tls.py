@@ -274,7 +274,7 @@ def test_tls_from_flags_overrides_the_config(
 
 def admin_cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kiteq.broker.admin_cli", "-broker", broker.address, *args],
+        [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -573,8 +573,11 @@ class RedriveRequest(_message.Message):
     MESSAGEIDS_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     GROUPID_FIELD_NUMBER: _builtins.int
+    DRYRUN_FIELD_NUMBER: _builtins.int
     groupId: _builtins.str
     """with messageIds: only this group's letters of them; empty: every group's"""
+    dryRun: _builtins.bool
+    """count what would move and change nothing (no audit line: nothing was done)"""
     @_builtins.property
     def messageIds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -587,10 +590,11 @@ class RedriveRequest(_message.Message):
         messageIds: _abc.Iterable[_builtins.str] | None = ...,
         filter: Global___DeadLetterFilter | None = ...,
         groupId: _builtins.str = ...,
+        dryRun: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "groupId", b"groupId", "messageIds", b"messageIds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dryRun", b"dryRun", "filter", b"filter", "groupId", b"groupId", "messageIds", b"messageIds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,15 +605,19 @@ class RedriveResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REDRIVEN_FIELD_NUMBER: _builtins.int
+    DRYRUN_FIELD_NUMBER: _builtins.int
     redriven: _builtins.int
+    """letters moved, or with dryRun the letters that would move"""
+    dryRun: _builtins.bool
     def __init__(
         self,
         *,
         redriven: _builtins.int = ...,
+        dryRun: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["redriven", b"redriven"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dryRun", b"dryRun", "redriven", b"redriven"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

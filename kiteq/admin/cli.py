@@ -1,14 +1,26 @@
-"""``kiteq-admin``: ask a broker for stats, bindings or one message, as JSON.
+"""``kiteq-admin``: ask a broker for stats, groups, backlog, bindings, messages, dead letters.
 
 Examples::
 
     kiteq-admin stats
+    kiteq-admin --json stats                      # for scripts
     kiteq-admin -broker 127.0.0.1:13800 bindings -topic trade
+    kiteq-admin groups
+    kiteq-admin backlog
     kiteq-admin message 0f3c...e1 -body
     kiteq-admin dlq -topic trade -reason expired
-    kiteq-admin redrive -topic trade -group acct-svc
+    kiteq-admin redrive -topic trade -group acct-svc --dry-run
     kiteq-admin redrive 0f3c...e1 -group acct-svc
     KITEQ_ADMIN_SECRET=... kiteq-admin -tlsCa ca.pem -broker broker1:13800 stats
+
+Output: aligned tables by default; ``--json`` (before or after the command) prints the
+reply as JSON with numbers as numbers and times as ISO 8601 UTC (null when unset).
+
+Exit codes (``EXIT_*``): 0 done; 1 the call failed (unreachable broker, refused secret,
+TLS mismatch, bad argument the broker refused); 2 usage error (unknown flag, unknown
+``-reason``); 3 not found (``message`` of an id the broker never had); 4 nothing changed
+(``commit``/``rollback`` of a message that is not uncommitted, a ``redrive`` that
+moved or would move nothing).
 
 The admin secret comes from ``-secretFile`` (its first line), else ``KITEQ_ADMIN_SECRET``;
 ``-secret`` also works but puts the secret on the command line, which every local user
@@ -19,28 +31,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
-from kiteq.broker.admin_service import ADMIN_SECRET_HEADER
-from kiteq.core.admin import ADMIN_SECRET_ENV
+from kiteq.admin import render
+from kiteq.core.admin import ADMIN_SECRET_ENV, ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS
 from kiteq.core.config import read_secret_file
 from kiteq.core.errors import KiteQError
 from kiteq.core.tls import PeerTransport, TlsOptions, probe_transport
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
 _PROBE_TIMEOUT = 2.0
+# the broker's largest page (kiteq.broker.admin_service.MAX_PAGE)
+MAX_LIMIT = 1000
+
+
+class Exit(enum.IntEnum):
+    """The documented exit codes (module docstring)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    UNCHANGED = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiteq-admin", allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="kiteq-admin",
+        allow_abbrev=False,
+        epilog="exit codes: 0 done, 1 call failed, 2 usage, 3 not found, 4 nothing changed",
+    )
     parser.add_argument("-broker", "--broker", default="127.0.0.1:13800", help="broker host:port")
+    _json_flag(parser, default=False)
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument(
         "-secret", "--secret", default="", help="the admin secret (visible in ps: prefer below)"
@@ -70,27 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="name the broker's certificate carries, when not the host dialled",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("stats", help="counters, backlog per topic, connections per group")
-    bindings = sub.add_parser("bindings", help="bindings known to the broker")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        found = sub.add_parser(name, help=help_text)
+        _json_flag(found, default=argparse.SUPPRESS)
+        return found
+
+    command("stats", "counters, backlog per topic, groups, dead letters per (topic, group)")
+    command("groups", "per group: connections, deliveries in flight, dead letters")
+    command("backlog", "per topic: backlog and dead letters; dead letters per (topic, group)")
+    bindings = command("bindings", "bindings known to the broker")
     bindings.add_argument("-topic", "--topic", default="")
-    message = sub.add_parser("message", help="a message's state and history")
+    message = command("message", "a message's state and history")
     message.add_argument("message_id")
     message.add_argument("-body", "--body", action="store_true", help="include the body")
-    tx = sub.add_parser("tx", help="list uncommitted (transactional) messages")
+    tx = command("tx", "list uncommitted (transactional) messages")
     tx.add_argument("-unresolved", "--unresolved", action="store_true", help="only unresolved")
-    tx.add_argument("-limit", "--limit", type=int, default=100)
+    _limit_flag(tx)
     tx.add_argument("-after", "--after", default="")
     for verb in ("commit", "rollback"):
-        resolve = sub.add_parser(verb, help=f"{verb} an uncommitted message (operator decision)")
+        resolve = command(verb, f"{verb} an uncommitted message (operator decision)")
         resolve.add_argument("message_id")
-    dlq = sub.add_parser("dlq", help="list dead letters")
+    dlq = command("dlq", "list dead letters")
     _filter_flags(dlq)
-    dlq.add_argument("-limit", "--limit", type=int, default=100)
+    _limit_flag(dlq)
     dlq.add_argument("-after", "--after", default="", help="page after this message id")
     dlq.add_argument(
         "-after-group", "--after-group", default="", help="and this group (the reply's nextGroup)"
     )
-    redrive = sub.add_parser("redrive", help="deliver dead letters again")
+    redrive = command("redrive", "deliver dead letters again")
     redrive.add_argument(
         "message_ids", nargs="*", help="ids; none: every dead letter the filters match"
     )
@@ -98,7 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     redrive.add_argument(
         "-all", "--all", action="store_true", help="required to redrive with no filter"
     )
+    redrive.add_argument(
+        "-dry-run",
+        "--dry-run",
+        "-dryRun",
+        "--dryRun",
+        dest="dry_run",
+        action="store_true",
+        help="count what would move; move nothing",
+    )
     return parser
+
+
+def _json_flag(parser: argparse.ArgumentParser, default: object) -> None:
+    # on the command too (kiteq-admin stats --json); SUPPRESS keeps the global one's value
+    parser.add_argument(
+        "-json", "--json", dest="json", action="store_true", default=default, help="print JSON"
+    )
+
+
+def _limit_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-limit", "--limit", type=int, default=100, help=f"page size, 1..{MAX_LIMIT}"
+    )
 
 
 def _filter_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,8 +166,17 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-type", "--type", dest="message_type", default="")
     parser.add_argument("-group", "--group", default="", help="only this group's dead letters")
     parser.add_argument(
-        "-reason", "--reason", default="", help="expired, deliver_limit, no_binding"
+        "-reason", "--reason", default="", type=_reason, help=", ".join(DEAD_LETTER_REASONS)
     )
+
+
+def _reason(value: str) -> str:
+    # a reason no dead letter has would match nothing: a usage error, not an empty list
+    if value and value not in DEAD_LETTER_REASONS:
+        raise argparse.ArgumentTypeError(
+            f"unknown dead-letter reason {value!r}; known: {', '.join(DEAD_LETTER_REASONS)}"
+        )
+    return value
 
 
 def _dlq_filter(options: argparse.Namespace) -> admin_pb2.DeadLetterFilter:
@@ -173,9 +242,7 @@ async def _hint(address: str, tls: TlsOptions | None, exc: grpc.aio.AioRpcError)
     return ""
 
 
-async def _call(
-    options: argparse.Namespace, secret: str, tls: TlsOptions | None
-) -> dict[str, object]:
+async def _call(options: argparse.Namespace, secret: str, tls: TlsOptions | None) -> Message:
     try:
         return await _ask(options, secret, tls)
     except grpc.aio.AioRpcError as exc:
@@ -187,35 +254,32 @@ class _CallFailedError(Exception):
     """The call failed; the message is what to print."""
 
 
-async def _ask(
-    options: argparse.Namespace, secret: str, tls: TlsOptions | None
-) -> dict[str, object]:
+async def _ask(options: argparse.Namespace, secret: str, tls: TlsOptions | None) -> Message:
     metadata = ((ADMIN_SECRET_HEADER, secret),) if secret else None
     async with _channel(options.broker, tls) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         timeout = options.timeout
-        if options.command == "stats":
-            reply: object = await stub.Stats(
-                admin_pb2.StatsRequest(), metadata=metadata, timeout=timeout
-            )
-        elif options.command == "tx":
-            reply = await stub.ListTransactions(
+        command = options.command
+        if command in ("stats", "groups", "backlog"):
+            return await stub.Stats(admin_pb2.StatsRequest(), metadata=metadata, timeout=timeout)
+        if command == "tx":
+            return await stub.ListTransactions(
                 admin_pb2.ListTransactionsRequest(
                     unresolvedOnly=options.unresolved, limit=options.limit, after=options.after
                 ),
                 metadata=metadata,
                 timeout=timeout,
             )
-        elif options.command in ("commit", "rollback"):
-            reply = await stub.ResolveTransaction(
+        if command in ("commit", "rollback"):
+            return await stub.ResolveTransaction(
                 admin_pb2.ResolveTransactionRequest(
-                    messageId=options.message_id, commit=options.command == "commit"
+                    messageId=options.message_id, commit=command == "commit"
                 ),
                 metadata=metadata,
                 timeout=timeout,
             )
-        elif options.command == "dlq":
-            reply = await stub.ListDeadLetters(
+        if command == "dlq":
+            return await stub.ListDeadLetters(
                 admin_pb2.ListDeadLettersRequest(
                     filter=_dlq_filter(options),
                     limit=options.limit,
@@ -225,29 +289,64 @@ async def _ask(
                 metadata=metadata,
                 timeout=timeout,
             )
-        elif options.command == "redrive":
-            reply = await stub.Redrive(
+        if command == "redrive":
+            return await stub.Redrive(
                 admin_pb2.RedriveRequest(
                     messageIds=options.message_ids,
                     filter=_dlq_filter(options),
                     groupId=options.group,
+                    dryRun=options.dry_run,
                 ),
                 metadata=metadata,
                 timeout=timeout,
             )
-        elif options.command == "bindings":
-            reply = await stub.ListBindings(
+        if command == "bindings":
+            return await stub.ListBindings(
                 admin_pb2.ListBindingsRequest(topic=options.topic),
                 metadata=metadata,
                 timeout=timeout,
             )
-        else:
-            reply = await stub.GetMessage(
-                admin_pb2.GetMessageRequest(messageId=options.message_id, withBody=options.body),
-                metadata=metadata,
-                timeout=timeout,
+        return await stub.GetMessage(
+            admin_pb2.GetMessageRequest(messageId=options.message_id, withBody=options.body),
+            metadata=metadata,
+            timeout=timeout,
+        )
+
+
+def _outcome(options: argparse.Namespace, reply: Message) -> tuple[Exit, str]:
+    """The exit code and, when it is not OK, the line that says why."""
+    if isinstance(reply, admin_pb2.GetMessageResponse):
+        if not reply.found and reply.state == admin_pb2.MESSAGE_STATE_UNKNOWN:
+            return Exit.NOT_FOUND, f"message {options.message_id} not found"
+    elif isinstance(reply, admin_pb2.ResolveTransactionResponse):
+        if not reply.changed:
+            return (
+                Exit.UNCHANGED,
+                f"nothing changed: {options.message_id} is not an uncommitted message "
+                "(absent, or decided already)",
             )
-    return MessageToDict(reply, always_print_fields_with_no_presence=True)  # type: ignore[arg-type]
+    elif isinstance(reply, admin_pb2.RedriveResponse) and reply.redriven == 0:
+        return Exit.UNCHANGED, "nothing changed: no dead letter matched"
+    return Exit.OK, ""
+
+
+def _human(options: argparse.Namespace, reply: Message) -> str:
+    views: dict[str, Callable[[Message], str]] = {
+        "stats": render.stats,  # type: ignore[dict-item]
+        "groups": render.groups,  # type: ignore[dict-item]
+        "backlog": render.backlog,  # type: ignore[dict-item]
+        "bindings": render.bindings,  # type: ignore[dict-item]
+        "message": render.message,  # type: ignore[dict-item]
+        "dlq": render.dead_letters,  # type: ignore[dict-item]
+        "tx": render.transactions,  # type: ignore[dict-item]
+    }
+    if isinstance(reply, admin_pb2.RedriveResponse):
+        if reply.dryRun:
+            return f"would redrive {reply.redriven} dead letters (dry run: nothing moved)"
+        return f"redrove {reply.redriven} dead letters"
+    if isinstance(reply, admin_pb2.ResolveTransactionResponse):
+        return f"{options.command} {options.message_id}: done"
+    return views[options.command](reply)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,15 +359,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         and not options.all
     ):
         parser.error("redrive with no ids and no filter redrives every dead letter: add -all")
+    if getattr(options, "limit", 1) < 1:
+        parser.error(f"-limit must be 1..{MAX_LIMIT}, got {options.limit}")
+    if getattr(options, "limit", 1) > MAX_LIMIT:
+        # said, not silent: the broker would return at most MAX_LIMIT anyway
+        print(
+            f"kiteq-admin: -limit {options.limit} capped to {MAX_LIMIT} (the broker's largest "
+            "page); page on with -after",
+            file=sys.stderr,
+        )
+        options.limit = MAX_LIMIT
     try:
         secret = admin_secret(options, os.environ)
         tls = tls_options(options)
-        result = asyncio.run(_call(options, secret, tls))
+        reply = asyncio.run(_call(options, secret, tls))
     except (KiteQError, _CallFailedError) as exc:
         print(f"kiteq-admin: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
+        return Exit.FAILED
+    code, why = _outcome(options, reply)
+    if options.json:
+        print(json.dumps(render.to_json(reply), indent=2, sort_keys=True))
+    elif code is Exit.OK:
+        print(_human(options, reply))
+    if why:
+        print(f"kiteq-admin: {why}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
