@@ -275,10 +275,11 @@ def run(
         def totals() -> tuple[int, int, int]:
             sent = sum(p.progress.get("sent", 0) for p in producers)
             acked = sum(p.progress.get("acked", 0) for p in producers)
-            received = sum(c.progress.get("received", 0) for c in consumers)
+            # distinct per consumer: a redelivery must not end the drain early
+            distinct = sum(c.progress.get("distinct", 0) for c in consumers)
             if progress is not None:
-                progress.update(time.monotonic() - started, sent, acked, received)
-            return sent, acked, received
+                progress.update(time.monotonic() - started, sent, acked, distinct)
+            return sent, acked, distinct
 
         def produced() -> bool:
             totals()

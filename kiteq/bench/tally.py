@@ -95,6 +95,7 @@ class ConsumerTally:
 
     def __init__(self) -> None:
         self.received = 0
+        self.repeated = 0  # received again by this consumer (a redelivery)
         self.first_ns = 0
         self.last_ns = 0
         self.latency = Latency()
@@ -109,7 +110,10 @@ class ConsumerTally:
         byte = seq >> 3
         if byte >= len(bitmap):
             bitmap.extend(bytes(max(byte + 1 - len(bitmap), len(bitmap))))
-        bitmap[byte] |= 1 << (seq & 7)
+        bit = 1 << (seq & 7)
+        if bitmap[byte] & bit:
+            self.repeated += 1
+        bitmap[byte] |= bit
         if self.received == 0:
             self.first_ns = now
         self.received += 1
@@ -117,7 +121,7 @@ class ConsumerTally:
         self.latency.record_us((now - intended_ns) // 1000)
 
     def progress(self) -> dict[str, Any]:
-        return {"received": self.received}
+        return {"received": self.received, "distinct": self.received - self.repeated}
 
     def result(self) -> dict[str, Any]:
         return {

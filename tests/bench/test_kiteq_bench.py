@@ -144,9 +144,11 @@ def test_bitmaps_count_distinct_messages_across_consumers() -> None:
     for seq in (2, 3):  # 2 again: a redelivery to another consumer
         second.record(stamped_body(bytes(16), 1, 0, seq))
     second.record(stamped_body(bytes(16), 1, 1, 0))
+    second.record(stamped_body(bytes(16), 1, 0, 3))  # and 3 twice to the same consumer
     results = [first.result(), second.result()]
     assert merge_bitmaps(results) == 6
-    assert first.received + second.received == 7
+    assert first.received + second.received == 8
+    assert second.progress() == {"received": 4, "distinct": 3}
 
 
 def test_latency_histograms_add_up_after_encoding() -> None:
