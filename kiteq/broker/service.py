@@ -267,6 +267,9 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     task.add_done_callback(finished)
                 elif kind == "acks":
                     self._acked(conn, frame.acks.acks)
+                elif kind == "flow":
+                    paused = frame.flow.state == broker_pb2.FLOW_STATE_PAUSED
+                    self._dispatcher.flow(conn, paused)
                 elif kind == "tx":
                     await slots.acquire()
                     task = asyncio.create_task(self._decide(conn, frame.tx.acks))
@@ -281,9 +284,24 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     def _acked(self, conn: Connection, acks: Sequence[broker_pb2.DeliverAck]) -> None:
-        stray = self._dispatcher.acked(
-            conn, [(canonical_message_id(a.messageId), a.status) for a in acks]
-        )
+        results = []
+        delays: dict[str, float] | None = None
+        extended: list[str] | None = None
+        for a in acks:
+            message_id = canonical_message_id(a.messageId)
+            # delays and deadline extensions (issue #17) are rare: plain acks stay cheap
+            if a.action == broker_pb2.DELIVER_ACTION_IN_PROGRESS:
+                if extended is None:
+                    extended = []
+                extended.append(message_id)
+                continue
+            if a.delayMs and not a.status:
+                if delays is None:
+                    delays = {}
+                delays[message_id] = a.delayMs / 1000
+            results.append((message_id, a.status))
+        stray = self._dispatcher.extend(conn, extended) if extended else 0
+        stray += self._dispatcher.acked(conn, results, delays)
         if stray:
             # late after a timeout, twice, or naming another session's delivery: none of
             # them settles anything

@@ -66,6 +66,7 @@ class Connection:
         "inflight",
         "max_in_flight",
         "opened_at",
+        "paused",
         "peer",
         "wake",
         "warmup_seconds",
@@ -92,6 +93,8 @@ class Connection:
         # (deadline, message_id) in push order; deadlines only grow, so the head expires first
         self.expiry: deque[tuple[float, str]] = deque()
         self.closed = False
+        # the client paused its deliveries (a Flow frame): no credit until it resumes
+        self.paused = False
         self.wake = asyncio.Event()
         self._deliveries: list[tuple[StoredMessage, int]] = []
         self._acks: list[Outcome] = []
@@ -111,6 +114,8 @@ class Connection:
 
     @property
     def credit(self) -> int:
+        if self.paused:
+            return 0
         return self.max_in_flight - len(self.inflight)
 
     def share(self, now: float) -> float:

@@ -249,12 +249,18 @@ class Dispatcher:
             flight.dirty = True
         self.submit(record)
 
-    def acked(self, conn: Connection, results: list[tuple[str, bool]]) -> int:
+    def acked(
+        self,
+        conn: Connection,
+        results: list[tuple[str, bool]],
+        delays: dict[str, float] | None = None,
+    ) -> int:
         """Results from *conn*'s client: (message id, processed).
 
         Only deliveries in flight on *conn* itself are settled: an ack can never settle a
         push to another connection, whatever id it names. Returns how many results named
         no delivery in flight here (late after a timeout, duplicate, or foreign).
+        *delays*: message id -> seconds a nack asks the redelivery to wait (issue #17).
         """
         self._stamp()
         stray = 0
@@ -264,9 +270,36 @@ class Dispatcher:
                 stray += 1
                 continue
             self._released(1)
-            self._settle(pending, conn, ok, "ack" if ok else "nack")
+            delay = delays.get(message_id, 0.0) if delays else 0.0
+            self._settle(pending, conn, ok, "ack" if ok else "nack", delay)
         self._pump_released(conn.group)
         return stray
+
+    def extend(self, conn: Connection, message_ids: list[str]) -> int:
+        """*conn*'s client is still handling these: restart their ``deliverySeconds``.
+
+        Returns how many ids named no delivery in flight on *conn*.
+        """
+        self._stamp()
+        deadline = self._mono + self._timeout
+        stray = 0
+        for message_id in message_ids:
+            pending = conn.inflight.get(message_id)
+            if pending is None:
+                stray += 1
+                continue
+            pending.deadline = deadline
+            # the newest deadline is the latest one: the expiry queue stays in order, and
+            # the entry of the old deadline is skipped when it comes up
+            conn.expiry.append((deadline, message_id))
+        return stray
+
+    def flow(self, conn: Connection, paused: bool) -> None:
+        """*conn*'s client paused or resumed its deliveries (its credit counts as zero)."""
+        self._stamp()
+        conn.paused = paused
+        if not paused:
+            self._pump(conn.group)
 
     def connection_opened(self, conn: Connection) -> None:
         self._stamp()
@@ -519,7 +552,9 @@ class Dispatcher:
         )
         conn.send_delivery(record, attempt)
 
-    def _settle(self, pending: Pending, conn: Connection, ok: bool, result: str) -> None:
+    def _settle(
+        self, pending: Pending, conn: Connection, ok: bool, result: str, delay: float = 0.0
+    ) -> None:
         flight = pending.flight
         group = conn.group
         record = flight.record
@@ -541,6 +576,7 @@ class Dispatcher:
             state.state = GroupState.ACKED
         elif (
             flight.on_done is None
+            and not delay
             and state.attempts < IMMEDIATE_ATTEMPTS
             and state.attempts < record.message.deliver_limit
             and record.message.expired_time > self._now
@@ -550,18 +586,23 @@ class Dispatcher:
             del flight.pending[group]
             flight.failed.add(group)
             if flight.on_done is None:
-                self._round_failed(flight, group, state)
+                self._round_failed(flight, group, state, delay)
         self._maybe_finish(flight)
 
-    def _round_failed(self, flight: Flight, group: str, state: GroupDelivery) -> None:
-        """*group* used its immediate attempts: its own window, or its dead letter."""
+    def _round_failed(
+        self, flight: Flight, group: str, state: GroupDelivery, delay: float = 0.0
+    ) -> None:
+        """*group* used its immediate attempts or asked for *delay*: a window, or a letter.
+
+        The window is the later of *delay* and the group's own backoff.
+        """
         record = flight.record
         message = record.message
         now = self._now
         if state.attempts >= message.deliver_limit:
             self._bury(flight, group, "deliver_limit")
             return
-        due = now + redelivery_delay(state.attempts)
+        due = now + max(delay, redelivery_delay(state.attempts))
         if due >= message.expired_time:
             # the group's next window opens after the expiry: it can never have it
             self._bury(flight, group, "expired")
