@@ -13,6 +13,8 @@ Examples::
     kiteq-admin redrive 0f3c...e1 -group acct-svc
     KITEQ_ADMIN_SECRET=... kiteq-admin -tlsCa ca.pem -broker broker1:13800 stats
 
+The broker is ``-broker``, else ``$KITEQ_ADMIN_BROKER``, else 127.0.0.1:13800.
+
 Output: aligned tables by default; ``--json`` (before or after the command) prints the
 reply as JSON with numbers as numbers and times as ISO 8601 UTC (null when unset).
 
@@ -49,6 +51,9 @@ from kiteq.core.tls import PeerTransport, TlsOptions, probe_transport
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
 _PROBE_TIMEOUT = 2.0
+DEFAULT_BROKER = "127.0.0.1:13800"
+# where the broker is when -broker is not given: set once per shell, not on every command
+BROKER_ENV = "KITEQ_ADMIN_BROKER"
 # the broker's largest page (kiteq.broker.admin_service.MAX_PAGE)
 MAX_LIMIT = 1000
 
@@ -69,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         epilog="exit codes: 0 done, 1 call failed, 2 usage, 3 not found, 4 nothing changed",
     )
-    parser.add_argument("-broker", "--broker", default="127.0.0.1:13800", help="broker host:port")
+    parser.add_argument(
+        "-broker",
+        "--broker",
+        default=os.environ.get(BROKER_ENV, DEFAULT_BROKER),
+        help=f"broker host:port (default ${BROKER_ENV}, else {DEFAULT_BROKER})",
+    )
     _json_flag(parser, default=False)
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from kiteq.broker.admin_service import ADMIN_SECRET_HEADER
+from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

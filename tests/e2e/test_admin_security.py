@@ -24,8 +24,8 @@ from typing import Any, Final
 import grpc
 import pytest
 
-from kiteq.broker.admin_service import ADMIN_SECRET_HEADER
 from kiteq.client import Message, Producer
+from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e.broker_process import REPO, BrokerProcess, free_port, write_config
 
