@@ -23,6 +23,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Final
 
 from kiteq.binding.registry import redact_registry_uri
+from kiteq.broker.logs import LOG_FILE, LogFormat, configure as configure_logging
 from kiteq.broker.server import Broker
 from kiteq.core.admin import ADMIN_SECRET_ENV, AUDIT_LOGGER
 from kiteq.core.config import ClusterConfig, load_cluster, read_secret_file
@@ -77,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level",
     )
     flag(
+        "logFormat",
+        "log_format",
+        type=LogFormat,
+        default=LogFormat.TEXT,
+        choices=list(LogFormat),
+        help="text (default) or json: one JSON object per line",
+    )
+    flag(
+        "logPath",
+        "log_path",
+        default=None,
+        help=f"also write the log to <logPath>/{LOG_FILE} (default: stderr only)",
+    )
+    flag(
         "grace", "grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default 10)"
     )
     flag("tlsCert", "tls_cert", default=None, help="PEM certificate chain (overrides tlsCert)")
@@ -122,11 +137,11 @@ def apply_overrides(
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=options.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    try:
+        configure_logging(options.log_level, options.log_format, options.log_path)
+    except KiteQError as exc:
+        print(f"kiteq: {exc}", file=sys.stderr)
+        return 1
     # the audit trail is not chatter: -logLevel=WARNING must not drop admin mutations
     logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
     faulthandler.register(signal.SIGUSR1)

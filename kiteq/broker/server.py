@@ -35,7 +35,14 @@ from kiteq.binding.registry import (
 )
 from kiteq.binding.zk import parse_zk_uri
 from kiteq.broker.admin_service import AdminService
+from kiteq.broker.console_source import BrokerConsole
+from kiteq.broker.logs import EventSummary
+from kiteq.broker.operator import Operator
 from kiteq.broker.service import (
+    KEEPALIVE_TIME_MS,
+    KEEPALIVE_TIMEOUT_MS,
+    MAX_PING_STRIKES,
+    MIN_PING_INTERVAL_MS,
     PROTOCOL_VERSION,
     BrokerService,
     add_to_server as add_broker_service,
@@ -67,14 +74,18 @@ VERSION: Final = "0.1.0"
 _EXPIRY_TICK: Final = 0.1
 _STATS_TICK: Final = 5.0
 _HISTORY_PRUNE_PERIOD: Final = 3600.0
+# per-message events (dead letters, refused messages) are logged as one summary per period
+_SUMMARY_PERIOD: Final = 10.0
+# how often a shutdown that waits says what for
+_DRAIN_REPORT_PERIOD: Final = 1.0
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
     # a second broker on the same port must fail loudly, not share it
     ("grpc.so_reuseport", 0),
 ]
@@ -254,6 +265,7 @@ class Broker:
         )
         self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
+        self._bindings = bindings
         self._connections = connections = ConnectionTable()
         self._bookkeeper = bookkeeper = Bookkeeper(store)
         self._history = history = History(bookkeeper.history)
@@ -348,6 +360,7 @@ class Broker:
         self._spawn("expiry", self._expiry_loop)
         self._spawn("stats", self._stats_loop)
         self._spawn("history", self._history_loop)
+        self._spawn("summaries", self._summary_loop)
         if self._pport > 0:
             stats = StatsView(
                 bindings=bindings,
@@ -357,11 +370,33 @@ class Broker:
                 backlog=lambda: self._backlog,
                 dead_letters=lambda: self._dead_letters,
             )
+            console = BrokerConsole(
+                config=config,
+                advertised=self.advertised,
+                store_description=store.description,
+                bindings=bindings,
+                connections=connections,
+                dispatcher=dispatcher,
+                intake=intake,
+                transactions=transactions,
+                operator=Operator(
+                    store=store,
+                    dispatcher=dispatcher,
+                    history=history,
+                    transactions=transactions,
+                    clock=self._clock,
+                ),
+                clock=self._clock,
+                uptime=lambda: time.monotonic() - self._started,
+                backlog=lambda: self._backlog,
+                dead_letters=lambda: self._dead_letters,
+            )
             self._ops = OpsServer(
                 self._bind_host or "0.0.0.0",  # noqa: S104
                 self._pport,
                 self.metrics,
                 stats,
+                console=console,
                 admin_secret=config.admin_secret,
             )
             await self._ops.start()
@@ -409,6 +444,7 @@ class Broker:
     async def _taken_over(self, moved: int) -> None:
         """Rows of a dead broker became ours: deliver them now, count them."""
         self._recover.wake()
+        self.metrics.taken_over(moved)
         await self._transactions.load()
         self._backlog = await self._store_or_fail().backlog()
         self.metrics.set_backlog(self._backlog)
@@ -449,7 +485,38 @@ class Broker:
             consumers = sum(1 for c in self._connections if c.consumer)
             self.metrics.set_connections("consumer", consumers)
             self.metrics.set_connections("producer", len(self._connections) - consumers)
+            self._group_metrics()
             await asyncio.sleep(_STATS_TICK)
+
+    def _group_metrics(self) -> None:
+        """Per-(topic, group) gauges, transactions and ZooKeeper state, all from memory."""
+        unacked, waiting, oldest = self._dispatcher.group_gauges()
+        per_group: dict[str, int] = {}
+        for conn in self._connections:
+            if conn.consumer:
+                per_group[conn.group] = per_group.get(conn.group, 0) + 1
+        consumers = {
+            (binding.topic, binding.group_id): per_group.get(binding.group_id, 0)
+            for binding in self._bindings.bindings()
+        }
+        self.metrics.set_groups(unacked, waiting, oldest, consumers)
+        tx = self._transactions
+        self.metrics.set_transactions(tx.pending, tx.unresolved)
+        state = getattr(self._registry, "connection_state", None)
+        if isinstance(state, str):
+            self.metrics.set_zookeeper(state, getattr(self._registry, "session_losses", 0))
+
+    async def _summary_loop(self) -> None:
+        dead = EventSummary(logger, "dead letters", "topic/group/reason")
+        refused = EventSummary(logger, "refused messages", "reason")
+        while True:
+            await asyncio.sleep(_SUMMARY_PERIOD)
+            dead.add(self._dispatcher.dead_letter_summary)
+            self._dispatcher.dead_letter_summary.clear()
+            refused.add(self._intake.refusals)
+            self._intake.refusals.clear()
+            dead.flush(_SUMMARY_PERIOD)
+            refused.flush(_SUMMARY_PERIOD)
 
     async def _history_loop(self) -> None:
         while True:
@@ -484,6 +551,33 @@ class Broker:
     def failed(self) -> bool:
         return self._failure is not None
 
+    async def _drain(self, done: Coroutine[Any, Any, None], timeout: float) -> None:
+        """Wait for *done* at most *timeout* seconds, saying every second what remains."""
+        task = asyncio.ensure_future(done)
+        deadline = time.monotonic() + timeout
+        try:
+            while not task.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    logger.warning(
+                        "drain timed out after %.1fs: %d deliveries unacked, %d publishes "
+                        "unfinished",
+                        timeout,
+                        self._dispatcher.inflight,
+                        self._intake.active,
+                    )
+                    return
+                await asyncio.wait({task}, timeout=min(left, _DRAIN_REPORT_PERIOD))
+                if not task.done():
+                    logger.info(
+                        "draining: waiting for %d deliveries, %d publishes (%.0fs left)",
+                        self._dispatcher.inflight,
+                        self._intake.active,
+                        max(0.0, deadline - time.monotonic()),
+                    )
+        finally:
+            task.cancel()
+
     async def stop(self) -> None:
         grace = self._grace
         if self._registration is not None:
@@ -494,13 +588,9 @@ class Broker:
             await self._health.enter_graceful_shutdown()
         if hasattr(self, "_intake"):
             self._intake.stop_accepting()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._intake.drained(), grace)
+            await self._drain(self._intake.drained(), grace)
             self._dispatcher.pause()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._dispatcher.settled(), min(grace, self.config.delivery_seconds)
-                )
+            await self._drain(self._dispatcher.settled(), min(grace, self.config.delivery_seconds))
         if self._server is not None:
             await self._server.stop(1.0)
         if self._ops is not None:

@@ -4,7 +4,15 @@ import shutil
 
 import pytest
 
-from kiteq.ops.metrics import CONNECTION_ROLES, DELIVERY_RESULTS, REJECT_REASONS, BrokerMetrics
+from kiteq.ops.metrics import (
+    CONNECTION_ROLES,
+    DEAD_LETTER_REASONS,
+    DELIVERY_RESULTS,
+    REJECT_REASONS,
+    SESSION_CLOSE_REASONS,
+    TX_CHECK_RESULTS,
+    BrokerMetrics,
+)
 from tests._servers import unavailable
 
 
@@ -24,6 +32,27 @@ def touch_everything(metrics: BrokerMetrics) -> None:
     metrics.set_backlog({"trade": 7, "user-profile": 1})
     metrics.set_dead_letters({("trade", "pay-svc"): 2})
     metrics.set_info("0.1.0", "rocksdb_dev", "rocksdb")
+    for reason in sorted(DEAD_LETTER_REASONS):
+        metrics.dead_lettered("trade", "pay-svc", reason, 2)
+    metrics.flow_limited("trade", "pay-svc", 3)
+    metrics.received_bytes("trade", 3000)
+    metrics.delivered_bytes("trade", 2000)
+    metrics.set_groups(
+        {("trade", "pay-svc"): 2},
+        {("trade", "pay-svc"): 5},
+        {("trade", "pay-svc"): 1.5},
+        {("trade", "pay-svc"): 2, ("trade", "audit"): 0},
+    )
+    metrics.set_transactions(3, 1)
+    for result in sorted(TX_CHECK_RESULTS):
+        metrics.tx_checked(result)
+    metrics.set_zookeeper("connected", 1)
+    metrics.taken_over(12)
+    for reason in sorted(SESSION_CLOSE_REASONS):
+        metrics.session_closed(reason)
+    metrics.store_ack_latency.observe(("trade",), 0.002, 50)
+    metrics.first_delivery_latency.observe(("trade", "pay-svc"), 0.004)
+    metrics.ack_latency.observe(("trade", "pay-svc"), 0.03)
 
 
 @pytest.fixture

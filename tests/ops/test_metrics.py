@@ -12,6 +12,7 @@ from kiteq.ops.metrics import (
     CONTENT_TYPE,
     FRAME_REJECT_REASONS,
     INVALID_LABEL,
+    LATENCY_BUCKETS,
     NO_GROUP_LABEL,
     OTHER_LABEL,
     BrokerMetrics,
@@ -34,6 +35,25 @@ KITEQ_FAMILIES = {
     "kiteq_store_backlog_messages": "gauge",
     "kiteq_dead_letters": "gauge",
     "kiteq_build_info": "gauge",
+    "kiteq_dead_lettered": "counter",
+    "kiteq_flow_limited_pushes": "counter",
+    "kiteq_received_bytes": "counter",
+    "kiteq_delivered_bytes": "counter",
+    "kiteq_group_unacked_messages": "gauge",
+    "kiteq_group_waiting_messages": "gauge",
+    "kiteq_group_oldest_waiting_age_seconds": "gauge",
+    "kiteq_group_consumers": "gauge",
+    "kiteq_transactions_pending": "gauge",
+    "kiteq_transactions_unresolved": "gauge",
+    "kiteq_transaction_checks": "counter",
+    "kiteq_zookeeper_state": "gauge",
+    "kiteq_zookeeper_session_expirations": "counter",
+    "kiteq_takeovers": "counter",
+    "kiteq_takeover_messages": "counter",
+    "kiteq_sessions_closed": "counter",
+    "kiteq_publish_store_ack_seconds": "histogram",
+    "kiteq_publish_first_delivery_seconds": "histogram",
+    "kiteq_delivery_ack_seconds": "histogram",
 }
 
 
@@ -103,6 +123,10 @@ def test_fixed_label_sets_start_at_zero(metrics: BrokerMetrics) -> None:
         (lambda m: m.rejected("trade", "bogus"), "unknown reject reason 'bogus'"),
         (lambda m: m.delivered("trade", "g", "success"), "unknown delivery result 'success'"),
         (lambda m: m.set_connections("admin", 1), "unknown connection role 'admin'"),
+        (lambda m: m.dead_lettered("t", "g", "boom"), "unknown dead-letter reason 'boom'"),
+        (lambda m: m.tx_checked("maybe"), "unknown tx check result 'maybe'"),
+        (lambda m: m.set_zookeeper("dizzy", 0), "unknown zookeeper state 'dizzy'"),
+        (lambda m: m.session_closed("bored"), "unknown close reason 'bored'"),
     ],
 )
 def test_fixed_label_values_are_enforced(
@@ -288,3 +312,73 @@ def test_binding_refusals_are_counted_by_bounded_reason() -> None:
         if s.name.endswith("_total")
     }
     assert samples == {"permission": 1.0, "limit": 2.0}
+
+
+# --- issue #14: per-group gauges, latency histograms, transactions, ZooKeeper -----------
+
+
+def test_fast_histogram_matches_prometheus_client() -> None:
+    """The list-based histogram exposes what prometheus_client's own would."""
+    ours = BrokerMetrics(process=False)
+    theirs = prometheus_client.CollectorRegistry()
+    reference = prometheus_client.Histogram(
+        "ref", "", ["topic", "group"], buckets=LATENCY_BUCKETS, registry=theirs
+    )
+    values = [0.0, 0.0005, 0.0007, 0.001, 0.3, 2.5, 299.0, 300.0, 301.0, 1e6]
+    for v in values:
+        ours.ack_latency.observe(("trade", "pay-svc"), v)
+        reference.labels("trade", "pay-svc").observe(v)
+    ours.ack_latency.observe(("trade", "pay-svc"), 0.02, 3)
+    for _ in range(3):
+        reference.labels("trade", "pay-svc").observe(0.02)
+    labels = {"topic": "trade", "group": "pay-svc"}
+    for bound in (*LATENCY_BUCKETS, float("inf")):
+        le = "+Inf" if bound == float("inf") else str(bound)
+        assert value(ours, "kiteq_delivery_ack_seconds_bucket", **labels, le=le) == (
+            theirs.get_sample_value("ref_bucket", {**labels, "le": le})
+        ), le
+    assert value(ours, "kiteq_delivery_ack_seconds_count", **labels) == len(values) + 3
+    assert value(ours, "kiteq_delivery_ack_seconds_sum", **labels) == pytest.approx(
+        sum(values) + 0.06
+    )
+
+
+def test_fast_histogram_labels_go_through_the_caps() -> None:
+    metrics = BrokerMetrics(max_topics=1, process=False)
+    for topic in ("a", "b", "c"):
+        metrics.first_delivery_latency.observe((topic, "g"), 0.01)
+    metrics.first_delivery_latency.observe(("bad topic!", "g"), 0.01)
+    count = "kiteq_publish_first_delivery_seconds_count"
+    assert value(metrics, count, topic="a", group="g") == 1
+    assert value(metrics, count, topic=OTHER_LABEL, group="g") == 2
+    assert value(metrics, count, topic=INVALID_LABEL, group="g") == 1
+
+
+def test_group_gauges_replace_and_remove_pairs(metrics: BrokerMetrics) -> None:
+    metrics.set_groups({("t", "a"): 2}, {("t", "b"): 4}, {("t", "a"): 9.5}, {("t", "a"): 1})
+    assert value(metrics, "kiteq_group_unacked_messages", topic="t", group="a") == 2
+    assert value(metrics, "kiteq_group_unacked_messages", topic="t", group="b") == 0
+    assert value(metrics, "kiteq_group_waiting_messages", topic="t", group="b") == 4
+    assert value(metrics, "kiteq_group_oldest_waiting_age_seconds", topic="t", group="a") == 9.5
+    assert value(metrics, "kiteq_group_consumers", topic="t", group="b") == 0
+    metrics.set_groups({}, {}, {}, {("t", "b"): 3})
+    assert value(metrics, "kiteq_group_unacked_messages", topic="t", group="a") is None
+    assert value(metrics, "kiteq_group_consumers", topic="t", group="a") is None
+    assert value(metrics, "kiteq_group_consumers", topic="t", group="b") == 3
+
+
+def test_zookeeper_state_is_one_hot_and_losses_count_once(metrics: BrokerMetrics) -> None:
+    metrics.set_zookeeper("connected", 0)
+    metrics.set_zookeeper("lost", 1)
+    metrics.set_zookeeper("lost", 1)
+    assert value(metrics, "kiteq_zookeeper_state", state="lost") == 1
+    assert value(metrics, "kiteq_zookeeper_state", state="connected") == 0
+    metrics.set_zookeeper("connected", 3)
+    assert value(metrics, "kiteq_zookeeper_state", state="connected") == 1
+    assert value(metrics, "kiteq_zookeeper_session_expirations_total") == 3
+
+
+def test_dead_letters_without_a_group_count_under_none(metrics: BrokerMetrics) -> None:
+    metrics.dead_lettered("trade", "", "no_binding", 2)
+    labels = {"topic": "trade", "group": NO_GROUP_LABEL, "reason": "no_binding"}
+    assert value(metrics, "kiteq_dead_lettered_total", **labels) == 2

@@ -242,6 +242,8 @@ class ZkBindingRegistry:
         self._unregistering = threading.Event()
         # everything below: loop thread only
         self._state: str = KazooState.LOST
+        # sessions lost since start (expired), for kiteq_zookeeper_session_expirations_total
+        self.session_losses = 0
         self._topic_nodes: dict[str, _TopicNode] = {}
         self._group_nodes: set[tuple[str, str]] = set()
         self._served: set[str] = set(self._topics)
@@ -564,9 +566,15 @@ class ZkBindingRegistry:
         elif state == KazooState.SUSPENDED:
             logger.warning("zookeeper connection suspended: serving with the last known bindings")
         else:
+            self.session_losses += 1
             logger.warning(
                 "zookeeper session lost: bindings kept; nodes are re-created on reconnect"
             )
+
+    @property
+    def connection_state(self) -> str:
+        """``connected``, ``suspended`` or ``lost`` (kazoo's state, lower case)."""
+        return str(self._state).lower()
 
     # -- registration --------------------------------------------------------------------
 

@@ -155,9 +155,20 @@ class Dispatcher:
         self.redelivered = 0
         self.dead_lettered = 0
         self.flow_limited = 0
+        # groups that got their first live consumer: the recover scan then reads the
+        # messages parked for offline groups too (``parked_until``)
+        self.arrivals = 0
         # (topic, group, result) -> count, handed to metrics by ``flush_metrics``
         self._tally: Counter[tuple[str, str, str]] = Counter()
         self._retries: Counter[tuple[str, str]] = Counter()
+        self._held: Counter[tuple[str, str]] = Counter()
+        self._buried: Counter[tuple[str, str, str]] = Counter()
+        self._bytes_out: Counter[str] = Counter()
+        # dead letters by "topic/group/reason" since the broker's last log summary
+        self.dead_letter_summary: Counter[str] = Counter()
+        # per-message latencies go straight into the metrics' list-based histograms
+        self._first_latency = metrics.first_delivery_latency if metrics is not None else None
+        self._ack_latency = metrics.ack_latency if metrics is not None else None
 
     # -- state -------------------------------------------------------------------------
 
@@ -304,6 +315,8 @@ class Dispatcher:
     def connection_opened(self, conn: Connection) -> None:
         self._stamp()
         if conn.consumer:
+            if len(self._connections.consumers(conn.group)) == 1:
+                self.arrivals += 1
             self._pump(conn.group)
 
     def connection_closed(self, conn: Connection) -> None:
@@ -361,8 +374,43 @@ class Dispatcher:
                 metrics.delivered(topic, group, result, n)
             for (topic, group), n in self._retries.items():
                 metrics.redelivered(topic, group, n)
+            for (topic, group), n in self._held.items():
+                metrics.flow_limited(topic, group, n)
+            for (topic, group, reason), n in self._buried.items():
+                metrics.dead_lettered(topic, group, reason, n)
+            for topic, n in self._bytes_out.items():
+                metrics.delivered_bytes(topic, n)
+        for (topic, group, reason), n in self._buried.items():
+            self.dead_letter_summary[f"{topic}/{group or '-'}/{reason}"] += n
         self._tally.clear()
         self._retries.clear()
+        self._held.clear()
+        self._buried.clear()
+        self._bytes_out.clear()
+
+    def group_gauges(
+        self,
+    ) -> tuple[dict[_Key, int], dict[_Key, int], dict[_Key, float]]:
+        """Unacked, waiting and oldest age (since publish) per (topic, group), from memory.
+
+        Walks the in-flight deliveries (at most ``maxDeliverWorkers``) and the heads of the
+        waiting queues: no store read, for the periodic metrics update.
+        """
+        now = self._clock.now()
+        unacked: Counter[_Key] = Counter()
+        oldest: dict[_Key, float] = {}
+        for conn in self._connections.consumers():
+            for pending in conn.inflight.values():
+                record = pending.flight.record
+                key = (record.message.topic, conn.group)
+                unacked[key] += 1
+                oldest[key] = max(oldest.get(key, 0.0), now - record.publish_time)
+        waiting = {key: len(queue) for key, queue in self._waiting.items() if queue}
+        for key, queue in self._waiting.items():
+            if queue:
+                age = now - queue[0].record.publish_time
+                oldest[key] = max(oldest.get(key, 0.0), age)
+        return dict(unacked), waiting, oldest
 
     def pause(self) -> None:
         """Start no new push (shutdown); in-flight ones still settle."""
@@ -427,7 +475,7 @@ class Dispatcher:
                     if state.attempts >= limit:
                         self._bury(flight, group, "deliver_limit")
                         continue
-                    if state.next_deliver_time > now:
+                    if state.next_deliver_time > now and not _parked(record, state):
                         flight.deferred = True
                         continue
             flight.pending[group] = route.persistent
@@ -496,6 +544,7 @@ class Dispatcher:
                         self._push(flight, group, conn)
                         return
                     self.flow_limited += 1
+                    self._held[key] += 1
             else:
                 self._starved = True
         if queue is None:
@@ -506,8 +555,20 @@ class Dispatcher:
     def _unreachable(self, flight: Flight, group: str) -> None:
         persistent = flight.pending.pop(group)
         if persistent:
-            # its state (attempts so far, due) is unchanged: the message stays due for it
+            # Parked without using an attempt: due again at the expiry, so the periodic
+            # scan never reads it while the group is away (a backlog of an offline group
+            # costs nothing); the scan after a group arrives reads parked messages too.
             flight.parked = True
+            record = flight.record
+            until = parked_until(record)
+            state = record.groups.get(group)
+            if state is None:
+                record.groups[group] = GroupDelivery(GroupState.PENDING, 0, until)
+            elif state.next_deliver_time != until:
+                state.next_deliver_time = until
+            else:
+                return
+            flight.dirty = True
             return
         # KiteQ: a non-persistent group that is offline is skipped for this message; it
         # counts as settled for that group (GroupState has no separate "skipped").
@@ -539,9 +600,13 @@ class Dispatcher:
         conn.expiry.append((deadline, message_id))
         self._inflight += 1
         self._idle.clear()
+        topic = record.message.topic
         if attempt > 1:
             self.redelivered += 1
-            self._retries[record.message.topic, group] += 1
+            self._retries[topic, group] += 1
+        elif self._first_latency is not None:
+            self._first_latency.observe((topic, group), self._now - record.publish_time)
+        self._bytes_out[topic] += len(record.message.body)
         self._history.record(
             message_id,
             self._now,
@@ -572,6 +637,9 @@ class Dispatcher:
         state = record.groups[group]
         if ok:
             self.delivered += 1
+            if self._ack_latency is not None:
+                pushed = pending.deadline - self._timeout
+                self._ack_latency.observe((record.message.topic, group), self._mono - pushed)
             del flight.pending[group]
             state.state = GroupState.ACKED
         elif (
@@ -680,7 +748,9 @@ class Dispatcher:
         letters = []
         for group, reason in dead:
             self.dead_lettered += 1
-            logger.info(
+            # counted and summarised periodically (kiteq.broker.logs), not a line each
+            self._buried[record.topic, group, reason] += 1
+            logger.debug(
                 "dead letter id=%s topic=%s group=%s reason=%s",
                 record.message_id,
                 record.topic,
@@ -759,6 +829,26 @@ class Dispatcher:
                 ):
                     self._unreachable(flight, group)
                     self._maybe_finish(flight)
+
+
+def parked_until(record: StoredMessage) -> float:
+    """The due time of a group parked offline: the message's expiry.
+
+    A backoff window never ends there (``_round_failed`` dead-letters such a group), so
+    this time marks the group as parked: due whenever it has a live consumer.
+    """
+    return float(record.message.expired_time)
+
+
+def _parked(record: StoredMessage, state: GroupDelivery) -> bool:
+    return state.next_deliver_time == record.message.expired_time
+
+
+def has_parked(record: StoredMessage) -> bool:
+    """True when a pending group of *record* is parked (waits for a live consumer)."""
+    return any(
+        s.state is GroupState.PENDING and _parked(record, s) for s in record.groups.values()
+    )
 
 
 def _sync_count(record: StoredMessage) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kiteq.core.clock import Clock
-from kiteq.core.codes import AckCode, code_for
+from kiteq.core.codes import AckCode, Disposition, code_for
 from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicError
 from kiteq.core.limits import normalize
@@ -72,6 +72,13 @@ class Intake:
         self._idle.set()
         self.received = 0
         self.rejected = 0
+        # refused messages by reason since the last log summary (kiteq.broker.logs)
+        self.refusals: Counter[str] = Counter()
+
+    @property
+    def active(self) -> int:
+        """Publish batches being handled (validated, stored or acked)."""
+        return self._active
 
     @property
     def accepting(self) -> bool:
@@ -164,7 +171,9 @@ class Intake:
                 wire=None if wires is None else wires[i],
             )
             if message.fly:
-                outcomes[i] = Outcome(raw.message_id, AckCode.OK, "fly: not stored")
+                outcomes[i] = Outcome(
+                    raw.message_id, AckCode.OK, "fly: not stored", Disposition.FLY
+                )
                 fly.append(record)
             else:
                 records.append(record)
@@ -217,7 +226,10 @@ class Intake:
             flight = wait.result() if wait.done() else None
             if flight is not None and not flight.failed and not flight.parked:
                 outcomes[i] = Outcome(
-                    messages[i].message_id, AckCode.OK, "delivered before storing"
+                    messages[i].message_id,
+                    AckCode.OK,
+                    "delivered before storing",
+                    Disposition.DELIVERED,
                 )
                 continue
             # not (fully) delivered, or still waiting: store it; its per-group state says
@@ -247,11 +259,19 @@ class Intake:
                 outcomes[i] = Outcome(messages[i].message_id, code, str(exc))
             return
         if self._metrics is not None:
-            self._metrics.observe_store("save", self._clock.monotonic() - started, len(records))
+            done = self._clock.monotonic()
+            self._metrics.observe_store("save", done - started, len(records))
+            if records:
+                # from the batch's arrival (its publish_time), once per topic of the batch
+                # weighted by its messages: the acks go out together
+                waited = self._clock.now() - records[0].publish_time
+                latency = self._metrics.store_ack_latency
+                for topic, n in Counter(r.message.topic for r in records).items():
+                    latency.observe((topic,), waited, n)
         for i, record, result in zip(positions, records, results, strict=True):
             sent_id = messages[i].message_id
             if result is Saved.STORED:
-                outcomes[i] = Outcome(sent_id, AckCode.OK)
+                outcomes[i] = Outcome(sent_id, AckCode.OK, "", Disposition.STORED)
                 self._history.record(
                     record.message_id,
                     record.publish_time,
@@ -265,7 +285,9 @@ class Intake:
                 elif not self._config.delivery_first and self._dispatcher.has_room:
                     self._dispatcher.submit(record)
             elif result is Saved.DUPLICATE:
-                outcomes[i] = Outcome(sent_id, AckCode.OK, "duplicate: already stored")
+                outcomes[i] = Outcome(
+                    sent_id, AckCode.OK, "duplicate: already stored", Disposition.DUPLICATE
+                )
             else:
                 outcomes[i] = Outcome(sent_id, code_for(result), str(result))
 
@@ -283,6 +305,13 @@ class Intake:
                     self._metrics.received(topic, n)
                 else:
                     self._metrics.rejected(topic, code.metric_reason, n)
+                    self.refusals[code.metric_reason] += n
+            sizes: Counter[str] = Counter()
+            for m, o in zip(messages, outcomes, strict=True):
+                if o.ok:
+                    sizes[m.topic] += len(m.body)
+            for topic, n in sizes.items():
+                self._metrics.received_bytes(topic, n)
         return outcomes
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import (
@@ -28,6 +29,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from kiteq.core.limits import is_name
@@ -36,12 +38,17 @@ __all__ = [
     "BINDING_REFUSAL_REASONS",
     "CONNECTION_ROLES",
     "CONTENT_TYPE",
+    "DEAD_LETTER_REASONS",
     "DELIVERY_RESULTS",
     "FRAME_REJECT_REASONS",
     "INVALID_LABEL",
+    "LATENCY_BUCKETS",
     "NO_GROUP_LABEL",
     "OTHER_LABEL",
     "REJECT_REASONS",
+    "SESSION_CLOSE_REASONS",
+    "TX_CHECK_RESULTS",
+    "ZK_STATES",
     "BrokerMetrics",
 ]
 
@@ -87,6 +94,13 @@ FRAME_REJECT_REASONS: Final = frozenset(
 BINDING_REFUSAL_REASONS: Final = frozenset({"permission", "limit"})
 DELIVERY_RESULTS: Final = frozenset({"ack", "nack", "timeout", "disconnected"})
 CONNECTION_ROLES: Final = frozenset({"producer", "consumer"})
+# kiteq.handler.dispatch: why a (message, group) went to the dead-letter queue
+DEAD_LETTER_REASONS: Final = frozenset({"deliver_limit", "expired", "no_binding"})
+# what a transaction check ended in: the producer's answer, or none (sent, unanswered)
+TX_CHECK_RESULTS: Final = frozenset({"commit", "rollback", "unknown", "unresolved"})
+ZK_STATES: Final = frozenset({"connected", "suspended", "lost"})
+# kiteq.broker.service: how a client stream ended
+SESSION_CLOSE_REASONS: Final = frozenset({"client_closed", "cancelled", "refused", "error"})
 
 DEFAULT_MAX_TOPICS: Final = 200
 DEFAULT_MAX_GROUPS: Final = 200
@@ -109,6 +123,26 @@ _DURATION_BUCKETS: Final = (
     1.0,
     2.5,
     5.0,
+)
+# Message latencies: a loopback publish acked in ~1 ms up to a consumer that takes minutes.
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
 )
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -149,6 +183,72 @@ class _LabelCap:
             )
         self._overflow.inc()
         return OTHER_LABEL
+
+
+class FastHistogram:
+    """A histogram for per-message observations on the event loop.
+
+    ``prometheus_client.Histogram`` takes a lock and a labelled child lookup per
+    ``observe``; the dispatcher observes once per delivery, so this one keeps plain lists
+    (one bisect and two additions per observation) and builds the exposition at scrape
+    time. Label values go through the broker's caps when scraped. ``observe`` is for the
+    event loop only; ``collect`` may run on the scrape thread (it copies under a lock).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+        caps: tuple[_LabelCap, ...],
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = labelnames
+        self._bounds = buckets
+        self._caps = caps
+        self._lock = threading.Lock()
+        # label values -> counts per bucket (the last one is +Inf), then the sum
+        self._series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, key: tuple[str, ...], value: float, n: int = 1) -> None:
+        """Add *n* observations of *value* under the label values *key*."""
+        series = self._series.get(key)
+        if series is None:
+            series = [0.0] * (len(self._bounds) + 2)
+            with self._lock:
+                self._series[key] = series
+        series[bisect_left(self._bounds, value)] += n
+        series[-1] += value * n
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            items = [(key, list(series)) for key, series in self._series.items()]
+        merged: dict[tuple[str, ...], list[float]] = {}
+        for key, series in items:
+            labels = tuple(cap(v) for cap, v in zip(self._caps, key, strict=True))
+            into = merged.get(labels)
+            if into is None:
+                merged[labels] = series
+            else:
+                merged[labels] = [a + b for a, b in zip(into, series, strict=True)]
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, series in merged.items():
+            buckets = []
+            total = 0.0
+            for bound, count in zip((*self._bounds, float("inf")), series, strict=False):
+                total += count
+                buckets.append((_bound_text(bound), total))
+            family.add_metric(list(labels), buckets, series[-1])
+        yield family
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 def _check(kind: str, value: str, allowed: frozenset[str]) -> str:
@@ -261,6 +361,123 @@ class BrokerMetrics:
             ["topic", "group"],
             registry=reg,
         )
+        self._dead_lettered = Counter(
+            "kiteq_dead_lettered_total",
+            "Messages moved to the dead-letter queue, by topic, group and reason.",
+            ["topic", "group", "reason"],
+            registry=reg,
+        )
+        self._group_unacked = Gauge(
+            "kiteq_group_unacked_messages",
+            "Deliveries pushed to the group and not yet acknowledged.",
+            ["topic", "group"],
+            registry=reg,
+        )
+        self._group_waiting = Gauge(
+            "kiteq_group_waiting_messages",
+            "Messages held in memory for the group by its watermark, credits or workers.",
+            ["topic", "group"],
+            registry=reg,
+        )
+        self._group_oldest = Gauge(
+            "kiteq_group_oldest_waiting_age_seconds",
+            "Age (since publish) of the oldest message waiting in memory or unacknowledged "
+            "for the group; 0 when none.",
+            ["topic", "group"],
+            registry=reg,
+        )
+        self._group_consumers = Gauge(
+            "kiteq_group_consumers",
+            "Open consumer streams of the group, for each topic the group is bound to.",
+            ["topic", "group"],
+            registry=reg,
+        )
+        self._flow_limited = Counter(
+            "kiteq_flow_limited_pushes_total",
+            "Pushes held back by the (topic, group) watermark; they wait, using no attempt.",
+            ["topic", "group"],
+            registry=reg,
+        )
+        self._bytes_in = Counter(
+            "kiteq_received_bytes_total",
+            "Body bytes of messages accepted from producers.",
+            ["topic"],
+            registry=reg,
+        )
+        self._bytes_out = Counter(
+            "kiteq_delivered_bytes_total",
+            "Body bytes pushed to consumers (every attempt).",
+            ["topic"],
+            registry=reg,
+        )
+        self._tx_pending = Gauge(
+            "kiteq_transactions_pending",
+            "Uncommitted messages waiting for their producer's decision or a check.",
+            registry=reg,
+        )
+        self._tx_unresolved = Gauge(
+            "kiteq_transactions_unresolved",
+            "Uncommitted messages whose checks ran out: kept for an admin to decide.",
+            registry=reg,
+        )
+        self._tx_checks = Counter(
+            "kiteq_transaction_checks_total",
+            "Transaction checks by outcome: the producer's answer, or unresolved.",
+            ["result"],
+            registry=reg,
+        )
+        self._zk_state = Gauge(
+            "kiteq_zookeeper_state",
+            "1 for the ZooKeeper session's current state, 0 for the others.",
+            ["state"],
+            registry=reg,
+        )
+        self._zk_expirations = Counter(
+            "kiteq_zookeeper_session_expirations_total",
+            "ZooKeeper sessions lost (expired); the broker re-registers on the next one.",
+            registry=reg,
+        )
+        self._takeovers = Counter(
+            "kiteq_takeovers_total",
+            "Backlogs of dead brokers taken over (shared MySQL store).",
+            registry=reg,
+        )
+        self._takeover_rows = Counter(
+            "kiteq_takeover_messages_total",
+            "Stored messages adopted from dead brokers.",
+            registry=reg,
+        )
+        self._sessions_closed = Counter(
+            "kiteq_sessions_closed_total",
+            "Client streams closed, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self.store_ack_latency = FastHistogram(
+            "kiteq_publish_store_ack_seconds",
+            "From a publish batch's arrival to its store-ack, per message.",
+            ("topic",),
+            LATENCY_BUCKETS,
+            (self._topic,),
+        )
+        self.first_delivery_latency = FastHistogram(
+            "kiteq_publish_first_delivery_seconds",
+            "From a message's publish to its first push to a group.",
+            ("topic", "group"),
+            LATENCY_BUCKETS,
+            (self._topic, self._group),
+        )
+        self.ack_latency = FastHistogram(
+            "kiteq_delivery_ack_seconds",
+            "From a push to the consumer's ack.",
+            ("topic", "group"),
+            LATENCY_BUCKETS,
+            (self._topic, self._group),
+        )
+        for histogram in (self.store_ack_latency, self.first_delivery_latency, self.ack_latency):
+            reg.register(histogram)
+        self._group_labels: set[tuple[str, str]] = set()
+        self._zk_losses = 0
         self._build = Info("kiteq_build", "Version and configuration of this broker.", registry=reg)
         if process:
             ProcessCollector(registry=reg)
@@ -273,6 +490,12 @@ class BrokerMetrics:
             self._rejected_frames.labels(reason)
         for reason in sorted(BINDING_REFUSAL_REASONS):
             self._bindings_refused.labels(reason)
+        for result in sorted(TX_CHECK_RESULTS):
+            self._tx_checks.labels(result)
+        for state in sorted(ZK_STATES):
+            self._zk_state.labels(state).set(0)
+        for reason in sorted(SESSION_CLOSE_REASONS):
+            self._sessions_closed.labels(reason)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -345,6 +568,78 @@ class BrokerMetrics:
         for gone in self._dead_letter_labels - totals.keys():
             self._dead_letters.remove(*gone)
         self._dead_letter_labels = set(totals)
+
+    def dead_lettered(self, topic: str, group: str, reason: str, n: int = 1) -> None:
+        """Count *n* dead letters; *reason* is in ``DEAD_LETTER_REASONS``."""
+        reason = _check("dead-letter reason", reason, DEAD_LETTER_REASONS)
+        label = self._group(group) if group else NO_GROUP_LABEL
+        self._dead_lettered.labels(self._topic(topic), label, reason).inc(n)
+
+    def flow_limited(self, topic: str, group: str, n: int = 1) -> None:
+        """Count *n* pushes held back by the watermark."""
+        self._flow_limited.labels(self._topic(topic), self._group(group)).inc(n)
+
+    def received_bytes(self, topic: str, n: int) -> None:
+        self._bytes_in.labels(self._topic(topic)).inc(n)
+
+    def delivered_bytes(self, topic: str, n: int) -> None:
+        self._bytes_out.labels(self._topic(topic)).inc(n)
+
+    def set_groups(
+        self,
+        unacked: Mapping[tuple[str, str], int],
+        waiting: Mapping[tuple[str, str], int],
+        oldest_age: Mapping[tuple[str, str], float],
+        consumers: Mapping[tuple[str, str], int],
+    ) -> None:
+        """Replace the per-(topic, group) gauges; pairs in none of the maps lose their series.
+
+        A pair missing from one map but present in another reads 0 there.
+        """
+        keys = unacked.keys() | waiting.keys() | oldest_age.keys() | consumers.keys()
+        rows: dict[tuple[str, str], list[float]] = {}
+        for topic, group in keys:
+            label = (self._topic(topic), self._group(group))
+            row = rows.setdefault(label, [0, 0, 0.0, 0])
+            key = (topic, group)
+            row[0] += unacked.get(key, 0)
+            row[1] += waiting.get(key, 0)
+            row[2] = max(row[2], oldest_age.get(key, 0.0))
+            row[3] += consumers.get(key, 0)
+        gauges = (self._group_unacked, self._group_waiting, self._group_oldest)
+        for label, row in rows.items():
+            for gauge, value in zip((*gauges, self._group_consumers), row, strict=True):
+                gauge.labels(*label).set(value)
+        for gone in self._group_labels - rows.keys():
+            for gauge in (*gauges, self._group_consumers):
+                gauge.remove(*gone)
+        self._group_labels = set(rows)
+
+    def set_transactions(self, pending: int, unresolved: int) -> None:
+        self._tx_pending.set(pending)
+        self._tx_unresolved.set(unresolved)
+
+    def tx_checked(self, result: str, n: int = 1) -> None:
+        """Count *n* transaction checks ended in *result* (``TX_CHECK_RESULTS``)."""
+        self._tx_checks.labels(_check("tx check result", result, TX_CHECK_RESULTS)).inc(n)
+
+    def set_zookeeper(self, state: str, session_losses: int) -> None:
+        """The session is in *state* (``ZK_STATES``) and was lost *session_losses* times."""
+        state = _check("zookeeper state", state, ZK_STATES)
+        for other in ZK_STATES:
+            self._zk_state.labels(other).set(1 if other == state else 0)
+        if session_losses > self._zk_losses:
+            self._zk_expirations.inc(session_losses - self._zk_losses)
+            self._zk_losses = session_losses
+
+    def taken_over(self, messages: int) -> None:
+        """Count one takeover of a dead broker's backlog of *messages* stored messages."""
+        self._takeovers.inc()
+        self._takeover_rows.inc(messages)
+
+    def session_closed(self, reason: str) -> None:
+        """Count one closed client stream; *reason* is in ``SESSION_CLOSE_REASONS``."""
+        self._sessions_closed.labels(_check("close reason", reason, SESSION_CLOSE_REASONS)).inc()
 
     def set_info(self, version: str, cluster: str, store: str) -> None:
         """Publish ``kiteq_build_info{version,cluster,store} 1``.
