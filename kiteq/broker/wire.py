@@ -6,6 +6,7 @@ With the servicers, the only broker code that touches generated protobuf modules
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from kiteq.binding.model import Binding, BindType
 from kiteq.core.message import GroupState, Message, StoredMessage
@@ -60,6 +61,7 @@ _DELIVERY_ATTEMPT = b"\x10"  # Delivery.attempt (field 2, varint)
 _ACK_STATUS_TRUE = b"\x10\x01"  # StoreAck.status = true
 _ACK_FEEDBACK = b"\x1a"  # StoreAck.feedback (field 3, length-delimited)
 _ACK_CODE = b"\x20"  # StoreAck.code (field 4, varint)
+_ACK_DISPOSITION = b"\x28"  # StoreAck.disposition (field 5, varint)
 _FRAME_STORE_ACKS = b"\x12"  # ServerFrame.storeAcks (field 2)
 _FRAME_DELIVERIES = b"\x1a"  # ServerFrame.deliveries (field 3)
 
@@ -118,6 +120,64 @@ def deliveries_frame(deliveries: Sequence[tuple[StoredMessage, int]]) -> bytes:
     return _FRAME_DELIVERIES + _varint(len(batch)) + batch
 
 
+# deliveries per frame at most; frame bytes are bounded by the session's sendFrameBytes
+FRAME_MESSAGES: Final = 500
+# tags and length prefixes around one Delivery (two of each, and the attempt), and a frame's
+_DELIVERY_OVERHEAD: Final = 24
+_FRAME_OVERHEAD: Final = 16
+# room kept in a split delivery's frames for the header's own prefixes and the part's id
+_SPLIT_SLACK: Final = 256
+
+
+def delivery_frames(deliveries: Sequence[tuple[StoredMessage, int]], limit: int) -> list[bytes]:
+    """Serialized ``ServerFrame{deliveries}`` frames, none larger than *limit* bytes.
+
+    A message that does not fit in one frame under *limit* goes alone: a Delivery with
+    ``bodyBytes`` and the body's first part, then ``BodyPart`` frames (PROTOCOL.md).
+    """
+    frames: list[bytes] = []
+    current: list[tuple[StoredMessage, int]] = []
+    size = _FRAME_OVERHEAD
+    for record, attempt in deliveries:
+        item = len(message_bytes(record)) + _DELIVERY_OVERHEAD
+        if item + _FRAME_OVERHEAD > limit:
+            if current:
+                frames.append(deliveries_frame(current))
+                current, size = [], _FRAME_OVERHEAD
+            frames.extend(_split_delivery(record, attempt, limit))
+            continue
+        if current and (len(current) >= FRAME_MESSAGES or size + item > limit):
+            frames.append(deliveries_frame(current))
+            current, size = [], _FRAME_OVERHEAD
+        current.append((record, attempt))
+        size += item
+    if current:
+        frames.append(deliveries_frame(current))
+    return frames
+
+
+def _split_delivery(record: StoredMessage, attempt: int, limit: int) -> list[bytes]:
+    """One message as a Delivery with the body's first part and BodyPart frames."""
+    data = message_bytes(record)
+    pb = common_pb2.Message.FromString(data)
+    body = pb.body
+    first = max(0, limit - (len(data) - len(body)) - _SPLIT_SLACK)
+    pb.body = body[:first]
+    frames = [
+        broker_pb2.ServerFrame(
+            deliveries=broker_pb2.DeliveryBatch(
+                deliveries=[broker_pb2.Delivery(message=pb, attempt=attempt, bodyBytes=len(body))]
+            )
+        ).SerializeToString()
+    ]
+    message_id = pb.header.messageId
+    step = limit - _SPLIT_SLACK - len(message_id)
+    for start in range(first, len(body), step):
+        part = broker_pb2.BodyPart(messageId=message_id, data=body[start : start + step])
+        frames.append(broker_pb2.ServerFrame(bodyPart=part).SerializeToString())
+    return frames
+
+
 def store_acks_frame(outcomes: Sequence[Outcome]) -> bytes:
     """A serialized ``ServerFrame{storeAcks}``."""
     parts = []
@@ -132,21 +192,35 @@ def store_acks_frame(outcomes: Sequence[Outcome]) -> bytes:
             item += _ACK_FEEDBACK + _varint(len(feedback)) + feedback
         if code:
             item += _ACK_CODE + _varint(code)
+        if outcome.disposition:
+            item += _ACK_DISPOSITION + _varint(int(outcome.disposition))
         parts.append(_FIELD1_LEN + _varint(len(item)) + item)
     batch = b"".join(parts)
     return _FRAME_STORE_ACKS + _varint(len(batch)) + batch
 
 
-def checks_frame(checks: Sequence[tuple[StoredMessage, int]]) -> broker_pb2.ServerFrame:
-    """Transaction checks: the publishing group decides these messages."""
-    return broker_pb2.ServerFrame(
-        checks=broker_pb2.TxCheckBatch(
-            checks=[
-                broker_pb2.TxCheck(header=header_to_pb(record.message), check=check)
-                for record, check in checks
-            ]
-        )
-    )
+def checks_frames(
+    checks: Sequence[tuple[StoredMessage, int]], limit: int
+) -> list[broker_pb2.ServerFrame]:
+    """Transaction checks (the publishing group decides these messages), in frames.
+
+    None is larger than *limit* bytes (a header with the maximum properties is far below
+    the smallest limit).
+    """
+    frames: list[broker_pb2.ServerFrame] = []
+    batch = broker_pb2.TxCheckBatch()
+    size = _FRAME_OVERHEAD
+    for record, check in checks:
+        item = broker_pb2.TxCheck(header=header_to_pb(record.message), check=check)
+        item_size = item.ByteSize() + _DELIVERY_OVERHEAD
+        if batch.checks and size + item_size > limit:
+            frames.append(broker_pb2.ServerFrame(checks=batch))
+            batch, size = broker_pb2.TxCheckBatch(), _FRAME_OVERHEAD
+        batch.checks.append(item)
+        size += item_size
+    if batch.checks:
+        frames.append(broker_pb2.ServerFrame(checks=batch))
+    return frames
 
 
 def serialize_server_frame(frame: broker_pb2.ServerFrame | bytes) -> bytes:
@@ -161,6 +235,7 @@ def store_acks(outcomes: Iterable[Outcome]) -> list[broker_pb2.StoreAck]:
             status=o.ok,
             feedback=o.feedback,
             code=common_pb2.ErrorCode.ValueType(int(o.code)),
+            disposition=broker_pb2.StoreDisposition.ValueType(int(o.disposition)),
         )
         for o in outcomes
     ]

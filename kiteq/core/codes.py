@@ -16,7 +16,7 @@ from kiteq.core.errors import (
     UnknownTopicError,
 )
 
-__all__ = ["AckCode", "code_for"]
+__all__ = ["AckCode", "Disposition", "code_for"]
 
 
 class AckCode(enum.IntEnum):
@@ -31,6 +31,7 @@ class AckCode(enum.IntEnum):
     NOT_SERVING = 8
     UNAUTHENTICATED = 9
     PERMISSION_DENIED = 10
+    BATCH_TOO_LARGE = 11
 
     @property
     def retriable(self) -> bool:
@@ -42,8 +43,24 @@ class AckCode(enum.IntEnum):
 
 
 _RETRIABLE = frozenset(
-    {AckCode.OVERFLOW, AckCode.STORE_UNAVAILABLE, AckCode.STORE_FULL, AckCode.NOT_SERVING}
+    {
+        AckCode.OVERFLOW,
+        AckCode.STORE_UNAVAILABLE,
+        AckCode.STORE_FULL,
+        AckCode.NOT_SERVING,
+        AckCode.BATCH_TOO_LARGE,
+    }
 )
+
+
+class Disposition(enum.IntEnum):
+    """How an accepted message was taken; the numbers equal the wire's ``StoreDisposition``."""
+
+    UNSPECIFIED = 0  # refused: the code says why
+    STORED = 1
+    DUPLICATE = 2
+    DELIVERED = 3  # deliveryFirst: every group acked before it was stored
+    FLY = 4
 
 
 def code_for(error: KiteQError) -> AckCode:

@@ -248,7 +248,11 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         duplicate = message_id in self.stored
         self.stored[message_id] = message
         return broker_pb2.StoreAck(
-            messageId=message_id, status=True, feedback="duplicate: stored" if duplicate else ""
+            messageId=message_id,
+            status=True,
+            disposition=broker_pb2.STORE_DISPOSITION_DUPLICATE
+            if duplicate
+            else broker_pb2.STORE_DISPOSITION_STORED,
         )
 
     async def Publish(  # noqa: N802 - gRPC method name

@@ -80,8 +80,13 @@ def test_decode_frames() -> None:
         broker_pb2.ServerFrame(
             storeAcks=broker_pb2.StoreAckBatch(
                 acks=[
-                    broker_pb2.StoreAck(messageId="a", status=True),
-                    broker_pb2.StoreAck(messageId="b", status=True, feedback="duplicate: x"),
+                    # a feedback text is never parsed: only the disposition says duplicate
+                    broker_pb2.StoreAck(messageId="a", status=True, feedback="duplicate: x"),
+                    broker_pb2.StoreAck(
+                        messageId="b",
+                        status=True,
+                        disposition=broker_pb2.STORE_DISPOSITION_DUPLICATE,
+                    ),
                     broker_pb2.StoreAck(
                         messageId="c", status=False, code=common_pb2.ERROR_CODE_EXPIRED
                     ),
@@ -92,6 +97,7 @@ def test_decode_frames() -> None:
     assert isinstance(acks, _wire.StoreAcks)
     first, second, third = acks.results
     assert first == _wire.StoreResult("a")
+    assert not first.duplicate
     assert second.duplicate
     assert isinstance(third.error, ExpiredMessageError)
     assert "ERROR_CODE_EXPIRED" in str(third.error)

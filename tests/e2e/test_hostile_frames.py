@@ -94,6 +94,7 @@ def corpus(rng: random.Random) -> list[bytes]:
             groupId="pay",
             secretKey="right",
             maxInFlight=10,
+            protocolVersion=1,
             bindings=[
                 common_pb2.Binding(
                     topic="fuzz", messageType="*", bindType=common_pb2.BIND_TYPE_FANOUT
@@ -329,7 +330,9 @@ async def test_garbage_inside_a_session_ends_it_after_the_acks_of_what_came_befo
             ]
         )
     )
-    open_frame = broker_pb2.ClientFrame(open=broker_pb2.Open(groupId="pay", secretKey="right"))
+    open_frame = broker_pb2.ClientFrame(
+        open=broker_pb2.Open(groupId="pay", secretKey="right", protocolVersion=1)
+    )
     async with grpc.aio.insecure_channel(broker.address) as channel:
         session: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(SESSION)
         call = session(timeout=10)

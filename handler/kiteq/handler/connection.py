@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kiteq.core.codes import AckCode
+from kiteq.core.codes import AckCode, Disposition
 from kiteq.core.message import StoredMessage
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class Outcome:
     message_id: str
     code: AckCode
     feedback: str = ""
+    disposition: Disposition = Disposition.UNSPECIFIED
 
     @property
     def ok(self) -> bool:
