@@ -51,8 +51,12 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     "kiteq.ops": frozenset({"kiteq.core"}),  # the package's __init__ only
     "kiteq.ops.metrics": frozenset({"kiteq.core", "kiteq.ops"}),
     "kiteq.handler": _BASE | _MIDDLE,
-    "kiteq.ops.http": frozenset({"kiteq.core", "kiteq.ops", "kiteq.ops.metrics"}),
-    "kiteq.broker": _BASE | _MIDDLE | {"kiteq.handler", "kiteq.ops.http"},
+    # the console's data seam and page; the broker implements it, ops.http serves it
+    "kiteq.ops.console": frozenset({"kiteq.core", "kiteq.ops"}),
+    "kiteq.ops.http": frozenset(
+        {"kiteq.core", "kiteq.ops", "kiteq.ops.metrics", "kiteq.ops.console"}
+    ),
+    "kiteq.broker": _BASE | _MIDDLE | {"kiteq.handler", "kiteq.ops.http", "kiteq.ops.console"},
     "kiteq.client": frozenset({"kiteq.core", "kiteq.proto", "kiteq.binding"}),
     # kiteq-admin: a gRPC client that runs from the client-only install
     "kiteq.admin": frozenset({"kiteq.core", "kiteq.proto"}),

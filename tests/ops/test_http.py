@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiteq.ops.http import MAX_HEADERS, MAX_LINE_BYTES, OpsServer, StatsSource
+from kiteq.ops.http import OpsServer, StatsSource
 from kiteq.ops.metrics import BrokerMetrics
 
 STAT: dict[str, Any] = {
@@ -55,7 +53,7 @@ class Response:
         head, _, self.body = raw.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         version, status, _reason = lines[0].split(" ", 2)
-        assert version == "HTTP/1.1"
+        assert version in ("HTTP/1.1", "HTTP/1.0")  # aiohttp answers unparsable requests in 1.0
         self.status = int(status)
         self.headers = {
             name.lower(): value.strip()
@@ -81,7 +79,10 @@ async def exchange(port: int, raw: bytes, *, timeout: float = 5.0) -> bytes:
 
 
 async def get(port: int, path: str, method: str = "GET") -> Response:
-    raw = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n".encode()
+    raw = (
+        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     return Response(await exchange(port, raw))
 
 
@@ -110,7 +111,8 @@ async def test_metrics(server: OpsServer) -> None:
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert int(response.headers["content-length"]) == len(response.body)
-    assert response.headers["connection"] == "close"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-content-type-options"] == "nosniff"
     names = {family.name for family in text_string_to_metric_families(response.text)}
     assert "kiteq_messages_received" in names
 
@@ -141,32 +143,49 @@ async def test_healthz(server: OpsServer) -> None:
     assert response.text == "ok\n"
 
 
-async def test_ops_page_is_self_contained(server: OpsServer) -> None:
+async def test_console_page_is_self_contained(server: OpsServer) -> None:
     response = await get(server.port, "/")
     assert response.status == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     page = response.text
     assert page.startswith("<!DOCTYPE html>")
-    assert 'fetch(name, {cache: "no-store"})' in page
-    assert '["stat", "binds"]' in page
-    assert "setInterval(refresh, 3000)" in page
-    # No external assets: no remote URLs, no src/href to anything but our own endpoints.
+    # No external assets: only the console's own script and style sheet, relative URLs.
     assert "http://" not in page
     assert "https://" not in page
-    assert "src=" not in page
-    assert set(re.findall(r'href="([^"]*)"', page)) == {"metrics", "stat", "binds"}
-    assert "innerHTML" not in page  # topic names are rendered as text only
+    assert set(re.findall(r'src="([^"]*)"', page)) == {"console/console.js"}
+    assert 'href="console/console.css"' in page
+    assert "<script>" not in page  # nothing inline: the CSP allows only 'self'
+    assert " style=" not in page
 
 
-async def test_ops_page_csp_allows_exactly_its_inline_script_and_style(server: OpsServer) -> None:
-    response = await get(server.port, "/")
-    csp = response.headers["content-security-policy"]
+@pytest.mark.parametrize(
+    ("name", "ctype"),
+    [("console.js", "text/javascript; charset=utf-8"), ("console.css", "text/css; charset=utf-8")],
+)
+async def test_console_assets(server: OpsServer, name: str, ctype: str) -> None:
+    response = await get(server.port, f"/console/{name}")
+    assert response.status == 200
+    assert response.headers["content-type"] == ctype
+    assert len(response.body) > 1000
+    assert "innerHTML" not in response.text  # broker values are rendered as text only
+
+
+@pytest.mark.parametrize("path", ["/console/index.html", "/console/x.js", "/console/"])
+async def test_only_the_console_assets_are_served(server: OpsServer, path: str) -> None:
+    assert (await get(server.port, path)).status == 404
+
+
+async def test_console_page_csp_allows_only_its_own_files(server: OpsServer) -> None:
+    csp = (await get(server.port, "/")).headers["content-security-policy"]
     assert "default-src 'none'" in csp
-    for tag in ("script", "style"):
-        match = re.search(rf"<{tag}>(.*?)</{tag}>", response.text, re.DOTALL)
-        assert match is not None
-        digest = base64.b64encode(hashlib.sha256(match.group(1).encode()).digest()).decode()
-        assert f"{tag}-src 'sha256-{digest}'" in csp
+    assert "script-src 'self'" in csp
+    assert "style-src 'self'" in csp
+    assert "connect-src 'self'" in csp
+    assert "unsafe" not in csp
+
+
+async def test_without_a_console_source_there_is_no_api(server: OpsServer) -> None:
+    assert (await get(server.port, "/api/overview")).status == 404
 
 
 async def test_head_has_headers_but_no_body(server: OpsServer) -> None:
@@ -181,58 +200,43 @@ async def test_request_target_forms(server: OpsServer, target: str) -> None:
     assert (await get(server.port, target)).status == 200
 
 
-@pytest.mark.parametrize("path", ["/nope", "/metrics/", "/stat.json", "//metrics", "/.."])
+@pytest.mark.parametrize("path", ["/nope", "/metrics/", "/stat.json", "/.."])
 async def test_unknown_path_is_404(server: OpsServer, path: str) -> None:
     response = await get(server.port, path)
     assert response.status == 404
     assert response.text == "404 Not Found\n"
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "get"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 async def test_other_methods_are_405(server: OpsServer, method: str) -> None:
     response = await get(server.port, "/metrics", method=method)
     assert response.status == 405
-    assert response.headers["allow"] == "GET, HEAD"
+    assert {m.strip() for m in response.headers["allow"].split(",")} == {"GET", "HEAD"}
 
 
 @pytest.mark.parametrize(
-    ("raw", "status"),
+    "raw",
     [
-        (b"GARBAGE\r\n\r\n", 400),
-        (b"GET /metrics\r\n\r\n", 400),
-        (b"GET  /metrics HTTP/1.1\r\n\r\n", 400),
-        (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
-        (b"GET metrics HTTP/1.1\r\n\r\n", 400),
-        (b"GET /metrics FTP/1.0\r\n\r\n", 400),
-        (b"GET /metrics HTTP/2.0\r\n\r\n", 505),
-        (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-        (b"GET /metrics HTTP/1.1\r\n: empty name\r\n\r\n", 400),
-        (b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-        (b"GET /metrics HTTP/1.1\r\n folded: x\r\n\r\n", 400),
-        (b"GET /m\xc3\xa9trics HTTP/1.1\r\n\r\n", 400),
-        (b"GET /" + b"a" * (MAX_LINE_BYTES + 10) + b" HTTP/1.1\r\n\r\n", 414),
-        (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * (MAX_LINE_BYTES + 10) + b"\r\n\r\n", 431),
-        (b"GET /metrics HTTP/1.1\r\n" + b"X-H: v\r\n" * (MAX_HEADERS + 1) + b"\r\n", 431),
-        (b"GET /metrics HTTP/1.1\r\n" + (b"X-H: " + b"v" * 4000 + b"\r\n") * 9 + b"\r\n", 431),
+        b"GARBAGE\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
     ],
-    ids=lambda v: v[:24].decode("latin-1") if isinstance(v, bytes) else str(v),
+    ids=["garbage", "no-colon", "long-target", "long-header"],
 )
-async def test_bad_requests(server: OpsServer, raw: bytes, status: int) -> None:
+async def test_malformed_requests_get_a_4xx_and_the_server_goes_on(
+    server: OpsServer, raw: bytes
+) -> None:
     response = Response(await exchange(server.port, raw))
-    assert response.status == status
-    assert response.text.startswith(str(status))
-
-
-async def test_bare_newlines_are_accepted(server: OpsServer) -> None:
-    response = Response(await exchange(server.port, b"GET /healthz HTTP/1.0\nHost: x\n\n"))
-    assert response.status == 200
+    assert 400 <= response.status < 500
+    assert (await get(server.port, "/healthz")).status == 200
 
 
 async def test_client_closing_early_does_not_break_the_server(server: OpsServer) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /metr")
     writer.write_eof()
-    async with asyncio.timeout(1):
+    async with asyncio.timeout(5):
         assert await reader.read() == b""
     writer.close()
     await writer.wait_closed()
@@ -251,24 +255,15 @@ async def test_failing_source_gives_500_and_is_logged(
     assert (await get(server.port, "/binds")).status == 200
 
 
-async def test_idle_connection_is_closed_after_the_timeout(metrics: BrokerMetrics) -> None:
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout(
+    metrics: BrokerMetrics,
+) -> None:
     async with OpsServer("127.0.0.1", 0, metrics, FakeSource(), timeout=0.2) as ops:
         reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
-        writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never finishes the request
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive
         async with asyncio.timeout(5):
-            assert await reader.read() == b""
-        writer.close()
-        await writer.wait_closed()
-
-
-async def test_connections_beyond_the_cap_get_503(metrics: BrokerMetrics) -> None:
-    async with OpsServer("127.0.0.1", 0, metrics, FakeSource(), max_connections=1) as ops:
-        reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
-        await asyncio.sleep(0.05)  # let the server accept the idle connection
-        response = Response(await exchange(ops.port, b"GET /healthz HTTP/1.1\r\n\r\n"))
-        assert response.status == 503
-        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
-        assert Response(await reader.read()).status == 200
+            answer = await reader.read()  # the answer, then the server's close
+        assert Response(answer).status == 200
         writer.close()
         await writer.wait_closed()
 
@@ -278,8 +273,9 @@ async def test_stop_ends_open_connections(metrics: BrokerMetrics) -> None:
     await ops.start()
     port = ops.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await asyncio.sleep(0.05)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, stays open
     async with asyncio.timeout(5):
+        await reader.readuntil(b"ok\n")
         await ops.stop()
         assert await reader.read() == b""
     writer.close()
@@ -305,6 +301,8 @@ async def test_port_in_use_fails_loudly(server: OpsServer, metrics: BrokerMetric
     other = OpsServer("127.0.0.1", server.port, metrics, FakeSource())
     with pytest.raises(OSError, match="address already in use"):
         await other.start()
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = other.port
 
 
 async def test_stop_aborts_a_client_that_does_not_read(metrics: BrokerMetrics) -> None:
@@ -314,9 +312,9 @@ async def test_stop_aborts_a_client_that_does_not_read(metrics: BrokerMetrics) -
 
     ops = OpsServer("127.0.0.1", 0, metrics, HugeSource(), timeout=60)
     await ops.start()
-    _, writer = await asyncio.open_connection("127.0.0.1", ops.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
     writer.write(b"GET /stat HTTP/1.1\r\n\r\n")  # and never reads the 16 MiB answer
-    await asyncio.sleep(0.2)
+    await reader.readuntil(b"\r\n\r\n")  # the server is writing it
     async with asyncio.timeout(5):
         await ops.stop()
     writer.close()

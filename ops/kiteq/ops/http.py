@@ -1,56 +1,70 @@
-"""The broker's operations HTTP endpoint (``-pport``): metrics, KiteQ JSON, an ops page.
+"""The broker's operations HTTP endpoint (``-pport``), served by aiohttp.
 
-A deliberately small HTTP/1.1 server on ``asyncio.start_server``: ``GET`` (and ``HEAD``)
-only, one request per connection (``Connection: close``), no request bodies, bounded
-request line and headers, a deadline per connection and a cap on concurrent connections.
+==================  ======================================================================
+``/metrics``        Prometheus text format 0.0.4 (``BrokerMetrics.render()``)
+``/stat``           KiteQ's ``/stat`` JSON (``StatsSource.stat_snapshot()``)
+``/binds``          KiteQ's ``/binds`` JSON (``StatsSource.binds_snapshot()``)
+``/healthz``        ``ok``
+``/``               the management console (``kiteq.ops.console``): a static page
+``/console/<f>``    the console's script and style sheet
+``/api/...``        the console's JSON reads (``GET``) and actions (``POST``)
+==================  ======================================================================
 
-==============  ==========================================================================
-``/metrics``    Prometheus text format 0.0.4 (``BrokerMetrics.render()``)
-``/stat``       KiteQ's ``/stat`` JSON (``StatsSource.stat_snapshot()``)
-``/binds``      KiteQ's ``/binds`` JSON (``StatsSource.binds_snapshot()``)
-``/healthz``    ``ok``
-``/``           a self-contained page that shows ``/stat`` and ``/binds``, refreshed
-==============  ==========================================================================
+With an admin secret, ``/stat``, ``/binds`` and ``/api/...`` (they name clients, peers,
+groups and messages) answer ``401`` unless the request carries it: ``Authorization:
+Bearer <secret>`` (what the console's login form sends), or Basic credentials whose
+password is the secret. ``/metrics`` and ``/healthz`` stay open for scrapers and probes,
+and so does the console's page, which holds no data. Each refused request and each
+console action is one line on the audit logger (``kiteq.audit``); a dry run changes
+nothing and writes none.
 
-With an admin secret, ``/stat``, ``/binds`` and ``/`` (they name clients, peers and groups)
-answer ``401`` unless the request carries it: ``Authorization: Bearer <secret>``, or Basic
-credentials whose password is the secret (what a browser asks for after the ``401``, and
-then sends with the page's own requests). ``/metrics`` and ``/healthz`` stay open for
-scrapers and probes. Each refused request is one line on the audit logger.
+Actions take a JSON body (``Content-Type: application/json``): a cross-site form cannot
+send one, so a browser holding Basic credentials cannot be made to act by another site.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
-import hashlib
 import json
 import logging
-from collections.abc import Callable
-from http import HTTPStatus
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
-from urllib.parse import urlsplit
+
+from aiohttp import web
 
 from kiteq.core.admin import audit, secret_matches
+from kiteq.ops.console import ConsoleInputError, ConsoleSource, Resolution, static_files
 from kiteq.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerMetrics
 
 __all__ = ["OpsServer", "StatsSource"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LINE_BYTES: Final = 8192
-MAX_HEADER_BYTES: Final = 32 * 1024
+MAX_LINE_BYTES: Final = 8190
 MAX_HEADERS: Final = 100
+MAX_BODY_BYTES: Final = 256 * 1024  # an action's JSON: ids and a filter
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_MAX_CONNECTIONS: Final = 64
-LINGER_SECONDS: Final = 1.0
-ALLOWED_METHODS: Final = ("GET", "HEAD")
+SHUTDOWN_SECONDS: Final = 1.0
+DEFAULT_LIMIT: Final = 100
 # paths that reveal clients, peers or messages: behind the admin secret when there is one
-PROTECTED_PATHS: Final = frozenset({"/", "/stat", "/binds"})
+PROTECTED_PATHS: Final = frozenset({"/stat", "/binds"})
+PROTECTED_PREFIX: Final = "/api/"
 _CHALLENGE: Final = 'Basic realm="kiteq admin", charset="UTF-8"'
+_STATIC: Final = {
+    "console.js": "text/javascript; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+}
+# The page runs only its own script and style and talks only to this origin.
+_PAGE_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_FILTER_KEYS: Final = ("topic", "type", "group", "reason")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class StatsSource(Protocol):
@@ -69,105 +83,6 @@ class StatsSource(Protocol):
         ...
 
 
-class _HTTPError(Exception):
-    """Ends a request with *status*; the message becomes the plain-text body."""
-
-    def __init__(self, status: HTTPStatus, detail: str = "") -> None:
-        super().__init__(detail or status.phrase)
-        self.status = status
-        self.detail = detail or status.phrase
-
-
-_PAGE_SCRIPT: Final = """
-const sections = ["stat", "binds"];
-function render(value) {
-  if (value === null || typeof value !== "object") {
-    return document.createTextNode(String(value));
-  }
-  if (Array.isArray(value)) {
-    return document.createTextNode(
-      value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", "));
-  }
-  const keys = Object.keys(value).sort();
-  if (keys.length === 0) {
-    return document.createTextNode("(none)");
-  }
-  const table = document.createElement("table");
-  for (const key of keys) {
-    const row = table.insertRow();
-    const name = row.insertCell();
-    name.className = "key";
-    name.textContent = key;
-    row.insertCell().append(render(value[key]));
-  }
-  return table;
-}
-async function refresh() {
-  const status = document.getElementById("status");
-  try {
-    for (const name of sections) {
-      const response = await fetch(name, {cache: "no-store"});
-      if (!response.ok) {
-        throw new Error(name + ": HTTP " + response.status);
-      }
-      document.getElementById(name).replaceChildren(render(await response.json()));
-    }
-    status.textContent = "updated " + new Date().toLocaleTimeString();
-    status.className = "";
-  } catch (error) {
-    status.textContent = "refresh failed: " + error.message;
-    status.className = "error";
-  }
-}
-refresh();
-setInterval(refresh, 3000);
-"""
-
-_PAGE_STYLE: Final = """
-body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
-table { border-collapse: collapse; margin: 0.2em 0; }
-td { border: 1px solid #ccc; padding: 0.2em 0.5em; vertical-align: top; }
-td.key { font-weight: 600; background: #f5f5f5; }
-#status { color: #666; } #status.error { color: #b00; }
-"""
-
-_PAGE: Final = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>KiteQ broker</title>
-<style>{_PAGE_STYLE}</style>
-</head>
-<body>
-<h1>KiteQ broker</h1>
-<p><span id="status">loading…</span> ·
-<a href="metrics">metrics</a> · <a href="stat">stat</a> · <a href="binds">binds</a></p>
-<h2>stat</h2>
-<div id="stat"></div>
-<h2>binds</h2>
-<div id="binds"></div>
-<script>{_PAGE_SCRIPT}</script>
-</body>
-</html>
-""".encode()
-
-
-def _csp_hash(source: str) -> str:
-    digest = base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
-    return f"'sha256-{digest}'"
-
-
-# Only the page's own inline script and style may run; it may fetch only from this origin.
-_PAGE_CSP: Final = (
-    f"default-src 'none'; script-src {_csp_hash(_PAGE_SCRIPT)}; "
-    f"style-src {_csp_hash(_PAGE_STYLE)}; connect-src 'self'; base-uri 'none'; "
-    "form-action 'none'; frame-ancestors 'none'"
-)
-
-_Response = tuple[HTTPStatus, str, bytes, dict[str, str]]
-
-
 def _credential(authorization: str) -> str | None:
     """The secret in an ``Authorization`` value: a Bearer token or a Basic password."""
     scheme, _, value = authorization.strip().partition(" ")
@@ -183,17 +98,38 @@ def _credential(authorization: str) -> str | None:
     return None
 
 
+def _text(status: int, detail: str = "", headers: Mapping[str, str] | None = None) -> web.Response:
+    reason = web.Response(status=status).reason
+    return web.Response(
+        status=status,
+        text=f"{status} {detail or reason}\n",
+        content_type="text/plain",
+        headers=headers,
+    )
+
+
+def _json(document: object, status: int = 200) -> web.Response:
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+def _peer(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
 class OpsServer:
-    """Serves ``/metrics``, ``/stat``, ``/binds``, ``/healthz`` and ``/`` over HTTP/1.1.
+    """Serves ``/metrics``, ``/stat``, ``/binds``, ``/healthz`` and the console.
 
     Args:
         host: Address to bind (``127.0.0.1``, ``0.0.0.0``, ...).
         port: TCP port; 0 picks a free one (read it from ``port`` after ``start()``).
         metrics: The broker's metrics.
         source: Provides the ``/stat`` and ``/binds`` documents.
-        timeout: Seconds a client has to send its request and read the response.
-        max_connections: Connections served at once; more get ``503``.
-        admin_secret: When set, ``/stat``, ``/binds`` and ``/`` require it (see above).
+        console: Provides the console's data and actions; None: ``/api/...`` is 404.
+        timeout: Seconds an idle keep-alive connection stays open.
+        max_connections: Requests served at once; more get ``503``.
+        admin_secret: When set, ``/stat``, ``/binds`` and ``/api/...`` require it.
     """
 
     def __init__(
@@ -203,6 +139,7 @@ class OpsServer:
         metrics: BrokerMetrics,
         source: StatsSource,
         *,
+        console: ConsoleSource | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         admin_secret: str = "",
@@ -212,24 +149,24 @@ class OpsServer:
         self._requested_port = port
         self._metrics = metrics
         self._source = source
+        self._console = console
         self._timeout = timeout
         self._max_connections = max_connections
-        self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.StreamWriter, asyncio.Future[None]] = {}
-        self._routes: dict[str, Callable[[], _Response]] = {
-            "/": self._page,
-            "/metrics": self._render_metrics,
-            "/stat": lambda: self._json(self._source.stat_snapshot()),
-            "/binds": lambda: self._json(self._source.binds_snapshot()),
-            "/healthz": lambda: (HTTPStatus.OK, "text/plain; charset=utf-8", b"ok\n", {}),
-        }
+        self._active = 0
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        static = static_files()
+        self._page = (static / "index.html").read_bytes()
+        self._assets = {name: (static / name).read_bytes() for name in _STATIC}
 
     @property
     def port(self) -> int:
         """The bound TCP port (the real one when 0 was asked for)."""
-        if self._server is None or not self._server.sockets:
+        server = self._site._server if self._site is not None else None
+        sockets = getattr(server, "sockets", None)
+        if not sockets:
             raise RuntimeError("OpsServer is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = sockets[0].getsockname()[1]
         return port
 
     async def start(self) -> None:
@@ -238,33 +175,35 @@ class OpsServer:
         Raises:
             OSError: The address cannot be bound (e.g. the port is in use).
         """
-        if self._server is not None:
+        if self._runner is not None:
             raise RuntimeError("OpsServer already started")
-        self._server = await asyncio.start_server(
-            self._handle,
-            self._host,
-            self._requested_port,
-            limit=MAX_LINE_BYTES,
-            reuse_address=True,
+        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
+        self._add_routes(app)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            keepalive_timeout=self._timeout,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+            max_headers=MAX_HEADERS,
+            shutdown_timeout=SHUTDOWN_SECONDS,
         )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._requested_port, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner, self._site = runner, site
         logger.info("ops http listening host=%s port=%d", self._host, self.port)
 
     async def stop(self) -> None:
         """Stop listening and end open connections; idempotent."""
-        server, self._server = self._server, None
-        if server is None:
+        runner, self._runner, self._site = self._runner, None, None
+        if runner is None:
             return
-        server.close()
-        # Closing a transport ends its handler at the next read or write; a client that
-        # does not read what is still buffered gets the connection aborted.
-        for writer in list(self._connections):
-            writer.close()
-        if self._connections:
-            await asyncio.wait(list(self._connections.values()), timeout=LINGER_SECONDS)
-        for writer in list(self._connections):
-            writer.transport.abort()
-        await asyncio.gather(*self._connections.values())
-        await server.wait_closed()
+        await runner.cleanup()
         logger.info("ops http stopped host=%s", self._host)
 
     async def __aenter__(self) -> Self:
@@ -279,168 +218,220 @@ class OpsServer:
     ) -> None:
         await self.stop()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._connections[writer] = done
+    # -- routing -----------------------------------------------------------------------
+
+    def _add_routes(self, app: web.Application) -> None:
+        reads: dict[str, Handler] = {
+            "/": self._index,
+            "/metrics": self._render_metrics,
+            "/stat": self._stat,
+            "/binds": self._binds,
+            "/healthz": self._healthz,
+            "/console/{name}": self._asset,
+        }
+        if self._console is not None:
+            reads |= {
+                "/api/overview": self._overview,
+                "/api/groups": self._groups,
+                "/api/groups/{group}": self._group,
+                "/api/dlq": self._dead_letters,
+                "/api/transactions": self._transactions,
+                "/api/messages/{id}": self._message,
+            }
+            app.router.add_post("/api/dlq/redrive", self._redrive)
+            app.router.add_post("/api/transactions/{id}/{resolution}", self._resolve)
+        for path, handler in reads.items():
+            app.router.add_get(path, handler)  # HEAD too
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._active >= self._max_connections:
+            return _text(503)
+        self._active += 1
         try:
-            async with asyncio.timeout(self._timeout):
-                if len(self._connections) > self._max_connections:
-                    busy = self._error(HTTPStatus.SERVICE_UNAVAILABLE)
-                    await self._send(writer, busy, head=False)
-                else:
-                    await self._serve(reader, writer)
-                await self._linger(reader, writer)
-        except (TimeoutError, ConnectionError):
-            pass  # a slow or vanished client: nothing to answer
-        except Exception:
-            logger.exception("ops http connection failed")
+            refused = self._authorize(request)
+            response = refused or await self._answer(request, handler)
         finally:
-            del self._connections[writer]
-            done.set_result(None)
-            writer.close()
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                async with asyncio.timeout(LINGER_SECONDS):
-                    await writer.wait_closed()
+            self._active -= 1
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
     @staticmethod
-    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Half-close, then discard input until the client closes (or a short while).
-
-        Closing a socket that has unread input makes the kernel send a reset, which can
-        destroy the response before the client reads it (after a 503 or 431, say).
-        """
-        if writer.can_write_eof():
-            writer.write_eof()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LINGER_SECONDS):
-                while await reader.read(MAX_HEADER_BYTES):
-                    pass
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = False
+    async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            method, path, authorization = await self._read_request(reader)
-            head = method == "HEAD"
-            response = self._authorize(path, authorization, writer) or self._route(method, path)
-        except _HTTPError as exc:
-            response = self._error(exc.status, exc.detail)
-        await self._send(writer, response, head=head)
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 405:
+                allow = exc.headers.get("Allow", "")
+                return _text(405, headers={"Allow": allow})
+            return _text(exc.status)
+        except ConsoleInputError as exc:
+            return _text(400, str(exc))
+        except Exception:
+            logger.exception("ops http handler failed path=%s", request.path)
+            return _text(500)
 
-    def _authorize(
-        self, path: str, authorization: str | None, writer: asyncio.StreamWriter
-    ) -> _Response | None:
+    def _authorize(self, request: web.Request) -> web.Response | None:
         """None when the request may go on, else the ``401`` answer."""
-        if not self._admin_secret or path not in PROTECTED_PATHS:
+        path = request.path
+        if not self._admin_secret or not (
+            path in PROTECTED_PATHS or path.startswith(PROTECTED_PREFIX)
+        ):
             return None
+        authorization = request.headers.get("Authorization")
         given = _credential(authorization) if authorization is not None else None
         if given and secret_matches(given, self._admin_secret):
             return None
-        peer = writer.get_extra_info("peername")
         audit.warning(
             "admin auth failed peer=%s path=%s reason=%s",
-            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else peer,
+            _peer(request),
             path,
             "wrong secret" if given else "no secret",
         )
-        status, ctype, body, headers = self._error(HTTPStatus.UNAUTHORIZED, "admin secret required")
-        return status, ctype, body, {**headers, "WWW-Authenticate": _CHALLENGE}
+        return _text(401, "admin secret required", {"WWW-Authenticate": _CHALLENGE})
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str, str | None]:
-        line = await self._read_line(reader, HTTPStatus.REQUEST_URI_TOO_LONG)
-        parts = line.split(" ")
-        if len(parts) != 3 or not all(parts):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line")
-        method, target, version = parts
-        if not version.startswith("HTTP/1."):
-            if version.startswith("HTTP/"):
-                raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line")
-        total = len(line)
-        authorization: str | None = None
-        for _ in range(MAX_HEADERS + 1):
-            header = await self._read_line(reader, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-            if not header:
-                break
-            total += len(header)
-            if total > MAX_HEADER_BYTES:
-                raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-            name, sep, value = header.partition(":")
-            if not sep or not name or name != name.strip() or " " in name:
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header")
-            if name.lower() == "authorization":
-                authorization = value
-        else:
-            raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
-        if target.startswith("/"):
-            path = urlsplit(target).path
-        elif target.startswith(("http://", "https://")):
-            path = urlsplit(target).path or "/"
-        else:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "bad request target")
-        return method, path, authorization
+    # -- the KiteQ and Prometheus endpoints --------------------------------------------
 
-    @staticmethod
-    async def _read_line(reader: asyncio.StreamReader, too_long: HTTPStatus) -> str:
-        try:
-            raw = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            raise _HTTPError(too_long) from exc
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("client closed mid-request") from exc
-        try:
-            return raw.decode("ascii").rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "non-ASCII request") from exc
+    async def _render_metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
 
-    def _route(self, method: str, path: str) -> _Response:
-        handler = self._routes.get(path)
-        if handler is None:
-            raise _HTTPError(HTTPStatus.NOT_FOUND)
-        if method not in ALLOWED_METHODS:
-            status, ctype, body, headers = self._error(HTTPStatus.METHOD_NOT_ALLOWED)
-            return status, ctype, body, {**headers, "Allow": ", ".join(ALLOWED_METHODS)}
-        try:
-            return handler()
-        except Exception:
-            logger.exception("ops http handler failed path=%s", path)
-            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR)
+    async def _stat(self, request: web.Request) -> web.Response:
+        return _json(self._source.stat_snapshot())
 
-    def _render_metrics(self) -> _Response:
-        return HTTPStatus.OK, METRICS_CONTENT_TYPE, self._metrics.render(), {}
+    async def _binds(self, request: web.Request) -> web.Response:
+        return _json(self._source.binds_snapshot())
 
-    @staticmethod
-    def _json(document: dict[str, Any]) -> _Response:
-        body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-        return HTTPStatus.OK, "application/json; charset=utf-8", body, {}
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", content_type="text/plain")
 
-    @staticmethod
-    def _page() -> _Response:
-        return (
-            HTTPStatus.OK,
-            "text/html; charset=utf-8",
-            _PAGE,
-            {"Content-Security-Policy": _PAGE_CSP},
+    async def _index(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._page, content_type="text/html", charset="utf-8")
+        response.headers["Content-Security-Policy"] = _PAGE_CSP
+        return response
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._assets:
+            raise web.HTTPNotFound()
+        response = web.Response(body=self._assets[name])
+        response.headers["Content-Type"] = _STATIC[name]
+        return response
+
+    # -- the console's API -------------------------------------------------------------
+
+    @property
+    def _data(self) -> ConsoleSource:
+        if self._console is None:  # the routes exist only with a console
+            raise RuntimeError("no console source")
+        return self._console
+
+    async def _overview(self, request: web.Request) -> web.Response:
+        return _json(await self._data.overview())
+
+    async def _groups(self, request: web.Request) -> web.Response:
+        return _json(await self._data.groups())
+
+    async def _group(self, request: web.Request) -> web.Response:
+        found = await self._data.group(request.match_info["group"])
+        if found is None:
+            raise web.HTTPNotFound()
+        return _json(found)
+
+    async def _dead_letters(self, request: web.Request) -> web.Response:
+        query = request.query
+        after = (query["after"], query.get("afterGroup", "")) if query.get("after") else None
+        where = {key: query.get(key, "") for key in _FILTER_KEYS}
+        return _json(await self._data.dead_letters(where, _limit(query), after))
+
+    async def _transactions(self, request: web.Request) -> web.Response:
+        query = request.query
+        unresolved = query.get("unresolved", "") in ("1", "true")
+        found = await self._data.transactions(
+            unresolved_only=unresolved, limit=_limit(query), after=query.get("after", "")
         )
+        return _json(found)
 
-    @staticmethod
-    def _error(status: HTTPStatus, detail: str = "") -> _Response:
-        body = f"{status.value} {detail or status.phrase}\n".encode()
-        return status, "text/plain; charset=utf-8", body, {}
+    async def _message(self, request: web.Request) -> web.Response:
+        found = await self._data.message(request.match_info["id"])
+        if found is None:
+            raise web.HTTPNotFound()
+        return _json(found)
 
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, response: _Response, *, head: bool) -> None:
-        status, ctype, body, extra = response
-        headers = {
-            "Content-Type": ctype,
-            "Content-Length": str(len(body)),
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-            "Connection": "close",
-            **extra,
-        }
-        lines = [f"HTTP/1.1 {status.value} {status.phrase}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not head:
-            writer.write(body)
-        await writer.drain()
+    async def _redrive(self, request: web.Request) -> web.Response:
+        body = await _action_body(request)
+        raw_filter = body.get("filter") or {}
+        ids = body.get("ids") or []
+        group = body.get("group", "")
+        dry_run = body.get("dryRun", False)
+        if not (
+            isinstance(raw_filter, dict)
+            and all(isinstance(raw_filter.get(k, ""), str) for k in _FILTER_KEYS)
+            and isinstance(ids, list)
+            and all(isinstance(i, str) for i in ids)
+            and isinstance(group, str)
+            and isinstance(dry_run, bool)
+        ):
+            raise ConsoleInputError(
+                "expected {filter: {topic, type, group, reason}, ids, group, dryRun}"
+            )
+        where = {key: raw_filter.get(key, "") for key in _FILTER_KEYS}
+        result = await self._data.redrive(where, ids, group, dry_run=dry_run)
+        if not dry_run:
+            if ids:
+                audit.info(
+                    "admin redrive via=console peer=%s ids=%d group=%s redriven=%d",
+                    _peer(request),
+                    len(ids),
+                    group or "*",
+                    result["redriven"],
+                )
+            else:
+                audit.info(
+                    "admin redrive via=console peer=%s filter=%s redriven=%d",
+                    _peer(request),
+                    ",".join(f"{k}:{where[k] or '*'}" for k in _FILTER_KEYS),
+                    result["redriven"],
+                )
+        return _json(result)
+
+    async def _resolve(self, request: web.Request) -> web.Response:
+        await _action_body(request)
+        try:
+            resolution = Resolution(request.match_info["resolution"])
+        except ValueError:
+            raise web.HTTPNotFound() from None
+        message_id = request.match_info["id"]
+        result = await self._data.resolve(message_id, resolution)
+        audit.info(
+            "admin %s via=console peer=%s id=%s changed=%s",
+            resolution.value,
+            _peer(request),
+            message_id,
+            result["changed"],
+        )
+        return _json(result)
+
+
+def _limit(query: Mapping[str, str]) -> int:
+    raw = query.get("limit", "")
+    if not raw:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or int(raw) == 0:
+        raise ConsoleInputError(f"limit must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
+async def _action_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object an action carries; refuses anything a plain form could send."""
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType()
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise ConsoleInputError("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ConsoleInputError("the body must be a JSON object")
+    return body
