@@ -35,9 +35,11 @@ from kiteq.binding.registry import (
 )
 from kiteq.binding.zk import parse_zk_uri
 from kiteq.broker.admin_service import AdminService
-from kiteq.broker.console_source import BrokerConsole
-from kiteq.broker.operator import Operator
 from kiteq.broker.service import (
+    KEEPALIVE_TIME_MS,
+    KEEPALIVE_TIMEOUT_MS,
+    MAX_PING_STRIKES,
+    MIN_PING_INTERVAL_MS,
     PROTOCOL_VERSION,
     BrokerService,
     add_to_server as add_broker_service,
@@ -77,11 +79,11 @@ _DRAIN_REPORT_PERIOD: Final = 1.0
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
     # a second broker on the same port must fail loudly, not share it
     ("grpc.so_reuseport", 0),
 ]
@@ -366,33 +368,11 @@ class Broker:
                 backlog=lambda: self._backlog,
                 dead_letters=lambda: self._dead_letters,
             )
-            console = BrokerConsole(
-                config=config,
-                advertised=self.advertised,
-                store_description=store.description,
-                bindings=bindings,
-                connections=connections,
-                dispatcher=dispatcher,
-                intake=intake,
-                transactions=transactions,
-                operator=Operator(
-                    store=store,
-                    dispatcher=dispatcher,
-                    history=history,
-                    transactions=transactions,
-                    clock=self._clock,
-                ),
-                clock=self._clock,
-                uptime=lambda: time.monotonic() - self._started,
-                backlog=lambda: self._backlog,
-                dead_letters=lambda: self._dead_letters,
-            )
             self._ops = OpsServer(
                 self._bind_host or "0.0.0.0",  # noqa: S104
                 self._pport,
                 self.metrics,
                 stats,
-                console=console,
                 admin_secret=config.admin_secret,
             )
             await self._ops.start()

@@ -36,10 +36,13 @@ from kiteq.core.limits import (
     MAX_BATCH_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_BODY_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_PROPERTIES,
+    MAX_PROPERTY_KEY_BYTES,
+    MAX_PROPERTY_VALUE_BYTES,
     MAX_SECRET_BYTES,
     is_name,
 )
-from kiteq.core.message import StoredMessage
 from kiteq.handler.connection import Connection, ConnectionTable, Outcome
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
@@ -57,12 +60,18 @@ SessionContext = grpc.aio.ServicerContext[bytes, broker_pb2.ServerFrame | bytes]
 PROTOCOL_VERSION: Final = 1
 MAX_IN_FLIGHT: Final = 10_000
 DEFAULT_IN_FLIGHT: Final = 1000
+# the receive limit of a client that announces none (gRPC's default), and the least one
+# honoured: a header with the maximum properties must fit in one frame
+DEFAULT_RECEIVE_BYTES: Final = 4 * 1024 * 1024
+MIN_RECEIVE_BYTES: Final = 1024 * 1024
+# keepalive policy of the gRPC server (server.py), announced in Opened
+KEEPALIVE_TIME_MS: Final = 30_000
+KEEPALIVE_TIMEOUT_MS: Final = 10_000
+MIN_PING_INTERVAL_MS: Final = 10_000
+MAX_PING_STRIKES: Final = 2
 # publish batches of one connection being persisted at once; beyond it the reader stops
 # reading and HTTP/2 flow control pushes back on the client
 MAX_CONCURRENT_PUBLISHES: Final = 32
-# deliveries per frame, and their approximate byte budget
-_FRAME_MESSAGES: Final = 500
-_FRAME_BYTES: Final = 4 * 1024 * 1024
 # how much of a refused id a TxAck answer echoes (an id field may hold anything)
 _ECHO_ID_CHARS: Final = 64
 
@@ -137,6 +146,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if first.WhichOneof("kind") != "open":
             await self._refuse(context, Rejection.UNEXPECTED, "the first frame must be 'open'")
         conn = await self._open(first.open, context)
+        send_limit = _receive_limit(first.open.maxReceiveBytes)
         await context.write(
             broker_pb2.ServerFrame(
                 opened=broker_pb2.Opened(
@@ -145,6 +155,17 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     maxBatchMessages=MAX_BATCH_MESSAGES,
                     maxBatchBytes=MAX_BATCH_BYTES,
                     maxBodyBytes=MAX_BODY_BYTES,
+                    maxFrameBytes=MAX_FRAME_BYTES,
+                    sendFrameBytes=send_limit,
+                    maxProperties=MAX_PROPERTIES,
+                    maxPropertyKeyBytes=MAX_PROPERTY_KEY_BYTES,
+                    maxPropertyValueBytes=MAX_PROPERTY_VALUE_BYTES,
+                    maxInFlight=conn.max_in_flight,
+                    keepaliveTimeMs=KEEPALIVE_TIME_MS,
+                    keepaliveTimeoutMs=KEEPALIVE_TIMEOUT_MS,
+                    minPingIntervalMs=MIN_PING_INTERVAL_MS,
+                    maxPingStrikes=MAX_PING_STRIKES,
+                    deliverySeconds=int(self._config.delivery_seconds),
                 )
             )
         )
@@ -167,7 +188,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         # a reader cancelled by us (the stream ended, the broker stops) leaves "cancelled"
         reason = "cancelled"
         try:
-            await self._write(conn, context, reader)
+            await self._write(conn, context, reader, send_limit)
         finally:
             ended_by_client = reader.done() and not reader.cancelled()
             reader.cancel()
@@ -219,6 +240,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     async def _open(self, meta: broker_pb2.Open, context: SessionContext) -> Connection:
         group = meta.groupId
         await self._authenticate(group, meta.secretKey, context)
+        if meta.protocolVersion != PROTOCOL_VERSION:
+            await self._refuse(
+                context,
+                Rejection.INVALID_OPEN,
+                f"protocolVersion {meta.protocolVersion} is not supported: this broker speaks "
+                f"{PROTOCOL_VERSION}",
+            )
         try:
             bindings = [wire.binding_from_pb(b).with_group(group) for b in meta.bindings]
         except ValueError as exc:  # an enum value the protocol does not define
@@ -295,8 +323,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     task = asyncio.create_task(self._decide(conn, frame.tx.acks))
                     tasks.add(task)
                     task.add_done_callback(finished)
-                else:  # a second open, or no kind this protocol version knows
-                    return Refusal(Rejection.UNEXPECTED, f"unexpected {kind or 'empty'} frame")
+                elif kind == "open":
+                    return Refusal(Rejection.UNEXPECTED, "a second 'open' frame on a session")
+                else:  # empty, or a kind this protocol version does not know
+                    return Refusal(Rejection.UNEXPECTED, "unexpected empty frame")
             return None
         finally:
             # publishes already read finish and queue their acks
@@ -393,15 +423,27 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         if len(batch) > MAX_BATCH_MESSAGES:
             reason = f"batch of {len(batch)} messages exceeds {MAX_BATCH_MESSAGES}"
             return [Outcome(m.header.messageId, AckCode.INVALID_ARGUMENT, reason) for m in batch]
-        return await self._intake.publish(
-            [wire.message_from_pb(m) for m in batch], group=group, wires=batch, origin=origin
+        refused = _refused_in_batch(batch)
+        if not refused:
+            return await self._intake.publish(
+                [wire.message_from_pb(m) for m in batch], group=group, wires=batch, origin=origin
+            )
+        taken = [m for i, m in enumerate(batch) if i not in refused]
+        outcomes = iter(
+            await self._intake.publish(
+                [wire.message_from_pb(m) for m in taken], group=group, wires=taken, origin=origin
+            )
+            if taken
+            else ()
         )
+        return [refused[i] if i in refused else next(outcomes) for i in range(len(batch))]
 
     async def _write(
         self,
         conn: Connection,
         context: SessionContext,
         reader: asyncio.Task[Refusal | None],
+        send_limit: int,
     ) -> None:
         while True:
             await conn.wake.wait()
@@ -413,11 +455,12 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                         wire.store_acks_frame(acks[start : start + MAX_BATCH_MESSAGES])
                     )
             if deliveries:
-                for chunk in _chunks(deliveries):
-                    await context.write(wire.deliveries_frame(chunk))
+                for data in wire.delivery_frames(deliveries, send_limit):
+                    await context.write(data)
             checks = conn.drain_checks()
             if checks:
-                await context.write(wire.checks_frame(checks))
+                for frame in wire.checks_frames(checks, send_limit):
+                    await context.write(frame)
             if reader.done() and not conn.wake.is_set():
                 return
 
@@ -446,18 +489,33 @@ def _decode_frame(data: bytes) -> broker_pb2.ClientFrame | None:
         return None
 
 
-def _chunks(items: list[tuple[StoredMessage, int]]) -> list[list[tuple[StoredMessage, int]]]:
-    """Split deliveries into frames of bounded count and size."""
-    chunks: list[list[tuple[StoredMessage, int]]] = []
-    current: list[tuple[StoredMessage, int]] = []
-    size = 0
-    for item in items:
-        body = len(item[0].message.body)
-        if current and (len(current) >= _FRAME_MESSAGES or size + body > _FRAME_BYTES):
-            chunks.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += body
-    if current:
-        chunks.append(current)
-    return chunks
+def _receive_limit(announced: int) -> int:
+    """The frame size the broker keeps under for a client that announced *announced*."""
+    if announced == 0:
+        return DEFAULT_RECEIVE_BYTES
+    return min(max(announced, MIN_RECEIVE_BYTES), MAX_FRAME_BYTES)
+
+
+def _refused_in_batch(batch: Sequence[common_pb2.Message]) -> dict[int, Outcome]:
+    """Messages of *batch* refused before intake, by position.
+
+    Those past the batch's body budget (maxBatchBytes), and snappy ones.
+    """
+    refused: dict[int, Outcome] = {}
+    total = 0
+    for i, m in enumerate(batch):
+        total += len(m.body)
+        if total > MAX_BATCH_BYTES:
+            refused[i] = Outcome(
+                m.header.messageId,
+                AckCode.BATCH_TOO_LARGE,
+                f"the batch's bodies exceed maxBatchBytes ({MAX_BATCH_BYTES}); send it again",
+            )
+            total -= len(m.body)
+        elif m.header.snappy:
+            refused[i] = Outcome(
+                m.header.messageId,
+                AckCode.INVALID_ARGUMENT,
+                "snappy is not part of the protocol: nothing would decompress the body",
+            )
+    return refused

@@ -29,7 +29,7 @@ from kiteq.core.errors import (
     UnknownTopicError,
 )
 from kiteq.core.ids import canonical_message_id
-from kiteq.core.limits import clamp
+from kiteq.core.limits import MAX_FRAME_BYTES, clamp
 from kiteq.core.message import Message, ReceivedMessage
 from kiteq.proto.v1 import broker_pb2, common_pb2
 
@@ -62,6 +62,8 @@ _REJECTED: Final[dict[int, type[MessageRejectedError]]] = {
     common_pb2.ERROR_CODE_UNKNOWN_TOPIC: UnknownTopicError,
     common_pb2.ERROR_CODE_EXPIRED: ExpiredMessageError,
     common_pb2.ERROR_CODE_OVERFLOW: FlowLimitedError,
+    # retriable like an overflow: the same message fits in a later batch
+    common_pb2.ERROR_CODE_BATCH_TOO_LARGE: FlowLimitedError,
     common_pb2.ERROR_CODE_PERMISSION_DENIED: PermissionDeniedError,
 }
 # Store-ack codes whose error class takes a plain message.
@@ -194,6 +196,8 @@ def open_frame(params: OpenParams) -> broker_pb2.ClientFrame:
     out.clientId = params.client_id
     out.maxInFlight = params.max_in_flight
     out.protocolVersion = PROTOCOL_VERSION
+    # the channel receives frames this large (_channel), so deliveries never arrive split
+    out.maxReceiveBytes = MAX_FRAME_BYTES
     for binding in params.bindings:
         item = out.bindings.add()
         item.groupId = params.group_id
@@ -306,8 +310,7 @@ def _store_results(acks: Iterable[broker_pb2.StoreAck]) -> list[StoreResult]:
     append = results.append
     for ack in acks:
         if ack.status:
-            feedback = ack.feedback
-            duplicate = bool(feedback) and feedback.lower().startswith("duplicate")
+            duplicate = ack.disposition == broker_pb2.STORE_DISPOSITION_DUPLICATE
             append(new((ack.messageId, None, duplicate)))
         else:
             message_id = ack.messageId

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kiteq.core.clock import Clock
-from kiteq.core.codes import AckCode, code_for
+from kiteq.core.codes import AckCode, Disposition, code_for
 from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicError
 from kiteq.core.limits import normalize
@@ -171,7 +171,9 @@ class Intake:
                 wire=None if wires is None else wires[i],
             )
             if message.fly:
-                outcomes[i] = Outcome(raw.message_id, AckCode.OK, "fly: not stored")
+                outcomes[i] = Outcome(
+                    raw.message_id, AckCode.OK, "fly: not stored", Disposition.FLY
+                )
                 fly.append(record)
             else:
                 records.append(record)
@@ -224,7 +226,10 @@ class Intake:
             flight = wait.result() if wait.done() else None
             if flight is not None and not flight.failed and not flight.parked:
                 outcomes[i] = Outcome(
-                    messages[i].message_id, AckCode.OK, "delivered before storing"
+                    messages[i].message_id,
+                    AckCode.OK,
+                    "delivered before storing",
+                    Disposition.DELIVERED,
                 )
                 continue
             # not (fully) delivered, or still waiting: store it; its per-group state says
@@ -266,7 +271,7 @@ class Intake:
         for i, record, result in zip(positions, records, results, strict=True):
             sent_id = messages[i].message_id
             if result is Saved.STORED:
-                outcomes[i] = Outcome(sent_id, AckCode.OK)
+                outcomes[i] = Outcome(sent_id, AckCode.OK, "", Disposition.STORED)
                 self._history.record(
                     record.message_id,
                     record.publish_time,
@@ -280,7 +285,9 @@ class Intake:
                 elif not self._config.delivery_first and self._dispatcher.has_room:
                     self._dispatcher.submit(record)
             elif result is Saved.DUPLICATE:
-                outcomes[i] = Outcome(sent_id, AckCode.OK, "duplicate: already stored")
+                outcomes[i] = Outcome(
+                    sent_id, AckCode.OK, "duplicate: already stored", Disposition.DUPLICATE
+                )
             else:
                 outcomes[i] = Outcome(sent_id, code_for(result), str(result))
 
