@@ -35,6 +35,8 @@ from kiteq.binding.registry import (
 )
 from kiteq.binding.zk import parse_zk_uri
 from kiteq.broker.admin_service import AdminService
+from kiteq.broker.console_source import BrokerConsole
+from kiteq.broker.operator import Operator
 from kiteq.broker.service import (
     KEEPALIVE_TIME_MS,
     KEEPALIVE_TIMEOUT_MS,
@@ -368,11 +370,33 @@ class Broker:
                 backlog=lambda: self._backlog,
                 dead_letters=lambda: self._dead_letters,
             )
+            console = BrokerConsole(
+                config=config,
+                advertised=self.advertised,
+                store_description=store.description,
+                bindings=bindings,
+                connections=connections,
+                dispatcher=dispatcher,
+                intake=intake,
+                transactions=transactions,
+                operator=Operator(
+                    store=store,
+                    dispatcher=dispatcher,
+                    history=history,
+                    transactions=transactions,
+                    clock=self._clock,
+                ),
+                clock=self._clock,
+                uptime=lambda: time.monotonic() - self._started,
+                backlog=lambda: self._backlog,
+                dead_letters=lambda: self._dead_letters,
+            )
             self._ops = OpsServer(
                 self._bind_host or "0.0.0.0",  # noqa: S104
                 self._pport,
                 self.metrics,
                 stats,
+                console=console,
                 admin_secret=config.admin_secret,
             )
             await self._ops.start()
