@@ -213,7 +213,7 @@ async def nats_consume(spec: ChildSpec) -> None:
         while not done.is_set():
             try:
                 messages = await subscription.fetch(FETCH, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.errors.TimeoutError):  # nothing within 0.5 s
                 continue
             for message in messages:
                 tally.record(message.data)
