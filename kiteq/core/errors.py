@@ -23,6 +23,7 @@ doing the same thing again (for a publish: the same message, same id) may succee
     │   └── RegistryUnavailableError   retriable (ZooKeeper SUSPENDED/LOST)
     └── ClientError
         ├── ClientClosedError          the producer/consumer was closed
+        ├── DeliveryExpiredError       an ack/nack/in_progress too late: the broker redelivers
         ├── NotConnectedError          retriable; no broker reachable for the topic
         ├── TlsError                   TLS refused: plaintext vs TLS, untrusted or missing certificate
         └── PublishTimeoutError        retriable; no store-ack in time (also a TimeoutError)
@@ -38,6 +39,7 @@ __all__ = [
     "ClientClosedError",
     "ClientError",
     "ConfigError",
+    "DeliveryExpiredError",
     "ExpiredMessageError",
     "FlowLimitedError",
     "InvalidMessageError",
@@ -146,6 +148,14 @@ class ClientError(KiteQError):
 
 class ClientClosedError(ClientError):
     """The producer or consumer is closed."""
+
+
+class DeliveryExpiredError(ClientError):
+    """The delivery can no longer be answered; the broker redelivers (or has) the message.
+
+    Its session ended, or ``deliverySeconds`` passed without an ack or ``in_progress``.
+    Acking again cannot help: the next delivery of the message is answered instead.
+    """
 
 
 class NotConnectedError(ClientError):

@@ -26,7 +26,8 @@ Examples:
 from __future__ import annotations
 
 from kiteq.binding.model import Binding
-from kiteq.client._consumer import AsyncConsumer, Consumer, Handler
+from kiteq.client._acks import AckMode, AsyncDelivery, Delivery
+from kiteq.client._consumer import AsyncConsumer, BatchHandler, Consumer, Handler
 from kiteq.client._producer import AsyncProducer, SendResult
 from kiteq.client._producer_sync import Producer
 from kiteq.client._tx import LocalTransaction, TxChecker, TxResult, TxStatus
@@ -36,6 +37,7 @@ from kiteq.core.errors import (
     ClientClosedError,
     ClientError,
     ConfigError,
+    DeliveryExpiredError,
     ExpiredMessageError,
     FlowLimitedError,
     InvalidMessageError,
@@ -54,15 +56,20 @@ from kiteq.core.message import Message, ReceivedMessage
 from kiteq.core.tls import TlsOptions
 
 __all__ = [
+    "AckMode",
     "AsyncConsumer",
+    "AsyncDelivery",
     "AsyncProducer",
     "AuthenticationError",
+    "BatchHandler",
     "Binding",
     "BodyTooLargeError",
     "ClientClosedError",
     "ClientError",
     "ConfigError",
     "Consumer",
+    "Delivery",
+    "DeliveryExpiredError",
     "ExpiredMessageError",
     "FlowLimitedError",
     "Handler",

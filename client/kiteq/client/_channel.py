@@ -356,6 +356,14 @@ class Session:
         """
         await self._write(_wire.acks_frame(results))
 
+    async def send_flow(self, state: broker_pb2.FlowState.ValueType) -> None:
+        """Write one ``Flow`` frame (pause or resume deliveries to this session).
+
+        Raises:
+            NotConnectedError: The session is gone.
+        """
+        await self._write(_wire.flow_frame(state))
+
     async def send_tx(self, answers: Iterable[_wire.TxAnswer]) -> None:
         """Write one ``TxAckBatch`` frame (transaction decisions and check answers).
 

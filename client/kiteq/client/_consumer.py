@@ -12,8 +12,11 @@ Data path::
                        everything answered since its last write
 
 True or None from the handler acks; False or an exception nacks (the broker redelivers).
-The broker keeps at most ``max_in_flight`` unacked deliveries per session, which bounds
-what this process holds.
+A ``batch_handler`` gets each delivery batch (a chunk of it per thread) and returns one
+result per message. Without a handler the consumer is iterated (``async for``); there, and
+with ``AckMode.MANUAL``, the code answers each delivery itself (``_acks``). The broker keeps
+at most ``max_in_flight`` unacked deliveries per session, which bounds what this process
+holds: unanswered deliveries use up credit, so the broker stops pushing (never a drop).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import inspect
 import logging
 import math
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Final, Self, TypeAlias
 
 from kiteq.binding.model import Binding
 from kiteq.client import _wire
+from kiteq.client._acks import AckMode, AsyncDelivery, Delivery, Ledger, Ticket
 from kiteq.client._channel import (
     Link,
     Session,
@@ -46,18 +51,23 @@ from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
 from kiteq.core.message import ReceivedMessage
 from kiteq.core.tls import TlsOptions
 
-__all__ = ["AsyncConsumer", "Consumer", "Handler"]
+__all__ = ["AsyncConsumer", "BatchHandler", "Consumer", "Handler"]
 
 logger = logging.getLogger(__name__)
 
-Handler: TypeAlias = Callable[[ReceivedMessage], "bool | Awaitable[bool | None] | None"]
+Handler: TypeAlias = Callable[..., "bool | Awaitable[bool | None] | None"]
+_BatchResult: TypeAlias = "Sequence[bool | None] | None"
+BatchHandler: TypeAlias = Callable[
+    [list[ReceivedMessage]],
+    "Sequence[bool | None] | Awaitable[Sequence[bool | None] | None] | None",
+]
 
 _MAX_IN_FLIGHT: Final = 100_000
 _FEEDBACK_CHARS: Final = 512
 _SYNC_MARGIN: Final = 5.0
 
 
-def _is_async(handler: Handler) -> bool:
+def _is_async(handler: Callable[..., object]) -> bool:
     call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's method
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
@@ -79,6 +89,41 @@ def _failed(message: ReceivedMessage, exc: Exception) -> _wire.DeliveryResult:
     )
     feedback = f"{type(exc).__name__}: {exc}"[:_FEEDBACK_CHARS]
     return _wire.DeliveryResult(message.message_id, False, feedback)
+
+
+def _batch_verdicts(
+    messages: Sequence[ReceivedMessage], result: object
+) -> list[_wire.DeliveryResult]:
+    """One result per message from a batch handler's return value (None: all acked)."""
+    if result is None:
+        return [_wire.DeliveryResult(m.message_id, True) for m in messages]
+    if isinstance(result, (str, bytes)) or not isinstance(result, Sequence):
+        error: Exception = TypeError(f"a batch handler returned {type(result).__name__}")
+    elif len(result) != len(messages):
+        error = ValueError(f"a batch handler returned {len(result)} results for {len(messages)}")
+    else:
+        return [_verdict(m, r) for m, r in zip(messages, result, strict=True)]
+    return [_failed(m, error) for m in messages]
+
+
+def _handle_whole(
+    handler: BatchHandler, messages: Sequence[ReceivedMessage]
+) -> list[_wire.DeliveryResult]:
+    # handler thread: the batch handler gets the chunk in one call
+    try:
+        result = handler(list(messages))
+    except Exception as exc:  # noqa: BLE001 - the user's handler: nack the chunk and log
+        return [_failed(m, exc) for m in messages]
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        error = TypeError("a sync batch handler returned an awaitable; use async def")
+        return [_failed(m, error) for m in messages]
+    return _batch_verdicts(messages, result)
+
+
+def _closing_nack(message: ReceivedMessage) -> _wire.DeliveryResult:
+    return _wire.DeliveryResult(message.message_id, False, "consumer closing")
 
 
 def _handle_batch(
@@ -124,10 +169,19 @@ class AsyncConsumer:
         secret_key: The group's secret.
         bindings: What the group consumes (``Binding.direct/regex/fanout``).
         handler: Called with each ``ReceivedMessage``; sync or ``async def``. True or None
-            acks; False or an exception nacks, and the broker redelivers.
+            acks; False or an exception nacks, and the broker redelivers. With
+            ``ack_mode=AckMode.MANUAL`` it gets an ``AsyncDelivery`` (async handler) or a
+            ``Delivery`` (sync handler) instead and answers it itself, then or later.
+            Neither handler: iterate the consumer (``async for msg in consumer``), which
+            yields ``AsyncDelivery`` objects to answer.
+        batch_handler: Instead of ``handler``: called with a list of messages (a delivery
+            batch, split among the handler threads) and returns one True/None (ack) or
+            False (nack) per message, or None to ack them all; an exception nacks them all.
+        ack_mode: ``AckMode.AUTO`` (the handler's result) or ``AckMode.MANUAL``.
         max_in_flight: Unacked deliveries the broker may push to each session.
         warmup_seconds: The broker ramps this consumer's share up over this many seconds.
-        concurrency: Handler calls in progress at once (threads for a sync handler).
+        max_concurrency: Handler calls in progress at once (threads for a sync handler);
+            ``concurrency`` is its older name.
         client_id: A name for this client in broker logs; default host:pid:random.
         connect_timeout: Seconds to open a session.
         reconnect_max_delay: Upper bound of the reconnect backoff (from 0.1 s, doubling).
@@ -159,19 +213,34 @@ class AsyncConsumer:
         group_id: str,
         secret_key: str = "",
         bindings: Iterable[Binding],
-        handler: Handler,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
+        ack_mode: AckMode = AckMode.AUTO,
         max_in_flight: int = 1000,
         warmup_seconds: float = 0,
-        concurrency: int = 1,
+        max_concurrency: int | None = None,
+        concurrency: int | None = None,
         client_id: str | None = None,
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 30.0,
         close_timeout: float = 10.0,
         tls: TlsOptions | None = None,
     ) -> None:
-        if not callable(handler):
-            raise ConfigError(f"handler must be callable, got {handler!r}")
-        for name, count in (("max_in_flight", max_in_flight), ("concurrency", concurrency)):
+        for name, given in (("handler", handler), ("batch_handler", batch_handler)):
+            if given is not None and not callable(given):
+                raise ConfigError(f"{name} must be callable, got {given!r}")
+        if handler is not None and batch_handler is not None:
+            raise ConfigError("give handler or batch_handler, not both")
+        if not isinstance(ack_mode, AckMode):
+            raise ConfigError(f"ack_mode must be an AckMode, got {ack_mode!r}")
+        if batch_handler is not None and ack_mode is AckMode.MANUAL:
+            raise ConfigError("a batch_handler answers through its results: use AckMode.AUTO")
+        if max_concurrency is not None and concurrency not in (None, max_concurrency):
+            raise ConfigError("max_concurrency and concurrency (its old name) differ")
+        if max_concurrency is None:
+            max_concurrency = 1 if concurrency is None else concurrency
+        concurrency = max_concurrency
+        for name, count in (("max_in_flight", max_in_flight), ("max_concurrency", concurrency)):
             check_positive(name, count, integer=True)
         for name, value in (
             ("connect_timeout", connect_timeout),
@@ -196,7 +265,12 @@ class AsyncConsumer:
         self._directory: BrokerDirectory | ZkDirectory = resolve(brokers, registry)
         self._group_id = group_id
         self._handler = handler
-        self._async_handler = _is_async(handler)
+        self._batch_handler = batch_handler
+        # no handler: the consumer is iterated, and the iterating code answers
+        self._iterated = handler is None and batch_handler is None
+        self._ack_mode = AckMode.MANUAL if self._iterated else ack_mode
+        called = handler if handler is not None else batch_handler
+        self._async_handler = called is not None and _is_async(called)
         self._concurrency = concurrency
         self._connect_timeout = float(connect_timeout)
         self._reconnect_max_delay = float(reconnect_max_delay)
@@ -228,6 +302,14 @@ class AsyncConsumer:
         self._link_tasks = TaskSet("kiteq-consumer", self._task_failed)
         self._tasks = TaskSet("kiteq-consumer")
         self._tx_warned = False
+        self._ledger = Ledger(self._answer_from_any_thread)
+        self._loop_thread = 0
+        # iteration: tickets not yet taken by the iterating code (loop thread)
+        self._inbox: deque[Ticket] = deque()
+        self._inbox_ready = asyncio.Event()
+        self._paused = False
+        # deliveries that arrived while paused (before the broker saw the Flow frame)
+        self._held: list[tuple[Session, list[ReceivedMessage]]] = []
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -299,7 +381,8 @@ class AsyncConsumer:
                 raise ConfigError(f"no broker serves the topics {', '.join(topics)}")
         self._started = True
         self._loop = asyncio.get_running_loop()
-        if not self._async_handler:
+        self._loop_thread = threading.get_ident()
+        if not self._async_handler and not self._iterated:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self._concurrency, thread_name_prefix="kiteq-handler"
             )
@@ -356,6 +439,15 @@ class AsyncConsumer:
             return
         self._closed = True
         self._closing = True
+        self._ledger.close()
+        self._inbox_ready.set()
+        # taken by no code yet: back to the broker at once
+        while self._inbox:
+            ticket = self._inbox.popleft()
+            self._queue_acks(ticket.session, [_closing_nack(ticket.message)])
+        held, self._held = self._held, []
+        for session, messages in held:
+            self._queue_acks(session, [_closing_nack(m) for m in messages])
         seconds = self._close_timeout if timeout is None else timeout
         try:
             if self._started:
@@ -414,6 +506,7 @@ class AsyncConsumer:
         if self._error is None:
             self._error = exc if isinstance(exc, KiteQError) else KiteQError(repr(exc))
         self._stopped.set()
+        self._inbox_ready.set()
 
     async def _wait_quiet(self, timeout: float) -> bool:
         if self._quiet.is_set():
@@ -454,7 +547,13 @@ class AsyncConsumer:
         # handler thread: one call per chunk; the results go back to the loop in bulk
         results: list[_wire.DeliveryResult] | None = None
         try:
-            results = _handle_batch(self._handler, messages)
+            if self._batch_handler is not None:
+                results = _handle_whole(self._batch_handler, messages)
+            elif self._ack_mode is AckMode.MANUAL:
+                results = self._handle_manual(session, messages)
+            else:
+                assert self._handler is not None  # noqa: S101 - no handler: iterated
+                results = _handle_batch(self._handler, messages)
         except BaseException:  # the handler's Exceptions are nacks already; this is not one
             logger.exception("handler thread failed on %d messages (redelivered)", len(messages))
         with self._handled_lock:
@@ -466,6 +565,27 @@ class AsyncConsumer:
             # RuntimeError: the loop has closed; nobody acks, the broker redelivers
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._take_handled)
+
+    def _handle_manual(
+        self, session: Session, messages: list[ReceivedMessage]
+    ) -> list[_wire.DeliveryResult]:
+        # handler thread, AckMode.MANUAL: the handler answers; an exception nacks
+        handler = self._handler
+        assert handler is not None  # noqa: S101 - MANUAL with a handler
+        for message in messages:
+            delivery = Delivery(self._ledger.issue(session, message), self._ledger)
+            try:
+                handler(delivery)
+            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
+                self._nack_failed(delivery, exc)
+        return []
+
+    def _nack_failed(self, delivery: Delivery | AsyncDelivery, exc: Exception) -> None:
+        # any thread: a MANUAL handler raised before answering its delivery
+        result = _failed(delivery.message, exc)
+        if not delivery.settled:
+            with contextlib.suppress(KiteQError):  # closed or expired: redelivered anyway
+                delivery._nack(0, result.feedback)
 
     def _take_handled(self) -> None:
         with self._handled_lock:
@@ -507,8 +627,46 @@ class AsyncConsumer:
     # -- async handler: one task per batch (loop thread) ---------------------------------
 
     async def _process(self, session: Session, messages: list[ReceivedMessage]) -> None:
-        results = await self._run_async(messages)
+        if self._batch_handler is not None:
+            results = await self._run_batch(self._batch_handler, messages)
+        elif self._ack_mode is AckMode.MANUAL:
+            await self._run_manual(session, messages)
+            return
+        else:
+            results = await self._run_async(messages)
         await self._answer(session, results)
+
+    async def _run_batch(
+        self, handler: BatchHandler, messages: list[ReceivedMessage]
+    ) -> list[_wire.DeliveryResult]:
+        async with self._handler_slots:
+            try:
+                result = handler(messages)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
+                return [_failed(m, exc) for m in messages]
+        return _batch_verdicts(messages, result)
+
+    async def _run_manual(self, session: Session, messages: list[ReceivedMessage]) -> None:
+        ledger = self._ledger
+        deliveries = [AsyncDelivery(ledger.issue(session, m), ledger) for m in messages]
+        if self._concurrency == 1:
+            for delivery in deliveries:
+                await self._handle_manual_async(delivery)
+        else:
+            await asyncio.gather(*(self._handle_manual_async(d) for d in deliveries))
+
+    async def _handle_manual_async(self, delivery: AsyncDelivery) -> None:
+        handler = self._handler
+        assert handler is not None  # noqa: S101 - MANUAL with a handler
+        async with self._handler_slots:
+            try:
+                result = handler(delivery)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
+                self._nack_failed(delivery, exc)
 
     async def _run_async(self, messages: list[ReceivedMessage]) -> list[_wire.DeliveryResult]:
         if self._concurrency == 1:
@@ -516,9 +674,11 @@ class AsyncConsumer:
         return list(await asyncio.gather(*(self._handle_async(m) for m in messages)))
 
     async def _handle_async(self, message: ReceivedMessage) -> _wire.DeliveryResult:
+        handler = self._handler
+        assert handler is not None  # noqa: S101 - AUTO with a handler
         async with self._handler_slots:
             try:
-                result = self._handler(message)
+                result = handler(message)
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
@@ -541,8 +701,10 @@ class AsyncConsumer:
     # -- SessionListener (loop thread) ------------------------------------------------
 
     def on_opened(self, session: Session) -> None:
-        """A session is open; deliveries follow."""
+        """A session is open; deliveries follow (unless the consumer is paused)."""
         logger.debug("consumer session open group=%s broker=%s", self._group_id, session.address)
+        if self._paused:
+            self._tasks.spawn(self._send_flow(session, _wire.FlowState.FLOW_STATE_PAUSED), "flow")
 
     def on_lost(self, session: Session, reason: KiteQError) -> None:
         """A session ended; its link reconnects and the broker redelivers what was unacked."""
@@ -554,6 +716,7 @@ class AsyncConsumer:
         if self._error is None:
             self._error = error
         self._stopped.set()
+        self._inbox_ready.set()
         for link in self._links:
             if link.address != address:
                 self._tasks.spawn(link.stop(0), f"stop:{link.address}")
@@ -565,14 +728,114 @@ class AsyncConsumer:
     def on_deliveries(self, session: Session, messages: list[ReceivedMessage]) -> None:
         """Hand the batch to the handler in one hop; nack it when closing."""
         if self._closing:
-            nacks = [
-                _wire.DeliveryResult(m.message_id, False, "consumer closing") for m in messages
-            ]
-            self._queue_acks(session, nacks)
+            self._queue_acks(session, [_closing_nack(m) for m in messages])
+        elif self._paused:
+            self._held.append((session, messages))
+        elif self._iterated:
+            issue = self._ledger.issue
+            self._inbox.extend(issue(session, m) for m in messages)
+            self._inbox_ready.set()
         elif self._async_handler:
             self._batches.spawn(self._process(session, messages), "batch")
         else:
             self._submit(session, messages)
+
+    # -- iteration, manual answers, pause (loop thread unless said) -----------------------
+
+    def __aiter__(self) -> AsyncIterator[AsyncDelivery]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[AsyncDelivery]:
+        ledger = self._ledger
+        while True:
+            ticket = await self.next_ticket()
+            if ticket is None:
+                return
+            yield AsyncDelivery(ticket, ledger)
+
+    async def next_ticket(self) -> Ticket | None:
+        """The next delivery for the iterating code; None once the consumer is closed.
+
+        Raises:
+            ConfigError: The consumer has a handler (it is not iterated).
+            AuthenticationError, ConfigError: The error that stopped the consumer.
+        """
+        if not self._iterated:
+            raise ConfigError("a consumer with a handler is not iterated")
+        if not self._started:
+            await self.start()
+        while True:
+            if self._inbox and not self._closing:
+                return self._inbox.popleft()
+            if self._error is not None:
+                raise fresh_error(self._error)
+            if self._closing or self._stopped.is_set():
+                return None
+            self._inbox_ready.clear()
+            await self._inbox_ready.wait()
+
+    def wrap_sync(self, ticket: Ticket) -> Delivery:
+        """A ``Delivery`` (blocking answers) for *ticket* (the sync facade's iterator)."""
+        return Delivery(ticket, self._ledger)
+
+    @property
+    def paused(self) -> bool:
+        """True between ``pause`` and ``resume``."""
+        return self._paused
+
+    @property
+    def unanswered(self) -> int:
+        """Deliveries handed to code (iteration, AckMode.MANUAL) and not answered yet."""
+        return self._ledger.open
+
+    async def pause(self) -> None:
+        """Stop deliveries without closing: the brokers push nothing until ``resume``.
+
+        Deliveries already in flight stay unacknowledged and may still be answered; any
+        that arrive before a broker has read the pause are held here until ``resume``.
+
+        Examples:
+            >>> async def main(consumer: AsyncConsumer) -> None:
+            ...     await consumer.pause()
+        """
+        self._paused = True
+        await self._flow_all(_wire.FlowState.FLOW_STATE_PAUSED)
+
+    async def resume(self) -> None:
+        """Start deliveries again after ``pause``; idempotent.
+
+        Examples:
+            >>> async def main(consumer: AsyncConsumer) -> None:
+            ...     await consumer.resume()
+        """
+        if not self._paused:
+            return
+        self._paused = False
+        held, self._held = self._held, []
+        for session, messages in held:
+            self.on_deliveries(session, messages)
+        await self._flow_all(_wire.FlowState.FLOW_STATE_RUNNING)
+
+    async def _flow_all(self, state: _wire.FlowState.ValueType) -> None:
+        sessions = [link.session for link in self._links if link.session is not None]
+        await asyncio.gather(*(self._send_flow(s, state) for s in sessions))
+
+    async def _send_flow(self, session: Session, state: _wire.FlowState.ValueType) -> None:
+        try:
+            await session.send_flow(state)
+        except KiteQError as exc:  # the session is gone; a new one is told on_opened
+            logger.info("flow frame not sent broker=%s error=%s", session.address, exc)
+
+    def _answer_from_any_thread(self, session: Session, result: _wire.DeliveryResult) -> None:
+        # any thread: an explicit answer goes to the ack writer on the loop
+        if threading.get_ident() == self._loop_thread:
+            self._queue_acks(session, [result])
+            return
+        loop = self._loop
+        if loop is not None:
+            # RuntimeError: the loop has closed; the broker redelivers
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._queue_acks, session, [result])
 
     def on_tx_checks(self, session: Session, checks: list[_wire.TxCheckRequest]) -> None:
         """Transaction checks are for producers; ignored here."""
@@ -589,8 +852,11 @@ class Consumer:
     """Consumes the messages bound to one consumer group (blocking API).
 
     A facade over ``AsyncConsumer`` running on a private event loop in a daemon thread.
-    The handler runs on ``concurrency`` worker threads; each delivery batch reaches them in
-    one hand-off. Options are those of ``AsyncConsumer``. ``with`` (or ``start``) connects.
+    The handler runs on ``max_concurrency`` worker threads; each delivery batch reaches them
+    in one hand-off. Options are those of ``AsyncConsumer``. ``with`` (or ``start``)
+    connects. Without a handler, iterate it (``for msg in consumer``): it yields
+    ``Delivery`` objects, to answer with ``ack()``/``nack()``/``in_progress()`` from any
+    thread, in any order.
 
     Examples:
         >>> def handle(message: ReceivedMessage) -> bool:
@@ -612,16 +878,21 @@ class Consumer:
         group_id: str,
         secret_key: str = "",
         bindings: Iterable[Binding],
-        handler: Handler,
+        handler: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
+        ack_mode: AckMode = AckMode.AUTO,
         max_in_flight: int = 1000,
         warmup_seconds: float = 0,
-        concurrency: int = 1,
+        max_concurrency: int | None = None,
+        concurrency: int | None = None,
         client_id: str | None = None,
         connect_timeout: float = 5.0,
         reconnect_max_delay: float = 30.0,
         close_timeout: float = 10.0,
         tls: TlsOptions | None = None,
     ) -> None:
+        if handler is not None and _is_async(handler):
+            raise ConfigError("Consumer runs sync handlers; use AsyncConsumer for async def")
         self._consumer = AsyncConsumer(
             brokers=brokers,
             registry=registry,
@@ -629,8 +900,11 @@ class Consumer:
             secret_key=secret_key,
             bindings=bindings,
             handler=handler,
+            batch_handler=batch_handler,
+            ack_mode=ack_mode,
             max_in_flight=max_in_flight,
             warmup_seconds=warmup_seconds,
+            max_concurrency=max_concurrency,
             concurrency=concurrency,
             client_id=client_id,
             connect_timeout=connect_timeout,
@@ -710,6 +984,38 @@ class Consumer:
         except TimeoutError:
             return False
         return True
+
+    def __iter__(self) -> Iterator[Delivery]:
+        """Deliveries, as they arrive, until the consumer is closed (from another thread).
+
+        Raises:
+            ConfigError: The consumer has a handler (it is not iterated).
+            AuthenticationError, ConfigError: The error that stopped the consumer.
+        """
+        consumer = self._consumer
+        while not self._closed:
+            ticket = self._thread.run(consumer.next_ticket(), timeout=None)
+            if ticket is None:
+                return
+            yield consumer.wrap_sync(ticket)
+
+    @property
+    def paused(self) -> bool:
+        """True between ``pause`` and ``resume``."""
+        return self._consumer.paused
+
+    @property
+    def unanswered(self) -> int:
+        """Deliveries handed to code (iteration, AckMode.MANUAL) and not answered yet."""
+        return self._consumer.unanswered
+
+    def pause(self) -> None:
+        """Stop deliveries without closing, until ``resume`` (see ``AsyncConsumer.pause``)."""
+        self._thread.run(self._consumer.pause(), timeout=self._connect_timeout + _SYNC_MARGIN)
+
+    def resume(self) -> None:
+        """Start deliveries again after ``pause``; idempotent."""
+        self._thread.run(self._consumer.resume(), timeout=self._connect_timeout + _SYNC_MARGIN)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop consuming after running handlers finish and their acks are sent; idempotent.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Iterable
 from typing import Final, NamedTuple
@@ -38,6 +39,7 @@ __all__ = [
     "BrokerLimits",
     "Deliveries",
     "DeliveryResult",
+    "FlowState",
     "OpenParams",
     "ServerEvent",
     "StoreAcks",
@@ -47,6 +49,7 @@ __all__ = [
     "TxChecks",
     "acks_frame",
     "decode_server_frame",
+    "flow_frame",
     "open_frame",
     "publish_frame",
     "rejection_error",
@@ -95,6 +98,8 @@ class BrokerLimits:
     max_batch_messages: int
     max_batch_bytes: int
     max_body_bytes: int
+    # a delivery not acked within this many seconds is redelivered; 0: not announced
+    delivery_seconds: int = 0
 
 
 class StoreResult(NamedTuple):
@@ -122,6 +127,13 @@ class DeliveryResult(NamedTuple):
     message_id: str
     ok: bool
     feedback: str = ""
+    # a nack: redeliver no earlier than this many seconds from now (issue #17)
+    delay: float = 0.0
+    # IN_PROGRESS: not a result, the deadline of the delivery restarts
+    action: int = broker_pb2.DELIVER_ACTION_SETTLE
+
+
+FlowState = broker_pb2.FlowState
 
 
 class TxAnswer(NamedTuple):
@@ -252,13 +264,24 @@ def acks_frame(results: Iterable[DeliveryResult]) -> broker_pb2.ClientFrame:
     """One ``DeliverAckBatch`` frame."""
     frame = broker_pb2.ClientFrame()
     add = frame.acks.acks.add
-    for message_id, ok, feedback in results:
+    for message_id, ok, feedback, delay, action in results:
         ack = add()
         ack.messageId = message_id
         if ok:
             ack.status = True
         if feedback:
             ack.feedback = feedback
+        if delay:
+            ack.delayMs = math.ceil(delay * 1000)
+        if action:
+            ack.action = broker_pb2.DeliverAction.ValueType(action)
+    return frame
+
+
+def flow_frame(state: broker_pb2.FlowState.ValueType) -> broker_pb2.ClientFrame:
+    """A ``Flow`` frame: pause or resume this session's deliveries."""
+    frame = broker_pb2.ClientFrame()
+    frame.flow.state = state
     return frame
 
 
@@ -293,6 +316,7 @@ def decode_server_frame(frame: broker_pb2.ServerFrame) -> ServerEvent | None:
             max_batch_messages=opened.maxBatchMessages,
             max_batch_bytes=opened.maxBatchBytes,
             max_body_bytes=opened.maxBodyBytes,
+            delivery_seconds=opened.deliverySeconds,
         )
     if kind == "checks":
         return TxChecks(
