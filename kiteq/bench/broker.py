@@ -1,7 +1,7 @@
 """A broker process of the bench's own: a temporary cluster on a free loopback port.
 
-``kiteq`` runs as ``python -m kiteq`` with a generated cluster file (embedded registry,
-any secret accepted) in a temporary directory that also holds the RocksDB files. A MySQL
+``kiteq`` runs as ``python -m kiteq`` with a generated cluster file (embedded registry
+unless told otherwise, any secret accepted) in a temporary directory that also holds the RocksDB files. A MySQL
 store gets fresh databases (``kqbench_<random>_<n>``, created by the broker with
 ``autoCreate=true``) that are dropped when the broker stops.
 """
@@ -67,7 +67,9 @@ def _free_port() -> int:
 class OwnBroker:
     """A ``kiteq`` process on 127.0.0.1 and a free port; a context manager."""
 
-    def __init__(self, store: str, *, extra_config: str = "") -> None:
+    def __init__(
+        self, store: str, *, registry: str = "embedded://", extra_config: str = ""
+    ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="kiteq-bench-")
         directory = Path(self._tmp.name)
         self.store_label, self.db = store_url(store, directory)
@@ -76,7 +78,7 @@ class OwnBroker:
         config = directory / "cluster.toml"
         config.write_text(
             "[registry.local]\n"
-            'hosts = "embedded://"\n'
+            f'hosts = "{registry}"\n'
             "[clusters.bench]\n"
             'env = "local"\n'
             f'db = "{self.db}"\n'

@@ -10,6 +10,7 @@ import io
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from kiteq.bench.run import ProgressLine
 from kiteq.bench.tally import ConsumerTally, merge_bitmaps
 from kiteq.bench.workload import STAMP_BYTES, Pacer, Workload, read_stamp, stamped_body
 from kiteq.core.errors import ConfigError
+from tests._servers.zookeeper import ManagedZooKeeper
 
 pytestmark = pytest.mark.bench
 
@@ -93,6 +95,14 @@ def test_sync_publisher_against_a_running_broker_text_report() -> None:
     assert lines[3].split()[0] == "publish->store-ack"
     assert lines[3].split()[-1] == "200"
     assert not any("end to end" in line for line in lines)
+
+
+def test_brokers_found_in_zookeeper(zookeeper: ManagedZooKeeper) -> None:
+    registry = f"zk://{zookeeper.hosts}/kiteq-bench-{uuid.uuid4().hex}"
+    with OwnBroker("memory", registry=registry):
+        result = bench("-broker", registry, "-count", "200", "-producers", "2")
+    assert result["target"] == registry
+    assert (result["acked"], result["unique"], result["lost"]) == (200, 200, 0)
 
 
 def test_usage_and_config_errors_exit_with_their_codes() -> None:
