@@ -23,8 +23,9 @@ processes, bodies stamped with their send time, the same HDR histograms and coun
 
 Workloads: 1 KiB and 100 B bodies, 1x1 and 4x4 processes (pipelined, as fast as each
 producer can, with at most ``Workload.window`` = 1,000 unacknowledged sends per producer
-on every system), plus ``sync``: one producer waiting for every store-ack (its latency is the
-synchronous publisher's). Repetitions are interleaved (every system once, then again), and
+on every system); ``1x1 1 KiB at 10.0k/s``: an open-loop producer offering 10,000 msg/s for
+10 s (latency from each message's scheduled send time); ``sync``: one producer waiting for
+every store-ack (its latency is the synchronous publisher's). Repetitions are interleaved (every system once, then again), and
 the table shows medians, the e2e range, and KiteQ-on-RocksDB's rate divided by each
 system's. Every client runs on the default asyncio loop (or a thread), as KiteQ's own
 client does. Broker CPU is read from /proc for the process listening on the port.
@@ -320,13 +321,23 @@ class Case:
     workload: Workload
 
 
-def cases(sizes: Sequence[int], shapes: Sequence[str], count: int, sync_count: int) -> list[Case]:
+def cases(
+    sizes: Sequence[int],
+    shapes: Sequence[str],
+    count: int,
+    sync_count: int,
+    open_rate: float,
+    open_seconds: float,
+) -> list[Case]:
     found: list[Case] = []
     for shape in shapes:
         producers, consumers = (int(n) for n in shape.split("x"))
         for size in sizes:
             workload = Workload(producers=producers, consumers=consumers, size=size, count=count)
             found.append(Case(f"{shape} {_size(size)}", workload))
+    if open_rate and open_seconds:
+        offered = Workload(size=sizes[0], count=0, duration=open_seconds, rate=open_rate)
+        found.append(Case(f"1x1 {_size(sizes[0])} at {_k(open_rate)}/s", offered))
     if sync_count:
         sync = Workload(consumers=0, size=sizes[0], count=sync_count, publish=Publish.SYNC)
         found.append(Case(f"sync {_size(sizes[0])}", sync))
@@ -405,6 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shapes", default="1x1,4x4", help="producers x consumers")
     parser.add_argument("--count", type=int, default=100_000, help="messages per run")
     parser.add_argument("--sync-count", type=int, default=2000, help="0: no sync row")
+    parser.add_argument(
+        "--open-rate",
+        type=float,
+        default=10_000,
+        help="offered msg/s of the open-loop row; 0: none",
+    )
+    parser.add_argument("--open-seconds", type=float, default=10.0, help="its duration")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--quick", action="store_true", help="1 repetition, 20,000, 1x1")
     parser.add_argument("--json", help="also write every run's figures to this file")
@@ -416,13 +434,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         child(options.child, options.spec)
         return 0
     if options.quick:
-        options.repeat, options.count, options.shapes, options.sync_count = 1, 20_000, "1x1", 500
+        options.repeat, options.count, options.shapes = 1, 20_000, "1x1"
+        options.sync_count, options.open_seconds = 500, 3.0
     systems = [s for s in options.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
     sizes = [int(s) for s in options.sizes.split(",")]
-    plan = cases(sizes, options.shapes.split(","), options.count, options.sync_count)
+    plan = cases(
+        sizes,
+        options.shapes.split(","),
+        options.count,
+        options.sync_count,
+        options.open_rate,
+        options.open_seconds,
+    )
     results: dict[tuple[str, str], list[Measured]] = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for rep in range(options.repeat):
