@@ -9,7 +9,10 @@
 #   mariadb-server  for the MySQL store tests: started when 127.0.0.1:3306 does not answer,
 #               and root may then log in over TCP without a password (as on the dev image).
 #               KITEQ_TEST_MYSQL=mysql://user:pw@host:port points the tests elsewhere instead.
+#   nodejs npm  for the Node.js conformance kit (tests/interop), when node is missing
+#               (Debian 12 ships Node 18; the kit needs >= 18)
 # Python: the project with its server and bench extras, editable, plus the "dev" dependency group.
+# Node: the kit's npm packages from tests/interop/package-lock.json (npm ci).
 # Checks: protobuf freshness, ruff format, ruff lint, mypy (strict), pytest.
 # pytest collecting no test (exit code 5) fails the run. Under CI=true a test whose
 # component is missing fails instead of skipping (tests/_servers/__init__.py).
@@ -121,6 +124,22 @@ python_packages() {
     "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[server,bench]" --group dev
 }
 
+node_packages() {
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        echo "installing nodejs npm"
+        as_root apt-get update -qq
+        as_root apt-get install -y -qq --no-install-recommends nodejs npm </dev/null
+    fi
+    local major
+    major=$(node -p 'process.versions.node.split(".")[0]')
+    if ((major < 18)); then
+        echo "error: node $(node --version) is too old for tests/interop (needs >= 18)" >&2
+        return 1
+    fi
+    echo "node $(node --version), npm $(npm --version)"
+    (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
+}
+
 run_pytest() {
     local rc=0
     "$PYTHON" -m pytest --durations=10 "$@" || rc=$?
@@ -134,6 +153,7 @@ run_pytest() {
 step "system packages" system_packages
 step "mariadb" mariadb_server
 step "python packages" python_packages
+step "node packages" node_packages
 step "protobuf freshness" "$PYTHON" proto/generate.py --check
 step "ruff format" "$PYTHON" -m ruff format --check .
 step "ruff check" "$PYTHON" -m ruff check .
