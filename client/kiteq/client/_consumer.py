@@ -743,15 +743,7 @@ class AsyncConsumer:
     # -- iteration, manual answers, pause (loop thread unless said) -----------------------
 
     def __aiter__(self) -> AsyncIterator[AsyncDelivery]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[AsyncDelivery]:
-        ledger = self._ledger
-        while True:
-            ticket = await self.next_ticket()
-            if ticket is None:
-                return
-            yield AsyncDelivery(ticket, ledger)
+        return _AsyncDeliveries(self, self._ledger)
 
     async def next_ticket(self) -> Ticket | None:
         """The next delivery for the iterating code; None once the consumer is closed.
@@ -846,6 +838,27 @@ class AsyncConsumer:
                 len(checks),
                 session.address,
             )
+
+
+class _AsyncDeliveries:
+    """``async for`` over a consumer.
+
+    An iterator object, not an async generator: a cancelled ``anext`` (a timeout around
+    it) leaves the iteration usable.
+    """
+
+    def __init__(self, consumer: AsyncConsumer, ledger: Ledger) -> None:
+        self._consumer = consumer
+        self._ledger = ledger
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> AsyncDelivery:
+        ticket = await self._consumer.next_ticket()
+        if ticket is None:
+            raise StopAsyncIteration
+        return AsyncDelivery(ticket, self._ledger)
 
 
 class Consumer:
