@@ -49,11 +49,12 @@ async def test_upper_and_lower_case_spellings_are_one_message_delivered_once(
         assert second.feedback.startswith("duplicate")
         mixed = lower[:16].upper() + lower[16:]
         with Producer(brokers=[broker.address], group_id="pay") as producer:
-            result = producer.send(
-                Message(topic="trade", message_type="pay-succ", body=b"x", message_id=mixed),
-                timeout=10,
-            )
+            sent = Message(topic="trade", message_type="pay-succ", body=b"x", message_id=mixed)
+            result = producer.send(sent, timeout=10)
             assert result.duplicate
+            # the client sends and reports the canonical spelling; the caller's message is
+            # left as it was given
+            assert (result.message_id, sent.message_id) == (lower, mixed)
             marker = producer.send(
                 Message(topic="trade", message_type="pay-succ", body=b"marker"), timeout=10
             ).message_id

@@ -72,6 +72,7 @@ from kiteq.core.errors import (
     PublishTimeoutError,
     RegistryUnavailableError,
 )
+from kiteq.core.ids import canonical_message_id
 from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
 from kiteq.core.message import Message, ReceivedMessage
 from kiteq.core.tls import TlsOptions
@@ -594,6 +595,11 @@ class AsyncProducer:
             raise ClientClosedError("producer is closed")
         # the broker applies KiteQ's clamps; the frame carries them too (see publish_frame)
         validate(message, time.time())
+        canonical = canonical_message_id(message.message_id)
+        if canonical != message.message_id:
+            # the broker stores and acks the one spelling; the result and the consumers
+            # then name the same id (a copy: the caller's message is left as it is)
+            return dataclasses.replace(message, message_id=canonical)
         return message
 
     def _submit(self, send: _Send, room_timeout: float = 0.0) -> None:
