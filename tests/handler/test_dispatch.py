@@ -263,9 +263,16 @@ async def test_offline_persistent_group_keeps_the_message_without_using_attempts
     record = h.publish()
     await h.settle()
     assert h.store.deleted == []
-    assert h.store.rescheduled == []  # still due in the store: nothing to write
+    # parked until its expiry, once: the periodic scan does not read it while "acct" is away
+    [change] = h.store.rescheduled
+    expiry = float(record.message.expired_time)
+    assert change.record.next_deliver_time == expiry
+    assert change.record.groups == {"acct": GroupDelivery(GroupState.PENDING, 0, expiry)}
     assert record.deliver_count == 0
     assert not h.dispatcher.tracking(record.message_id)
+    h.dispatcher.submit(change.record)  # read again while "acct" is still away
+    await h.settle()
+    assert len(h.store.rescheduled) == 1  # parked and unchanged: nothing more to write
 
 
 async def test_offline_non_persistent_group_is_skipped_for_that_group_only(h: Harness) -> None:

@@ -50,7 +50,12 @@ async def test_a_failing_group_dead_letters_for_itself_only_and_the_offline_grou
         assert stored is not None  # kept: "offline" has not had it yet
         assert stored.groups["failing"] == GroupDelivery(GroupState.DEAD, 2, 0.0)
         assert stored.groups["healthy"].state is GroupState.ACKED
-        assert "offline" not in stored.groups  # never attempted: pending, due at once
+        # never attempted: pending, parked until its expiry while "offline" is away
+        expiry = float(records[0].message.expired_time)
+        assert stored.groups["offline"] == GroupDelivery(GroupState.PENDING, 0, expiry)
+        assert stored.next_deliver_time == expiry
+        assert await b.scan() == 20  # the first scan after a start reads everything
+        assert await b.scan() == 0  # then the periodic scan does not read an offline backlog
 
         b.clock.advance(600)  # long after the failing group finished
         offline = b.connect("offline")
@@ -97,7 +102,11 @@ async def test_a_group_in_its_160_s_window_does_not_delay_a_group_that_connects_
         assert stored is not None
         slow_due = stored.groups["slow"].next_deliver_time
         assert slow_due == b.clock.now() + 160
-        assert stored.next_deliver_time <= b.clock.now()  # "late" is still pending, due
+        # "late" is still pending, parked until the expiry while it has no consumer
+        assert stored.groups["late"] == GroupDelivery(
+            GroupState.PENDING, 0, float(record.message.expired_time)
+        )
+        assert stored.next_deliver_time == slow_due  # the earliest of its groups' due times
 
         b.clock.advance(1)
         late = b.connect("late")

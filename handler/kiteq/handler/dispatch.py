@@ -155,6 +155,9 @@ class Dispatcher:
         self.redelivered = 0
         self.dead_lettered = 0
         self.flow_limited = 0
+        # groups that got their first live consumer: the recover scan then reads the
+        # messages parked for offline groups too (``parked_until``)
+        self.arrivals = 0
         # (topic, group, result) -> count, handed to metrics by ``flush_metrics``
         self._tally: Counter[tuple[str, str, str]] = Counter()
         self._retries: Counter[tuple[str, str]] = Counter()
@@ -312,6 +315,8 @@ class Dispatcher:
     def connection_opened(self, conn: Connection) -> None:
         self._stamp()
         if conn.consumer:
+            if len(self._connections.consumers(conn.group)) == 1:
+                self.arrivals += 1
             self._pump(conn.group)
 
     def connection_closed(self, conn: Connection) -> None:
@@ -471,7 +476,7 @@ class Dispatcher:
                     if state.attempts >= limit:
                         self._bury(flight, group, "deliver_limit")
                         continue
-                    if state.next_deliver_time > now:
+                    if state.next_deliver_time > now and not _parked(record, state):
                         flight.deferred = True
                         continue
             flight.pending[group] = route.persistent
@@ -551,8 +556,20 @@ class Dispatcher:
     def _unreachable(self, flight: Flight, group: str) -> None:
         persistent = flight.pending.pop(group)
         if persistent:
-            # its state (attempts so far, due) is unchanged: the message stays due for it
+            # Parked without using an attempt: due again at the expiry, so the periodic
+            # scan never reads it while the group is away (a backlog of an offline group
+            # costs nothing); the scan after a group arrives reads parked messages too.
             flight.parked = True
+            record = flight.record
+            until = parked_until(record)
+            state = record.groups.get(group)
+            if state is None:
+                record.groups[group] = GroupDelivery(GroupState.PENDING, 0, until)
+            elif state.next_deliver_time != until:
+                state.next_deliver_time = until
+            else:
+                return
+            flight.dirty = True
             return
         # KiteQ: a non-persistent group that is offline is skipped for this message; it
         # counts as settled for that group (GroupState has no separate "skipped").
@@ -813,6 +830,24 @@ class Dispatcher:
                 ):
                     self._unreachable(flight, group)
                     self._maybe_finish(flight)
+
+
+def parked_until(record: StoredMessage) -> float:
+    """The due time of a group parked offline: the message's expiry.
+
+    A backoff window never ends there (``_round_failed`` dead-letters such a group), so
+    this time marks the group as parked: due whenever it has a live consumer.
+    """
+    return float(record.message.expired_time)
+
+
+def _parked(record: StoredMessage, state: GroupDelivery) -> bool:
+    return state.next_deliver_time == record.message.expired_time
+
+
+def has_parked(record: StoredMessage) -> bool:
+    """True when a pending group of *record* is parked (waits for a live consumer)."""
+    return any(s.state is GroupState.PENDING and _parked(record, s) for s in record.groups.values())
 
 
 def _sync_count(record: StoredMessage) -> None:

@@ -5,6 +5,12 @@ group was offline or had no binding yet, messages the dispatcher had no room for
 after a restart — every message that was stored but not fully delivered. The store's
 due index has one time per message (its earliest pending group); the dispatcher offers
 each message only to the groups that are due.
+
+A message parked for a persistent group that has no live consumer is due at its expiry
+(``dispatch.parked_until``): the periodic scan reads only what is due, so an offline
+group's backlog costs nothing while it is away. The scan after a group gets its first
+consumer, after a wake (a binding changed) and the first scan after a start read every
+stored message, parked ones included, until one of them gets through the whole index.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from typing import Final
 
 from kiteq.core.clock import Clock
 from kiteq.handler.bookkeeper import Bookkeeper
-from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.dispatch import Dispatcher, has_parked
 from kiteq.store.base import DueCursor, MessageStore
 
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE: Final = 500
+# the upper due bound of a full scan: after every expiry (finite: MySQL has no infinity)
+_EVERYTHING: Final = 1e300
 
 
 class RecoverLoop:
@@ -41,9 +49,16 @@ class RecoverLoop:
         self._period = period
         self._wake = asyncio.Event()
         self.scans = 0
+        # read parked messages too in the next scan (a start reads everything)
+        self._full = True
+        self._arrivals = dispatcher.arrivals
 
     def wake(self) -> None:
-        """Scan now instead of at the end of the period (a consumer or binding appeared)."""
+        """Scan now instead of at the end of the period (a consumer or binding appeared).
+
+        That scan reads parked messages too: a binding change can end a group's parking.
+        """
+        self._full = True
         self._wake.set()
 
     async def run(self) -> None:
@@ -56,13 +71,23 @@ class RecoverLoop:
     async def scan(self) -> int:
         """One pass over the due messages; returns how many were offered."""
         now = self._clock.now()
+        arrivals = self._dispatcher.arrivals
+        if arrivals != self._arrivals:
+            self._arrivals = arrivals
+            self._full = True
+        full = self._full
+        bound = _EVERYTHING if full else now
         cursor: DueCursor | None = None
         offered = 0
+        # a full scan that skipped a message with a write still settling reads it next time
+        stale = False
         while self._dispatcher.has_room:
             epoch = self._bookkeeper.scan_started()
             try:
-                page = await self._store.page_due(now, PAGE_SIZE, cursor)
+                page = await self._store.page_due(bound, PAGE_SIZE, cursor)
                 for record in page:
+                    if full and record.next_deliver_time > now and not has_parked(record):
+                        continue  # read for the parked ones: in its backoff window
                     message_id = record.message_id
                     # A message in flight joins with its groups that are due (the flight has
                     # the current state); otherwise a write still settling makes the read
@@ -70,12 +95,15 @@ class RecoverLoop:
                     if not self._dispatcher.tracking(message_id) and self._bookkeeper.settled_since(
                         message_id, epoch
                     ):
+                        stale = True
                         continue
                     self._dispatcher.submit(record)
                     offered += 1
             finally:
                 self._bookkeeper.scan_finished()
             if len(page) < PAGE_SIZE:
+                if full and not stale and self._dispatcher.arrivals == arrivals:
+                    self._full = False  # through the whole index: parked ones were offered
                 break
             cursor = (page[-1].next_deliver_time, page[-1].message_id)
         self.scans += 1
