@@ -1,7 +1,8 @@
 """``kiteq``: the broker command line (Go-style single-dash flags, as KiteQ's).
 
-Exit codes: 0 after a clean stop, 1 on a configuration or startup error (the message names
-the flag or key), 2 on a usage error.
+Exit codes: 0 after a clean stop, 1 on a configuration or startup error (one line that
+names the flag or key, checked before anything starts where it can be: see
+``kiteq.broker.startup``, also for where the config file is found), 2 on a usage error.
 
 Settings that are also config keys take precedence in this order: flag, then environment
 (``KITEQ_ADMIN_SECRET``), then the file. The admin secret has no flag of its own: the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import faulthandler
 import gc
@@ -19,12 +21,23 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from kiteq.binding.registry import redact_registry_uri
 from kiteq.broker.logs import LOG_FILE, LogFormat, configure as configure_logging
-from kiteq.broker.server import Broker
+from kiteq.broker.server import Broker, split_bind
+from kiteq.broker.startup import (
+    CONFIG_ENV,
+    LOCAL_CONFIG,
+    check_flags,
+    check_port_free,
+    explain,
+    find_config,
+    resolve_store_path,
+    version,
+)
 from kiteq.core.admin import ADMIN_SECRET_ENV, AUDIT_LOGGER
 from kiteq.core.config import ClusterConfig, load_cluster, read_secret_file
 from kiteq.core.errors import KiteQError
@@ -54,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(
         "configPath",
         "config_path",
-        default="conf/cluster.toml",
-        help="cluster TOML (default conf/cluster.toml)",
+        default=None,
+        help=f"cluster TOML (default ${CONFIG_ENV}, else ./{LOCAL_CONFIG}, else the shipped one)",
     )
     flag(
         "bind",
@@ -108,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"file whose first line is the admin secret (overrides {ADMIN_SECRET_ENV})",
     )
+    parser.add_argument("-version", "--version", action="version", version=f"kiteq {version()}")
     return parser
 
 
@@ -145,16 +159,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the audit trail is not chatter: -logLevel=WARNING must not drop admin mutations
     logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
     faulthandler.register(signal.SIGUSR1)
+    cwd = Path.cwd()
     try:
+        check_flags(pport=options.pport, grace=options.grace)
+        options.config_path = find_config(options.config_path, os.environ, cwd)
         config = load_cluster(options.config_path, options.cluster_name)
-        config = apply_overrides(config, options, os.environ)
+        config = resolve_store_path(apply_overrides(config, options, os.environ), cwd)
+        host, port = split_bind(options.bind)
+        check_port_free("-bind", host, port)
+        if options.pport > 0:
+            check_port_free("-pport", host, options.pport)
     except KiteQError as exc:
         print(f"kiteq: {exc}", file=sys.stderr)
         return 1
     try:
         return _run(_serve(config, options))
     except KiteQError as exc:
-        print(f"kiteq: {exc}", file=sys.stderr)
+        print(f"kiteq: {explain(exc, config)}", file=sys.stderr)
         return 1
 
 
@@ -184,13 +205,16 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
     try:
         await broker.start()
     except BaseException:
-        await broker.stop()
+        # a start that failed is no shutdown: the cause is the one line main() prints, so
+        # stop() releases what was opened without its "stopping... draining" lines
+        with _quiet(logging.getLogger("kiteq")):
+            await broker.stop()
         raise
     gc.freeze()  # what start() built lives as long as the process: never rescan it
     print(
         f"kiteq ready cluster={config.name} bind={broker.advertised} store={broker.store_description} "
         f"registry={redact_registry_uri(config.registry)} topics={','.join(config.topics)} "
-        f"tls={broker.tls_mode}",
+        f"tls={broker.tls_mode} config={options.config_path}",
         flush=True,
     )
     try:
@@ -201,3 +225,14 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
         return 1
     await broker.stop()
     return 0
+
+
+@contextlib.contextmanager
+def _quiet(log: logging.Logger) -> Iterator[None]:
+    """Only warnings and errors from *log* and its children while the block runs."""
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -1,0 +1,213 @@
+"""Start-up validation: a bad flag or config value is one line naming it, and exit 1."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.broker_process import REPO, free_port, write_config
+
+pytestmark = pytest.mark.e2e
+
+# no log line, no traceback, no shutdown lines of a broker that never ran: only this
+ONE_LINE = re.compile(r"\Akiteq: [^\n]+\n\Z")
+
+
+def run_kiteq(
+    args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiteq", *args],
+        cwd=cwd,
+        env=environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without KITEQ_CONFIG, the sources on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "KITEQ_CONFIG"}
+    env["PYTHONPATH"] = os.pathsep.join(_source_roots())
+    env.update(extra or {})
+    return env
+
+
+def _source_roots() -> list[str]:
+    # run from outside the checkout: the package must come from the path, not the cwd
+    return [
+        str(REPO / root) for root in (".", "binding", "store", "handler", "client", "ops", "proto")
+    ]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield int(listener.getsockname()[1])
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, db="memory://")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["-pport=70000"], "kiteq: -pport: must be 1..65535 (or <= 0: off), got 70000\n"),
+        (["-grace=-5"], "kiteq: -grace: must be >= 0 seconds, got -5.0\n"),
+        (["-bind=127.0.0.1:70000"], "kiteq: -bind: expected host:port, got '127.0.0.1:70000'\n"),
+        (["-clusterName=nope"], None),
+    ],
+)
+def test_bad_flag_is_one_line_and_exit_1(
+    config: Path, tmp_path: Path, flags: list[str], expected: str | None
+) -> None:
+    run = run_kiteq(["-clusterName=e2e", f"-configPath={config}", *flags], cwd=tmp_path)
+    assert run.returncode == 1
+    assert run.stdout == ""
+    assert ONE_LINE.match(run.stderr), run.stderr
+    if expected is not None:
+        assert run.stderr == expected
+    else:
+        assert "unknown cluster 'nope'" in run.stderr
+
+
+@pytest.mark.parametrize("flag", ["-bind", "-pport"])
+def test_busy_port_names_the_flag_and_the_cause(
+    config: Path, tmp_path: Path, busy_port: int, flag: str
+) -> None:
+    ports = {"-bind": f"127.0.0.1:{free_port()}", "-pport": str(free_port())}
+    ports[flag] = f"127.0.0.1:{busy_port}" if flag == "-bind" else str(busy_port)
+    run = run_kiteq(
+        [
+            "-clusterName=e2e",
+            f"-configPath={config}",
+            f"-bind={ports['-bind']}",
+            f"-pport={ports['-pport']}",
+        ],
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert ONE_LINE.match(run.stderr), run.stderr
+    assert (
+        run.stderr
+        == f"kiteq: {flag}: cannot listen on 127.0.0.1:{busy_port}: address already in use\n"
+    )
+
+
+def error_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
+    lines = (run.stdout + run.stderr).splitlines()
+    assert not any(
+        "Traceback" in line or "stopping" in line or "draining" in line for line in lines
+    ), lines
+    return [line for line in lines if line.startswith("kiteq: ")]
+
+
+def test_unreachable_store_names_the_db_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, db=f"mysql://root:x@127.0.0.1:{free_port()}/kiteq?timeout=2")
+    run = run_kiteq(
+        ["-clusterName=e2e", f"-configPath={config}", "-bind=127.0.0.1:0"], cwd=tmp_path
+    )
+    assert run.returncode == 1
+    [line] = error_lines(run)
+    assert line.startswith("kiteq: clusters.e2e.db: store unavailable: mysql://")
+    assert "Can't connect" in line
+    assert run.stderr.endswith(line + "\n")  # the last line
+
+
+def test_unwritable_rocksdb_path_names_the_db_key(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = write_config(tmp_path, db=f"rocksdb://{blocker / 'db'}")
+    run = run_kiteq(
+        ["-clusterName=e2e", f"-configPath={config}", "-bind=127.0.0.1:0"], cwd=tmp_path
+    )
+    assert run.returncode == 1
+    [line] = error_lines(run)
+    assert line.startswith(f"kiteq: clusters.e2e.db: store unavailable: rocksdb://{blocker / 'db'}")
+
+
+def test_unreachable_zookeeper_names_the_registry_key(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(
+        f'[registry.zk]\nhosts = "zk://127.0.0.1:{free_port()}?timeout=2"\n'
+        '[clusters.e2e_dev]\nenv = "zk"\ndb = "memory://"\n'
+    )
+    run = run_kiteq(
+        ["-clusterName=e2e_dev", f"-configPath={path}", "-bind=127.0.0.1:0"],
+        cwd=tmp_path,
+        timeout=90,
+    )
+    assert run.returncode == 1
+    [line] = error_lines(run)
+    assert line.startswith(
+        "kiteq: registry.zk.hosts: registry unavailable: ZooKeeper zk://127.0.0.1:"
+    )
+
+
+def test_version(tmp_path: Path) -> None:
+    run = run_kiteq(["--version"], cwd=tmp_path)
+    assert run.returncode == 0
+    assert re.fullmatch(r"kiteq \d+\.\d+\.\d+\S*\n", run.stdout), run.stdout
+
+
+def test_runs_from_any_directory_with_the_shipped_config_and_an_absolute_store_path(
+    tmp_path: Path,
+) -> None:
+    # no conf/ here, no -configPath, no KITEQ_CONFIG: the shipped conf/cluster.toml
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kiteq",
+            "-clusterName=rocksdb_dev",
+            f"-bind=127.0.0.1:{free_port()}",
+        ],
+        cwd=run_dir,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = ""
+        for line in proc.stdout:
+            if line.startswith(("kiteq ready", "kiteq: ")):
+                ready = line
+                break
+        assert ready.startswith("kiteq ready"), ready
+        assert f"store=rocksdb://{run_dir / 'db' / 'rocksdb_dev'}?fsync=batch" in ready
+        assert f"config={REPO / 'conf' / 'cluster.toml'}" in ready
+        assert (run_dir / "db" / "rocksdb_dev").is_dir()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_kiteq_config_env_is_used_and_a_missing_one_named(tmp_path: Path, config: Path) -> None:
+    missing = run_kiteq(
+        ["-clusterName=e2e"], cwd=tmp_path, env={"KITEQ_CONFIG": str(tmp_path / "no.toml")}
+    )
+    assert missing.returncode == 1
+    assert missing.stderr == f"kiteq: $KITEQ_CONFIG: no config file at '{tmp_path / 'no.toml'}'\n"
+    wrong_cluster = run_kiteq(
+        ["-clusterName=nope"], cwd=tmp_path, env={"KITEQ_CONFIG": str(config)}
+    )
+    assert wrong_cluster.returncode == 1
+    assert f"in {config}" in wrong_cluster.stderr  # it read the file the variable names
