@@ -228,7 +228,9 @@ class Binding(_message.Message):
     bindType: Global___BindType.ValueType
     version: _builtins.str
     watermark: _builtins.int
-    """Delivery rate cap for (topic, group) in messages per second; <= 0: the default (6000)."""
+    """Delivery rate cap for (topic, group) in messages per second; 0: no cap; negative:
+    refused (INVALID_ARGUMENT).
+    """
     persistent: _builtins.bool
     """true: kept and retried while the group is offline; false: dropped for an offline group."""
     def __init__(
