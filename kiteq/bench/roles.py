@@ -52,11 +52,6 @@ def produce(target: str, spec: ChildSpec) -> None:
     reporter = Reporter(tally)
     body = filler(workload.size)
     share = workload.share(spec.index)
-    started_ns = time.time_ns()
-    end_ns = spec.deadline_ns
-    if workload.duration:
-        end_ns = min(end_ns, started_ns + int(workload.duration * 1e9))
-    pacer = Pacer(workload.rate / workload.producers, started_ns)
     tx_slots = threading.BoundedSemaphore(_TX_THREADS)
 
     def on_done(intended_ns: int, future: concurrent.futures.Future[Any]) -> None:
@@ -86,6 +81,12 @@ def produce(target: str, spec: ChildSpec) -> None:
             finally:
                 tx_slots.release()
 
+        reporter.ready_then_go()
+        started_ns = time.time_ns()
+        end_ns = spec.deadline_ns
+        if workload.duration:
+            end_ns = min(end_ns, started_ns + int(workload.duration * 1e9))
+        pacer = Pacer(workload.rate / workload.producers, started_ns)
         seq = 0
         while share == 0 or seq < share:
             intended_ns = pacer.next()

@@ -1,6 +1,7 @@
 """The parent side of a bench run: start the children, show progress, add up results.
 
-Consumers start first; producers start once every consumer says ``ready``. When every
+Consumers start first, then the producers once every consumer says ``ready``; producers
+connect, say ``ready`` and start sending together on the parent's ``go``. When every
 producer has finished, the parent waits until the consumers have received as many
 messages as were store-acked (at most ``drain_timeout``), then closes their stdin, which
 tells them to write their results. Rates are counted from the first send of any producer:
@@ -197,6 +198,12 @@ class _Child:
         tail = "\n".join(self.stderr)
         return BenchError(f"{self.name} {what} (exit code {self.proc.poll()}):\n{tail}")
 
+    def go(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):  # gone: the next wait reports it
+                self.proc.stdin.write("go\n")
+                self.proc.stdin.flush()
+
     def close_stdin(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             with contextlib.suppress(BrokenPipeError):  # the child is gone: nothing to tell
@@ -267,10 +274,16 @@ def run(
         if not _wait(consumers, lambda: all(c.ready.is_set() for c in consumers), ready_by):
             late = next(c for c in consumers if not c.ready.is_set())
             raise late.failure(f"not ready within {start_timeout:.0f}s")
-        started = time.monotonic()
-        send_deadline_ns = time.time_ns() + int((budget + start_timeout) * 1e9)
+        send_deadline_ns = time.time_ns() + int((budget + 2 * start_timeout) * 1e9)
         producers = [start(Role.PRODUCER, i, send_deadline_ns) for i in range(workload.producers)]
         everyone = [*producers, *consumers]
+        ready_by = time.monotonic() + start_timeout
+        if not _wait(everyone, lambda: all(p.ready.is_set() for p in producers), ready_by):
+            late = next(p for p in producers if not p.ready.is_set())
+            raise late.failure(f"not ready within {start_timeout:.0f}s")
+        for producer in producers:
+            producer.go()
+        started = time.monotonic()
 
         def totals() -> tuple[int, int, int]:
             sent = sum(p.progress.get("sent", 0) for p in producers)

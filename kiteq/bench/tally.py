@@ -1,8 +1,10 @@
 """The child side of a bench run: counters, histograms and the JSON lines to the parent.
 
 A child process (producer or consumer, of any system) writes one JSON object per line on
-stdout: ``{"event": "ready"}`` once it can take messages (consumers), ``progress`` lines
-twice a second, and one ``result`` line at the end. ``kiteq.bench.run`` reads them.
+stdout: ``{"event": "ready"}`` once it is connected, ``progress`` lines twice a second,
+and one ``result`` line at the end. ``kiteq.bench.run`` reads them; it writes ``go`` to
+the producers' stdin once all of them are ready, and closes the consumers' stdin when they
+have everything.
 """
 
 from __future__ import annotations
@@ -158,6 +160,11 @@ class Reporter:
 
     def ready(self) -> None:
         _emit("ready")
+
+    def ready_then_go(self) -> None:
+        """Say ready, then wait for the parent's ``go`` line: producers start together."""
+        self.ready()
+        sys.stdin.readline()
 
     def _loop(self) -> None:
         while not self._stop.wait(PROGRESS_SECONDS):

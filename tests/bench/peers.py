@@ -84,6 +84,7 @@ async def produce_async(spec: ChildSpec, publish: Callable[[bytes], Awaitable[No
     reporter = Reporter(tally)
     body = filler(workload.size)
     share = workload.share(spec.index)
+    await asyncio.to_thread(reporter.ready_then_go)
     started_ns = time.time_ns()
     end_ns = spec.deadline_ns
     if workload.duration:
