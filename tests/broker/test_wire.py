@@ -7,7 +7,7 @@ import dataclasses
 from hypothesis import given, strategies as st
 
 from kiteq.broker import wire
-from kiteq.core.codes import AckCode
+from kiteq.core.codes import AckCode, Disposition
 from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
 from kiteq.handler.connection import Outcome
 from kiteq.proto.v1 import broker_pb2, common_pb2
@@ -75,17 +75,90 @@ def test_publisher_protobuf_gets_the_canonical_id_and_the_sessions_group() -> No
 
 @given(
     st.lists(
-        st.tuples(st.text(max_size=40), st.sampled_from(list(AckCode)), st.text(max_size=300)),
+        st.tuples(
+            st.text(max_size=40),
+            st.sampled_from(list(AckCode)),
+            st.text(max_size=300),
+            st.sampled_from(list(Disposition)),
+        ),
         max_size=50,
     )
 )
-def test_store_acks_frame_round_trips(items: list[tuple[str, AckCode, str]]) -> None:
-    outcomes = [Outcome(mid, code, feedback) for mid, code, feedback in items]
+def test_store_acks_frame_round_trips(
+    items: list[tuple[str, AckCode, str, Disposition]],
+) -> None:
+    outcomes = [Outcome(mid, code, feedback, how) for mid, code, feedback, how in items]
     frame = broker_pb2.ServerFrame.FromString(wire.store_acks_frame(outcomes))
     expected = broker_pb2.ServerFrame(
         storeAcks=broker_pb2.StoreAckBatch(acks=wire.store_acks(outcomes))
     )
     assert frame == expected
+
+
+MIB = 1024 * 1024
+
+
+def reassembled(frames: list[bytes], limit: int) -> list[tuple[common_pb2.Message, int]]:
+    """Deliveries as a client reads them (PROTOCOL.md), checking every frame's size."""
+    out: list[tuple[common_pb2.Message, int]] = []
+    pending: tuple[broker_pb2.Delivery, list[bytes]] | None = None
+    for data in frames:
+        assert len(data) <= limit
+        frame = broker_pb2.ServerFrame.FromString(data)
+        if frame.WhichOneof("kind") == "bodyPart":
+            assert pending is not None
+            assert frame.bodyPart.messageId == pending[0].message.header.messageId
+            pending[1].append(frame.bodyPart.data)
+            if sum(map(len, pending[1])) == pending[0].bodyBytes:
+                pending[0].message.body = b"".join(pending[1])
+                out.append((pending[0].message, pending[0].attempt))
+                pending = None
+            continue
+        assert pending is None  # nothing comes between a split delivery and its parts
+        deliveries = frame.deliveries.deliveries
+        for delivery in deliveries:
+            if delivery.bodyBytes:
+                assert len(deliveries) == 1
+                pending = (delivery, [delivery.message.body])
+            else:
+                out.append((delivery.message, delivery.attempt))
+    assert pending is None
+    return out
+
+
+@given(
+    st.lists(st.sampled_from([0, 1, 1000, MIB // 2, MIB, 3 * MIB, 4 * MIB]), max_size=12),
+    st.sampled_from([MIB, 4 * MIB, 13 * MIB]),
+)
+def test_delivery_frames_stay_under_the_limit_and_reassemble(sizes: list[int], limit: int) -> None:
+    records = [record(bytes([i % 251]) * n, 1_900_000_000, 5) for i, n in enumerate(sizes)]
+    frames = wire.delivery_frames([(r, i + 1) for i, r in enumerate(records)], limit)
+    got = reassembled(frames, limit)
+    assert [attempt for _, attempt in got] == list(range(1, len(records) + 1))
+    for (message, _), expected in zip(got, records, strict=True):
+        assert wire.message_from_pb(message) == expected.message
+
+
+def test_small_deliveries_share_frames_of_at_most_500() -> None:
+    records = [record(b"x", 1_900_000_000, 5) for _ in range(1200)]
+    frames = wire.delivery_frames([(r, 1) for r in records], 4 * MIB)
+    assert [len(broker_pb2.ServerFrame.FromString(f).deliveries.deliveries) for f in frames] == [
+        500,
+        500,
+        200,
+    ]
+
+
+def test_checks_frames_stay_under_the_limit() -> None:
+    props = {f"k{i}": "v" * 4096 for i in range(64)}
+    big = [
+        (StoredMessage(dataclasses.replace(record(b"", 0, 1).message, properties=props), 1.0), 1)
+        for _ in range(10)
+    ]
+    frames = wire.checks_frames(big, MIB)
+    assert len(frames) > 1
+    assert all(f.ByteSize() <= MIB for f in frames)
+    assert sum(len(f.checks.checks) for f in frames) == 10
 
 
 def test_message_info_and_dead_letters_show_the_state_of_each_group() -> None:
