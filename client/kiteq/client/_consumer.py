@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Final, Self, TypeAlias
 
 from kiteq.binding.model import Binding
-from kiteq.client import _wire
+from kiteq.client import _tracing, _wire
 from kiteq.client._acks import AckMode, AsyncDelivery, Delivery, Ledger, Ticket
 from kiteq.client._channel import (
     Link,
@@ -111,7 +111,8 @@ def _handle_whole(
 ) -> list[_wire.DeliveryResult]:
     # handler thread: the batch handler gets the chunk in one call
     try:
-        result = handler(list(messages))
+        with _tracing.consuming_batch(messages):
+            result = handler(list(messages))
     except Exception as exc:  # noqa: BLE001 - the user's handler: nack the chunk and log
         return [_failed(m, exc) for m in messages]
     if inspect.isawaitable(result):
@@ -133,7 +134,8 @@ def _handle_batch(
     results = []
     for message in messages:
         try:
-            result = handler(message)
+            with _tracing.consuming(message):
+                result = handler(message)
         except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
             results.append(_failed(message, exc))
             continue
@@ -575,7 +577,8 @@ class AsyncConsumer:
         for message in messages:
             delivery = Delivery(self._ledger.issue(session, message), self._ledger)
             try:
-                handler(delivery)
+                with _tracing.consuming(message):
+                    handler(delivery)
             except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
                 self._nack_failed(delivery, exc)
         return []
@@ -641,9 +644,10 @@ class AsyncConsumer:
     ) -> list[_wire.DeliveryResult]:
         async with self._handler_slots:
             try:
-                result = handler(messages)
-                if inspect.isawaitable(result):
-                    result = await result
+                with _tracing.consuming_batch(messages):
+                    result = handler(messages)
+                    if inspect.isawaitable(result):
+                        result = await result
             except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
                 return [_failed(m, exc) for m in messages]
         return _batch_verdicts(messages, result)
@@ -662,9 +666,10 @@ class AsyncConsumer:
         assert handler is not None  # noqa: S101 - MANUAL with a handler
         async with self._handler_slots:
             try:
-                result = handler(delivery)
-                if inspect.isawaitable(result):
-                    await result
+                with _tracing.consuming(delivery.message):
+                    result = handler(delivery)
+                    if inspect.isawaitable(result):
+                        await result
             except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
                 self._nack_failed(delivery, exc)
 
@@ -678,9 +683,10 @@ class AsyncConsumer:
         assert handler is not None  # noqa: S101 - AUTO with a handler
         async with self._handler_slots:
             try:
-                result = handler(message)
-                if inspect.isawaitable(result):
-                    result = await result
+                with _tracing.consuming(message):
+                    result = handler(message)
+                    if inspect.isawaitable(result):
+                        result = await result
             except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
                 return _failed(message, exc)
         return _verdict(message, result)
@@ -768,6 +774,7 @@ class AsyncConsumer:
 
     def wrap_sync(self, ticket: Ticket) -> Delivery:
         """A ``Delivery`` (blocking answers) for *ticket* (the sync facade's iterator)."""
+        _tracing.received(ticket.message)
         return Delivery(ticket, self._ledger)
 
     @property
@@ -858,6 +865,7 @@ class _AsyncDeliveries:
         ticket = await self._consumer.next_ticket()
         if ticket is None:
             raise StopAsyncIteration
+        _tracing.received(ticket.message)
         return AsyncDelivery(ticket, self._ledger)
 
 

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, Self
 
-from kiteq.client import _wire
+from kiteq.client import _tracing, _wire
 from kiteq.client._channel import (
     Link,
     Session,
@@ -593,6 +593,8 @@ class AsyncProducer:
             raise fresh_error(self._fatal)
         if not self._accepting:
             raise ClientClosedError("producer is closed")
+        # the trace context first, so that the property limits count it
+        message = _tracing.publishing(message)
         # the broker applies KiteQ's clamps; the frame carries them too (see publish_frame)
         validate(message, time.time())
         canonical = canonical_message_id(message.message_id)
