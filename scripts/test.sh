@@ -121,7 +121,7 @@ python_packages() {
     if [[ $help != *--group* ]]; then
         "$PYTHON" -m pip install -q --root-user-action=ignore --upgrade 'pip>=25.1'
     fi
-    "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[server,bench]" --group dev
+    "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[server,bench,otel]" --group dev
 }
 
 node_packages() {
