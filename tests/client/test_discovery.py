@@ -18,7 +18,8 @@ import pytest
 
 from kiteq.binding.model import Binding as ModelBinding, loads
 from kiteq.client import AsyncConsumer, AsyncProducer, Binding, Message, ReceivedMessage
-from kiteq.client._discovery import ZkDirectory, broker_address, resolve
+from kiteq.client._discovery import resolve
+from kiteq.client._zk_directory import ZkDirectory, broker_address
 from kiteq.core.errors import ConfigError, NotConnectedError
 from tests._servers.zookeeper import ManagedZooKeeper, expire_session
 from tests.client._fake_broker import FakeBroker, pb_message

@@ -30,7 +30,8 @@ from kazoo.security import make_acl
 
 from kiteq.binding._zk_client import digest_acl
 from kiteq.client import Binding, Consumer, Message, Producer
-from kiteq.client._discovery import ZkDirectory, resolve
+from kiteq.client._discovery import resolve
+from kiteq.client._zk_directory import ZkDirectory
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers.zk_acl import EXPECTED, PASSWORD, USER, acl_of, authed_session, walk
 from tests._servers.zookeeper import ManagedZooKeeper, expire_session
@@ -247,7 +248,7 @@ def test_discovery_imports_with_the_client_dependencies_only(tmp_path: Path) -> 
                 return None
 
         sys.meta_path.insert(0, Absent())
-        import kiteq.client, kiteq.client._discovery, kiteq.binding.zk, kiteq.binding._zk_client
+        import kiteq.client, kiteq.client._zk_directory, kiteq.binding.zk, kiteq.binding._zk_client
         loaded = sorted(m for m in sys.modules if m.startswith(("kiteq.handler", "kiteq.store",
                                                                  "kiteq.broker", "kiteq.ops")))
         print("ok", loaded)

@@ -31,7 +31,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Final, Self, TypeAlias
+from typing import TYPE_CHECKING, Final, Self, TypeAlias
 
 from kiteq.binding.model import Binding
 from kiteq.client import _tracing, _wire
@@ -44,7 +44,7 @@ from kiteq.client._channel import (
     fresh_error,
     open_params,
 )
-from kiteq.client._discovery import BrokerDirectory, ZkDirectory, resolve
+from kiteq.client._discovery import BrokerDirectory, is_zookeeper, resolve
 from kiteq.client._sync import LoopThread
 from kiteq.client._tls import Transport
 from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
@@ -52,6 +52,9 @@ from kiteq.core.message import ReceivedMessage
 from kiteq.core.tls import TlsOptions
 
 __all__ = ["AsyncConsumer", "BatchHandler", "Consumer", "Handler"]
+
+if TYPE_CHECKING:
+    from kiteq.client._zk_directory import ZkDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +364,7 @@ class AsyncConsumer:
             return
         topics = dict.fromkeys(binding.topic for binding in self._params.bindings)
         directory = self._directory
-        if not directory.static and isinstance(directory, ZkDirectory):
+        if is_zookeeper(directory):
             try:
                 # the bindings first, so a broker has them before the stream opens
                 await directory.write_bindings(
@@ -373,7 +376,7 @@ class AsyncConsumer:
                 raise
         addresses = directory.brokers_for_any(topics)
         if not addresses:
-            if isinstance(directory, ZkDirectory):
+            if is_zookeeper(directory):
                 logger.warning(
                     "no broker registered yet for the topics %s group=%s: waiting for one",
                     ", ".join(topics),

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from kiteq.client import _tracing, _wire
 from kiteq.client._channel import (
@@ -52,7 +52,7 @@ from kiteq.client._channel import (
     fresh_error,
     open_params,
 )
-from kiteq.client._discovery import BrokerDirectory, ZkDirectory, resolve
+from kiteq.client._discovery import BrokerDirectory, is_zookeeper, resolve
 from kiteq.client._tls import Transport
 from kiteq.client._tx import (
     CheckRunner,
@@ -78,6 +78,9 @@ from kiteq.core.message import Message, ReceivedMessage
 from kiteq.core.tls import TlsOptions
 
 __all__ = ["AsyncProducer", "SendResult", "uncommitted"]
+
+if TYPE_CHECKING:
+    from kiteq.client._zk_directory import ZkDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +293,7 @@ class AsyncProducer:
         self._params = open_params(group_id=group_id, secret_key=secret_key, client_id=client_id)
         self._transport = Transport(tls)
         self._directory: BrokerDirectory | ZkDirectory = resolve(brokers, registry)
-        self._dynamic = isinstance(self._directory, ZkDirectory)
+        self._dynamic = is_zookeeper(self._directory)
         self._group_id = group_id
         self._timeout = float(timeout)
         self._linger = float(linger)
