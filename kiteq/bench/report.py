@@ -21,8 +21,8 @@ def text_report(run: KiteqRun) -> str:
     rate = f", target {w.rate:,.0f} msg/s" if w.rate else ""
     tx = f", {w.tx_share:.0%} transactional" if w.tx_share else ""
     cpu_parts = []
-    if run.broker_cpu_us_per_message is not None:
-        cpu_parts.append(f"broker {run.broker_cpu_us_per_message}")
+    if r.broker_cpu_us_per_message is not None:
+        cpu_parts.append(f"broker {r.broker_cpu_us_per_message}")
     if r.acked:
         cpu_parts.append(f"producers {r.producer_cpu_seconds / r.acked * 1e6:.1f}")
     if r.unique:

@@ -98,7 +98,15 @@ class RunResult:
     delivery: Percentiles
     producer_cpu_seconds: float
     consumer_cpu_seconds: float
+    # the broker's, from the go to the end of the drain (None: no meter given or readable)
+    broker_cpu_seconds: float | None
     errors: Mapping[str, int]
+
+    @property
+    def broker_cpu_us_per_message(self) -> float | None:
+        if self.broker_cpu_seconds is None or not self.acked:
+            return None
+        return round(self.broker_cpu_seconds / self.acked * 1e6, 1)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -106,6 +114,7 @@ class RunResult:
         data["store_ack"] = self.store_ack.as_dict()
         data["delivery"] = self.delivery.as_dict()
         data["errors"] = dict(self.errors)
+        data["broker_cpu_us_per_message"] = self.broker_cpu_us_per_message
         return data
 
 
@@ -252,8 +261,12 @@ def run(
     drain_timeout: float = 30.0,
     start_timeout: float = 60.0,
     env: Mapping[str, str] | None = None,
+    broker_cpu: Callable[[], float | None] | None = None,
 ) -> RunResult:
     """Run *workload* with children started by *command*; bounded in time throughout.
+
+    *broker_cpu* reads the broker's CPU seconds so far; it is read at the go and again when
+    the consumers have everything.
 
     Raises:
         BenchError: A child exited without a result, or did not start or finish in time.
@@ -281,6 +294,7 @@ def run(
         if not _wait(everyone, lambda: all(p.ready.is_set() for p in producers), ready_by):
             late = next(p for p in producers if not p.ready.is_set())
             raise late.failure(f"not ready within {start_timeout:.0f}s")
+        cpu_before = broker_cpu() if broker_cpu else None
         for producer in producers:
             producer.go()
         started = time.monotonic()
@@ -305,6 +319,7 @@ def run(
         if consumers:
             drain_by = time.monotonic() + drain_timeout
             _wait(everyone, lambda: totals()[2] >= acked_total, drain_by)
+        cpu_after = broker_cpu() if broker_cpu else None
         for consumer in consumers:
             consumer.close_stdin()
         if not _wait(consumers, lambda: all(c.result for c in consumers), time.monotonic() + 30):
@@ -315,15 +330,20 @@ def run(
             progress.done()
         for child in [*producers, *consumers]:
             child.finish(10)
+    cpu = None if cpu_before is None or cpu_after is None else round(cpu_after - cpu_before, 3)
     return _combine(
         workload,
         [p.result for p in producers if p.result],
         [c.result for c in consumers if c.result],
+        cpu,
     )
 
 
 def _combine(
-    workload: Workload, produced: list[dict[str, Any]], consumed: list[dict[str, Any]]
+    workload: Workload,
+    produced: list[dict[str, Any]],
+    consumed: list[dict[str, Any]],
+    broker_cpu_seconds: float | None,
 ) -> RunResult:
     store_ack, delivery = Latency(), Latency()
     errors: dict[str, int] = {}
@@ -359,5 +379,6 @@ def _combine(
         delivery=delivery.percentiles(),
         producer_cpu_seconds=round(sum(r["cpu"] for r in produced), 3),
         consumer_cpu_seconds=round(sum(r["cpu"] for r in consumed), 3),
+        broker_cpu_seconds=broker_cpu_seconds,
         errors=errors,
     )

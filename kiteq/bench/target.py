@@ -15,27 +15,14 @@ __all__ = ["KiteqRun", "bench_kiteq", "child_command"]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KiteqRun:
-    """A run's figures, where it ran, and the broker's CPU when the bench started it."""
+    """A run's figures and where it ran (*store* empty: a broker the bench did not start)."""
 
     result: RunResult
     target: str
     store: str
-    broker_cpu_seconds: float | None
-
-    @property
-    def broker_cpu_us_per_message(self) -> float | None:
-        if self.broker_cpu_seconds is None or not self.result.acked:
-            return None
-        return round(self.broker_cpu_seconds / self.result.acked * 1e6, 1)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            **self.result.as_dict(),
-            "target": self.target,
-            "store": self.store,
-            "broker_cpu_seconds": self.broker_cpu_seconds,
-            "broker_cpu_us_per_message": self.broker_cpu_us_per_message,
-        }
+        return {**self.result.as_dict(), "target": self.target, "store": self.store}
 
 
 def child_command(target: str) -> ChildCommand:
@@ -65,15 +52,13 @@ def bench_kiteq(
         result = run(
             workload, child_command(target), progress=progress, drain_timeout=drain_timeout
         )
-        return KiteqRun(result, target, "", None)
+        return KiteqRun(result, target, "")
     with OwnBroker(store, extra_config=extra_config) as broker:
-        cpu0 = broker.cpu_seconds()
         result = run(
             workload,
             child_command(broker.address),
             progress=progress,
             drain_timeout=drain_timeout,
+            broker_cpu=broker.cpu_seconds,
         )
-        cpu1 = broker.cpu_seconds()
-        cpu = None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3)
-        return KiteqRun(result, broker.address, broker.store_label, cpu)
+        return KiteqRun(result, broker.address, broker.store_label)

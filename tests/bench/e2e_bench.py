@@ -52,7 +52,7 @@ def main() -> int:
             print(
                 f"{outcome.store:<20} {size:>6} {r.sent:>8} {r.unique:>8} {r.failed:>5} "
                 f"{r.lost:>5} {r.publish_rate:>10.0f} {r.e2e_rate:>8.0f} {r.e2e_seconds:>6} "
-                f"{outcome.broker_cpu_us_per_message or '-':>13}",
+                f"{r.broker_cpu_us_per_message or '-':>13}",
                 flush=True,
             )
     return 0

@@ -279,17 +279,12 @@ def listener_pid(port: int) -> int | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class Measured:
-    result: RunResult
-    broker_cpu_seconds: float | None
-
-
-def measure(system: str, workload: Workload, label: str, quiet: bool) -> Measured:
+def measure(system: str, workload: Workload, label: str, quiet: bool) -> RunResult:
     progress = None if quiet else ProgressLine(sys.stderr, label=label)
     if system in KITEQ_STORES:
         with OwnBroker(KITEQ_STORES[system]) as broker:
-            return _timed(workload, child_command(broker.address), progress, broker.pid)
+            command = child_command(broker.address)
+            return run(workload, command, progress=progress, broker_cpu=broker.cpu_seconds)
     if system == "rabbitmq":
         rabbit_reset()
         pid = listener_pid(RABBIT_PORT)
@@ -300,20 +295,10 @@ def measure(system: str, workload: Workload, label: str, quiet: bool) -> Measure
     def peer_command(role: Role, index: int) -> list[str]:
         return [sys.executable, __file__, "--child", system]
 
-    return _timed(workload, peer_command, progress, pid)
+    def cpu() -> float | None:
+        return process_cpu(pid) if pid else None
 
-
-def _timed(
-    workload: Workload,
-    command: Callable[[Role, int], Sequence[str]],
-    progress: ProgressLine | None,
-    pid: int | None,
-) -> Measured:
-    cpu0 = process_cpu(pid) if pid else None
-    result = run(workload, command, progress=progress)
-    cpu1 = process_cpu(pid) if pid else None
-    cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-    return Measured(result, cpu)
+    return run(workload, peer_command, progress=progress, broker_cpu=cpu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +338,7 @@ def _k(rate: float) -> str:
     return f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
 
 
-def table(results: dict[tuple[str, str], list[Measured]], case_names: list[str]) -> str:
+def table(results: dict[tuple[str, str], list[RunResult]], case_names: list[str]) -> str:
     """The markdown table: medians over the repetitions, KiteQ RocksDB's rate over each."""
     lines = [
         "| workload | system | e2e msg/s (median [min-max]) | KiteQ RocksDB / it "
@@ -365,16 +350,15 @@ def table(results: dict[tuple[str, str], list[Measured]], case_names: list[str])
         rates: dict[str, float] = {}
         for (case, system), runs in results.items():
             if case == name:
-                sync = runs[0].result.workload.consumers == 0
+                sync = runs[0].workload.consumers == 0
                 rates[system] = statistics.median(
-                    m.result.publish_rate if sync else m.result.e2e_rate for m in runs
+                    r.publish_rate if sync else r.e2e_rate for r in runs
                 )
         base = rates.get(BASELINE)
         for system in SYSTEMS:
-            runs = results.get((name, system), [])
-            if not runs:
+            rs = results.get((name, system), [])
+            if not rs:
                 continue
-            rs = [m.result for m in runs]
             sync = rs[0].workload.consumers == 0
             e2e = [r.e2e_rate for r in rs]
             e2e_cell = (
@@ -392,11 +376,7 @@ def table(results: dict[tuple[str, str], list[Measured]], case_names: list[str])
                 else f"{statistics.median(r.delivery.p50 for r in rs):.1f} / "
                 f"{statistics.median(r.delivery.p99 for r in rs):.1f}"
             )
-            cpus = [
-                m.broker_cpu_seconds / m.result.acked * 1e6
-                for m in runs
-                if m.broker_cpu_seconds and m.result.acked
-            ]
+            cpus = [r.broker_cpu_us_per_message for r in rs if r.broker_cpu_us_per_message]
             cpu = f"{statistics.median(cpus):.0f}" if cpus else "-"
             lost = sum(r.lost for r in rs)
             dup = sum(r.duplicates for r in rs)
@@ -450,15 +430,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.open_rate,
         options.open_seconds,
     )
-    results: dict[tuple[str, str], list[Measured]] = {}
+    results: dict[tuple[str, str], list[RunResult]] = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for rep in range(options.repeat):
         for case in plan:
             for system in systems:
                 label = f"[{rep + 1}/{options.repeat}] {case.name} {system}"
-                measured = measure(system, case.workload, label, options.quiet)
-                results.setdefault((case.name, system), []).append(measured)
-                r = measured.result
+                r = measure(system, case.workload, label, options.quiet)
+                results.setdefault((case.name, system), []).append(r)
                 print(
                     f"{label}: e2e {r.e2e_rate:,.0f}/s publish {r.publish_rate:,.0f}/s "
                     f"ack p50 {r.store_ack.p50} ms lost {r.lost} dup {r.duplicates}",
@@ -470,14 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.json:
         with open(options.json, "w") as out:
             rows = [
-                {
-                    "case": case,
-                    "system": system,
-                    **m.result.as_dict(),
-                    "broker_cpu_seconds": m.broker_cpu_seconds,
-                }
+                {"case": case, "system": system, **r.as_dict()}
                 for (case, system), runs in results.items()
-                for m in runs
+                for r in runs
             ]
             json.dump(rows, out, indent=1)
     return 0
