@@ -120,11 +120,11 @@ class BrokerConsole:
         for row in rows.values():
             row["waiting"] = self._dispatcher.waiting(row["group"]) if row["group"] else 0
         backlog = self._backlog()
+        # "*" in the config's topics admits any topic: list the ones seen instead
+        named = {t for t in self._config.topics if t != "*"}
+        seen = named | backlog.keys() | {topic for topic, _ in rows}
         return {
-            "topics": [
-                {"topic": t, "backlog": backlog.get(t, 0)}
-                for t in sorted(set(self._config.topics) | backlog.keys())
-            ],
+            "topics": [{"topic": t, "backlog": backlog.get(t, 0)} for t in sorted(seen)],
             "groups": [rows[key] for key in sorted(rows)],
         }
 

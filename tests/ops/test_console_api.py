@@ -118,6 +118,15 @@ async def test_reads_need_the_secret(server: OpsServer, path: str) -> None:
     assert isinstance(json.loads(answer.body), dict)
 
 
+async def test_api_refusals_carry_no_basic_challenge(server: OpsServer) -> None:
+    # a challenge would make the browser open its own prompt over the login form
+    refused = await request(server.port, "GET", "/api/overview", secret=None)
+    assert refused.status == 401
+    assert "www-authenticate" not in refused.headers
+    stat = await request(server.port, "GET", "/stat", secret=None)
+    assert stat.headers["www-authenticate"].startswith("Basic ")
+
+
 async def test_actions_need_the_secret_and_change_nothing_without_it(
     server: OpsServer, console: FakeConsole, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -289,6 +289,10 @@ class OpsServer:
             path,
             "wrong secret" if given else "no secret",
         )
+        if path.startswith(PROTECTED_PREFIX):
+            # no Basic challenge: a browser would open its own password prompt over the
+            # console's login form (and hold the page's request until it is answered)
+            return _text(401, "admin secret required")
         return _text(401, "admin secret required", {"WWW-Authenticate": _CHALLENGE})
 
     # -- the KiteQ and Prometheus endpoints --------------------------------------------

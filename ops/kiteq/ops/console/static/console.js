@@ -197,6 +197,8 @@ function drawRates() {
     ctx.beginPath();
     points.forEach((p, i) => (i === 0 ? ctx.moveTo : ctx.lineTo).call(ctx, x(offset + i), y(p[name])));
     ctx.stroke();
+    ctx.fillStyle = color; // a dot per sample: a single one is visible before any line
+    points.forEach((p, i) => ctx.fillRect(x(offset + i) - 2, y(p[name]) - 2, 4, 4));
     const item = document.createElement("span");
     item.className = "legend-" + name;
     const last = points.length ? points[points.length - 1][name] : 0;
