@@ -19,8 +19,10 @@ from kiteq.client import (
     DeliveryExpiredError,
     Message,
 )
+from kiteq.proto.v1 import admin_pb2
 from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.test_delivery import in_flight, wait_idle
+from tests.e2e.test_reliability import dead_letters, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -176,3 +178,25 @@ async def test_nack_with_delay_redelivers_no_earlier_and_others_keep_flowing(
         assert time.monotonic() - nacked_at >= 5
         await again.ack()
         await asyncio.to_thread(wait_idle, broker)
+
+
+async def test_delayed_nack_within_deliver_limit_dead_letters_at_the_limit(
+    broker: BrokerProcess,
+) -> None:
+    async with consumer(broker) as c, producer(broker) as p:
+        limited = Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=2)
+        sent = (await p.send(limited)).message_id
+        deliveries = aiter(c)
+        for attempt in (1, 2):
+            d = await take(deliveries)
+            assert (d.message_id, d.attempt) == (sent, attempt)
+            await d.nack(delay=1)
+        letters = await asyncio.to_thread(_letters_when_one, broker)
+    assert [(letter.header.messageId, letter.reason, letter.groupId) for letter in letters] == [
+        (sent, "deliver_limit", "acct-svc")
+    ]
+
+
+def _letters_when_one(broker: BrokerProcess) -> list[admin_pb2.DeadLetterInfo]:
+    wait_until(lambda: len(dead_letters(broker)) == 1)
+    return list(dead_letters(broker))
