@@ -13,7 +13,7 @@
 #               (Debian 12 ships Node 18; the kit needs >= 18)
 # Python: the project with its server and bench extras, editable, plus the "dev" dependency group.
 # Node: the kit's npm packages from tests/interop/package-lock.json (npm ci).
-# Checks: protobuf freshness, ruff format, ruff lint, mypy (strict), pytest.
+# Checks: protobuf freshness, dashboard freshness (kiteq.ops.dashboard --check), ruff format, ruff lint, mypy (strict), pytest.
 # pytest collecting no test (exit code 5) fails the run. Under CI=true a test whose
 # component is missing fails instead of skipping (tests/_servers/__init__.py).
 set -euo pipefail
@@ -155,6 +155,7 @@ step "mariadb" mariadb_server
 step "python packages" python_packages
 step "node packages" node_packages
 step "protobuf freshness" "$PYTHON" proto/generate.py --check
+step "dashboard freshness" "$PYTHON" -m kiteq.ops.dashboard --check
 step "ruff format" "$PYTHON" -m ruff format --check .
 step "ruff check" "$PYTHON" -m ruff check .
 step "mypy" "$PYTHON" -m mypy

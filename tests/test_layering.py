@@ -50,6 +50,8 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     "kiteq.binding": _BASE,
     "kiteq.ops": frozenset({"kiteq.core"}),  # the package's __init__ only
     "kiteq.ops.metrics": frozenset({"kiteq.core", "kiteq.ops"}),
+    # the dashboard generator (a dev tool): nothing of the broker
+    "kiteq.ops.dashboard": frozenset({"kiteq.ops"}),
     "kiteq.handler": _BASE | _MIDDLE,
     # the console's data seam and page; the broker implements it, ops.http serves it
     "kiteq.ops.console": frozenset({"kiteq.core", "kiteq.ops"}),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,6 +15,7 @@ from kiteq.ops.metrics import (
     BrokerMetrics,
 )
 from tests._servers import unavailable
+from tests.ops._prometheus import Prometheus, broker_under_load
 
 
 def touch_everything(metrics: BrokerMetrics) -> None:
@@ -82,3 +84,12 @@ def prometheus_binary() -> str:
     if path is None:
         unavailable("prometheus (apt-get install prometheus)")
     return path
+
+
+@pytest.fixture(scope="session")
+def scraped_broker(
+    tmp_path_factory: pytest.TempPathFactory, prometheus_binary: str
+) -> Iterator[Prometheus]:
+    """A real Prometheus scraping a broker process under load, with the alert rules loaded."""
+    with broker_under_load(tmp_path_factory.mktemp("scraped"), prometheus_binary) as prometheus:
+        yield prometheus
