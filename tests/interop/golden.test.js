@@ -3,6 +3,7 @@
 // Run by tests/interop/test_node_kit.py, which starts the broker and sets
 //   KITEQ_BROKER   host:port of a broker (embedded registry, deliverySeconds 2,
 //                  txCheckDelaySeconds 1, group "node" with secret "right")
+//   KITEQ_DELIVERY_FIRST_BROKER  the same with deliveryFirst = true
 'use strict';
 
 const test = require('node:test');
@@ -12,6 +13,8 @@ const { Session, message, newMessageId, publishUnary, grpc, GRPC_DEFAULT_RECEIVE
 
 const BROKER = process.env.KITEQ_BROKER;
 assert.ok(BROKER, 'KITEQ_BROKER must name the broker under test');
+const DELIVERY_FIRST_BROKER = process.env.KITEQ_DELIVERY_FIRST_BROKER;
+assert.ok(DELIVERY_FIRST_BROKER, 'KITEQ_DELIVERY_FIRST_BROKER must name a deliveryFirst broker');
 const MiB = 1024 * 1024;
 const WAIT_MS = 30000;
 
@@ -356,4 +359,19 @@ test('unary Publish: acks with dispositions; a wrong secret is UNAUTHENTICATED',
     publishUnary(BROKER, { groupId: 'node', secretKey: 'wrong', messages: [m] }),
     (err) => err.code === grpc.status.UNAUTHENTICATED,
   );
+});
+
+test('deliveryFirst: a message acked by every group before it was stored is acked DELIVERED', async () => {
+  const topic = unique('first');
+  const c = new Session(DELIVERY_FIRST_BROKER);
+  await c.open({ groupId: unique('first'), bindings: [direct(topic, 't')] });
+  const p = new Session(DELIVERY_FIRST_BROKER);
+  await p.open({ groupId: 'node', secretKey: 'right' });
+  const got = deliveries(c, 1);
+  const m = message({ topic, messageType: 't', body: 'x' });
+  const [ack] = await p.publish([m]);
+  assert.deepEqual([ack.code, ack.disposition], ['ERROR_CODE_OK', 'STORE_DISPOSITION_DELIVERED']);
+  const [d] = await got;
+  assert.equal(d.message.header.messageId, m.header.messageId);
+  await Promise.all([p.close(), c.close()]);
 });

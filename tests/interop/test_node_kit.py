@@ -60,6 +60,14 @@ def golden_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
 
 
 @pytest.fixture
+def delivery_first_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """deliveryFirst: pushed before it is stored, acked DELIVERED when every group acked."""
+    directory = tmp_path / "delivery-first"
+    directory.mkdir()
+    yield from _broker(directory, deliveryFirst=True)
+
+
+@pytest.fixture
 def cross_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     """deliverySeconds 60: on two busy cores a slow ack must not count as a duplicate."""
     yield from _broker(tmp_path, deliverySeconds=60)
@@ -71,7 +79,9 @@ def _node(node: str, *args: str, timeout: float) -> subprocess.CompletedProcess[
     )
 
 
-def test_golden_rules_in_node(node: str, golden_broker: BrokerProcess) -> None:
+def test_golden_rules_in_node(
+    node: str, golden_broker: BrokerProcess, delivery_first_broker: BrokerProcess
+) -> None:
     run = subprocess.run(
         [node, "--test", "--test-reporter=tap", "golden.test.js"],
         cwd=KIT,
@@ -79,7 +89,11 @@ def test_golden_rules_in_node(node: str, golden_broker: BrokerProcess) -> None:
         text=True,
         timeout=600,
         check=False,
-        env={**os.environ, "KITEQ_BROKER": golden_broker.address},
+        env={
+            **os.environ,
+            "KITEQ_BROKER": golden_broker.address,
+            "KITEQ_DELIVERY_FIRST_BROKER": delivery_first_broker.address,
+        },
     )
     print(run.stdout[-20_000:])
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-4000:]
