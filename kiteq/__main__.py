@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kiteq.broker.cli import main
+from kiteq.broker.commands import kiteq
 
-raise SystemExit(main())
+raise SystemExit(kiteq())
