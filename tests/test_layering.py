@@ -55,10 +55,14 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     "kiteq.handler": _BASE | _MIDDLE,
     # the console's data seam and page; the broker implements it, ops.http serves it
     "kiteq.ops.console": frozenset({"kiteq.core", "kiteq.ops"}),
+    # /healthz and /readyz answers from a broker's report
+    "kiteq.ops.health": frozenset({"kiteq.ops"}),
     "kiteq.ops.http": frozenset(
-        {"kiteq.core", "kiteq.ops", "kiteq.ops.metrics", "kiteq.ops.console"}
+        {"kiteq.core", "kiteq.ops", "kiteq.ops.metrics", "kiteq.ops.console", "kiteq.ops.health"}
     ),
-    "kiteq.broker": _BASE | _MIDDLE | {"kiteq.handler", "kiteq.ops.http", "kiteq.ops.console"},
+    "kiteq.broker": _BASE
+    | _MIDDLE
+    | {"kiteq.handler", "kiteq.ops.http", "kiteq.ops.console", "kiteq.ops.health"},
     "kiteq.client": frozenset({"kiteq.core", "kiteq.proto", "kiteq.binding"}),
     # kiteq-admin: a gRPC client that runs from the client-only install
     "kiteq.admin": frozenset({"kiteq.core", "kiteq.proto"}),

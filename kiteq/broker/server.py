@@ -36,6 +36,7 @@ from kiteq.binding.registry import (
 from kiteq.binding.zk import parse_zk_uri
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.console_source import BrokerConsole
+from kiteq.broker.logs import EventSummary
 from kiteq.broker.operator import Operator
 from kiteq.broker.service import (
     KEEPALIVE_TIME_MS,
@@ -46,7 +47,6 @@ from kiteq.broker.service import (
     BrokerService,
     add_to_server as add_broker_service,
 )
-from kiteq.broker.logs import EventSummary
 from kiteq.broker.stats import StatsView
 from kiteq.core.clock import Clock, SystemClock
 from kiteq.core.config import ClusterConfig
@@ -61,6 +61,7 @@ from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
 from kiteq.handler.takeover import TakeoverLoop, store_identity
 from kiteq.handler.transactions import TxManager
+from kiteq.ops.health import Component, HealthReport
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
@@ -212,6 +213,9 @@ class Broker:
         self._backlog: dict[str, int] = {}
         self._dead_letters: dict[tuple[str, str], int] = {}
         self._takeover: TakeoverLoop | None = None
+        # health: registration done; the last successful periodic store read (monotonic)
+        self._registered = False
+        self._store_ok_at: float | None = None
         self.owner = ""
         self.tls_mode = TlsMode.OFF
 
@@ -398,6 +402,7 @@ class Broker:
                 stats,
                 console=console,
                 admin_secret=config.admin_secret,
+                health=self,
             )
             await self._ops.start()
         self.metrics.set_info(VERSION, config.name, store.description)
@@ -423,6 +428,33 @@ class Broker:
                 proto=broker_pb2.DESCRIPTOR.package,
             )
         )
+        self._registered = True
+
+    def health_report(self) -> HealthReport:
+        """For ``/healthz`` and ``/readyz``: from state kept in memory, no store call.
+
+        The store counts as down when the periodic stats read (``_stats_loop``) has not
+        succeeded for three of its periods: a store that hangs or refuses shows here.
+        """
+        if self._failure is not None:
+            broker = Component.DOWN
+        elif self._stopping.is_set() or (hasattr(self, "_intake") and not self._intake.accepting):
+            broker = Component.DRAINING
+        elif not self._registered:
+            broker = Component.STARTING
+        else:
+            broker = Component.UP
+        if self._store_ok_at is None:
+            store = Component.STARTING
+        elif time.monotonic() - self._store_ok_at > 3 * _STATS_TICK:
+            store = Component.DOWN
+        else:
+            store = Component.UP
+        state = getattr(self._registry, "connection_state", "connected")
+        registry = Component.UP if state == "connected" else Component.DEGRADED
+        if self._registry is None:
+            registry = Component.STARTING
+        return HealthReport(broker=broker, store=store, registry=registry)
 
     def _warn_unprotected(self) -> None:
         config = self.config
@@ -481,6 +513,7 @@ class Broker:
             self.metrics.set_backlog(self._backlog)
             self._dead_letters = await self._store_or_fail().dlq_size()
             self.metrics.set_dead_letters(self._dead_letters)
+            self._store_ok_at = time.monotonic()
             self.metrics.set_inflight(self._dispatcher.inflight)
             consumers = sum(1 for c in self._connections if c.consumer)
             self.metrics.set_connections("consumer", consumers)

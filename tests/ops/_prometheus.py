@@ -39,6 +39,7 @@ class Prometheus:
 
     def __init__(self, binary: str, workdir: Path, target: str, rules: Path | None = None) -> None:
         self.port = free_port()
+        self.target = target
         config = workdir / "prometheus.yml"
         document: dict[str, Any] = {
             "global": {"scrape_interval": "500ms", "evaluation_interval": "1s"},

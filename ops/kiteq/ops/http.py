@@ -4,7 +4,8 @@
 ``/metrics``        Prometheus text format 0.0.4 (``BrokerMetrics.render()``)
 ``/stat``           KiteQ's ``/stat`` JSON (``StatsSource.stat_snapshot()``)
 ``/binds``          KiteQ's ``/binds`` JSON (``StatsSource.binds_snapshot()``)
-``/healthz``        ``ok``
+``/healthz``        liveness: store and background loops (``kiteq.ops.health``), JSON
+``/readyz``         readiness: also registered, accepting, registry connected
 ``/``               the management console (``kiteq.ops.console``): a static page
 ``/console/<f>``    the console's script and style sheet
 ``/api/...``        the console's JSON reads (``GET``) and actions (``POST``)
@@ -13,7 +14,7 @@
 With an admin secret, ``/stat``, ``/binds`` and ``/api/...`` (they name clients, peers,
 groups and messages) answer ``401`` unless the request carries it: ``Authorization:
 Bearer <secret>`` (what the console's login form sends), or Basic credentials whose
-password is the secret. ``/metrics`` and ``/healthz`` stay open for scrapers and probes,
+password is the secret. ``/metrics``, ``/healthz`` and ``/readyz`` stay open for scrapers and probes,
 and so does the console's page, which holds no data. Each refused request and each
 console action is one line on the audit logger (``kiteq.audit``); a dry run changes
 nothing and writes none.
@@ -36,6 +37,7 @@ from aiohttp import web
 
 from kiteq.core.admin import audit, secret_matches
 from kiteq.ops.console import ConsoleInputError, ConsoleSource, Resolution, static_files
+from kiteq.ops.health import HealthSource, healthz, readyz
 from kiteq.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerMetrics
 
 __all__ = ["OpsServer", "StatsSource"]
@@ -130,6 +132,8 @@ class OpsServer:
         timeout: Seconds an idle keep-alive connection stays open.
         max_connections: Requests served at once; more get ``503``.
         admin_secret: When set, ``/stat``, ``/binds`` and ``/api/...`` require it.
+        health: What ``/healthz`` and ``/readyz`` report (``kiteq.ops.health``); None:
+            both answer ``ok``.
     """
 
     def __init__(
@@ -143,8 +147,10 @@ class OpsServer:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         admin_secret: str = "",
+        health: HealthSource | None = None,
     ) -> None:
         self._admin_secret = admin_secret
+        self._health = health
         self._host = host
         self._requested_port = port
         self._metrics = metrics
@@ -227,6 +233,7 @@ class OpsServer:
             "/stat": self._stat,
             "/binds": self._binds,
             "/healthz": self._healthz,
+            "/readyz": self._readyz,
             "/console/{name}": self._asset,
         }
         if self._console is not None:
@@ -309,7 +316,16 @@ class OpsServer:
         return _json(self._source.binds_snapshot())
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n", content_type="text/plain")
+        if self._health is None:
+            return web.Response(text="ok\n", content_type="text/plain")
+        status, body = healthz(self._health.health_report())
+        return _json(body, status)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self._health is None:
+            return web.Response(text="ok\n", content_type="text/plain")
+        status, body = readyz(self._health.health_report())
+        return _json(body, status)
 
     async def _index(self, request: web.Request) -> web.Response:
         response = web.Response(body=self._page, content_type="text/html", charset="utf-8")
