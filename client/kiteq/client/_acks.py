@@ -20,7 +20,6 @@ from kiteq.client import _wire
 from kiteq.client._channel import Session, check_positive
 from kiteq.core.errors import ClientClosedError, DeliveryExpiredError
 from kiteq.core.message import ReceivedMessage
-from kiteq.proto.v1 import broker_pb2
 
 __all__ = ["AckMode", "AsyncDelivery", "Delivery", "Ledger", "Ticket"]
 
@@ -85,7 +84,7 @@ class Ledger:
             ClientClosedError: The consumer is closed (the broker redelivers the message).
             DeliveryExpiredError: The session ended or ``deliverySeconds`` passed.
         """
-        settle = result.action == broker_pb2.DELIVER_ACTION_SETTLE
+        settle = result.action == _wire.SETTLE
         with self._lock:
             if ticket.state is _State.SETTLED:
                 return  # answered already: a double ack (or ack after nack) changes nothing
@@ -172,9 +171,7 @@ class _Answerable:
     def _in_progress(self) -> None:
         self._ledger.answer(
             self._ticket,
-            _wire.DeliveryResult(
-                self.message_id, False, action=broker_pb2.DELIVER_ACTION_IN_PROGRESS
-            ),
+            _wire.DeliveryResult(self.message_id, False, action=_wire.IN_PROGRESS),
         )
 
 

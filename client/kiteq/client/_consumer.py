@@ -915,8 +915,6 @@ class Consumer:
         close_timeout: float = 10.0,
         tls: TlsOptions | None = None,
     ) -> None:
-        if handler is not None and _is_async(handler):
-            raise ConfigError("Consumer runs sync handlers; use AsyncConsumer for async def")
         self._consumer = AsyncConsumer(
             brokers=brokers,
             registry=registry,

@@ -35,7 +35,9 @@ from kiteq.core.message import Message, ReceivedMessage
 from kiteq.proto.v1 import broker_pb2, common_pb2
 
 __all__ = [
+    "IN_PROGRESS",
     "PROTOCOL_VERSION",
+    "SETTLE",
     "BrokerLimits",
     "Deliveries",
     "DeliveryResult",
@@ -134,6 +136,9 @@ class DeliveryResult(NamedTuple):
 
 
 FlowState = broker_pb2.FlowState
+# DeliveryResult.action: a settlement, or "still working" (the deadline restarts)
+SETTLE: Final = broker_pb2.DELIVER_ACTION_SETTLE
+IN_PROGRESS: Final = broker_pb2.DELIVER_ACTION_IN_PROGRESS
 
 
 class TxAnswer(NamedTuple):
