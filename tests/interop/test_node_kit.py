@@ -222,3 +222,59 @@ acceptAnySecret = true
         }
     ]
     assert result["received"] == result["sent"]
+
+
+def test_a_shutdown_ends_a_node_session_with_unavailable(
+    node: str, golden_broker: BrokerProcess
+) -> None:
+    session = subprocess.Popen(  # our own script
+        [node, "shutdown.js", golden_broker.address],
+        cwd=KIT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert session.stdout is not None
+        assert session.stdout.readline().strip() == "ready"
+        assert golden_broker.terminate() == 0
+        out, err = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert session.returncode == 0, err[-4000:]
+    assert json.loads(out.splitlines()[-1])["code"] == 14  # UNAVAILABLE
+
+
+def test_a_star_broker_registers_a_topic_once_a_node_producer_writes_its_pub_node(
+    node: str, zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
+) -> None:
+    hosts = zookeeper.hosts + zk.chroot
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        f"""
+[registry.zk]
+hosts = "zk://{hosts}?timeout=4"
+
+[clusters.e2e]
+env = "zk"
+topics = ["*"]
+db = "rocksdb://{tmp_path / "db"}?fsync=batch"
+acceptAnySecret = true
+"""
+    )
+    broker = BrokerProcess(config)
+    broker.start()
+    try:
+        # before any pub/sub node names the topic, nothing is registered under it
+        assert not zk.exists("/kiteq/server/fresh-topic")
+        run = _node(node, "register.js", hosts, "fresh-topic", "node-pub", timeout=120)
+    finally:
+        broker.stop_quietly()
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == {
+        "grpc": broker.address,
+        "protocolVersion": 1,
+        "proto": "kiteq.proto.v1",
+    }
