@@ -1,14 +1,18 @@
-"""The gRPC ``Admin`` servicer: stats, bindings and message lookup for operators."""
+"""The gRPC ``Admin`` servicer: stats, bindings and message lookup for operators.
+
+DLQ, transaction and message operations are ``kiteq.broker.operator``'s (shared with the
+console on the ops port); this module authenticates, translates and audit-logs.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import grpc
 
 from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
+from kiteq.broker.operator import MAX_PAGE, Operator
 from kiteq.core.admin import ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS, audit, secret_matches
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
@@ -19,12 +23,9 @@ from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.transactions import TxManager, TxStatus
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from kiteq.store.base import DlqFilter, DlqKey, MessageStore
-
-logger = logging.getLogger(__name__)
+from kiteq.store.base import MessageStore
 
 DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -50,10 +51,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._connections = connections
         self._dispatcher = dispatcher
         self._intake = intake
-        self._history = history
         self._transactions = transactions
-        self._clock = clock
         self._uptime = uptime
+        self._operator = Operator(
+            store=store,
+            dispatcher=dispatcher,
+            history=history,
+            transactions=transactions,
+            clock=clock,
+        )
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
         expected = self._config.admin_secret
@@ -134,26 +140,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
             )
-        events = await self._store.get_history(message_id) + self._history.unflushed(message_id)
-        events.sort(key=lambda e: e.time)
-        history = [wire.history_to_pb(e) for e in events]
-        record = await self._store.get(message_id)
-        # a message still delivered to some groups may be dead-lettered for others
-        letters = await self._store.get_dead_letters(message_id)
-        if record is not None:
-            reply = wire.message_info(record, request.withBody)
-            reply.state = admin_pb2.MESSAGE_STATE_LIVE
+        found = await self._operator.lookup(message_id)
+        history = [wire.history_to_pb(e) for e in found.history]
+        letters = found.letters
+        if found.record is not None:
+            # live, else the latest dead letter's copy
+            reply = wire.message_info(found.record, request.withBody)
+            reply.state = (
+                admin_pb2.MESSAGE_STATE_LIVE if found.live else admin_pb2.MESSAGE_STATE_DEAD_LETTER
+            )
+        elif history:
+            reply = admin_pb2.GetMessageResponse(found=False, state=admin_pb2.MESSAGE_STATE_GONE)
         else:
-            if letters:
-                latest = max(letters, key=lambda letter: letter.dead_time)
-                reply = wire.message_info(latest.record, request.withBody)
-                reply.state = admin_pb2.MESSAGE_STATE_DEAD_LETTER
-            elif history:
-                reply = admin_pb2.GetMessageResponse(
-                    found=False, state=admin_pb2.MESSAGE_STATE_GONE
-                )
-            else:
-                return admin_pb2.GetMessageResponse(found=False)
+            return admin_pb2.GetMessageResponse(found=False)
         if letters:
             reply.deadReason = letters[0].reason
             reply.deadTime = letters[0].dead_time
@@ -172,7 +171,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await _check_reason(request.filter, context)  # type: ignore[arg-type]
         limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
         after = (request.after, request.afterGroup) if request.after else None
-        letters = await self._store.list_dlq(wire.dlq_filter(request.filter), limit, after)
+        letters = await self._operator.dead_letters(wire.dlq_filter(request.filter), limit, after)
         more = len(letters) == limit
         return admin_pb2.ListDeadLettersResponse(
             deadLetters=[wire.dead_letter_to_pb(letter) for letter in letters],
@@ -194,15 +193,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 )
         if ids:
             # by id: every group's letter of each id, or only the named group's
-            keys = [
-                letter.key
-                for message_id in ids
-                for letter in await self._store.get_dead_letters(message_id)
-                if not request.groupId or letter.group == request.groupId
-            ]
+            keys = await self._operator.letters_of(ids, request.groupId)
             if request.dryRun:
                 return admin_pb2.RedriveResponse(redriven=len(keys), dryRun=True)
-            redriven = await self._redrive(keys)
+            redriven = await self._operator.redrive(keys)
             audit.info(
                 "admin redrive peer=%s ids=%d group=%s redriven=%d",
                 context.peer(),
@@ -214,14 +208,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await _check_reason(request.filter, context)  # type: ignore[arg-type]
         where = wire.dlq_filter(request.filter)
         if request.dryRun:
-            return admin_pb2.RedriveResponse(redriven=await self._count(where), dryRun=True)
-        redriven = 0
-        while True:
-            # each page leaves the DLQ, so the next page starts from the beginning again
-            page = await self._store.list_dlq(where, MAX_PAGE)
-            if not page:
-                break
-            redriven += await self._redrive([letter.key for letter in page])
+            count = await self._operator.count(where)
+            return admin_pb2.RedriveResponse(redriven=count, dryRun=True)
+        redriven = await self._operator.redrive_where(where)
         audit.info(
             "admin redrive peer=%s filter=topic:%s,type:%s,group:%s,reason:%s redriven=%d",
             context.peer(),
@@ -242,20 +231,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListTransactionsResponse:
         await self._authorize(context)  # type: ignore[arg-type]
         limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
-        found: list[admin_pb2.TransactionInfo] = []
-        after = request.after or None
-        while len(found) < limit:
-            page = await self._store.page_uncommitted(MAX_PAGE, after)
-            for record in page:
-                unresolved = self._transactions.is_unresolved(record.message_id)
-                if request.unresolvedOnly and not unresolved:
-                    continue
-                found.append(wire.transaction_info(record, unresolved))
-                if len(found) == limit:
-                    break
-            if len(page) < MAX_PAGE:
-                break
-            after = page[-1].message_id
+        pending = await self._operator.transactions(
+            limit, request.after or None, unresolved_only=request.unresolvedOnly
+        )
+        found = [wire.transaction_info(record, unresolved) for record, unresolved in pending]
         last = found[-1].header.messageId if len(found) == limit else ""
         return admin_pb2.ListTransactionsResponse(transactions=found, next=last)
 
@@ -273,7 +252,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
             )
         status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
-        changed = await self._transactions.decide(message_id, status, "operator")
+        changed = await self._operator.resolve(message_id, status)
         audit.info(
             "admin %s peer=%s id=%s changed=%s",
             "commit" if request.commit else "rollback",
@@ -282,34 +261,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             changed,
         )
         return admin_pb2.ResolveTransactionResponse(changed=changed)
-
-    async def _count(self, where: DlqFilter) -> int:
-        """How many dead letters *where* matches (what a redrive by filter would move)."""
-        count = 0
-        after: DlqKey | None = None
-        while True:
-            page = await self._store.list_dlq(where, MAX_PAGE, after)
-            count += len(page)
-            if len(page) < MAX_PAGE:
-                return count
-            after = page[-1].key
-
-    async def _redrive(self, keys: list[DlqKey]) -> int:
-        """Redrive dead letters; each is delivered again to its own group only."""
-        if not keys:
-            return 0
-        now = self._clock.now()
-        records = await self._store.redrive(keys, now)
-        groups: dict[str, list[str]] = {}
-        for message_id, group in keys:
-            groups.setdefault(message_id, []).append(group)
-            self._history.record(message_id, now, "redriven", group=group)
-            self._history.keep(message_id)
-        for record in records:
-            if record.message.commit:
-                self._dispatcher.redriven(record, groups[record.message_id])
-        logger.info("redrove %d dead letters of %d messages", len(keys), len(records))
-        return len(keys)
 
 
 async def _check_reason(
