@@ -6,6 +6,8 @@
 # System packages (Debian, installed only when missing; needs root or sudo):
 #   zookeeper   java + /usr/share/java/zookeeper.jar, for the real-ZooKeeper fixture
 #   prometheus  promtool + prometheus, for the dashboard and metrics checks (~20 MB, ~10 s)
+#   chromium chromium-driver  headless Chromium + chromedriver, for the console's browser
+#               tests (tests/e2e/test_console.py, driven by selenium; ~100 MB)
 #   mariadb-server  for the MySQL store tests: started when 127.0.0.1:3306 does not answer,
 #               and root may then log in over TCP without a password (as on the dev image).
 #               KITEQ_TEST_MYSQL=mysql://user:pw@host:port points the tests elsewhere instead.
@@ -63,6 +65,9 @@ system_packages() {
     fi
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         missing+=(prometheus)
+    fi
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        missing+=(chromium chromium-driver)
     fi
     if ((${#missing[@]} == 0)); then
         echo "system packages present"
