@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from kiteq.client import Binding, Consumer, Message, Producer
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
 
@@ -161,3 +163,17 @@ def test_not_found_and_nothing_changed_exit_codes(broker: BrokerProcess) -> None
     assert f"id          {message_id}" in found.stdout
     assert "published" in found.stdout
     assert "body: hello" in found.stdout
+
+
+def test_the_broker_refuses_an_unknown_reason_from_any_client(broker: BrokerProcess) -> None:
+    # kiteq-admin refuses it before calling; other admin clients get INVALID_ARGUMENT
+    unknown = admin_pb2.DeadLetterFilter(reason="x")
+    with grpc.insecure_channel(broker.address) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        with pytest.raises(grpc.RpcError) as listing:
+            stub.ListDeadLetters(admin_pb2.ListDeadLettersRequest(filter=unknown), timeout=10)
+        with pytest.raises(grpc.RpcError) as dry_run:
+            stub.Redrive(admin_pb2.RedriveRequest(filter=unknown, dryRun=True), timeout=10)
+    for refused in (listing, dry_run):
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown dead-letter reason 'x'" in (refused.value.details() or "")
