@@ -394,7 +394,7 @@ class BrokerMetrics:
         )
         self._flow_limited = Counter(
             "kiteq_flow_limited_pushes_total",
-            "Pushes held back by the (topic, group) watermark; they wait, using no attempt.",
+            "Times a push found its (topic, group) watermark used up; it waits, using no attempt.",
             ["topic", "group"],
             registry=reg,
         )
