@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kiteq.broker.startup import find_config, resolve_store_path, shipped_config
+from kiteq.core.config import load_cluster
 from tests.e2e.broker_process import REPO, free_port, write_config
 
 pytestmark = pytest.mark.e2e
@@ -211,3 +214,35 @@ def test_kiteq_config_env_is_used_and_a_missing_one_named(tmp_path: Path, config
     )
     assert wrong_cluster.returncode == 1
     assert f"in {config}" in wrong_cluster.stderr  # it read the file the variable names
+
+
+def test_config_lookup_order(tmp_path: Path) -> None:
+    given = tmp_path / "given.toml"
+    from_env = tmp_path / "env.toml"
+    from_env.write_text("")
+    env = {"KITEQ_CONFIG": str(from_env)}
+    assert find_config(str(given), env, tmp_path) == given  # the flag first, even if absent
+    assert find_config(None, env, tmp_path) == from_env
+    assert find_config(None, {}, tmp_path) == shipped_config()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "cluster.toml").write_text("")
+    assert find_config(None, {}, tmp_path) == tmp_path / "conf" / "cluster.toml"
+    assert find_config(None, env, tmp_path) == from_env
+    assert shipped_config() == REPO / "conf" / "cluster.toml"  # a source checkout
+
+
+@pytest.mark.parametrize(
+    ("db", "expected"),
+    [
+        ("rocksdb://./db/x?fsync=batch", "rocksdb:///base/db/x?fsync=batch"),
+        ("rocksdb://db/x", "rocksdb:///base/db/x"),
+        ("rocksdb://../x", "rocksdb:///x"),
+        ("rocksdb:///var/lib/kiteq?fsync=always", "rocksdb:///var/lib/kiteq?fsync=always"),
+        ("memory://", "memory://"),
+        ("mysql://root:@127.0.0.1:3306?db=kite", "mysql://root:@127.0.0.1:3306?db=kite"),
+    ],
+)
+def test_relative_rocksdb_paths_are_resolved_against_the_base(db: str, expected: str) -> None:
+    config = load_cluster(REPO / "conf" / "cluster.toml", "memory_dev")
+    resolved = resolve_store_path(dataclasses.replace(config, db=db), Path("/base"))
+    assert resolved.db == expected
