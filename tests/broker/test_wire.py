@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from kiteq.broker import wire
 from kiteq.core.codes import AckCode, Disposition
@@ -126,6 +126,8 @@ def reassembled(frames: list[bytes], limit: int) -> list[tuple[common_pb2.Messag
     return out
 
 
+# megabytes per example: no per-example deadline on a shared machine, fewer examples
+@settings(deadline=None, max_examples=40)
 @given(
     st.lists(st.sampled_from([0, 1, 1000, MIB // 2, MIB, 3 * MIB, 4 * MIB]), max_size=12),
     st.sampled_from([MIB, 4 * MIB, 13 * MIB]),
