@@ -91,22 +91,14 @@ class BrokerConsole:
         }
 
     async def groups(self) -> Json:
-        now = self._clock.now()
-        unacked: dict[tuple[str, str], int] = {}
-        oldest: dict[tuple[str, str], float] = {}
-        # in-flight deliveries only (at most maxDeliverWorkers): no store read per refresh
-        for conn in self._connections.consumers():
-            for pending in conn.inflight.values():
-                record = pending.flight.record
-                key = (record.message.topic, conn.group)
-                unacked[key] = unacked.get(key, 0) + 1
-                oldest[key] = max(oldest.get(key, 0.0), now - record.publish_time)
-        consumers = {g: len(m) for g, m in self._connections.groups().items()}
+        # the figures of the per-group metrics, from memory: no store read per refresh
+        unacked, waiting, oldest = self._dispatcher.group_gauges()
+        consumers = {g: sum(c.consumer for c in m) for g, m in self._connections.groups().items()}
         dead = self._dead()
         rows: dict[tuple[str, str], Json] = {}
         for binding in self._bindings.bindings():
             key = (binding.topic, binding.group_id)
-            row = rows.setdefault(key, _group_row(key, consumers, unacked, oldest, dead))
+            row = rows.setdefault(key, _group_row(key, consumers, unacked, waiting, oldest, dead))
             row["bindings"].append(
                 {
                     "type": binding.bind_type.name.lower(),
@@ -115,10 +107,8 @@ class BrokerConsole:
                     "persistent": binding.persistent,
                 }
             )
-        for key in dead.keys() | unacked.keys():
-            rows.setdefault(key, _group_row(key, consumers, unacked, oldest, dead))
-        for row in rows.values():
-            row["waiting"] = self._dispatcher.waiting(row["group"]) if row["group"] else 0
+        for key in dead.keys() | unacked.keys() | waiting.keys():
+            rows.setdefault(key, _group_row(key, consumers, unacked, waiting, oldest, dead))
         backlog = self._backlog()
         # "*" in the config's topics admits any topic: list the ones seen instead
         named = {t for t in self._config.topics if t != "*"}
@@ -219,6 +209,7 @@ def _group_row(
     key: tuple[str, str],
     consumers: Mapping[str, int],
     unacked: Mapping[tuple[str, str], int],
+    waiting: Mapping[tuple[str, str], int],
     oldest: Mapping[tuple[str, str], float],
     dead: Mapping[tuple[str, str], int],
 ) -> Json:
@@ -228,7 +219,9 @@ def _group_row(
         "group": group,
         "consumers": consumers.get(group, 0),
         "unacked": unacked.get(key, 0),
-        "oldestUnackedAge": oldest.get(key),
+        "waiting": waiting.get(key, 0),
+        # since publish, of the oldest message unacked or waiting in memory for the group
+        "oldestAge": oldest.get(key),
         "deadLetters": dead.get(key, 0),
         "bindings": [],
     }

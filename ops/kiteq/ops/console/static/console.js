@@ -220,7 +220,7 @@ async function showGroups() {
     cell(row, g.consumers, "num");
     cell(row, g.unacked, "num");
     cell(row, g.waiting, "num");
-    cell(row, duration(g.oldestUnackedAge), "num");
+    cell(row, duration(g.oldestAge), "num");
     cell(row, g.deadLetters ? link(String(g.deadLetters), "#dlq/" + encodeURIComponent(g.group)) : "0", "num");
     cell(
       row,
