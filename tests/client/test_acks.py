@@ -121,3 +121,13 @@ def test_flow_frame() -> None:
     frame = _wire.flow_frame(broker_pb2.FLOW_STATE_PAUSED)
     assert frame.WhichOneof("kind") == "flow"
     assert frame.flow.state == broker_pb2.FLOW_STATE_PAUSED
+
+
+def test_a_broker_that_announces_no_delivery_seconds_never_expires_a_delivery() -> None:
+    book, sent = ledger()
+    ticket = book.issue(session(delivery_seconds=0), received())
+    d = Delivery(ticket, book)
+    d.in_progress()
+    d.ack()
+    assert ticket.deadline == float("inf")
+    assert [r.ok for _, r in sent] == [False, True]

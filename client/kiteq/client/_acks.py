@@ -106,7 +106,8 @@ class Ledger:
                 ticket.state = _State.SETTLED
                 self.open -= 1
             else:
-                ticket.deadline = now + ticket.session.limits.delivery_seconds
+                seconds = ticket.session.limits.delivery_seconds
+                ticket.deadline = now + seconds if seconds else float("inf")
         self._sink(ticket.session, result)
 
 
