@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,7 +24,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from kiteq.client import Binding, Consumer, Message, Producer, TxStatus
+from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage, TxStatus
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers import unavailable
@@ -201,10 +202,20 @@ def test_the_page_asks_for_the_secret_and_refuses_a_wrong_one(
 
 def test_each_view_renders(browser: webdriver.Chrome, broker: BrokerProcess) -> None:
     healthy = Collector()
+    release = threading.Event()
+
+    def hold(message: ReceivedMessage) -> bool:
+        release.wait(60)  # the "slow" group keeps its one message unacked meanwhile
+        return True
+
+    slow = Collector(hold)
     with (
         consumer(broker, "healthy", healthy, "trade"),
+        consumer(broker, "slow", slow, "audit"),
         Producer(brokers=[broker.address], group_id="pay", secret_key="s") as producer,
+        contextlib.ExitStack() as cleanup,
     ):
+        cleanup.callback(release.set)  # before the consumers close
         login(browser, broker)
         wait(browser, text_in("rates-legend", "received 0.0/s"))  # sampling has begun
         sent = [
@@ -212,13 +223,22 @@ def test_each_view_renders(browser: webdriver.Chrome, broker: BrokerProcess) -> 
             for _ in range(20)
         ]
         healthy.wait_count(20, timeout=60)
+        producer.send(Message(topic="audit", message_type="login", body=b"a"))
+        slow.wait_count(1, timeout=60)
         # the next sample sees the counters move: the chart draws a rate above zero
         wait(browser, lambda b: "received 0.0/s" not in b.find_element(By.ID, "rates-legend").text)
-        wait(browser, text_in("totals", "20\nreceived"))
+        wait(browser, text_in("totals", "21\nreceived"))
         shot(browser, "02-overview")
 
         open_view(browser, broker, "groups")
-        wait(browser, rows_where("groups", lambda r: r[:3] == ["trade", "healthy", "1"]))
+        wait(browser, rows_where("groups", lambda r: r[:4] == ["trade", "healthy", "1", "0"]))
+        # topic, group, consumers, unacked, waiting, oldest age (some seconds), dead letters
+        wait(
+            browser,
+            rows_where(
+                "groups", lambda r: r[:5] == ["audit", "slow", "1", "1", "0"] and " s" in r[5]
+            ),
+        )
         assert "trade" in [row[0] for row in table_rows(browser, "topics")]
         shot(browser, "03-groups")
 
