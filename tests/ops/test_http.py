@@ -113,6 +113,7 @@ async def test_metrics(server: OpsServer) -> None:
     assert int(response.headers["content-length"]) == len(response.body)
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["server"] == "kiteq"  # no library or Python version
     names = {family.name for family in text_string_to_metric_families(response.text)}
     assert "kiteq_messages_received" in names
 

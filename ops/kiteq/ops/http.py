@@ -14,8 +14,8 @@
 With an admin secret, ``/stat``, ``/binds`` and ``/api/...`` (they name clients, peers,
 groups and messages) answer ``401`` unless the request carries it: ``Authorization:
 Bearer <secret>`` (what the console's login form sends), or Basic credentials whose
-password is the secret. ``/metrics``, ``/healthz`` and ``/readyz`` stay open for scrapers and probes,
-and so does the console's page, which holds no data. Each refused request and each
+password is the secret. ``/metrics``, ``/healthz`` and ``/readyz`` stay open for scrapers
+and probes, and so does the console's page, which holds no data. Each refused request and each
 console action is one line on the audit logger (``kiteq.audit``); a dry run changes
 nothing and writes none.
 
@@ -160,7 +160,6 @@ class OpsServer:
         self._max_connections = max_connections
         self._active = 0
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
         static = static_files()
         self._page = (static / "index.html").read_bytes()
         self._assets = {name: (static / name).read_bytes() for name in _STATIC}
@@ -168,11 +167,9 @@ class OpsServer:
     @property
     def port(self) -> int:
         """The bound TCP port (the real one when 0 was asked for)."""
-        server = self._site._server if self._site is not None else None
-        sockets = getattr(server, "sockets", None)
-        if not sockets:
+        if self._runner is None or not self._runner.addresses:
             raise RuntimeError("OpsServer is not started")
-        port: int = sockets[0].getsockname()[1]
+        port: int = self._runner.addresses[0][1]
         return port
 
     async def start(self) -> None:
@@ -184,6 +181,7 @@ class OpsServer:
         if self._runner is not None:
             raise RuntimeError("OpsServer already started")
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
+        app.on_response_prepare.append(_name_the_server)
         self._add_routes(app)
         runner = web.AppRunner(
             app,
@@ -201,12 +199,12 @@ class OpsServer:
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner, self._site = runner, site
+        self._runner = runner
         logger.info("ops http listening host=%s port=%d", self._host, self.port)
 
     async def stop(self) -> None:
         """Stop listening and end open connections; idempotent."""
-        runner, self._runner, self._site = self._runner, None, None
+        runner, self._runner = self._runner, None
         if runner is None:
             return
         await runner.cleanup()
@@ -433,6 +431,11 @@ class OpsServer:
             result["changed"],
         )
         return _json(result)
+
+
+async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    # instead of aiohttp's default, which names the Python and aiohttp versions
+    response.headers["Server"] = "kiteq"
 
 
 def _limit(query: Mapping[str, str]) -> int:
