@@ -208,6 +208,12 @@ class AsyncConsumer:
         ...                              bindings=[Binding.direct("trade", "pay-succ")],
         ...                              handler=handle) as consumer:
         ...         await consumer.wait()
+        >>> async def iterate() -> None:  # no handler: answer each delivery yourself
+        ...     async with AsyncConsumer(brokers=["127.0.0.1:13800"], group_id="acct-svc",
+        ...                              bindings=[Binding.direct("trade", "pay-succ")],
+        ...                              max_in_flight=100) as consumer:
+        ...         async for msg in consumer:
+        ...             await msg.ack()  # or: await msg.nack(delay=30); msg.in_progress()
     """
 
     def __init__(
