@@ -291,26 +291,38 @@ def test_dlq_redrive_previews_then_moves_and_the_group_gets_the_messages_again(
     }
     shot(browser, "06-dlq")
 
-    browser.find_element(By.ID, "dlq-preview").click()
-    wait(browser, text_in("redrive-summary", f"Dry run: {N} dead letter(s)"))
-    preview = browser.find_element(By.ID, "redrive-list").text
-    assert all(f"{message_id} → failing" in preview for message_id in sent)
-    shot(browser, "07-redrive-preview")
+    # one row's letter first: the dry run names it, the confirmation moves only it
+    first = browser.find_element(By.CSS_SELECTOR, "#dead-letters tbody tr")
+    one = first.find_elements(By.TAG_NAME, "td")[0].text
+    first.find_element(By.CSS_SELECTOR, "button.redrive-one").click()
+    wait(browser, text_in("redrive-summary", "Dry run: 1 dead letter(s) would be delivered"))
+    assert browser.find_element(By.ID, "redrive-list").text == f"{one} → failing"
     assert len(dead_letters(broker, "failing")) == N  # the preview moved nothing
-    assert not any("admin redrive" in line for line in broker.output)
+    browser.find_element(By.ID, "redrive-confirm").click()
+    wait(browser, text_in("dlq-result", "Redriven: 1 dead letter(s)."))
+    wait(browser, lambda b: len(table_rows(b, "dead-letters")) == N - 1)
+    assert {letter.header.messageId for letter in dead_letters(broker, "failing")} == sent - {one}
+
+    browser.find_element(By.ID, "dlq-preview").click()
+    wait(browser, text_in("redrive-summary", f"Dry run: {N - 1} dead letter(s)"))
+    preview = browser.find_element(By.ID, "redrive-list").text
+    assert all(f"{message_id} → failing" in preview for message_id in sent - {one})
+    shot(browser, "07-redrive-preview")
+    assert len(dead_letters(broker, "failing")) == N - 1  # the preview moved nothing
+    assert sum("admin redrive" in line for line in broker.output) == 1  # the one letter's
 
     redriven = Collector()
     with consumer(broker, "failing", redriven, "orders"):
         browser.find_element(By.ID, "redrive-confirm").click()
-        wait(browser, text_in("dlq-result", f"Redriven: {N} dead letter(s)."))
+        wait(browser, text_in("dlq-result", f"Redriven: {N - 1} dead letter(s)."))
         shot(browser, "08-redriven")
-        redriven.wait_count(N, timeout=60)
+        redriven.wait_count(N, timeout=60)  # the one letter waited for the group too
     assert set(redriven.ids()) == sent
     assert dead_letters(broker, "failing") == []
     wait(browser, rows_where("dead-letters", lambda r: r == ["(none)"]))
     wait_until(
         lambda: any(
-            "admin redrive via=console" in line and f"redriven={N}" in line
+            "admin redrive via=console" in line and f"redriven={N - 1}" in line
             for line in broker.output
         ),
         "the redrive's audit line",

@@ -267,6 +267,9 @@ function fillLetter(row, d) {
   cell(row, d.reason);
   cell(row, d.attempts, "num");
   cell(row, when(d.deadTime));
+  // one letter: this message for this group only (a no_binding letter has no group)
+  const one = {ids: [d.id], group: d.group};
+  cell(row, button("Redrive…", guarded(() => previewRedrive(one, "message " + d.id)), "redrive-one"));
 }
 
 async function showDlq(append) {
@@ -288,16 +291,21 @@ async function showDlq(append) {
   $("dlq-more").hidden = !data.next;
 }
 
-async function previewRedrive() {
+function filterSelection() {
   const where = dlqFilter();
-  const data = await api("api/dlq/redrive", {json: {filter: where, dryRun: true}});
-  const panel = $("redrive-panel");
-  panel.hidden = false;
-  panel.dataset.filter = JSON.stringify(where);
   const named = Object.entries(where).filter(([, v]) => v).map(([k, v]) => k + "=" + v);
+  return [{filter: where}, named.length ? named.join(", ") : "no filter: the whole DLQ"];
+}
+
+// selection: {filter} or {ids, group}, what the confirmation then redrives
+async function previewRedrive(selection, label) {
+  const data = await api("api/dlq/redrive", {json: {...selection, dryRun: true}});
+  const panel = $("redrive-panel");
+  $("dlq-result").textContent = "";
+  panel.hidden = false;
+  panel.dataset.request = JSON.stringify(selection);
   $("redrive-summary").textContent =
-    "Dry run: " + data.redriven + " dead letter(s) would be delivered again to their group" +
-    (named.length ? " (" + named.join(", ") + ")" : " (no filter: the whole DLQ)") + ".";
+    "Dry run: " + data.redriven + " dead letter(s) would be delivered again to their group (" + label + ").";
   const list = $("redrive-list");
   list.replaceChildren();
   for (const [id, group] of data.preview) {
@@ -315,8 +323,8 @@ async function previewRedrive() {
 
 async function confirmRedrive() {
   const panel = $("redrive-panel");
-  const where = JSON.parse(panel.dataset.filter || "{}");
-  const data = await api("api/dlq/redrive", {json: {filter: where, dryRun: false}});
+  const selection = JSON.parse(panel.dataset.request);
+  const data = await api("api/dlq/redrive", {json: {...selection, dryRun: false}});
   panel.hidden = true;
   $("dlq-result").textContent = "Redriven: " + data.redriven + " dead letter(s).";
   await showDlq(false);
@@ -504,7 +512,7 @@ function start() {
   });
   $("dlq-filter").addEventListener("submit", guarded(() => showDlq(false)));
   $("dlq-more").addEventListener("click", guarded(() => showDlq(true)));
-  $("dlq-preview").addEventListener("click", guarded(previewRedrive));
+  $("dlq-preview").addEventListener("click", guarded(() => previewRedrive(...filterSelection())));
   $("redrive-confirm").addEventListener("click", guarded(confirmRedrive));
   $("redrive-cancel").addEventListener("click", () => ($("redrive-panel").hidden = true));
   $("tx-unresolved").addEventListener("change", guarded(showTransactions));
