@@ -22,7 +22,7 @@ from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
 from kiteq.handler.transactions import TxManager, TxStatus
-from kiteq.ops.console import ConsoleInputError, Resolution
+from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 
 Json = dict[str, Any]
@@ -151,15 +151,26 @@ class BrokerConsole:
         }
 
     async def redrive(
-        self, where: Mapping[str, str], message_ids: list[str], group: str, *, dry_run: bool
+        self,
+        where: Mapping[str, str],
+        message_ids: list[str],
+        group: str,
+        *,
+        dry_run: bool,
+        expect: int | None = None,
     ) -> Json:
         if message_ids:
             ids = [_message_id(m) for m in message_ids]
             keys = await self._operator.letters_of(ids, group)
             if dry_run:
                 return {"redriven": len(keys), "dryRun": True, "preview": keys[:PREVIEW]}
+            _check_expected(len(keys), expect)
             return {"redriven": await self._operator.redrive(keys), "dryRun": False}
         selected = _filter(where)
+        if expect is not None and not dry_run:
+            # a count, then the redrive: letters arriving in between still move (rare,
+            # and they match what the operator asked for)
+            _check_expected(await self._operator.count(selected), expect)
         if dry_run:
             preview = await self._operator.dead_letters(selected, PREVIEW)
             return {
@@ -225,6 +236,14 @@ def _group_row(
         "deadLetters": dead.get(key, 0),
         "bindings": [],
     }
+
+
+def _check_expected(matching: int, expect: int | None) -> None:
+    if expect is not None and matching != expect:
+        raise ConsoleConflictError(
+            f"the dead-letter queue changed since the preview: {matching} letters match now,"
+            f" {expect} were previewed; nothing was redriven, preview again"
+        )
 
 
 def _message_id(raw: str) -> str:

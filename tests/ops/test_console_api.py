@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kiteq.core.admin import AUDIT_LOGGER
-from kiteq.ops.console import ConsoleInputError, ConsoleSource, Resolution
+from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, ConsoleSource, Resolution
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
 from tests.ops.test_http import FakeSource, Response, exchange
@@ -49,8 +49,16 @@ class FakeConsole:
         return {"deadLetters": [], "next": None}
 
     async def redrive(
-        self, where: Mapping[str, str], message_ids: list[str], group: str, *, dry_run: bool
+        self,
+        where: Mapping[str, str],
+        message_ids: list[str],
+        group: str,
+        *,
+        dry_run: bool,
+        expect: int | None = None,
     ) -> Json:
+        if expect is not None and expect != 2:
+            raise ConsoleConflictError(f"2 letters match now, {expect} were previewed")
         self.calls.append(("redrive", (dict(where), message_ids, group, dry_run)))
         return {"redriven": 2, "dryRun": dry_run, "preview": [[ID, "pay"]]}
 
@@ -201,6 +209,8 @@ async def test_each_action_is_one_audit_line(
         ("/api/dlq/redrive", [1], "application/json", 400),
         ("/api/dlq/redrive", {"ids": "x"}, "application/json", 400),
         ("/api/dlq/redrive", {"dryRun": "yes"}, "application/json", 400),
+        ("/api/dlq/redrive", {"expect": "2"}, "application/json", 400),
+        ("/api/dlq/redrive", {"expect": True}, "application/json", 400),
         (f"/api/transactions/{ID}/maybe", {}, "application/json", 404),
         (f"/api/transactions/{ID}/commit", {}, "text/plain", 415),
     ],
@@ -216,6 +226,20 @@ async def test_malformed_actions_are_refused(
     answer = await request(server.port, "POST", path, body=body, content_type=content_type)
     assert answer.status == status
     assert console.calls == []
+
+
+async def test_a_confirmation_whose_preview_is_stale_is_409_and_not_audited(
+    server: OpsServer, console: FakeConsole, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"filter": {"group": "pay"}, "expect": 3}
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        stale = await request(server.port, "POST", "/api/dlq/redrive", body=body)
+        current = await request(server.port, "POST", "/api/dlq/redrive", body={**body, "expect": 2})
+    assert stale.status == 409
+    assert "3 were previewed" in stale.text
+    assert current.status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER]
+    assert len(lines) == 1  # the confirmation that went through
 
 
 async def test_reads_are_not_actions(server: OpsServer) -> None:

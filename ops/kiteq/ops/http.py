@@ -36,7 +36,13 @@ from typing import Any, Final, Protocol, Self
 from aiohttp import web
 
 from kiteq.core.admin import audit, secret_matches
-from kiteq.ops.console import ConsoleInputError, ConsoleSource, Resolution, static_files
+from kiteq.ops.console import (
+    ConsoleConflictError,
+    ConsoleInputError,
+    ConsoleSource,
+    Resolution,
+    static_files,
+)
 from kiteq.ops.health import HealthSource, healthz, readyz
 from kiteq.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerMetrics
 
@@ -271,6 +277,8 @@ class OpsServer:
                 allow = exc.headers.get("Allow", "")
                 return _text(405, headers={"Allow": allow})
             return _text(exc.status)
+        except ConsoleConflictError as exc:
+            return _text(409, str(exc))
         except ConsoleInputError as exc:
             return _text(400, str(exc))
         except Exception:
@@ -384,6 +392,7 @@ class OpsServer:
         ids = body.get("ids") or []
         group = body.get("group", "")
         dry_run = body.get("dryRun", False)
+        expect = body.get("expect")
         if not (
             isinstance(raw_filter, dict)
             and all(isinstance(raw_filter.get(k, ""), str) for k in _FILTER_KEYS)
@@ -391,12 +400,13 @@ class OpsServer:
             and all(isinstance(i, str) for i in ids)
             and isinstance(group, str)
             and isinstance(dry_run, bool)
+            and (expect is None or (isinstance(expect, int) and not isinstance(expect, bool)))
         ):
             raise ConsoleInputError(
-                "expected {filter: {topic, type, group, reason}, ids, group, dryRun}"
+                "expected {filter: {topic, type, group, reason}, ids, group, dryRun, expect}"
             )
         where = {key: raw_filter.get(key, "") for key in _FILTER_KEYS}
-        result = await self._data.redrive(where, ids, group, dry_run=dry_run)
+        result = await self._data.redrive(where, ids, group, dry_run=dry_run, expect=expect)
         if not dry_run:
             if ids:
                 audit.info(

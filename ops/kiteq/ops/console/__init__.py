@@ -13,7 +13,13 @@ from importlib import resources
 from importlib.abc import Traversable
 from typing import Any, Protocol
 
-__all__ = ["ConsoleInputError", "ConsoleSource", "Resolution", "static_files"]
+__all__ = [
+    "ConsoleConflictError",
+    "ConsoleInputError",
+    "ConsoleSource",
+    "Resolution",
+    "static_files",
+]
 
 Json = dict[str, Any]
 
@@ -27,6 +33,10 @@ class Resolution(enum.Enum):
 
 class ConsoleInputError(ValueError):
     """A request the source refuses (bad id, unknown filter value); answered ``400``."""
+
+
+class ConsoleConflictError(ConsoleInputError):
+    """What the operator confirmed is no longer so (the DLQ changed); answered ``409``."""
 
 
 class ConsoleSource(Protocol):
@@ -55,12 +65,19 @@ class ConsoleSource(Protocol):
         ...
 
     async def redrive(
-        self, where: Mapping[str, str], message_ids: list[str], group: str, *, dry_run: bool
+        self,
+        where: Mapping[str, str],
+        message_ids: list[str],
+        group: str,
+        *,
+        dry_run: bool,
+        expect: int | None = None,
     ) -> Json:
         """Redrive by ids (each id's letters, or only *group*'s) or else by *where*.
 
         Returns ``redriven`` (moved, or that would move with *dry_run*) and, for a dry run,
-        ``preview``: the first letters that would move.
+        ``preview``: the first letters that would move. With *expect* (the count a preview
+        showed), nothing moves unless that many letters match: ``ConsoleConflictError``.
         """
         ...
 

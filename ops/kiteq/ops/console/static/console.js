@@ -303,7 +303,7 @@ async function previewRedrive(selection, label) {
   const panel = $("redrive-panel");
   $("dlq-result").textContent = "";
   panel.hidden = false;
-  panel.dataset.request = JSON.stringify(selection);
+  panel.dataset.request = JSON.stringify({...selection, expect: data.redriven});
   $("redrive-summary").textContent =
     "Dry run: " + data.redriven + " dead letter(s) would be delivered again to their group (" + label + ").";
   const list = $("redrive-list");
@@ -323,8 +323,18 @@ async function previewRedrive(selection, label) {
 
 async function confirmRedrive() {
   const panel = $("redrive-panel");
+  // the preview's count: the broker moves nothing if the DLQ changed since (409)
   const selection = JSON.parse(panel.dataset.request);
-  const data = await api("api/dlq/redrive", {json: {...selection, dryRun: false}});
+  let data;
+  try {
+    data = await api("api/dlq/redrive", {json: {...selection, dryRun: false}});
+  } catch (error) {
+    if (!(error instanceof Unauthorized)) {
+      $("redrive-summary").textContent = error.message;
+      $("redrive-confirm").disabled = true;
+    }
+    throw error;
+  }
   panel.hidden = true;
   $("dlq-result").textContent = "Redriven: " + data.redriven + " dead letter(s).";
   await showDlq(false);
