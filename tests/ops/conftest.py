@@ -38,7 +38,7 @@ def touch_everything(metrics: BrokerMetrics) -> None:
         metrics.dead_lettered("trade", "pay-svc", reason, 2)
     metrics.flow_limited("trade", "pay-svc", 3)
     metrics.received_bytes("trade", 3000)
-    metrics.delivered_bytes("trade", 2000)
+    metrics.delivered_bytes(2000)
     metrics.set_groups(
         {("trade", "pay-svc"): 2},
         {("trade", "pay-svc"): 5},

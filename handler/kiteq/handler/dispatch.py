@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -163,12 +164,17 @@ class Dispatcher:
         self._retries: Counter[tuple[str, str]] = Counter()
         self._held: Counter[tuple[str, str]] = Counter()
         self._buried: Counter[tuple[str, str, str]] = Counter()
-        self._bytes_out: Counter[str] = Counter()
+        # body bytes pushed, handed to the metrics with the other counts (one int per push)
+        self._bytes_out = 0
         # dead letters by "topic/group/reason" since the broker's last log summary
         self.dead_letter_summary: Counter[str] = Counter()
-        # per-message latencies go straight into the metrics' list-based histograms
+        # per-message latencies go straight into the metrics' list-based histograms: the
+        # series of each (topic, group) is looked up once, then one bisect and two adds
         self._first_latency = metrics.first_delivery_latency if metrics is not None else None
         self._ack_latency = metrics.ack_latency if metrics is not None else None
+        self._first_series: dict[_Key, list[float]] = {}
+        self._ack_series: dict[_Key, list[float]] = {}
+        self._latency_bounds = metrics.ack_latency.bounds if metrics is not None else ()
 
     # -- state -------------------------------------------------------------------------
 
@@ -378,15 +384,15 @@ class Dispatcher:
                 metrics.flow_limited(topic, group, n)
             for (topic, group, reason), n in self._buried.items():
                 metrics.dead_lettered(topic, group, reason, n)
-            for topic, n in self._bytes_out.items():
-                metrics.delivered_bytes(topic, n)
+            if self._bytes_out:
+                metrics.delivered_bytes(self._bytes_out)
         for (topic, group, reason), n in self._buried.items():
             self.dead_letter_summary[f"{topic}/{group or '-'}/{reason}"] += n
         self._tally.clear()
         self._retries.clear()
         self._held.clear()
         self._buried.clear()
-        self._bytes_out.clear()
+        self._bytes_out = 0
 
     def group_gauges(
         self,
@@ -606,8 +612,14 @@ class Dispatcher:
             self.redelivered += 1
             self._retries[topic, group] += 1
         elif self._first_latency is not None:
-            self._first_latency.observe((topic, group), self._now - record.publish_time)
-        self._bytes_out[topic] += len(record.message.body)
+            key = (topic, group)
+            series = self._first_series.get(key)
+            if series is None:
+                series = self._first_series[key] = self._first_latency.series(key)
+            waited = self._now - record.publish_time
+            series[bisect_left(self._latency_bounds, waited)] += 1
+            series[-1] += waited
+        self._bytes_out += len(record.message.body)
         self._history.record(
             message_id,
             self._now,
@@ -639,8 +651,13 @@ class Dispatcher:
         if ok:
             self.delivered += 1
             if self._ack_latency is not None:
-                pushed = pending.deadline - self._timeout
-                self._ack_latency.observe((record.message.topic, group), self._mono - pushed)
+                key = (record.message.topic, group)
+                series = self._ack_series.get(key)
+                if series is None:
+                    series = self._ack_series[key] = self._ack_latency.series(key)
+                took = self._mono - pending.deadline + self._timeout
+                series[bisect_left(self._latency_bounds, took)] += 1
+                series[-1] += took
             del flight.pending[group]
             state.state = GroupState.ACKED
         elif (

@@ -209,7 +209,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Bps",
                 (
                     Query(f"sum({_rate('kiteq_received_bytes_total', _TOPIC)})", "in"),
-                    Query(f"sum({_rate('kiteq_delivered_bytes_total', _TOPIC)})", "out"),
+                    Query(f"sum({_rate('kiteq_delivered_bytes_total')})", "out (all topics)"),
                 ),
                 8,
             ),

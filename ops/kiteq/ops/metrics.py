@@ -212,6 +212,24 @@ class FastHistogram:
         # label values -> counts per bucket (the last one is +Inf), then the sum
         self._series: dict[tuple[str, ...], list[float]] = {}
 
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        """The buckets' upper bounds, without +Inf (for callers that fill a ``series``)."""
+        return self._bounds
+
+    def series(self, key: tuple[str, ...]) -> list[float]:
+        """The counts of *key*'s label values, for a hot path that observes by itself.
+
+        ``series[bisect_left(bounds, v)] += 1`` and ``series[-1] += v`` is one
+        observation of *v* (the dispatcher keeps the list per (topic, group)).
+        """
+        series = self._series.get(key)
+        if series is None:
+            series = [0.0] * (len(self._bounds) + 2)
+            with self._lock:
+                series = self._series.setdefault(key, series)
+        return series
+
     def observe(self, key: tuple[str, ...], value: float, n: int = 1) -> None:
         """Add *n* observations of *value* under the label values *key*."""
         series = self._series.get(key)
@@ -404,10 +422,11 @@ class BrokerMetrics:
             ["topic"],
             registry=reg,
         )
+        # no topic label: counted per push, where a labelled update would cost more than
+        # the count is worth
         self._bytes_out = Counter(
             "kiteq_delivered_bytes_total",
             "Body bytes pushed to consumers (every attempt).",
-            ["topic"],
             registry=reg,
         )
         self._tx_pending = Gauge(
@@ -582,8 +601,8 @@ class BrokerMetrics:
     def received_bytes(self, topic: str, n: int) -> None:
         self._bytes_in.labels(self._topic(topic)).inc(n)
 
-    def delivered_bytes(self, topic: str, n: int) -> None:
-        self._bytes_out.labels(self._topic(topic)).inc(n)
+    def delivered_bytes(self, n: int) -> None:
+        self._bytes_out.inc(n)
 
     def set_groups(
         self,
