@@ -535,6 +535,9 @@ class Broker:
         self.metrics.set_groups(unacked, waiting, oldest, consumers)
         tx = self._transactions
         self.metrics.set_transactions(tx.pending, tx.unresolved)
+        for result, n in tx.check_results.items():
+            self.metrics.tx_checked(result, n)
+        tx.check_results.clear()
         state = getattr(self._registry, "connection_state", None)
         if isinstance(state, str):
             self.metrics.set_zookeeper(state, getattr(self._registry, "session_losses", 0))

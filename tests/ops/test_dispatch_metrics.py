@@ -9,7 +9,9 @@ import pytest
 from kiteq.binding.model import Binding
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
+from kiteq.handler.transactions import TxStatus
 from kiteq.ops.metrics import BrokerMetrics
+from tests.handler.harness import Broker as TxBroker
 from tests.handler.test_dispatch import Harness, taken
 
 
@@ -108,3 +110,19 @@ async def test_watermark_holds_are_counted_and_waiting_messages_show_in_the_gaug
     assert unacked == {("trade", "slow"): 1}
     assert waiting == {("trade", "slow"): 3}
     assert oldest == {("trade", "slow"): pytest.approx(7.0)}
+
+
+async def test_transaction_check_results_count_answers_after_a_check_and_unresolved() -> None:
+    async with TxBroker(check_max=1) as b:
+        producer = b.producer("pay")
+        checked = await b.publish(commit=False, publisher=producer)
+        b.clock.advance(6)
+        b.tx._check_due()  # the first check of "checked"
+        direct = await b.publish(commit=False, publisher=producer)
+        await b.tx.decide_for("pay", direct.message_id, TxStatus.COMMIT, "producer")
+        assert b.tx.check_results == {}  # decided before any check: not a check result
+        await b.tx.decide_for("pay", checked.message_id, TxStatus.UNKNOWN, "producer")
+        assert b.tx.check_results == {"unknown": 1}
+        b.clock.advance(30)
+        b.tx._check_due()  # check_max reached: unresolved
+        assert b.tx.check_results == {"unknown": 1, "unresolved": 1}

@@ -25,6 +25,7 @@ import contextlib
 import enum
 import heapq
 import logging
+from collections import Counter
 from typing import Final
 
 from kiteq.core.clock import Clock
@@ -52,6 +53,12 @@ class TxStatus(enum.IntEnum):
 
 # the history's name for an applied decision
 _KINDS: Final = {TxStatus.COMMIT: "committed", TxStatus.ROLLBACK: "rolled_back"}
+# the kiteq_transaction_checks_total result of an answer to a check
+_RESULTS: Final = {
+    TxStatus.COMMIT: "commit",
+    TxStatus.ROLLBACK: "rollback",
+    TxStatus.UNKNOWN: "unknown",
+}
 
 
 class TxDecision(enum.Enum):
@@ -96,6 +103,9 @@ class TxManager:
         self._wake = asyncio.Event()
         self.checks_sent = 0
         self.unanswered = 0
+        # how checked messages ended since the broker last read it ("commit", "rollback",
+        # "unknown": a decision that came after a check; "unresolved": checks ran out)
+        self.check_results: Counter[str] = Counter()
 
     @property
     def pending(self) -> int:
@@ -156,6 +166,9 @@ class TxManager:
                 message_id, self._clock.now(), "tx_denied", detail=f"{source} of group {group}"
             )
             return TxDecision.DENIED
+        record = self._pending.get(message_id)
+        if record is not None and record.deliver_count > 0:
+            self.check_results[_RESULTS[status]] += 1
         changed = await self.decide(message_id, status, source)
         return TxDecision.APPLIED if changed else TxDecision.IGNORED
 
@@ -236,6 +249,7 @@ class TxManager:
             del self._pending[message_id]
             self._publisher.pop(message_id, None)
             self._unresolved[message_id] = record.message.group_id
+            self.check_results["unresolved"] += 1
             self._history.record(
                 message_id, now, "unresolved", detail=f"{record.deliver_count} checks unanswered"
             )
