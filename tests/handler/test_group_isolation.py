@@ -262,3 +262,22 @@ async def test_a_shutdown_writes_the_letters_of_groups_dead_while_others_were_in
         assert stored is not None  # still to be delivered to "holder"
         assert stored.groups["bad"].state is GroupState.DEAD
         assert stored.groups["holder"] == GroupDelivery(GroupState.PENDING, 1, 0.0)
+
+
+async def test_a_message_parked_for_an_offline_group_is_dead_lettered_for_it_at_its_expiry() -> (
+    None
+):
+    async with Broker() as b:
+        b.bind("away", Binding.fanout("trade", persistent=True))
+        record = await b.publish(ttl=60)
+        await b.settle()
+        assert await b.scan() == 1  # the first scan after a start reads everything
+        assert await b.scan() == 0  # parked: not read again while "away" is away
+        b.clock.advance(61)
+        assert await b.scan() == 1  # due at its expiry
+        await b.settle()
+        letters = await b.store.list_dlq(DlqFilter(), 10)
+        assert [(lt.record.message_id, lt.group, lt.reason) for lt in letters] == [
+            (record.message_id, "away", "expired")
+        ]
+        assert await b.store.backlog() == {}
