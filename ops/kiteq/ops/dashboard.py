@@ -594,6 +594,8 @@ def render() -> str:
     document: dict[str, Any] = json.loads(JSONEncoder().encode(build().build()))
     # Grafana assigns the numeric id on import; a provisioned file must not carry one
     document["id"] = None
+    # the SDK writes no annotation list at all; Grafana's own export has an empty one
+    document["annotations"] = document.get("annotations") or {"list": []}
     for panel in document["panels"]:
         # the SDK writes unset panel options as null; Grafana wants them absent
         for key in [k for k, v in panel.items() if v is None]:
