@@ -144,6 +144,9 @@ class Bookkeeper:
                 self._settle(letter.record.message_id)
             if not (self._deletes or self._reschedules or self._letters or self._events):
                 self._idle.set()
+            # not kept alive while waiting for the next wake: a batch can hold thousands
+            # of records with their bodies (an idle broker's RSS)
+            del deletes, reschedules, letters, events, writes, results
 
     def _settle(self, message_id: str) -> None:
         left = self._pending.pop(message_id, 1) - 1
