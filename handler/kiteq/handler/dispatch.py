@@ -418,7 +418,6 @@ class Dispatcher:
                 oldest[key] = max(oldest.get(key, 0.0), age)
         return dict(unacked), waiting, oldest
 
-
     def pause(self) -> None:
         """Start no new push (shutdown); in-flight ones still settle."""
         self._paused = True
