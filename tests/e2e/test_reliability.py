@@ -20,7 +20,9 @@ from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
 
 
-def admin(broker: BrokerProcess, *args: str) -> dict[str, Any]:
+def admin(broker: BrokerProcess, *args: str, exit_code: int = 0) -> dict[str, Any]:
+    """``kiteq-admin --json`` against *broker*; *exit_code* is the one expected (4: nothing
+    changed, 3: not found)."""
     run = subprocess.run(
         [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
         cwd=REPO,
@@ -28,7 +30,7 @@ def admin(broker: BrokerProcess, *args: str) -> dict[str, Any]:
         text=True,
         timeout=30,
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == exit_code, run.stderr
     result: dict[str, Any] = json.loads(run.stdout)
     return result
 
