@@ -248,6 +248,9 @@ class ZkBindingRegistry:
         self._group_nodes: set[tuple[str, str]] = set()
         self._served: set[str] = set(self._topics)
         self._applied: dict[tuple[str, str], int] = {}
+        # the node version whose apply finished (installed or refused) per (topic, group):
+        # declare() waits on it, not on _applied, which is set before the build runs
+        self._installed: dict[tuple[str, str], int] = {}
         # the node version last refused per (topic, group): each refused version is logged once
         self._refused: dict[tuple[str, str], int] = {}
         # events seen per (topic, group): an apply finishing after a newer event is dropped
@@ -544,6 +547,7 @@ class ZkBindingRegistry:
             )
         else:
             table.install(outcome)
+        self._installed[key] = max(mzxid, self._installed.get(key, -1))
         for waiter_zxid, future in self._waiters.pop(key, ()):
             if waiter_zxid <= mzxid:
                 if not future.done():
@@ -751,7 +755,7 @@ class ZkBindingRegistry:
         await self._applied_at_least((topic, group), mzxid)
 
     async def _applied_at_least(self, key: tuple[str, str], mzxid: int) -> None:
-        if self._applied.get(key, -1) >= mzxid:
+        if self._installed.get(key, -1) >= mzxid:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (mzxid, future)
