@@ -21,7 +21,8 @@ from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
-from kiteq.handler.transactions import TxManager, TxStatus
+from kiteq.core.message import TxStatus
+from kiteq.handler.transactions import TxManager
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from kiteq.store.base import MessageStore
 

@@ -21,7 +21,8 @@ from kiteq.core.message import StoredMessage
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
-from kiteq.handler.transactions import TxManager, TxStatus
+from kiteq.core.message import TxStatus
+from kiteq.handler.transactions import TxManager
 from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 

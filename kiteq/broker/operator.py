@@ -16,7 +16,8 @@ from kiteq.core.clock import Clock
 from kiteq.core.message import StoredMessage
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
-from kiteq.handler.transactions import TxManager, TxStatus
+from kiteq.core.message import TxStatus
+from kiteq.handler.transactions import TxManager
 from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent, MessageStore
 
 logger = logging.getLogger(__name__)

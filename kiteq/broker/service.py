@@ -47,7 +47,8 @@ from kiteq.handler.connection import Connection, ConnectionTable, Outcome
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
-from kiteq.handler.transactions import TxDecision, TxManager, TxStatus
+from kiteq.core.message import TxStatus
+from kiteq.handler.transactions import TxDecision, TxManager
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Final
 from kiteq.core.acl import Permissions, parse_acl
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import is_name
+from kiteq.core.params import Params
 
 __all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster", "read_secret_file"]
 
@@ -209,30 +209,24 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         raise ConfigError(
             f"{prefix}.{unknown[0]}: unknown key; known keys: {', '.join(CLUSTER_DEFAULTS)}"
         )
-    values = {key: section.get(key, default) for key, (default, _) in CLUSTER_DEFAULTS.items()}
+    params = Params(section, lambda key: f"{prefix}.{key}")
 
-    def typed(key: str, kind: type | tuple[type, ...]) -> Any:
-        value = values[key]
-        # bool is an int subclass: never accept true for a number
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise ConfigError(f"{prefix}.{key}: expected a number, got {value!r}")
-        if not isinstance(value, kind):
-            raise ConfigError(f"{prefix}.{key}: expected {_kind_name(kind)}, got {value!r}")
-        return value
+    def default(key: str) -> Any:
+        return CLUSTER_DEFAULTS[key][0]
 
-    def positive(key: str) -> float:
-        value = typed(key, (int, float))
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{prefix}.{key}: must be > 0, got {value!r}")
-        return float(value)
+    def seconds(key: str) -> float:
+        return params.number(key, default(key))
 
-    def positive_int(key: str) -> int:
-        value = typed(key, int)
-        if value <= 0:
-            raise ConfigError(f"{prefix}.{key}: must be a positive integer, got {value!r}")
-        return int(value)
+    def count(key: str) -> int:
+        return params.integer(key, default(key))
 
-    env = typed("env", str)
+    def flag(key: str) -> bool:
+        return params.flag(key, default(key))
+
+    def text(key: str) -> str:
+        return params.string(key, default(key))
+
+    env = text("env")
     registry = EMBEDDED_REGISTRY
     if env:
         registries = doc.get("registry", {})
@@ -246,31 +240,29 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
                 "(embedded://, file://, zk://)"
             )
 
-    topics = typed("topics", list)
-    for topic in topics:
+    topics: list[str] = []
+    for topic in params.array("topics", default("topics")):
         if not isinstance(topic, str) or (topic != ANY_TOPIC and not is_name(topic)):
             raise ConfigError(f"{prefix}.topics: invalid topic {topic!r}")
+        topics.append(topic)
     if not topics:
         raise ConfigError(f'{prefix}.topics: empty; use ["*"] to serve any topic')
 
-    db = typed("db", str) or f"rocksdb://./db/{name}?fsync=batch"
+    db = text("db") or f"rocksdb://./db/{name}?fsync=batch"
     if "://" not in db:
         raise ConfigError(f"{prefix}.db: expected a store URL like rocksdb://./db/x, got {db!r}")
 
-    dlq_hour = typed("dlqExecHour", int)
-    if not 0 <= dlq_hour <= 23:
-        raise ConfigError(f"{prefix}.dlqExecHour: must be 0..23, got {dlq_hour!r}")
+    dlq_hour = params.integer("dlqExecHour", default("dlqExecHour"), low=0, high=23)
 
-    secrets = typed("secrets", dict)
-    for group, secret in secrets.items():
+    secrets: dict[str, str] = {}
+    for group, secret in params.table("secrets", default("secrets")).items():
         if not is_name(group) or not isinstance(secret, str) or not secret:
             raise ConfigError(f"{prefix}.secrets.{group}: expected a non-empty string secret")
+        secrets[group] = secret
 
-    max_pattern_length = positive_int("maxPatternLength")
-    if max_pattern_length > MAX_PATTERN_LENGTH:
-        raise ConfigError(
-            f"{prefix}.maxPatternLength: must be 1..{MAX_PATTERN_LENGTH}, got {max_pattern_length}"
-        )
+    max_pattern_length = params.integer(
+        "maxPatternLength", MAX_PATTERN_LENGTH, high=MAX_PATTERN_LENGTH
+    )
 
     return ClusterConfig(
         name=name,
@@ -278,30 +270,28 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         registry=registry,
         topics=tuple(topics),
         db=db,
-        delivery_seconds=positive("deliverySeconds"),
-        max_deliver_workers=positive_int("maxDeliverWorkers"),
-        recover_seconds=positive("recoverSeconds"),
-        no_binding_retention_seconds=positive("noBindingRetentionSeconds"),
-        history_retention_seconds=positive("historyRetentionSeconds"),
-        tx_check_delay_seconds=positive("txCheckDelaySeconds"),
-        tx_check_interval_seconds=positive("txCheckIntervalSeconds"),
-        tx_check_max=positive_int("txCheckMax"),
-        recieve_permits_per_second=positive_int("recievePermitsPerSecond"),
+        delivery_seconds=seconds("deliverySeconds"),
+        max_deliver_workers=count("maxDeliverWorkers"),
+        recover_seconds=seconds("recoverSeconds"),
+        no_binding_retention_seconds=seconds("noBindingRetentionSeconds"),
+        history_retention_seconds=seconds("historyRetentionSeconds"),
+        tx_check_delay_seconds=seconds("txCheckDelaySeconds"),
+        tx_check_interval_seconds=seconds("txCheckIntervalSeconds"),
+        tx_check_max=count("txCheckMax"),
+        recieve_permits_per_second=count("recievePermitsPerSecond"),
         dlq_exec_hour=dlq_hour,
-        delivery_first=typed("deliveryFirst", bool),
-        accept_any_secret=typed("acceptAnySecret", bool),
-        secrets=MappingProxyType(dict(secrets)),
-        admin_secret=_admin_secret(
-            prefix, typed("adminSecret", str), typed("adminSecretFile", str)
-        ),
-        admin_open=typed("adminOpen", bool),
-        tls_cert=typed("tlsCert", str),
-        tls_key=typed("tlsKey", str),
-        tls_client_ca=typed("tlsClientCa", str),
-        takeover=typed("takeover", bool),
-        takeover_grace_seconds=positive("takeoverGraceSeconds"),
-        acl=parse_acl(f"{prefix}.acl", values["acl"]),
-        max_bindings_per_group_topic=positive_int("maxBindingsPerGroupTopic"),
+        delivery_first=flag("deliveryFirst"),
+        accept_any_secret=flag("acceptAnySecret"),
+        secrets=MappingProxyType(secrets),
+        admin_secret=_admin_secret(prefix, text("adminSecret"), text("adminSecretFile")),
+        admin_open=flag("adminOpen"),
+        tls_cert=text("tlsCert"),
+        tls_key=text("tlsKey"),
+        tls_client_ca=text("tlsClientCa"),
+        takeover=flag("takeover"),
+        takeover_grace_seconds=seconds("takeoverGraceSeconds"),
+        acl=parse_acl(f"{prefix}.acl", section.get("acl", default("acl"))),
+        max_bindings_per_group_topic=count("maxBindingsPerGroupTopic"),
         max_pattern_length=max_pattern_length,
     )
 
@@ -330,16 +320,3 @@ def read_secret_file(path: str | Path, name: str) -> str:
     if not secret:
         raise ConfigError(f"{name}: {str(path)!r} holds no secret (its first line is empty)")
     return secret
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        bool: "true or false",
-        list: "an array",
-        dict: "a table",
-    }
-    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))

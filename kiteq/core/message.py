@@ -8,7 +8,14 @@ from collections.abc import Mapping
 
 from kiteq.core.ids import new_message_id
 
-__all__ = ["GroupDelivery", "GroupState", "Message", "ReceivedMessage", "StoredMessage"]
+__all__ = [
+    "GroupDelivery",
+    "GroupState",
+    "Message",
+    "ReceivedMessage",
+    "StoredMessage",
+    "TxStatus",
+]
 
 
 # Not frozen on purpose: a frozen dataclass sets each field through object.__setattr__,
@@ -55,6 +62,20 @@ class ReceivedMessage(Message):
     """A message as a consumer receives it; ``attempt`` is 1 on the first delivery."""
 
     attempt: int = 1
+
+
+class TxStatus(enum.IntEnum):
+    """A transaction's outcome; the values are the wire's ``TxStatus`` numbers.
+
+    Attributes:
+        UNKNOWN: Not decided (yet): the broker checks again later.
+        COMMIT: Deliver the message.
+        ROLLBACK: Remove the message; it is never delivered.
+    """
+
+    UNKNOWN = 0
+    COMMIT = 1
+    ROLLBACK = 2
 
 
 class GroupState(enum.Enum):

@@ -4,7 +4,8 @@ settles only a delivery of its own connection."""
 from __future__ import annotations
 
 from kiteq.binding.model import Binding
-from kiteq.handler.transactions import TxDecision, TxStatus
+from kiteq.core.message import TxStatus
+from kiteq.handler.transactions import TxDecision
 from tests.handler.harness import Broker
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiteq.binding.model import Binding
 from kiteq.handler.connection import Connection
-from kiteq.handler.transactions import TxStatus
+from kiteq.core.message import TxStatus
 from tests.handler.harness import Broker
 
 

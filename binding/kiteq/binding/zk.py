@@ -62,9 +62,7 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
 import threading
-import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -83,6 +81,7 @@ from kiteq.core.errors import (
     RegistryUnavailableError,
 )
 from kiteq.core.limits import is_name
+from kiteq.core.params import query_params
 
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable, PreparedBindings
@@ -151,27 +150,14 @@ def parse_zk_uri(uri: str) -> ZkSettings:
     chroot = ("/" + chroot).rstrip("/") if slash else ""
     if chroot and any(part in {"", ".", ".."} for part in chroot[1:].split("/")):
         raise ConfigError(f"zk:// registry: invalid chroot {chroot!r}")
-    timeout = DEFAULT_SESSION_TIMEOUT
+    params = query_params(query, {"timeout", "digest"}, "zk:// registry")
+    timeout = params.number("timeout", DEFAULT_SESSION_TIMEOUT)
     digest: tuple[str, str] | None = None
-    seen: set[str] = set()
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if key in seen:
-            raise ConfigError(f"zk:// registry: parameter {key!r} given twice")
-        seen.add(key)
-        if key == "timeout":
-            try:
-                timeout = float(value)
-            except ValueError:
-                timeout = math.nan
-            if not (math.isfinite(timeout) and timeout > 0):
-                raise ConfigError(f"zk:// registry: timeout must be seconds > 0, got {value!r}")
-        elif key == "digest":
-            user, colon, password = value.partition(":")
-            if not (user and colon and password):
-                raise ConfigError("zk:// registry: digest must be user:password")
-            digest = (user, password)
-        else:
-            raise ConfigError(f"zk:// registry: unknown parameter {key!r} (known: timeout, digest)")
+    if params.has("digest"):
+        user, colon, password = params.string("digest", "").partition(":")
+        if not (user and colon and password):
+            raise ConfigError("zk:// registry: digest must be user:password")
+        digest = (user, password)
     return ZkSettings(",".join(hosts), chroot, timeout, digest)
 
 

@@ -30,7 +30,8 @@ from kiteq.client._acks import AckMode, AsyncDelivery, Delivery
 from kiteq.client._consumer import AsyncConsumer, BatchHandler, Consumer, Handler
 from kiteq.client._producer import AsyncProducer, SendResult
 from kiteq.client._producer_sync import Producer
-from kiteq.client._tx import LocalTransaction, TxChecker, TxResult, TxStatus
+from kiteq.client._tx import LocalTransaction, TxChecker, TxResult
+from kiteq.core.message import TxStatus
 from kiteq.core.errors import (
     AuthenticationError,
     BodyTooLargeError,

@@ -16,7 +16,7 @@ import os
 import random
 import socket
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 import grpc
 
@@ -33,6 +33,7 @@ from kiteq.core.errors import (
 from kiteq.core.ids import new_message_id
 from kiteq.core.limits import MAX_FRAME_BYTES, MAX_SECRET_BYTES, is_name
 from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.tasks import TaskSet
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "Link",
     "Session",
     "SessionListener",
-    "TaskSet",
     "backoff_delay",
     "check_positive",
     "fresh_error",
@@ -50,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 
 # Keepalive must agree with the broker's min_recv_ping_interval (10 s) or it answers GOAWAY
 # "too_many_pings"; it replaces KiteQ's HeartBeat packet.
@@ -176,57 +175,6 @@ def fresh_error(error: KiteQError) -> KiteQError:
 def backoff_delay(delay: float) -> float:
     """*delay* with jitter: uniformly between half of it and all of it."""
     return delay / 2 + random.uniform(0.0, delay / 2)  # noqa: S311 - jitter, not crypto
-
-
-class TaskSet:
-    """Background tasks kept alive in a set; a failure is logged and reported, never lost."""
-
-    def __init__(self, owner: str, on_error: Callable[[BaseException], None] | None = None):
-        self._owner = owner
-        self._on_error = on_error
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
-        """Run *coro* as a task owned by this set."""
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self._owner}:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            logger.error("background task failed task=%s", task.get_name(), exc_info=exc)
-            if self._on_error is not None:
-                self._on_error(exc)
-
-    async def join(self, timeout: float) -> bool:
-        """Wait up to *timeout* seconds until no task is left; True when none is.
-
-        Tasks spawned while waiting are waited for too.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._tasks:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            await asyncio.wait(set(self._tasks), timeout=remaining)
-        return True
-
-    async def cancel(self, timeout: float = 1.0) -> None:
-        """Cancel every task and wait (bounded) until they have finished."""
-        tasks = set(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
 
 
 class SessionListener(Protocol):

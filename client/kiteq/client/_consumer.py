@@ -39,7 +39,6 @@ from kiteq.client._acks import AckMode, AsyncDelivery, Delivery, Ledger, Ticket
 from kiteq.client._channel import (
     Link,
     Session,
-    TaskSet,
     check_positive,
     fresh_error,
     open_params,
@@ -48,6 +47,7 @@ from kiteq.client._discovery import BrokerDirectory, is_zookeeper, resolve
 from kiteq.client._sync import LoopThread
 from kiteq.client._tls import Transport
 from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
+from kiteq.core.tasks import TaskSet
 from kiteq.core.message import ReceivedMessage
 from kiteq.core.tls import TlsOptions
 

@@ -46,7 +46,6 @@ from kiteq.client import _tracing, _wire
 from kiteq.client._channel import (
     Link,
     Session,
-    TaskSet,
     backoff_delay,
     check_positive,
     fresh_error,
@@ -74,6 +73,7 @@ from kiteq.core.errors import (
 )
 from kiteq.core.ids import canonical_message_id
 from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
+from kiteq.core.tasks import TaskSet
 from kiteq.core.message import Message, ReceivedMessage
 from kiteq.core.tls import TlsOptions
 

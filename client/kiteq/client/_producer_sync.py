@@ -17,7 +17,8 @@ from typing import Final, Self
 from kiteq.client._future import RunningFuture
 from kiteq.client._producer import AsyncProducer, SendResult, _Send, uncommitted
 from kiteq.client._sync import LoopThread
-from kiteq.client._tx import TxChecker, TxResult, TxStatus, is_async, run_local_tx_sync
+from kiteq.client._tx import TxChecker, TxResult, is_async, run_local_tx_sync
+from kiteq.core.message import TxStatus
 from kiteq.core.errors import PublishTimeoutError
 from kiteq.core.message import Message
 from kiteq.core.tls import TlsOptions

@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import enum
 import inspect
 import logging
 import queue
@@ -25,10 +24,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeAlias
 
 from kiteq.client import _wire
-from kiteq.client._channel import Session, TaskSet
+from kiteq.client._channel import Session
+from kiteq.core.tasks import TaskSet
 from kiteq.core.errors import KiteQError
 from kiteq.core.limits import MAX_BATCH_MESSAGES
-from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.message import Message, ReceivedMessage, TxStatus
 
 __all__ = [
     "CheckRunner",
@@ -51,20 +51,6 @@ _SPARE_THREADS: Final = 32
 # broker checks them later).
 _OUTBOX_LIMIT: Final = 100_000
 _FEEDBACK_CHARS: Final = 256
-
-
-class TxStatus(enum.IntEnum):
-    """A transaction's outcome; the values are the wire's ``TxStatus`` numbers.
-
-    Attributes:
-        UNKNOWN: Not decided (yet): the broker checks again later.
-        COMMIT: Deliver the message.
-        ROLLBACK: Remove the message; it is never delivered.
-    """
-
-    UNKNOWN = 0
-    COMMIT = 1
-    ROLLBACK = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from collections import Counter
 from typing import Final
 
 from kiteq.core.clock import Clock
-from kiteq.core.message import StoredMessage
+from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
@@ -41,14 +41,6 @@ logger = logging.getLogger(__name__)
 _PAGE: Final = 1000
 # checks sent per pass before the loop yields to the rest of the broker
 _CHECK_BATCH: Final = 500
-
-
-class TxStatus(enum.IntEnum):
-    """The wire's TxStatus numbers."""
-
-    UNKNOWN = 0
-    COMMIT = 1
-    ROLLBACK = 2
 
 
 # the history's name for an applied decision

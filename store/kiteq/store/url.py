@@ -15,12 +15,12 @@ leave a broker running with a durability it was not configured for.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Final
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 from kiteq.core.errors import ConfigError
+from kiteq.core.params import Params, query_params
 from kiteq.store.base import MessageStore
 from kiteq.store.memory import MemoryStore
 
@@ -40,11 +40,11 @@ def open_store(url: str) -> MessageStore:
     parts = urlsplit(url)
     match parts.scheme:
         case "memory":
-            query = _query(url, parts, {"maxcap", "initcap"})
+            params = query_params(parts.query, {"maxcap", "initcap"}, _where(url))
             if parts.netloc or parts.path:
-                raise ConfigError(f"store URL {describe(url)}: memory:// takes no path")
-            _positive_int(url, query, "initcap", 1)
-            return MemoryStore(_positive_int(url, query, "maxcap", DEFAULT_MAXCAP))
+                raise ConfigError(f"{_where(url)}: memory:// takes no path")
+            params.integer("initcap", 1)
+            return MemoryStore(params.integer("maxcap", DEFAULT_MAXCAP))
         case "rocksdb":
             return _rocksdb(url, parts)
         case "mysql":
@@ -63,14 +63,14 @@ def _rocksdb(url: str, parts: SplitResult) -> MessageStore:
         raise ConfigError(
             f"store URL {describe(url)}: rocksdb:// needs rocksdict (pip install 'kiteq[server]')"
         ) from exc
-    query = _query(url, parts, {"fsync"})
+    params = query_params(parts.query, {"fsync"}, _where(url))
     path = unquote(parts.netloc + parts.path)
     if not path:
         raise ConfigError(
             f"store URL {describe(url)}: rocksdb:// needs a path, "
             "e.g. rocksdb://./db/kiteq or rocksdb:///var/lib/kiteq"
         )
-    fsync = query.get("fsync", "batch")
+    fsync = params.string("fsync", "batch")
     for mode in FSYNC_MODES:
         if fsync == mode:
             return RocksDBStore(path, fsync=mode)
@@ -193,129 +193,78 @@ def mysql_options(url: str) -> MySQLOptions:
         ConfigError: A bad parameter; the message names it.
     """
     parts = urlsplit(url)
-    shown = describe(url)
+    shown = _where(url)
     if parts.scheme != "mysql":
-        raise ConfigError(f"store URL {shown}: expected mysql://")
-    query = _query(url, parts, set(_MYSQL_PARAMS))
+        raise ConfigError(f"{shown}: expected mysql://")
+    params = query_params(parts.query, _MYSQL_PARAMS, shown)
     if "," in parts.netloc:
         raise ConfigError(
-            f"store URL {shown}: a second (slave) host is not supported: every read goes to "
+            f"{shown}: a second (slave) host is not supported: every read goes to "
             "the one server, so it sees every acknowledged write"
         )
     try:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
-        raise ConfigError(f"store URL {shown}: bad port: {exc}") from exc
+        raise ConfigError(f"{shown}: bad port: {exc}") from exc
     if not host:
-        raise ConfigError(f"store URL {shown}: mysql:// needs a host, e.g. mysql://127.0.0.1:3306")
-    if "username" in query and "user" in query:
-        raise ConfigError(f"store URL {shown}: parameter user given twice (user and username)")
-    user = query.get("username", query.get("user"))
-    if parts.username is not None:
-        if user is not None:
-            raise ConfigError(f"store URL {shown}: parameter username given twice")
-        user = unquote(parts.username)
-    password = query.get("password")
-    if parts.password is not None:
-        if password is not None:
-            raise ConfigError(f"store URL {shown}: parameter password given twice")
-        password = unquote(parts.password)
-    path = unquote(parts.path).strip("/")
-    db = query.get("db")
-    if path and db is not None and path != db:
-        raise ConfigError(f"store URL {shown}: parameter db given twice (path /{path} and db={db})")
-    db = db if db is not None else (path or "kite")
-    if not _DB_PREFIX.fullmatch(db):
-        raise ConfigError(
-            f"store URL {shown}: parameter db must be 1-48 letters, digits or _, got {db!r}"
-        )
-    shardnum = _positive_int(url, query, "shardnum", 4)
+        raise ConfigError(f"{shown}: mysql:// needs a host, e.g. mysql://127.0.0.1:3306")
+    user, password = _credentials(parts, params, shown)
+    shardnum = params.integer("shardnum", 4)
     if 16 % shardnum:
         raise ConfigError(
-            f"store URL {shown}: parameter shardnum must divide 16 (1, 2, 4, 8 or 16), "
-            f"got {shardnum}"
+            f"{shown}: parameter shardnum must divide 16 (1, 2, 4, 8 or 16), got {shardnum}"
         )
-    kite_server = query.get("kiteServer")
+    kite_server = params.string("kiteServer", "") if params.has("kiteServer") else None
     if kite_server is not None and len(kite_server) > 255:
-        raise ConfigError(f"store URL {shown}: parameter kiteServer is longer than 255 characters")
+        raise ConfigError(f"{shown}: parameter kiteServer is longer than 255 characters")
     return MySQLOptions(
         host=host,
         port=3306 if port is None else port,
-        user="root" if user is None else user,
-        password=password or "",
-        db=db,
+        user=user,
+        password=password,
+        db=_database(parts, params, shown),
         shardnum=shardnum,
-        batch_update_size=_positive_int(url, query, "batchUpdateSize", 1000),
-        batch_del_size=_positive_int(url, query, "batchDelSize", 1000),
-        flush_seconds=_seconds(url, query, "flushSeconds", 1.0, allow_zero=True),
-        max_conn=_positive_int(url, query, "maxConn", 20),
-        timeout=_seconds(url, query, "timeout", 30.0, allow_zero=False),
-        auto_create=_bool(url, query, "autoCreate", default=False),
+        batch_update_size=params.integer("batchUpdateSize", 1000),
+        batch_del_size=params.integer("batchDelSize", 1000),
+        flush_seconds=params.number("flushSeconds", 1.0, allow_zero=True),
+        max_conn=params.integer("maxConn", 20),
+        timeout=params.number("timeout", 30.0),
+        auto_create=params.flag("autoCreate", False),
         kite_server=kite_server,
     )
 
 
-def _seconds(
-    url: str, query: dict[str, str], name: str, default: float, *, allow_zero: bool
-) -> float:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
-        kind = "a number >= 0" if allow_zero else "a number > 0"
-        raise ConfigError(
-            f"store URL {describe(url)}: parameter {name} must be {kind}, got {raw!r}"
-        )
-    return value
+def _credentials(parts: SplitResult, params: Params, shown: str) -> tuple[str, str]:
+    """(user, password) from the URL's authority or KiteQ's query form, never both."""
+    if params.has("username") and params.has("user"):
+        raise ConfigError(f"{shown}: parameter user given twice (user and username)")
+    user = params.string("username", params.string("user", "")) or None
+    if parts.username is not None:
+        if user is not None:
+            raise ConfigError(f"{shown}: parameter username given twice")
+        user = unquote(parts.username)
+    password = params.string("password", "") if params.has("password") else None
+    if parts.password is not None:
+        if password is not None:
+            raise ConfigError(f"{shown}: parameter password given twice")
+        password = unquote(parts.password)
+    return ("root" if user is None else user), (password or "")
 
 
-def _bool(url: str, query: dict[str, str], name: str, *, default: bool) -> bool:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    value = {"true": True, "1": True, "false": False, "0": False}.get(raw.lower())
-    if value is None:
-        raise ConfigError(
-            f"store URL {describe(url)}: parameter {name} must be true or false, got {raw!r}"
-        )
-    return value
+def _database(parts: SplitResult, params: Params, shown: str) -> str:
+    """The database prefix, from the path or ``db=`` (KiteQ's form), ``kite`` by default."""
+    path = unquote(parts.path).strip("/")
+    db = params.string("db", "") if params.has("db") else None
+    if path and db is not None and path != db:
+        raise ConfigError(f"{shown}: parameter db given twice (path /{path} and db={db})")
+    db = db if db is not None else (path or "kite")
+    if not _DB_PREFIX.fullmatch(db):
+        raise ConfigError(f"{shown}: parameter db must be 1-48 letters, digits or _, got {db!r}")
+    return db
 
 
-def _query(url: str, parts: SplitResult, allowed: set[str]) -> dict[str, str]:
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError as exc:
-        raise ConfigError(f"store URL {describe(url)}: malformed query: {exc}") from exc
-    query: dict[str, str] = {}
-    for name, value in pairs:
-        if name not in allowed:
-            raise ConfigError(
-                f"store URL {describe(url)}: unknown parameter {name!r} for "
-                f"{parts.scheme}://; known: {', '.join(sorted(allowed))}"
-            )
-        if name in query:
-            raise ConfigError(f"store URL {describe(url)}: parameter {name} given twice")
-        query[name] = value
-    return query
-
-
-def _positive_int(url: str, query: dict[str, str], name: str, default: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(
-            f"store URL {describe(url)}: parameter {name} must be a positive integer, got {raw!r}"
-        )
-    return value
+def _where(url: str) -> str:
+    return f"store URL {describe(url)}"
 
 
 def describe(url: str) -> str:
