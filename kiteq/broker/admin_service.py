@@ -17,11 +17,11 @@ from kiteq.core.admin import ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS, audit, se
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import canonical_message_id, is_message_id
+from kiteq.core.message import TxStatus
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
-from kiteq.core.message import TxStatus
 from kiteq.handler.transactions import TxManager
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from kiteq.store.base import MessageStore

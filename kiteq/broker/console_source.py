@@ -17,11 +17,10 @@ from kiteq.core.admin import DEAD_LETTER_REASONS
 from kiteq.core.clock import Clock
 from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import canonical_message_id, is_message_id
-from kiteq.core.message import StoredMessage
+from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
-from kiteq.core.message import TxStatus
 from kiteq.handler.transactions import TxManager
 from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent

@@ -13,10 +13,9 @@ import logging
 from collections.abc import Sequence
 
 from kiteq.core.clock import Clock
-from kiteq.core.message import StoredMessage
+from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
-from kiteq.core.message import TxStatus
 from kiteq.handler.transactions import TxManager
 from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent, MessageStore
 

@@ -43,11 +43,11 @@ from kiteq.core.limits import (
     MAX_SECRET_BYTES,
     is_name,
 )
+from kiteq.core.message import TxStatus
 from kiteq.handler.connection import Connection, ConnectionTable, Outcome
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
-from kiteq.core.message import TxStatus
 from kiteq.handler.transactions import TxDecision, TxManager
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from kiteq.binding.model import Binding
-from kiteq.handler.connection import Connection
 from kiteq.core.message import TxStatus
+from kiteq.handler.connection import Connection
 from tests.handler.harness import Broker
 
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kiteq.binding.model import Binding
+from kiteq.core.message import TxStatus
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
-from kiteq.core.message import TxStatus
 from kiteq.ops.metrics import BrokerMetrics
 from tests.handler.harness import Broker as TxBroker
 from tests.handler.test_dispatch import Harness, taken

@@ -31,7 +31,6 @@ from kiteq.client._consumer import AsyncConsumer, BatchHandler, Consumer, Handle
 from kiteq.client._producer import AsyncProducer, SendResult
 from kiteq.client._producer_sync import Producer
 from kiteq.client._tx import LocalTransaction, TxChecker, TxResult
-from kiteq.core.message import TxStatus
 from kiteq.core.errors import (
     AuthenticationError,
     BodyTooLargeError,
@@ -53,7 +52,7 @@ from kiteq.core.errors import (
     TlsError,
     UnknownTopicError,
 )
-from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.message import Message, ReceivedMessage, TxStatus
 from kiteq.core.tls import TlsOptions
 
 __all__ = [

@@ -15,8 +15,8 @@ import math
 import os
 import random
 import socket
-from collections.abc import Callable, Coroutine, Iterable, Iterator
-from typing import Any, Final, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Final, Protocol
 
 import grpc
 

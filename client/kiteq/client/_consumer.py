@@ -47,8 +47,8 @@ from kiteq.client._discovery import BrokerDirectory, is_zookeeper, resolve
 from kiteq.client._sync import LoopThread
 from kiteq.client._tls import Transport
 from kiteq.core.errors import ClientClosedError, ConfigError, KiteQError
-from kiteq.core.tasks import TaskSet
 from kiteq.core.message import ReceivedMessage
+from kiteq.core.tasks import TaskSet
 from kiteq.core.tls import TlsOptions
 
 __all__ = ["AsyncConsumer", "BatchHandler", "Consumer", "Handler"]

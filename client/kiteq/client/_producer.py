@@ -73,8 +73,8 @@ from kiteq.core.errors import (
 )
 from kiteq.core.ids import canonical_message_id
 from kiteq.core.limits import MAX_BATCH_MESSAGES, validate
-from kiteq.core.tasks import TaskSet
 from kiteq.core.message import Message, ReceivedMessage
+from kiteq.core.tasks import TaskSet
 from kiteq.core.tls import TlsOptions
 
 __all__ = ["AsyncProducer", "SendResult", "uncommitted"]

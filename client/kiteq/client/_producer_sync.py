@@ -18,9 +18,8 @@ from kiteq.client._future import RunningFuture
 from kiteq.client._producer import AsyncProducer, SendResult, _Send, uncommitted
 from kiteq.client._sync import LoopThread
 from kiteq.client._tx import TxChecker, TxResult, is_async, run_local_tx_sync
-from kiteq.core.message import TxStatus
 from kiteq.core.errors import PublishTimeoutError
-from kiteq.core.message import Message
+from kiteq.core.message import Message, TxStatus
 from kiteq.core.tls import TlsOptions
 
 __all__ = ["Producer"]

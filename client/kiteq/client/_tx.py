@@ -25,10 +25,10 @@ from typing import Any, Final, TypeAlias
 
 from kiteq.client import _wire
 from kiteq.client._channel import Session
-from kiteq.core.tasks import TaskSet
 from kiteq.core.errors import KiteQError
 from kiteq.core.limits import MAX_BATCH_MESSAGES
 from kiteq.core.message import Message, ReceivedMessage, TxStatus
+from kiteq.core.tasks import TaskSet
 
 __all__ = [
     "CheckRunner",
