@@ -547,8 +547,8 @@ class Broker:
         refused = EventSummary(logger, "refused messages", "reason")
         while True:
             await asyncio.sleep(_SUMMARY_PERIOD)
-            dead.add(self._dispatcher.dead_letter_summary)
-            self._dispatcher.dead_letter_summary.clear()
+            dead.add(self._dispatcher.tally.dead_letter_summary)
+            self._dispatcher.tally.dead_letter_summary.clear()
             refused.add(self._intake.refusals)
             self._intake.refusals.clear()
             dead.flush(_SUMMARY_PERIOD)

@@ -44,7 +44,7 @@ from kiteq.core.limits import (
     is_name,
 )
 from kiteq.core.message import TxStatus
-from kiteq.handler.connection import Connection, ConnectionTable, Outcome
+from kiteq.handler.connection import Connection, ConnectionTable, StoreAck
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
@@ -370,13 +370,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         a failed store-ack naming it; the items around it are applied all the same.
         """
         source = f"producer {conn.name}"
-        refused: list[Outcome] = []
+        refused: list[StoreAck] = []
         for ack in acks:
             sent_id = ack.messageId
             message_id = canonical_message_id(sent_id)
             if not is_message_id(message_id):
                 refused.append(
-                    Outcome(
+                    StoreAck(
                         sent_id[:_ECHO_ID_CHARS],
                         AckCode.INVALID_ARGUMENT,
                         "tx: message id must be 32 hex characters",
@@ -387,13 +387,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                 status = TxStatus(ack.status)
             except ValueError:
                 refused.append(
-                    Outcome(sent_id, AckCode.INVALID_ARGUMENT, f"tx: unknown status {ack.status}")
+                    StoreAck(sent_id, AckCode.INVALID_ARGUMENT, f"tx: unknown status {ack.status}")
                 )
                 continue
             decision = await self._transactions.decide_for(conn.group, message_id, status, source)
             if decision is TxDecision.DENIED:
                 refused.append(
-                    Outcome(
+                    StoreAck(
                         sent_id,
                         AckCode.PERMISSION_DENIED,
                         f"tx: group {conn.group!r} did not publish this message",
@@ -420,10 +420,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
 
     async def _publish_batch(
         self, batch: Sequence[common_pb2.Message], group: str, origin: Connection | None = None
-    ) -> list[Outcome]:
+    ) -> list[StoreAck]:
         if len(batch) > MAX_BATCH_MESSAGES:
             reason = f"batch of {len(batch)} messages exceeds {MAX_BATCH_MESSAGES}"
-            return [Outcome(m.header.messageId, AckCode.INVALID_ARGUMENT, reason) for m in batch]
+            return [StoreAck(m.header.messageId, AckCode.INVALID_ARGUMENT, reason) for m in batch]
         refused = _refused_in_batch(batch)
         if not refused:
             return await self._intake.publish(
@@ -497,24 +497,24 @@ def _receive_limit(announced: int) -> int:
     return min(max(announced, MIN_RECEIVE_BYTES), MAX_FRAME_BYTES)
 
 
-def _refused_in_batch(batch: Sequence[common_pb2.Message]) -> dict[int, Outcome]:
+def _refused_in_batch(batch: Sequence[common_pb2.Message]) -> dict[int, StoreAck]:
     """Messages of *batch* refused before intake, by position.
 
     Those past the batch's body budget (maxBatchBytes), and snappy ones.
     """
-    refused: dict[int, Outcome] = {}
+    refused: dict[int, StoreAck] = {}
     total = 0
     for i, m in enumerate(batch):
         total += len(m.body)
         if total > MAX_BATCH_BYTES:
-            refused[i] = Outcome(
+            refused[i] = StoreAck(
                 m.header.messageId,
                 AckCode.BATCH_TOO_LARGE,
                 f"the batch's bodies exceed maxBatchBytes ({MAX_BATCH_BYTES}); send it again",
             )
             total -= len(m.body)
         elif m.header.snappy:
-            refused[i] = Outcome(
+            refused[i] = StoreAck(
                 m.header.messageId,
                 AckCode.INVALID_ARGUMENT,
                 "snappy is not part of the protocol: nothing would decompress the body",

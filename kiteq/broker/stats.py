@@ -42,7 +42,7 @@ class StatsView:
             "kiteq": {
                 "goroutine": threading.active_count(),
                 "deliver_go": self._dispatcher.inflight,
-                "deliver_count": self._dispatcher.delivered,
+                "deliver_count": self._dispatcher.tally.delivered,
                 "recieve_count": self._intake.received,
                 "message_count": dict(self._backlog()),
                 "topics_deliver": {},

@@ -10,7 +10,7 @@ from typing import Final
 
 from kiteq.binding.model import Binding, BindType
 from kiteq.core.message import GroupState, Message, StoredMessage
-from kiteq.handler.connection import Outcome
+from kiteq.handler.connection import StoreAck
 from kiteq.proto.v1 import admin_pb2, broker_pb2, common_pb2
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 
@@ -178,7 +178,7 @@ def _split_delivery(record: StoredMessage, attempt: int, limit: int) -> list[byt
     return frames
 
 
-def store_acks_frame(outcomes: Sequence[Outcome]) -> bytes:
+def store_acks_frame(outcomes: Sequence[StoreAck]) -> bytes:
     """A serialized ``ServerFrame{storeAcks}``."""
     parts = []
     for outcome in outcomes:
@@ -228,7 +228,7 @@ def serialize_server_frame(frame: broker_pb2.ServerFrame | bytes) -> bytes:
     return frame if isinstance(frame, bytes) else frame.SerializeToString()
 
 
-def store_acks(outcomes: Iterable[Outcome]) -> list[broker_pb2.StoreAck]:
+def store_acks(outcomes: Iterable[StoreAck]) -> list[broker_pb2.StoreAck]:
     return [
         broker_pb2.StoreAck(
             messageId=o.message_id,

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from kiteq.broker import wire
 from kiteq.core.codes import AckCode, Disposition
 from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
-from kiteq.handler.connection import Outcome
+from kiteq.handler.connection import StoreAck
 from kiteq.proto.v1 import broker_pb2, common_pb2
 from kiteq.store.base import DeadLetter
 
@@ -87,7 +87,7 @@ def test_publisher_protobuf_gets_the_canonical_id_and_the_sessions_group() -> No
 def test_store_acks_frame_round_trips(
     items: list[tuple[str, AckCode, str, Disposition]],
 ) -> None:
-    outcomes = [Outcome(mid, code, feedback, how) for mid, code, feedback, how in items]
+    outcomes = [StoreAck(mid, code, feedback, how) for mid, code, feedback, how in items]
     frame = broker_pb2.ServerFrame.FromString(wire.store_acks_frame(outcomes))
     expected = broker_pb2.ServerFrame(
         storeAcks=broker_pb2.StoreAckBatch(acks=wire.store_acks(outcomes))

@@ -107,7 +107,7 @@ async def test_watermark_100_per_second_paces_the_group_without_using_attempts()
         delivered = sum(per_tick)
         assert abs(delivered - (50 + 100 * 3.9)) <= 10  # burst + 100/s over the remaining 3.9 s
         await b.settle()
-        assert b.dispatcher.flow_limited > 0
+        assert b.dispatcher.tally.flow_limited > 0
         left = [r for r in records if await b.store.get(r.message_id) is not None]
         assert len(left) == 500 - delivered  # nothing lost, nothing dead-lettered
         assert await b.store.list_dlq(DlqFilter(), 10) == []

@@ -90,7 +90,7 @@ async def test_dead_letters_are_counted_by_reason_and_kept_for_the_summary(
     harness.dispatcher.flush_metrics()
     labels = {"topic": "trade", "group": "acct", "reason": "deliver_limit"}
     assert value(metrics, "kiteq_dead_lettered_total", **labels) == 1
-    assert harness.dispatcher.dead_letter_summary == {"trade/acct/deliver_limit": 1}
+    assert harness.dispatcher.tally.dead_letter_summary == {"trade/acct/deliver_limit": 1}
 
 
 async def test_watermark_holds_are_counted_and_waiting_messages_show_in_the_gauges(

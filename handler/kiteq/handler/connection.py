@@ -1,8 +1,9 @@
 """Broker-side state of client sessions, independent of the transport.
 
-A ``Connection`` is one client stream. The dispatcher puts deliveries and store-acks on
-it; the transport (``kiteq.broker.service``) drains them in batches, so everything queued
-during one loop tick leaves in one frame.
+A ``Connection`` is one client stream: who it is (group, client id), its credit, its
+ledger of pushes awaiting acks, and its outbox. The dispatcher puts deliveries on it and
+the intake puts store-acks on it; the transport (``kiteq.broker.service``) drains them in
+batches, so everything queued during one loop tick leaves in one frame.
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ import asyncio
 import dataclasses
 import itertools
 import random
-from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from kiteq.core.codes import AckCode, Disposition
 from kiteq.core.message import StoredMessage
+from kiteq.handler.ledger import Ledger
 
-if TYPE_CHECKING:
-    from kiteq.handler.dispatch import Flight
-
-__all__ = ["Connection", "ConnectionTable", "Outcome", "Pending"]
+__all__ = ["Connection", "ConnectionTable", "StoreAck"]
 
 _ids = itertools.count(1)
 # A warming connection still gets this share, so a group of only warming connections
@@ -30,8 +27,8 @@ _MIN_WARM_SHARE = 0.01
 
 
 @dataclasses.dataclass(slots=True)
-class Outcome:
-    """The broker's answer to one published message (a store-ack)."""
+class StoreAck:
+    """The broker's answer to one published message: stored (OK) or refused, and why."""
 
     message_id: str
     code: AckCode
@@ -43,15 +40,6 @@ class Outcome:
         return self.code is AckCode.OK
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class Pending:
-    """One unacknowledged delivery on a connection."""
-
-    flight: Flight
-    deadline: float
-    attempt: int
-
-
 class Connection:
     """One client session: its identity, credits, in-flight deliveries and outbox."""
 
@@ -61,7 +49,6 @@ class Connection:
         "_deliveries",
         "client_id",
         "closed",
-        "expiry",
         "group",
         "id",
         "inflight",
@@ -90,15 +77,13 @@ class Connection:
         self.max_in_flight = max_in_flight
         self.warmup_seconds = warmup_seconds
         self.opened_at = opened_at
-        self.inflight: dict[str, Pending] = {}
-        # (deadline, message_id) in push order; deadlines only grow, so the head expires first
-        self.expiry: deque[tuple[float, str]] = deque()
+        self.inflight = Ledger()
         self.closed = False
         # the client paused its deliveries (a Flow frame): no credit until it resumes
         self.paused = False
         self.wake = asyncio.Event()
         self._deliveries: list[tuple[StoredMessage, int]] = []
-        self._acks: list[Outcome] = []
+        self._acks: list[StoreAck] = []
         self._checks: list[tuple[StoredMessage, int]] = []
 
     def __repr__(self) -> str:
@@ -129,7 +114,7 @@ class Connection:
         self._deliveries.append((record, attempt))
         self.wake.set()
 
-    def send_acks(self, outcomes: list[Outcome]) -> None:
+    def send_acks(self, outcomes: list[StoreAck]) -> None:
         self._acks.extend(outcomes)
         self.wake.set()
 
@@ -138,7 +123,7 @@ class Connection:
         self._checks.append((record, check))
         self.wake.set()
 
-    def drain(self) -> tuple[list[Outcome], list[tuple[StoredMessage, int]]]:
+    def drain(self) -> tuple[list[StoreAck], list[tuple[StoredMessage, int]]]:
         """Take the store-acks and deliveries queued for the client."""
         acks, deliveries = self._acks, self._deliveries
         self._acks, self._deliveries = [], []

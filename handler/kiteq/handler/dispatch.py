@@ -38,77 +38,27 @@ Everything here runs on the event loop and never awaits: store writes go through
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
-from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kiteq.core.clock import Clock
 from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
-from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS, redelivery_delay
+from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS
 from kiteq.handler.bookkeeper import Bookkeeper
-from kiteq.handler.connection import Connection, ConnectionTable, Pending
+from kiteq.handler.connection import Connection, ConnectionTable
+from kiteq.handler.flight import Flight, Pending, is_parked, parked_until
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
-from kiteq.store.base import DeadLetter
+from kiteq.handler.settlement import Settlement, bury
+from kiteq.handler.tally import DeliveryTally
 
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable, Route
     from kiteq.ops.metrics import BrokerMetrics
 
-logger = logging.getLogger(__name__)
-
 # waiting messages are keyed by (topic, group): each pair has its own watermark
 _Key = tuple[str, str]
-
-
-class Flight:
-    """A message being delivered: the groups still to settle in this round.
-
-    The per-group attempt counts and due times live in ``record.groups``; a flight only
-    holds what this round needs. A plain slotted class: one is made per message, so
-    construction cost matters.
-    """
-
-    __slots__ = (
-        "dead",
-        "deferred",
-        "dirty",
-        "due",
-        "durable",
-        "failed",
-        "on_done",
-        "parked",
-        "pending",
-        "record",
-    )
-
-    def __init__(
-        self,
-        record: StoredMessage,
-        durable: bool,
-        on_done: Callable[[Flight], None] | None = None,
-    ) -> None:
-        self.record = record
-        self.durable = durable
-        # deliveryFirst: one attempt per group, then the caller decides what to store
-        self.on_done = on_done
-        # the next_deliver_time the store holds for the record
-        self.due = record.next_deliver_time
-        # group -> persistent, for groups queued or in flight
-        self.pending: dict[str, bool] = {}
-        # groups whose round ended without an ack (their state says when they go on)
-        self.failed: set[str] = set()
-        # (group, reason) dead-lettered in this round; None until the first (rare)
-        self.dead: list[tuple[str, str]] | None = None
-        # a persistent group had no live connection: retry later without using an attempt
-        self.parked = False
-        # a pending group was not due yet (its own backoff window): not offered this round
-        self.deferred = False
-        # bookkeeping changed and must be written if the message is not deleted
-        self.dirty = False
 
 
 class Dispatcher:
@@ -128,14 +78,16 @@ class Dispatcher:
     ) -> None:
         self._bindings = bindings
         self._connections = connections
-        self._bookkeeper = bookkeeper
         self._history = history
         self._clock = clock
         self._timeout = delivery_timeout
         self._max_workers = max_workers
         self._no_binding_retention = no_binding_retention
         self._max_flights = max_flights
-        self._metrics = metrics
+        self.tally = DeliveryTally(metrics)
+        self._settlement = Settlement(
+            bindings=bindings, bookkeeper=bookkeeper, history=history, tally=self.tally
+        )
         self._flights: dict[str, Flight] = {}
         self._waiting: dict[_Key, deque[Flight]] = {}
         # (topic, group) -> watermark bucket; groups -> their waiting keys
@@ -152,39 +104,15 @@ class Dispatcher:
         self._paused = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.delivered = 0
-        self.redelivered = 0
-        self.dead_lettered = 0
-        self.flow_limited = 0
         # groups that got their first live consumer: the recover scan then reads the
         # messages parked for offline groups too (``parked_until``)
         self.arrivals = 0
-        # (topic, group, result) -> count, handed to metrics by ``flush_metrics``
-        self._tally: Counter[tuple[str, str, str]] = Counter()
-        self._retries: Counter[tuple[str, str]] = Counter()
-        self._held: Counter[tuple[str, str]] = Counter()
-        self._buried: Counter[tuple[str, str, str]] = Counter()
-        # body bytes pushed, handed to the metrics with the other counts (one int per push)
-        self._bytes_out = 0
-        # dead letters by "topic/group/reason" since the broker's last log summary
-        self.dead_letter_summary: Counter[str] = Counter()
-        # per-message latencies go straight into the metrics' list-based histograms: the
-        # series of each (topic, group) is looked up once, then one bisect and two adds
-        self._first_latency = metrics.first_delivery_latency if metrics is not None else None
-        self._ack_latency = metrics.ack_latency if metrics is not None else None
-        self._first_series: dict[_Key, list[float]] = {}
-        self._ack_series: dict[_Key, list[float]] = {}
-        self._latency_bounds = metrics.ack_latency.bounds if metrics is not None else ()
 
     # -- state -------------------------------------------------------------------------
 
     @property
     def inflight(self) -> int:
         return self._inflight
-
-    @property
-    def flights(self) -> int:
-        return len(self._flights)
 
     @property
     def has_room(self) -> bool:
@@ -228,7 +156,7 @@ class Dispatcher:
         flight = Flight(record, durable, on_done)
         routes = self._bindings.routes(message.topic, message.message_type)
         if message.expired_time <= now:
-            self._expired(flight, routes)
+            self._settlement.expired(flight, routes, now)
             return
         if not routes:
             flight.parked = True
@@ -237,8 +165,8 @@ class Dispatcher:
             elif record.groups or now - record.publish_time <= self._no_binding_retention:
                 pass  # no binding (yet): keep it due, never delete on arrival; nothing to write
             else:
-                self._bury(flight, "", "no_binding")
-                self._finish(flight)
+                bury(flight, "", "no_binding")
+                self._settlement.finish(flight, now)
             return
         self._flights[message.message_id] = flight
         self._admit(flight, routes)
@@ -282,7 +210,7 @@ class Dispatcher:
         self._stamp()
         stray = 0
         for message_id, ok in results:
-            pending = conn.inflight.pop(message_id, None)
+            pending = conn.inflight.take(message_id)
             if pending is None:
                 stray += 1
                 continue
@@ -301,14 +229,8 @@ class Dispatcher:
         deadline = self._mono + self._timeout
         stray = 0
         for message_id in message_ids:
-            pending = conn.inflight.get(message_id)
-            if pending is None:
+            if not conn.inflight.extend(message_id, deadline):
                 stray += 1
-                continue
-            pending.deadline = deadline
-            # the newest deadline is the latest one: the expiry queue stays in order, and
-            # the entry of the old deadline is skipped when it comes up
-            conn.expiry.append((deadline, message_id))
         return stray
 
     def flow(self, conn: Connection, paused: bool) -> None:
@@ -329,9 +251,7 @@ class Dispatcher:
         """*conn* is gone: its unacked deliveries fail and go to other connections."""
         self._stamp()
         self._connections.remove(conn)
-        lost = list(conn.inflight.values())
-        conn.inflight.clear()
-        conn.expiry.clear()
+        lost = conn.inflight.clear()
         self._released(len(lost))
         for pending in lost:
             self._settle(pending, conn, False, "disconnected")
@@ -342,21 +262,14 @@ class Dispatcher:
     def expire(self) -> int:
         """Fail deliveries whose ack did not come within the timeout; returns how many."""
         self._stamp()
-        now = self._mono
         expired = 0
         for conn in self._connections.consumers():
-            queue = conn.expiry
-            before = expired
-            while queue and queue[0][0] <= now:
-                deadline, message_id = queue.popleft()
-                pending = conn.inflight.get(message_id)
-                if pending is None or pending.deadline != deadline:
-                    continue
-                del conn.inflight[message_id]
-                self._released(1)
-                expired += 1
-                self._settle(pending, conn, False, "timeout")
-            if expired > before:
+            lost = conn.inflight.expired(self._mono)
+            if lost:
+                self._released(len(lost))
+                expired += len(lost)
+                for pending in lost:
+                    self._settle(pending, conn, False, "timeout")
                 self._pump_released(conn.group)
         return expired
 
@@ -370,29 +283,8 @@ class Dispatcher:
         await self._idle.wait()
 
     def flush_metrics(self) -> None:
-        """Hand the counts gathered since the last call to the metrics.
-
-        One update per label set instead of one per message.
-        """
-        metrics = self._metrics
-        if metrics is not None:
-            for (topic, group, result), n in self._tally.items():
-                metrics.delivered(topic, group, result, n)
-            for (topic, group), n in self._retries.items():
-                metrics.redelivered(topic, group, n)
-            for (topic, group), n in self._held.items():
-                metrics.flow_limited(topic, group, n)
-            for (topic, group, reason), n in self._buried.items():
-                metrics.dead_lettered(topic, group, reason, n)
-            if self._bytes_out:
-                metrics.delivered_bytes(self._bytes_out)
-        for (topic, group, reason), n in self._buried.items():
-            self.dead_letter_summary[f"{topic}/{group or '-'}/{reason}"] += n
-        self._tally.clear()
-        self._retries.clear()
-        self._held.clear()
-        self._buried.clear()
-        self._bytes_out = 0
+        """Hand the counts gathered since the last call to the metrics."""
+        self.tally.flush()
 
     def group_gauges(
         self,
@@ -406,7 +298,7 @@ class Dispatcher:
         unacked: Counter[_Key] = Counter()
         oldest: dict[_Key, float] = {}
         for conn in self._connections.consumers():
-            for pending in conn.inflight.values():
+            for pending in conn.inflight:
                 record = pending.flight.record
                 key = (record.message.topic, conn.group)
                 unacked[key] += 1
@@ -428,19 +320,11 @@ class Dispatcher:
         Acks already received are then not redelivered after a restart. Returns how many.
         """
         self._stamp()
-        flights = [f for f in self._flights.values() if f.dirty and f.durable]
-        for flight in flights:
-            _sync_count(flight.record)
-            if flight.dead:
-                # groups dead-lettered while others were in flight: their letters and the
-                # state go together, or the groups would be dead with no letter
-                self._dead_letter(flight, flight.dead, self._now, keep=True)
-            else:
-                self._bookkeeper.reschedule(flight.record, flight.due)
+        written = self._settlement.checkpoint(list(self._flights.values()), self._now)
         self._flights.clear()
         self._waiting.clear()
         self._keys_of.clear()
-        return len(flights)
+        return written
 
     # -- internals ---------------------------------------------------------------------
 
@@ -479,9 +363,9 @@ class Dispatcher:
                     if state.state is not GroupState.PENDING:
                         continue
                     if state.attempts >= limit:
-                        self._bury(flight, group, "deliver_limit")
+                        bury(flight, group, "deliver_limit")
                         continue
-                    if state.next_deliver_time > now and not _parked(record, state):
+                    if state.next_deliver_time > now and not is_parked(record, state):
                         flight.deferred = True
                         continue
             flight.pending[group] = route.persistent
@@ -505,36 +389,6 @@ class Dispatcher:
         self._admit(flight, routes)
         self._maybe_finish(flight)
 
-    def _expired(self, flight: Flight, routes: Sequence[Route]) -> None:
-        """Dead-letter an expired message for every group that had not acked it.
-
-        That includes bound groups never attempted; a message no group was ever bound to
-        gets one letter with no group.
-        """
-        record = flight.record
-        names = {route.group for route in routes}
-        names.update(g for g, d in record.groups.items() if d.state is GroupState.PENDING)
-        unsettled = sorted(g for g in names if not record.settled(g))
-        if unsettled:
-            for group in unsettled:
-                self._bury(flight, group, "expired")
-        elif not names:
-            self._bury(flight, "", "expired")
-        self._finish(flight)
-
-    def _bury(self, flight: Flight, group: str, reason: str) -> None:
-        """Dead-letter the message for *group*; the letter is written when the round ends."""
-        if flight.dead is None:
-            flight.dead = []
-        flight.dead.append((group, reason))
-        flight.dirty = True
-        if group:
-            state = flight.record.groups.get(group)
-            if state is None:
-                flight.record.groups[group] = GroupDelivery(GroupState.DEAD)
-            else:
-                state.state = GroupState.DEAD
-
     def _offer(self, flight: Flight, group: str, exclude: Connection | None) -> None:
         if not self._connections.has_consumers(group):
             self._unreachable(flight, group)
@@ -549,8 +403,7 @@ class Dispatcher:
                     if bucket is None or bucket.take(1):
                         self._push(flight, group, conn)
                         return
-                    self.flow_limited += 1
-                    self._held[key] += 1
+                    self.tally.held(*key)
             else:
                 self._starved = True
         if queue is None:
@@ -600,27 +453,15 @@ class Dispatcher:
             attempt = state.attempts + 1
             state.attempts = attempt
         flight.dirty = True
-        deadline = self._mono + self._timeout
-        message_id = record.message_id
-        conn.inflight[message_id] = Pending(flight, deadline, attempt)
-        conn.expiry.append((deadline, message_id))
+        conn.inflight.add(flight, self._mono + self._timeout, attempt)
         self._inflight += 1
         self._idle.clear()
-        topic = record.message.topic
-        if attempt > 1:
-            self.redelivered += 1
-            self._retries[topic, group] += 1
-        elif self._first_latency is not None:
-            key = (topic, group)
-            series = self._first_series.get(key)
-            if series is None:
-                series = self._first_series[key] = self._first_latency.series(key)
-            waited = self._now - record.publish_time
-            series[bisect_left(self._latency_bounds, waited)] += 1
-            series[-1] += waited
-        self._bytes_out += len(record.message.body)
+        message = record.message
+        self.tally.pushed(
+            message.topic, group, attempt, self._now - record.publish_time, len(message.body)
+        )
         self._history.record(
-            message_id,
+            record.message_id,
             self._now,
             "delivered",
             group=group,
@@ -635,7 +476,8 @@ class Dispatcher:
         flight = pending.flight
         group = conn.group
         record = flight.record
-        self._tally[record.message.topic, group, result] += 1
+        topic = record.message.topic
+        self.tally.result(topic, group, result)
         self._history.record(
             record.message_id,
             self._now,
@@ -648,15 +490,7 @@ class Dispatcher:
             return
         state = record.groups[group]
         if ok:
-            self.delivered += 1
-            if self._ack_latency is not None:
-                key = (record.message.topic, group)
-                series = self._ack_series.get(key)
-                if series is None:
-                    series = self._ack_series[key] = self._ack_latency.series(key)
-                took = self._mono - pending.deadline + self._timeout
-                series[bisect_left(self._latency_bounds, took)] += 1
-                series[-1] += took
+            self.tally.acked(topic, group, self._mono - pending.deadline + self._timeout)
             del flight.pending[group]
             state.state = GroupState.ACKED
         elif (
@@ -671,115 +505,14 @@ class Dispatcher:
             del flight.pending[group]
             flight.failed.add(group)
             if flight.on_done is None:
-                self._round_failed(flight, group, state, delay)
+                self._settlement.round_failed(flight, group, state, self._now, delay)
         self._maybe_finish(flight)
-
-    def _round_failed(
-        self, flight: Flight, group: str, state: GroupDelivery, delay: float = 0.0
-    ) -> None:
-        """*group* used its immediate attempts or asked for *delay*: a window, or a letter.
-
-        The window is the later of *delay* and the group's own backoff.
-        """
-        record = flight.record
-        message = record.message
-        now = self._now
-        if state.attempts >= message.deliver_limit:
-            self._bury(flight, group, "deliver_limit")
-            return
-        due = now + max(delay, redelivery_delay(state.attempts))
-        if due >= message.expired_time:
-            # the group's next window opens after the expiry: it can never have it
-            self._bury(flight, group, "expired")
-            return
-        state.next_deliver_time = due
-        if flight.durable:
-            self._history.record(
-                record.message_id,
-                now,
-                "rescheduled",
-                group=group,
-                attempt=state.attempts,
-                detail=f"next attempt after {due - now:.0f}s",
-            )
-            self._history.keep(record.message_id)
 
     def _maybe_finish(self, flight: Flight) -> None:
         if not flight.pending:
             if self._flights.get(flight.record.message_id) is flight:
                 del self._flights[flight.record.message_id]
-            self._finish(flight)
-
-    def _finish(self, flight: Flight) -> None:
-        record = flight.record
-        if flight.on_done is not None:
-            _sync_count(record)
-            flight.on_done(flight)
-            return
-        if not flight.durable:
-            if flight.failed or flight.parked or flight.dead:
-                logger.warning(
-                    "fly message not delivered to every group id=%s failed=%s dead=%s",
-                    record.message_id,
-                    sorted(flight.failed),
-                    flight.dead or [],
-                )
-            return
-        if not (flight.failed or flight.parked or flight.deferred or flight.dead):
-            # the common case: every group this round was for acked, none is waiting
-            self._bookkeeper.delete(record)
-            return
-        now = self._now
-        message = record.message
-        # the message-level due time: the earliest of its pending bound groups (a group
-        # without state, e.g. parked before its first push, is due at once)
-        due = math.inf
-        for route in self._bindings.routes(message.topic, message.message_type):
-            group = route.group
-            if record.settled(group):
-                continue
-            state = record.groups.get(group)
-            group_due = 0.0 if state is None else state.next_deliver_time
-            due = min(due, group_due)
-        keep = due != math.inf
-        # a group due already keeps the message's place in the due order
-        next_due = due if due > now else min(record.next_deliver_time, now)
-        _sync_count(record)
-        if flight.dead:
-            if keep:
-                record.next_deliver_time = next_due
-            self._dead_letter(flight, flight.dead, now, keep)
-            return
-        if not keep:
-            self._bookkeeper.delete(record)
-            return
-        if not flight.dirty and next_due == flight.due:
-            return  # parked and unchanged: the store already has it so; nothing to write
-        record.next_deliver_time = next_due
-        self._bookkeeper.reschedule(record, flight.due)
-
-    def _dead_letter(
-        self, flight: Flight, dead: list[tuple[str, str]], now: float, keep: bool
-    ) -> None:
-        record = flight.record
-        letters = []
-        for group, reason in dead:
-            self.dead_lettered += 1
-            # counted and summarised periodically (kiteq.broker.logs), not a line each
-            self._buried[record.topic, group, reason] += 1
-            logger.debug(
-                "dead letter id=%s topic=%s group=%s reason=%s",
-                record.message_id,
-                record.topic,
-                group,
-                reason,
-            )
-            self._history.record(
-                record.message_id, now, "dead_lettered", group=group, detail=reason
-            )
-            letters.append(DeadLetter(record, reason, now, group=group, keep=keep))
-        self._history.keep(record.message_id)
-        self._bookkeeper.dead_letter(letters)
+            self._settlement.finish(flight, self._now)
 
     def _pump_released(self, group: str) -> None:
         """Workers were released by *group*: pump it, and every group if one waited for them."""
@@ -846,31 +579,6 @@ class Dispatcher:
                 ):
                     self._unreachable(flight, group)
                     self._maybe_finish(flight)
-
-
-def parked_until(record: StoredMessage) -> float:
-    """The due time of a group parked offline: the message's expiry.
-
-    A backoff window never ends there (``_round_failed`` dead-letters such a group), so
-    this time marks the group as parked: due whenever it has a live consumer.
-    """
-    return float(record.message.expired_time)
-
-
-def _parked(record: StoredMessage, state: GroupDelivery) -> bool:
-    return state.next_deliver_time == record.message.expired_time
-
-
-def has_parked(record: StoredMessage) -> bool:
-    """True when a pending group of *record* is parked (waits for a live consumer)."""
-    return any(s.state is GroupState.PENDING and _parked(record, s) for s in record.groups.values())
-
-
-def _sync_count(record: StoredMessage) -> None:
-    """KiteQ's deliver_count column: the highest attempt count of any group."""
-    for state in record.groups.values():
-        if state.attempts > record.deliver_count:
-            record.deliver_count = state.attempts
 
 
 _RESULT_EVENTS = {

@@ -26,8 +26,9 @@ from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicError
 from kiteq.core.limits import normalize
 from kiteq.core.message import Message, StoredMessage
-from kiteq.handler.connection import Connection, Outcome
-from kiteq.handler.dispatch import Dispatcher, Flight
+from kiteq.handler.connection import Connection, StoreAck
+from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.flight import Flight
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
 from kiteq.handler.transactions import TxManager
@@ -99,7 +100,7 @@ class Intake:
         group: str,
         wires: Sequence[object] | None = None,
         origin: Connection | None = None,
-    ) -> list[Outcome]:
+    ) -> list[StoreAck]:
         """Accept a batch that *group* (the authenticated session's) publishes.
 
         Returns one outcome per message, in order. *wires*, when given, are the
@@ -121,12 +122,12 @@ class Intake:
         group: str,
         wires: Sequence[object] | None,
         origin: Connection | None,
-    ) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(messages)
+    ) -> list[StoreAck]:
+        outcomes: list[StoreAck | None] = [None] * len(messages)
         if not self._accepting:
             return self._count(
                 [
-                    Outcome(m.message_id, AckCode.NOT_SERVING, "broker is shutting down")
+                    StoreAck(m.message_id, AckCode.NOT_SERVING, "broker is shutting down")
                     for m in messages
                 ],
                 messages,
@@ -138,13 +139,13 @@ class Intake:
         fly: list[StoredMessage] = []
         for i, raw in enumerate(messages):
             if i >= granted:
-                outcomes[i] = Outcome(
+                outcomes[i] = StoreAck(
                     raw.message_id, AckCode.OVERFLOW, "receive rate exceeded; retry later"
                 )
                 continue
             if raw.group_id != group:
                 if raw.group_id:
-                    outcomes[i] = Outcome(
+                    outcomes[i] = StoreAck(
                         raw.message_id,
                         AckCode.PERMISSION_DENIED,
                         f"a session of group {group!r} cannot publish for group "
@@ -160,7 +161,7 @@ class Intake:
                     )
                 self._config.acl.check_publish(group, message.topic, raw.message_id)
             except MessageRejectedError as exc:
-                outcomes[i] = Outcome(raw.message_id, code_for(exc), exc.reason)
+                outcomes[i] = StoreAck(raw.message_id, code_for(exc), exc.reason)
                 continue
             record = StoredMessage(
                 message,
@@ -171,7 +172,7 @@ class Intake:
                 wire=None if wires is None else wires[i],
             )
             if message.fly:
-                outcomes[i] = Outcome(
+                outcomes[i] = StoreAck(
                     raw.message_id, AckCode.OK, "fly: not stored", Disposition.FLY
                 )
                 fly.append(record)
@@ -196,7 +197,7 @@ class Intake:
         self,
         records: list[StoredMessage],
         positions: list[int],
-        outcomes: list[Outcome | None],
+        outcomes: list[StoreAck | None],
         messages: Sequence[Message],
     ) -> tuple[list[StoredMessage], list[int]]:
         """deliveryFirst: push before storing; return what still has to be stored.
@@ -225,7 +226,7 @@ class Intake:
         for i, record, wait in zip(positions, records, waits, strict=True):
             flight = wait.result() if wait.done() else None
             if flight is not None and not flight.failed and not flight.parked:
-                outcomes[i] = Outcome(
+                outcomes[i] = StoreAck(
                     messages[i].message_id,
                     AckCode.OK,
                     "delivered before storing",
@@ -245,7 +246,7 @@ class Intake:
         self,
         records: list[StoredMessage],
         positions: list[int],
-        outcomes: list[Outcome | None],
+        outcomes: list[StoreAck | None],
         messages: Sequence[Message],
         origin: Connection | None,
     ) -> None:
@@ -256,7 +257,7 @@ class Intake:
             logger.exception("store save failed for %d messages", len(records))
             code = code_for(exc)
             for i in positions:
-                outcomes[i] = Outcome(messages[i].message_id, code, str(exc))
+                outcomes[i] = StoreAck(messages[i].message_id, code, str(exc))
             return
         if self._metrics is not None:
             done = self._clock.monotonic()
@@ -271,7 +272,7 @@ class Intake:
         for i, record, result in zip(positions, records, results, strict=True):
             sent_id = messages[i].message_id
             if result is Saved.STORED:
-                outcomes[i] = Outcome(sent_id, AckCode.OK, "", Disposition.STORED)
+                outcomes[i] = StoreAck(sent_id, AckCode.OK, "", Disposition.STORED)
                 self._history.record(
                     record.message_id,
                     record.publish_time,
@@ -285,13 +286,13 @@ class Intake:
                 elif not self._config.delivery_first and self._dispatcher.has_room:
                     self._dispatcher.submit(record)
             elif result is Saved.DUPLICATE:
-                outcomes[i] = Outcome(
+                outcomes[i] = StoreAck(
                     sent_id, AckCode.OK, "duplicate: already stored", Disposition.DUPLICATE
                 )
             else:
-                outcomes[i] = Outcome(sent_id, code_for(result), str(result))
+                outcomes[i] = StoreAck(sent_id, code_for(result), str(result))
 
-    def _count(self, outcomes: list[Outcome], messages: Sequence[Message]) -> list[Outcome]:
+    def _count(self, outcomes: list[StoreAck], messages: Sequence[Message]) -> list[StoreAck]:
         ok = sum(1 for o in outcomes if o.ok)
         self.received += ok
         self.rejected += len(outcomes) - ok

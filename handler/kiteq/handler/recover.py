@@ -7,7 +7,7 @@ due index has one time per message (its earliest pending group); the dispatcher 
 each message only to the groups that are due.
 
 A message parked for a persistent group that has no live consumer is due at its expiry
-(``dispatch.parked_until``): the periodic scan reads only what is due, so an offline
+(``flight.parked_until``): the periodic scan reads only what is due, so an offline
 group's backlog costs nothing while it is away. The scan after a group gets its first
 consumer, after a wake (a binding changed) and the first scan after a start read every
 stored message, parked ones included, until one of them gets through the whole index.
@@ -22,7 +22,8 @@ from typing import Final
 
 from kiteq.core.clock import Clock
 from kiteq.handler.bookkeeper import Bookkeeper
-from kiteq.handler.dispatch import Dispatcher, has_parked
+from kiteq.handler.dispatch import Dispatcher
+from kiteq.handler.flight import has_parked
 from kiteq.store.base import DueCursor, MessageStore
 
 logger = logging.getLogger(__name__)

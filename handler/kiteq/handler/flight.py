@@ -1,0 +1,105 @@
+"""A message being delivered (``Flight``) and one push of it awaiting its ack (``Pending``).
+
+These are the records the delivery stations pass between them: the dispatcher makes a
+flight per message and a ``Pending`` per push, a connection's ledger holds the pushes,
+settlement decides what the store keeps when the flight's round ends.
+
+Also the convention for a group parked offline: its due time is the message's expiry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
+
+__all__ = ["Flight", "Pending", "has_parked", "is_parked", "parked_until", "sync_count"]
+
+
+class Flight:
+    """A message being delivered: the groups still to settle in this round.
+
+    The per-group attempt counts and due times live in ``record.groups``; a flight only
+    holds what this round needs. A plain slotted class: one is made per message, so
+    construction cost matters.
+    """
+
+    __slots__ = (
+        "dead",
+        "deferred",
+        "dirty",
+        "due",
+        "durable",
+        "failed",
+        "on_done",
+        "parked",
+        "pending",
+        "record",
+    )
+
+    def __init__(
+        self,
+        record: StoredMessage,
+        durable: bool,
+        on_done: Callable[[Flight], None] | None = None,
+    ) -> None:
+        self.record = record
+        self.durable = durable
+        # deliveryFirst: one attempt per group, then the caller decides what to store
+        self.on_done = on_done
+        # the next_deliver_time the store holds for the record
+        self.due = record.next_deliver_time
+        # group -> persistent, for groups queued or in flight
+        self.pending: dict[str, bool] = {}
+        # groups whose round ended without an ack (their state says when they go on)
+        self.failed: set[str] = set()
+        # (group, reason) dead-lettered in this round; None until the first (rare)
+        self.dead: list[tuple[str, str]] | None = None
+        # a persistent group had no live connection: retry later without using an attempt
+        self.parked = False
+        # a pending group was not due yet (its own backoff window): not offered this round
+        self.deferred = False
+        # bookkeeping changed and must be written if the message is not deleted
+        self.dirty = False
+
+    @property
+    def settled_cleanly(self) -> bool:
+        """Every group of this round acked and none waits: the message can be deleted."""
+        return not (self.failed or self.parked or self.deferred or self.dead)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Pending:
+    """One push of a flight to one connection, awaiting the client's ack."""
+
+    flight: Flight
+    deadline: float
+    attempt: int
+
+
+def parked_until(record: StoredMessage) -> float:
+    """The due time of a group parked offline: the message's expiry.
+
+    A backoff window never ends there (settlement dead-letters such a group), so this time
+    marks the group as parked: due whenever it has a live consumer.
+    """
+    return float(record.message.expired_time)
+
+
+def is_parked(record: StoredMessage, state: GroupDelivery) -> bool:
+    return state.next_deliver_time == record.message.expired_time
+
+
+def has_parked(record: StoredMessage) -> bool:
+    """True when a pending group of *record* is parked (waits for a live consumer)."""
+    return any(
+        s.state is GroupState.PENDING and is_parked(record, s) for s in record.groups.values()
+    )
+
+
+def sync_count(record: StoredMessage) -> None:
+    """KiteQ's deliver_count column: the highest attempt count of any group."""
+    for state in record.groups.values():
+        if state.attempts > record.deliver_count:
+            record.deliver_count = state.attempts
