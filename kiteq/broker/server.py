@@ -53,14 +53,8 @@ from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import MAX_FRAME_BYTES
 from kiteq.core.tls import ServerTls, TlsMode, load_server_tls
-from kiteq.handler.bookkeeper import Bookkeeper
-from kiteq.handler.connection import ConnectionTable
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.history import History
-from kiteq.handler.intake import Intake
-from kiteq.handler.recover import RecoverLoop
+from kiteq.handler.core import BrokerCore
 from kiteq.handler.takeover import TakeoverLoop, store_identity
-from kiteq.handler.transactions import TxManager
 from kiteq.ops.health import Component, HealthReport
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
@@ -71,8 +65,6 @@ from kiteq.store.url import mysql_options, open_store
 logger = logging.getLogger(__name__)
 
 VERSION: Final = "0.1.0"
-# deliveries time out, and watermark buckets release waiting messages, at this pace
-_EXPIRY_TICK: Final = 0.1
 _STATS_TICK: Final = 5.0
 _HISTORY_PRUNE_PERIOD: Final = 3600.0
 # per-message events (dead letters, refused messages) are logged as one summary per period
@@ -213,6 +205,7 @@ class Broker:
         self._backlog: dict[str, int] = {}
         self._dead_letters: dict[tuple[str, str], int] = {}
         self._takeover: TakeoverLoop | None = None
+        self._core: BrokerCore | None = None
         # health: registration done; the last successful periodic store read (monotonic)
         self._registered = False
         self._store_ok_at: float | None = None
@@ -270,51 +263,19 @@ class Broker:
         self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
         self._bindings = bindings
-        self._connections = connections = ConnectionTable()
-        self._bookkeeper = bookkeeper = Bookkeeper(store)
-        self._history = history = History(bookkeeper.history)
-        self._dispatcher = dispatcher = Dispatcher(
-            bindings=bindings,
-            connections=connections,
-            bookkeeper=bookkeeper,
-            history=history,
-            clock=self._clock,
-            delivery_timeout=config.delivery_seconds,
-            max_workers=config.max_deliver_workers,
-            no_binding_retention=config.no_binding_retention_seconds,
-            metrics=self.metrics,
-        )
-        self._recover = recover = RecoverLoop(
-            store=store,
-            dispatcher=dispatcher,
-            bookkeeper=bookkeeper,
-            clock=self._clock,
-            period=config.recover_seconds,
-        )
-        bindings.add_listener(lambda _topic, _group: recover.wake())
-        self._transactions = transactions = TxManager(
-            store=store,
-            dispatcher=dispatcher,
-            connections=connections,
-            bookkeeper=bookkeeper,
-            history=history,
-            clock=self._clock,
-            check_delay=config.tx_check_delay_seconds,
-            check_interval=config.tx_check_interval_seconds,
-            check_max=config.tx_check_max,
-        )
-        await transactions.load()
-        self._intake = intake = Intake(
+        self._core = core = BrokerCore(
             config=config,
             store=store,
-            dispatcher=dispatcher,
-            transactions=transactions,
-            history=history,
+            bindings=bindings,
             clock=self._clock,
             server_name=self.owner,
             metrics=self.metrics,
-            routes=bindings,
         )
+        await core.load()
+        connections, dispatcher, intake = core.connections, core.dispatcher, core.intake
+        recover, transactions, history = core.recover, core.transactions, core.history
+        self._connections, self._dispatcher, self._intake = connections, dispatcher, intake
+        self._recover, self._transactions = recover, transactions
         add_broker_service(
             BrokerService(
                 config=config,
@@ -358,10 +319,8 @@ class Broker:
         await server.start()
         for name in ("", services[0], services[1]):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._spawn("bookkeeper", bookkeeper.run)
-        self._spawn("recover", recover.run)
-        self._spawn("transactions", transactions.run)
-        self._spawn("expiry", self._expiry_loop)
+        for name, loop in core.loops().items():
+            self._spawn(name, loop)
         self._spawn("stats", self._stats_loop)
         self._spawn("history", self._history_loop)
         self._spawn("summaries", self._summary_loop)
@@ -438,7 +397,9 @@ class Broker:
         """
         if self._failure is not None:
             broker = Component.DOWN
-        elif self._stopping.is_set() or (hasattr(self, "_intake") and not self._intake.accepting):
+        elif self._stopping.is_set() or (
+            self._core is not None and not self._core.intake.accepting
+        ):
             broker = Component.DRAINING
         elif not self._registered:
             broker = Component.STARTING
@@ -499,13 +460,6 @@ class Broker:
                 self._stopping.set()
 
         task.add_done_callback(done)
-
-    async def _expiry_loop(self) -> None:
-        while True:
-            await asyncio.sleep(_EXPIRY_TICK)
-            self._dispatcher.expire()
-            self._dispatcher.tick()
-            self._dispatcher.flush_metrics()
 
     async def _stats_loop(self) -> None:
         while True:
@@ -622,7 +576,8 @@ class Broker:
         logger.info("stopping: refusing new publishes, draining")
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if hasattr(self, "_intake"):
+        core = self._core
+        if core is not None:
             self._intake.stop_accepting()
             await self._drain(self._intake.drained(), grace)
             self._dispatcher.pause()
@@ -631,12 +586,12 @@ class Broker:
             await self._server.stop(1.0)
         if self._ops is not None:
             await self._ops.stop()
-        if hasattr(self, "_dispatcher"):
+        if core is not None:
             saved = self._dispatcher.checkpoint()
             if saved:
                 logger.info("saved bookkeeping of %d messages still in memory", saved)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._bookkeeper.flushed(), grace)
+                await asyncio.wait_for(core.flushed(), grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,25 +1,26 @@
-"""A broker without the network: real store, bookkeeper, dispatcher and recover scan,
-consumer connections driven by the test, time from a ManualClock."""
+"""A broker without the network: the broker's own ``BrokerCore`` (real store, bookkeeper,
+dispatcher, recover scan, transactions, intake), consumer connections driven by the test,
+time from a ManualClock."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
 from kiteq.core.clock import ManualClock
+from kiteq.core.config import load_cluster
 from kiteq.core.message import Message, StoredMessage
-from kiteq.handler.bookkeeper import Bookkeeper
-from kiteq.handler.connection import Connection, ConnectionTable
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.history import History
-from kiteq.handler.recover import RecoverLoop
-from kiteq.handler.transactions import TxManager
+from kiteq.handler.connection import Connection
+from kiteq.handler.core import BrokerCore
 from kiteq.store.base import Saved
 from kiteq.store.memory import MemoryStore
 
 NOW = 1_700_000_000.0
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "cluster.toml"
 
 
 class Broker:
@@ -34,38 +35,30 @@ class Broker:
     ) -> None:
         self.clock = ManualClock(NOW)
         self.table = BindingTable()
-        self.connections = ConnectionTable()
         self.store = store or MemoryStore(maxcap=100_000)
-        self.bookkeeper = Bookkeeper(self.store)
-        self.history = History(self.bookkeeper.history)
-        self.dispatcher = Dispatcher(
+        config = dataclasses.replace(
+            load_cluster(CONFIG, "memory_dev"),
+            delivery_seconds=timeout,
+            max_deliver_workers=max_workers,
+            no_binding_retention_seconds=retention,
+            recover_seconds=10,
+            tx_check_delay_seconds=6,
+            tx_check_interval_seconds=30,
+            tx_check_max=check_max,
+        )
+        self.core = BrokerCore(
+            config=config,
+            store=self.store,
             bindings=self.table,
-            connections=self.connections,
-            bookkeeper=self.bookkeeper,
-            history=self.history,
             clock=self.clock,
-            delivery_timeout=timeout,
-            max_workers=max_workers,
-            no_binding_retention=retention,
+            server_name="harness",
         )
-        self.tx = TxManager(
-            store=self.store,
-            dispatcher=self.dispatcher,
-            connections=self.connections,
-            bookkeeper=self.bookkeeper,
-            history=self.history,
-            clock=self.clock,
-            check_delay=6,
-            check_interval=30,
-            check_max=check_max,
-        )
-        self.recover = RecoverLoop(
-            store=self.store,
-            dispatcher=self.dispatcher,
-            bookkeeper=self.bookkeeper,
-            clock=self.clock,
-            period=10,
-        )
+        self.connections = self.core.connections
+        self.bookkeeper = self.core.bookkeeper
+        self.history = self.core.history
+        self.dispatcher = self.core.dispatcher
+        self.tx = self.core.transactions
+        self.recover = self.core.recover
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Broker:
