@@ -49,7 +49,7 @@ from kiteq.broker.service import (
 )
 from kiteq.broker.stats import StatsView
 from kiteq.core.clock import Clock, SystemClock
-from kiteq.core.config import ClusterConfig
+from kiteq.core.config import CLUSTER_DEFAULTS, ClusterConfig
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import MAX_FRAME_BYTES
 from kiteq.core.tls import ServerTls, TlsMode, load_server_tls
@@ -240,6 +240,13 @@ class Broker:
             ) from exc
         self.advertised = advertised_address(self._bind_host, self.port)
         self._warn_unprotected()
+        for key in config.ignored:
+            logger.warning(
+                "clusters.%s.%s: accepted for KiteQ compatibility and ignored (%s)",
+                config.name,
+                key,
+                CLUSTER_DEFAULTS[key][1],
+            )
         store_url, self.owner, derived = owned_store_url(config.db, self.advertised)
         self._store = store = open_store(store_url)
         await store.open()

@@ -33,12 +33,15 @@ from kiteq.core.params import Params
 __all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster", "read_secret_file"]
 
 ANY_TOPIC: Final = "*"
+# KiteQ keys accepted for compatibility that change nothing here
+IGNORED_KEYS: Final = ("dlqExecHour",)
 EMBEDDED_REGISTRY: Final = "embedded://"
 DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC: Final = 1000
 # the wire format's own bound on a regex binding (kiteq.binding.model.MAX_PATTERN_CHARS)
 MAX_PATTERN_LENGTH: Final = 256
 
-# key: (default, documentation). The README's table is generated from the same words.
+# key: (default, documentation). The README's table lists the same keys and defaults
+# (tests/core/test_config.py checks that they agree).
 CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
     {
         "env": ("", "registry environment: picks [registry.<env>]; empty = embedded registry"),
@@ -62,7 +65,11 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "txCheckIntervalSeconds": (30, "period of the following checks"),
         "txCheckMax": (15, "checks before an undecided message is parked as unresolved"),
         "recievePermitsPerSecond": (100000, "broker-wide publish rate (KiteQ's spelling)"),
-        "dlqExecHour": (2, "hour of day (0-23) of the daily dead-letter sweep"),
+        "dlqExecHour": (
+            2,
+            "KiteQ's daily dead-letter sweep hour (0-23): accepted and ignored, with a warning "
+            "at start-up; messages move to the dead-letter queue as soon as they are found",
+        ),
         "deliveryFirst": (False, "push before storing; store only on failure"),
         "acceptAnySecret": (False, "accept any group secret (development clusters only)"),
         "secrets": ({}, 'per-group secrets: {group = "secret"} (or "sha256:<hex>")'),
@@ -130,7 +137,8 @@ class ClusterConfig:
     tx_check_interval_seconds: float
     tx_check_max: int
     recieve_permits_per_second: int
-    dlq_exec_hour: int
+    # keys set in the file that KiteQ knows and this broker ignores (warned at start-up)
+    ignored: tuple[str, ...]
     delivery_first: bool
     accept_any_secret: bool
     secrets: Mapping[str, str]
@@ -252,7 +260,9 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
     if "://" not in db:
         raise ConfigError(f"{prefix}.db: expected a store URL like rocksdb://./db/x, got {db!r}")
 
-    dlq_hour = params.integer("dlqExecHour", default("dlqExecHour"), low=0, high=23)
+    # validated as KiteQ does, then ignored: the dead-letter queue has no daily sweep here
+    params.integer("dlqExecHour", default("dlqExecHour"), low=0, high=23)
+    ignored = tuple(key for key in IGNORED_KEYS if key in section)
 
     secrets: dict[str, str] = {}
     for group, secret in params.table("secrets", default("secrets")).items():
@@ -279,7 +289,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         tx_check_interval_seconds=seconds("txCheckIntervalSeconds"),
         tx_check_max=count("txCheckMax"),
         recieve_permits_per_second=count("recievePermitsPerSecond"),
-        dlq_exec_hour=dlq_hour,
+        ignored=ignored,
         delivery_first=flag("deliveryFirst"),
         accept_any_secret=flag("acceptAnySecret"),
         secrets=MappingProxyType(secrets),

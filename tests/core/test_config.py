@@ -41,7 +41,7 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "txCheckIntervalSeconds": ("tx_check_interval_seconds", 30.0),
     "txCheckMax": ("tx_check_max", 15),
     "recievePermitsPerSecond": ("recieve_permits_per_second", 100000),
-    "dlqExecHour": ("dlq_exec_hour", 2),
+    "dlqExecHour": ("ignored", ()),
     "deliveryFirst": ("delivery_first", False),
     "acceptAnySecret": ("accept_any_secret", False),
     "secrets": ("secrets", {}),
@@ -111,7 +111,7 @@ pay-svc = "s3cret"
     assert config.max_deliver_workers == 10
     assert config.recover_seconds == 60.0
     assert config.recieve_permits_per_second == 8000
-    assert config.dlq_exec_hour == 0
+    assert config.ignored == ("dlqExecHour",)
     assert config.delivery_first is True
     assert config.accept_any_secret is True
     assert config.admin_secret == "root"
@@ -281,8 +281,17 @@ def test_shipped_config_loads(cluster: str) -> None:
 
 def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for key in CLUSTER_DEFAULTS:
+    for key, (default, _) in CLUSTER_DEFAULTS.items():
         assert f"| `{key}` |" in readme, key
+        if isinstance(default, bool):
+            assert f"| `{key}` | `{str(default).lower()}` |" in readme, key
+        elif isinstance(default, int):
+            assert f"| `{key}` | `{default}` |" in readme, key
+
+
+def test_ignored_kiteq_key_is_validated_and_listed(tmp_path: Path) -> None:
+    assert load(tmp_path, "[clusters.c]\n").ignored == ()
+    assert load(tmp_path, "[clusters.c]\ndlqExecHour = 3\n").ignored == ("dlqExecHour",)
 
 
 def test_acl_and_binding_limits_are_read(tmp_path: Path) -> None:

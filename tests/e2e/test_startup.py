@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -49,6 +50,35 @@ def _source_roots() -> list[str]:
     return [
         str(REPO / root) for root in (".", "binding", "store", "handler", "client", "ops", "proto")
     ]
+
+
+@contextlib.contextmanager
+def started(args: Sequence[str], *, cwd: Path) -> Iterator[tuple[str, list[str]]]:
+    """Run ``python -m kiteq *args*`` until its ready line: (ready line, lines before it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiteq", *args],
+        cwd=cwd,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        before: list[str] = []
+        ready = ""
+        for line in proc.stdout:
+            if line.startswith(("kiteq ready", "kiteq: ")):
+                ready = line
+                break
+            before.append(line)
+        assert ready.startswith("kiteq ready"), (ready, before)
+        yield ready, before
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.fixture
@@ -171,36 +201,10 @@ def test_runs_from_any_directory_with_the_shipped_config_and_an_absolute_store_p
     # no conf/ here, no -configPath, no KITEQ_CONFIG: the shipped conf/cluster.toml
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kiteq",
-            "-clusterName=rocksdb_dev",
-            f"-bind=127.0.0.1:{free_port()}",
-        ],
-        cwd=run_dir,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready = ""
-        for line in proc.stdout:
-            if line.startswith(("kiteq ready", "kiteq: ")):
-                ready = line
-                break
-        assert ready.startswith("kiteq ready"), ready
+    with started(["-clusterName=rocksdb_dev", "-bind=127.0.0.1:0"], cwd=run_dir) as (ready, _):
         assert f"store=rocksdb://{run_dir / 'db' / 'rocksdb_dev'}?fsync=batch" in ready
         assert f"config={REPO / 'conf' / 'cluster.toml'}" in ready
         assert (run_dir / "db" / "rocksdb_dev").is_dir()
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_kiteq_config_env_is_used_and_a_missing_one_named(tmp_path: Path, config: Path) -> None:
@@ -246,3 +250,13 @@ def test_relative_rocksdb_paths_are_resolved_against_the_base(db: str, expected:
     config = load_cluster(REPO / "conf" / "cluster.toml", "memory_dev")
     resolved = resolve_store_path(dataclasses.replace(config, db=db), Path("/base"))
     assert resolved.db == expected
+
+
+def test_ignored_kiteq_key_is_warned_before_ready(tmp_path: Path) -> None:
+    path = write_config(tmp_path, db="memory://", extra={"dlqExecHour": 3})
+    args = ["-clusterName=e2e", f"-configPath={path}", "-bind=127.0.0.1:0"]
+    with started(args, cwd=tmp_path) as (_, before_ready):
+        warned = [line for line in before_ready if "dlqExecHour" in line]
+        assert len(warned) == 1, before_ready
+        assert "WARNING" in warned[0]
+        assert "ignored" in warned[0]

@@ -46,10 +46,6 @@ class Bookkeeper:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
     def delete(self, record: StoredMessage) -> None:
         self._deletes.append(record)
         self._queued(record.message_id)
