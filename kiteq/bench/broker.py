@@ -1,4 +1,4 @@
-"""A broker process of the bench's own: a temporary cluster on a free loopback port.
+"""A broker process of the bench's own: a temporary cluster on a loopback port.
 
 ``kiteq`` runs as ``python -m kiteq`` with a generated cluster file (embedded registry
 unless told otherwise, any secret accepted) in a temporary directory that also holds the RocksDB files. A MySQL
@@ -8,21 +8,14 @@ store gets fresh databases (``kqbench_<random>_<n>``, created by the broker with
 
 from __future__ import annotations
 
-import collections
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 from kiteq.bench.cpu import process_cpu
+from kiteq.bench.process import KiteqProcess
 from kiteq.core.errors import ConfigError, KiteQError
 
 __all__ = ["STORES", "OwnBroker", "store_url"]
@@ -34,7 +27,6 @@ STORES: Final = {
     "memory": ("memory", "memory://?maxcap=5000000"),
     "mysql": ("mysql", "mysql://root@127.0.0.1:3306?shardnum=4"),
 }
-_LOG_LINES: Final = 60
 
 
 def store_url(store: str, directory: Path) -> tuple[str, str]:
@@ -58,14 +50,8 @@ def store_url(store: str, directory: Path) -> tuple[str, str]:
     return label, url
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class OwnBroker:
-    """A ``kiteq`` process on 127.0.0.1 and a free port; a context manager."""
+    """A ``kiteq`` process on 127.0.0.1 and a port the OS picks; a context manager."""
 
     def __init__(
         self, store: str, *, registry: str = "embedded://", extra_config: str = ""
@@ -73,8 +59,6 @@ class OwnBroker:
         self._tmp = tempfile.TemporaryDirectory(prefix="kiteq-bench-")
         directory = Path(self._tmp.name)
         self.store_label, self.db = store_url(store, directory)
-        self.port = _free_port()
-        self.output: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
         config = directory / "cluster.toml"
         config.write_text(
             "[registry.local]\n"
@@ -87,29 +71,22 @@ class OwnBroker:
             "deliverySeconds = 30\n"
             f"{extra_config}"
         )
-        self._argv = [
-            sys.executable,
-            "-m",
-            "kiteq",
+        args = [
             "-clusterName=bench",
             f"-configPath={config}",
-            f"-bind=127.0.0.1:{self.port}",
+            "-bind=127.0.0.1:0",
             "-logLevel=WARNING",
             "-grace=5",
         ]
-        self._cwd = directory
-        self._proc: subprocess.Popen[str] | None = None
-        self._pump: threading.Thread | None = None
+        self._process = KiteqProcess(args, cwd=directory)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self._process.address
 
     @property
     def pid(self) -> int:
-        if self._proc is None:
-            raise KiteQError("the bench broker has not been started")
-        return self._proc.pid
+        return self._process.pid
 
     def cpu_seconds(self) -> float | None:
         return process_cpu(self.pid)
@@ -120,47 +97,16 @@ class OwnBroker:
         Raises:
             KiteQError: It exited or did not get ready within *timeout*.
         """
-        ready = threading.Event()
-        self._proc = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-            self._argv,
-            cwd=self._cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        stream = self._proc.stdout
-
-        def pump() -> None:
-            if stream is None:  # never: stdout=PIPE
-                return
-            with stream:
-                for line in stream:
-                    self.output.append(line.rstrip())
-                    if line.startswith("kiteq ready"):
-                        ready.set()
-
-        self._pump = threading.Thread(target=pump, name="bench-broker-log", daemon=True)
-        self._pump.start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.05):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise KiteQError("broker did not start:\n" + "\n".join(self.output))
+        try:
+            self._process.start(timeout)
+        except KiteQError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s; drop its MySQL databases; remove its files."""
         try:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGTERM)
-                try:
-                    self._proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait(10)
-            if self._pump is not None:
-                self._pump.join(10)
+            self._process.stop()
             if self.db.startswith("mysql://"):
                 from kiteq.bench._mysql import drop_databases  # the server extra's PyMySQL
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from kiteq.client import Binding, Consumer, Message, Producer
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -48,13 +49,6 @@ def admin_json(broker: BrokerProcess, *args: str) -> dict[str, Any]:
     assert run.returncode == 0, run.stderr
     result: dict[str, Any] = json.loads(run.stdout)
     return result
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def dead_letter_count(broker: BrokerProcess) -> int:

@@ -32,6 +32,7 @@ from tests._servers import unavailable
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.store import mariadb
+from tests.waiting import wait_until
 
 PUBLISHER = Path(__file__).with_name("publisher.py")
 BINDING = Binding.fanout("trade", persistent=True)
@@ -69,15 +70,6 @@ def acked_ids(path: Path) -> tuple[set[str], str]:
     lines = path.read_text().splitlines() if path.exists() else []
     summary = lines[-1] if lines and lines[-1].startswith("#") else ""
     return {line for line in lines if line and not line.startswith("#")}, summary
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(240)

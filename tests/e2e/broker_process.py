@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 
+from kiteq.bench.process import KiteqProcess
 from kiteq.core.admin import ADMIN_SECRET_HEADER
+from kiteq.core.errors import KiteQError
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(
@@ -87,8 +77,10 @@ class ClientTls:
 class BrokerProcess:
     """One broker process; ``start`` waits for its ready line.
 
-    *args* are extra command-line flags and *env* extra environment variables; *tls* is
-    what ``stats``/``lookup`` connect with (a TLS broker), *admin_secret* what they send.
+    *port* None: the first start binds a port the OS picks (read from the ready line) and
+    restarts bind the same one. *args* are extra command-line flags and *env* extra
+    environment variables; *tls* is what ``stats``/``lookup`` connect with (a TLS broker),
+    *admin_secret* what they send.
     """
 
     def __init__(
@@ -106,7 +98,7 @@ class BrokerProcess:
     ) -> None:
         self.config = config
         self.cluster = cluster
-        self.port = port or free_port()
+        self.port = port or 0
         # the ops HTTP port (/metrics, /stat); 0: off
         self.pport = pport
         self.cwd = cwd or config.parent
@@ -114,21 +106,23 @@ class BrokerProcess:
         self.env = dict(env or {})
         self.tls = tls
         self.admin_secret = admin_secret
-        self.proc: subprocess.Popen[str] | None = None
-        self.output: list[str] = []
+        self._process: KiteqProcess | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def proc(self) -> subprocess.Popen[str] | None:
+        return self._process.popen if self._process is not None else None
+
+    @property
+    def output(self) -> list[str]:
+        return self._process.output if self._process is not None else []
+
     def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
-        self.output = []
-        self.proc = subprocess.Popen(
+        self._process = KiteqProcess(
             [
-                sys.executable,
-                "-m",
-                "kiteq",
                 f"-clusterName={self.cluster}",
                 f"-configPath={self.config}",
                 f"-bind=127.0.0.1:{self.port}",
@@ -137,49 +131,25 @@ class BrokerProcess:
                 *self.args,
             ],
             cwd=self.cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            env=self.env,
         )
-        ready = threading.Event()
-        stream = self.proc.stdout
-        assert stream is not None
-
-        def pump() -> None:
-            with stream:
-                for line in stream:
-                    self.output.append(line.rstrip())
-                    if line.startswith("kiteq ready"):
-                        ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("broker did not start:\n" + "\n".join(self.output[-40:]))
+        try:
+            self._process.start(timeout)
+        except KiteQError as exc:
+            raise RuntimeError(str(exc)) from exc
+        self.port = self._process.port
 
     def terminate(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._pump.join(10)
-        return code
+        assert self._process is not None, "not started"
+        return self._process.terminate(timeout)
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self._pump.join(10)
+        assert self._process is not None, "not started"
+        self._process.kill()
 
     def stop_quietly(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self.proc is not None:
-            self._pump.join(10)
+        if self._process is not None:
+            self._process.kill()
 
     def admin_channel(self) -> grpc.Channel:
         if self.tls is None:

@@ -8,7 +8,6 @@ registry) or not applied, logged once and counted (ZooKeeper); inside them every
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -231,13 +231,6 @@ recoverSeconds = 1
     yield start
     for broker in started:
         broker.stop_quietly()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_zookeeper_bindings_outside_the_grants_are_not_applied(

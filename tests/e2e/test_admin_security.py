@@ -27,7 +27,8 @@ import pytest
 from kiteq.client import Message, Producer
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests.e2e.broker_process import REPO, BrokerProcess, free_port, write_config
+from tests._servers import free_port
+from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 
 pytestmark = pytest.mark.timeout(120)
 

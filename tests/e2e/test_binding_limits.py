@@ -7,7 +7,6 @@ and logged, the group keeps its previous bindings.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +20,7 @@ from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grp
 from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,13 +130,6 @@ maxPatternLength = {LIMITS["maxPatternLength"]}
     yield start
     for broker in started:
         broker.stop_quietly()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_zookeeper_node_beyond_the_limits_is_skipped(

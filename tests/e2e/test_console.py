@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -27,9 +26,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage, TxStatus
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests._servers import unavailable
-from tests.e2e.broker_process import REPO, BrokerProcess, free_port, write_config
+from tests._servers import free_port, unavailable
+from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -166,13 +166,6 @@ def dead_letters(broker: BrokerProcess, group: str) -> list[admin_pb2.DeadLetter
     return list(reply.deadLetters)
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def consumer(broker: BrokerProcess, group: str, handler: Collector, topic: str) -> Consumer:
     return Consumer(
         brokers=[broker.address],
@@ -198,7 +191,8 @@ def test_the_page_asks_for_the_secret_and_refuses_a_wrong_one(
         lambda: any(
             "admin auth failed" in line and "wrong secret" in line for line in broker.output
         ),
-        "the refusal's audit line",
+        timeout=60.0,
+        what="the refusal's audit line",
     )
 
 
@@ -280,7 +274,11 @@ def test_dlq_redrive_previews_then_moves_and_the_group_gets_the_messages_again(
                 ).message_id
                 for _ in range(N)
             }
-        wait_until(lambda: len(dead_letters(broker, "failing")) == N, f"{N} dead letters")
+        wait_until(
+            lambda: len(dead_letters(broker, "failing")) == N,
+            timeout=60.0,
+            what=f"{N} dead letters",
+        )
     login(browser, broker)
     open_view(browser, broker, "dlq")
     browser.find_element(By.ID, "dlq-group").send_keys("failing")
@@ -341,7 +339,8 @@ def test_dlq_redrive_previews_then_moves_and_the_group_gets_the_messages_again(
             "admin redrive via=console" in line and f"redriven={N - 2}" in line
             for line in broker.output
         ),
-        "the redrive's audit line",
+        timeout=60.0,
+        what="the redrive's audit line",
     )
 
 
@@ -367,7 +366,9 @@ def test_an_unresolved_transaction_is_committed_from_the_page_and_delivered(
         open_view(browser, broker, "transactions")
         browser.find_element(By.ID, "tx-unresolved").click()
         # parked unresolved after txCheckMax unanswered checks; then the page lists it
-        wait_until(lambda: message_id in unresolved(broker), "an unresolved transaction")
+        wait_until(
+            lambda: message_id in unresolved(broker), timeout=60.0, what="an unresolved transaction"
+        )
         browser.find_element(By.ID, "tx-unresolved").click()
         wait(
             browser,
@@ -387,7 +388,8 @@ def test_an_unresolved_transaction_is_committed_from_the_page_and_delivered(
             "admin commit via=console" in line and f"id={message_id} changed=True" in line
             for line in broker.output
         ),
-        "the commit's audit line",
+        timeout=60.0,
+        what="the commit's audit line",
     )
     open_view(browser, broker, f"message/{message_id}")
     wait(browser, text_in("timeline", "committed"))

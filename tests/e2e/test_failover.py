@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,6 +25,7 @@ from kiteq.core.errors import KiteQError
 from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,13 +56,6 @@ recoverSeconds = 1
 """
     )
     return path
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Publisher(threading.Thread):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiteq.client import Binding, Consumer, Message, Producer
-from tests.e2e.broker_process import BrokerProcess, free_port
+from tests._servers import free_port
+from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.collector import Collector
 
 

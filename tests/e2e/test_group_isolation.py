@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,12 @@ import pytest
 
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests._servers import unavailable
-from tests.e2e.broker_process import BrokerProcess, free_port, write_config
+from tests._servers import free_port, unavailable
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.e2e.test_reliability import admin
 from tests.store import mariadb
+from tests.waiting import wait_until
 
 BINDING = Binding.fanout("trade", persistent=True)
 N = 200
@@ -67,13 +68,6 @@ def dead_letters(broker: BrokerProcess, group: str = "") -> list[admin_pb2.DeadL
     return list(reply.deadLetters)
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def backlog(broker: BrokerProcess) -> int:
     return sum(broker.stats().backlog.values())
 
@@ -100,7 +94,7 @@ def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive
             ]
             sent = {f.result(20).message_id for f in futures}
         healthy.wait_count(N, timeout=60)
-        wait_until(lambda: len(dead_letters(broker)) == N, f"{N} dead letters")
+        wait_until(lambda: len(dead_letters(broker)) == N, timeout=60.0, what=f"{N} dead letters")
     letters = dead_letters(broker)
     assert {(d.header.messageId, d.groupId, d.reason) for d in letters} == {
         (mid, "failing", "deliver_limit") for mid in sent
@@ -121,7 +115,7 @@ def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive
 
     with consumer(broker, "offline", offline), consumer(broker, "healthy", healthy):
         offline.wait_count(N, timeout=60)
-        wait_until(lambda: backlog(broker) == 0, "an empty backlog")
+        wait_until(lambda: backlog(broker) == 0, timeout=60.0, what="an empty backlog")
         assert Counter(offline.ids()) == dict.fromkeys(sent, 1)
         assert {m.attempt for m in offline.received} == {1}  # its own count
 
@@ -129,7 +123,11 @@ def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive
         assert admin(broker, "redrive", "-group", "failing")["redriven"] == N
         with consumer(broker, "failing", redriven):
             redriven.wait_count(N, timeout=60)
-            wait_until(lambda: backlog(broker) == 0, "an empty backlog after the redrive")
+            wait_until(
+                lambda: backlog(broker) == 0,
+                timeout=60.0,
+                what="an empty backlog after the redrive",
+            )
         assert set(redriven.ids()) == sent
         assert {m.attempt for m in redriven.received} == {1}
     assert dead_letters(broker) == []
@@ -191,7 +189,9 @@ def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_
                 message_id = p.send(
                     Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=1)
                 ).message_id
-            wait_until(lambda: len(dead_letters(broker)) == 2, "a letter per group")
+            wait_until(
+                lambda: len(dead_letters(broker)) == 2, timeout=60.0, what="a letter per group"
+            )
         assert sorted(d.groupId for d in dead_letters(broker)) == ["a", "b"]
 
         def ops(path: str) -> str:
@@ -202,7 +202,7 @@ def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_
             lambda: (
                 json.loads(ops("/stat"))["kiteq"]["dead_letters"] == {"trade": {"a": 1, "b": 1}}
             ),
-            "/stat dead letters per group",
+            what="/stat dead letters per group",
             timeout=20,
         )
         metrics = ops("/metrics")
@@ -216,7 +216,7 @@ def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_
             assert [d.groupId for d in dead_letters(broker)] == ["b"]
             assert admin(broker, "redrive", message_id)["redriven"] == 1  # every group left
             b.wait_count(1)
-            wait_until(lambda: backlog(broker) == 0, "an empty backlog")
+            wait_until(lambda: backlog(broker) == 0, timeout=60.0, what="an empty backlog")
         assert (a.ids(), b.ids()) == ([message_id], [message_id])
         assert dead_letters(broker) == []
     finally:

@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kiteq.client import Binding, Consumer, Message, Producer
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, common_pb2
-from tests.e2e.broker_process import BrokerProcess, free_port, write_config
+from tests._servers import free_port
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 
 FRAMES: Final = 20_000

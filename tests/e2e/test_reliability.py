@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from kiteq.client import Binding, Consumer, InvalidMessageError, Message, Produc
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 
 def admin(broker: BrokerProcess, *args: str, exit_code: int = 0) -> dict[str, Any]:
@@ -41,13 +42,6 @@ def dead_letters(broker: BrokerProcess) -> list[admin_pb2.DeadLetterInfo]:
             admin_pb2.ListDeadLettersRequest(), timeout=5
         )
     return list(reply.deadLetters)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_nacked_four_times_then_acked_follows_the_windows_in_real_time(

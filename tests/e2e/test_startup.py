@@ -16,7 +16,8 @@ import pytest
 
 from kiteq.broker.startup import find_config, resolve_store_path, shipped_config
 from kiteq.core.config import load_cluster
-from tests.e2e.broker_process import REPO, free_port, write_config
+from tests._servers import free_port
+from tests.e2e.broker_process import REPO, write_config
 
 pytestmark = pytest.mark.e2e
 

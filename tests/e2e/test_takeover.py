@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,6 +24,7 @@ from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.collector import Collector
 from tests.store import mariadb
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,13 +55,6 @@ takeoverGraceSeconds = {GRACE}
 """
     )
     return path
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def consumer(brokers: list[BrokerProcess], handler: Collector) -> Consumer:

@@ -34,7 +34,8 @@ from kiteq.client import (
 from kiteq.client._channel import Session, open_params
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
-from tests.e2e.test_reliability import admin, wait_until
+from tests.e2e.test_reliability import admin
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -31,6 +31,7 @@ from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper, owner
 from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,13 +115,6 @@ def applied_within(
         assert elapsed < limit, f"not applied within {limit}s: {current}"
         time.sleep(0.02)
     return time.monotonic() - started
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_registration_layout(start_broker: Callable[..., BrokerProcess], zk: Any) -> None:

@@ -16,7 +16,8 @@ from kiteq.ops.metrics import ZK_STATES
 from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper, owner
 from tests.e2e.broker_process import BrokerProcess
-from tests.e2e.test_zookeeper import wait_until, write_zk_config
+from tests.e2e.test_zookeeper import write_zk_config
+from tests.waiting import wait_until
 
 
 def samples(pport: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
