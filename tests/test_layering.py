@@ -14,6 +14,7 @@ those under ``if TYPE_CHECKING:`` and inside functions.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,3 +287,138 @@ def test_every_package_has_init_and_py_typed() -> None:
         if not (package / marker).is_file()
     ]
     assert not missing, f"missing package markers: {missing}"
+
+
+# --- circles, private modules, foreign libraries -----------------------------------------
+
+# third-party library -> the edge modules that may import it (a pattern of module names):
+# every other module goes through them and sees only KiteQError subclasses
+FOREIGN_EDGES: Final[dict[str, re.Pattern[str]]] = {
+    "kazoo": re.compile(r"kiteq\.binding\.(zk|_zk)\w*|kiteq\.client\._zk\w*"),
+    "sqlalchemy": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*"),
+    "pymysql": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*|kiteq\.bench\._mysql"),
+    "rocksdict": re.compile(r"kiteq\.store\.(rocksdb|_rocksdb)\w*"),
+}
+
+
+def private_violations(module: str, imports: Iterator[str] | list[str]) -> list[str]:
+    """Imports by *module* of a ``_private`` module or name of another kiteq package."""
+    problems = []
+    for target in imports:
+        parts = target.split(".")
+        if parts[0] != "kiteq" or len(parts) < 3:
+            continue
+        owner = ".".join(parts[:2])  # kiteq.<package>
+        private = any(p.startswith("_") and not p.startswith("__") for p in parts[2:])
+        if private and not module.startswith(owner + ".") and module != owner:
+            problems.append(f"{module} imports {target}, private to {owner}")
+    return sorted(set(problems))
+
+
+def foreign_violations(module: str, imports: Iterator[str] | list[str]) -> list[str]:
+    """Imports by *module* of a foreign library that only its edge modules may use."""
+    problems = []
+    for target in imports:
+        top = target.partition(".")[0]
+        edges = FOREIGN_EDGES.get(top)
+        if edges is not None and not edges.fullmatch(module):
+            problems.append(f"{module} imports {top}: only {edges.pattern} may")
+    return sorted(set(problems))
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of *graph* (module -> modules it imports): Tarjan's SCCs > 1."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the source modules it imports (names that are not modules dropped)."""
+    sources = list(source_files())
+    modules = {module for _, module, _ in sources}
+    graph: dict[str, set[str]] = {}
+    for path, module, is_package in sources:
+        source = path.read_text(encoding="utf-8")
+        targets = set(imported_modules(source, module, is_package=is_package))
+        # a submodule importing its own package's __init__ is how Python runs it: no edge
+        graph[module] = {
+            t for t in targets if t in modules and t != module and not module.startswith(t + ".")
+        }
+    return graph
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("kiteq.handler.takeover", "from kiteq.binding._zk_nodes import Nodes\n"),
+        ("kiteq.broker.server", "import kiteq.store._mysql_rows\n"),
+        ("kiteq.handler.takeover", "from kazoo.exceptions import KazooException\n"),
+        ("kiteq.broker.server", "import sqlalchemy\n"),
+        ("kiteq.handler.recover", "def f():\n    import rocksdict\n"),
+    ],
+)
+def test_checker_flags_private_and_foreign_imports(module: str, source: str) -> None:
+    imports = list(imported_modules(source, module))
+    assert private_violations(module, imports) + foreign_violations(module, imports)
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("kiteq.binding.zk", "from kiteq.binding._zk_nodes import Nodes\nimport kazoo\n"),
+        ("kiteq.store.mysql", "from kiteq.store._mysql_rows import X\nimport sqlalchemy\n"),
+        ("kiteq.store.rocksdb", "from rocksdict import Rdict\n"),
+    ],
+)
+def test_checker_accepts_own_private_and_edge_imports(module: str, source: str) -> None:
+    imports = list(imported_modules(source, module))
+    assert private_violations(module, imports) + foreign_violations(module, imports) == []
+
+
+def test_circle_finder() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert circles(graph) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles() -> None:
+    found = circles(import_graph())
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_no_private_imports_across_packages_and_foreign_libraries_only_at_their_edges() -> None:
+    problems: list[str] = []
+    for path, module, is_package in source_files():
+        source = path.read_text(encoding="utf-8")
+        imports = list(imported_modules(source, module, is_package=is_package))
+        problems += private_violations(module, imports) + foreign_violations(module, imports)
+    assert not problems, "\n".join(problems)
