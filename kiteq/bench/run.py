@@ -271,72 +271,115 @@ def run(
     Raises:
         BenchError: A child exited without a result, or did not start or finish in time.
     """
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    budget = _send_budget(workload)
-    consumers: list[_Child] = []
-    producers: list[_Child] = []
-
-    def start(role: Role, index: int, deadline_ns: int) -> _Child:
-        spec = ChildSpec(role, index, workload, deadline_ns)
-        return _Child(role, index, [*command(role, index), spec.to_json()], child_env)
-
+    bench = _Run(workload, command, progress, start_timeout, env)
     try:
-        far_ns = time.time_ns() + int((budget + start_timeout + 3600) * 1e9)
-        consumers = [start(Role.CONSUMER, i, far_ns) for i in range(workload.consumers)]
-        ready_by = time.monotonic() + start_timeout
-        if not _wait(consumers, lambda: all(c.ready.is_set() for c in consumers), ready_by):
-            late = next(c for c in consumers if not c.ready.is_set())
-            raise late.failure(f"not ready within {start_timeout:.0f}s")
-        send_deadline_ns = time.time_ns() + int((budget + 2 * start_timeout) * 1e9)
-        producers = [start(Role.PRODUCER, i, send_deadline_ns) for i in range(workload.producers)]
-        everyone = [*producers, *consumers]
-        ready_by = time.monotonic() + start_timeout
-        if not _wait(everyone, lambda: all(p.ready.is_set() for p in producers), ready_by):
-            late = next(p for p in producers if not p.ready.is_set())
-            raise late.failure(f"not ready within {start_timeout:.0f}s")
+        bench.start_children()
         cpu_before = broker_cpu() if broker_cpu else None
-        for producer in producers:
-            producer.go()
-        started = time.monotonic()
-
-        def totals() -> tuple[int, int, int]:
-            sent = sum(p.progress.get("sent", 0) for p in producers)
-            acked = sum(p.progress.get("acked", 0) for p in producers)
-            # distinct per consumer: a redelivery must not end the drain early
-            distinct = sum(c.progress.get("distinct", 0) for c in consumers)
-            if progress is not None:
-                progress.update(time.monotonic() - started, sent, acked, distinct)
-            return sent, acked, distinct
-
-        def produced() -> bool:
-            totals()
-            return all(p.result for p in producers)
-
-        if not _wait(everyone, produced, started + start_timeout + budget + 60):
-            late = next(p for p in producers if p.result is None)
-            raise late.failure("did not finish in time")
-        acked_total = totals()[1]
-        if consumers:
-            drain_by = time.monotonic() + drain_timeout
-            _wait(everyone, lambda: totals()[2] >= acked_total, drain_by)
+        bench.send()
+        bench.drain(drain_timeout)
         cpu_after = broker_cpu() if broker_cpu else None
-        for consumer in consumers:
-            consumer.close_stdin()
-        if not _wait(consumers, lambda: all(c.result for c in consumers), time.monotonic() + 30):
-            late = next(c for c in consumers if c.result is None)
-            raise late.failure("wrote no result")
+        bench.collect()
     finally:
-        if progress is not None:
-            progress.done()
-        for child in [*producers, *consumers]:
-            child.finish(10)
+        bench.finish()
     cpu = None if cpu_before is None or cpu_after is None else round(cpu_after - cpu_before, 3)
     return _combine(
         workload,
-        [p.result for p in producers if p.result],
-        [c.result for c in consumers if c.result],
+        [p.result for p in bench.producers if p.result],
+        [c.result for c in bench.consumers if c.result],
         cpu,
     )
+
+
+class _Run:
+    """The children of one run and its phases: start, send, drain, collect."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        command: ChildCommand,
+        progress: ProgressLine | None,
+        start_timeout: float,
+        env: Mapping[str, str] | None,
+    ) -> None:
+        self._workload = workload
+        self._command = command
+        self._progress = progress
+        self._start_timeout = start_timeout
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._budget = _send_budget(workload)
+        self._started = 0.0
+        self.consumers: list[_Child] = []
+        self.producers: list[_Child] = []
+
+    def _start(self, role: Role, index: int, deadline_ns: int) -> _Child:
+        spec = ChildSpec(role, index, self._workload, deadline_ns)
+        return _Child(role, index, [*self._command(role, index), spec.to_json()], self._env)
+
+    def _ready(self, children: list[_Child], among: list[_Child]) -> None:
+        ready_by = time.monotonic() + self._start_timeout
+        if not _wait(among, lambda: all(c.ready.is_set() for c in children), ready_by):
+            late = next(c for c in children if not c.ready.is_set())
+            raise late.failure(f"not ready within {self._start_timeout:.0f}s")
+
+    def start_children(self) -> None:
+        """Consumers first (they must be subscribed before anything is sent), then producers."""
+        workload, timeout = self._workload, self._start_timeout
+        far_ns = time.time_ns() + int((self._budget + timeout + 3600) * 1e9)
+        self.consumers = [self._start(Role.CONSUMER, i, far_ns) for i in range(workload.consumers)]
+        self._ready(self.consumers, self.consumers)
+        send_deadline_ns = time.time_ns() + int((self._budget + 2 * timeout) * 1e9)
+        self.producers = [
+            self._start(Role.PRODUCER, i, send_deadline_ns) for i in range(workload.producers)
+        ]
+        self._ready(self.producers, [*self.producers, *self.consumers])
+
+    def totals(self) -> tuple[int, int, int]:
+        """(sent, acked, distinct received) so far; updates the progress line."""
+        sent = sum(p.progress.get("sent", 0) for p in self.producers)
+        acked = sum(p.progress.get("acked", 0) for p in self.producers)
+        # distinct per consumer: a redelivery must not end the drain early
+        distinct = sum(c.progress.get("distinct", 0) for c in self.consumers)
+        if self._progress is not None:
+            self._progress.update(time.monotonic() - self._started, sent, acked, distinct)
+        return sent, acked, distinct
+
+    def send(self) -> None:
+        """Let the producers go and wait until each has its result."""
+        for producer in self.producers:
+            producer.go()
+        self._started = time.monotonic()
+
+        def produced() -> bool:
+            self.totals()
+            return all(p.result for p in self.producers)
+
+        everyone = [*self.producers, *self.consumers]
+        if not _wait(everyone, produced, self._started + self._start_timeout + self._budget + 60):
+            late = next(p for p in self.producers if p.result is None)
+            raise late.failure("did not finish in time")
+
+    def drain(self, timeout: float) -> None:
+        """Until the consumers received every acked message, at most *timeout* seconds."""
+        if not self.consumers:
+            return
+        acked_total = self.totals()[1]
+        everyone = [*self.producers, *self.consumers]
+        _wait(everyone, lambda: self.totals()[2] >= acked_total, time.monotonic() + timeout)
+
+    def collect(self) -> None:
+        """Ask the consumers for their results and wait for them."""
+        for consumer in self.consumers:
+            consumer.close_stdin()
+        consumers = self.consumers
+        if not _wait(consumers, lambda: all(c.result for c in consumers), time.monotonic() + 30):
+            late = next(c for c in consumers if c.result is None)
+            raise late.failure("wrote no result")
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.done()
+        for child in [*self.producers, *self.consumers]:
+            child.finish(10)
 
 
 def _combine(

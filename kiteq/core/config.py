@@ -235,18 +235,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         return params.string(key, default(key))
 
     env = text("env")
-    registry = EMBEDDED_REGISTRY
-    if env:
-        registries = doc.get("registry", {})
-        entry = registries.get(env) if isinstance(registries, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("hosts"), str):
-            raise ConfigError(f"{prefix}.env: no [registry.{env}] with a hosts string in {path}")
-        registry = entry["hosts"].strip() or EMBEDDED_REGISTRY
-        if not registry.startswith(("embedded://", "file://", "zk://")):
-            raise ConfigError(
-                f"registry.{env}.hosts: unsupported scheme in {registry!r} "
-                "(embedded://, file://, zk://)"
-            )
+    registry = _registry(path, doc, prefix, env)
 
     topics: list[str] = []
     for topic in params.array("topics", default("topics")):
@@ -304,6 +293,23 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         max_bindings_per_group_topic=count("maxBindingsPerGroupTopic"),
         max_pattern_length=max_pattern_length,
     )
+
+
+def _registry(path: Path, doc: dict[str, Any], prefix: str, env: str) -> str:
+    """The registry URL of ``[registry.<env>]``; the embedded one when *env* is empty."""
+    if not env:
+        return EMBEDDED_REGISTRY
+    registries = doc.get("registry", {})
+    entry = registries.get(env) if isinstance(registries, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("hosts"), str):
+        raise ConfigError(f"{prefix}.env: no [registry.{env}] with a hosts string in {path}")
+    registry: str = entry["hosts"].strip() or EMBEDDED_REGISTRY
+    if not registry.startswith(("embedded://", "file://", "zk://")):
+        raise ConfigError(
+            f"registry.{env}.hosts: unsupported scheme in {registry!r} "
+            "(embedded://, file://, zk://)"
+        )
+    return registry
 
 
 def _admin_secret(prefix: str, secret: str, secret_file: str) -> str:

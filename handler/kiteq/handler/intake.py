@@ -143,26 +143,11 @@ class Intake:
                     raw.message_id, AckCode.OVERFLOW, "receive rate exceeded; retry later"
                 )
                 continue
-            if raw.group_id != group:
-                if raw.group_id:
-                    outcomes[i] = StoreAck(
-                        raw.message_id,
-                        AckCode.PERMISSION_DENIED,
-                        f"a session of group {group!r} cannot publish for group "
-                        f"{raw.group_id[:64]!r}",
-                    )
-                    continue
-                raw = dataclasses.replace(raw, group_id=group)
-            try:
-                message = normalize(raw, now)
-                if not self._config.serves(message.topic):
-                    raise UnknownTopicError(
-                        message.message_id, f"topic {message.topic!r} is not served by this broker"
-                    )
-                self._config.acl.check_publish(group, message.topic, raw.message_id)
-            except MessageRejectedError as exc:
-                outcomes[i] = StoreAck(raw.message_id, code_for(exc), exc.reason)
+            admitted = self._admit(raw, group, now)
+            if isinstance(admitted, StoreAck):
+                outcomes[i] = admitted
                 continue
+            message = admitted
             record = StoredMessage(
                 message,
                 publish_time=now,
@@ -192,6 +177,27 @@ class Intake:
             self._dispatcher.submit(record, durable=False)
         done = [o for o in outcomes if o is not None]
         return self._count(done, messages)
+
+    def _admit(self, raw: Message, group: str, now: float) -> Message | StoreAck:
+        """*raw* normalized for storing, or the refusal: another group's, invalid, not served."""
+        if raw.group_id != group:
+            if raw.group_id:
+                return StoreAck(
+                    raw.message_id,
+                    AckCode.PERMISSION_DENIED,
+                    f"a session of group {group!r} cannot publish for group {raw.group_id[:64]!r}",
+                )
+            raw = dataclasses.replace(raw, group_id=group)
+        try:
+            message = normalize(raw, now)
+            if not self._config.serves(message.topic):
+                raise UnknownTopicError(
+                    message.message_id, f"topic {message.topic!r} is not served by this broker"
+                )
+            self._config.acl.check_publish(group, message.topic, raw.message_id)
+        except MessageRejectedError as exc:
+            return StoreAck(raw.message_id, code_for(exc), exc.reason)
+        return message
 
     async def _deliver_first(
         self,
