@@ -24,9 +24,10 @@ from rocksdict import Options, Rdict
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store import _rocksdb_db, codec
+from kiteq.store._mysql_engine import engine as _engine
 from kiteq.store._mysql_schema import Layout, _upgrade, check_schema, create_schema
 from kiteq.store.base import DeadLetter, DlqFilter, Rescheduled
-from kiteq.store.mysql import _engine, schema_main
+from kiteq.store.mysql import schema_main
 from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import mysql_options, open_store
 from tests._servers import unavailable
