@@ -17,7 +17,7 @@ from sqlalchemy import Connection
 from kiteq.core.errors import ConfigError, StoreUnavailableError
 from kiteq.store._mysql_engine import DRIVER_ERRORS, engine, reason
 from kiteq.store._mysql_schema import Layout, check_schema, create_schema
-from kiteq.store.url import MySQLOptions, mysql_options
+from kiteq.store.options import MySQLOptions, mysql_options
 
 __all__ = ["ensure_schema", "schema_command", "schema_main"]
 

@@ -17,7 +17,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.store.url import MySQLOptions
+from kiteq.store.options import MySQLOptions
 
 __all__ = [
     "DEADLOCK",

@@ -1,7 +1,7 @@
 """The MySQL store: KiteQ's sharded tables on MySQL or MariaDB, written by group commit.
 
 ``mysql://user:pw@host:3306?db=kite&shardnum=4&batchUpdateSize=1000&batchDelSize=1000
-&flushSeconds=1&maxConn=20`` (every parameter: ``kiteq.store.url.MySQLOptions``). The
+&flushSeconds=1&maxConn=20`` (every parameter: ``kiteq.store.options.MySQLOptions``). The
 layout, the DDL and the routing of ids to databases and tables are in ``_mysql_schema``;
 row conversion and SQL in ``_mysql_rows``; the engine and its errors in ``_mysql_engine``;
 the write requests, each applying itself, in ``_mysql_requests`` and
@@ -144,7 +144,7 @@ from kiteq.store.base import (
     SaveOutcome,
 )
 from kiteq.store.group_commit import GroupCommitWriter
-from kiteq.store.url import MySQLOptions
+from kiteq.store.options import MySQLOptions
 
 __all__ = ["MySQLStore", "page_keys_sql", "schema_command", "schema_main"]
 
