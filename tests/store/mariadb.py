@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import pymysql
 
+from kiteq.store._mysql_engine import engine as _engine
 from kiteq.store._mysql_schema import Layout, create_schema
-from kiteq.store.mysql import _engine
 from kiteq.store.url import mysql_options
 
 BASE_URL: Final = os.environ.get("KITEQ_TEST_MYSQL", "mysql://root@127.0.0.1:3306").rstrip("/")

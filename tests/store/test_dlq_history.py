@@ -21,7 +21,7 @@ from rocksdict import Options, Rdict
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
 from kiteq.core.limits import MAX_EXPIRY_SECONDS
 from kiteq.core.message import StoredMessage
-from kiteq.store import codec, rocksdb
+from kiteq.store import _rocksdb_db, _rocksdb_reads, _rocksdb_requests, codec
 from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent, MessageStore, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
@@ -599,7 +599,7 @@ async def test_a_failed_move_leaves_the_record_where_it_was(
 async def test_scans_go_in_chunks_and_let_writes_through(
     rocks: RocksDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rocksdb, "_SCAN_CHUNK", 3)
+    monkeypatch.setattr(_rocksdb_reads, "SCAN_CHUNK", 3)
     records = [record(topic="a" if i % 4 else "b") for i in range(20)]
     await rocks.save(records)
     await rocks.dead_letter([letter(r) for r in records])
@@ -628,7 +628,7 @@ async def test_new_column_families_are_added_to_an_older_database(tmp_path: Path
     key = old.message_id.encode()
     db.get_column_family("msg")[key] = codec.encode_message(old)
     db.get_column_family("state")[key] = codec.encode_state(codec.state_of(old))
-    db.get_column_family("due")[rocksdb._due_time(old.next_deliver_time) + key] = b""
+    db.get_column_family("due")[_rocksdb_db.due_time(old.next_deliver_time) + key] = b""
     db.close()
     del db
     assert set(Rdict.list_cf(path)) == {"default", "msg", "state", "due", "meta"}
@@ -662,8 +662,8 @@ async def test_dlq_and_history_use_only_the_store_thread(
         monkeypatch.setattr(owner, name, recorded)
 
     for name in ("get", "get_many", "keys", "items", "values", "release"):
-        spy(rocksdb._Column, name)
-    spy(rocksdb._Batch, "__init__")
+        spy(_rocksdb_db.Column, name)
+    spy(_rocksdb_requests._Batch, "__init__")
 
     store = RocksDBStore(str(tmp_path / "db"))
     await store.open()

@@ -23,10 +23,11 @@ from rocksdict import Options, Rdict
 
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
-from kiteq.store import codec, rocksdb
+from kiteq.store import _rocksdb_db, codec
+from kiteq.store._mysql_engine import engine as _engine
 from kiteq.store._mysql_schema import Layout, _upgrade, check_schema, create_schema
 from kiteq.store.base import DeadLetter, DlqFilter, Rescheduled
-from kiteq.store.mysql import _engine, schema_main
+from kiteq.store.mysql import schema_main
 from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import mysql_options, open_store
 from tests._servers import unavailable
@@ -99,7 +100,7 @@ def _write_old_database(path: str) -> dict[str, StoredMessage]:
             r.topic, r.message.commit, count, succ, fail, r.next_deliver_time
         )
         if r.message.commit:
-            due[rocksdb._due_time(r.next_deliver_time) + key] = b""
+            due[_rocksdb_db.due_time(r.next_deliver_time) + key] = b""
         else:
             uncommitted_cf[key] = b""
     uncommitted_cf[b"\xff"] = b""  # that version's marker: the index is complete

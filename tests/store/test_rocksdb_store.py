@@ -15,7 +15,7 @@ import pytest
 from rocksdict import Rdict
 
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.store import rocksdb
+from kiteq.store import _rocksdb_db, _rocksdb_requests
 from kiteq.store.base import Rescheduled, Saved
 from kiteq.store.rocksdb import Fsync, RocksDBStore
 from tests.store.helpers import NOW, record
@@ -181,10 +181,10 @@ async def test_rocksdb_runs_only_on_the_store_thread(
         monkeypatch.setattr(owner, name, recorded)
 
     for name in ("get", "get_many", "keys", "items", "values", "release"):
-        spy(rocksdb._Column, name)
+        spy(_rocksdb_db.Column, name)
     for name in ("__init__", "close"):
-        spy(rocksdb._DB, name)
-    spy(rocksdb._Batch, "__init__")
+        spy(_rocksdb_db.DB, name)
+    spy(_rocksdb_requests._Batch, "__init__")
 
     store = RocksDBStore(str(tmp_path / "db"))
     await store.open()

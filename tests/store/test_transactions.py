@@ -19,7 +19,7 @@ from rocksdict import Options, Rdict
 
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
 from kiteq.core.message import StoredMessage
-from kiteq.store import codec, rocksdb
+from kiteq.store import _rocksdb_db, codec
 from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
@@ -412,7 +412,7 @@ async def test_an_older_database_gets_its_uncommitted_records_indexed(tmp_path: 
         db.get_column_family("msg")[key] = codec.encode_message(r)
         db.get_column_family("state")[key] = codec.encode_state(codec.state_of(r))
     key = plain.message_id.encode()
-    db.get_column_family("due")[rocksdb._due_time(plain.next_deliver_time) + key] = b""
+    db.get_column_family("due")[_rocksdb_db.due_time(plain.next_deliver_time) + key] = b""
     db.close()
     del db
     assert "uncommitted" not in Rdict.list_cf(path)

@@ -174,3 +174,24 @@ def test_errors_never_show_the_password() -> None:
 )
 def test_describe_hides_passwords(url: str, shown: str) -> None:
     assert describe(url) == shown
+
+
+def test_store_ownership_says_who_owns_and_who_shares_without_parsing_outside() -> None:
+    from kiteq.store.url import store_ownership
+
+    mine = store_ownership("mysql://root@DB:3306?db=kite&shardnum=4", "10.0.0.1:13800")
+    assert mine.url == "mysql://root@DB:3306?db=kite&shardnum=4&kiteServer=10.0.0.1%3A13800"
+    assert (mine.owner, mine.derived, mine.adopts_host_rows) == ("10.0.0.1:13800", True, True)
+    assert mine.sharing == "mysql://db:3306/kite?shardnum=4"
+    named = store_ownership("mysql://other@db/kite?shardnum=4&kiteServer=b1", "10.0.0.2:1")
+    assert (named.url, named.owner, named.derived) == (
+        "mysql://other@db/kite?shardnum=4&kiteServer=b1",
+        "b1",
+        False,
+    )
+    assert named.sharing == mine.sharing
+    assert not named.adopts_host_rows
+    for url in ("rocksdb://./db/x", "memory://"):
+        alone = store_ownership(url, "h:1")
+        assert (alone.url, alone.owner, alone.derived, alone.sharing) == (url, "h:1", True, None)
+        assert not alone.adopts_host_rows

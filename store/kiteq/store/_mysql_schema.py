@@ -229,6 +229,14 @@ class Layout:
         return metadata
 
 
+# every table: InnoDB, and exact (binary) comparison of its text columns
+_TABLE_OPTIONS: Final[dict[str, Any]] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+
 def _message_id() -> Column[str]:
     return Column(
         "message_id", mysql.VARCHAR(32, charset="ascii", collation="ascii_bin"), nullable=False
@@ -277,9 +285,7 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
         Column("only_groups", mysql.MEDIUMTEXT, nullable=True),
         *dead,
         schema=schema,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-        mysql_collate="utf8mb4_bin",
+        **_TABLE_OPTIONS,
     )
     _add_indexes(table, indexes)
     return table
@@ -298,9 +304,7 @@ def _history_table(metadata: MetaData, schema: str) -> Table:
         Column("attempt", Integer, nullable=False),
         Column("detail", Text, nullable=False),
         schema=schema,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-        mysql_collate="utf8mb4_bin",
+        **_TABLE_OPTIONS,
     )
     _add_indexes(table, HISTORY_INDEXES)
     return table
@@ -313,9 +317,7 @@ def _meta_table(metadata: MetaData, schema: str) -> Table:
         Column("meta_key", mysql.VARBINARY(1024), primary_key=True),
         Column("meta_value", mysql.MEDIUMBLOB, nullable=False),
         schema=schema,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-        mysql_collate="utf8mb4_bin",
+        **_TABLE_OPTIONS,
     )
 
 
@@ -324,15 +326,23 @@ def _in_names(select: str) -> TextClause:
     return text(select + " IN :names").bindparams(bindparam("names", expanding=True))
 
 
-def check_schema(conn: Connection, layout: Layout) -> list[str]:
-    """What is missing or wrong, one line each (empty: the schema is complete).
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Catalog:
+    """What information_schema says about the layout's databases."""
 
-    A line starting with ``upgrade`` is a change of a schema made before issue #10 (the
-    others name what is missing: columns, indexes, tables).
-    """
-    databases = layout.databases()
-    names = {"names": databases}
-    found_dbs = {
+    databases: set[str]
+    # (database, table) -> column names
+    columns: dict[tuple[str, str], set[str]]
+    # (database, table, index) -> [(position, column, non_unique)]
+    indexes: dict[tuple[str, str, str], list[tuple[int, str, int]]]
+
+    def index_columns(self, database: str, table: str, index: str) -> tuple[str, ...]:
+        return tuple(c for _, c, _ in sorted(self.indexes.get((database, table, index), [])))
+
+
+def _catalog(conn: Connection, layout: Layout) -> _Catalog:
+    names = {"names": layout.databases()}
+    databases = {
         row[0]
         for row in conn.execute(
             _in_names("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME"),
@@ -348,7 +358,7 @@ def check_schema(conn: Connection, layout: Layout) -> list[str]:
         names,
     ):
         columns.setdefault((schema, table), set()).add(column)
-    parts: dict[tuple[str, str, str], list[tuple[int, str, int]]] = {}
+    indexes: dict[tuple[str, str, str], list[tuple[int, str, int]]] = {}
     for schema, table, index, non_unique, seq, column in conn.execute(
         _in_names(
             "SELECT TABLE_SCHEMA, TABLE_NAME, INDEX_NAME, NON_UNIQUE, SEQ_IN_INDEX, COLUMN_NAME "
@@ -356,37 +366,52 @@ def check_schema(conn: Connection, layout: Layout) -> list[str]:
         ),
         names,
     ):
-        parts.setdefault((schema, table, index), []).append((int(seq), column, int(non_unique)))
+        indexes.setdefault((schema, table, index), []).append((int(seq), column, int(non_unique)))
+    return _Catalog(databases, columns, indexes)
 
-    problems: list[str] = []
-    problems += [f"database {name}" for name in databases if name not in found_dbs]
+
+def check_schema(conn: Connection, layout: Layout) -> list[str]:
+    """What is missing or wrong, one line each (empty: the schema is complete).
+
+    A line starting with ``upgrade`` is a change of a schema made before issue #10 (the
+    others name what is missing: columns, indexes, tables).
+    """
+    found = _catalog(conn, layout)
+    problems = [f"database {name}" for name in layout.databases() if name not in found.databases]
     metadata = layout.metadata()
     for (database, name), indexes in layout.expected_tables().items():
-        if database not in found_dbs:
+        if database not in found.databases:
             continue
-        where = f"{database}.{name}"
-        have = columns.get((database, name))
+        have = found.columns.get((database, name))
         if have is None:
-            problems.append(f"table {where}")
+            problems.append(f"table {database}.{name}")
             continue
-        want = [c.name for c in metadata.tables[f"{database}.{name}"].columns]
-        problems += [f"column {where}.{c}" for c in want if c not in have]
-        for index, (unique, cols) in indexes.items():
-            got = sorted(parts.get((database, name, index), []))
-            if not got:
-                problems.append(f"index {where}.{index} ({', '.join(cols)})")
-            elif tuple(c for _, c, _ in got) != cols or (got[0][2] == 0) != unique:
-                problems.append(
-                    f"index {where}.{index} is ({', '.join(c for _, c, _ in got)}), "
-                    f"expected {'unique ' if unique else ''}({', '.join(cols)})"
-                )
-        if indexes is DLQ_INDEXES:
-            problems += [
-                f"upgrade of {where}: drop index {index} "
-                "(one dead letter per message, before issue #10)"
-                for index in OBSOLETE_DLQ_INDEXES
-                if (database, name, index) in parts
-            ]
+        table = metadata.tables[f"{database}.{name}"]
+        problems += _table_problems(found, table, have, indexes)
+    return problems
+
+
+def _table_problems(found: _Catalog, table: Table, have: set[str], indexes: _Indexes) -> list[str]:
+    """What an existing *table* lacks (it has the columns *have*)."""
+    database, name = str(table.schema), table.name
+    where = f"{database}.{name}"
+    problems = [f"column {where}.{c.name}" for c in table.columns if c.name not in have]
+    for index, (unique, cols) in indexes.items():
+        got = sorted(found.indexes.get((database, name, index), []))
+        if not got:
+            problems.append(f"index {where}.{index} ({', '.join(cols)})")
+        elif tuple(c for _, c, _ in got) != cols or (got[0][2] == 0) != unique:
+            problems.append(
+                f"index {where}.{index} is ({', '.join(c for _, c, _ in got)}), "
+                f"expected {'unique ' if unique else ''}({', '.join(cols)})"
+            )
+    if indexes is DLQ_INDEXES:
+        problems += [
+            f"upgrade of {where}: drop index {index} "
+            "(one dead letter per message, before issue #10)"
+            for index in OBSOLETE_DLQ_INDEXES
+            if (database, name, index) in found.indexes
+        ]
     return problems
 
 
@@ -435,29 +460,10 @@ def _upgrade(conn: Connection, layout: Layout, metadata: MetaData) -> list[str]:
     In this order, so a run stopped anywhere leaves the schema reported incomplete (the
     unique ``idx_dlq_key`` is created last, by the caller) and the next run goes on.
     """
-    databases = layout.databases()
-    names = {"names": databases}
-    columns: dict[tuple[str, str], set[str]] = {}
-    for schema, table, column in conn.execute(
-        _in_names(
-            "SELECT TABLE_SCHEMA, TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS "
-            "WHERE TABLE_SCHEMA"
-        ),
-        names,
-    ):
-        columns.setdefault((schema, table), set()).add(column)
-    indexes: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
-    for schema, table, index, seq, column in conn.execute(
-        _in_names(
-            "SELECT TABLE_SCHEMA, TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX, COLUMN_NAME "
-            "FROM information_schema.STATISTICS WHERE TABLE_SCHEMA"
-        ),
-        names,
-    ):
-        indexes.setdefault((schema, table, index), []).append((int(seq), column))
+    found = _catalog(conn, layout)
     done: list[str] = []
     for (database, name), expected in layout.expected_tables().items():
-        have = columns.get((database, name))
+        have = found.columns.get((database, name))
         if have is None:
             continue  # a new table: create_all makes it whole
         table = metadata.tables[f"{database}.{name}"]
@@ -472,7 +478,7 @@ def _upgrade(conn: Connection, layout: Layout, metadata: MetaData) -> list[str]:
         if expected is not DLQ_INDEXES:
             continue
         for index in OBSOLETE_DLQ_INDEXES:
-            if (database, name, index) in indexes:
+            if (database, name, index) in found.indexes:
                 # reported by check_schema before, so the caller lists it as done
                 conn.execute(text(f"ALTER TABLE {quoted} DROP INDEX `{index}`"))
         split = _split_dead_letters(conn, quoted)
@@ -480,7 +486,7 @@ def _upgrade(conn: Connection, layout: Layout, metadata: MetaData) -> list[str]:
             done.append(
                 f"upgrade of {database}.{name}: split {split} dead letter(s) into one per group"
             )
-        got = tuple(c for _, c in sorted(indexes.get((database, name, "idx_dlq"), [])))
+        got = found.index_columns(database, name, "idx_dlq")
         if got and got != DLQ_INDEXES["idx_dlq"][1]:
             # the caller creates it again with today's columns
             conn.execute(text(f"ALTER TABLE {quoted} DROP INDEX `idx_dlq`"))

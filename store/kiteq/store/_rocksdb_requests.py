@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import ClassVar, Final
 
 from rocksdict import WriteBatch
 
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store._groups import redrive_groups
+from kiteq.store._rocksdb_db import DB, HISTORY_SEQ_KEY, SEQ, due_time
 from kiteq.store.base import DeadLetter, DlqKey, HistoryEvent, Rescheduled, Saved, SaveOutcome
 from kiteq.store.codec import (
     Bookkeeping,
@@ -38,23 +38,10 @@ from kiteq.store.codec import (
     state_of,
 )
 
-if TYPE_CHECKING:
-    # only for annotations: rocksdb.py imports this module
-    from kiteq.store.rocksdb import _DB
-
 logger = logging.getLogger(__name__)
 
 _KEY_OVERHEAD: Final = 64
-_DUE_TIME: Final = struct.Struct(">d")
-_SEQ: Final = struct.Struct(">I")
 _SEQ_MASK: Final = 0xFFFFFFFF
-_HISTORY_SEQ_KEY: Final = b"\xff"
-
-
-def _due_time(ndt: float) -> bytes:
-    # Negative times, -0.0 and NaN would sort wrongly as IEEE-754 bytes: they sort as 0.0
-    # (due at once).
-    return _DUE_TIME.pack(ndt if ndt > 0.0 else 0.0)
 
 
 class _Batch:
@@ -64,7 +51,7 @@ class _Batch:
     batch see their effects (save then commit, delete then save again).
     """
 
-    def __init__(self, db: _DB, requests: Sequence[_Request]) -> None:
+    def __init__(self, db: DB, requests: Sequence[_Request]) -> None:
         self.db = db
         self.wb = WriteBatch(raw_mode=True)
         keys = list({key: None for request in requests for key in request.ids_read()})
@@ -103,8 +90,8 @@ class _Batch:
         self.put_state(key, new)
         if old.committed:
             due = self.db.due.handle
-            self.wb.delete(_due_time(old.next_deliver_time) + key, due)
-            self.wb.put(_due_time(new.next_deliver_time) + key, b"", due)
+            self.wb.delete(due_time(old.next_deliver_time) + key, due)
+            self.wb.put(due_time(new.next_deliver_time) + key, b"", due)
 
     def remove(self, key: bytes, old: State) -> None:
         """Delete the stored record whose state is *old* (and its index entry)."""
@@ -112,7 +99,7 @@ class _Batch:
         wb.delete(key, db.msg.handle)
         wb.delete(key, db.state.handle)
         if old.committed:
-            wb.delete(_due_time(old.next_deliver_time) + key, db.due.handle)
+            wb.delete(due_time(old.next_deliver_time) + key, db.due.handle)
         else:
             wb.delete(key, db.uncommitted.handle)
         self.states[key] = None
@@ -127,7 +114,7 @@ class _Batch:
         self.messages[key] = value
         self.count(state.topic, 1)
         if state.committed:
-            self.wb.put(_due_time(state.next_deliver_time) + key, b"", db.due.handle)
+            self.wb.put(due_time(state.next_deliver_time) + key, b"", db.due.handle)
         else:
             # still waiting for its decision: checked again, never delivered
             self.wb.put(key, b"", db.uncommitted.handle)
@@ -192,7 +179,7 @@ class _Save(_Request):
             put(key, value, msg_cf)
             put(key, encode_state(state), state_cf)
             if state.committed:
-                put(_due_time(state.next_deliver_time) + key, b"", due_cf)
+                put(due_time(state.next_deliver_time) + key, b"", due_cf)
             else:
                 put(key, b"", batch.db.uncommitted.handle)
             states[key] = state
@@ -228,8 +215,8 @@ class _Reschedule(_Request):
             states[key] = new
             put(key, encode_state(new), state_cf)
             if old.committed:
-                delete(_due_time(old.next_deliver_time) + key, due)
-                put(_due_time(new.next_deliver_time) + key, b"", due)
+                delete(due_time(old.next_deliver_time) + key, due)
+                put(due_time(new.next_deliver_time) + key, b"", due)
 
 
 class _Delete(_Request):
@@ -290,7 +277,7 @@ class _Commit(_Decision):
         state = old._replace(committed=True)
         batch.put_state(self.key, state)
         batch.wb.delete(self.key, batch.db.uncommitted.handle)
-        batch.wb.put(_due_time(state.next_deliver_time) + self.key, b"", batch.db.due.handle)
+        batch.wb.put(due_time(state.next_deliver_time) + self.key, b"", batch.db.due.handle)
         self.record = decode_message(value, state)
 
 
@@ -449,7 +436,7 @@ class _AppendHistory(_Request):
     def __init__(self, events: Sequence[HistoryEvent], seq: int) -> None:
         items: list[tuple[bytes, bytes]] = []
         for event in events:
-            key = event.message_id.encode() + _due_time(event.time) + _SEQ.pack(seq)
+            key = event.message_id.encode() + due_time(event.time) + SEQ.pack(seq)
             items.append((key, encode_event(event)))
             seq = (seq + 1) & _SEQ_MASK
         super().__init__(sum(len(value) + _KEY_OVERHEAD for _, value in items))
@@ -461,4 +448,4 @@ class _AppendHistory(_Request):
         history = batch.db.history.handle
         for key, value in self.items:
             put(key, value, history)
-        put(_HISTORY_SEQ_KEY, _SEQ.pack(self.next_seq), history)
+        put(HISTORY_SEQ_KEY, SEQ.pack(self.next_seq), history)

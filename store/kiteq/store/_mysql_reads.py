@@ -1,0 +1,293 @@
+"""The MySQL store's reads, counts and takeover: everything but the queued writes.
+
+Each method runs on a worker thread; the SQL is built from the layout's table names
+(``Tables``) and every value is a driver parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from typing import Final, TypeVar
+
+from sqlalchemy import Connection
+
+from kiteq.core.message import StoredMessage
+from kiteq.store._mysql_engine import Database
+from kiteq.store._mysql_rows import (
+    _COLUMNS,
+    _DLQ_COLUMNS,
+    _HISTORY_COLUMNS,
+    _MAX_TIME,
+    _PRUNE_CHUNK,
+    _dead_letter,
+    _marks,
+    _record,
+    _Row,
+    _select_sql,
+    _time,
+    page_keys_sql,
+    uncommitted_keys_sql,
+)
+from kiteq.store._mysql_schema import Layout
+from kiteq.store._mysql_tx import Tables
+from kiteq.store._state import add_counts
+from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, DueCursor, HistoryEvent
+
+__all__ = ["Counts", "Reads"]
+
+_K = TypeVar("_K", str, tuple[str, str])
+
+# backlog per topic, dead letters per (topic, group)
+Counts = tuple[dict[str, int], dict[tuple[str, str], int]]
+# list_dlq's filter fields and their columns
+_DLQ_FILTER: Final = (
+    ("topic", "topic"),
+    ("message_type", "message_type"),
+    ("dead_reason", "reason"),
+    ("group_id", "group"),
+)
+
+
+class Reads:
+    __slots__ = ("_page_sql", "_uncommitted_sql", "database", "layout", "owner", "tables")
+
+    def __init__(self, database: Database, layout: Layout, tables: Tables, owner: str) -> None:
+        self.database = database
+        self.layout = layout
+        self.tables = tables
+        self.owner = owner
+        self._page_sql = page_keys_sql(tables.slots)
+        self._uncommitted_sql = uncommitted_keys_sql(tables.slots)
+
+    def counts(self, conn: Connection) -> Counts:
+        """This owner's messages per topic (idx_backlog), dead letters per (topic, group)."""
+        tables = [table for _, table in self.tables.slots]
+        sql = " UNION ALL ".join(
+            f"(SELECT topic, COUNT(*) FROM {table} WHERE kite_server = %s GROUP BY topic)"  # noqa: S608
+            for table in tables
+        )
+        backlog: collections.Counter[str] = collections.Counter()
+        for topic, count in conn.exec_driver_sql(sql, (self.owner,) * len(tables)):
+            backlog[topic] += int(count)
+        tables = self.tables.dlq
+        sql = " UNION ALL ".join(
+            f"(SELECT topic, group_id, COUNT(*) FROM {table} WHERE kite_server = %s "  # noqa: S608
+            "GROUP BY topic, group_id)"
+            for table in tables
+        )
+        dead: collections.Counter[tuple[str, str]] = collections.Counter()
+        for topic, group, count in conn.exec_driver_sql(sql, (self.owner,) * len(tables)):
+            dead[(topic, group)] += int(count)
+        return dict(backlog), dict(dead)
+
+    def get(self, message_id: str) -> StoredMessage | None:
+        shard, table = self.layout.route(message_id)
+        sql = _select_sql(self.tables.messages[shard][table], _COLUMNS, 1)
+
+        def read(conn: Connection) -> StoredMessage | None:
+            row = conn.exec_driver_sql(sql, (message_id,)).first()
+            return None if row is None else _record(tuple(row))
+
+        return self.database.read("get", read)
+
+    def page_due(self, now: float, limit: int, after: DueCursor | None) -> list[StoredMessage]:
+        now = min(now, _MAX_TIME)
+        cursor = (-1.0, "") if after is None else (_time(after[0]), after[1])
+        params = (self.owner, now, cursor[0], cursor[0], cursor[1], limit) * len(self.tables.slots)
+        sql = self._page_sql
+
+        def read(conn: Connection) -> list[StoredMessage]:
+            # Both statements in one transaction: one consistent snapshot.
+            keys = conn.exec_driver_sql(sql, (*params, limit)).all()
+            return self._fetch(conn, [(mid, int(slot)) for _, mid, slot in keys])
+
+        return self.database.read("page_due", read)
+
+    def page_uncommitted(self, limit: int, after: str | None) -> list[StoredMessage]:
+        params = (self.owner, after or "", limit) * len(self.tables.slots) + (limit,)
+        sql = self._uncommitted_sql
+
+        def read(conn: Connection) -> list[StoredMessage]:
+            keys = conn.exec_driver_sql(sql, params).all()
+            return self._fetch(conn, [(mid, int(slot)) for mid, slot in keys])
+
+        return self.database.read("page_uncommitted", read)
+
+    def _fetch(self, conn: Connection, keys: Sequence[tuple[str, int]]) -> list[StoredMessage]:
+        """The records of *keys* (id, slot), in their order, read in one statement."""
+        if not keys:
+            return []
+        slots = dict(self.tables.slots)
+        by_slot: dict[int, list[str]] = {}
+        for message_id, slot in keys:
+            by_slot.setdefault(slot, []).append(message_id)
+        fetch = " UNION ALL ".join(
+            f"({_select_sql(slots[slot], _COLUMNS, len(ids))})" for slot, ids in by_slot.items()
+        )
+        values = tuple(mid for ids in by_slot.values() for mid in ids)
+        rows = {row[0]: tuple(row) for row in conn.exec_driver_sql(fetch, values)}
+        return [_record(rows[mid]) for mid, _ in keys if mid in rows]
+
+    def list_dlq(self, where: DlqFilter, limit: int, after: DlqKey | None) -> list[DeadLetter]:
+        conditions = ["kite_server = %s"]
+        values: list[object] = [self.owner]
+        if after is not None:
+            # the first condition is the range idx_dlq is scanned over
+            conditions.append("message_id >= %s AND (message_id > %s OR group_id > %s)")
+            values += (after[0], after[0], after[1])
+        for column, field in _DLQ_FILTER:
+            value = getattr(where, field)
+            if value:
+                conditions.append(f"`{column}` = %s")
+                values.append(value)
+        condition = " AND ".join(conditions)
+        order = "ORDER BY message_id, group_id LIMIT %s"
+        branch = "(SELECT {columns} FROM {table} WHERE {condition} {order})"
+        tables = self.tables.dlq
+        sql = (
+            " UNION ALL ".join(
+                branch.format(columns=_DLQ_COLUMNS, table=table, condition=condition, order=order)
+                for table in tables
+            )
+            + f" {order}"
+        )
+        params = (*values, limit) * len(tables) + (limit,)
+
+        def read(conn: Connection) -> list[DeadLetter]:
+            return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, params)]
+
+        return self.database.read("list_dlq", read)
+
+    def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
+        shard, _ = self.layout.route(message_id)
+        sql = (
+            f"SELECT {_DLQ_COLUMNS} FROM {self.tables.dlq[shard]} "  # noqa: S608
+            "WHERE message_id = %s ORDER BY group_id"
+        )
+
+        def read(conn: Connection) -> list[DeadLetter]:
+            return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, (message_id,))]
+
+        return self.database.read("get_dead_letters", read)
+
+    def get_history(self, message_id: str) -> list[HistoryEvent]:
+        shard, _ = self.layout.route(message_id)
+        sql = (
+            f"SELECT {_HISTORY_COLUMNS} FROM {self.tables.history[shard]} "  # noqa: S608
+            "WHERE message_id = %s ORDER BY event_time, seq"
+        )
+
+        def read(conn: Connection) -> list[HistoryEvent]:
+            return [
+                HistoryEvent(mid, event_time, kind, group, connection, attempt, detail)
+                for mid, event_time, kind, group, connection, attempt, detail in conn.exec_driver_sql(
+                    sql, (message_id,)
+                )
+            ]
+
+        return self.database.read("get_history", read)
+
+    def prune_history(self, before: float) -> int:
+        """Removes in chunks of its own transactions, beside the write queues."""
+        removed = 0
+        for table in self.tables.history:
+            sql = f"DELETE FROM {table} WHERE event_time < %s LIMIT {_PRUNE_CHUNK}"  # noqa: S608
+            while True:
+
+                def chunk(conn: Connection, sql: str = sql) -> int:
+                    deleted = conn.exec_driver_sql(sql, (before,)).rowcount
+                    conn.commit()
+                    return deleted
+
+                deleted = self.database.read("prune_history", chunk)
+                removed += deleted
+                if deleted < _PRUNE_CHUNK:
+                    break
+        return removed
+
+    def get_meta(self, prefix: str) -> dict[str, bytes]:
+        raw = prefix.encode()
+        pattern = raw.replace(b"!", b"!!").replace(b"%", b"!%").replace(b"_", b"!_") + b"%"
+        sql = (
+            f"SELECT meta_key, meta_value FROM {self.tables.meta} WHERE meta_key LIKE %s ESCAPE '!'"  # noqa: S608
+        )
+
+        def read(conn: Connection) -> dict[str, bytes]:
+            return {
+                bytes(key).decode(): bytes(value)
+                for key, value in conn.exec_driver_sql(sql, (pattern,))
+            }
+
+        return self.database.read("get_meta", read)
+
+    def take_over(
+        self, owner: str, batch: int, loop: asyncio.AbstractEventLoop, counts: Counts
+    ) -> tuple[int, int]:
+        """(messages, dead letters) of *owner* moved to this store's owner.
+
+        *batch* rows per transaction; each batch's counts are added to *counts* on *loop*
+        once committed (see ``MySQLStore.take_over``).
+        """
+        backlog, dlq = counts
+        moved = sum(
+            _TakeOver(self, owner, batch, loop, table, "message_id", "topic").run(backlog)
+            for _, table in self.tables.slots
+        )
+        # by primary key: a batch may end between two dead letters of one message
+        dead = sum(
+            _TakeOver(self, owner, batch, loop, table, "id", "topic, group_id").run(dlq)
+            for table in self.tables.dlq
+        )
+        return moved, dead
+
+
+class _TakeOver:
+    """Moves one table's rows of *owner* in batches by *key*.
+
+    *counted* names the columns of the counts' keys (one: a str, two: a tuple).
+    """
+
+    def __init__(
+        self,
+        reads: Reads,
+        owner: str,
+        size: int,
+        loop: asyncio.AbstractEventLoop,
+        table: str,
+        key: str,
+        counted: str,
+    ) -> None:
+        self.reads = reads
+        self.owner = owner
+        self.size = size
+        self.loop = loop
+        self.select = (
+            f"SELECT {key}, {counted} FROM {table} WHERE kite_server = %s "  # noqa: S608
+            f"LIMIT {size} FOR UPDATE"
+        )
+        self.update = f"UPDATE {table} SET kite_server = %s WHERE kite_server = %s AND {key} IN "  # noqa: S608
+
+    def batch(self, conn: Connection) -> _Row:
+        found: _Row = tuple(conn.exec_driver_sql(self.select, (self.owner,)).all())
+        if found:
+            conn.exec_driver_sql(
+                f"{self.update}({_marks(len(found))})",
+                (self.reads.owner, self.owner, *(row[0] for row in found)),
+            )
+        conn.commit()
+        return found
+
+    def run(self, counts: dict[_K, int]) -> int:
+        """How many rows moved; each batch is counted in *counts* (on the loop)."""
+        total = 0
+        while True:
+            rows = self.reads.database.retried("take_over", self.batch)
+            if rows:
+                keys = [row[1] if len(row) == 2 else tuple(row[1:]) for row in rows]
+                # on the loop (FIFO: before the call returns), even if a later batch fails
+                self.loop.call_soon_threadsafe(add_counts, counts, dict(collections.Counter(keys)))
+                total += len(rows)
+            if len(rows) < self.size:
+                return total

@@ -1,0 +1,87 @@
+"""What every backend does the same way: its open/close state and its running counts."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+from kiteq.core.errors import StoreUnavailableError
+
+__all__ = ["Lifecycle", "Status", "add_counts"]
+
+_T = TypeVar("_T")
+_K = TypeVar("_K", str, tuple[str, str])
+
+
+class Status(enum.Enum):
+    NEW = "not open"
+    OPENING = "still opening"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Lifecycle:
+    """A store's status: new, opening, open, closed; closed for good once closing.
+
+    ``open`` may be retried after it failed or was cancelled (the status goes back to
+    new), unless ``close`` ran meanwhile.
+    """
+
+    __slots__ = ("_closing", "description", "status")
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.status = Status.NEW
+        self._closing: asyncio.Future[None] | None = None
+
+    def not_open(self) -> StoreUnavailableError:
+        state = "not open" if self.status is Status.OPEN else self.status.value
+        return StoreUnavailableError(f"{self.description} is {state}")
+
+    def check_open(self) -> None:
+        if self.status is not Status.OPEN:
+            raise self.not_open()
+
+    def begin_open(self) -> bool:
+        """Start opening; False when already open."""
+        if self.status is Status.OPEN:
+            return False
+        if self.status is not Status.NEW:
+            raise self.not_open()
+        self.status = Status.OPENING
+        return True
+
+    async def opened(self, job: asyncio.Future[_T]) -> _T:
+        """The result of the open *job*; the store is open when this returns."""
+        try:
+            result = await asyncio.shield(job)
+        except BaseException:
+            if self._closing is None:
+                self.status = Status.NEW
+            raise
+        if self._closing is not None:
+            # close() ran meanwhile; it closes what the job opened.
+            raise self.not_open()
+        self.status = Status.OPEN
+        return result
+
+    async def close(self, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run *close* once, whoever calls (idempotent, and not cancelled by a caller)."""
+        if self._closing is None:
+            self.status = Status.CLOSED
+            self._closing = asyncio.ensure_future(close())
+        await asyncio.shield(self._closing)
+
+
+def add_counts(counts: dict[_K, int], deltas: Mapping[_K, int]) -> None:
+    """Add count changes; a count that reaches 0 is dropped."""
+    for key, delta in deltas.items():
+        if not delta:
+            continue
+        count = counts.get(key, 0) + delta
+        if count > 0:
+            counts[key] = count
+        else:
+            counts.pop(key, None)
