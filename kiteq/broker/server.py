@@ -16,7 +16,6 @@ import contextlib
 import logging
 import socket
 import time
-import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
@@ -54,13 +53,13 @@ from kiteq.core.errors import ConfigError
 from kiteq.core.limits import MAX_FRAME_BYTES
 from kiteq.core.tls import ServerTls, TlsMode, load_server_tls
 from kiteq.handler.core import BrokerCore
-from kiteq.handler.takeover import TakeoverLoop, store_identity
+from kiteq.handler.takeover import TakeoverLoop
 from kiteq.ops.health import Component, HealthReport
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
 from kiteq.store.base import MessageStore
-from kiteq.store.url import mysql_options, open_store
+from kiteq.store.url import open_store, store_ownership
 
 logger = logging.getLogger(__name__)
 
@@ -90,26 +89,6 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"-bind: expected host:port, got {bind!r}")
     return host.strip("[]"), int(port)
-
-
-def owned_store_url(db: str, advertised: str) -> tuple[str, str, bool]:
-    """(store URL, owner name, derived): who owns this broker's stored rows.
-
-    The owner (``kite_server``) is ``kiteServer=`` of a ``mysql://`` URL when given,
-    otherwise the broker's advertised address, unique per broker (KiteQ's host name is
-    shared by brokers on one host); it is added to a ``mysql://`` URL as ``kiteServer``.
-    """
-    if _is_mysql(db):
-        configured = mysql_options(db).kite_server
-        if configured is not None:
-            return db, configured, False
-        joiner = "&" if "?" in db else "?"
-        return f"{db}{joiner}kiteServer={urllib.parse.quote(advertised, safe='')}", advertised, True
-    return db, advertised, True
-
-
-def _is_mysql(db: str) -> bool:
-    return db.strip().lower().startswith("mysql://")
 
 
 def check_admin_protection(config: ClusterConfig) -> None:
@@ -247,10 +226,11 @@ class Broker:
                 key,
                 CLUSTER_DEFAULTS[key][1],
             )
-        store_url, self.owner, derived = owned_store_url(config.db, self.advertised)
-        self._store = store = open_store(store_url)
+        ownership = store_ownership(config.db, self.advertised)
+        self.owner = ownership.owner
+        self._store = store = open_store(ownership.url)
         await store.open()
-        if derived and _is_mysql(config.db):
+        if ownership.adopts_host_rows:
             # rows of this host's name (KiteQ's owner, and ours before owners were
             # addresses) are adopted by the broker that starts on this host
             legacy = socket.gethostname()
@@ -372,14 +352,18 @@ class Broker:
             )
             await self._ops.start()
         self.metrics.set_info(VERSION, config.name, store.description)
-        if config.takeover and _is_mysql(config.db) and config.registry.startswith("zk://"):
+        if (
+            config.takeover
+            and ownership.sharing is not None
+            and config.registry.startswith("zk://")
+        ):
             # announced before the alive node: a new incarnation is never taken for an old
             self._takeover = TakeoverLoop(
                 nodes=ZkTakeoverNodes(parse_zk_uri(config.registry)),
                 store=store,
                 address=self.advertised,
                 owner=self.owner,
-                store_id=store_identity(mysql_options(store_url)),
+                store_id=ownership.sharing,
                 grace=config.takeover_grace_seconds,
                 on_taken=self._taken_over,
             )
