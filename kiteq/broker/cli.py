@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from kiteq.binding.registry import redact_registry_uri
+from kiteq.broker.address import split_bind
 from kiteq.broker.logs import LOG_FILE, LogFormat, configure as configure_logging
-from kiteq.broker.server import Broker, split_bind
+from kiteq.broker.server import Broker
 from kiteq.broker.startup import (
     CONFIG_ENV,
     LOCAL_CONFIG,
