@@ -1,23 +1,8 @@
-"""Prometheus metrics of one broker, on a registry of its own.
-
-``BrokerMetrics`` is created by the broker and handed to whoever reports (pipeline
-stages, stores, the connection manager); nothing here is global and importing the
-module registers nothing. Names follow the Prometheus conventions: ``kiteq_`` prefix,
-base units, counters ending in ``_total``.
-
-Label cardinality is bounded. Development clusters accept any valid topic, so the first
-``max_topics`` distinct topics (and ``max_groups`` groups, ``max_ops`` store operations)
-get their own series and later ones are counted under ``"_other"``; names that are not
-valid topic/group names (a rejected message may carry anything) become ``"_invalid"``.
-Every overflow is counted in ``kiteq_metrics_label_overflow_total{label}``.
-"""
+"""``BrokerMetrics``: every metric of one broker, on a registry of its own."""
 
 from __future__ import annotations
 
-import logging
-import threading
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 from prometheus_client import (
@@ -29,78 +14,29 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from kiteq.core.limits import is_name
+from kiteq.ops.metrics.histogram import FastHistogram
+from kiteq.ops.metrics.labels import (
+    BINDING_REFUSAL_REASONS,
+    CONNECTION_ROLES,
+    DEAD_LETTER_REASONS,
+    DELIVERY_RESULTS,
+    FRAME_REJECT_REASONS,
+    NO_GROUP_LABEL,
+    REJECT_REASONS,
+    SESSION_CLOSE_REASONS,
+    TX_CHECK_RESULTS,
+    ZK_STATES,
+    LabelCap,
+    check,
+)
 
-__all__ = [
-    "BINDING_REFUSAL_REASONS",
-    "CONNECTION_ROLES",
-    "CONTENT_TYPE",
-    "DEAD_LETTER_REASONS",
-    "DELIVERY_RESULTS",
-    "FRAME_REJECT_REASONS",
-    "INVALID_LABEL",
-    "LATENCY_BUCKETS",
-    "NO_GROUP_LABEL",
-    "OTHER_LABEL",
-    "REJECT_REASONS",
-    "SESSION_CLOSE_REASONS",
-    "TX_CHECK_RESULTS",
-    "ZK_STATES",
-    "BrokerMetrics",
-]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "BrokerMetrics"]
 
-logger = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 """Content type of ``BrokerMetrics.render()`` (Prometheus text format 0.0.4)."""
-
-OTHER_LABEL: Final = "_other"
-INVALID_LABEL: Final = "_invalid"
-NO_GROUP_LABEL: Final = "_none"
-"""The ``group`` label of dead letters that name no group (``no_binding``)."""
-
-REJECT_REASONS: Final = frozenset(
-    {
-        "invalid",
-        "unknown_topic",
-        "expired",
-        "too_large",
-        "overflow",
-        "store_full",
-        "store_unavailable",
-        "not_serving",
-        "unauthenticated",
-        "permission_denied",
-    }
-)
-# Client input refused before it reaches a message: whole frames (undecodable, not allowed
-# at that point, a bad open, a wrong secret) and items of a frame (acks naming no delivery
-# of the session, TxAck items with a bad id or status or for another group's message).
-FRAME_REJECT_REASONS: Final = frozenset(
-    {
-        "undecodable",
-        "unexpected",
-        "invalid_open",
-        "unauthenticated",
-        "stray_ack",
-        "invalid_tx",
-        "denied_tx",
-    }
-)
-# why a group's bindings were refused (kiteq.binding.match.RefusalReason)
-BINDING_REFUSAL_REASONS: Final = frozenset({"permission", "limit"})
-DELIVERY_RESULTS: Final = frozenset({"ack", "nack", "timeout", "disconnected"})
-CONNECTION_ROLES: Final = frozenset({"producer", "consumer"})
-# kiteq.handler.dispatch: why a (message, group) went to the dead-letter queue
-DEAD_LETTER_REASONS: Final = frozenset({"deliver_limit", "expired", "no_binding"})
-# what a transaction check ended in: the producer's answer, or none (sent, unanswered)
-TX_CHECK_RESULTS: Final = frozenset({"commit", "rollback", "unknown", "unresolved"})
-ZK_STATES: Final = frozenset({"connected", "suspended", "lost"})
-# kiteq.broker.service: how a client stream ended
-SESSION_CLOSE_REASONS: Final = frozenset({"client_closed", "cancelled", "refused", "error"})
 
 DEFAULT_MAX_TOPICS: Final = 200
 DEFAULT_MAX_GROUPS: Final = 200
@@ -147,134 +83,6 @@ LATENCY_BUCKETS: Final = (
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-class _LabelCap:
-    """Admits at most *limit* distinct label values; later ones map to ``OTHER_LABEL``."""
-
-    def __init__(self, label: str, limit: int, overflow: Counter) -> None:
-        if limit < 1:
-            raise ValueError(f"label limit for {label} must be >= 1, got {limit}")
-        self._label = label
-        self._limit = limit
-        self._seen: set[str] = set()
-        self._warned = False
-        # Store backends report from their own threads.
-        self._lock = threading.Lock()
-        self._overflow = overflow.labels(label)
-
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
-        if not is_name(value):
-            self._overflow.inc()
-            return INVALID_LABEL
-        with self._lock:
-            if value in self._seen:
-                return value
-            if len(self._seen) < self._limit:
-                self._seen.add(value)
-                return value
-            warn, self._warned = not self._warned, True
-        if warn:
-            logger.warning(
-                "metrics label cap reached label=%s limit=%d; further values count as %s",
-                self._label,
-                self._limit,
-                OTHER_LABEL,
-            )
-        self._overflow.inc()
-        return OTHER_LABEL
-
-
-class FastHistogram:
-    """A histogram for per-message observations on the event loop.
-
-    ``prometheus_client.Histogram`` takes a lock and a labelled child lookup per
-    ``observe``; the dispatcher observes once per delivery, so this one keeps plain lists
-    (one bisect and two additions per observation) and builds the exposition at scrape
-    time. Label values go through the broker's caps when scraped. ``observe`` is for the
-    event loop only; ``collect`` may run on the scrape thread (it copies under a lock).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: tuple[str, ...],
-        buckets: tuple[float, ...],
-        caps: tuple[_LabelCap, ...],
-    ) -> None:
-        self._name = name
-        self._doc = documentation
-        self._labelnames = labelnames
-        self._bounds = buckets
-        self._caps = caps
-        self._lock = threading.Lock()
-        # label values -> counts per bucket (the last one is +Inf), then the sum
-        self._series: dict[tuple[str, ...], list[float]] = {}
-
-    @property
-    def bounds(self) -> tuple[float, ...]:
-        """The buckets' upper bounds, without +Inf (for callers that fill a ``series``)."""
-        return self._bounds
-
-    def series(self, key: tuple[str, ...]) -> list[float]:
-        """The counts of *key*'s label values, for a hot path that observes by itself.
-
-        ``series[bisect_left(bounds, v)] += 1`` and ``series[-1] += v`` is one
-        observation of *v* (the dispatcher keeps the list per (topic, group)).
-        """
-        series = self._series.get(key)
-        if series is None:
-            series = [0.0] * (len(self._bounds) + 2)
-            with self._lock:
-                series = self._series.setdefault(key, series)
-        return series
-
-    def observe(self, key: tuple[str, ...], value: float, n: int = 1) -> None:
-        """Add *n* observations of *value* under the label values *key*."""
-        series = self._series.get(key)
-        if series is None:
-            series = [0.0] * (len(self._bounds) + 2)
-            with self._lock:
-                self._series[key] = series
-        series[bisect_left(self._bounds, value)] += n
-        series[-1] += value * n
-
-    def describe(self) -> Iterable[Metric]:
-        return [HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)]
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            items = [(key, list(series)) for key, series in self._series.items()]
-        merged: dict[tuple[str, ...], list[float]] = {}
-        for key, series in items:
-            labels = tuple(cap(v) for cap, v in zip(self._caps, key, strict=True))
-            into = merged.get(labels)
-            if into is None:
-                merged[labels] = series
-            else:
-                merged[labels] = [a + b for a, b in zip(into, series, strict=True)]
-        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for labels, series in merged.items():
-            buckets = []
-            total = 0.0
-            for bound, count in zip((*self._bounds, float("inf")), series, strict=False):
-                total += count
-                buckets.append((_bound_text(bound), total))
-            family.add_metric(list(labels), buckets, series[-1])
-        yield family
-
-
-def _bound_text(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
-
-
-def _check(kind: str, value: str, allowed: frozenset[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(sorted(allowed))}")
-    return value
-
-
 class BrokerMetrics:
     """The broker's metrics; ``render()`` is what ``/metrics`` serves.
 
@@ -301,9 +109,9 @@ class BrokerMetrics:
             ["label"],
             registry=reg,
         )
-        self._topic = _LabelCap("topic", max_topics, overflow)
-        self._group = _LabelCap("group", max_groups, overflow)
-        self._op = _LabelCap("op", max_ops, overflow)
+        self._topic = LabelCap("topic", max_topics, overflow)
+        self._group = LabelCap("group", max_groups, overflow)
+        self._op = LabelCap("op", max_ops, overflow)
 
         self._received = Counter(
             "kiteq_messages_received_total",
@@ -527,23 +335,23 @@ class BrokerMetrics:
 
     def rejected(self, topic: str, reason: str, n: int = 1) -> None:
         """Count *n* messages refused; *reason* is one of ``REJECT_REASONS``."""
-        reason = _check("reject reason", reason, REJECT_REASONS)
+        reason = check("reject reason", reason, REJECT_REASONS)
         self._rejected.labels(self._topic(topic), reason).inc(n)
 
     def bindings_refused(self, reason: str) -> None:
         """Count one refused binding list; *reason* is in ``BINDING_REFUSAL_REASONS``."""
-        reason = _check("binding refusal reason", reason, BINDING_REFUSAL_REASONS)
+        reason = check("binding refusal reason", reason, BINDING_REFUSAL_REASONS)
         self._bindings_refused.labels(reason).inc()
 
     def rejected_frames(self, reason: str, n: int = 1) -> None:
         """Count *n* refused client frames or items; *reason* is in ``FRAME_REJECT_REASONS``."""
         self._rejected_frames.labels(
-            _check("frame reject reason", reason, FRAME_REJECT_REASONS)
+            check("frame reject reason", reason, FRAME_REJECT_REASONS)
         ).inc(n)
 
     def delivered(self, topic: str, group: str, result: str, n: int = 1) -> None:
         """Count *n* delivery outcomes; *result* is one of ``DELIVERY_RESULTS``."""
-        result = _check("delivery result", result, DELIVERY_RESULTS)
+        result = check("delivery result", result, DELIVERY_RESULTS)
         self._delivered.labels(self._topic(topic), self._group(group), result).inc(n)
 
     def redelivered(self, topic: str, group: str, n: int = 1) -> None:
@@ -558,7 +366,7 @@ class BrokerMetrics:
 
     def set_connections(self, role: str, n: int) -> None:
         """Set the number of open streams of *role* (``producer`` or ``consumer``)."""
-        self._connections.labels(_check("connection role", role, CONNECTION_ROLES)).set(n)
+        self._connections.labels(check("connection role", role, CONNECTION_ROLES)).set(n)
 
     def set_inflight(self, n: int) -> None:
         """Set the number of deliveries waiting for an ack."""
@@ -590,7 +398,7 @@ class BrokerMetrics:
 
     def dead_lettered(self, topic: str, group: str, reason: str, n: int = 1) -> None:
         """Count *n* dead letters; *reason* is in ``DEAD_LETTER_REASONS``."""
-        reason = _check("dead-letter reason", reason, DEAD_LETTER_REASONS)
+        reason = check("dead-letter reason", reason, DEAD_LETTER_REASONS)
         label = self._group(group) if group else NO_GROUP_LABEL
         self._dead_lettered.labels(self._topic(topic), label, reason).inc(n)
 
@@ -640,11 +448,11 @@ class BrokerMetrics:
 
     def tx_checked(self, result: str, n: int = 1) -> None:
         """Count *n* transaction checks ended in *result* (``TX_CHECK_RESULTS``)."""
-        self._tx_checks.labels(_check("tx check result", result, TX_CHECK_RESULTS)).inc(n)
+        self._tx_checks.labels(check("tx check result", result, TX_CHECK_RESULTS)).inc(n)
 
     def set_zookeeper(self, state: str, session_losses: int) -> None:
         """The session is in *state* (``ZK_STATES``) and was lost *session_losses* times."""
-        state = _check("zookeeper state", state, ZK_STATES)
+        state = check("zookeeper state", state, ZK_STATES)
         for other in ZK_STATES:
             self._zk_state.labels(other).set(1 if other == state else 0)
         if session_losses > self._zk_losses:
@@ -658,7 +466,7 @@ class BrokerMetrics:
 
     def session_closed(self, reason: str) -> None:
         """Count one closed client stream; *reason* is in ``SESSION_CLOSE_REASONS``."""
-        self._sessions_closed.labels(_check("close reason", reason, SESSION_CLOSE_REASONS)).inc()
+        self._sessions_closed.labels(check("close reason", reason, SESSION_CLOSE_REASONS)).inc()
 
     def set_info(self, version: str, cluster: str, store: str) -> None:
         """Publish ``kiteq_build_info{version,cluster,store} 1``.
