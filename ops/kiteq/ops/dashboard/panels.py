@@ -1,44 +1,18 @@
-"""The Grafana dashboard ``ops/grafana/dashboards/kiteq-overview.json``, built as code.
-
-Panels and queries are typed builders of Grafana's own ``grafana-foundation-sdk`` (a dev
-dependency: only this generator needs it, never the broker). The JSON is committed so that
-Grafana provisioning needs no Python; ``python -m kiteq.ops.dashboard`` rewrites it and
-``--check`` exits 1 when the committed file differs (the test command runs it, as it does
-``proto/generate.py --check``).
-
-Every query filters on ``$job`` and ``$instance`` and uses ``$__rate_interval``; the
-dashboard tests evaluate each one against a real Prometheus scraping a broker.
-"""
+"""The dashboard's content: its rows of panels and every query, as plain data."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from grafana_foundation_sdk.builders import (
-    dashboard as builder,
-    prometheus,
-    stat,
-    table,
-    timeseries,
-)
-from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models import dashboard as model, prometheus as prometheus_model
+from grafana_foundation_sdk.models import dashboard as model
 
-__all__ = ["DASHBOARD_PATH", "build", "render"]
+__all__ = ["DATASOURCE", "ROWS", "SELECTOR", "PanelSpec", "Query"]
 
-DASHBOARD_PATH: Final = (
-    Path(__file__).resolve().parents[2] / "grafana" / "dashboards" / "kiteq-overview.json"
-)
-UID: Final = "kiteq-overview"
-_DATASOURCE: Final = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+DATASOURCE: Final = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # every query's selector: the broker(s) chosen in the variables
-_SEL: Final = 'job=~"$job", instance=~"$instance"'
-_TOPIC: Final = f'{_SEL}, topic=~"$topic"'
+SELECTOR: Final = 'job=~"$job", instance=~"$instance"'
+_TOPIC: Final = f'{SELECTOR}, topic=~"$topic"'
 _RATE: Final = "[$__rate_interval]"
 
 
@@ -66,14 +40,14 @@ def _q(expr: str, legend: str = "") -> tuple[Query, ...]:
 def _quantiles(metric: str, by: str, legend: str) -> tuple[Query, ...]:
     return tuple(
         Query(
-            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{_SEL}}}{_RATE})))",
+            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{SELECTOR}}}{_RATE})))",
             f"p{round(q * 100)} {legend}",
         )
         for q in (0.5, 0.99)
     )
 
 
-def _rate(metric: str, selector: str = _SEL) -> str:
+def _rate(metric: str, selector: str = SELECTOR) -> str:
     return f"rate({metric}{{{selector}}}{_RATE})"
 
 
@@ -86,7 +60,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Brokers up",
                 "Brokers Prometheus scrapes successfully (from `up`, so a dead broker counts 0).",
                 "short",
-                _q(f"sum(up{{{_SEL}}})"),
+                _q(f"sum(up{{{SELECTOR}}})"),
                 4,
                 4,
             ),
@@ -95,7 +69,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Brokers down",
                 "Scrape targets of the job that do not answer.",
                 "short",
-                _q(f"count(up{{{_SEL}}} == 0) or vector(0)"),
+                _q(f"count(up{{{SELECTOR}}} == 0) or vector(0)"),
                 4,
                 4,
             ),
@@ -133,7 +107,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Unresolved transactions",
                 "Uncommitted messages whose checks ran out (an admin decides them).",
                 "short",
-                _q(f"sum(kiteq_transactions_unresolved{{{_SEL}}})"),
+                _q(f"sum(kiteq_transactions_unresolved{{{SELECTOR}}})"),
                 4,
                 4,
             ),
@@ -278,7 +252,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Deliveries in flight",
                 "Deliveries pushed and waiting for an ack, per broker.",
                 "short",
-                _q(f"sum by (instance) (kiteq_deliver_inflight{{{_SEL}}})", "{{instance}}"),
+                _q(f"sum by (instance) (kiteq_deliver_inflight{{{SELECTOR}}})", "{{instance}}"),
                 8,
             ),
         ),
@@ -341,8 +315,8 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Uncommitted messages waiting for a decision, and those whose checks ran out.",
                 "short",
                 (
-                    Query(f"sum(kiteq_transactions_pending{{{_SEL}}})", "pending"),
-                    Query(f"sum(kiteq_transactions_unresolved{{{_SEL}}})", "unresolved"),
+                    Query(f"sum(kiteq_transactions_pending{{{SELECTOR}}})", "pending"),
+                    Query(f"sum(kiteq_transactions_unresolved{{{SELECTOR}}})", "unresolved"),
                 ),
             ),
             PanelSpec(
@@ -389,7 +363,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "1 for the state each broker's ZooKeeper session is in (all 0: no ZooKeeper).",
                 "short",
                 _q(
-                    f"max by (instance, state) (kiteq_zookeeper_state{{{_SEL}}})",
+                    f"max by (instance, state) (kiteq_zookeeper_state{{{SELECTOR}}})",
                     "{{instance}} {{state}}",
                 ),
                 8,
@@ -430,7 +404,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Client connections",
                 "Open client streams, by role.",
                 "short",
-                _q(f"sum by (role) (kiteq_client_connections{{{_SEL}}})", "{{role}}"),
+                _q(f"sum by (role) (kiteq_client_connections{{{SELECTOR}}})", "{{role}}"),
                 8,
             ),
             PanelSpec(
@@ -438,7 +412,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Resident memory",
                 "Resident set size of each broker process.",
                 "bytes",
-                _q(f"process_resident_memory_bytes{{{_SEL}}}", "{{instance}}"),
+                _q(f"process_resident_memory_bytes{{{SELECTOR}}}", "{{instance}}"),
                 8,
             ),
             PanelSpec(
@@ -454,7 +428,7 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
                 "Brokers",
                 "Version, cluster and store of each broker.",
                 "short",
-                _q(f"kiteq_build_info{{{_SEL}}}"),
+                _q(f"kiteq_build_info{{{SELECTOR}}}"),
                 16,
                 6,
             ),
@@ -498,130 +472,3 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
         ),
     ),
 )
-
-
-def _variable(name: str, label: str, query: str, all_value: str = "") -> builder.QueryVariable:
-    """A multi-value query variable.
-
-    *all_value* empty: "All" is the list of every value (for job and instance, so that
-    "All" never takes in another job's targets).
-    """
-    variable = (
-        builder.QueryVariable(name)
-        .label(label)
-        .datasource(_DATASOURCE)
-        .query(query)
-        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .include_all(True)
-        .multi(True)
-        .sort(model.VariableSort.ALPHABETICAL_ASC)
-        .current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
-    )
-    return variable.all_value(all_value) if all_value else variable
-
-
-def _panel(spec: PanelSpec, panel_id: int) -> Any:
-    kinds: dict[str, Any] = {
-        "stat": stat.Panel,
-        "timeseries": timeseries.Panel,
-        "table": table.Panel,
-    }
-    panel = (
-        kinds[spec.kind]()
-        .id(panel_id)
-        .title(spec.title)
-        .description(spec.description)
-        .datasource(_DATASOURCE)
-        .unit(spec.unit)
-        .span(spec.width)
-        .height(spec.height)
-    )
-    for i, query in enumerate(spec.queries):
-        target = (
-            prometheus.Dataquery()
-            .datasource(_DATASOURCE)
-            .expr(query.expr)
-            .legend_format(query.legend)
-            .ref_id(chr(ord("A") + i))
-        )
-        if spec.kind == "table":
-            target = target.instant().format(prometheus_model.PromQueryFormat.TABLE)
-        panel = panel.with_target(target)
-    return panel
-
-
-def build() -> builder.Dashboard:
-    """The dashboard as typed builders."""
-    dashboard = (
-        builder.Dashboard("KiteQ overview")
-        .uid(UID)
-        .description(
-            "KiteQ brokers: throughput, groups, latency, dead letters, transactions, store, "
-            "cluster and process health."
-        )
-        .tags(["kiteq"])
-        .editable()
-        .tooltip(model.DashboardCursorSync.CROSSHAIR)
-        .refresh("30s")
-        .time("now-1h", "now")
-        .timezone("")
-        .with_variable(
-            builder.DatasourceVariable("datasource").label("Data source").type("prometheus")
-        )
-        .with_variable(_variable("job", "Job", "label_values(kiteq_build_info, job)"))
-        .with_variable(_variable("instance", "Instance", 'label_values(up{job=~"$job"}, instance)'))
-        .with_variable(
-            _variable(
-                "topic",
-                "Topic",
-                f"label_values(kiteq_messages_received_total{{{_SEL}}}, topic)",
-                ".*",
-            )
-        )
-    )
-    panel_id = 0
-    for title, specs in ROWS:
-        panel_id += 1
-        dashboard = dashboard.with_row(builder.Row(title).id(panel_id))
-        for spec in specs:
-            panel_id += 1
-            dashboard = dashboard.with_panel(_panel(spec, panel_id))
-    return dashboard
-
-
-def render() -> str:
-    """The dashboard JSON as committed (stable key order, trailing newline)."""
-    document: dict[str, Any] = json.loads(JSONEncoder().encode(build().build()))
-    # Grafana assigns the numeric id on import; a provisioned file must not carry one
-    document["id"] = None
-    # the SDK writes no annotation list at all; Grafana's own export has an empty one
-    document["annotations"] = document.get("annotations") or {"list": []}
-    for panel in document["panels"]:
-        # the SDK writes unset panel options as null; Grafana wants them absent
-        for key in [k for k, v in panel.items() if v is None]:
-            del panel[key]
-    return json.dumps(document, indent=2, sort_keys=True) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kiteq.ops.dashboard", description=__doc__)
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if the committed JSON is not up to date"
-    )
-    parser.add_argument("--output", type=Path, default=DASHBOARD_PATH)
-    options = parser.parse_args(argv)
-    text = render()
-    if options.check:
-        current = options.output.read_text(encoding="utf-8") if options.output.exists() else ""
-        if current != text:
-            sys.stderr.write(
-                f"{options.output} is out of date: run python -m kiteq.ops.dashboard\n"
-            )
-            return 1
-        return 0
-    options.output.write_text(text, encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
