@@ -10,21 +10,13 @@ from collections.abc import Callable
 
 import grpc
 
-from kiteq.binding.match import BindingTable
 from kiteq.broker import wire
 from kiteq.broker.operator import MAX_PAGE, Operator
 from kiteq.core.admin import ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS, audit, secret_matches
-from kiteq.core.clock import Clock
-from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import TxStatus
-from kiteq.handler.connection import ConnectionTable
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.history import History
-from kiteq.handler.intake import Intake
-from kiteq.handler.transactions import TxManager
+from kiteq.handler.core import BrokerCore
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from kiteq.store.base import MessageStore
 
 DEFAULT_PAGE = 100
 
@@ -33,34 +25,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
         self,
         *,
-        config: ClusterConfig,
+        core: BrokerCore,
         advertised: str,
-        store: MessageStore,
-        bindings: BindingTable,
-        connections: ConnectionTable,
-        dispatcher: Dispatcher,
-        intake: Intake,
-        history: History,
-        transactions: TxManager,
-        clock: Clock,
         uptime: Callable[[], float],
     ) -> None:
-        self._config = config
+        self._config = core.config
         self._advertised = advertised
-        self._store = store
-        self._bindings = bindings
-        self._connections = connections
-        self._dispatcher = dispatcher
-        self._intake = intake
-        self._transactions = transactions
+        self._store = core.store
+        self._bindings = core.bindings
+        self._connections = core.connections
+        self._dispatcher = core.dispatcher
+        self._intake = core.intake
+        self._transactions = core.transactions
         self._uptime = uptime
-        self._operator = Operator(
-            store=store,
-            dispatcher=dispatcher,
-            history=history,
-            transactions=transactions,
-            clock=clock,
-        )
+        self._operator = Operator(core)
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
         expected = self._config.admin_secret

@@ -11,17 +11,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kiteq.binding.match import BindingTable
 from kiteq.broker.operator import MAX_PAGE, Operator
 from kiteq.core.admin import DEAD_LETTER_REASONS
-from kiteq.core.clock import Clock
-from kiteq.core.config import ClusterConfig
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import StoredMessage, TxStatus
-from kiteq.handler.connection import ConnectionTable
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.intake import Intake
-from kiteq.handler.transactions import TxManager
+from kiteq.handler.core import BrokerCore
 from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 
@@ -34,30 +28,22 @@ class BrokerConsole:
     def __init__(
         self,
         *,
-        config: ClusterConfig,
+        core: BrokerCore,
         advertised: str,
-        store_description: str,
-        bindings: BindingTable,
-        connections: ConnectionTable,
-        dispatcher: Dispatcher,
-        intake: Intake,
-        transactions: TxManager,
-        operator: Operator,
-        clock: Clock,
         uptime: Callable[[], float],
         backlog: Callable[[], Mapping[str, int]],
         dead_letters: Callable[[], Mapping[tuple[str, str], int]],
     ) -> None:
-        self._config = config
+        self._config = core.config
         self._advertised = advertised
-        self._store_description = store_description
-        self._bindings = bindings
-        self._connections = connections
-        self._dispatcher = dispatcher
-        self._intake = intake
-        self._transactions = transactions
-        self._operator = operator
-        self._clock = clock
+        self._store_description = core.store.description
+        self._bindings = core.bindings
+        self._connections = core.connections
+        self._dispatcher = core.dispatcher
+        self._intake = core.intake
+        self._transactions = core.transactions
+        self._operator = Operator(core)
+        self._clock = core.clock
         self._uptime = uptime
         self._backlog = backlog
         self._dead = dead_letters

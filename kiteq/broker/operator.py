@@ -12,12 +12,9 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from kiteq.core.clock import Clock
 from kiteq.core.message import StoredMessage, TxStatus
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.history import History
-from kiteq.handler.transactions import TxManager
-from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent, MessageStore
+from kiteq.handler.core import BrokerCore
+from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +42,13 @@ class MessageLookup:
 class Operator:
     def __init__(
         self,
-        *,
-        store: MessageStore,
-        dispatcher: Dispatcher,
-        history: History,
-        transactions: TxManager,
-        clock: Clock,
+        core: BrokerCore,
     ) -> None:
-        self._store = store
-        self._dispatcher = dispatcher
-        self._history = history
-        self._transactions = transactions
-        self._clock = clock
+        self._store = core.store
+        self._dispatcher = core.dispatcher
+        self._history = core.history
+        self._transactions = core.transactions
+        self._clock = core.clock
 
     async def lookup(self, message_id: str) -> MessageLookup:
         """The message, its dead letters and its history (stored and not yet flushed)."""

@@ -37,7 +37,6 @@ from kiteq.broker.address import advertised_address, is_loopback, split_bind
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.console_source import BrokerConsole
 from kiteq.broker.logs import EventSummary
-from kiteq.broker.operator import Operator
 from kiteq.broker.service import (
     KEEPALIVE_TIME_MS,
     KEEPALIVE_TIMEOUT_MS,
@@ -208,7 +207,6 @@ class Broker:
         )
         self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
-        self._bindings = bindings
         self._core = core = BrokerCore(
             config=config,
             store=store,
@@ -218,40 +216,14 @@ class Broker:
             metrics=self.metrics,
         )
         await core.load()
-        connections, dispatcher, intake = core.connections, core.dispatcher, core.intake
-        recover, transactions, history = core.recover, core.transactions, core.history
-        self._connections, self._dispatcher, self._intake = connections, dispatcher, intake
-        self._recover, self._transactions = recover, transactions
         add_broker_service(
             BrokerService(
-                config=config,
-                advertised=self.advertised,
-                intake=intake,
-                dispatcher=dispatcher,
-                connections=connections,
-                registry=registry,
-                recover=recover,
-                transactions=transactions,
-                clock=self._clock,
-                metrics=self.metrics,
+                core=core, advertised=self.advertised, registry=registry, metrics=self.metrics
             ),
             server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(
-                config=config,
-                advertised=self.advertised,
-                store=store,
-                bindings=bindings,
-                connections=connections,
-                dispatcher=dispatcher,
-                intake=intake,
-                history=history,
-                transactions=transactions,
-                clock=self._clock,
-                uptime=lambda: time.monotonic() - self._started,
-            ),
-            server,
+            AdminService(core=core, advertised=self.advertised, uptime=self._uptime), server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -272,31 +244,12 @@ class Broker:
         self._spawn("summaries", self._summary_loop)
         if self._pport > 0:
             stats = StatsView(
-                bindings=bindings,
-                connections=connections,
-                dispatcher=dispatcher,
-                intake=intake,
-                backlog=lambda: self._backlog,
-                dead_letters=lambda: self._dead_letters,
+                core=core, backlog=lambda: self._backlog, dead_letters=lambda: self._dead_letters
             )
             console = BrokerConsole(
-                config=config,
+                core=core,
                 advertised=self.advertised,
-                store_description=store.description,
-                bindings=bindings,
-                connections=connections,
-                dispatcher=dispatcher,
-                intake=intake,
-                transactions=transactions,
-                operator=Operator(
-                    store=store,
-                    dispatcher=dispatcher,
-                    history=history,
-                    transactions=transactions,
-                    clock=self._clock,
-                ),
-                clock=self._clock,
-                uptime=lambda: time.monotonic() - self._started,
+                uptime=self._uptime,
                 backlog=lambda: self._backlog,
                 dead_letters=lambda: self._dead_letters,
             )
@@ -367,6 +320,15 @@ class Broker:
             registry = Component.STARTING
         return HealthReport(broker=broker, store=store, registry=registry)
 
+    @property
+    def _pipeline(self) -> BrokerCore:
+        if self._core is None:
+            raise RuntimeError("broker not started")
+        return self._core
+
+    def _uptime(self) -> float:
+        return time.monotonic() - self._started
+
     def _warn_unprotected(self) -> None:
         config = self.config
         if not config.admin_secret:
@@ -386,9 +348,9 @@ class Broker:
 
     async def _taken_over(self, moved: int) -> None:
         """Rows of a dead broker became ours: deliver them now, count them."""
-        self._recover.wake()
+        self._pipeline.recover.wake()
         self.metrics.taken_over(moved)
-        await self._transactions.load()
+        await self._pipeline.transactions.load()
         self._backlog = await self._store_or_fail().backlog()
         self.metrics.set_backlog(self._backlog)
 
@@ -418,26 +380,26 @@ class Broker:
             self._dead_letters = await self._store_or_fail().dlq_size()
             self.metrics.set_dead_letters(self._dead_letters)
             self._store_ok_at = time.monotonic()
-            self.metrics.set_inflight(self._dispatcher.inflight)
-            consumers = sum(1 for c in self._connections if c.consumer)
+            self.metrics.set_inflight(self._pipeline.dispatcher.inflight)
+            consumers = sum(1 for c in self._pipeline.connections if c.consumer)
             self.metrics.set_connections("consumer", consumers)
-            self.metrics.set_connections("producer", len(self._connections) - consumers)
+            self.metrics.set_connections("producer", len(self._pipeline.connections) - consumers)
             self._group_metrics()
             await asyncio.sleep(_STATS_TICK)
 
     def _group_metrics(self) -> None:
         """Per-(topic, group) gauges, transactions and ZooKeeper state, all from memory."""
-        unacked, waiting, oldest = self._dispatcher.group_gauges()
+        unacked, waiting, oldest = self._pipeline.dispatcher.group_gauges()
         per_group: dict[str, int] = {}
-        for conn in self._connections:
+        for conn in self._pipeline.connections:
             if conn.consumer:
                 per_group[conn.group] = per_group.get(conn.group, 0) + 1
         consumers = {
             (binding.topic, binding.group_id): per_group.get(binding.group_id, 0)
-            for binding in self._bindings.bindings()
+            for binding in self._pipeline.bindings.bindings()
         }
         self.metrics.set_groups(unacked, waiting, oldest, consumers)
-        tx = self._transactions
+        tx = self._pipeline.transactions
         self.metrics.set_transactions(tx.pending, tx.unresolved)
         for result, n in tx.check_results.items():
             self.metrics.tx_checked(result, n)
@@ -451,10 +413,10 @@ class Broker:
         refused = EventSummary(logger, "refused messages", "reason")
         while True:
             await asyncio.sleep(_SUMMARY_PERIOD)
-            dead.add(self._dispatcher.tally.dead_letter_summary)
-            self._dispatcher.tally.dead_letter_summary.clear()
-            refused.add(self._intake.refusals)
-            self._intake.refusals.clear()
+            dead.add(self._pipeline.dispatcher.tally.dead_letter_summary)
+            self._pipeline.dispatcher.tally.dead_letter_summary.clear()
+            refused.add(self._pipeline.intake.refusals)
+            self._pipeline.intake.refusals.clear()
             dead.flush(_SUMMARY_PERIOD)
             refused.flush(_SUMMARY_PERIOD)
 
@@ -503,16 +465,16 @@ class Broker:
                         "drain timed out after %.1fs: %d deliveries unacked, %d publishes "
                         "unfinished",
                         timeout,
-                        self._dispatcher.inflight,
-                        self._intake.active,
+                        self._pipeline.dispatcher.inflight,
+                        self._pipeline.intake.active,
                     )
                     return
                 await asyncio.wait({task}, timeout=min(left, _DRAIN_REPORT_PERIOD))
                 if not task.done():
                     logger.info(
                         "draining: waiting for %d deliveries, %d publishes (%.0fs left)",
-                        self._dispatcher.inflight,
-                        self._intake.active,
+                        self._pipeline.dispatcher.inflight,
+                        self._pipeline.intake.active,
                         max(0.0, deadline - time.monotonic()),
                     )
         finally:
@@ -528,16 +490,16 @@ class Broker:
             await self._health.enter_graceful_shutdown()
         core = self._core
         if core is not None:
-            self._intake.stop_accepting()
-            await self._drain(self._intake.drained(), grace)
-            self._dispatcher.pause()
-            await self._drain(self._dispatcher.settled(), min(grace, self.config.delivery_seconds))
+            core.intake.stop_accepting()
+            await self._drain(core.intake.drained(), grace)
+            core.dispatcher.pause()
+            await self._drain(core.dispatcher.settled(), min(grace, self.config.delivery_seconds))
         if self._server is not None:
             await self._server.stop(1.0)
         if self._ops is not None:
             await self._ops.stop()
         if core is not None:
-            saved = self._dispatcher.checkpoint()
+            saved = core.dispatcher.checkpoint()
             if saved:
                 logger.info("saved bookkeeping of %d messages still in memory", saved)
             with contextlib.suppress(TimeoutError):

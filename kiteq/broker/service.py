@@ -27,9 +27,7 @@ from kiteq.binding.model import Binding
 from kiteq.binding.registry import BindingRegistry
 from kiteq.broker import wire
 from kiteq.broker.rejections import Rejection, RejectionLog
-from kiteq.core.clock import Clock
 from kiteq.core.codes import AckCode
-from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import PermissionDeniedError
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.limits import (
@@ -44,11 +42,9 @@ from kiteq.core.limits import (
     is_name,
 )
 from kiteq.core.message import TxStatus
-from kiteq.handler.connection import Connection, ConnectionTable, StoreAck
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.intake import Intake
-from kiteq.handler.recover import RecoverLoop
-from kiteq.handler.transactions import TxDecision, TxManager
+from kiteq.handler.connection import Connection, StoreAck
+from kiteq.handler.core import BrokerCore
+from kiteq.handler.transactions import TxDecision
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:
@@ -109,27 +105,21 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
     def __init__(
         self,
         *,
-        config: ClusterConfig,
+        core: BrokerCore,
         advertised: str,
-        intake: Intake,
-        dispatcher: Dispatcher,
-        connections: ConnectionTable,
         registry: BindingRegistry,
-        recover: RecoverLoop,
-        transactions: TxManager,
-        clock: Clock,
         metrics: BrokerMetrics | None = None,
     ) -> None:
-        self._config = config
+        self._config = core.config
         self._advertised = advertised
-        self._intake = intake
-        self._dispatcher = dispatcher
-        self._connections = connections
+        self._intake = core.intake
+        self._dispatcher = core.dispatcher
+        self._connections = core.connections
         self._registry = registry
-        self._recover = recover
-        self._transactions = transactions
-        self._clock = clock
-        self._rejections = RejectionLog(clock, metrics)
+        self._recover = core.recover
+        self._transactions = core.transactions
+        self._clock = core.clock
+        self._rejections = RejectionLog(core.clock, metrics)
         self._metrics = metrics
 
     async def Session(  # type: ignore[override]  # writes with context.write, not yield

@@ -6,27 +6,21 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kiteq.binding.match import BindingTable
-from kiteq.handler.connection import ConnectionTable
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.intake import Intake
+from kiteq.handler.core import BrokerCore
 
 
 class StatsView:
     def __init__(
         self,
         *,
-        bindings: BindingTable,
-        connections: ConnectionTable,
-        dispatcher: Dispatcher,
-        intake: Intake,
+        core: BrokerCore,
         backlog: Callable[[], Mapping[str, int]],
         dead_letters: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> None:
-        self._bindings = bindings
-        self._connections = connections
-        self._dispatcher = dispatcher
-        self._intake = intake
+        self._bindings = core.bindings
+        self._connections = core.connections
+        self._dispatcher = core.dispatcher
+        self._intake = core.intake
         self._backlog = backlog
         self._dead_letters = dead_letters
 

@@ -53,6 +53,8 @@ class BrokerCore:
         server_name: str,
         metrics: BrokerMetrics | None = None,
     ) -> None:
+        self.config = config
+        self.clock = clock
         self.store = store
         self.bindings = bindings
         self.connections = ConnectionTable()
