@@ -204,30 +204,41 @@ class ZkSession:
     async def open(self, timeout: float | None = None) -> None:
         """Connect; a missing chroot is created first, outside it (kazoo warns otherwise).
 
-        Bounded by kazoo's own start timeout, so no thread outlives a failed open.
+        Bounded by kazoo's own start timeout, so no thread outlives a failed open; after a
+        failure nothing is left running and ``open`` may be called again.
 
         Raises:
             RegistryUnavailableError: No answer within *timeout* (default: the connect
                 timeout) seconds.
-            RegistryError: ZooKeeper refused (e.g. bad credentials); already open.
+            RegistryError: ZooKeeper refused (e.g. bad credentials); already open, or closed.
         """
         if self._zk is not None or self.closed.is_set():
             raise RegistryError(f"ZooKeeper {self.settings.redacted()}: session already opened")
         self._loop = asyncio.get_running_loop()
         wait = self._connect_timeout if timeout is None else timeout
-        settings = self.settings
         try:
-            if settings.chroot:
-                await asyncio.to_thread(_create_chroot, settings, wait)
-            zk = self._zk = new_client(settings)
-            zk.add_listener(self._kz_state)
-            await asyncio.to_thread(zk.start, wait)
+            await asyncio.to_thread(self._connect, wait)
         except KazooTimeoutError as exc:
             raise RegistryUnavailableError(
-                f"ZooKeeper {settings.redacted()}: no answer within {wait:g}s"
+                f"ZooKeeper {self.settings.redacted()}: no answer within {wait:g}s"
             ) from exc
         except KazooException as exc:
-            raise registry_error(exc, f"ZooKeeper {settings.redacted()}") from exc
+            raise registry_error(exc, f"ZooKeeper {self.settings.redacted()}") from exc
+
+    def _connect(self, timeout: float) -> None:
+        # worker thread; the client is published before it starts so that a close() during
+        # the start (an open cancelled meanwhile) still closes it
+        settings = self.settings
+        if settings.chroot:
+            _create_chroot(settings, timeout)
+        zk = self._zk = new_client(settings)
+        zk.add_listener(self._kz_state)
+        try:
+            zk.start(timeout)
+        except BaseException:
+            self._zk = None
+            close_client(zk)
+            raise
 
     async def close(self) -> None:
         """Close the session (its ephemeral nodes go with it); idempotent."""
