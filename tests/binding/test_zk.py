@@ -23,7 +23,8 @@ from kazoo.security import make_acl, make_digest_acl
 from kiteq.binding.match import BindingLimits, BindingTable, RefusalReason
 from kiteq.binding.model import Binding, dumps, loads
 from kiteq.binding.registry import BrokerInfo
-from kiteq.binding.zk import ZkBindingRegistry, parse_zk_uri
+from kiteq.binding.zk import ZkBindingRegistry
+from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.acl import Grant, Permissions
 from kiteq.core.errors import PermissionDeniedError, RegistryUnavailableError
 from tests._servers import free_port
@@ -526,7 +527,7 @@ async def test_session_expired_for_real_nodes_come_back(
     server = f"/kiteq/server/trade/{ADDRESS}"
     old = owner(zk, alive)
     assert old == registry.session_id
-    password = registry._zk.client_id[1]  # the test plays the server's part
+    password = registry.session.client.client_id[1]  # the test plays the server's part
     await kz(expire_session, zookeeper.hosts, old, password)
     await zk_log.until("zookeeper session lost")
     # served throughout with the last known bindings

@@ -1,4 +1,4 @@
-"""The one kazoo recipe of every KiteQ ZooKeeper session (``kiteq.binding._zk_client``).
+"""The one kazoo recipe of every KiteQ ZooKeeper session (``kiteq.binding.zk_session``).
 
 Its ACL and options; then, against the real ZooKeeper, the broker's sessions (registry and
 takeover) through it: every node they create, parents and chroot included, carries world
@@ -17,12 +17,12 @@ from kazoo.exceptions import NoAuthError
 from kazoo.protocol.serialization import Auth
 from kazoo.security import make_acl
 
-from kiteq.binding._zk_client import KAZOO_LOGGER, digest_acl, new_client
-from kiteq.binding._zk_takeover import ZkTakeoverNodes
 from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
 from kiteq.binding.registry import BrokerInfo
-from kiteq.binding.zk import ZkBindingRegistry, parse_zk_uri
+from kiteq.binding.zk import ZkBindingRegistry
+from kiteq.binding.zk_session import KAZOO_LOGGER, digest_acl, new_client
+from kiteq.binding.zk_uri import parse_zk_uri
 from tests._servers.zk_acl import EXPECTED, PASSWORD, USER, acl_of, authed_session, walk
 from tests._servers.zookeeper import ManagedZooKeeper, expire_session, wait_owner
 
@@ -78,7 +78,7 @@ async def test_broker_nodes_parents_and_chroot_get_the_acl(
 ) -> None:
     settings = parse_zk_uri(f"zk://{zookeeper.hosts}{zk.chroot}/app?digest={USER}:{PASSWORD}")
     registry = ZkBindingRegistry(settings, topics=("trade",))
-    takeover = ZkTakeoverNodes(settings)
+    takeover = registry.takeover_nodes()
     try:
         await registry.start(BindingTable())
         await registry.register(BrokerInfo(ADDRESS, 1, "kiteq.proto.v1"))
@@ -119,7 +119,7 @@ async def test_broker_session_never_logs_the_password(
     try:
         await registry.start(BindingTable())
         await registry.register(BrokerInfo(ADDRESS, 1, "kiteq.proto.v1"))
-        old, session_password = registry._zk.client_id
+        old, session_password = registry.session.client.client_id
         await wait_owner(zk, alive, lambda o: o == old)
         # a new session authenticates again, and its re-created nodes keep the ACL
         expire_session(zookeeper.hosts, old, session_password)

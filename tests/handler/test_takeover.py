@@ -17,9 +17,11 @@ import pymysql
 import pytest
 from sqlalchemy import event
 
-from kiteq.binding import _zk_nodes as nodes
-from kiteq.binding._zk_takeover import BrokerStore, ZkTakeoverNodes
-from kiteq.binding.zk import parse_zk_uri
+from kiteq.binding import zk_nodes as nodes
+from kiteq.binding.base import BrokerStore
+from kiteq.binding.zk_session import ZkSession
+from kiteq.binding.zk_takeover import ZkTakeoverNodes
+from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.handler.takeover import TakeoverLoop, store_identity
 from kiteq.store.base import DeadLetter
@@ -81,9 +83,17 @@ class Cluster:
     def store_id(self) -> str:
         return store_identity(mysql_options(url(self.prefix, "x")))
 
+    async def session(self) -> tuple[ZkSession, ZkTakeoverNodes]:
+        """A broker's ZooKeeper session (closed with the cluster) and its takeover nodes."""
+        session = ZkSession(parse_zk_uri(self.zk_uri))
+        await session.open()
+        self.closers.append(session.close)
+        return session, ZkTakeoverNodes(session)
+
     async def loop(self, address: str, store: MySQLStore, grace: float = 5.0) -> TakeoverLoop:
+        _, records = await self.session()
         loop = TakeoverLoop(
-            nodes=ZkTakeoverNodes(parse_zk_uri(self.zk_uri)),
+            nodes=records,
             store=store,
             address=address,
             owner=store.owner,
@@ -110,12 +120,12 @@ class Cluster:
         return store
 
     async def announce(self, address: str, owner: str, incarnation: str = "one") -> None:
-        announcer = ZkTakeoverNodes(parse_zk_uri(self.zk_uri))
-        await announcer.start()
+        session, announcer = await self.session()
         try:
+            await announcer.start()
             await announcer.announce(address, BrokerStore(self.store_id(), owner, incarnation))
         finally:
-            await announcer.stop()
+            await session.close()
 
     def owners(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -189,7 +199,7 @@ async def test_two_concurrent_takers_exactly_one_moves(cluster: Cluster) -> None
 
 async def test_a_held_lock_keeps_others_out_until_its_session_ends(cluster: Cluster) -> None:
     await cluster.dead_broker()
-    holder = ZkTakeoverNodes(parse_zk_uri(cluster.zk_uri))
+    holder_session, holder = await cluster.session()
     await holder.start()
     assert await holder.try_lock(DEAD, "10.0.0.7:13800")
     c = await cluster.loop("10.0.0.2:13800", await cluster.store("c"), grace=0.5)
@@ -197,7 +207,7 @@ async def test_a_held_lock_keeps_others_out_until_its_session_ends(cluster: Clus
     cluster.clock.now += 1
     assert await c.check() == 0
     assert cluster.owners() == {DEAD: N}
-    await holder.stop()  # the holder died: its ephemeral lock goes with its session
+    await holder_session.close()  # the holder died: its ephemeral lock goes with its session
     assert await c.check() == N
     assert cluster.owners() == {"c": N}
 
@@ -241,10 +251,10 @@ async def test_grace_alive_and_other_stores_are_respected(cluster: Cluster) -> N
     await cluster.dead_broker()
     # another broker, on another store, and an alive one
     cluster.zk.ensure_path(f"{nodes.ALL_ROOT}/10.0.0.5:13800")
-    announcer = ZkTakeoverNodes(parse_zk_uri(cluster.zk_uri))
+    session, announcer = await cluster.session()
     await announcer.start()
     await announcer.announce("10.0.0.5:13800", BrokerStore("mysql://elsewhere:3306/k", "e", "x"))
-    await announcer.stop()
+    await session.close()
     c = await cluster.loop("10.0.0.2:13800", await cluster.store("c"), grace=30)
     cluster.zk.create(f"{nodes.ALIVE_ROOT}/{DEAD}", b"{}", ephemeral=True)
     cluster.clock.now += 100

@@ -13,12 +13,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from kiteq.binding.base import StandaloneRegistry
 from kiteq.binding.model import Binding, dumps, loads
 from kiteq.core.errors import PermissionDeniedError, RegistryError
 
 if TYPE_CHECKING:
+    from kiteq.binding.base import MetaStore
     from kiteq.binding.match import BindingTable
-    from kiteq.binding.registry import MetaStore
 
 __all__ = ["META_PREFIX", "EmbeddedRegistry"]
 
@@ -47,7 +48,7 @@ def _decode(
         return ValueError(exc.reason)
 
 
-class EmbeddedRegistry:
+class EmbeddedRegistry(StandaloneRegistry):
     """Bindings declared by connections, persistent ones saved in a ``MetaStore``."""
 
     kind: Final = "embedded"

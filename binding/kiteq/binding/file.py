@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from kiteq.binding.model import Binding, BindType, bind_type_from_name
+from kiteq.binding.base import StandaloneRegistry
+from kiteq.binding.model import MISSING, Binding, BindType, bind_type_from_name, read_field
 from kiteq.core.errors import PermissionDeniedError, RegistryError
 from kiteq.core.limits import is_name
 
@@ -183,7 +184,7 @@ def _parse_binding(entry: dict[str, Any]) -> list[Binding]:
     if not groups or any(not isinstance(group, str) for group in groups):
         raise ValueError(f"groupIds must be a non-empty list of group names, got {groups!r}")
     bind_type = bind_type_from_name(_get(entry, "bindType", str, "direct"))
-    default_type = "*" if bind_type is BindType.FANOUT else None
+    default_type: object = "*" if bind_type is BindType.FANOUT else MISSING
     template = Binding(
         topic=_get(entry, "topic", str),
         message_type=_get(entry, "messageType", str, default_type),
@@ -202,17 +203,12 @@ def _parse_binding(entry: dict[str, Any]) -> list[Binding]:
 _T = TypeVar("_T")
 
 
-def _get(entry: dict[str, Any], key: str, kind: type[_T], default: _T | None = None) -> _T:
-    value = entry.get(key, default)
-    if value is None:
-        raise ValueError(f"{key} is missing")
-    # bool is an int subclass: true is not a watermark
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
-    return value
+def _get(entry: dict[str, Any], key: str, kind: type[_T], default: object = MISSING) -> _T:
+    # the file's messages name a key bare (``topic is missing``), as its TOML spells it
+    return read_field(entry, key, kind, default, label=str)
 
 
-class FileBindingRegistry:
+class FileBindingRegistry(StandaloneRegistry):
     """The broker's bindings from a registry file, reloaded every *reload_seconds*.
 
     A reload applies additions, changes and removals, one (topic, group) at a time, so a

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 from kiteq.core.limits import MESSAGE_TYPE_RE, is_name
@@ -24,6 +24,7 @@ __all__ = [
     "bind_type_from_name",
     "dumps",
     "loads",
+    "read_field",
 ]
 
 BIND_VERSION: Final = "1.0.0"
@@ -143,15 +144,15 @@ class Binding:
             if isinstance(raw_type, str):
                 bind_type = bind_type_from_name(raw_type)
             else:
-                bind_type = BindType(_field(obj, "bindType", int, 0))
+                bind_type = BindType(read_field(obj, "bindType", int, 0))
             binding = cls(
-                topic=_field(obj, "topic", str),
-                message_type=_field(obj, "messageType", str, "*"),
+                topic=read_field(obj, "topic", str),
+                message_type=read_field(obj, "messageType", str, "*"),
                 bind_type=bind_type,
-                group_id=_field(obj, "groupId", str, ""),
-                watermark=_field(obj, "watermark", int, 0),
-                persistent=_field(obj, "persistent", bool, True),
-                version=_field(obj, "version", str, BIND_VERSION),
+                group_id=read_field(obj, "groupId", str, ""),
+                watermark=read_field(obj, "watermark", int, 0),
+                persistent=read_field(obj, "persistent", bool, True),
+                version=read_field(obj, "version", str, BIND_VERSION),
             )
             binding.check()
         except ValueError as exc:
@@ -159,17 +160,30 @@ class Binding:
         return binding
 
 
-_T = TypeVar("_T", int, str, bool)
-_MISSING: Final = object()
+_T = TypeVar("_T")
+MISSING: Final = object()
 
 
-def _field(obj: Mapping[str, Any], key: str, kind: type[_T], default: object = _MISSING) -> _T:
+def read_field(
+    obj: Mapping[str, Any],
+    key: str,
+    kind: type[_T],
+    default: object = MISSING,
+    *,
+    label: Callable[[str], str] = repr,
+) -> _T:
+    """``obj[key]`` of type *kind* (*default* when absent), for JSON and TOML documents.
+
+    Raises:
+        ValueError: Missing without a default, or of another type; names the key as
+            ``label(key)``.
+    """
     value = obj.get(key, default)
-    if value is _MISSING:
-        raise ValueError(f"{key!r} is missing")
+    if value is MISSING:
+        raise ValueError(f"{label(key)} is missing")
     # bool is an int subclass: true is not a watermark
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{key!r} must be {kind.__name__}, got {value!r}")
+        raise ValueError(f"{label(key)} must be {kind.__name__}, got {value!r}")
     return value
 
 

@@ -1,4 +1,4 @@
-"""Where the broker's bindings come from: the ``BindingRegistry`` seam and its factory.
+"""Where the broker's bindings come from: the factory of ``BindingRegistry`` implementations.
 
 ``[registry.<env>] hosts`` picks the registry:
 
@@ -13,26 +13,29 @@ In file and ZooKeeper modes the registry is authoritative: bindings declared by
 connections are not applied (a ZooKeeper registry writes them to ZooKeeper, whose watch
 then applies them).
 
-A broker announces itself through ``broker_registration(registry)``: ZooKeeper publishes
-the broker's nodes; with the embedded and file registries clients find brokers by address
-or from the registry file, so registration is a no-op.
+A broker announces itself through ``registry.registration``: ZooKeeper publishes the
+broker's nodes; with the embedded and file registries clients find brokers by address or
+from the registry file, so registration is a no-op. The seams are in ``kiteq.binding.base``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Sequence
 
+from kiteq.binding.base import (
+    BindingRegistry,
+    BrokerInfo,
+    BrokerRegistration,
+    MetaStore,
+)
 from kiteq.binding.embedded import EmbeddedRegistry
 from kiteq.binding.file import FileBindingRegistry
-from kiteq.binding.zk import ZkBindingRegistry, parse_zk_uri
+from kiteq.binding.zk import ZkBindingRegistry
+from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.errors import ConfigError
 
-if TYPE_CHECKING:
-    from kiteq.binding.match import BindingTable
-    from kiteq.binding.model import Binding
-
+# BindingRegistry, BrokerInfo, BrokerRegistration, MetaStore: kiteq.broker imports them from
+# here until it takes them from kiteq.binding.base
 __all__ = [
     "BindingRegistry",
     "BrokerInfo",
@@ -44,97 +47,9 @@ __all__ = [
 ]
 
 
-class MetaStore(Protocol):
-    """Durable small key/values; the broker passes its ``MessageStore``."""
-
-    async def put_meta(self, key: str, value: bytes | None) -> None:
-        """Durably set (or with None, delete) *key*."""
-        ...
-
-    async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
-        """All values whose key starts with *prefix*."""
-        ...
-
-
-class BindingRegistry(Protocol):
-    @property
-    def kind(self) -> str:
-        """``"embedded"``, ``"file"`` or ``"zk"``."""
-        ...
-
-    async def start(self, table: BindingTable) -> None:
-        """Load the initial bindings into *table* and start watching for changes.
-
-        Raises:
-            RegistryError: The initial bindings cannot be loaded.
-        """
-        ...
-
-    async def declare(self, group: str, bindings: Sequence[Binding]) -> bool:
-        """Bindings a connection of *group* declared when it opened.
-
-        Returns:
-            True if they were applied (embedded); False if this registry is authoritative
-            and ignores declarations (file, zk).
-
-        Raises:
-            ValueError: A declared binding is invalid; nothing was applied.
-        """
-        ...
-
-    async def stop(self) -> None:
-        """Stop watching; idempotent. Raises ``RegistryError`` if the watch had crashed."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BrokerInfo:
-    """What a broker announces about itself.
-
-    Attributes:
-        address: ``host:port`` other machines dial (never ``:port``).
-        protocol_version: The broker's wire protocol version.
-        proto: The protobuf package it speaks, e.g. ``kiteq.proto.v1``.
-    """
-
-    address: str
-    protocol_version: int
-    proto: str
-
-
-class BrokerRegistration(Protocol):
-    """Publishing the broker where clients look for it."""
-
-    async def register(self, broker: BrokerInfo) -> None:
-        """Announce *broker* for the served topics, and keep announcing it.
-
-        Called once, after the broker accepts connections.
-        """
-        ...
-
-    async def unregister(self) -> None:
-        """Stop announcing the broker (first step of a graceful stop); idempotent."""
-        ...
-
-
-class _NoRegistration:
-    """Embedded and file registries: clients know the brokers' addresses already."""
-
-    async def register(self, broker: BrokerInfo) -> None:
-        pass
-
-    async def unregister(self) -> None:
-        pass
-
-
-_NO_REGISTRATION: Final = _NoRegistration()
-
-
 def broker_registration(registry: BindingRegistry) -> BrokerRegistration:
-    """How a broker using *registry* announces itself (a no-op unless ZooKeeper)."""
-    if isinstance(registry, ZkBindingRegistry):
-        return registry
-    return _NO_REGISTRATION
+    """How a broker using *registry* announces itself: ``registry.registration``."""
+    return registry.registration
 
 
 def redact_registry_uri(uri: str) -> str:

@@ -35,16 +35,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import Final
 
-from kazoo.exceptions import KazooException
-
-from kiteq.binding._zk_takeover import BrokerStore
+from kiteq.binding.base import BrokerStore, TakeoverNodes
 from kiteq.core.errors import KiteQError
 from kiteq.store.base import MessageStore
 from kiteq.store.url import MySQLOptions
 
-__all__ = ["BrokerStore", "TakeoverLoop", "TakeoverNodes", "check_interval", "store_identity"]
+__all__ = ["TakeoverLoop", "check_interval", "store_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,32 +66,6 @@ def store_identity(options: MySQLOptions) -> str:
     return f"mysql://{host.lower()}:{options.port}/{options.db}?shardnum={options.shardnum}"
 
 
-class TakeoverNodes(Protocol):
-    """The ZooKeeper side (``kiteq.binding._zk_takeover.ZkTakeoverNodes``)."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def announce(self, address: str, info: BrokerStore) -> None: ...
-
-    async def brokers(self) -> tuple[set[str], set[str]]:
-        """(all_servers, alive_servers)."""
-        ...
-
-    async def is_alive(self, address: str) -> bool: ...
-
-    async def store_of(self, address: str) -> BrokerStore | None: ...
-
-    async def done(self, address: str) -> dict[str, Any] | None: ...
-
-    async def try_lock(self, address: str, taker: str) -> bool: ...
-
-    async def unlock(self, address: str) -> None: ...
-
-    async def mark_done(self, address: str, record: dict[str, Any]) -> None: ...
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Taken:
     """One completed takeover."""
@@ -108,7 +80,7 @@ class TakeoverLoop:
     """Detect dead brokers sharing this store and take over their backlog.
 
     Args:
-        nodes: The ZooKeeper nodes.
+        nodes: The shared takeover records (``registry.takeover_nodes()``).
         store: This broker's store (``take_over`` moves the rows).
         address: This broker's advertised ``host:port`` (its ZooKeeper name).
         owner: This broker's ``kite_server``.
@@ -148,7 +120,7 @@ class TakeoverLoop:
         self.taken: list[Taken] = []
 
     async def start(self) -> None:
-        """Open the session and announce this broker (call before it registers as alive)."""
+        """Ready the records and announce this broker (call before it registers as alive)."""
         await self._nodes.start()
         await self._nodes.announce(
             self._address, BrokerStore(self._store_id, self._owner, self.incarnation)
@@ -168,7 +140,7 @@ class TakeoverLoop:
         while True:
             try:
                 await self.check()
-            except (KiteQError, KazooException, OSError) as exc:
+            except (KiteQError, OSError) as exc:
                 # the store or ZooKeeper is unavailable for now: look again later
                 logger.warning("takeover check failed (%r); retrying", exc)
             await asyncio.sleep(self._interval)
