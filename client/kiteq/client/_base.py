@@ -20,7 +20,7 @@ from kiteq.client._channel import Session
 from kiteq.core.errors import KiteQError
 from kiteq.core.message import ReceivedMessage
 
-__all__ = ["AsyncClient", "BrokerDirectory", "PoolListener"]
+__all__ = ["AsyncClient", "BrokerDirectory", "PoolListener", "brokers_for_any"]
 
 
 class BrokerDirectory(Protocol):
@@ -68,6 +68,14 @@ class BrokerDirectory(Protocol):
 
     async def close(self) -> None:
         """Stop following the registry; idempotent."""
+
+
+def brokers_for_any(directory: BrokerDirectory, topics: Iterable[str]) -> list[str]:
+    """Every address serving at least one of *topics*, without repeats, in order."""
+    seen: dict[str, None] = {}
+    for topic in topics:
+        seen.update(dict.fromkeys(directory.brokers_for(topic)))
+    return list(seen)
 
 
 class PoolListener(Protocol):

@@ -246,16 +246,15 @@ class AsyncConsumer(AsyncClient):
             ...     await consumer.close(timeout=5.0)
         """
         pool = self._pool
-        started = pool.state is not ClientState.NEW
-        if not pool.begin_close():
-            await pool.closed()
+        previous = await pool.begin_close()
+        if previous is None:
             return
         self._ledger.close()
         self._inbox_ready.set()
         self._nack_unhandled()
         seconds = self._options.close_timeout if timeout is None else timeout
         try:
-            if started:
+            if previous is not ClientState.NEW:
                 await self._drain(seconds)
                 await pool.close_links(1.0)
                 self._runner.shutdown()

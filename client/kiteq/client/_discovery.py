@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from kiteq.binding.model import Binding
-from kiteq.client._base import BrokerDirectory
+from kiteq.client._base import BrokerDirectory, brokers_for_any
 from kiteq.core.errors import ConfigError, KiteQError
 
 __all__ = ["FileDirectory", "StaticDirectory", "resolve"]
@@ -45,10 +45,7 @@ class _FixedDirectory:
 
     def brokers_for_any(self, topics: Iterable[str]) -> list[str]:
         """Every address serving at least one of *topics*, without repeats, in order."""
-        seen: dict[str, None] = {}
-        for topic in topics:
-            seen.update(dict.fromkeys(self._lookup(topic)))
-        return list(seen)
+        return brokers_for_any(self, topics)
 
     def every(self) -> list[str]:
         """Every broker listed."""

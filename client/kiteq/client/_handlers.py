@@ -19,7 +19,8 @@ import logging
 import math
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, TypeAlias
+from contextlib import AbstractContextManager
+from typing import Final, TypeAlias, TypeVar
 
 from kiteq.client import _tracing, _wire
 from kiteq.client._acks import AckMode, AckWriter, AsyncDelivery, Delivery, Ledger
@@ -39,6 +40,8 @@ BatchHandler: TypeAlias = Callable[
 ]
 
 _FEEDBACK_CHARS: Final = 512
+
+_T = TypeVar("_T")
 
 
 def is_async(handler: Callable[..., object]) -> bool:
@@ -278,14 +281,9 @@ class HandlerRunner:
     async def _run_batch(
         self, handler: BatchHandler, messages: list[ReceivedMessage]
     ) -> list[_wire.DeliveryResult]:
-        async with self._slots:
-            try:
-                with _tracing.consuming_batch(messages):
-                    result = handler(messages)
-                    if inspect.isawaitable(result):
-                        result = await result
-            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
-                return [_failed(m, exc) for m in messages]
+        result, exc = await self._invoke(handler, messages, _tracing.consuming_batch(messages))
+        if exc is not None:
+            return [_failed(m, exc) for m in messages]
         return _batch_verdicts(messages, result)
 
     async def _run_manual(self, session: Session, messages: list[ReceivedMessage]) -> None:
@@ -300,14 +298,9 @@ class HandlerRunner:
     async def _handle_manual_async(self, delivery: AsyncDelivery) -> None:
         handler = self._handler
         assert handler is not None  # noqa: S101 - MANUAL with a handler
-        async with self._slots:
-            try:
-                with _tracing.consuming(delivery.message):
-                    result = handler(delivery)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
-                _nack_failed(delivery, exc)
+        _, exc = await self._invoke(handler, delivery, _tracing.consuming(delivery.message))
+        if exc is not None:
+            _nack_failed(delivery, exc)
 
     async def _run_async(self, messages: list[ReceivedMessage]) -> list[_wire.DeliveryResult]:
         if self._concurrency == 1:
@@ -317,12 +310,19 @@ class HandlerRunner:
     async def _handle_async(self, message: ReceivedMessage) -> _wire.DeliveryResult:
         handler = self._handler
         assert handler is not None  # noqa: S101 - AUTO with a handler
+        result, exc = await self._invoke(handler, message, _tracing.consuming(message))
+        return _verdict(message, result) if exc is None else _failed(message, exc)
+
+    async def _invoke(
+        self, handler: Callable[[_T], object], arg: _T, trace: AbstractContextManager[object]
+    ) -> tuple[object, Exception | None]:
+        # under a handler slot, in the trace context; the handler's exception is returned
         async with self._slots:
             try:
-                with _tracing.consuming(message):
-                    result = handler(message)
+                with trace:
+                    result = handler(arg)
                     if inspect.isawaitable(result):
                         result = await result
-            except Exception as exc:  # noqa: BLE001 - the user's handler: nack and log
-                return _failed(message, exc)
-        return _verdict(message, result)
+            except Exception as exc:  # noqa: BLE001 - the user's handler: a nack, logged
+                return None, exc
+        return result, None

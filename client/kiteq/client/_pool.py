@@ -133,16 +133,14 @@ class BrokerPool:
         self._set_state(ClientState.RUNNING)
         self.directory.add_listener(self._on_directory_changed)
 
-    def begin_close(self) -> bool:
-        """Enter CLOSING; False when ``close`` had begun already (then await ``closed``)."""
-        if self.state in _SHUT:
-            return False
+    async def begin_close(self) -> ClientState | None:
+        """Enter CLOSING; return the state left, or None (once closed) if it had begun."""
+        previous = self.state
+        if previous in _SHUT:
+            await self._closed.wait()
+            return None
         self._set_state(ClientState.CLOSING)
-        return True
-
-    async def closed(self) -> None:
-        """Wait until ``finish_close`` has run."""
-        await self._closed.wait()
+        return previous
 
     async def close_links(self, grace: float) -> None:
         """Half-close every session (waiting at most *grace* seconds), then end every task."""

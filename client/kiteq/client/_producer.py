@@ -142,14 +142,13 @@ class ProducerCore:
     async def close(self, timeout: float | None) -> None:
         """``AsyncProducer.close``."""
         pool = self.pool
-        started = pool.state is not ClientState.NEW
-        if not pool.begin_close():
-            await pool.closed()
+        previous = await pool.begin_close()
+        if previous is None:
             return
         self.accumulator.wake_blocked()
         seconds = self.options.close_timeout if timeout is None else timeout
         try:
-            if started:
+            if previous is not ClientState.NEW:
                 deadline = time.monotonic() + seconds
                 await self.sender.flush(seconds)
                 # checks in progress are abandoned (the broker asks again); decisions and

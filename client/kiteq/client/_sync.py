@@ -9,6 +9,7 @@ there; its sync handler runs on the handler threads.
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -32,8 +33,10 @@ __all__ = ["Consumer", "Producer"]
 _SYNC_MARGIN: Final = 5.0
 
 
-class _SyncClient:
+class _SyncClient(abc.ABC):
     """What both facades share: the loop thread, ``with``, an idempotent ``close``."""
+
+    _role = "client"
 
     def __init__(self, name: str, close_timeout: float) -> None:
         self._thread = LoopThread(name)
@@ -63,10 +66,9 @@ class _SyncClient:
         seconds = self._close_timeout if timeout is None else timeout
         self._thread.close_with(self._closing(seconds), seconds + _SYNC_MARGIN, self._role)
 
-    _role = "client"
-
+    @abc.abstractmethod
     def _closing(self, seconds: float) -> Coroutine[Any, Any, None]:
-        raise NotImplementedError
+        """The client's ``close`` coroutine, run on the loop thread."""
 
 
 class Producer(_SyncClient):

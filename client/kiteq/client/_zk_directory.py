@@ -25,6 +25,7 @@ from kiteq.binding import _zk_nodes as nodes
 from kiteq.binding._zk_client import new_client
 from kiteq.binding.model import Binding
 from kiteq.binding.zk import ZkSettings, parse_zk_uri
+from kiteq.client._base import brokers_for_any
 from kiteq.core.errors import ClientClosedError, RegistryUnavailableError
 from kiteq.core.tasks import TaskSet
 
@@ -125,11 +126,8 @@ class ZkDirectory:
         return [] if watch is None else list(watch.addresses)
 
     def brokers_for_any(self, topics: Iterable[str]) -> list[str]:
-        """Every broker serving at least one of *topics*, without repeats, in order."""
-        seen: dict[str, None] = {}
-        for topic in topics:
-            seen.update(dict.fromkeys(self.brokers_for(topic)))
-        return list(seen)
+        """Every address serving at least one of *topics*, without repeats, in order."""
+        return brokers_for_any(self, topics)
 
     def every(self) -> list[str]:
         """Every broker known: of the watched topics, and alive ones once watched."""
