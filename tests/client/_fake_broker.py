@@ -17,7 +17,7 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
-from kiteq.client._sync import LoopThread
+from kiteq.client._loop import LoopThread
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 

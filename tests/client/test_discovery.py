@@ -188,7 +188,9 @@ async def test_producer_follows_the_registry(uri: str, zk: Any) -> None:
             # the second broker appears, the first leaves: sends follow
             register(zk, "trade", "node-b:1", data_of(second.address))
             unregister(zk, "trade", "node-a:1")
-            await eventually(lambda: producer._directory.brokers_for("trade") == [second.address])
+            await eventually(
+                lambda: producer._core.pool.directory.brokers_for("trade") == [second.address]
+            )
             for i in range(20):
                 result = await producer.send(Message(topic="trade", message_type="t", body=b"x"))
                 assert result.broker == second.address, i
@@ -221,7 +223,7 @@ async def test_producer_fails_over_with_the_same_id(uri: str, zk: Any) -> None:
         register(zk, "trade", "node-b:1", data_of(second.address))
         async with AsyncProducer(registry=uri, group_id="pay-svc", timeout=10) as producer:
             await producer.send(Message(topic="trade", message_type="t", body=b"0"))
-            await eventually(lambda: len(producer._open) == 2)
+            await eventually(lambda: len(producer._core.pool.sessions) == 2)
             # whichever broker gets the next batch holds its acks, then drops the stream
             first.hold = second.hold = True
             message = Message(topic="trade", message_type="t", body=b"1")

@@ -20,7 +20,7 @@ from kiteq.client import (
     PublishTimeoutError,
     ReceivedMessage,
     SendResult,
-    _consumer,
+    _handlers,
 )
 from tests.client._fake_broker import ThreadedBroker, pb_message
 
@@ -259,7 +259,7 @@ def test_send_async_wakes_the_loop_once_per_batch_not_per_message(
 ) -> None:
     with Producer(brokers=[threaded_broker.address], group_id="pay-svc", linger=0.01) as producer:
         producer.send(msg())  # connected
-        loop = producer._producer._loop
+        loop = producer._thread.loop
         assert loop is not None
         wakes = 0
         original = loop.call_soon_threadsafe
@@ -280,13 +280,13 @@ def test_a_sync_handler_gets_each_batch_in_one_hop(
     threaded_broker: ThreadedBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hops: list[int] = []
-    original = _consumer._handle_batch
+    original = _handlers._handle_batch
 
     def counting(handler: Any, messages: Any) -> Any:
         hops.append(len(messages))
         return original(handler, messages)
 
-    monkeypatch.setattr(_consumer, "_handle_batch", counting)
+    monkeypatch.setattr(_handlers, "_handle_batch", counting)
     with Consumer(
         brokers=[threaded_broker.address],
         group_id="acct-svc",

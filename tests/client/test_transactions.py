@@ -25,6 +25,7 @@ from kiteq.client import (
     TxStatus,
     UnknownTopicError,
     _tx,
+    _tx_checks,
     _wire,
 )
 from kiteq.client._channel import Session
@@ -273,7 +274,7 @@ async def test_a_decision_survives_a_lost_session(broker: FakeBroker) -> None:
     producer = AsyncProducer(brokers=[broker.address], group_id="pay-svc")
 
     def open_session() -> Session | None:
-        return producer._open.get(broker.address)
+        return producer._core.pool.sessions.get(broker.address)
 
     async def local_tx(message: Message) -> bool:
         # the publishing session ends before the decision: it goes on the next one
@@ -615,7 +616,7 @@ def test_sync_producer_with_a_checker_and_a_wrong_secret_raises() -> None:
 
 
 def test_checker_threads_queue_past_their_bound_and_reuse_idle_threads() -> None:
-    threads = _tx.CheckerThreads("test-checker", max_threads=2)
+    threads = _tx_checks.CheckerThreads("test-checker", max_threads=2)
     gate = threading.Event()
     done: list[tuple[object, BaseException | None]] = []
     finished = threading.Semaphore(0)

@@ -26,10 +26,12 @@ Examples:
 from __future__ import annotations
 
 from kiteq.binding.model import Binding
+from kiteq.client._accumulator import SendResult
 from kiteq.client._acks import AckMode, AsyncDelivery, Delivery
-from kiteq.client._consumer import AsyncConsumer, BatchHandler, Consumer, Handler
-from kiteq.client._producer import AsyncProducer, SendResult
-from kiteq.client._producer_sync import Producer
+from kiteq.client._consumer import AsyncConsumer
+from kiteq.client._handlers import BatchHandler, Handler
+from kiteq.client._producer import AsyncProducer
+from kiteq.client._sync import Consumer, Producer
 from kiteq.client._tx import LocalTransaction, TxChecker, TxResult
 from kiteq.core.errors import (
     AuthenticationError,

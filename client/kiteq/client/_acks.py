@@ -11,17 +11,21 @@ writer through *sink*, which is thread-safe.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 
 from kiteq.client import _wire
 from kiteq.client._channel import Session, check_positive
-from kiteq.core.errors import ClientClosedError, DeliveryExpiredError
+from kiteq.core.errors import ClientClosedError, DeliveryExpiredError, KiteQError
 from kiteq.core.message import ReceivedMessage
 
-__all__ = ["AckMode", "AsyncDelivery", "Delivery", "Ledger", "Ticket"]
+__all__ = ["AckMode", "AckWriter", "AsyncDelivery", "Delivery", "Ledger", "Ticket"]
+
+logger = logging.getLogger(__name__)
 
 _FEEDBACK_CHARS = 512
 
@@ -220,3 +224,87 @@ class AsyncDelivery(_Answerable):
     async def in_progress(self) -> None:
         """Still working: restart this delivery's ``deliverySeconds``."""
         self._in_progress()
+
+
+class AckWriter:
+    """A consumer's answers on their way to the brokers (loop thread).
+
+    Answers queued per session go out as one ``DeliverAckBatch`` per session for
+    everything answered since the previous write (``run``, the writer task); ``write``
+    sends one batch at once. ``quiet`` is set while no answer is expected from a handler
+    thread (``expect``/``arrived``), none is queued and none is being written: what
+    ``close`` waits for.
+    """
+
+    def __init__(self) -> None:
+        self._queued: dict[Session, list[_wire.DeliveryResult]] = {}
+        self._ready = asyncio.Event()
+        self._writing = False
+        self.expected = 0
+        self.quiet = asyncio.Event()
+        self.quiet.set()
+
+    def expect(self) -> None:
+        """A handler thread took a chunk: its answers are to come."""
+        self.expected += 1
+        self.quiet.clear()
+
+    def arrived(self, count: int) -> None:
+        """The answers of *count* chunks have come back (queued, if any)."""
+        self.expected -= count
+        self._update_quiet()
+
+    def queue(self, session: Session, results: list[_wire.DeliveryResult]) -> None:
+        """Queue *results* for the next frame to *session*."""
+        queued = self._queued.get(session)
+        if queued is None:
+            self._queued[session] = results
+        else:
+            queued.extend(results)
+        self.quiet.clear()
+        self._ready.set()
+
+    async def run(self) -> None:
+        """Write what is queued, one frame per session, as answers come (the writer task)."""
+        queued = self._queued
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while queued:
+                session = next(iter(queued))
+                results = queued.pop(session)
+                self._writing = True
+                try:
+                    await self.write(session, results)
+                finally:
+                    self._writing = False
+            self._update_quiet()
+
+    async def write(self, session: Session, results: list[_wire.DeliveryResult]) -> None:
+        """Send *results* on *session* now; a session gone is logged (the broker redelivers)."""
+        if not session.alive:
+            logger.info(
+                "dropping %d acks: session to broker=%s is gone (it redelivers)",
+                len(results),
+                session.address,
+            )
+            return
+        try:
+            await session.send_acks(results)
+        except KiteQError as exc:
+            logger.info("acks not sent broker=%s error=%s (it redelivers)", session.address, exc)
+
+    async def wait_quiet(self, timeout: float) -> bool:
+        """Wait at most *timeout* seconds for ``quiet``; True when it is set."""
+        if self.quiet.is_set():
+            return True
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self.quiet.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _update_quiet(self) -> None:
+        if not self.expected and not self._queued and not self._writing:
+            self.quiet.set()

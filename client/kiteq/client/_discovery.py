@@ -13,45 +13,46 @@ ALL for *user* (``kiteq.binding._zk_client``). A node that already exists keeps 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeGuard
 
 from kiteq.binding.model import Binding
+from kiteq.client._base import BrokerDirectory, brokers_for_any
 from kiteq.core.errors import ConfigError, KiteQError
 
-if TYPE_CHECKING:
-    from kiteq.client._zk_directory import ZkDirectory
-
-__all__ = ["BrokerDirectory", "is_zookeeper", "resolve"]
+__all__ = ["FileDirectory", "StaticDirectory", "resolve"]
 
 _FILE_SCHEME = "file://"
 _ZK_SCHEME = "zk://"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class BrokerDirectory:
-    """Broker addresses for a topic.
+class _FixedDirectory:
+    """Brokers known from the start and never changing: nothing to watch or write."""
 
-    Attributes:
-        lookup: The addresses serving a topic.
-        every: Every known broker, whatever it serves (where a ``tx_checker`` listens).
-        static: True when every broker serves every topic (a plain ``brokers=`` list).
-    """
+    live = False
+    static = False
 
-    lookup: Callable[[str], Sequence[str]]
-    every: Callable[[], Sequence[str]]
-    static: bool
+    def __init__(self, lookup: Callable[[str], Sequence[str]], every: tuple[str, ...]) -> None:
+        self._lookup = lookup
+        self._every = every
 
     def watching(self, topic: str) -> bool:
         """Always True: the addresses are known from the start."""
         return True
 
+    def brokers_for(self, topic: str) -> list[str]:
+        """The addresses serving *topic*."""
+        return list(self._lookup(topic))
+
+    def brokers_for_any(self, topics: Iterable[str]) -> list[str]:
+        """Every address serving at least one of *topics*, without repeats, in order."""
+        return brokers_for_any(self, topics)
+
+    def every(self) -> list[str]:
+        """Every broker listed."""
+        return list(self._every)
+
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Nothing changes: *listener* is never called."""
-
-    async def start(self, timeout: float) -> None:
-        """Nothing to connect."""
 
     async def watch(self, topics: Iterable[str], timeout: float) -> None:
         """Nothing to watch."""
@@ -68,19 +69,21 @@ class BrokerDirectory:
     async def close(self) -> None:
         """Nothing to close."""
 
-    def brokers_for(self, topic: str) -> list[str]:
-        """The addresses serving *topic*."""
-        return list(self.lookup(topic))
 
-    def brokers_for_any(self, topics: Iterable[str]) -> list[str]:
-        """Every address serving at least one of *topics*, without repeats, in order."""
-        seen: dict[str, None] = {}
-        for topic in topics:
-            seen.update(dict.fromkeys(self.lookup(topic)))
-        return list(seen)
+class StaticDirectory(_FixedDirectory):
+    """A ``brokers=[...]`` list: every broker serves every topic."""
+
+    static = True
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        super().__init__(lambda _topic: addresses, addresses)
 
 
-def resolve(brokers: Sequence[str] | None, registry: str | None) -> BrokerDirectory | ZkDirectory:
+class FileDirectory(_FixedDirectory):
+    """A ``registry="file://..."`` registry file, read once: brokers per topic."""
+
+
+def resolve(brokers: Sequence[str] | None, registry: str | None) -> BrokerDirectory:
     """Build the directory from exactly one of *brokers* and *registry*.
 
     Raises:
@@ -111,16 +114,16 @@ def resolve(brokers: Sequence[str] | None, registry: str | None) -> BrokerDirect
     except KiteQError as exc:
         raise ConfigError(f"registry {registry!r}: {exc}") from exc
     addresses = tuple(dict.fromkeys(broker.address for broker in registry_file.brokers))
-    return BrokerDirectory(registry_file.brokers_for, lambda: addresses, static=False)
+    return FileDirectory(registry_file.brokers_for, addresses)
 
 
-def _static(brokers: Sequence[str]) -> BrokerDirectory:
+def _static(brokers: Sequence[str]) -> StaticDirectory:
     if isinstance(brokers, str):
         raise ConfigError("brokers must be a list of 'host:port' strings, not a string")
     addresses = tuple(dict.fromkeys(_check_address(address) for address in brokers))
     if not addresses:
         raise ConfigError("brokers must name at least one 'host:port'")
-    return BrokerDirectory(lambda _topic: addresses, lambda: addresses, static=True)
+    return StaticDirectory(addresses)
 
 
 def _check_address(address: object) -> str:
@@ -130,8 +133,3 @@ def _check_address(address: object) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"broker address {address!r} must be 'host:port'")
     return address
-
-
-def is_zookeeper(directory: BrokerDirectory | ZkDirectory) -> TypeGuard[ZkDirectory]:
-    """True for a ``zk://`` directory (without importing it: kazoo may not be loaded)."""
-    return not isinstance(directory, BrokerDirectory)

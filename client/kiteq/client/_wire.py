@@ -15,20 +15,9 @@ from collections.abc import Iterable
 from typing import Final, NamedTuple
 
 from kiteq.binding.model import Binding
-from kiteq.core.errors import (
-    AuthenticationError,
-    BodyTooLargeError,
-    ExpiredMessageError,
-    FlowLimitedError,
-    InvalidMessageError,
-    KiteQError,
-    MessageRejectedError,
-    NotConnectedError,
-    PermissionDeniedError,
-    StoreFullError,
-    StoreUnavailableError,
-    UnknownTopicError,
-)
+from kiteq.core import errors
+from kiteq.core.codes import AckCode
+from kiteq.core.errors import KiteQError, MessageRejectedError
 from kiteq.core.ids import canonical_message_id
 from kiteq.core.limits import MAX_FRAME_BYTES, clamp
 from kiteq.core.message import Message, ReceivedMessage
@@ -60,23 +49,24 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 
-# Store-ack codes that refuse one message; the class carries message_id and reason.
-_REJECTED: Final[dict[int, type[MessageRejectedError]]] = {
-    common_pb2.ERROR_CODE_INVALID_ARGUMENT: InvalidMessageError,
-    common_pb2.ERROR_CODE_TOO_LARGE: BodyTooLargeError,
-    common_pb2.ERROR_CODE_UNKNOWN_TOPIC: UnknownTopicError,
-    common_pb2.ERROR_CODE_EXPIRED: ExpiredMessageError,
-    common_pb2.ERROR_CODE_OVERFLOW: FlowLimitedError,
+# The error of a refused store-ack, by code (kiteq.core.codes.AckCode, whose numbers are
+# the wire's ErrorCode): the inverse of the broker's code_for, which
+# tests/client/test_codes.py checks, plus the codes the broker sets without an error
+# (NOT_SERVING, UNAUTHENTICATED, BATCH_TOO_LARGE). MessageRejectedError subclasses carry
+# message_id and reason; the others take a plain message.
+_ERROR_FOR_CODE: Final[dict[int, type[KiteQError]]] = {
+    AckCode.INVALID_ARGUMENT: errors.InvalidMessageError,
+    AckCode.TOO_LARGE: errors.BodyTooLargeError,
+    AckCode.UNKNOWN_TOPIC: errors.UnknownTopicError,
+    AckCode.EXPIRED: errors.ExpiredMessageError,
+    AckCode.OVERFLOW: errors.FlowLimitedError,
     # retriable like an overflow: the same message fits in a later batch
-    common_pb2.ERROR_CODE_BATCH_TOO_LARGE: FlowLimitedError,
-    common_pb2.ERROR_CODE_PERMISSION_DENIED: PermissionDeniedError,
-}
-# Store-ack codes whose error class takes a plain message.
-_FAILED: Final[dict[int, type[KiteQError]]] = {
-    common_pb2.ERROR_CODE_STORE_FULL: StoreFullError,
-    common_pb2.ERROR_CODE_STORE_UNAVAILABLE: StoreUnavailableError,
-    common_pb2.ERROR_CODE_NOT_SERVING: NotConnectedError,
-    common_pb2.ERROR_CODE_UNAUTHENTICATED: AuthenticationError,
+    AckCode.BATCH_TOO_LARGE: errors.FlowLimitedError,
+    AckCode.PERMISSION_DENIED: errors.PermissionDeniedError,
+    AckCode.STORE_FULL: errors.StoreFullError,
+    AckCode.STORE_UNAVAILABLE: errors.StoreUnavailableError,
+    AckCode.NOT_SERVING: errors.NotConnectedError,
+    AckCode.UNAUTHENTICATED: errors.AuthenticationError,
 }
 
 
@@ -189,13 +179,10 @@ ServerEvent = BrokerLimits | StoreAcks | Deliveries | TxChecks
 def rejection_error(code: int, message_id: str, feedback: str) -> KiteQError:
     """The typed error for a refused store-ack (``status`` false) with ErrorCode *code*."""
     reason = feedback or _CODE_NAMES.get(code, f"code {code}")
-    rejected = _REJECTED.get(code)
-    if rejected is not None:
-        return rejected(message_id, reason)
-    failed = _FAILED.get(code)
-    if failed is not None:
-        return failed(f"message {message_id} refused: {reason}")
-    return MessageRejectedError(message_id, reason)
+    error = _ERROR_FOR_CODE.get(code, MessageRejectedError)
+    if issubclass(error, MessageRejectedError):
+        return error(message_id, reason)
+    return error(f"message {message_id} refused: {reason}")
 
 
 _CODE_NAMES: Final[dict[int, str]] = {
@@ -352,36 +339,19 @@ def _received(deliveries: Iterable[broker_pb2.Delivery]) -> list[ReceivedMessage
     append = received.append
     for delivery in deliveries:
         message = delivery.message
-        header = message.header
-        properties = header.properties
-        append(
-            ReceivedMessage(
-                topic=header.topic,
-                message_type=header.messageType,
-                body=message.body,
-                message_id=header.messageId,
-                # dict(map) goes through the Mapping ABC, items() does not
-                properties=dict(properties.items()) if properties else {},
-                expired_time=header.expiredTime,
-                deliver_limit=header.deliverLimit,
-                group_id=header.groupId,
-                commit=header.commit,
-                fly=header.fly,
-                create_time=header.createTime,
-                snappy=header.snappy,
-                attempt=delivery.attempt,
-            )
-        )
+        append(_header_message(message.header, delivery.attempt, message.body))
     return received
 
 
-def _header_message(header: common_pb2.Header, check: int) -> ReceivedMessage:
+def _header_message(header: common_pb2.Header, attempt: int, body: bytes = b"") -> ReceivedMessage:
+    # a check's header has no body: checks do not carry it
     properties = header.properties
     return ReceivedMessage(
         topic=header.topic,
         message_type=header.messageType,
-        body=b"",
+        body=body,
         message_id=header.messageId,
+        # dict(map) goes through the Mapping ABC, items() does not
         properties=dict(properties.items()) if properties else {},
         expired_time=header.expiredTime,
         deliver_limit=header.deliverLimit,
@@ -390,5 +360,5 @@ def _header_message(header: common_pb2.Header, check: int) -> ReceivedMessage:
         fly=header.fly,
         create_time=header.createTime,
         snappy=header.snappy,
-        attempt=check,
+        attempt=attempt,
     )

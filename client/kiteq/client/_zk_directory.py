@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
@@ -24,11 +24,10 @@ from kazoo.recipe.watchers import ChildrenWatch
 from kiteq.binding import _zk_nodes as nodes
 from kiteq.binding._zk_client import new_client
 from kiteq.binding.model import Binding
-from kiteq.binding.zk import parse_zk_uri
-from kiteq.core.errors import (
-    ClientClosedError,
-    RegistryUnavailableError,
-)
+from kiteq.binding.zk import ZkSettings, parse_zk_uri
+from kiteq.client._base import brokers_for_any
+from kiteq.core.errors import ClientClosedError, RegistryUnavailableError
+from kiteq.core.tasks import TaskSet
 
 __all__ = ["ZkDirectory", "broker_address"]
 
@@ -93,6 +92,7 @@ class ZkDirectory:
     """
 
     static = False
+    live = True
 
     def __init__(self, uri: str) -> None:
         self.settings = parse_zk_uri(uri)
@@ -110,7 +110,7 @@ class ZkDirectory:
         self._listeners: list[Callable[[], None]] = []
         self._own: dict[str, bytes] = {}  # ephemeral nodes to keep: path -> data
         self._denied: set[str] = set()  # of those, refused by an ACL in this session
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("kiteq-zk-discovery")
         self._sync_wanted = asyncio.Event()
 
     # -- queries (loop thread) --------------------------------------------------------------
@@ -126,11 +126,8 @@ class ZkDirectory:
         return [] if watch is None else list(watch.addresses)
 
     def brokers_for_any(self, topics: Iterable[str]) -> list[str]:
-        """Every broker serving at least one of *topics*, without repeats, in order."""
-        seen: dict[str, None] = {}
-        for topic in topics:
-            seen.update(dict.fromkeys(self.brokers_for(topic)))
-        return list(seen)
+        """Every address serving at least one of *topics*, without repeats, in order."""
+        return brokers_for_any(self, topics)
 
     def every(self) -> list[str]:
         """Every broker known: of the watched topics, and alive ones once watched."""
@@ -163,29 +160,8 @@ class ZkDirectory:
         await asyncio.shield(self._connecting)
 
     async def _connect(self, timeout: float) -> None:
-
-        settings = self.settings
-
-        def connect() -> Any:
-            # worker thread; a missing chroot is created first, outside it (kazoo warns)
-            if settings.chroot:
-                root = new_client(settings, settings.hosts)
-                try:
-                    root.start(timeout)
-                    root.retry(root.ensure_path, settings.chroot)
-                finally:
-                    _close_client(root)
-            zk = new_client(settings)
-            zk.add_listener(self._kz_state)
-            try:
-                zk.start(timeout)
-            except BaseException:
-                _close_client(zk)
-                raise
-            return zk
-
         try:
-            zk = await asyncio.to_thread(connect)
+            zk = await asyncio.to_thread(_open_session, self.settings, self._kz_state, timeout)
         except (KazooException, KazooTimeoutError) as exc:
             raise RegistryUnavailableError(
                 f"ZooKeeper {self._where}: {exc or type(exc).__name__}"
@@ -196,7 +172,7 @@ class ZkDirectory:
         self._zk = zk
         if self._state == "INIT":
             self._state = "CONNECTED"
-        self._spawn(self._keep_nodes(), "kiteq-zk-nodes")
+        self._tasks.spawn(self._keep_nodes(), "kiteq-zk-nodes")
         logger.info("client connected to zookeeper %s", self._where)
 
     async def close(self) -> None:
@@ -208,24 +184,10 @@ class ZkDirectory:
         if connecting is not None and not connecting.done():
             connecting.cancel()
             await asyncio.wait([connecting])
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._tasks.cancel()
         zk, self._zk = self._zk, None
         if zk is not None:
             await asyncio.to_thread(_close_client, zk)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("zookeeper discovery task failed", exc_info=task.exception())
 
     # -- watches ----------------------------------------------------------------------------
 
@@ -289,7 +251,7 @@ class ZkDirectory:
         watch.latest = children
         if not watch.resolving:
             watch.resolving = True
-            self._spawn(self._resolve(watch), f"kiteq-zk-resolve:{watch.path}")
+            self._tasks.spawn(self._resolve(watch), f"kiteq-zk-resolve:{watch.path}")
 
     async def _resolve(self, watch: _Watch) -> None:
         # one per watch at a time: applies the latest children, reading new nodes' data
@@ -449,6 +411,32 @@ class ZkDirectory:
                 continue
             if written:
                 logger.info("wrote bindings path=%s bindings=%d", path, len(wanted))
+
+
+def _open_session(settings: ZkSettings, on_state: Callable[[str], None], timeout: float) -> Any:
+    """A started kazoo client for *settings*: the one place the client builds one.
+
+    Worker thread. A missing chroot is created first, by a client outside it (kazoo
+    warns when the chroot of its own session is missing).
+
+    Raises:
+        KazooException, KazooTimeoutError: ZooKeeper did not answer within *timeout*.
+    """
+    if settings.chroot:
+        root = new_client(settings, settings.hosts)
+        try:
+            root.start(timeout)
+            root.retry(root.ensure_path, settings.chroot)
+        finally:
+            _close_client(root)
+    zk = new_client(settings)
+    zk.add_listener(on_state)
+    try:
+        zk.start(timeout)
+    except BaseException:
+        _close_client(zk)
+        raise
+    return zk
 
 
 def _close_client(zk: Any) -> None:
