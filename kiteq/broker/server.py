@@ -23,16 +23,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kiteq.binding._zk_takeover import ZkTakeoverNodes
+from kiteq.binding.base import BindingRegistry, BrokerInfo, BrokerRegistration
 from kiteq.binding.match import BindingLimits, BindingTable
-from kiteq.binding.registry import (
-    BindingRegistry,
-    BrokerInfo,
-    BrokerRegistration,
-    broker_registration,
-    open_registry,
-)
-from kiteq.binding.zk import parse_zk_uri
+from kiteq.binding.registry import open_registry
 from kiteq.broker.address import advertised_address, is_loopback, split_bind
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.console_source import BrokerConsole
@@ -264,14 +257,11 @@ class Broker:
             )
             await self._ops.start()
         self.metrics.set_info(VERSION, config.name, store.description)
-        if (
-            config.takeover
-            and ownership.sharing is not None
-            and config.registry.startswith("zk://")
-        ):
+        takeover_nodes = registry.takeover_nodes()
+        if config.takeover and ownership.sharing is not None and takeover_nodes is not None:
             # announced before the alive node: a new incarnation is never taken for an old
             self._takeover = TakeoverLoop(
-                nodes=ZkTakeoverNodes(parse_zk_uri(config.registry)),
+                nodes=takeover_nodes,
                 store=store,
                 address=self.advertised,
                 owner=self.owner,
@@ -282,7 +272,7 @@ class Broker:
             await self._takeover.start()
             self._spawn("takeover", self._takeover.run)
         # announced last: clients may choose this broker from now on
-        self._registration = broker_registration(registry)
+        self._registration = registry.registration
         await self._registration.register(
             BrokerInfo(
                 address=self.advertised,
@@ -314,10 +304,12 @@ class Broker:
             store = Component.DOWN
         else:
             store = Component.UP
-        state = getattr(self._registry, "connection_state", "connected")
-        registry = Component.UP if state == "connected" else Component.DEGRADED
         if self._registry is None:
             registry = Component.STARTING
+        elif self._registry.connection_state in (None, "connected"):
+            registry = Component.UP
+        else:
+            registry = Component.DEGRADED
         return HealthReport(broker=broker, store=store, registry=registry)
 
     @property
@@ -404,9 +396,9 @@ class Broker:
         for result, n in tx.check_results.items():
             self.metrics.tx_checked(result, n)
         tx.check_results.clear()
-        state = getattr(self._registry, "connection_state", None)
-        if isinstance(state, str):
-            self.metrics.set_zookeeper(state, getattr(self._registry, "session_losses", 0))
+        registry = self._registry
+        if registry is not None and registry.connection_state is not None:
+            self.metrics.set_zookeeper(registry.connection_state, registry.session_losses)
 
     async def _summary_loop(self) -> None:
         dead = EventSummary(logger, "dead letters", "topic/group/reason")

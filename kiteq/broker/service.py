@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
+from kiteq.binding.base import BindingRegistry
 from kiteq.binding.model import Binding
-from kiteq.binding.registry import BindingRegistry
 from kiteq.broker import wire
 from kiteq.broker.rejections import Rejection, RejectionLog
 from kiteq.core.codes import AckCode

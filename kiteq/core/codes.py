@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
 
 from kiteq.core.errors import (
+    AuthenticationError,
     BodyTooLargeError,
     ExpiredMessageError,
     FlowLimitedError,
+    InvalidMessageError,
     KiteQError,
     MessageRejectedError,
+    NotConnectedError,
     PermissionDeniedError,
     StoreFullError,
     StoreUnavailableError,
     UnknownTopicError,
 )
 
-__all__ = ["AckCode", "Disposition", "code_for"]
+__all__ = ["ERROR_FOR_CODE", "AckCode", "Disposition", "code_for"]
 
 
 class AckCode(enum.IntEnum):
@@ -63,24 +69,39 @@ class Disposition(enum.IntEnum):
     FLY = 4
 
 
+# The error of each refusal code, and (inverted) the code of each error: the one table both
+# sides use. The client raises these for refused store-acks; the broker answers with
+# ``code_for``. Where two codes share an error, the first one is the error's code
+# (BATCH_TOO_LARGE is set by the broker's batch check directly, never through code_for).
+ERROR_FOR_CODE: Final[Mapping[int, type[KiteQError]]] = MappingProxyType(
+    {
+        AckCode.INVALID_ARGUMENT: InvalidMessageError,
+        AckCode.TOO_LARGE: BodyTooLargeError,
+        AckCode.UNKNOWN_TOPIC: UnknownTopicError,
+        AckCode.EXPIRED: ExpiredMessageError,
+        AckCode.OVERFLOW: FlowLimitedError,
+        # retriable like an overflow: the same message fits in a later batch
+        AckCode.BATCH_TOO_LARGE: FlowLimitedError,
+        AckCode.PERMISSION_DENIED: PermissionDeniedError,
+        AckCode.STORE_FULL: StoreFullError,
+        AckCode.STORE_UNAVAILABLE: StoreUnavailableError,
+        AckCode.NOT_SERVING: NotConnectedError,
+        AckCode.UNAUTHENTICATED: AuthenticationError,
+    }
+)
+_CODE_FOR_ERROR: Final[dict[type[KiteQError], AckCode]] = {
+    MessageRejectedError: AckCode.INVALID_ARGUMENT,
+    **{error: AckCode(code) for code, error in reversed(list(ERROR_FOR_CODE.items()))},
+}
+
+
 def code_for(error: KiteQError) -> AckCode:
-    """The wire code for an error raised while accepting a message."""
-    match error:
-        case UnknownTopicError():
-            return AckCode.UNKNOWN_TOPIC
-        case ExpiredMessageError():
-            return AckCode.EXPIRED
-        case FlowLimitedError():
-            return AckCode.OVERFLOW
-        case BodyTooLargeError():
-            return AckCode.TOO_LARGE
-        case PermissionDeniedError():
-            return AckCode.PERMISSION_DENIED
-        case MessageRejectedError():
-            return AckCode.INVALID_ARGUMENT
-        case StoreFullError():
-            return AckCode.STORE_FULL
-        case StoreUnavailableError():
-            return AckCode.STORE_UNAVAILABLE
-        case _:
-            return AckCode.STORE_UNAVAILABLE
+    """The wire code for *error*: that of its most specific class in ``ERROR_FOR_CODE``.
+
+    Anything else (an unexpected failure while storing) is the retriable STORE_UNAVAILABLE.
+    """
+    for cls in type(error).__mro__:
+        code = _CODE_FOR_ERROR.get(cls)
+        if code is not None:
+            return code
+    return AckCode.STORE_UNAVAILABLE

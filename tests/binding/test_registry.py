@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from kiteq.binding.base import BindingRegistry
 from kiteq.binding.embedded import EmbeddedRegistry
 from kiteq.binding.file import FileBindingRegistry
 from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
-from kiteq.binding.registry import BindingRegistry, open_registry
+from kiteq.binding.registry import open_registry
 from kiteq.binding.zk import ZkBindingRegistry
 from kiteq.core.errors import ConfigError
 

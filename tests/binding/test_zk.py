@@ -20,9 +20,9 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import make_acl, make_digest_acl
 
+from kiteq.binding.base import BrokerInfo
 from kiteq.binding.match import BindingLimits, BindingTable, RefusalReason
 from kiteq.binding.model import Binding, dumps, loads
-from kiteq.binding.registry import BrokerInfo
 from kiteq.binding.zk import ZkBindingRegistry
 from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.acl import Grant, Permissions

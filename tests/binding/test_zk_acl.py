@@ -17,9 +17,9 @@ from kazoo.exceptions import NoAuthError
 from kazoo.protocol.serialization import Auth
 from kazoo.security import make_acl
 
+from kiteq.binding.base import BrokerInfo
 from kiteq.binding.match import BindingTable
 from kiteq.binding.model import Binding
-from kiteq.binding.registry import BrokerInfo
 from kiteq.binding.zk import ZkBindingRegistry
 from kiteq.binding.zk_session import KAZOO_LOGGER, digest_acl, new_client
 from kiteq.binding.zk_uri import parse_zk_uri

@@ -6,14 +6,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from kiteq.binding.base import NO_REGISTRATION
+from kiteq.binding.base import NO_REGISTRATION, BrokerInfo
 from kiteq.binding.embedded import EmbeddedRegistry
-from kiteq.binding.registry import (
-    BrokerInfo,
-    broker_registration,
-    open_registry,
-    redact_registry_uri,
-)
+from kiteq.binding.registry import open_registry, redact_registry_uri
 from kiteq.binding.zk import ZkBindingRegistry
 from kiteq.binding.zk_takeover import ZkTakeoverNodes
 from kiteq.binding.zk_uri import DEFAULT_SESSION_TIMEOUT, ZkSettings, parse_zk_uri
@@ -90,7 +85,7 @@ def test_open_registry_makes_a_zk_registry() -> None:
     assert registry.kind == "zk"
     assert registry.settings == ZkSettings("127.0.0.1:2181", "/x", 4.0)
     assert registry.served_topics == ["trade"]
-    assert broker_registration(registry) is registry
+    assert registry.registration is registry
     assert isinstance(registry.takeover_nodes(), ZkTakeoverNodes)
 
 
@@ -101,7 +96,7 @@ def test_bad_zk_uri_is_a_config_error() -> None:
 
 async def test_other_registries_register_nothing() -> None:
     registry = EmbeddedRegistry(NullMeta())
-    registration = broker_registration(registry)
+    registration = registry.registration
     assert registration is NO_REGISTRATION
     assert registry.takeover_nodes() is None  # no takeover without ZooKeeper
     await registration.register(BrokerInfo("127.0.0.1:13800", 1, "kiteq.proto.v1"))

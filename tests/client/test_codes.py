@@ -1,4 +1,4 @@
-"""The client's store-ack table is the inverse of the broker's ``code_for``."""
+"""One error <-> code table (``kiteq.core.codes.ERROR_FOR_CODE``): the client decodes refusals with it, the broker encodes errors with ``code_for``."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import make_acl
 
-from kiteq.binding._zk_client import digest_acl
+from kiteq.binding.zk_session import digest_acl
 from kiteq.client import Binding, Consumer, Message, Producer
 from kiteq.client._discovery import resolve
 from kiteq.client._zk_directory import ZkDirectory
@@ -248,7 +248,7 @@ def test_discovery_imports_with_the_client_dependencies_only(tmp_path: Path) -> 
                 return None
 
         sys.meta_path.insert(0, Absent())
-        import kiteq.client, kiteq.client._zk_directory, kiteq.binding.zk, kiteq.binding._zk_client
+        import kiteq.client, kiteq.client._zk_directory, kiteq.binding.zk, kiteq.binding.zk_session
         loaded = sorted(m for m in sys.modules if m.startswith(("kiteq.handler", "kiteq.store",
                                                                  "kiteq.broker", "kiteq.ops")))
         print("ok", loaded)

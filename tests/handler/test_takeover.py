@@ -23,7 +23,7 @@ from kiteq.binding.zk_session import ZkSession
 from kiteq.binding.zk_takeover import ZkTakeoverNodes
 from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.handler.takeover import TakeoverLoop, store_identity
+from kiteq.handler.takeover import TakeoverLoop
 from kiteq.store.base import DeadLetter
 from kiteq.store.mysql import MySQLStore
 from kiteq.store.url import mysql_options, open_store
@@ -81,7 +81,7 @@ class Cluster:
         return store
 
     def store_id(self) -> str:
-        return store_identity(mysql_options(url(self.prefix, "x")))
+        return mysql_options(url(self.prefix, "x")).sharing_identity
 
     async def session(self) -> tuple[ZkSession, ZkTakeoverNodes]:
         """A broker's ZooKeeper session (closed with the cluster) and its takeover nodes."""

@@ -170,6 +170,14 @@ class StandaloneRegistry:
     def takeover_nodes(self) -> TakeoverNodes | None:
         return None
 
+    @property
+    def connection_state(self) -> str | None:
+        return None
+
+    @property
+    def session_losses(self) -> int:
+        return 0
+
 
 class BindingRegistry(Protocol):
     @property
@@ -184,6 +192,16 @@ class BindingRegistry(Protocol):
 
     def takeover_nodes(self) -> TakeoverNodes | None:
         """The takeover records on this registry's session, or None (not ZooKeeper)."""
+        ...
+
+    @property
+    def connection_state(self) -> str | None:
+        """``connected``, ``suspended`` or ``lost``; None without a registry server."""
+        ...
+
+    @property
+    def session_losses(self) -> int:
+        """Registry sessions lost (expired) since start."""
         ...
 
     async def start(self, table: BindingTable) -> None:

@@ -22,34 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kiteq.binding.base import (
-    BindingRegistry,
-    BrokerInfo,
-    BrokerRegistration,
-    MetaStore,
-)
+from kiteq.binding.base import BindingRegistry, MetaStore
 from kiteq.binding.embedded import EmbeddedRegistry
 from kiteq.binding.file import FileBindingRegistry
 from kiteq.binding.zk import ZkBindingRegistry
 from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.errors import ConfigError
 
-# BindingRegistry, BrokerInfo, BrokerRegistration, MetaStore: kiteq.broker imports them from
-# here until it takes them from kiteq.binding.base
-__all__ = [
-    "BindingRegistry",
-    "BrokerInfo",
-    "BrokerRegistration",
-    "MetaStore",
-    "broker_registration",
-    "open_registry",
-    "redact_registry_uri",
-]
-
-
-def broker_registration(registry: BindingRegistry) -> BrokerRegistration:
-    """How a broker using *registry* announces itself: ``registry.registration``."""
-    return registry.registration
+__all__ = ["open_registry", "redact_registry_uri"]
 
 
 def redact_registry_uri(uri: str) -> str:

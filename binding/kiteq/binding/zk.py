@@ -59,16 +59,14 @@ from kiteq.binding.base import BrokerInfo, BrokerRegistration
 from kiteq.binding.model import Binding
 from kiteq.binding.zk_session import NodeKeeper, SessionState, Wanted, ZkSession
 from kiteq.binding.zk_takeover import ZkTakeoverNodes
-from kiteq.binding.zk_uri import ZkSettings, parse_zk_uri
+from kiteq.binding.zk_uri import ZkSettings
 from kiteq.binding.zk_watch import BindingWatches
 from kiteq.core.errors import RegistryError, RegistryUnavailableError
 
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable
 
-# parse_zk_uri: kiteq.broker.server and kiteq.client import it from here until they take it
-# from kiteq.binding.zk_uri
-__all__ = ["ZkBindingRegistry", "parse_zk_uri"]
+__all__ = ["ZkBindingRegistry"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +108,7 @@ class ZkBindingRegistry:
         )
         self._table: BindingTable | None = None
         self._watches: BindingWatches | None = None
-        # sessions lost since start (expired), for kiteq_zookeeper_session_expirations_total
-        self.session_losses = 0
+        self._session_losses = 0
         self._served: set[str] = set(self._topics)
         self._broker: BrokerInfo | None = None
         self._declare_lock = asyncio.Lock()
@@ -129,6 +126,11 @@ class ZkBindingRegistry:
     def session_id(self) -> int | None:
         """The current ZooKeeper session id, or None while not connected."""
         return self._session.session_id
+
+    @property
+    def session_losses(self) -> int:
+        """Sessions lost (expired) since start, for kiteq_zookeeper_session_expirations_total."""
+        return self._session_losses
 
     @property
     def connection_state(self) -> str:
@@ -232,7 +234,7 @@ class ZkBindingRegistry:
         elif state == SessionState.SUSPENDED:
             logger.warning("zookeeper connection suspended: serving with the last known bindings")
         else:
-            self.session_losses += 1
+            self._session_losses += 1
             logger.warning(
                 "zookeeper session lost: bindings kept; nodes are re-created on reconnect"
             )

@@ -8,7 +8,7 @@ for zk:// clients).
 With ``digest=user:password`` the client authenticates as *user* and every node it
 creates (producer nodes, ``-bind`` nodes, the parents of both, a topic's
 ``/kiteq/server/{topic}`` when it is missing, the chroot) gets the broker's ACL: world READ,
-ALL for *user* (``kiteq.binding._zk_client``). A node that already exists keeps its ACL.
+ALL for *user* (``kiteq.binding.zk_session``). A node that already exists keeps its ACL.
 """
 
 from __future__ import annotations

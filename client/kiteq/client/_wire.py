@@ -15,8 +15,7 @@ from collections.abc import Iterable
 from typing import Final, NamedTuple
 
 from kiteq.binding.model import Binding
-from kiteq.core import errors
-from kiteq.core.codes import AckCode
+from kiteq.core.codes import ERROR_FOR_CODE
 from kiteq.core.errors import KiteQError, MessageRejectedError
 from kiteq.core.ids import canonical_message_id
 from kiteq.core.limits import MAX_FRAME_BYTES, clamp
@@ -48,26 +47,6 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
-
-# The error of a refused store-ack, by code (kiteq.core.codes.AckCode, whose numbers are
-# the wire's ErrorCode): the inverse of the broker's code_for, which
-# tests/client/test_codes.py checks, plus the codes the broker sets without an error
-# (NOT_SERVING, UNAUTHENTICATED, BATCH_TOO_LARGE). MessageRejectedError subclasses carry
-# message_id and reason; the others take a plain message.
-_ERROR_FOR_CODE: Final[dict[int, type[KiteQError]]] = {
-    AckCode.INVALID_ARGUMENT: errors.InvalidMessageError,
-    AckCode.TOO_LARGE: errors.BodyTooLargeError,
-    AckCode.UNKNOWN_TOPIC: errors.UnknownTopicError,
-    AckCode.EXPIRED: errors.ExpiredMessageError,
-    AckCode.OVERFLOW: errors.FlowLimitedError,
-    # retriable like an overflow: the same message fits in a later batch
-    AckCode.BATCH_TOO_LARGE: errors.FlowLimitedError,
-    AckCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    AckCode.STORE_FULL: errors.StoreFullError,
-    AckCode.STORE_UNAVAILABLE: errors.StoreUnavailableError,
-    AckCode.NOT_SERVING: errors.NotConnectedError,
-    AckCode.UNAUTHENTICATED: errors.AuthenticationError,
-}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,7 +158,7 @@ ServerEvent = BrokerLimits | StoreAcks | Deliveries | TxChecks
 def rejection_error(code: int, message_id: str, feedback: str) -> KiteQError:
     """The typed error for a refused store-ack (``status`` false) with ErrorCode *code*."""
     reason = feedback or _CODE_NAMES.get(code, f"code {code}")
-    error = _ERROR_FOR_CODE.get(code, MessageRejectedError)
+    error = ERROR_FOR_CODE.get(code, MessageRejectedError)
     if issubclass(error, MessageRejectedError):
         return error(message_id, reason)
     return error(f"message {message_id} refused: {reason}")

@@ -18,15 +18,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
-from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.recipe.watchers import ChildrenWatch
 
-from kiteq.binding import _zk_nodes as nodes
-from kiteq.binding._zk_client import new_client
+from kiteq.binding import zk_nodes as nodes
 from kiteq.binding.model import Binding
-from kiteq.binding.zk import ZkSettings, parse_zk_uri
+from kiteq.binding.zk_session import SessionState, ZkSession, hop
+from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.client._base import brokers_for_any
-from kiteq.core.errors import ClientClosedError, RegistryUnavailableError
+from kiteq.core.errors import ClientClosedError, RegistryError, RegistryUnavailableError
 from kiteq.core.tasks import TaskSet
 
 __all__ = ["ZkDirectory", "broker_address"]
@@ -104,7 +103,11 @@ class ZkDirectory:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._closed = threading.Event()  # read by kazoo's threads
-        self._state: str = "INIT"
+        # the one ZooKeeper session module of kiteq.binding (ACLs, chroot, state translation)
+        self._session = ZkSession(self.settings)
+        self._session.add_listener(self._on_state)
+        # the first connect is not a reconnect: state changes count once start succeeded
+        self._opened = False
         self._watches: dict[str, _Watch] = {}
         self._names: dict[str, str | None] = {}  # node path -> dial address (cache)
         self._listeners: list[Callable[[], None]] = []
@@ -161,17 +164,14 @@ class ZkDirectory:
 
     async def _connect(self, timeout: float) -> None:
         try:
-            zk = await asyncio.to_thread(_open_session, self.settings, self._kz_state, timeout)
-        except (KazooException, KazooTimeoutError) as exc:
-            raise RegistryUnavailableError(
-                f"ZooKeeper {self._where}: {exc or type(exc).__name__}"
-            ) from exc
+            await self._session.open(timeout)
+        except RegistryError as exc:
+            raise RegistryUnavailableError(str(exc)) from exc
         if self._closed.is_set():
-            await asyncio.to_thread(_close_client, zk)
+            await self._session.close()
             raise ClientClosedError("registry closed")
-        self._zk = zk
-        if self._state == "INIT":
-            self._state = "CONNECTED"
+        self._zk = self._session.client
+        self._opened = True
         self._tasks.spawn(self._keep_nodes(), "kiteq-zk-nodes")
         logger.info("client connected to zookeeper %s", self._where)
 
@@ -185,9 +185,8 @@ class ZkDirectory:
             connecting.cancel()
             await asyncio.wait([connecting])
         await self._tasks.cancel()
-        zk, self._zk = self._zk, None
-        if zk is not None:
-            await asyncio.to_thread(_close_client, zk)
+        self._zk = None
+        await self._session.close()
 
     # -- watches ----------------------------------------------------------------------------
 
@@ -237,15 +236,11 @@ class ZkDirectory:
 
     def _hop(self, callback: Callable[..., None], *args: Any) -> bool:
         # kazoo thread: never block; False when closed
-        return nodes.hop(self._loop, self._closed, callback, *args)
+        return hop(self._loop, self._closed, callback, *args)
 
     def _kz_children(self, watch: _Watch, children: list[str]) -> bool:
         # kazoo thread; False ends the watch
         return not watch.stopped and self._hop(self._on_children, watch, list(children))
-
-    def _kz_state(self, state: str) -> None:
-        # kazoo thread; returning True would remove the listener
-        self._hop(self._on_state, str(state))
 
     def _on_children(self, watch: _Watch, children: list[str]) -> None:
         watch.latest = children
@@ -312,16 +307,15 @@ class ZkDirectory:
         finally:
             watch.resolving = False
 
-    def _on_state(self, state: str) -> None:
-        previous, self._state = self._state, state
-        if self._closed.is_set() or state == previous or previous == "INIT":
+    def _on_state(self, previous: SessionState, state: SessionState) -> None:
+        if self._closed.is_set() or not self._opened:
             return
-        if state == "CONNECTED":
+        if state is SessionState.CONNECTED:
             logger.info("zookeeper connected again %s", self._where)
-            if previous == "LOST":
+            if previous is SessionState.LOST:
                 self._denied.clear()  # a new session: try the refused ones once more
                 self._sync_wanted.set()  # ephemeral nodes died with the old session
-        elif state == "SUSPENDED":
+        elif state is SessionState.SUSPENDED:
             logger.warning("zookeeper connection suspended: using the last known brokers")
         else:
             logger.warning("zookeeper session lost: using the last known brokers")
@@ -360,7 +354,7 @@ class ZkDirectory:
             await self._sync_wanted.wait()
             self._sync_wanted.clear()
             zk = self._zk
-            if zk is None or self._state != "CONNECTED":
+            if zk is None or self._session.state is not SessionState.CONNECTED:
                 continue  # CONNECTED after LOST sets it again
             try:
                 denied = await asyncio.to_thread(
@@ -411,37 +405,3 @@ class ZkDirectory:
                 continue
             if written:
                 logger.info("wrote bindings path=%s bindings=%d", path, len(wanted))
-
-
-def _open_session(settings: ZkSettings, on_state: Callable[[str], None], timeout: float) -> Any:
-    """A started kazoo client for *settings*: the one place the client builds one.
-
-    Worker thread. A missing chroot is created first, by a client outside it (kazoo
-    warns when the chroot of its own session is missing).
-
-    Raises:
-        KazooException, KazooTimeoutError: ZooKeeper did not answer within *timeout*.
-    """
-    if settings.chroot:
-        root = new_client(settings, settings.hosts)
-        try:
-            root.start(timeout)
-            root.retry(root.ensure_path, settings.chroot)
-        finally:
-            _close_client(root)
-    zk = new_client(settings)
-    zk.add_listener(on_state)
-    try:
-        zk.start(timeout)
-    except BaseException:
-        _close_client(zk)
-        raise
-    return zk
-
-
-def _close_client(zk: Any) -> None:
-    # worker thread
-    try:
-        zk.stop()
-    finally:
-        zk.close()

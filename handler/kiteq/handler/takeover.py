@@ -40,9 +40,8 @@ from typing import Final
 from kiteq.binding.base import BrokerStore, TakeoverNodes
 from kiteq.core.errors import KiteQError
 from kiteq.store.base import MessageStore
-from kiteq.store.url import MySQLOptions
 
-__all__ = ["TakeoverLoop", "check_interval", "store_identity"]
+__all__ = ["TakeoverLoop", "check_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +53,6 @@ _MAX_INTERVAL: Final = 5.0
 def check_interval(grace: float) -> float:
     """How often the takeover loop looks at ZooKeeper for *grace*."""
     return max(_MIN_INTERVAL, min(_MAX_INTERVAL, grace / 4))
-
-
-def store_identity(options: MySQLOptions) -> str:
-    """Which database set a MySQL store uses: brokers with equal identities share rows.
-
-    The server as written in the store URL (write it the same way on every broker),
-    the database prefix and the shard count.
-    """
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    return f"mysql://{host.lower()}:{options.port}/{options.db}?shardnum={options.shardnum}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,7 +73,7 @@ class TakeoverLoop:
         store: This broker's store (``take_over`` moves the rows).
         address: This broker's advertised ``host:port`` (its ZooKeeper name).
         owner: This broker's ``kite_server``.
-        store_id: ``store_identity`` of the store.
+        store_id: the store's sharing identity (``StoreOwnership.sharing``).
         grace: Seconds a broker's alive node must be missing before it is taken over.
         on_taken: Called (awaited) with the number of rows moved after each takeover that
             moved some: wake the recover scan, reload transactions, refresh counts.
