@@ -114,11 +114,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.GetMessageResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        message_id = canonical_message_id(request.messageId)
-        if not is_message_id(message_id):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
-            )
+        message_id = await _message_id(request.messageId, context)  # type: ignore[arg-type]
         found = await self._operator.lookup(message_id)
         history = [wire.history_to_pb(e) for e in found.history]
         letters = found.letters
@@ -225,11 +221,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ],
     ) -> admin_pb2.ResolveTransactionResponse:
         await self._authorize(context)  # type: ignore[arg-type]
-        message_id = canonical_message_id(request.messageId)
-        if not is_message_id(message_id):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
-            )
+        message_id = await _message_id(request.messageId, context)  # type: ignore[arg-type]
         status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
         changed = await self._operator.resolve(message_id, status)
         audit.info(
@@ -251,3 +243,13 @@ async def _check_reason(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"unknown dead-letter reason {where.reason!r}; known: {', '.join(DEAD_LETTER_REASONS)}",
         )
+
+
+async def _message_id(raw: str, context: grpc.aio.ServicerContext[object, object]) -> str:
+    """*raw* in its canonical spelling; a call naming no valid id ends INVALID_ARGUMENT."""
+    message_id = canonical_message_id(raw)
+    if not is_message_id(message_id):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "message id must be 32 hex characters"
+        )
+    return message_id
