@@ -73,6 +73,22 @@ class Bookkeeper:
         self._idle.clear()
         self._wake.set()
 
+    def saving(self, message_ids: Sequence[str]) -> None:
+        """New messages are being stored (the intake's save is under way).
+
+        A sharded store commits a save's parts one after the other, so a scan may read a
+        message before its save returns and the intake hands it to the dispatcher: until
+        ``saved``, the scan must leave it to the intake.
+        """
+        for message_id in message_ids:
+            self._pending[message_id] = self._pending.get(message_id, 0) + 1
+
+    def saved(self, message_ids: Sequence[str]) -> None:
+        """The save of *message_ids* ended (stored or failed), like a completed write."""
+        self._epoch += 1
+        for message_id in message_ids:
+            self._settle(message_id)
+
     def settled_since(self, message_id: str, epoch: int) -> bool:
         """True while a write for *message_id* is queued or completed after *epoch*.
 

@@ -94,6 +94,7 @@ class BrokerCore:
         self.intake = Intake(
             config=config,
             store=store,
+            bookkeeper=self.bookkeeper,
             dispatcher=self.dispatcher,
             transactions=self.transactions,
             history=self.history,

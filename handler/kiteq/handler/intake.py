@@ -26,6 +26,7 @@ from kiteq.core.config import ClusterConfig
 from kiteq.core.errors import MessageRejectedError, StoreError, UnknownTopicError
 from kiteq.core.limits import normalize
 from kiteq.core.message import Message, StoredMessage
+from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, StoreAck
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.flight import Flight
@@ -47,6 +48,7 @@ class Intake:
         *,
         config: ClusterConfig,
         store: MessageStore,
+        bookkeeper: Bookkeeper,
         dispatcher: Dispatcher,
         transactions: TxManager,
         history: History,
@@ -57,6 +59,7 @@ class Intake:
     ) -> None:
         self._config = config
         self._store = store
+        self._bookkeeper = bookkeeper
         self._dispatcher = dispatcher
         self._transactions = transactions
         self._check_delay = config.tx_check_delay_seconds
@@ -257,6 +260,9 @@ class Intake:
         origin: Connection | None,
     ) -> None:
         started = self._clock.monotonic()
+        ids = [record.message_id for record in records]
+        # the recover scan leaves them alone until the dispatcher has them (below)
+        self._bookkeeper.saving(ids)
         try:
             results = await self._store.save(records)
         except StoreError as exc:
@@ -265,6 +271,8 @@ class Intake:
             for i in positions:
                 outcomes[i] = StoreAck(messages[i].message_id, code, str(exc))
             return
+        finally:
+            self._bookkeeper.saved(ids)
         if self._metrics is not None:
             done = self._clock.monotonic()
             self._metrics.observe_store("save", done - started, len(records))
