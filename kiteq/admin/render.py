@@ -138,6 +138,8 @@ def stats(reply: admin_pb2.StatsResponse) -> str:
             ("flow-limited", reply.flowLimited),
             ("tx pending", reply.pendingTransactions),
             ("tx unresolved", reply.unresolvedTransactions),
+            ("tx checks sent", reply.txChecksSent),
+            ("recover scans", reply.recoverScans),
         ]
     )
     return "\n\n".join([summary, backlog(reply), groups(reply)])

@@ -37,6 +37,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._dispatcher = core.dispatcher
         self._intake = core.intake
         self._transactions = core.transactions
+        self._recover = core.recover
         self._uptime = uptime
         self._operator = Operator(core)
 
@@ -89,6 +90,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             flowLimited=self._dispatcher.tally.flow_limited,
             pendingTransactions=self._transactions.pending,
             unresolvedTransactions=self._transactions.unresolved,
+            recoverScans=self._recover.scans,
+            txChecksSent=self._transactions.checks_sent,
             deadLetterGroups=[
                 admin_pb2.DeadLetterCount(topic=topic, groupId=group, count=n)
                 for (topic, group), n in sorted(dead.items())

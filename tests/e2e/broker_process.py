@@ -13,6 +13,7 @@ from kiteq.bench.process import KiteqProcess
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.core.errors import KiteQError
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -150,6 +151,18 @@ class BrokerProcess:
     def stop_quietly(self) -> None:
         if self._process is not None:
             self._process.kill()
+
+    def passed_recover_scan(self, timeout: float = 30.0) -> None:
+        """Until a recover scan that started after this call has completed.
+
+        The positive event behind "nothing more is delivered": whatever was still due
+        would have been offered by that scan. (The scan running now may have started
+        before: the second completion from now is one that started after.)
+        """
+        start = self.stats().recoverScans
+        wait_until(
+            lambda: self.stats().recoverScans >= start + 2, timeout, "a recover scan from now"
+        )
 
     def admin_channel(self) -> grpc.Channel:
         if self.tls is None:

@@ -21,6 +21,12 @@ from tests.e2e.collector import Collector
 from tests.waiting import wait_until
 
 
+def rescheduled(broker: BrokerProcess, message_id: str) -> int:
+    """The attempt of the last "rescheduled" event of *message_id*'s history (0: none)."""
+    history = admin(broker, "message", message_id).get("history", [])
+    return max((e.get("attempt", 0) for e in history if e["kind"] == "rescheduled"), default=0)
+
+
 def admin(broker: BrokerProcess, *args: str, exit_code: int = 0) -> dict[str, Any]:
     """``kiteq-admin --json`` against *broker*; *exit_code* is the one expected (4: nothing
     changed, 3: not found)."""
@@ -84,7 +90,7 @@ def test_deliver_limit_3_then_the_dlq_then_redrive_delivers(broker: BrokerProces
                 Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=3)
             ).message_id
             wait_until(lambda: len(dead_letters(broker)) == 1)
-            time.sleep(1.5)  # a recover scan passes: nothing more is delivered
+            broker.passed_recover_scan()  # it would offer anything still due
         assert [m.attempt for m in failing.received] == [1, 2, 3]
         [letter] = dead_letters(broker)
         assert (letter.header.messageId, letter.reason, list(letter.groups)) == (
@@ -116,14 +122,13 @@ def test_deliver_limit_3_then_the_dlq_then_redrive_delivers(broker: BrokerProces
 
 
 def test_an_expired_message_is_dead_lettered_not_delivered(broker: BrokerProcess) -> None:
+    expires = int(time.time()) + 2
     with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
         message_id = p.send(
-            Message(
-                topic="trade", message_type="pay-succ", body=b"x", expired_time=int(time.time()) + 2
-            )
+            Message(topic="trade", message_type="pay-succ", body=b"x", expired_time=expires)
         ).message_id
-    # no consumer yet: the message waits in the store, then expires
-    time.sleep(3)
+    # no consumer yet: the message waits in the store until its expiry has passed
+    wait_until(lambda: time.time() > expires, 10, "the expiry")
     got = Collector()
     with Consumer(
         brokers=[broker.address],
@@ -133,7 +138,7 @@ def test_an_expired_message_is_dead_lettered_not_delivered(broker: BrokerProcess
         handler=got,
     ):
         wait_until(lambda: len(dead_letters(broker)) == 1)
-        time.sleep(0.5)
+        broker.passed_recover_scan()
     assert got.received == []
     [letter] = dead_letters(broker)
     assert (letter.header.messageId, letter.reason) == (message_id, "expired")
@@ -192,9 +197,12 @@ def test_broker_restart_during_backoff_keeps_attempt_counts_and_windows(
             bindings=[Binding.fanout("trade")],
             handler=got,
         ):
-            p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
+            message_id = p.send(
+                Message(topic="trade", message_type="pay-succ", body=b"x")
+            ).message_id
             got.wait_for(lambda received: any(m.attempt == 4 for m in received))
-            time.sleep(0.3)  # the reschedule after attempt 4 is written
+            # the window after attempt 4 is set (a graceful stop then writes it)
+            wait_until(lambda: rescheduled(broker, message_id) >= 4, 10, "the reschedule")
         assert broker.terminate() == 0
         broker.start()
         with Consumer(

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,12 +93,29 @@ def nothing_delivered(got: dict[str, Collector]) -> bool:
     return all(not ids for ids in delivered(got).values())
 
 
-def wait_delivered_once(got: dict[str, Collector], message_id: str) -> None:
-    """Wait until each group has it, then a while more: still once per group."""
+def wait_delivered_once(broker: BrokerProcess, got: dict[str, Collector], message_id: str) -> None:
+    """Wait until each group has it, and a recover scan has passed: still once per group."""
     for collector in got.values():
         collector.wait_for(lambda received: any(m.message_id == message_id for m in received))
-    time.sleep(2.5)  # checks (every 1 s) and redeliveries would have happened by now
+    broker.passed_recover_scan()  # a redelivery would have been offered by now
     assert delivered(got) == {group: [message_id] for group in GROUPS}
+
+
+def late_answers_recorded(kinds: list[str]) -> bool:
+    """Both batches of answers of the duplicate-decision test are in the history."""
+    return kinds.count("committed_ignored") == 2 and kinds.count("rolled_back_ignored") == 2
+
+
+def passed_checks(broker: BrokerProcess, p: Producer) -> None:
+    """Until every transaction check due before now has been sent.
+
+    A canary published now, undecided, is checked after the same delay as every message
+    published before it: once its check is sent, theirs would have been. The canary is then
+    rolled back.
+    """
+    canary = p.send_transactional(trade("canary"), lambda m: None).message_id
+    wait_until(lambda: "tx_check" in history(broker, canary), 30, "the canary's check")
+    admin(broker, "rollback", canary)
 
 
 def history(broker: BrokerProcess, message_id: str) -> list[str]:
@@ -152,7 +168,9 @@ def test_a_committed_local_transaction_is_delivered_exactly_once_to_each_group(
     with consumers(broker) as got, Producer(brokers=[broker.address], group_id="pay") as p:
 
         def local_tx(message: Message) -> bool:
-            time.sleep(1.5)  # stored and past the first check time: still not delivered
+            # stored, and its first check sent: still not delivered
+            wait_until(lambda: "tx_check" in history(broker, message.message_id), 30, "a check")
+            broker.passed_recover_scan()
             undelivered.append(nothing_delivered(got))
             return True
 
@@ -163,7 +181,7 @@ def test_a_committed_local_transaction_is_delivered_exactly_once_to_each_group(
             broker.address,
             None,
         )
-        wait_delivered_once(got, result.message_id)
+        wait_delivered_once(broker, got, result.message_id)
     kinds = history(broker, result.message_id)
     assert kinds.index("committed") < kinds.index("delivered")
     assert transactions(broker) == []
@@ -173,7 +191,8 @@ def test_a_rolled_back_local_transaction_is_never_delivered(broker: BrokerProces
     with consumers(broker) as got, Producer(brokers=[broker.address], group_id="pay") as p:
         result = p.send_transactional(trade(), lambda m: False)
         assert result.status is TxStatus.ROLLBACK
-        time.sleep(4)  # past every check the broker would have sent
+        passed_checks(broker, p)  # any check of it would have been sent
+        broker.passed_recover_scan()
         assert nothing_delivered(got)
     info = admin(broker, "message", result.message_id)
     assert info.get("state") == "MESSAGE_STATE_GONE"
@@ -218,16 +237,16 @@ def test_a_killed_producer_is_answered_by_another_process_of_its_group(
             if doomed.stdout is not None:
                 doomed.stdout.close()
         # checks go unanswered meanwhile: nothing is delivered without a decision
-        wait_until(lambda: history(broker, message_id).count("tx_check") >= 1)
-        time.sleep(1)
+        wait_until(lambda: history(broker, message_id).count("tx_check") >= 2)
         assert nothing_delivered(got)
         checker = Checker(lambda m: decision, got)
         with Producer(brokers=[broker.address], group_id="pay", tx_checker=checker):
             wait_until(lambda: bool(checker.checked(message_id)))
             if decision is TxStatus.COMMIT:
-                wait_delivered_once(got, message_id)
+                wait_delivered_once(broker, got, message_id)
             else:
-                time.sleep(3)
+                wait_until(lambda: "rolled_back" in history(broker, message_id), 30, "rollback")
+                broker.passed_recover_scan()
                 assert nothing_delivered(got)
     [first, *_] = checker.calls
     assert (first.message_id, first.topic, first.message_type, first.group_id) == (
@@ -268,12 +287,12 @@ def test_unknown_forever_is_unresolved_after_the_last_check_then_an_admin_commit
         assert checker.checked(message_id) == [1, 2, 3]  # txCheckMax checks, no more
         stats = broker.stats()
         assert (stats.pendingTransactions, stats.unresolvedTransactions) == (0, 1)
-        time.sleep(1.5)
+        passed_checks(broker, p)  # a fourth check would have been sent by now
         assert checker.checked(message_id) == [1, 2, 3]
         assert nothing_delivered(got)
 
         assert admin(broker, "commit", message_id) == {"changed": True}
-        wait_delivered_once(got, message_id)
+        wait_delivered_once(broker, got, message_id)
         # decided already: nothing changed, which kiteq-admin says with exit code 4
         assert admin(broker, "commit", message_id, exit_code=4) == {"changed": False}
     assert transactions(broker, "-unresolved") == []
@@ -305,11 +324,18 @@ async def test_a_duplicate_commit_or_a_late_unknown_or_rollback_changes_nothing(
                 answers(message_id, TxStatus.COMMIT, TxStatus.COMMIT, TxStatus.UNKNOWN)
                 + answers(message_id, TxStatus.ROLLBACK)
             )
-            await asyncio.to_thread(wait_delivered_once, got, message_id)
+            await asyncio.to_thread(wait_delivered_once, broker, got, message_id)
             await session.send_tx(
                 answers(message_id, TxStatus.ROLLBACK, TxStatus.UNKNOWN, TxStatus.COMMIT)
             )
-            await asyncio.sleep(2.0)
+            # the three late answers are recorded (ignored), and no scan redelivers
+            await asyncio.to_thread(
+                wait_until,
+                lambda: late_answers_recorded(history(broker, message_id)),
+                30,
+                "the late answers",
+            )
+            await asyncio.to_thread(broker.passed_recover_scan)
             assert delivered(got) == {group: [message_id] for group in GROUPS}
     finally:
         await session.close()
@@ -341,7 +367,7 @@ def test_a_restarted_broker_resumes_the_checks_of_uncommitted_messages(
         checker = Checker(lambda m: outcome[m.properties["order"]], got)
         with Producer(brokers=[broker.address], group_id="pay", tx_checker=checker):
             committed, rolled_back, unknown = (r.message_id for r in results)
-            wait_delivered_once(got, committed)
+            wait_delivered_once(broker, got, committed)
             wait_until(lambda: len(checker.checked(unknown)) >= 2)
     assert checker.seen_deliveries[0] is False
     assert len(checker.checked(committed)) == len(checker.checked(rolled_back)) == 1
@@ -383,7 +409,7 @@ def test_a_hanging_or_raising_checker_does_not_stop_checks_of_other_messages(
             bad = p.send_transactional(trade("bad"), lambda m: None).message_id
             wait_until(lambda: bool(stuck))  # the first check of the bad one is running
             good = p.send_transactional(trade("good"), lambda m: None).message_id
-            wait_delivered_once(got, good)
+            wait_delivered_once(broker, got, good)
             assert all(bad not in ids for ids in delivered(got).values())
         if fault == "hangs":
             # one call of the hung checker: later checks of it are not started again

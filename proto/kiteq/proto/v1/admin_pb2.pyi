@@ -145,6 +145,8 @@ class StatsResponse(_message.Message):
     PENDINGTRANSACTIONS_FIELD_NUMBER: _builtins.int
     UNRESOLVEDTRANSACTIONS_FIELD_NUMBER: _builtins.int
     DEADLETTERGROUPS_FIELD_NUMBER: _builtins.int
+    RECOVERSCANS_FIELD_NUMBER: _builtins.int
+    TXCHECKSSENT_FIELD_NUMBER: _builtins.int
     broker: _builtins.str
     cluster: _builtins.str
     store: _builtins.str
@@ -160,6 +162,11 @@ class StatsResponse(_message.Message):
     pendingTransactions: _builtins.int
     """Uncommitted messages still being checked, and those whose checks ran out."""
     unresolvedTransactions: _builtins.int
+    recoverScans: _builtins.int
+    """Recover scans completed and transaction checks sent since start: the broker's
+    periodic work, seen progressing (a scan that started after an event has passed it).
+    """
+    txChecksSent: _builtins.int
     @_builtins.property
     def backlog(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Stored, not yet acked by every group, per topic."""
@@ -195,10 +202,12 @@ class StatsResponse(_message.Message):
         pendingTransactions: _builtins.int = ...,
         unresolvedTransactions: _builtins.int = ...,
         deadLetterGroups: _abc.Iterable[Global___DeadLetterCount] | None = ...,
+        recoverScans: _builtins.int = ...,
+        txChecksSent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLetterGroups", b"deadLetterGroups", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLetterGroups", b"deadLetterGroups", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "recoverScans", b"recoverScans", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "txChecksSent", b"txChecksSent", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
