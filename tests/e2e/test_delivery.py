@@ -13,6 +13,7 @@ from pathlib import Path
 from kiteq.client import Binding, Consumer, Message, Producer
 from tests.e2e.broker_process import REPO, BrokerProcess
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 SECRET = "s3cret"
 
@@ -40,12 +41,7 @@ def producer(broker: BrokerProcess) -> Producer:
 
 def wait_idle(broker: BrokerProcess, timeout: float = 10.0) -> None:
     """Until every stored message has been deleted (all groups acked)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(broker.stats().backlog.values()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"backlog not drained: {dict(broker.stats().backlog)}")
+    wait_until(lambda: not any(broker.stats().backlog.values()), timeout, "an empty backlog")
 
 
 def in_flight(broker: BrokerProcess, group: str) -> int:

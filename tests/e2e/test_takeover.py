@@ -115,14 +115,16 @@ def test_a_killed_brokers_backlog_is_delivered_by_the_survivor(
         with consumer([b], got):
             wait_until(lambda: sent <= set(got.ids()), 60, "the backlog delivered by B")
             wait_until(lambda: sum(b.stats().backlog.values()) == 0, 30, "B's empty backlog")
-            time.sleep(2)  # a duplicate would arrive by now (recoverSeconds = 1)
+            b.passed_recover_scan()  # a duplicate would have been offered by now
         received = Counter(got.ids())
 
         # A comes back on its address: it owns nothing old and re-delivers nothing
         a.start()
         again = Collector()
         with consumer([a, b], again):
-            time.sleep(3)
+            # both brokers scanned their stores with the consumer connected
+            a.passed_recover_scan()
+            b.passed_recover_scan()
         assert sum(a.stats().backlog.values()) == 0
         redelivered = len(again.ids())
         takeovers = sum("takeover of" in line and " done:" in line for line in b.output)

@@ -524,39 +524,47 @@ async def test_duplicates_among_stored_ids_are_found_without_failing_the_batch(
 
 
 async def test_bookkeeping_waits_for_flush_seconds_or_rides_with_a_save(prefix: str) -> None:
-    async with opened(url_of(prefix, flushSeconds=0.4, batchDelSize=5)) as store:
+    # flushSeconds=30: whatever completes within 10 s did not wait for the timer
+    async with opened(url_of(prefix, flushSeconds=30, batchDelSize=5)) as store:
         a, b, c = (with_id_ending("9") for _ in range(3))
-        started = time.monotonic()
-        assert await store.save([a, b, c]) == [Saved.STORED] * 3
-        assert time.monotonic() - started < 0.3, "saves never wait for the timer"
+        assert await asyncio.wait_for(store.save([a, b, c]), 10) == [Saved.STORED] * 3
 
-        started = time.monotonic()
-        await store.delete([a])
-        assert time.monotonic() - started >= 0.35, "a lone delete waits for flushSeconds"
-
-        started = time.monotonic()
-        delete = asyncio.ensure_future(store.delete([b]))
-        await asyncio.sleep(0.05)
-        await store.save([with_id_ending("9")])  # same database: the delete rides along
-        await delete
-        assert time.monotonic() - started < 0.3
+        delete = asyncio.ensure_future(store.delete([a]))
+        await asyncio.sleep(0)  # the delete is queued (one loop turn, no time involved)
+        assert not delete.done()
+        before = store.write_transactions
+        await asyncio.wait_for(store.save([with_id_ending("9")]), 10)  # same database
+        await asyncio.wait_for(delete, 10)  # it rode along with the save
+        assert store.write_transactions - before == 1
 
         many = [with_id_ending("9") for _ in range(5)]
         await store.save(many)
+        await asyncio.wait_for(store.delete(many), 10)  # batchDelSize rows: written at once
+        assert await store.backlog() == {"trade": 3}
+
+    async with opened(url_of(prefix, flushSeconds=0.4)) as store:
+        d = with_id_ending("9")
+        await store.save([d])
         started = time.monotonic()
-        await store.delete(many)  # batchDelSize rows queued: written at once
-        assert time.monotonic() - started < 0.3
-        assert await store.backlog() == {"trade": 2}
+        await store.delete([d])
+        # a lower bound: a slow machine cannot make it shorter
+        assert time.monotonic() - started >= 0.35, "a lone delete waits for flushSeconds"
 
 
 async def test_flush_seconds_zero_writes_bookkeeping_at_once(prefix: str) -> None:
     async with opened(url_of(prefix, flushSeconds=0)) as store:
         r = record()
         await store.save([r])
-        started = time.monotonic()
-        await store.reschedule([Rescheduled(r, NOW)])
-        await store.delete([r])
-        assert time.monotonic() - started < 0.2
+        await asyncio.wait_for(store.reschedule([Rescheduled(r, NOW)]), 10)
+        await asyncio.wait_for(store.delete([r]), 10)
+    # the contrast: with a timer, a lone delete is still waiting a second later
+    async with opened(url_of(prefix, flushSeconds=30)) as store:
+        r = record()
+        await store.save([r])
+        delete = asyncio.ensure_future(store.delete([r]))
+        done, _ = await asyncio.wait([delete], timeout=1)
+        assert not done
+    await delete  # written by the close
 
 
 async def test_close_writes_queued_bookkeeping_without_waiting_for_the_timer(
