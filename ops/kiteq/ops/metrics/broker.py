@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Final
 
@@ -103,182 +104,157 @@ class BrokerMetrics:
     ) -> None:
         self._registry = CollectorRegistry(auto_describe=True)
         reg = self._registry
-        overflow = Counter(
+        # every metric registers on this broker's own registry
+        counter = functools.partial(Counter, registry=reg)
+        gauge = functools.partial(Gauge, registry=reg)
+        histogram = functools.partial(Histogram, registry=reg)
+        overflow = counter(
             "kiteq_metrics_label_overflow_total",
             "Label values folded into _other or _invalid because of the cardinality cap.",
             ["label"],
-            registry=reg,
         )
         self._topic = LabelCap("topic", max_topics, overflow)
         self._group = LabelCap("group", max_groups, overflow)
         self._op = LabelCap("op", max_ops, overflow)
 
-        self._received = Counter(
+        self._received = counter(
             "kiteq_messages_received_total",
             "Messages accepted from producers (stored, or fly).",
             ["topic"],
-            registry=reg,
         )
-        self._rejected = Counter(
+        self._rejected = counter(
             "kiteq_messages_rejected_total",
             "Messages refused on arrival, by reason.",
             ["topic", "reason"],
-            registry=reg,
         )
-        self._rejected_frames = Counter(
+        self._rejected_frames = counter(
             "kiteq_rejected_frames_total",
             "Client frames (or items of one) refused before any message, by reason.",
             ["reason"],
-            registry=reg,
         )
-        self._bindings_refused = Counter(
+        self._bindings_refused = counter(
             "kiteq_bindings_refused_total",
             "Binding declarations or registry nodes refused, by reason (acl or limits).",
             ["reason"],
-            registry=reg,
         )
-        self._delivered = Counter(
+        self._delivered = counter(
             "kiteq_messages_delivered_total",
             "Delivery attempts to a consumer group, by outcome.",
             ["topic", "group", "result"],
-            registry=reg,
         )
-        self._redelivered = Counter(
+        self._redelivered = counter(
             "kiteq_messages_redelivered_total",
             "Deliveries that were retries (attempt > 1).",
             ["topic", "group"],
-            registry=reg,
         )
-        self._store_duration = Histogram(
+        self._store_duration = histogram(
             "kiteq_store_operation_duration_seconds",
             "Duration of one message-store call.",
             ["op"],
             buckets=_DURATION_BUCKETS,
-            registry=reg,
         )
-        self._store_batch = Histogram(
+        self._store_batch = histogram(
             "kiteq_store_batch_size",
             "Messages handled by one message-store call.",
             ["op"],
             buckets=_BATCH_BUCKETS,
-            registry=reg,
         )
-        self._connections = Gauge(
+        self._connections = gauge(
             "kiteq_client_connections",
             "Open client streams, by role.",
             ["role"],
-            registry=reg,
         )
-        self._inflight = Gauge(
+        self._inflight = gauge(
             "kiteq_deliver_inflight",
             "Deliveries pushed and waiting for the consumer's ack.",
-            registry=reg,
         )
-        self._backlog = Gauge(
+        self._backlog = gauge(
             "kiteq_store_backlog_messages",
             "Messages in the store not yet delivered to every group, by topic.",
             ["topic"],
-            registry=reg,
         )
-        self._dead_letters = Gauge(
+        self._dead_letters = gauge(
             "kiteq_dead_letters",
             f"Dead letters in the store, by topic and the group they were dead-lettered for "
             f"({NO_GROUP_LABEL}: no group was bound).",
             ["topic", "group"],
-            registry=reg,
         )
-        self._dead_lettered = Counter(
+        self._dead_lettered = counter(
             "kiteq_dead_lettered_total",
             "Messages moved to the dead-letter queue, by topic, group and reason.",
             ["topic", "group", "reason"],
-            registry=reg,
         )
-        self._group_unacked = Gauge(
+        self._group_unacked = gauge(
             "kiteq_group_unacked_messages",
             "Deliveries pushed to the group and not yet acknowledged.",
             ["topic", "group"],
-            registry=reg,
         )
-        self._group_waiting = Gauge(
+        self._group_waiting = gauge(
             "kiteq_group_waiting_messages",
             "Messages held in memory for the group by its watermark, credits or workers.",
             ["topic", "group"],
-            registry=reg,
         )
-        self._group_oldest = Gauge(
+        self._group_oldest = gauge(
             "kiteq_group_oldest_waiting_age_seconds",
             "Age (since publish) of the oldest message waiting in memory or unacknowledged "
             "for the group; 0 when none.",
             ["topic", "group"],
-            registry=reg,
         )
-        self._group_consumers = Gauge(
+        self._group_consumers = gauge(
             "kiteq_group_consumers",
             "Open consumer streams of the group, for each topic the group is bound to.",
             ["topic", "group"],
-            registry=reg,
         )
-        self._flow_limited = Counter(
+        self._flow_limited = counter(
             "kiteq_flow_limited_pushes_total",
             "Times a push found its (topic, group) watermark used up; it waits, using no attempt.",
             ["topic", "group"],
-            registry=reg,
         )
-        self._bytes_in = Counter(
+        self._bytes_in = counter(
             "kiteq_received_bytes_total",
             "Body bytes of messages accepted from producers.",
             ["topic"],
-            registry=reg,
         )
         # no topic label: counted per push, where a labelled update would cost more than
         # the count is worth
-        self._bytes_out = Counter(
+        self._bytes_out = counter(
             "kiteq_delivered_bytes_total",
             "Body bytes pushed to consumers (every attempt).",
-            registry=reg,
         )
-        self._tx_pending = Gauge(
+        self._tx_pending = gauge(
             "kiteq_transactions_pending",
             "Uncommitted messages waiting for their producer's decision or a check.",
-            registry=reg,
         )
-        self._tx_unresolved = Gauge(
+        self._tx_unresolved = gauge(
             "kiteq_transactions_unresolved",
             "Uncommitted messages whose checks ran out: kept for an admin to decide.",
-            registry=reg,
         )
-        self._tx_checks = Counter(
+        self._tx_checks = counter(
             "kiteq_transaction_checks_total",
             "Transaction checks by outcome: the producer's answer, or unresolved.",
             ["result"],
-            registry=reg,
         )
-        self._zk_state = Gauge(
+        self._zk_state = gauge(
             "kiteq_zookeeper_state",
             "1 for the ZooKeeper session's current state, 0 for the others.",
             ["state"],
-            registry=reg,
         )
-        self._zk_expirations = Counter(
+        self._zk_expirations = counter(
             "kiteq_zookeeper_session_expirations_total",
             "ZooKeeper sessions lost (expired); the broker re-registers on the next one.",
-            registry=reg,
         )
-        self._takeovers = Counter(
+        self._takeovers = counter(
             "kiteq_takeovers_total",
             "Backlogs of dead brokers taken over (shared MySQL store).",
-            registry=reg,
         )
-        self._takeover_rows = Counter(
+        self._takeover_rows = counter(
             "kiteq_takeover_messages_total",
             "Stored messages adopted from dead brokers.",
-            registry=reg,
         )
-        self._sessions_closed = Counter(
+        self._sessions_closed = counter(
             "kiteq_sessions_closed_total",
             "Client streams closed, by reason.",
             ["reason"],
-            registry=reg,
         )
         self.store_ack_latency = FastHistogram(
             "kiteq_publish_store_ack_seconds",
@@ -301,8 +277,8 @@ class BrokerMetrics:
             LATENCY_BUCKETS,
             (self._topic, self._group),
         )
-        for histogram in (self.store_ack_latency, self.first_delivery_latency, self.ack_latency):
-            reg.register(histogram)
+        for fast in (self.store_ack_latency, self.first_delivery_latency, self.ack_latency):
+            reg.register(fast)
         self._group_labels: set[tuple[str, str]] = set()
         self._zk_losses = 0
         self._build = Info("kiteq_build", "Version and configuration of this broker.", registry=reg)
