@@ -138,7 +138,7 @@ def stats(reply: admin_pb2.StatsResponse) -> str:
             ("flow-limited", reply.flowLimited),
             ("tx pending", reply.pendingTransactions),
             ("tx unresolved", reply.unresolvedTransactions),
-            ("tx checks sent", reply.txChecksSent),
+            ("tx checks", reply.txChecksSent),
             ("recover scans", reply.recoverScans),
         ]
     )

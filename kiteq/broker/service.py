@@ -16,8 +16,9 @@ gRPC's ``UNKNOWN`` and a traceback per frame; every refusal is counted and logge
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 
 import grpc
@@ -293,6 +294,13 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
             if not task.cancelled() and task.exception() is not None:
                 logger.error("publish task failed conn=%d", conn.id, exc_info=task.exception())
 
+        async def spawn(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+            # at most MAX_CONCURRENT_PUBLISHES batches of this session are handled at once
+            await slots.acquire()
+            task = asyncio.create_task(work())
+            tasks.add(task)
+            task.add_done_callback(finished)
+
         try:
             async for data in frames:
                 frame = _decode_frame(data)
@@ -300,20 +308,14 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
                     return Refusal(Rejection.UNDECODABLE, "the frame is not a ClientFrame")
                 kind = frame.WhichOneof("kind")
                 if kind == "publish":
-                    await slots.acquire()
-                    task = asyncio.create_task(self._publish(conn, frame.publish.messages))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
+                    await spawn(functools.partial(self._publish, conn, frame.publish.messages))
                 elif kind == "acks":
                     self._acked(conn, frame.acks.acks)
                 elif kind == "flow":
                     paused = frame.flow.state == broker_pb2.FLOW_STATE_PAUSED
                     self._dispatcher.flow(conn, paused)
                 elif kind == "tx":
-                    await slots.acquire()
-                    task = asyncio.create_task(self._decide(conn, frame.tx.acks))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
+                    await spawn(functools.partial(self._decide, conn, frame.tx.acks))
                 elif kind == "open":
                     return Refusal(Rejection.UNEXPECTED, "a second 'open' frame on a session")
                 else:  # empty, or a kind this protocol version does not know
