@@ -403,14 +403,18 @@ class Broker:
     async def _summary_loop(self) -> None:
         dead = EventSummary(logger, "dead letters", "topic/group/reason")
         refused = EventSummary(logger, "refused messages", "reason")
+        deferred = EventSummary(logger, "stored messages left to the recover scan", "topic")
         while True:
             await asyncio.sleep(_SUMMARY_PERIOD)
             dead.add(self._pipeline.dispatcher.tally.dead_letter_summary)
             self._pipeline.dispatcher.tally.dead_letter_summary.clear()
             refused.add(self._pipeline.intake.refusals)
             self._pipeline.intake.refusals.clear()
+            deferred.add(self._pipeline.intake.left_to_scan)
+            self._pipeline.intake.left_to_scan.clear()
             dead.flush(_SUMMARY_PERIOD)
             refused.flush(_SUMMARY_PERIOD)
+            deferred.flush(_SUMMARY_PERIOD)
 
     async def _history_loop(self) -> None:
         while True:

@@ -32,6 +32,7 @@ class Broker:
         retention: float = 3600.0,
         check_max: int = 15,
         max_workers: int = 10_000,
+        max_flights: int = 200_000,
     ) -> None:
         self.clock = ManualClock(NOW)
         self.table = BindingTable()
@@ -52,6 +53,7 @@ class Broker:
             bindings=self.table,
             clock=self.clock,
             server_name="harness",
+            max_flights=max_flights,
         )
         self.connections = self.core.connections
         self.bookkeeper = self.core.bookkeeper

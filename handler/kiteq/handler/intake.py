@@ -78,6 +78,8 @@ class Intake:
         self.rejected = 0
         # refused messages by reason since the last log summary (kiteq.broker.logs)
         self.refusals: Counter[str] = Counter()
+        # stored messages left to the recover scan because the dispatcher was full, by topic
+        self.left_to_scan: Counter[str] = Counter()
 
     @property
     def active(self) -> int:
@@ -297,8 +299,13 @@ class Intake:
                 )
                 if not record.message.commit:
                     self._transactions.track(record, origin)
-                elif not self._config.delivery_first and self._dispatcher.has_room:
-                    self._dispatcher.submit(record)
+                elif not self._config.delivery_first:
+                    if self._dispatcher.has_room:
+                        self._dispatcher.submit(record)
+                    else:
+                        # memory-bound: stored and due, the recover scan brings it (said in
+                        # the broker's periodic summary, not silently)
+                        self.left_to_scan[record.topic] += 1
             elif result is Saved.DUPLICATE:
                 outcomes[i] = StoreAck(
                     sent_id, AckCode.OK, "duplicate: already stored", Disposition.DUPLICATE
