@@ -20,6 +20,7 @@ import grpc
 from kiteq.client._loop import LoopThread
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
+from tests.client._waiting import eventually
 
 _T = TypeVar("_T")
 
@@ -106,11 +107,16 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         if server is not None:
             await server.stop(grace)
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def __aenter__(self) -> FakeBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def wait_for(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:
         """Poll until *predicate* holds."""
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - polls arbitrary test state
-                await asyncio.sleep(0.005)
+        await eventually(predicate, timeout, "a fake broker condition")
 
     def consumer_sessions(self) -> list[FakeSession]:
         return [s for s in self.sessions if s.consumer and not s.closed]
@@ -287,7 +293,7 @@ class ThreadedBroker:
 
         self.call(run())
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:
         self.call(self.broker.wait_for(predicate, timeout), timeout + 1)
 
     def close(self) -> None:

@@ -12,12 +12,8 @@ from tests.client._fake_broker import FakeBroker, ThreadedBroker
 @pytest.fixture
 async def broker() -> AsyncIterator[FakeBroker]:
     """A fake broker on the test's event loop."""
-    server = FakeBroker()
-    await server.start()
-    try:
+    async with FakeBroker() as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -170,18 +171,21 @@ async def test_sync_concurrency_splits_a_batch_across_threads(broker: FakeBroker
     assert all(a.status for a in broker.acks)
 
 
-async def test_wrong_secret_fails_start_without_retries() -> None:
-    broker = FakeBroker(secret="right")
-    await broker.start()
-    try:
+async def test_wrong_secret_fails_start_without_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with FakeBroker(secret="right") as broker:
         consumer = consumer_for(broker, Recorder(), secret_key="wrong")
+        caplog.set_level(logging.INFO, logger="kiteq.client")
         with pytest.raises(AuthenticationError, match="wrong secret"):
             await consumer.start()
-        assert consumer.closed
-        await asyncio.sleep(0.3)
+        assert consumer.closed  # close() has ended the consumer's tasks, its link's too
+        # the link gave up at the refusal (it logs that, then returns) instead of
+        # scheduling a reconnect (which it logs too)
+        logged = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith(f"giving up on broker={broker.address}") for m in logged)
+        assert not [m for m in logged if m.startswith("reconnecting")]
         assert len(broker.opens) == 1
-    finally:
-        await broker.stop()
 
 
 async def test_refused_bindings_are_a_config_error(broker: FakeBroker) -> None:
@@ -222,17 +226,13 @@ async def test_starts_while_the_broker_is_down_and_connects_later() -> None:
 
 
 async def test_connects_to_every_broker(broker: FakeBroker) -> None:
-    other = FakeBroker()
-    await other.start()
-    try:
+    async with FakeBroker() as other:
         consumer = consumer_for(broker, Recorder(), brokers=[broker.address, other.address])
         async with consumer:
             assert sorted(consumer.connected_brokers) == sorted([broker.address, other.address])
             other.push([pb_message()])
             await other.wait_for(lambda: len(other.acks) == 1)
         assert len(broker.opens) == len(other.opens) == 1
-    finally:
-        await other.stop()
 
 
 async def test_registry_file_picks_brokers_serving_the_binding_topics(
@@ -282,51 +282,50 @@ async def test_close_waits_for_a_running_sync_handler_and_its_acks(broker: FakeB
     assert [a.status for a in broker.acks] == [True, True]
 
 
-async def test_close_gives_up_on_a_stuck_sync_handler(broker: FakeBroker) -> None:
-    release = threading.Event()
-    started = threading.Event()
+class Stuck:
+    """A sync handler that says it has started, then waits (10 s at most) for ``release``."""
 
-    def stuck(message: ReceivedMessage) -> bool:
-        started.set()
-        release.wait(10)
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, message: ReceivedMessage) -> bool:
+        self.started.set()
+        self.release.wait(10)
         return True
 
+
+async def test_close_gives_up_on_a_stuck_sync_handler(broker: FakeBroker) -> None:
+    stuck = Stuck()
     consumer = consumer_for(broker, stuck)
     await consumer.start()
     try:
         broker.push([pb_message()])
-        await asyncio.to_thread(started.wait, 5)
+        await asyncio.to_thread(stuck.started.wait, 5)
         begin = time.monotonic()
         await consumer.close(timeout=0.2)
         assert time.monotonic() - begin < 3
         assert broker.acks == []  # the broker redelivers it
     finally:
-        release.set()
+        stuck.release.set()
 
 
 async def test_deliveries_during_close_are_nacked(broker: FakeBroker) -> None:
-    release = threading.Event()
-    started = threading.Event()
-
-    def handle(message: ReceivedMessage) -> bool:
-        started.set()
-        release.wait(10)
-        return True
-
-    consumer = consumer_for(broker, handle)
+    stuck = Stuck()
+    consumer = consumer_for(broker, stuck)
     await consumer.start()
     try:
         broker.push([pb_message(body=b"first")])
-        await asyncio.to_thread(started.wait, 5)
+        await asyncio.to_thread(stuck.started.wait, 5)
         closing = asyncio.ensure_future(consumer.close())
-        await asyncio.sleep(0.05)
+        await broker.wait_for(lambda: consumer.closed)  # close() has begun
         broker.push([pb_message(body=b"late")])
         await broker.wait_for(lambda: len(broker.acks) == 1)
         assert (broker.acks[0].status, broker.acks[0].feedback) == (False, "consumer closing")
-        release.set()
+        stuck.release.set()
         await closing
     finally:
-        release.set()
+        stuck.release.set()
     assert [a.status for a in broker.acks] == [False, True]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,8 +21,10 @@ from kiteq.client import AsyncConsumer, AsyncProducer, Binding, Message, Receive
 from kiteq.client._discovery import resolve
 from kiteq.client._zk_directory import ZkDirectory, broker_address
 from kiteq.core.errors import ConfigError, NotConnectedError
-from tests._servers.zookeeper import ManagedZooKeeper, expire_session
+from tests._servers.zookeeper import ManagedZooKeeper
 from tests.client._fake_broker import FakeBroker, pb_message
+from tests.client._waiting import eventually
+from tests.client._zk import expire_directory_session, opened_directory, wait_for_new_owner
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,12 +42,6 @@ def unregister(zk: Any, topic: str, name: str) -> None:
     zk.delete(f"/kiteq/server/{topic}/{name}")
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - polls test state
-            await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 def uri(zookeeper: ManagedZooKeeper, zk: Any) -> str:
     """The test's chroot as a client registry URI."""
@@ -54,12 +50,8 @@ def uri(zookeeper: ManagedZooKeeper, zk: Any) -> str:
 
 @pytest.fixture
 async def directory(uri: str) -> AsyncIterator[ZkDirectory]:
-    found = resolve(None, uri)
-    assert isinstance(found, ZkDirectory)
-    try:
+    async with opened_directory(uri) as found:
         yield found
-    finally:
-        await found.close()
 
 
 def test_node_data_parsing() -> None:
@@ -86,7 +78,7 @@ def test_uri_errors() -> None:
         resolve(["127.0.0.1:1"], "zk://127.0.0.1:2181")
 
 
-async def test_brokers_appear_and_disappear(directory: ZkDirectory, zk: Any) -> None:
+async def test_brokers_appear_and_disappear(directory: ZkDirectory, uri: str, zk: Any) -> None:
     register(zk, "trade", "10.0.0.1:13800", data_of("127.0.0.1:13800"))
     register(zk, "trade", "10.0.0.9:13800")  # a KiteQ broker: no data
     changes: list[list[str]] = []
@@ -111,20 +103,21 @@ async def test_brokers_appear_and_disappear(directory: ZkDirectory, zk: Any) -> 
     assert changes[-1] == ["10.0.0.9:13800", "127.0.0.2:13800"]
 
     await directory.close()
-    register(zk, "trade", "10.0.0.4:1")
-    await asyncio.sleep(0.2)
+    # a directory still open sees the next broker come: by then the closed one, were it
+    # still following, would have been told too
+    async with opened_directory(uri) as witness:
+        await witness.watch(["trade"], timeout=10)
+        register(zk, "trade", "10.0.0.4:1")
+        await eventually(lambda: "10.0.0.4:1" in witness.brokers_for("trade"))
     assert "10.0.0.4:1" not in directory.brokers_for("trade")  # closed: no longer followed
+    assert changes[-1] == ["10.0.0.9:13800", "127.0.0.2:13800"]
 
 
 async def test_chroot_is_created_and_used(zookeeper: ManagedZooKeeper, zk: Any) -> None:
-    found = resolve(None, f"zk://{zookeeper.hosts}{zk.chroot}/deeper/root")
-    assert isinstance(found, ZkDirectory)
-    try:
+    async with opened_directory(f"zk://{zookeeper.hosts}{zk.chroot}/deeper/root") as found:
         zk.create("/deeper/root/kiteq/server/trade/127.0.0.1:5", b"", makepath=True)
         await found.watch(["trade"], timeout=10)
         assert found.brokers_for("trade") == ["127.0.0.1:5"]
-    finally:
-        await found.close()
 
 
 async def test_producer_node(directory: ZkDirectory, zk: Any) -> None:
@@ -174,10 +167,7 @@ async def test_bind_node_written_in_kiteq_format_once(directory: ZkDirectory, zk
 
 
 async def test_producer_follows_the_registry(uri: str, zk: Any) -> None:
-    first, second = FakeBroker(), FakeBroker()
-    await first.start()
-    await second.start()
-    try:
+    async with FakeBroker() as first, FakeBroker() as second:
         register(zk, "trade", "node-a:1", data_of(first.address))
         async with AsyncProducer(registry=uri, group_id="pay-svc", timeout=10) as producer:
             result = await producer.send(Message(topic="trade", message_type="t", body=b"1"))
@@ -197,28 +187,21 @@ async def test_producer_follows_the_registry(uri: str, zk: Any) -> None:
             await eventually(lambda: not [s for s in first.sessions if not s.closed])
 
             # a topic with no broker yet: the send waits for one to register
-            third = FakeBroker()
-            await third.start()
-            try:
+            async with FakeBroker() as third:
                 pending = asyncio.ensure_future(
                     producer.send(Message(topic="late", message_type="t", body=b"y"))
                 )
-                await asyncio.sleep(0.3)
+                # the topic's producer node is written once its look-up has returned
+                # (no broker) and the producer has applied that: the send still waits
+                late_pub = f"/kiteq/pub/late/pay-svc/{socket.gethostname()}"
+                await eventually(lambda: zk.exists(late_pub) is not None)
                 assert not pending.done()
                 register(zk, "late", "node-c:1", data_of(third.address))
                 assert (await pending).broker == third.address
-            finally:
-                await third.stop()
-    finally:
-        await first.stop()
-        await second.stop()
 
 
 async def test_producer_fails_over_with_the_same_id(uri: str, zk: Any) -> None:
-    first, second = FakeBroker(), FakeBroker()
-    await first.start()
-    await second.start()
-    try:
+    async with FakeBroker() as first, FakeBroker() as second:
         register(zk, "trade", "node-a:1", data_of(first.address))
         register(zk, "trade", "node-b:1", data_of(second.address))
         async with AsyncProducer(registry=uri, group_id="pay-svc", timeout=10) as producer:
@@ -237,17 +220,11 @@ async def test_producer_fails_over_with_the_same_id(uri: str, zk: Any) -> None:
             assert result.broker == other.address
             assert result.message_id == message.message_id
             assert other.seen[message.message_id] == 1
-    finally:
-        await first.stop()
-        await second.stop()
 
 
 async def test_consumer_follows_the_registry(uri: str, zk: Any) -> None:
-    first, second = FakeBroker(), FakeBroker()
-    await first.start()
-    await second.start()
     got: list[ReceivedMessage] = []
-    try:
+    async with FakeBroker() as first, FakeBroker() as second:
         register(zk, "trade", "node-a:1", data_of(first.address))
         consumer = AsyncConsumer(
             registry=uri,
@@ -270,27 +247,22 @@ async def test_consumer_follows_the_registry(uri: str, zk: Any) -> None:
             unregister(zk, "trade", "node-a:1")
             await eventually(lambda: not first.consumer_sessions())
             assert consumer.connected_brokers == [second.address]
-    finally:
-        await first.stop()
-        await second.stop()
 
 
 async def test_consumer_waits_for_a_broker(uri: str, zk: Any) -> None:
-    broker = FakeBroker()
-    await broker.start()
-    try:
-        async with AsyncConsumer(
+    async with (
+        FakeBroker() as broker,
+        AsyncConsumer(
             registry=uri,
             group_id="acct-svc",
             bindings=[Binding.direct("trade", "pay-succ")],
             handler=lambda _message: True,
             connect_timeout=2,
-        ) as consumer:
-            assert consumer.connected_brokers == []
-            register(zk, "trade", "node-a:1", data_of(broker.address))
-            await eventually(lambda: consumer.connected_brokers == [broker.address])
-    finally:
-        await broker.stop()
+        ) as consumer,
+    ):
+        assert consumer.connected_brokers == []
+        register(zk, "trade", "node-a:1", data_of(broker.address))
+        await eventually(lambda: consumer.connected_brokers == [broker.address])
 
 
 async def test_session_loss_keeps_brokers_and_recreates_the_producer_node(
@@ -302,15 +274,10 @@ async def test_session_loss_keeps_brokers_and_recreates_the_producer_node(
     path = f"/kiteq/pub/trade/pay-svc/{socket.gethostname()}"
     await eventually(lambda: zk.exists(path) is not None)
     kazoo = directory._zk
-    old_session, password = kazoo.client_id
-    await asyncio.to_thread(expire_session, zookeeper.hosts, old_session, password)
+    old_session = await expire_directory_session(directory, zookeeper.hosts)
     # the brokers stay known throughout; the ephemeral node comes back in the new session
     assert directory.brokers_for("trade") == ["127.0.0.1:7"]
-    await eventually(
-        lambda: (stat := zk.exists(path)) is not None and stat.ephemeralOwner != old_session,
-        timeout=15,
-    )
-    assert zk.exists(path).ephemeralOwner == kazoo.client_id[0]
+    assert await wait_for_new_owner(zk, path, old_session) == kazoo.client_id[0]
     assert directory._zk is kazoo  # the same client: never restarted
     # and the watch is re-armed on the new session
     register(zk, "trade", "node-b:1", data_of("127.0.0.1:8"))

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -30,31 +29,21 @@ from kazoo.security import make_acl
 
 from kiteq.binding.zk_session import digest_acl
 from kiteq.client import Binding, Consumer, Message, Producer
-from kiteq.client._discovery import resolve
 from kiteq.client._zk_directory import ZkDirectory
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers.zk_acl import EXPECTED, PASSWORD, USER, acl_of, authed_session, walk
-from tests._servers.zookeeper import ManagedZooKeeper, expire_session
+from tests._servers.zookeeper import ManagedZooKeeper
+from tests.client._waiting import eventually
+from tests.client._zk import expire_directory_session, opened_directory, wait_for_new_owner
 from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 HOST: Final = socket.gethostname()
 SECRET: Final = "s3cret"
 OPEN_ACL: Final = [make_acl("world", "anyone", all=True)]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - polls ZooKeeper / log state
-            await asyncio.sleep(0.02)
-
-
-def directory_of(uri: str) -> ZkDirectory:
-    found = resolve(None, uri)
-    assert isinstance(found, ZkDirectory)
-    return found
 
 
 def exists(zk: Any, path: str) -> bool:
@@ -85,21 +74,19 @@ def secured(zookeeper: ManagedZooKeeper, zk: Any, authed: Any) -> str:
 
 @pytest.fixture
 async def directory(secured: str) -> AsyncIterator[ZkDirectory]:
-    found = directory_of(secured)
-    try:
+    async with opened_directory(secured) as found:
         yield found
-    finally:
-        await found.close()
 
 
 async def test_every_node_the_client_creates_gets_the_acl(
     zookeeper: ManagedZooKeeper, zk: Any, authed: Any
 ) -> None:
     # a fresh tree: the client creates everything, its chroot included
-    found = directory_of(f"zk://{zookeeper.hosts}{zk.chroot}/app?digest={USER}:{PASSWORD}")
     pub = f"/app/kiteq/pub/trade/pay-svc/{HOST}"
     bind = "/app/kiteq/sub/trade/acct-svc-bind"
-    try:
+    async with opened_directory(
+        f"zk://{zookeeper.hosts}{zk.chroot}/app?digest={USER}:{PASSWORD}"
+    ) as found:
         await found.watch(["trade"], timeout=10)
         found.publish_producer("trade", "pay-svc")
         await found.write_bindings("acct-svc", [Binding.direct("trade", "pay-succ")], timeout=10)
@@ -144,8 +131,6 @@ async def test_every_node_the_client_creates_gets_the_acl(
         # the credentials' holder can: the refusals above were the ACL's
         authed.set(bind, b"[]")
         assert zk.get(bind)[0] == b"[]"
-    finally:
-        await found.close()
 
 
 async def test_the_producer_node_keeps_the_acl_in_a_new_session(
@@ -156,13 +141,8 @@ async def test_the_producer_node_keeps_the_acl_in_a_new_session(
     path = f"/kiteq/pub/trade/pay-svc/{HOST}"
     await eventually(lambda: zk.exists(path) is not None)
     kazoo = directory._zk
-    old_session, password = kazoo.client_id
-    await asyncio.to_thread(expire_session, zookeeper.hosts, old_session, password)
-    await eventually(
-        lambda: (stat := zk.exists(path)) is not None and stat.ephemeralOwner != old_session,
-        timeout=15,
-    )
-    assert zk.exists(path).ephemeralOwner == kazoo.client_id[0]
+    old_session = await expire_directory_session(directory, zookeeper.hosts)
+    assert await wait_for_new_owner(zk, path, old_session) == kazoo.client_id[0]
     assert acl_of(authed, path) == EXPECTED
     assert refused(zk.delete, path)
 
@@ -176,12 +156,8 @@ async def test_the_password_is_never_logged(
     await directory.write_bindings("acct-svc", [Binding.direct("trade", "pay-succ")], timeout=10)
     path = f"/kiteq/pub/trade/pay-svc/{HOST}"
     await eventually(lambda: zk.exists(path) is not None)
-    old_session, password = directory._zk.client_id
-    await asyncio.to_thread(expire_session, zookeeper.hosts, old_session, password)
-    await eventually(
-        lambda: (stat := zk.exists(path)) is not None and stat.ephemeralOwner != old_session,
-        timeout=15,
-    )
+    old_session = await expire_directory_session(directory, zookeeper.hosts)
+    await wait_for_new_owner(zk, path, old_session)
     await directory.close()
     messages = [record.getMessage() for record in caplog.records]
     sent_auth = [m for m in messages if "Sending request" in m and "Auth(" in m]
@@ -202,10 +178,11 @@ async def test_refused_nodes_are_reported_once_per_session(
         authed.ensure_path(path, acl=digest_acl(USER, PASSWORD))
     authed.ensure_path("/kiteq/pub/open", acl=OPEN_ACL)
     where = f"zk://{zookeeper.hosts}{zk.chroot}?timeout=4"
-    anonymous = directory_of(where)
-    guessing = directory_of(f"{where}&digest={USER}:guess")
     denied = f"/kiteq/pub/trade/pay-svc/{HOST}"
-    try:
+    async with (
+        opened_directory(where) as anonymous,
+        opened_directory(f"{where}&digest={USER}:guess") as guessing,
+    ):
         await anonymous.start(10)
         anonymous.publish_producer("trade", "pay-svc")
         error = f"no permission to create producer node {denied} as an unauthenticated session"
@@ -227,9 +204,6 @@ async def test_refused_nodes_are_reported_once_per_session(
         )
         assert zk.exists("/kiteq/sub/trade/acct-svc-bind") is None
         assert "guess" not in caplog.text
-    finally:
-        await anonymous.close()
-        await guessing.close()
 
 
 def test_discovery_imports_with_the_client_dependencies_only(tmp_path: Path) -> None:
@@ -330,10 +304,7 @@ async def test_broker_and_clients_with_the_same_credentials_work_together(
             result = producer.send(message)
             got.wait_count(1)
             # the producer node is written in the background: wait for it (bounded)
-            deadline = time.monotonic() + 10
-            while zk.exists(pub) is None:
-                assert time.monotonic() < deadline, f"{pub} not written"
-                time.sleep(0.02)
+            wait_until(lambda: zk.exists(pub) is not None, 10, f"{pub} written")
             return result.message_id, acl_of(authed, pub)
 
     message_id, pub_acl = await asyncio.to_thread(publish_and_consume)
@@ -345,11 +316,8 @@ async def test_broker_and_clients_with_the_same_credentials_work_together(
     assert refused(zk.set, bind, b"[]")
 
     # bindings a client writes (no stream declares them) are applied by the broker
-    writer = directory_of(secured)
-    try:
+    async with opened_directory(secured) as writer:
         await writer.write_bindings("audit-svc", [Binding.regex("trade", "pay-.*")], timeout=10)
-    finally:
-        await writer.close()
     assert acl_of(authed, "/kiteq/sub/trade/audit-svc-bind") == EXPECTED
     wanted = [("acct-svc", "pay-succ"), ("audit-svc", "pay-.*")]
     await eventually(lambda: bindings_of(broker, "trade") == wanted)

@@ -23,6 +23,7 @@ from kiteq.client import (
     _handlers,
 )
 from tests.client._fake_broker import ThreadedBroker, pb_message
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -93,7 +94,7 @@ def test_a_blocked_send_async_goes_when_acks_free_room(threaded_broker: Threaded
         queued: list[concurrent.futures.Future[SendResult]] = []
         blocked = threading.Thread(target=lambda: queued.append(p.send_async(msg(b"2"))))
         blocked.start()
-        blocked.join(0.3)
+        wait_until(lambda: p._core.accumulator._room_waiters == 1, 10, "a sender waiting")
         assert blocked.is_alive()  # waiting for room
         threaded_broker.do(broker.release)
         blocked.join(5)
@@ -120,7 +121,7 @@ def test_close_wakes_a_send_waiting_for_room(threaded_broker: ThreadedBroker) ->
 
     blocked = threading.Thread(target=send)
     blocked.start()
-    time.sleep(0.2)
+    wait_until(lambda: producer._core.accumulator._room_waiters == 1, 10, "a sender waiting")
     start = time.monotonic()
     producer.close()
     blocked.join(5)

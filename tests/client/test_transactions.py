@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -49,6 +50,11 @@ def header(message_id: str, **kwargs: Any) -> common_pb2.Header:
 
 def ids(n: int) -> list[str]:
     return [f"{i:032x}" for i in range(1, n + 1)]
+
+
+def answered(broker: FakeBroker, message_id: str) -> bool:
+    """True once *broker* has a transaction decision for *message_id*."""
+    return message_id in broker.decisions()
 
 
 # -- the outcome and the wire ------------------------------------------------------------
@@ -202,9 +208,13 @@ async def test_local_tx_runs_only_after_the_store_ack(broker: FakeBroker) -> Non
     async with AsyncProducer(brokers=[broker.address], group_id="pay-svc") as producer:
         task = asyncio.ensure_future(producer.send_transactional(msg(), local_tx))
         await broker.wait_for(lambda: broker.publish_frames == 1)
-        await asyncio.sleep(0.1)
+        # a check sent after the publish arrived is answered: the producer has gone on
+        # reading and writing that session, and still waits for the store-ack
+        [canary] = ids(1)
+        broker.push_checks([header(canary)])
+        await broker.wait_for(lambda: canary in broker.decisions())
         assert not ran.is_set()
-        assert broker.tx_acks == []
+        assert broker.decisions() == {canary: [UNKNOWN]}  # no decision of the message
         broker.release()
         result = await asyncio.wait_for(task, 5)
     assert ran.is_set()
@@ -250,9 +260,7 @@ async def test_many_decisions_share_frames(broker: FakeBroker) -> None:
 async def test_each_decision_goes_to_the_broker_that_stored_the_message(
     broker: FakeBroker,
 ) -> None:
-    other = FakeBroker()
-    await other.start()
-    try:
+    async with FakeBroker() as other:
         async with AsyncProducer(
             brokers=[broker.address, other.address], group_id="pay-svc"
         ) as producer:
@@ -266,8 +274,6 @@ async def test_each_decision_goes_to_the_broker_that_stored_the_message(
             mine = {r.message_id for r in results if r.broker == b.address}
             assert set(b.decisions()) == mine
             assert mine <= set(b.stored)
-    finally:
-        await other.stop()
 
 
 async def test_a_decision_survives_a_lost_session(broker: FakeBroker) -> None:
@@ -366,9 +372,7 @@ async def test_an_async_checker_runs_on_the_loop(broker: FakeBroker) -> None:
 
 
 async def test_checks_are_answered_on_the_session_that_sent_them(broker: FakeBroker) -> None:
-    other = FakeBroker()
-    await other.start()
-    try:
+    async with FakeBroker() as other:
         async with AsyncProducer(
             brokers=[broker.address, other.address], group_id="pay-svc", tx_checker=bool
         ):
@@ -380,8 +384,6 @@ async def test_checks_are_answered_on_the_session_that_sent_them(broker: FakeBro
             await broker.wait_for(lambda: len(broker.tx_acks) == len(other.tx_acks) == 1)
         assert list(broker.decisions()) == [mine]
         assert list(other.decisions()) == [theirs]
-    finally:
-        await other.stop()
 
 
 async def test_without_a_checker_checks_are_answered_unknown_and_logged_once(
@@ -486,9 +488,7 @@ async def test_a_checker_may_run_again_once_it_returned(broker: FakeBroker) -> N
 async def test_a_checker_connects_at_start_to_every_broker(
     broker: FakeBroker, tmp_path: Path
 ) -> None:
-    other = FakeBroker()
-    await other.start()
-    try:
+    async with FakeBroker() as other:
         registry = tmp_path / "registry.toml"
         registry.write_text(
             f'[[brokers]]\naddress = "{broker.address}"\ntopics = ["trade"]\n'
@@ -500,28 +500,28 @@ async def test_a_checker_connects_at_start_to_every_broker(
             # start() waited for both (each answered the open), before any send
             assert len(broker.opens) == len(other.opens) == 1
             await broker.wait_for(lambda: len(broker.sessions) == len(other.sessions) == 1)
-            await asyncio.sleep(0.3)  # idle: still connected
+            # idle, no send: each session opened at start carries a check and its answer
+            for checking, message_id in zip((broker, other), ids(2), strict=True):
+                checking.push_checks([header(message_id)])
+                await checking.wait_for(functools.partial(answered, checking, message_id))
             assert len(broker.sessions) == len(other.sessions) == 1
             assert len(broker.opens) == len(other.opens) == 1
-        async with AsyncProducer(brokers=[broker.address], group_id="pay-svc"):
-            await asyncio.sleep(0.1)
-            assert len(broker.opens) == 1  # without a checker: lazy
-    finally:
-        await other.stop()
+        async with AsyncProducer(brokers=[broker.address], group_id="pay-svc") as lazy:
+            # without a checker: lazy, started without a link to any broker
+            assert lazy._core.pool.links == {}
+            assert len(broker.opens) == 1
+            await lazy.send(msg())  # the first send dials
+            assert len(broker.opens) == 2
 
 
 async def test_a_checker_producer_with_a_wrong_secret_fails_at_start() -> None:
-    broker = FakeBroker(secret="right")
-    await broker.start()
-    try:
+    async with FakeBroker(secret="right") as broker:
         producer = AsyncProducer(
             brokers=[broker.address], group_id="pay-svc", secret_key="wrong", tx_checker=bool
         )
         with pytest.raises(AuthenticationError):
             await producer.start()
         assert producer.closed
-    finally:
-        await broker.stop()
 
 
 async def test_a_checker_producer_starts_while_its_broker_is_down() -> None:
@@ -625,7 +625,10 @@ def test_checker_threads_queue_past_their_bound_and_reuse_idle_threads() -> None
         done.append((result, error))
         finished.release()
 
+    running = threading.Semaphore(0)
+
     def blocked(value: object) -> object:
+        running.release()
         gate.wait(10)
         return value
 
@@ -635,7 +638,9 @@ def test_checker_threads_queue_past_their_bound_and_reuse_idle_threads() -> None
     threads.run(blocked, 1, record)
     threads.run(blocked, 2, record)
     threads.run(fails, 3, record)  # no third thread: it waits for one of the first two
-    time.sleep(0.1)
+    # both threads are held in blocked(): nothing is free to run the queued call
+    assert running.acquire(timeout=5)
+    assert running.acquire(timeout=5)
     assert done == []
     assert len([t for t in threading.enumerate() if t.name.startswith("test-checker")]) == 2
     gate.set()

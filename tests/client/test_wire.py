@@ -13,21 +13,17 @@ from kiteq.client._channel import backoff_delay, fresh_error, mapped_rpc_errors
 from kiteq.client._discovery import resolve
 from kiteq.core.errors import (
     AuthenticationError,
-    BodyTooLargeError,
     ConfigError,
     ExpiredMessageError,
-    FlowLimitedError,
     InvalidMessageError,
     KiteQError,
     MessageRejectedError,
     NotConnectedError,
     ProtocolError,
-    StoreFullError,
-    StoreUnavailableError,
-    UnknownTopicError,
 )
 from kiteq.core.message import Message
 from kiteq.proto.v1 import broker_pb2, common_pb2
+from tests.client._refusals import TYPED_REFUSALS
 
 
 def test_publish_frame_carries_every_header_field_and_the_producer_group() -> None:
@@ -115,19 +111,7 @@ def test_decode_frames() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "error"),
-    [
-        (common_pb2.ERROR_CODE_INVALID_ARGUMENT, InvalidMessageError),
-        (common_pb2.ERROR_CODE_TOO_LARGE, BodyTooLargeError),
-        (common_pb2.ERROR_CODE_UNKNOWN_TOPIC, UnknownTopicError),
-        (common_pb2.ERROR_CODE_EXPIRED, ExpiredMessageError),
-        (common_pb2.ERROR_CODE_OVERFLOW, FlowLimitedError),
-        (common_pb2.ERROR_CODE_STORE_UNAVAILABLE, StoreUnavailableError),
-        (common_pb2.ERROR_CODE_STORE_FULL, StoreFullError),
-        (common_pb2.ERROR_CODE_NOT_SERVING, NotConnectedError),
-        (common_pb2.ERROR_CODE_UNAUTHENTICATED, AuthenticationError),
-        (common_pb2.ERROR_CODE_OK, MessageRejectedError),
-    ],
+    ("code", "error"), [*TYPED_REFUSALS, (common_pb2.ERROR_CODE_OK, MessageRejectedError)]
 )
 def test_every_error_code_has_a_typed_error(code: int, error: type[KiteQError]) -> None:
     result = _wire.rejection_error(code, "m" * 32, "why")
