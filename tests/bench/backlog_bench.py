@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path[:0] = [str(REPO)]
 
 from kiteq.bench.cpu import process_cpu  # noqa: E402
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage  # noqa: E402
+from tests.bench.countdown import Countdown  # noqa: E402
 from tests.e2e.broker_process import BrokerProcess, write_config  # noqa: E402
 
 TOPIC = "bench"
@@ -71,7 +71,8 @@ def run(count: int, idle: float, recover: float) -> dict[str, float]:
                 ]
                 for future in futures:
                     future.result(60)
-            time.sleep(recover)  # the bookkeeping of the publish settles
+            # the bookkeeping of the publish settles: a recover scan from now has completed
+            broker.passed_recover_scan(timeout=max(30.0, 4 * recover))
             empty_rss = _rss_mb(pid)
             before = process_cpu(pid) or 0.0
             started = time.monotonic()
@@ -79,20 +80,12 @@ def run(count: int, idle: float, recover: float) -> dict[str, float]:
             cpu = (process_cpu(pid) or 0.0) - before
             elapsed = time.monotonic() - started
             rss = _rss_mb(pid)
-            seen = 0
-            done = threading.Event()
-
-            def handle(message: ReceivedMessage) -> bool:
-                nonlocal seen
-                seen += 1
-                if seen >= count:
-                    done.set()
-                return True
-
+            countdown = Countdown(count)
             returned = time.monotonic()
-            with _consumer(broker.address, handle):
-                done.wait(120)
+            with _consumer(broker.address, countdown):
+                countdown.done.wait(120)
             drained = time.monotonic() - returned
+            seen = countdown.seen
             return {
                 "count": count,
                 "idle_cpu_pct": round(100 * cpu / elapsed, 2),

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO)]
 
 from tests.e2e.broker_process import BrokerProcess, write_config  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 BOUND = "trade"
 UNRELATED = "other"
@@ -209,11 +210,9 @@ def run(
                 )
                 procs.append(consumer)
                 read_json(consumer, 60)
-                deadline = time.monotonic() + 30
-                while bound_patterns(broker) < bindings:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the consumer's bindings were not applied")
-                    time.sleep(0.05)
+                wait_until(
+                    lambda: bound_patterns(broker) >= bindings, 30, "the consumer's bindings"
+                )
             started = [
                 child("producer", broker.address, topic, str(fresh), str(rate), str(seconds), style)
                 for topic, fresh, rate in producers

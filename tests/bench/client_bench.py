@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +35,7 @@ for _part in ("", "binding", "store", "handler", "client", "ops", "proto"):
     sys.path.insert(0, str(REPO / _part))
 
 from kiteq.bench.cpu import cpu_seconds, thread_cpu, thread_delta  # noqa: E402
+from tests.bench.countdown import Countdown  # noqa: E402
 
 TOPIC = "bench"
 MESSAGE_TYPE = "tick"
@@ -249,34 +249,26 @@ def case_async_producer(address: str, count: int, size: int, deadline: float) ->
 
 
 def case_consumer(address: str, count: int, size: int, deadline: float) -> dict[str, Any]:
-    from kiteq.client import Binding, Consumer, ReceivedMessage
+    from kiteq.client import Binding, Consumer
 
-    seen = 0
-    done = threading.Event()
-
-    def handle(message: ReceivedMessage) -> bool:
-        nonlocal seen
-        seen += 1
-        if seen >= count:
-            done.set()
-        return True
-
+    countdown = Countdown(count)
     threads0 = thread_cpu()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     consumer = Consumer(
         brokers=[address],
         group_id="bench-consumer",
         bindings=[Binding.direct(TOPIC, MESSAGE_TYPE)],
-        handler=handle,
+        handler=countdown,
         client_id=f"bench:{count}:{size}",
         max_in_flight=2000,
     )
     with consumer:
-        done.wait(max(0.0, deadline - time.time()))
+        countdown.done.wait(max(0.0, deadline - time.time()))
         wall = time.perf_counter() - wall0
         threads = thread_delta(threads0, thread_cpu())
     # closing sends the last acks
     cpu = cpu_seconds() - cpu0
+    seen = countdown.seen
     return {"messages": seen, "failed": count - seen, "wall": wall, "cpu": cpu, "threads": threads}
 
 

@@ -14,6 +14,7 @@ from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
+from kiteq.ops.metrics import BrokerMetrics
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
@@ -103,7 +104,9 @@ class RecordingStore:
 
 
 class Harness:
-    def __init__(self, *, timeout: float = 5.0, max_workers: int = 1000) -> None:
+    def __init__(
+        self, *, timeout: float = 5.0, max_workers: int = 1000, metrics: BrokerMetrics | None = None
+    ) -> None:
         self.clock = ManualClock()
         self.table = BindingTable()
         self.connections = ConnectionTable()
@@ -117,6 +120,7 @@ class Harness:
             clock=self.clock,
             delivery_timeout=timeout,
             max_workers=max_workers,
+            metrics=metrics,
         )
         self._task = asyncio.create_task(self.bookkeeper.run())
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,12 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import pytest
-
 from kiteq.client import Binding, Consumer, Message, Producer
 from tests._servers import free_port
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 ALERT_RULES: Final = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "kiteq-alerts.yml"
 TOPIC: Final = "trade"
@@ -74,22 +72,24 @@ class Prometheus:
         result: list[Any] = reply["data"]["result"]
         return result
 
-    def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            assert self._process.poll() is None, "prometheus exited"
-            try:
-                self.get("/-/ready")
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
-            else:
-                return
-        pytest.fail("prometheus did not become ready")
+    def _ready(self) -> bool:
+        assert self._process.poll() is None, "prometheus exited"
+        try:
+            self.get("/-/ready")
+        except (urllib.error.URLError, ConnectionError):
+            return False
+        return True
 
-    def wait_scraped(self, deadline: float) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        wait_until(self._ready, timeout, "prometheus to become ready")
+
+    def wait_scraped(self, timeout: float = 60.0) -> None:
         """Until the target has been scraped three times (rate() needs two samples)."""
-        while not self.query('count_over_time(up{job="kiteq"}[1m]) >= 3'):
-            assert time.monotonic() < deadline, "prometheus did not scrape the target"
-            time.sleep(0.2)
+        wait_until(
+            lambda: self.query('count_over_time(up{job="kiteq"}[1m]) >= 3'),
+            timeout,
+            "prometheus to scrape the target three times",
+        )
 
     def stop(self) -> None:
         self._process.terminate()
@@ -99,6 +99,13 @@ class Prometheus:
             self._process.kill()
             self._process.wait(timeout=10)
         self._log.close()
+
+
+def promtool_run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``promtool *args*``: its exit code and output, for the test to judge."""
+    return subprocess.run(
+        [promtool, *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 class _Load:
@@ -175,9 +182,8 @@ def broker_under_load(tmp_path: Path, prometheus_binary: str) -> Iterator[Promet
             prometheus = Prometheus(
                 prometheus_binary, tmp_path, f"127.0.0.1:{pport}", rules=ALERT_RULES
             )
-            deadline = time.monotonic() + 60
-            prometheus.wait_ready(deadline)
-            prometheus.wait_scraped(deadline)
+            prometheus.wait_ready()
+            prometheus.wait_scraped()
             yield prometheus
     finally:
         load.stop()

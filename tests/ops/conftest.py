@@ -68,22 +68,23 @@ def touched_metrics(metrics: BrokerMetrics) -> BrokerMetrics:
     return metrics
 
 
+def _prometheus_package_binary(name: str) -> str:
+    """Path of *name* from the Debian package ``prometheus`` (scripts/test.sh installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} (apt-get install prometheus)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """Path of ``promtool`` (Debian package ``prometheus``; scripts/test.sh installs it)."""
-    path = shutil.which("promtool")
-    if path is None:
-        unavailable("promtool (apt-get install prometheus)")
-    return path
+    return _prometheus_package_binary("promtool")
 
 
 @pytest.fixture(scope="session")
 def prometheus_binary() -> str:
-    """Path of the ``prometheus`` server (Debian package ``prometheus``)."""
-    path = shutil.which("prometheus")
-    if path is None:
-        unavailable("prometheus (apt-get install prometheus)")
-    return path
+    """Path of the ``prometheus`` server."""
+    return _prometheus_package_binary("prometheus")
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,13 @@ loads the same file and must evaluate every rule without error.
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, Final
 
 from kiteq.ops.metrics import BrokerMetrics
-from tests.ops._prometheus import ALERT_RULES, Prometheus
+from tests.ops._prometheus import ALERT_RULES, Prometheus, promtool_run
 from tests.ops.test_dashboard import exported_samples, metric_names
+from tests.waiting import wait_until
 
 UNIT_TESTS: Final = ALERT_RULES.parent / "tests" / "kiteq-alerts.test.yml"
 EXPECTED_ALERTS: Final = {
@@ -64,25 +63,13 @@ def test_every_alert_has_a_unit_test() -> None:
 
 
 def test_promtool_checks_the_rules(promtool: str) -> None:
-    result = subprocess.run(
-        [promtool, "check", "rules", str(ALERT_RULES)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = promtool_run(promtool, "check", "rules", str(ALERT_RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(EXPECTED_ALERTS)} rules found" in result.stdout
 
 
 def test_promtool_unit_tests_pass(promtool: str) -> None:
-    result = subprocess.run(
-        [promtool, "test", "rules", str(UNIT_TESTS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = promtool_run(promtool, "test", "rules", str(UNIT_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -92,13 +79,7 @@ def test_promtool_unit_tests_can_fail(promtool: str, tmp_path: Path) -> None:
     broken = tmp_path / "broken.test.yml"
     text = UNIT_TESTS.read_text().replace("- ../kiteq-alerts.yml", f"- {ALERT_RULES}")
     broken.write_text(text.replace("is down", "is fine", 1))
-    result = subprocess.run(
-        [promtool, "test", "rules", str(broken)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = promtool_run(promtool, "test", "rules", str(broken))
     assert result.returncode != 0
     assert "KiteQBrokerDown" in result.stdout + result.stderr
 
@@ -113,15 +94,15 @@ def test_rules_use_only_exported_metrics(touched_metrics: BrokerMetrics) -> None
 
 
 def test_a_real_prometheus_evaluates_every_rule(scraped_broker: Prometheus) -> None:
-    deadline = time.monotonic() + 60
-    rules: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
+    def evaluated() -> list[dict[str, Any]]:
         groups = scraped_broker.get("/api/v1/rules")["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
         # a rule not evaluated yet reports the zero time, 0001-01-01T00:00:00Z
-        if rules and all(not r["lastEvaluation"].startswith("0001") for r in rules):
-            break
-        time.sleep(0.5)
+        done = rules and all(not r["lastEvaluation"].startswith("0001") for r in rules)
+        return rules if done else []
+
+    wait_until(evaluated, 60, "prometheus to evaluate every rule")
+    rules = evaluated()
     assert {r["name"] for r in rules} == EXPECTED_ALERTS
     for rule in rules:
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -20,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiteq.ops.dashboard import main as dashboard_main, render
 from kiteq.ops.metrics import BrokerMetrics
-from tests.ops._prometheus import Prometheus
+from tests.ops._prometheus import Prometheus, promtool_run
+from tests.waiting import wait_until
 
 OPS = Path(__file__).resolve().parents[2] / "ops"
 DASHBOARD: Final = OPS / "grafana" / "dashboards" / "kiteq-overview.json"
@@ -192,13 +191,7 @@ def test_promql_syntax(tmp_path: Path, promtool: str) -> None:
     }
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps(rules))  # JSON is YAML
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = promtool_run(promtool, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
 
@@ -207,13 +200,7 @@ def test_prometheus_config_is_valid(promtool: str) -> None:
     text = PROMETHEUS_CONFIG.read_text()
     assert re.search(r"job_name:\s*kiteq\b", text)
     assert "metrics_path: /metrics" in text
-    result = subprocess.run(
-        [promtool, "check", "config", "--syntax-only", str(PROMETHEUS_CONFIG)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = promtool_run(promtool, "check", "config", "--syntax-only", str(PROMETHEUS_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -240,14 +227,18 @@ def test_every_query_returns_data_from_a_real_prometheus(scraped_broker: Prometh
     queries += [label_values_metric(q) for q in variable_queries(dashboard)]
     assert scraped_broker.query('up{job="kiteq"} == 1')
     # the broker's gauges are refreshed every few seconds and the load takes a moment to
-    # reach every path (retries, dead letters): poll until each query has data, bounded
-    deadline = time.monotonic() + 90
+    # reach every path (retries, dead letters): poll until each query has had data
     empty = queries
-    while empty and time.monotonic() < deadline:
+
+    def all_had_data() -> bool:
+        nonlocal empty
         empty = [q for q in empty if not scraped_broker.query(q)]
-        if empty:
-            time.sleep(1)
-    assert empty == [], "queries without data"
+        return not empty
+
+    try:
+        wait_until(all_had_data, 90, "data for every query")
+    except AssertionError:
+        raise AssertionError(f"queries without data: {empty}") from None
 
 
 def test_brokers_up_counts_with_up() -> None:

@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kiteq.binding.model import Binding
-from kiteq.core.message import TxStatus
-from kiteq.handler.dispatch import Dispatcher
-from kiteq.handler.history import History
+from kiteq.core.message import StoredMessage, TxStatus
+from kiteq.handler.connection import Connection
 from kiteq.ops.metrics import BrokerMetrics
 from tests.handler.harness import Broker as TxBroker
 from tests.handler.test_dispatch import Harness, taken
@@ -17,18 +16,8 @@ from tests.handler.test_dispatch import Harness, taken
 
 @pytest.fixture
 async def h() -> AsyncIterator[tuple[Harness, BrokerMetrics]]:
-    harness = Harness()
     metrics = BrokerMetrics(process=False)
-    harness.dispatcher = Dispatcher(
-        bindings=harness.table,
-        connections=harness.connections,
-        bookkeeper=harness.bookkeeper,
-        history=History(harness.bookkeeper.history),
-        clock=harness.clock,
-        delivery_timeout=5.0,
-        max_workers=1000,
-        metrics=metrics,
-    )
+    harness = Harness(metrics=metrics)
     yield harness, metrics
     await harness.close()
 
@@ -60,13 +49,18 @@ async def test_first_delivery_and_ack_latency_are_observed(
     assert value(metrics, "kiteq_delivered_bytes_total") == 1  # body b"x"
 
 
+def offered_to_acct(harness: Harness) -> tuple[Connection, StoredMessage]:
+    """A message pushed to a connection of group acct (not answered yet)."""
+    harness.bind("acct", Binding.direct("trade", "pay-succ"))
+    conn = harness.connect("acct")
+    return conn, harness.publish()
+
+
 async def test_a_retry_is_not_a_first_delivery_and_a_nack_has_no_ack_latency(
     h: tuple[Harness, BrokerMetrics],
 ) -> None:
     harness, metrics = h
-    harness.bind("acct", Binding.direct("trade", "pay-succ"))
-    conn = harness.connect("acct")
-    record = harness.publish()
+    conn, record = offered_to_acct(harness)
     taken(conn)
     harness.dispatcher.acked(conn, [(record.message_id, False)])  # retried at once
     assert taken(conn) == [(record.message_id, 2)]
@@ -79,9 +73,7 @@ async def test_dead_letters_are_counted_by_reason_and_kept_for_the_summary(
     h: tuple[Harness, BrokerMetrics],
 ) -> None:
     harness, metrics = h
-    harness.bind("acct", Binding.direct("trade", "pay-succ"))
-    conn = harness.connect("acct")
-    record = harness.publish()
+    conn, record = offered_to_acct(harness)
     record.message.deliver_limit = 1
     taken(conn)
     harness.dispatcher.acked(conn, [(record.message_id, False)])

@@ -17,6 +17,7 @@ from typing import Final
 import pytest
 
 from kiteq.store.base import MessageStore
+from kiteq.store.rocksdb import RocksDBStore
 from tests._servers import unavailable
 from tests.store import mariadb
 from tests.store.helpers import Backend
@@ -55,6 +56,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
             )
         case _:
             raise AssertionError(f"no URL for backend {name}")
+
+
+@pytest.fixture
+async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
+    opened = RocksDBStore(str(tmp_path / "db"))
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

@@ -1,9 +1,14 @@
-"""Record builders shared by the store tests."""
+"""Record builders, stand-ins and spies shared by the store tests."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 import pytest
@@ -121,3 +126,79 @@ def spy_writes(store: RocksDBStore, monkeypatch: pytest.MonkeyPatch) -> SpyWrite
     spy = SpyWrites(db.rdict)
     monkeypatch.setattr(db, "rdict", spy)
     return spy
+
+
+class FailingWrites:
+    """Stands in for the Rdict: every write fails like a full or broken disk would."""
+
+    def __init__(self, real: Rdict) -> None:
+        self.real = real
+
+    def write(self, *args: object) -> None:
+        raise RuntimeError("injected: IO error: No space left on device")
+
+
+def fail_writes(store: RocksDBStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of *store* fails from now on (``monkeypatch.undo()`` heals it)."""
+    db = store._db
+    assert db is not None
+    monkeypatch.setattr(db, "rdict", FailingWrites(db.rdict))
+
+
+class ThreadSpy:
+    """Records the name of every thread that calls one of the spied methods."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.threads: set[str] = set()
+        self._monkeypatch = monkeypatch
+
+    def on(self, owner: type, *names: str) -> None:
+        for name in names:
+            self._monkeypatch.setattr(owner, name, self._recording(getattr(owner, name)))
+
+    def _recording(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.threads.add(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        return recorded
+
+
+def only_store_threads(threads: set[str]) -> None:
+    """Something was called, and only on the store's own threads."""
+    assert threads
+    assert all(name.startswith("kiteq-store") for name in threads), threads
+
+
+async def acked_before_sigkill(script: str, *args: str, lines: int) -> list[str]:
+    """Run *script* (it prints the ids of each save once it has returned STORED) in a child,
+    SIGKILL it after *lines* lines, and return the ids it reported."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acked: list[str] = []
+    try:
+        for _ in range(lines):
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            assert line, "the child exited early"
+            acked += line.decode().split()
+    finally:
+        proc.kill()
+        await proc.stdout.read()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+def mangled(first: bytes, second: bytes, how: str) -> tuple[bytes, bytes]:
+    """Both encodings broken the same way: a wrong version byte, truncated, extended, empty."""
+    match how:
+        case "version":
+            return b"\x09" + first[1:], b"\x09" + second[1:]
+        case "truncate":
+            return first[:-1], second[:-1]
+        case "extend":
+            return first + b"x", second + b"x"
+        case _:
+            return b"", b""

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
 from kiteq.store import codec
-from tests.store.helpers import NOW, acked, dead, pending, record
+from tests.store.helpers import NOW, acked, dead, mangled, pending, record
 
 _text = st.text(max_size=40)
 _int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -103,15 +103,7 @@ def test_corrupt_records_raise_value_error(mangle: str) -> None:
     r.groups = {"g": acked()}
     message = codec.encode_message(r)
     state = codec.encode_state(codec.state_of(r))
-    match mangle:
-        case "version":
-            message, state = b"\x09" + message[1:], b"\x09" + state[1:]
-        case "truncate":
-            message, state = message[:-1], state[:-1]
-        case "extend":
-            message, state = message + b"x", state + b"x"
-        case _:
-            message, state = b"", b""
+    message, state = mangled(message, state, mangle)
     with pytest.raises(ValueError, match="record"):
         codec.decode_state(state)
     with pytest.raises(ValueError, match="record"):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,14 @@ from tests.store.helpers import (
     DURABLE_BACKENDS,
     NOW,
     Backend,
+    ThreadSpy,
     acked,
     dead,
+    fail_writes,
     ids,
     letter,
+    mangled,
+    only_store_threads,
     pending,
     record,
     spy_writes,
@@ -510,16 +513,6 @@ async def test_dead_letter_of_an_id_saved_again_replaces_the_dead_letter(
 # -- RocksDB ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
-    opened = RocksDBStore(str(tmp_path / "db"))
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def test_moves_are_synced_and_history_is_bookkeeping(
     rocks: RocksDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -561,23 +554,13 @@ async def test_history_and_dead_letters_ride_in_the_batch_of_other_writes(
     assert len(await rocks.get_history(doomed.message_id)) == 1
 
 
-class _FailingWrites:
-    def __init__(self, real: Rdict) -> None:
-        self.real = real
-
-    def write(self, *args: object) -> None:
-        raise RuntimeError("injected: IO error: No space left on device")
-
-
 async def test_a_failed_move_leaves_the_record_where_it_was(
     rocks: RocksDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     live, gone = record(), record()
     await rocks.save([live, gone])
     await rocks.dead_letter([letter(gone)])
-    db = rocks._db
-    assert db is not None
-    monkeypatch.setattr(db, "rdict", _FailingWrites(db.rdict))
+    fail_writes(rocks, monkeypatch)
     results = await asyncio.gather(
         rocks.dead_letter([letter(live)]),
         rocks.redrive([g1(gone)], NOW),
@@ -650,20 +633,9 @@ async def test_new_column_families_are_added_to_an_older_database(tmp_path: Path
 async def test_dlq_and_history_use_only_the_store_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: set[str] = set()
-
-    def spy(owner: type, name: str) -> None:
-        original: Callable[..., Any] = getattr(owner, name)
-
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            threads.add(threading.current_thread().name)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, recorded)
-
-    for name in ("get", "get_many", "keys", "items", "values", "release"):
-        spy(_rocksdb_db.Column, name)
-    spy(_rocksdb_requests._Batch, "__init__")
+    spy = ThreadSpy(monkeypatch)
+    spy.on(_rocksdb_db.Column, "get", "get_many", "keys", "items", "values", "release")
+    spy.on(_rocksdb_requests._Batch, "__init__")
 
     store = RocksDBStore(str(tmp_path / "db"))
     await store.open()
@@ -678,8 +650,7 @@ async def test_dlq_and_history_use_only_the_store_thread(
     await store.get_history(r.message_id)
     await store.prune_history(NOW)
     await store.close()
-    assert threads
-    assert all(name.startswith("kiteq-store") for name in threads), threads
+    only_store_threads(spy.threads)
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -766,15 +737,7 @@ def test_corrupt_dead_entries_and_events_raise_value_error(mangle: str) -> None:
         codec.encode_message(r), codec.state_of(r), "expired", NOW, "g1"
     )
     e = codec.encode_event(event(r.message_id, NOW, "published", detail="x"))
-    match mangle:
-        case "version":
-            entry, e = b"\x09" + entry[1:], b"\x09" + e[1:]
-        case "truncate":
-            entry, e = entry[:-1], e[:-1]
-        case "extend":
-            entry, e = entry + b"x", e + b"x"
-        case _:
-            entry, e = b"", b""
+    entry, e = mangled(entry, e, mangle)
     with pytest.raises(ValueError, match="record"):
         codec.decode_dead_letter(entry)
     with pytest.raises(ValueError, match="record"):

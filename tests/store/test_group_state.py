@@ -257,13 +257,19 @@ async def test_redrive_after_removal_delivers_to_the_redriven_groups_only(
     assert await store.backlog() == {"trade": 1}
 
 
-async def test_redrive_of_two_groups_in_one_call_stores_the_message_once(
-    store: MessageStore,
-) -> None:
+async def _dead_in_x_and_y(store: MessageStore) -> StoredMessage:
+    """A stored message dead-lettered by two groups, x and y."""
     r = record()
     await store.save([r])
     state = bookkept(r, NOW, groups={"x": dead(4), "y": dead(2)})
     await store.dead_letter([letter(state, group="x"), letter(state, group="y")])
+    return r
+
+
+async def test_redrive_of_two_groups_in_one_call_stores_the_message_once(
+    store: MessageStore,
+) -> None:
+    r = await _dead_in_x_and_y(store)
     [back] = await store.redrive([(r.message_id, "y"), (r.message_id, "x")], NOW)
     assert back.only_groups == ("x", "y")
     assert back.groups == {"x": pending(0, NOW), "y": pending(0, NOW)}
@@ -274,10 +280,7 @@ async def test_redrive_of_two_groups_in_one_call_stores_the_message_once(
 async def test_concurrent_redrives_of_two_groups_each_get_the_message(
     store: MessageStore,
 ) -> None:
-    r = record()
-    await store.save([r])
-    state = bookkept(r, NOW, groups={"x": dead(4), "y": dead(2)})
-    await store.dead_letter([letter(state, group="x"), letter(state, group="y")])
+    r = await _dead_in_x_and_y(store)
     # issued together, so the batching backends apply them in one write
     x, y = await asyncio.gather(
         store.redrive([(r.message_id, "x")], NOW), store.redrive([(r.message_id, "y")], NOW)

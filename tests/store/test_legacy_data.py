@@ -26,7 +26,7 @@ from kiteq.core.message import StoredMessage
 from kiteq.store import _rocksdb_db, codec
 from kiteq.store._mysql_engine import engine as _engine
 from kiteq.store._mysql_schema import Layout, _upgrade, check_schema, create_schema
-from kiteq.store.base import DeadLetter, DlqFilter, Rescheduled
+from kiteq.store.base import DeadLetter, DlqFilter, MessageStore, Rescheduled
 from kiteq.store.mysql import schema_main
 from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import mysql_options, open_store
@@ -124,26 +124,64 @@ def _write_old_database(path: str) -> dict[str, StoredMessage]:
     }
 
 
+async def _read_acked_and_failed(
+    store: MessageStore, old: dict[str, StoredMessage]
+) -> tuple[StoredMessage, StoredMessage]:
+    """The old record acked by g0 and failed by g1 (and one never delivered), read today."""
+    r = old["acked_and_failed"]
+    got = await store.get(r.message_id)
+    assert got is not None
+    assert got.message == r.message
+    assert (got.deliver_count, got.groups, got.only_groups) == (
+        3,
+        {"g0": acked(0), "g1": pending(3, NOW + 20)},
+        (),
+    )
+    untouched = await store.get(old["untouched"].message_id)
+    assert untouched is not None
+    assert untouched.groups == {}
+    return r, got
+
+
+async def _dead_two_and_todays_writes(
+    store: MessageStore, two: StoredMessage, got: StoredMessage
+) -> tuple[StoredMessage, StoredMessage]:
+    """The old dead letters of *two* (groups g1, g2) read today; then today's writes on old
+    records: a reschedule of *got* and a redrive of one group. The rescheduled and the
+    redriven record."""
+    letters = await store.get_dead_letters(two.message_id)
+    assert [(d.group, d.reason, d.dead_time) for d in letters] == [
+        ("g1", "deliver_limit", NOW + 1),
+        ("g2", "deliver_limit", NOW + 1),
+    ]
+    for dead_letter in letters:
+        assert dead_letter.record.groups == {
+            "g0": acked(0),
+            "g1": dead(7, NOW + 40),
+            "g2": dead(7, NOW + 40),
+        }
+        assert dead_letter.record.message == two.message
+    # a reschedule rewrites the state in today's form...
+    new = got
+    new.groups["g1"] = pending(4, NOW + 60)
+    new.next_deliver_time = NOW + 60
+    await store.reschedule([Rescheduled(new, NOW + 20)])
+    # ...and a redrive of one group of an old dead letter is for that group only
+    [back] = await store.redrive([(two.message_id, "g2")], NOW)
+    assert back.only_groups == ("g2",)
+    assert back.groups == {"g0": acked(0), "g1": dead(7, NOW + 40), "g2": pending(0, NOW)}
+    return new, back
+
+
 async def test_rocksdb_opens_a_database_of_the_previous_version(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     old = _write_old_database(path)
     store = RocksDBStore(path)
     await store.open()
     try:
-        r = old["acked_and_failed"]
-        got = await store.get(r.message_id)
-        assert got is not None
-        assert got.message == r.message
-        assert (got.deliver_count, got.groups, got.only_groups) == (
-            3,
-            {"g0": acked(0), "g1": pending(3, NOW + 20)},
-            (),
-        )
+        r, got = await _read_acked_and_failed(store, old)
         assert got.settled("g0")
         assert not got.settled("g1")
-        untouched = await store.get(old["untouched"].message_id)
-        assert untouched is not None
-        assert untouched.groups == {}
         [tx] = await store.page_uncommitted(10)
         assert (tx.message_id, tx.deliver_count) == (old["uncommitted"].message_id, 2)
         assert [d.message_id for d in await store.page_due(NOW + 20, 10)] == [
@@ -157,27 +195,7 @@ async def test_rocksdb_opens_a_database_of_the_previous_version(tmp_path: Path) 
         assert [d.key for d in await store.list_dlq(EVERYTHING, 10)] == sorted(
             [(two.message_id, "g1"), (two.message_id, "g2"), (none.message_id, "")]
         )
-        letters = await store.get_dead_letters(two.message_id)
-        assert [(d.group, d.reason, d.dead_time) for d in letters] == [
-            ("g1", "deliver_limit", NOW + 1),
-            ("g2", "deliver_limit", NOW + 1),
-        ]
-        assert letters[0].record.groups == {
-            "g0": acked(0),
-            "g1": dead(7, NOW + 40),
-            "g2": dead(7, NOW + 40),
-        }
-        assert letters[0].record.message == two.message
-
-        # the old records work with today's writes: a reschedule rewrites the state...
-        new = got
-        new.groups["g1"] = pending(4, NOW + 60)
-        new.next_deliver_time = NOW + 60
-        await store.reschedule([Rescheduled(new, NOW + 20)])
-        # ...and a redrive of one group of an old dead letter is for that group only
-        [back] = await store.redrive([(two.message_id, "g2")], NOW)
-        assert back.only_groups == ("g2",)
-        assert back.groups == {"g0": acked(0), "g1": dead(7, NOW + 40), "g2": pending(0, NOW)}
+        new, back = await _dead_two_and_todays_writes(store, two, got)
     finally:
         await store.close()
 
@@ -335,18 +353,7 @@ async def test_mysql_kiteq_schema_upgrades_and_rows_of_the_previous_version_load
     store = open_store(url)
     await store.open()
     try:
-        r = old["acked_and_failed"]
-        got = await store.get(r.message_id)
-        assert got is not None
-        assert got.message == r.message
-        assert (got.deliver_count, got.groups, got.only_groups) == (
-            3,
-            {"g0": acked(0), "g1": pending(3, NOW + 20)},
-            (),
-        )
-        untouched = await store.get(old["untouched"].message_id)
-        assert untouched is not None
-        assert untouched.groups == {}
+        r, got = await _read_acked_and_failed(store, old)
         assert [d.message_id for d in await store.page_due(NOW + 20, 10)] == [
             old["untouched"].message_id,
             r.message_id,
@@ -363,27 +370,7 @@ async def test_mysql_kiteq_schema_upgrades_and_rows_of_the_previous_version_load
         keys = [(two.message_id, "g1"), (two.message_id, "g2")]
         keys += [(one.message_id, "g3"), (none.message_id, "")]
         assert [d.key for d in await store.list_dlq(DlqFilter(), 10)] == sorted(keys)
-        letters = await store.get_dead_letters(two.message_id)
-        assert [(d.group, d.reason, d.dead_time) for d in letters] == [
-            ("g1", "deliver_limit", NOW + 1),
-            ("g2", "deliver_limit", NOW + 1),
-        ]
-        assert letters[1].record.groups == {
-            "g0": acked(0),
-            "g1": dead(7, NOW + 40),
-            "g2": dead(7, NOW + 40),
-        }
-        assert letters[1].record.message == two.message
-
-        # today's writes on old rows: a reschedule writes the per-group state...
-        new = got
-        new.groups["g1"] = pending(4, NOW + 60)
-        new.next_deliver_time = NOW + 60
-        await store.reschedule([Rescheduled(new, NOW + 20)])
-        # ...and a redrive of one group of an old dead letter is for that group only
-        [back] = await store.redrive([(two.message_id, "g2")], NOW)
-        assert back.only_groups == ("g2",)
-        assert back.groups == {"g0": acked(0), "g1": dead(7, NOW + 40), "g2": pending(0, NOW)}
+        new, back = await _dead_two_and_todays_writes(store, two, got)
     finally:
         await store.close()
 

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +35,17 @@ from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent, Rescheduled, S
 from kiteq.store.mysql import MySQLStore, page_keys_sql, schema_main
 from kiteq.store.url import open_store
 from tests.store import mariadb
-from tests.store.helpers import NOW, acked, dead, ids, pending, record
+from tests.store.helpers import (
+    NOW,
+    acked,
+    acked_before_sigkill,
+    dead,
+    ids,
+    only_store_threads,
+    pending,
+    record,
+)
+from tests.waiting import wait_until
 
 HEX = "0123456789abcdef"
 
@@ -557,13 +566,17 @@ async def test_flush_seconds_zero_writes_bookkeeping_at_once(prefix: str) -> Non
         await store.save([r])
         await asyncio.wait_for(store.reschedule([Rescheduled(r, NOW)]), 10)
         await asyncio.wait_for(store.delete([r]), 10)
-    # the contrast: with a timer, a lone delete is still waiting a second later
+    # the contrast: with a timer, a lone delete is still waiting after a read's round
+    # trip (with flushSeconds=0 it is written meanwhile, and the read races it)
     async with opened(url_of(prefix, flushSeconds=30)) as store:
         r = record()
         await store.save([r])
+        before = store.write_transactions
         delete = asyncio.ensure_future(store.delete([r]))
-        done, _ = await asyncio.wait([delete], timeout=1)
-        assert not done
+        await asyncio.sleep(0)  # the delete is queued (one loop turn, no time involved)
+        assert await store.get(r.message_id) is not None
+        assert not delete.done()
+        assert store.write_transactions == before
     await delete  # written by the close
 
 
@@ -575,11 +588,11 @@ async def test_close_writes_queued_bookkeeping_without_waiting_for_the_timer(
     r = record()
     await store.save([r])
     delete = asyncio.ensure_future(store.delete([r]))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    await store.close()
+    await asyncio.sleep(0)  # the delete is queued (one loop turn, no time involved)
+    assert not delete.done()
+    # the timer is 30 s: a close that waited for it would not end within 10 s
+    await asyncio.wait_for(store.close(), 10)
     await delete
-    assert time.monotonic() - started < 5
     async with opened(url_of(prefix)) as again:
         assert await again.get(r.message_id) is None
 
@@ -615,8 +628,7 @@ async def test_every_database_call_runs_on_the_stores_threads(prefix: str) -> No
         assert store._executor._max_workers == 3
     finally:
         await store.close()
-    assert threads
-    assert all(name.startswith("kiteq-store") for name in threads), threads
+    only_store_threads(threads)
 
 
 # -- ownership ------------------------------------------------------------------------------
@@ -771,21 +783,7 @@ asyncio.run(main())
 
 async def test_acked_saves_survive_sigkill(prefix: str) -> None:
     url = url_of(prefix)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD, url, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    acked: list[str] = []
-    try:
-        for _ in range(60):
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-            assert line, "the child exited early"
-            acked += line.decode().split()
-    finally:
-        proc.kill()
-        await proc.stdout.read()
-        await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    acked = await acked_before_sigkill(_CHILD, url, lines=60)
     async with opened(url) as store:
         missing = [mid for mid in acked if await store.get(mid) is None]
         assert missing == []
@@ -801,11 +799,12 @@ def test_bad_constructor_input_is_a_config_error() -> None:
 def _no_thread_leaks() -> Iterator[None]:
     before = {t.name for t in threading.enumerate()}
     yield
-    deadline = time.monotonic() + 5
-    left: set[str] = set()
-    while time.monotonic() < deadline:
-        left = {t.name for t in threading.enumerate() if t.name.startswith("kiteq-store")}
-        if not left - before:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"store threads left running: {sorted(left - before)}")
+
+    def left() -> set[str]:
+        running = {t.name for t in threading.enumerate() if t.name.startswith("kiteq-store")}
+        return running - before
+
+    try:
+        wait_until(lambda: not left(), 5, "the store threads to end")
+    except AssertionError:
+        raise AssertionError(f"store threads left running: {sorted(left())}") from None

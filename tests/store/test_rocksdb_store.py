@@ -4,10 +4,6 @@ work kept off the event loop, and durability across a SIGKILL."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
-import threading
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +14,19 @@ from kiteq.core.errors import StoreUnavailableError
 from kiteq.store import _rocksdb_db, _rocksdb_requests
 from kiteq.store.base import Rescheduled, Saved
 from kiteq.store.rocksdb import Fsync, RocksDBStore
-from tests.store.helpers import NOW, record
+from tests.store.helpers import (
+    NOW,
+    ThreadSpy,
+    acked_before_sigkill,
+    fail_writes,
+    only_store_threads,
+    record,
+)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
-    opened = RocksDBStore(str(tmp_path / "db"))
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
+def store(rocks: RocksDBStore) -> RocksDBStore:
+    return rocks
 
 
 async def test_concurrent_saves_share_one_write_batch(store: RocksDBStore) -> None:
@@ -93,24 +91,12 @@ async def test_a_burst_larger_than_the_batch_limit_is_split(store: RocksDBStore)
     assert 2 <= store.write_batches - before <= 4
 
 
-class _FailingWrites:
-    """Stands in for the Rdict: every write fails like a full or broken disk would."""
-
-    def __init__(self, real: Rdict) -> None:
-        self.real = real
-
-    def write(self, *args: object) -> None:
-        raise RuntimeError("injected: IO error: No space left on device")
-
-
 async def test_a_failed_write_fails_every_caller_of_its_batch(
     store: RocksDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kept = record()
     await store.save([kept])
-    db = store._db
-    assert db is not None
-    monkeypatch.setattr(db, "rdict", _FailingWrites(db.rdict))
+    fail_writes(store, monkeypatch)
 
     saves = [store.save([record(), record()]) for _ in range(50)]
     others = [store.delete([kept]), store.put_meta("k", b"v"), store.commit(kept.message_id)]
@@ -169,22 +155,10 @@ async def test_a_cancelled_caller_does_not_stall_the_others(store: RocksDBStore)
 async def test_rocksdb_runs_only_on_the_store_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: set[str] = set()
-
-    def spy(owner: type, name: str) -> None:
-        original: Callable[..., Any] = getattr(owner, name)
-
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            threads.add(threading.current_thread().name)
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, recorded)
-
-    for name in ("get", "get_many", "keys", "items", "values", "release"):
-        spy(_rocksdb_db.Column, name)
-    for name in ("__init__", "close"):
-        spy(_rocksdb_db.DB, name)
-    spy(_rocksdb_requests._Batch, "__init__")
+    spy = ThreadSpy(monkeypatch)
+    spy.on(_rocksdb_db.Column, "get", "get_many", "keys", "items", "values", "release")
+    spy.on(_rocksdb_db.DB, "__init__", "close")
+    spy.on(_rocksdb_requests._Batch, "__init__")
 
     store = RocksDBStore(str(tmp_path / "db"))
     await store.open()
@@ -198,8 +172,7 @@ async def test_rocksdb_runs_only_on_the_store_thread(
     await store.get_meta("k")
     await store.delete([r])
     await store.close()
-    assert threads
-    assert all(name.startswith("kiteq-store") for name in threads), threads
+    only_store_threads(spy.threads)
 
 
 async def test_open_failure_is_a_store_unavailable_error_and_can_be_retried(
@@ -280,21 +253,7 @@ asyncio.run(main())
 @pytest.mark.parametrize("fsync", ["batch", "always", "never"])
 async def test_acked_saves_survive_sigkill(tmp_path: Path, fsync: Fsync) -> None:
     path = str(tmp_path / "db")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD, path, fsync, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    acked: list[str] = []
-    try:
-        for _ in range(40):
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-            assert line, "the child exited early"
-            acked += line.decode().split()
-    finally:
-        proc.kill()
-        await proc.stdout.read()
-        await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    acked = await acked_before_sigkill(_CHILD, path, fsync, lines=40)
 
     store = RocksDBStore(path)
     await store.open()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,15 @@ from kiteq.store import _rocksdb_db, codec
 from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record, spy_writes
+from tests.store.helpers import (
+    DURABLE_BACKENDS,
+    NOW,
+    Backend,
+    fail_writes,
+    ids,
+    record,
+    spy_writes,
+)
 
 
 def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
@@ -328,24 +335,6 @@ async def test_memory_rollback_frees_capacity() -> None:
 # -- RocksDB -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
-    opened = RocksDBStore(str(tmp_path / "db"))
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-class _FailingWrites:
-    def __init__(self, real: Rdict) -> None:
-        self.real = real
-
-    def write(self, *args: object) -> None:
-        raise RuntimeError("injected: IO error: No space left on device")
-
-
 async def test_decisions_are_synced_and_checks_are_bookkeeping(
     rocks: RocksDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -384,9 +373,7 @@ async def test_a_failed_decision_leaves_the_record_undecided(
 ) -> None:
     a, b = record(commit=False), record(commit=False)
     await rocks.save([a, b])
-    db = rocks._db
-    assert db is not None
-    monkeypatch.setattr(db, "rdict", _FailingWrites(db.rdict))
+    fail_writes(rocks, monkeypatch)
     results = await asyncio.gather(
         rocks.commit(a.message_id), rocks.rollback(b.message_id), return_exceptions=True
     )
