@@ -20,7 +20,7 @@ import grpc
 from kiteq.client._loop import LoopThread
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests.client._waiting import eventually
+from tests.waiting import eventually
 
 _T = TypeVar("_T")
 

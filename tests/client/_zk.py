@@ -10,7 +10,7 @@ from typing import Any
 from kiteq.client._discovery import resolve
 from kiteq.client._zk_directory import ZkDirectory
 from tests._servers.zookeeper import expire_session
-from tests.client._waiting import eventually
+from tests.waiting import eventually
 
 __all__ = ["expire_directory_session", "opened_directory", "wait_for_new_owner"]
 

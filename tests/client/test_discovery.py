@@ -23,8 +23,8 @@ from kiteq.client._zk_directory import ZkDirectory, broker_address
 from kiteq.core.errors import ConfigError, NotConnectedError
 from tests._servers.zookeeper import ManagedZooKeeper
 from tests.client._fake_broker import FakeBroker, pb_message
-from tests.client._waiting import eventually
 from tests.client._zk import expire_directory_session, opened_directory, wait_for_new_owner
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -33,11 +33,10 @@ from kiteq.client._zk_directory import ZkDirectory
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers.zk_acl import EXPECTED, PASSWORD, USER, acl_of, authed_session, walk
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.client._waiting import eventually
 from tests.client._zk import expire_directory_session, opened_directory, wait_for_new_owner
 from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.collector import Collector
-from tests.waiting import wait_until
+from tests.waiting import eventually, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
