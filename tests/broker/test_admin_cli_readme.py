@@ -7,15 +7,14 @@ import re
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kiteq.client import Binding, Consumer, Message, Producer
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import REPO, BrokerProcess
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,15 +27,6 @@ def admin_block() -> list[str]:
     block = re.search(r"```sh\n(.*?)```", section, re.S)
     assert block is not None
     return [line for line in block.group(1).splitlines() if line.strip()]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    config = write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch")
-    process = BrokerProcess(config)
-    process.start()
-    yield process
-    process.stop_quietly()
 
 
 @pytest.fixture
@@ -67,10 +57,9 @@ def test_admin_cli_block_runs_as_written(broker: BrokerProcess, bin_dir: Path) -
             producer.send(
                 Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=1)
             )
-        deadline = time.monotonic() + 30
-        while sum(d.count for d in broker.stats().deadLetterGroups) < 2:
-            assert time.monotonic() < deadline, "no dead letters"
-            time.sleep(0.05)
+        wait_until(
+            lambda: sum(d.count for d in broker.stats().deadLetterGroups) >= 2, 30, "2 dead letters"
+        )
     lines = admin_block()
     assert lines[0].startswith(f"export KITEQ_ADMIN_BROKER={DEFAULT_BROKER}")
     env = dict(

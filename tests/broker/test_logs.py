@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
 from kiteq.core.errors import ConfigError
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -96,12 +96,14 @@ def _lines(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wait_for_line(path: Path, predicate: object, what: str, timeout: float = 60) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and any(predicate(line["msg"]) for line in _lines(path))):
-        assert time.monotonic() < deadline, f"no log line: {what}"
-        time.sleep(0.2)
+def _wait_for_line(
+    path: Path, predicate: Callable[[str], bool], what: str, timeout: float = 60
+) -> None:
+    wait_until(
+        lambda: path.exists() and any(predicate(line["msg"]) for line in _lines(path)),
+        timeout,
+        f"the log line: {what}",
+    )
 
 
 def test_broker_logs_json_summaries_session_close_and_drain(tmp_path: Path) -> None:

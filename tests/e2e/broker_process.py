@@ -42,6 +42,46 @@ def write_config(
         "adminOpen": True,
     }
     settings.update(extra or {})
+    lines.extend(_setting_lines(settings))
+    if secrets:
+        lines.append(f"[clusters.{name}.secrets]")
+        lines.extend(f'{group} = "{secret}"' for group, secret in secrets.items())
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def zk_registry(hosts: str, timeout: int = 4) -> str:
+    """The zk:// URI of the test's ZooKeeper (*hosts* with its chroot), session *timeout* s."""
+    return f"zk://{hosts}?timeout={timeout}"
+
+
+def write_zk_config(
+    directory: Path,
+    registry: str,
+    *,
+    db: str,
+    topics: Sequence[str] = ("trade",),
+    extra: Mapping[str, object] | None = None,
+) -> Path:
+    """A cluster ``e2e`` registered in ZooKeeper at *registry* (a zk:// URI).
+
+    Unlike ``write_config`` it sets no delivery or recover windows (the broker's defaults
+    unless *extra* says otherwise): the ZooKeeper tests time the broker as deployed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["[registry.zk]", f'hosts = "{registry}"', "[clusters.e2e]", 'env = "zk"']
+    settings: dict[str, object] = {"topics": list(topics), "db": db, "acceptAnySecret": True}
+    settings.update(extra or {})
+    lines.extend(_setting_lines(settings))
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _setting_lines(settings: Mapping[str, object]) -> list[str]:
+    """TOML ``key = value`` lines for booleans, strings, lists and numbers."""
+    lines = []
     for key, value in settings.items():
         if isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
@@ -51,12 +91,7 @@ def write_config(
             lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
         else:
             lines.append(f"{key} = {value}")
-    if secrets:
-        lines.append(f"[clusters.{name}.secrets]")
-        lines.extend(f'{group} = "{secret}"' for group, secret in secrets.items())
-    path = directory / "cluster.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +212,14 @@ class BrokerProcess:
             return admin_pb2_grpc.AdminStub(channel).Stats(
                 admin_pb2.StatsRequest(), metadata=self._metadata(), timeout=5
             )
+
+    def bindings(self, topic: str) -> list[tuple[str, str]]:
+        """(group, message type) of the broker's bindings for *topic* (admin ListBindings)."""
+        with self.admin_channel() as channel:
+            reply = admin_pb2_grpc.AdminStub(channel).ListBindings(
+                admin_pb2.ListBindingsRequest(topic=topic), metadata=self._metadata(), timeout=5
+            )
+        return sorted((b.groupId, b.messageType) for b in reply.bindings)
 
     def lookup(self, message_id: str) -> admin_pb2.GetMessageResponse:
         with self.admin_channel() as channel:

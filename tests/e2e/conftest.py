@@ -1,18 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+# the fixtures live in a module of their own so that tests/broker's conftest shares them
+from tests.e2e.fixtures import broker, launch
 
-import pytest
-
-from tests.e2e.broker_process import BrokerProcess, write_config
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    """A real broker process on RocksDB (fsync=batch) in a temporary directory."""
-    config = write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch")
-    process = BrokerProcess(config)
-    process.start()
-    yield process
-    process.stop_quietly()
+__all__ = ["broker", "launch"]

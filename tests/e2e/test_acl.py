@@ -19,10 +19,10 @@ import pytest
 from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.client import Binding, Consumer, KiteQError, Message, PermissionDeniedError, Producer
 from kiteq.core.ids import new_message_id
-from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, common_pb2
+from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, write_config, write_zk_config, zk_registry
 from tests.e2e.collector import Collector
 from tests.waiting import wait_until
 
@@ -102,14 +102,6 @@ def fanout(topic: str) -> common_pb2.Binding:
     return common_pb2.Binding(topic=topic, messageType="*", bindType=common_pb2.BIND_TYPE_FANOUT)
 
 
-def bindings_of(broker: BrokerProcess, topic: str) -> list[tuple[str, str]]:
-    with broker.admin_channel() as channel:
-        reply = admin_pb2_grpc.AdminStub(channel).ListBindings(
-            admin_pb2.ListBindingsRequest(topic=topic), metadata=broker._metadata(), timeout=5
-        )
-    return sorted((b.groupId, b.messageType) for b in reply.bindings)
-
-
 def test_publish_outside_the_groups_grants_is_refused_per_message(
     acl_broker: BrokerProcess,
 ) -> None:
@@ -184,7 +176,7 @@ def test_bindings_outside_the_groups_grants_are_refused_on_open(
         got.wait_count(1)
         everything.wait_count(1)
     assert got.ids() == everything.ids() == [sent]
-    assert bindings_of(acl_broker, "trade") == [("acct-svc", "*"), ("audit-svc", "*")]
+    assert acl_broker.bindings("trade") == [("acct-svc", "*"), ("audit-svc", "*")]
 
 
 # -- ZooKeeper ---------------------------------------------------------------------------
@@ -202,35 +194,19 @@ def ops_metric(port: int, name: str) -> float:
 
 @pytest.fixture
 def zk_acl_broker(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
-) -> Iterator[Callable[[], tuple[BrokerProcess, int]]]:
-    started: list[BrokerProcess] = []
-
+    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> Callable[[], tuple[BrokerProcess, int]]:
     def start() -> tuple[BrokerProcess, int]:
         ops = free_port()
-        path = tmp_path / "cluster.toml"
-        path.write_text(
-            f"""
-[registry.zk]
-hosts = "zk://{zookeeper.hosts}{zk.chroot}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = ["trade"]
-db = "rocksdb://{tmp_path / "db"}?fsync=batch"
-acceptAnySecret = true
-recoverSeconds = 1
-"""
-            + ACL
+        config = write_zk_config(
+            tmp_path,
+            zk_registry(zookeeper.hosts + zk.chroot),
+            db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
+            extra={"recoverSeconds": 1},
         )
-        broker = BrokerProcess(path, args=[f"-pport={ops}"])
-        broker.start()
-        started.append(broker)
-        return broker, ops
+        return launch(with_acl(config), args=[f"-pport={ops}"]), ops
 
-    yield start
-    for broker in started:
-        broker.stop_quietly()
+    return start
 
 
 def test_zookeeper_bindings_outside_the_grants_are_not_applied(
@@ -247,7 +223,7 @@ def test_zookeeper_bindings_outside_the_grants_are_not_applied(
     # a permitted group's node written after it applies; the refused one still does not
     acct_node = "/kiteq/sub/trade/acct-svc-bind"
     zk.create(acct_node, dumps([ModelBinding.fanout("trade").with_group("acct-svc")]))
-    wait_until(lambda: bindings_of(broker, "trade") == [("acct-svc", "*")], 5, "acct binding")
+    wait_until(lambda: broker.bindings("trade") == [("acct-svc", "*")], 5, "acct binding")
     got = Collector()
     with (
         Consumer(
@@ -262,7 +238,7 @@ def test_zookeeper_bindings_outside_the_grants_are_not_applied(
         sent = p.send(Message(topic="trade", message_type="pay-succ", body=b"x")).message_id
         got.wait_count(1)
     assert got.ids() == [sent]
-    assert bindings_of(broker, "trade") == [("acct-svc", "*")]
+    assert broker.bindings("trade") == [("acct-svc", "*")]
     assert sum(refused in line for line in broker.output) == 1, "logged once"
 
     # a declaration outside the grants is refused before anything is written to ZooKeeper

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import http.client
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +28,7 @@ from kiteq.client import Message, Producer
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers import free_port
+from tests.e2e import helpers
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.waiting import wait_until
 
@@ -60,26 +61,21 @@ def run_broker(config: Path, *flags: str, env: dict[str, str]) -> subprocess.Com
 def admin_cli(
     broker: BrokerProcess, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env if env is not None else environment(),
-    )
+    env = env if env is not None else environment()
+    return helpers.admin_cli(broker, "--json", *args, env=env)
 
 
 def wait_for_line(broker: BrokerProcess, pattern: str, timeout: float = 10.0) -> str:
     """The first broker output line matching *pattern* (a regex); waits for it to appear."""
-    deadline = time.monotonic() + timeout
     regex = re.compile(pattern)
-    while True:
-        for line in list(broker.output):
-            if regex.search(line):
-                return line
-        assert time.monotonic() < deadline, f"no line matching {pattern!r} in the broker log"
-        time.sleep(0.02)
+
+    def first() -> str | None:
+        return next((line for line in list(broker.output) if regex.search(line)), None)
+
+    wait_until(lambda: first() is not None, timeout, f"a broker log line matching {pattern!r}")
+    line = first()  # the output only grows: the first match stays the first
+    assert line is not None
+    return line
 
 
 def audit_lines(broker: BrokerProcess, word: str) -> list[str]:
@@ -87,11 +83,13 @@ def audit_lines(broker: BrokerProcess, word: str) -> list[str]:
 
 
 @pytest.fixture
-def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
-    started: list[BrokerProcess] = []
+def start_broker(
+    tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> Callable[..., BrokerProcess]:
+    numbers = itertools.count()
 
     def start(extra: dict[str, object], **options: Any) -> BrokerProcess:
-        directory = tmp_path / f"broker{len(started)}"
+        directory = tmp_path / f"broker{next(numbers)}"
         directory.mkdir()
         config = write_config(
             directory,
@@ -100,14 +98,9 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
             secrets=GROUP_SECRETS,
         )
         options.setdefault("env", {})
-        broker = BrokerProcess(config, **options)
-        started.append(broker)
-        broker.start()
-        return broker
+        return launch(config, **options)
 
-    yield start
-    for broker in started:
-        broker.stop_quietly()
+    return start
 
 
 # -- start-up rule -----------------------------------------------------------------------

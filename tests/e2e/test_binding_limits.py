@@ -16,9 +16,9 @@ import pytest
 
 from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.client import Binding, Consumer, Message, Producer
-from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, common_pb2
+from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, write_config, write_zk_config, zk_registry
 from tests.e2e.collector import Collector
 from tests.waiting import wait_until
 
@@ -54,14 +54,6 @@ def raw_open(broker: BrokerProcess, group: str, bindings: Sequence[common_pb2.Bi
         replies.cancel()
 
 
-def bindings_of(broker: BrokerProcess, topic: str) -> list[tuple[str, str]]:
-    with broker.admin_channel() as channel:
-        reply = admin_pb2_grpc.AdminStub(channel).ListBindings(
-            admin_pb2.ListBindingsRequest(topic=topic), metadata=broker._metadata(), timeout=5
-        )
-    return sorted((b.groupId, b.messageType) for b in reply.bindings)
-
-
 def test_bindings_beyond_the_limits_are_refused_on_open(limited_broker: BrokerProcess) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         raw_open(limited_broker, "acct-svc", [regex(f"^t{i}-") for i in range(6)])
@@ -76,7 +68,7 @@ def test_bindings_beyond_the_limits_are_refused_on_open(limited_broker: BrokerPr
     assert "17 characters for topic 'trade'; the limit is 16 (maxPatternLength)" in (
         raised.value.details() or ""
     )
-    assert bindings_of(limited_broker, "trade") == []
+    assert limited_broker.bindings("trade") == []
 
     # at the limit: bound, and every pattern routes
     got = Collector()
@@ -97,39 +89,23 @@ def test_bindings_beyond_the_limits_are_refused_on_open(limited_broker: BrokerPr
         ]
         got.wait_count(5)
     assert sorted(got.ids()) == sorted(sent)
-    assert bindings_of(limited_broker, "trade") == sorted(("acct-svc", p) for p in patterns)
+    assert limited_broker.bindings("trade") == sorted(("acct-svc", p) for p in patterns)
 
 
 @pytest.fixture
 def zk_limited_broker(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
-) -> Iterator[Callable[[], BrokerProcess]]:
-    started: list[BrokerProcess] = []
-
+    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> Callable[[], BrokerProcess]:
     def start() -> BrokerProcess:
-        path = tmp_path / "cluster.toml"
-        path.write_text(
-            f"""
-[registry.zk]
-hosts = "zk://{zookeeper.hosts}{zk.chroot}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = ["trade"]
-db = "rocksdb://{tmp_path / "db"}?fsync=batch"
-acceptAnySecret = true
-maxBindingsPerGroupTopic = {LIMITS["maxBindingsPerGroupTopic"]}
-maxPatternLength = {LIMITS["maxPatternLength"]}
-"""
+        config = write_zk_config(
+            tmp_path,
+            zk_registry(zookeeper.hosts + zk.chroot),
+            db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
+            extra=dict(LIMITS),
         )
-        broker = BrokerProcess(path)
-        broker.start()
-        started.append(broker)
-        return broker
+        return launch(config)
 
-    yield start
-    for broker in started:
-        broker.stop_quietly()
+    return start
 
 
 def test_zookeeper_node_beyond_the_limits_is_skipped(
@@ -139,7 +115,7 @@ def test_zookeeper_node_beyond_the_limits_is_skipped(
     first = [ModelBinding.regex("trade", "^pay-").with_group("acct-svc")]
     zk.create(node, dumps(first), makepath=True)
     broker = zk_limited_broker()
-    assert bindings_of(broker, "trade") == [("acct-svc", "^pay-")]
+    assert broker.bindings("trade") == [("acct-svc", "^pay-")]
 
     too_many = [ModelBinding.direct("trade", f"t{i}").with_group("acct-svc") for i in range(6)]
     zk.set(node, dumps(too_many))
@@ -151,12 +127,12 @@ def test_zookeeper_node_beyond_the_limits_is_skipped(
         5,
         "the skipped node's log line",
     )
-    assert bindings_of(broker, "trade") == [("acct-svc", "^pay-")], "previous bindings kept"
+    assert broker.bindings("trade") == [("acct-svc", "^pay-")], "previous bindings kept"
 
     # the watch goes on: a node within the limits applies
     zk.set(node, dumps(too_many[:5]))
     wait_until(
-        lambda: bindings_of(broker, "trade") == [("acct-svc", f"t{i}") for i in range(5)],
+        lambda: broker.bindings("trade") == [("acct-svc", f"t{i}") for i in range(5)],
         5,
         "the bindings within the limit",
     )

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
-import pytest
 
 from kiteq.client import Message, Producer
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess
 from tests.e2e.raw_session import RawSession, message
 
 FANOUT = common_pb2.Binding(topic="trade", messageType="*", bindType=common_pb2.BIND_TYPE_FANOUT)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    config = write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}")
-    process = BrokerProcess(config)
-    process.start()
-    yield process
-    process.stop_quietly()
 
 
 async def test_upper_and_lower_case_spellings_are_one_message_delivered_once(

@@ -21,8 +21,7 @@ from kiteq.client import (
 )
 from kiteq.proto.v1 import admin_pb2
 from tests.e2e.broker_process import BrokerProcess
-from tests.e2e.test_delivery import in_flight, wait_idle
-from tests.e2e.test_reliability import dead_letters
+from tests.e2e.helpers import dead_letters, in_flight, wait_idle
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e

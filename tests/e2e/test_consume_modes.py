@@ -21,7 +21,7 @@ from kiteq.client import (
     ReceivedMessage,
 )
 from tests.e2e.broker_process import BrokerProcess
-from tests.e2e.test_delivery import wait_idle
+from tests.e2e.helpers import wait_idle
 
 pytestmark = pytest.mark.e2e
 

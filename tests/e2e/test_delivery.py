@@ -10,42 +10,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from kiteq.client import Binding, Consumer, Message, Producer
+from kiteq.client import Binding, Message
 from tests.e2e.broker_process import REPO, BrokerProcess
 from tests.e2e.collector import Collector
+from tests.e2e.helpers import consumer, in_flight, producer, wait_idle
 from tests.waiting import wait_until
-
-SECRET = "s3cret"
-
-
-def consumer(
-    broker: BrokerProcess,
-    group: str,
-    bindings: list[Binding],
-    handler: Collector,
-    **options: object,
-) -> Consumer:
-    return Consumer(
-        brokers=[broker.address],
-        group_id=group,
-        secret_key=SECRET,
-        bindings=bindings,
-        handler=handler,
-        **options,  # type: ignore[arg-type]
-    )
-
-
-def producer(broker: BrokerProcess) -> Producer:
-    return Producer(brokers=[broker.address], group_id="pay-svc", secret_key=SECRET)
-
-
-def wait_idle(broker: BrokerProcess, timeout: float = 10.0) -> None:
-    """Until every stored message has been deleted (all groups acked)."""
-    wait_until(lambda: not any(broker.stats().backlog.values()), timeout, "an empty backlog")
-
-
-def in_flight(broker: BrokerProcess, group: str) -> int:
-    return sum(g.inFlight for g in broker.stats().groups if g.groupId == group)
 
 
 def test_direct_regex_and_fanout_routing(broker: BrokerProcess) -> None:
@@ -130,11 +99,12 @@ def test_consumer_killed_before_acking_its_messages_reach_the_other_consumer(
         cwd=REPO,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not (log.exists() and "ready" in log.read_text()):
+
+        def holder_ready() -> bool:
             assert holder.poll() is None, "holding consumer exited"
-            assert time.monotonic() < deadline, "holding consumer did not start"
-            time.sleep(0.05)
+            return log.exists() and "ready" in log.read_text()
+
+        wait_until(holder_ready, 20, "the holding consumer's ready line")
         n = 50
         with producer(broker) as p:
             ids = {
@@ -143,9 +113,7 @@ def test_consumer_killed_before_acking_its_messages_reach_the_other_consumer(
                 .message_id
                 for _ in range(n)
             }
-        while in_flight(broker, "acct-svc") < n:
-            assert time.monotonic() < deadline, "holding consumer did not receive the messages"
-            time.sleep(0.05)
+        wait_until(lambda: in_flight(broker, "acct-svc") >= n, 20, "the holder's deliveries")
         survivor = Collector()
         with consumer(broker, "acct-svc", [Binding.fanout("trade")], survivor):
             os.kill(holder.pid, signal.SIGKILL)

@@ -23,7 +23,7 @@ import pytest
 from kiteq.client import Binding, Consumer, Message, Producer
 from kiteq.core.errors import KiteQError
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess
+from tests.e2e.broker_process import BrokerProcess, write_zk_config, zk_registry
 from tests.e2e.collector import Collector
 from tests.waiting import wait_until
 
@@ -39,23 +39,13 @@ LATE_BIND: Final = (
 
 
 def write_config(directory: Path, hosts: str) -> Path:
-    directory.mkdir()
-    path = directory / "cluster.toml"
-    path.write_text(
-        f"""
-[registry.zk]
-hosts = "zk://{hosts}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = ["{TOPIC}"]
-db = "rocksdb://{directory / "db"}?fsync=batch"
-acceptAnySecret = true
-deliverySeconds = 5
-recoverSeconds = 1
-"""
+    return write_zk_config(
+        directory,
+        zk_registry(hosts),
+        db=f"rocksdb://{directory / 'db'}?fsync=batch",
+        topics=[TOPIC],
+        extra={"deliverySeconds": 5, "recoverSeconds": 1},
     )
-    return path
 
 
 class Publisher(threading.Thread):

@@ -20,7 +20,7 @@ from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers import free_port, unavailable
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
-from tests.e2e.test_reliability import admin
+from tests.e2e.helpers import admin_json
 from tests.store import mariadb
 from tests.waiting import wait_until
 
@@ -101,10 +101,10 @@ def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive
     }
     assert {d.deliverCount for d in letters} == {2}
     assert Counter(failing.ids()) == dict.fromkeys(sent, 2)
-    stats = admin(broker, "stats")
+    stats = admin_json(broker, "stats")
     assert stats["deadLetterGroups"] == [{"topic": "trade", "groupId": "failing", "count": N}]
     assert stats["backlog"] == {"trade": N}  # still to be delivered to "offline"
-    probe = admin(broker, "message", next(iter(sent)))
+    probe = admin_json(broker, "message", next(iter(sent)))
     assert probe["state"] == "MESSAGE_STATE_LIVE"
     states = {g["groupId"]: (g["state"], g["attempts"]) for g in probe["groups"]}
     # the offline group is parked (no attempt used) until it comes back or the message expires
@@ -120,7 +120,7 @@ def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive
         assert {m.attempt for m in offline.received} == {1}  # its own count
 
         # redrive the failing group's letters: only that group gets them again
-        assert admin(broker, "redrive", "-group", "failing")["redriven"] == N
+        assert admin_json(broker, "redrive", "-group", "failing")["redriven"] == N
         with consumer(broker, "failing", redriven):
             redriven.wait_count(N, timeout=60)
             wait_until(
@@ -133,7 +133,7 @@ def test_offline_group_gets_all_failing_group_is_dead_lettered_alone_and_redrive
     assert dead_letters(broker) == []
     assert len(healthy.ids()) == N  # the redrive reached neither of the other groups
     assert len(offline.ids()) == N
-    history = admin(broker, "message", next(iter(sent)))["history"]
+    history = admin_json(broker, "message", next(iter(sent)))["history"]
     assert ("redriven", "failing") in {(e["kind"], e["groupId"]) for e in history}
 
 
@@ -167,7 +167,7 @@ def test_a_group_in_its_backoff_window_does_not_delay_a_group_that_connects_late
     # "late" had it inside the slow group's window, which it did not shorten
     assert got_late < slow_times[4] + 5.0
     assert slow_times[5] - slow_times[4] >= 5.0
-    lookup: dict[str, Any] = admin(broker, "message", message_id)
+    lookup: dict[str, Any] = admin_json(broker, "message", message_id)
     states = {g["groupId"]: g["state"] for g in lookup["groups"]}
     assert states == {"slow": "pending", "late": "acked"}
 
@@ -211,10 +211,10 @@ def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_
 
         a, b = Collector(), Collector()
         with consumer(broker, "a", a), consumer(broker, "b", b):
-            assert admin(broker, "redrive", message_id, "-group", "a")["redriven"] == 1
+            assert admin_json(broker, "redrive", message_id, "-group", "a")["redriven"] == 1
             a.wait_count(1)
             assert [d.groupId for d in dead_letters(broker)] == ["b"]
-            assert admin(broker, "redrive", message_id)["redriven"] == 1  # every group left
+            assert admin_json(broker, "redrive", message_id)["redriven"] == 1  # every group left
             b.wait_count(1)
             wait_until(lambda: backlog(broker) == 0, timeout=60.0, what="an empty backlog")
         assert (a.ids(), b.ids()) == ([message_id], [message_id])

@@ -2,52 +2,47 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 
 from kiteq.client import Binding, Consumer, InvalidMessageError, Message, Producer, ReceivedMessage
-from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.helpers import admin_json, dead_letters
 from tests.waiting import wait_until
+
+TRADE = Binding.fanout("trade")
+
+
+def acct_consumer(
+    broker: BrokerProcess,
+    handler: Callable[[ReceivedMessage], bool],
+    binding: Binding = TRADE,
+    **options: object,
+) -> Consumer:
+    """Group acct's consumer of the trade topic (secret "s")."""
+    return Consumer(
+        brokers=[broker.address],
+        group_id="acct",
+        secret_key="s",
+        bindings=[binding],
+        handler=handler,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def pay_producer(broker: BrokerProcess) -> Producer:
+    return Producer(brokers=[broker.address], group_id="pay", secret_key="s")
 
 
 def rescheduled(broker: BrokerProcess, message_id: str) -> int:
     """The attempt of the last "rescheduled" event of *message_id*'s history (0: none)."""
-    history = admin(broker, "message", message_id).get("history", [])
+    history = admin_json(broker, "message", message_id).get("history", [])
     return max((e.get("attempt", 0) for e in history if e["kind"] == "rescheduled"), default=0)
-
-
-def admin(broker: BrokerProcess, *args: str, exit_code: int = 0) -> dict[str, Any]:
-    """``kiteq-admin --json`` against *broker*; *exit_code* is the one expected (4: nothing
-    changed, 3: not found)."""
-    run = subprocess.run(
-        [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert run.returncode == exit_code, run.stderr
-    result: dict[str, Any] = json.loads(run.stdout)
-    return result
-
-
-def dead_letters(broker: BrokerProcess) -> list[admin_pb2.DeadLetterInfo]:
-    with grpc.insecure_channel(broker.address) as channel:
-        reply = admin_pb2_grpc.AdminStub(channel).ListDeadLetters(
-            admin_pb2.ListDeadLettersRequest(), timeout=5
-        )
-    return list(reply.deadLetters)
 
 
 def test_nacked_four_times_then_acked_follows_the_windows_in_real_time(
@@ -60,14 +55,8 @@ def test_nacked_four_times_then_acked_follows_the_windows_in_real_time(
         return message.attempt > 4
 
     got = Collector(decide)
-    with Consumer(
-        brokers=[broker.address],
-        group_id="acct",
-        secret_key="s",
-        bindings=[Binding.fanout("trade")],
-        handler=got,
-    ):
-        with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+    with acct_consumer(broker, got):
+        with pay_producer(broker) as p:
             p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
         got.wait_for(lambda received: any(m.attempt == 5 for m in received), timeout=30)
     assert [a for a, _ in times] == [1, 2, 3, 4, 5]
@@ -78,14 +67,8 @@ def test_nacked_four_times_then_acked_follows_the_windows_in_real_time(
 
 def test_deliver_limit_3_then_the_dlq_then_redrive_delivers(broker: BrokerProcess) -> None:
     failing = Collector(lambda _: False)
-    with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
-        with Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=failing,
-        ):
+    with pay_producer(broker) as p:
+        with acct_consumer(broker, failing):
             message_id = p.send(
                 Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=3)
             ).message_id
@@ -98,21 +81,15 @@ def test_deliver_limit_3_then_the_dlq_then_redrive_delivers(broker: BrokerProces
             "deliver_limit",
             ["acct"],
         )
-        listed = admin(broker, "dlq", "-reason", "deliver_limit")
+        listed = admin_json(broker, "dlq", "-reason", "deliver_limit")
         assert [d["header"]["messageId"] for d in listed["deadLetters"]] == [message_id]
         healthy = Collector()
-        with Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=healthy,
-        ):
-            assert admin(broker, "redrive", "-group", "acct")["redriven"] == 1
+        with acct_consumer(broker, healthy):
+            assert admin_json(broker, "redrive", "-group", "acct")["redriven"] == 1
             healthy.wait_count(1)
         assert healthy.ids() == [message_id]
     assert dead_letters(broker) == []
-    info = admin(broker, "message", message_id)
+    info = admin_json(broker, "message", message_id)
     kinds = [e["kind"] for e in info["history"]]
     assert kinds.count("nacked") == 3
     assert "dead_lettered" in kinds
@@ -123,20 +100,14 @@ def test_deliver_limit_3_then_the_dlq_then_redrive_delivers(broker: BrokerProces
 
 def test_an_expired_message_is_dead_lettered_not_delivered(broker: BrokerProcess) -> None:
     expires = int(time.time()) + 2
-    with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
+    with pay_producer(broker) as p:
         message_id = p.send(
             Message(topic="trade", message_type="pay-succ", body=b"x", expired_time=expires)
         ).message_id
     # no consumer yet: the message waits in the store until its expiry has passed
     wait_until(lambda: time.time() > expires, 10, "the expiry")
     got = Collector()
-    with Consumer(
-        brokers=[broker.address],
-        group_id="acct",
-        secret_key="s",
-        bindings=[Binding.fanout("trade")],
-        handler=got,
-    ):
+    with acct_consumer(broker, got):
         wait_until(lambda: len(dead_letters(broker)) == 1)
         broker.passed_recover_scan()
     assert got.received == []
@@ -159,14 +130,8 @@ def test_delivery_first_stores_only_what_was_not_delivered(delivery_first: Broke
     broker = delivery_first
     flaky = Collector(lambda m: m.body != b"fail" or m.attempt > 1)
     with (
-        Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=flaky,
-        ),
-        Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p,
+        acct_consumer(broker, flaky),
+        pay_producer(broker) as p,
     ):
         ok = p.send(Message(topic="trade", message_type="t", body=b"ok")).message_id
         assert not broker.lookup(ok).found  # delivered, never stored
@@ -189,14 +154,8 @@ def test_broker_restart_during_backoff_keeps_attempt_counts_and_windows(
         return message.attempt >= 5
 
     got = Collector(decide)
-    with Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p:
-        with Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=got,
-        ):
+    with pay_producer(broker) as p:
+        with acct_consumer(broker, got):
             message_id = p.send(
                 Message(topic="trade", message_type="pay-succ", body=b"x")
             ).message_id
@@ -205,13 +164,7 @@ def test_broker_restart_during_backoff_keeps_attempt_counts_and_windows(
             wait_until(lambda: rescheduled(broker, message_id) >= 4, 10, "the reschedule")
         assert broker.terminate() == 0
         broker.start()
-        with Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=got,
-        ):
+        with acct_consumer(broker, got):
             got.wait_for(lambda received: any(m.attempt == 5 for m in received), timeout=30)
     assert [a for a, _ in times] == [1, 2, 3, 4, 5]
     assert times[4][1] - times[3][1] >= 5.0  # the 5 s window survived the restart
@@ -237,16 +190,10 @@ def test_watermark_paces_a_group_and_credits_bound_its_unacked_messages(
     got = Collector(slow)
     n = 350
     with (
-        Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade", watermark=100)],
-            handler=got,
-            max_in_flight=10,
-            concurrency=32,
+        acct_consumer(
+            broker, got, Binding.fanout("trade", watermark=100), max_in_flight=10, concurrency=32
         ),
-        Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p,
+        pay_producer(broker) as p,
     ):
         futures = [
             p.send_async(Message(topic="trade", message_type="t", body=b"x")) for _ in range(n)
@@ -267,14 +214,8 @@ def test_a_fly_message_is_delivered_without_being_stored_and_must_be_committed(
 ) -> None:
     got = Collector()
     with (
-        Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=got,
-        ),
-        Producer(brokers=[broker.address], group_id="pay", secret_key="s") as p,
+        acct_consumer(broker, got),
+        pay_producer(broker) as p,
     ):
         message_id = p.send(
             Message(topic="trade", message_type="t", body=b"x", fly=True)

@@ -21,7 +21,7 @@ import pytest
 from kiteq.client import Binding, Consumer, Message, Producer
 from tests._servers import unavailable
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess
+from tests.e2e.broker_process import BrokerProcess, write_zk_config
 from tests.e2e.collector import Collector
 from tests.store import mariadb
 from tests.waiting import wait_until
@@ -37,24 +37,12 @@ SESSION_TIMEOUT: Final = 4
 
 
 def write_config(directory: Path, registry: str, db: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "cluster.toml"
-    path.write_text(
-        f"""
-[registry.zk]
-hosts = "{registry}"
-
-[clusters.e2e]
-env = "zk"
-topics = ["trade"]
-db = "{db}"
-acceptAnySecret = true
-deliverySeconds = 5
-recoverSeconds = 1
-takeoverGraceSeconds = {GRACE}
-"""
+    return write_zk_config(
+        directory,
+        registry,
+        db=db,
+        extra={"deliverySeconds": 5, "recoverSeconds": 1, "takeoverGraceSeconds": GRACE},
     )
-    return path
 
 
 def consumer(brokers: list[BrokerProcess], handler: Collector) -> Consumer:

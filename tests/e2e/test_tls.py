@@ -9,12 +9,13 @@ hang until then).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,8 +35,15 @@ from kiteq.client import (
     TlsOptions,
 )
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import (
+    REPO,
+    BrokerProcess,
+    write_config,
+    write_zk_config,
+    zk_registry,
+)
 from tests.e2e.collector import Collector
+from tests.e2e.helpers import admin_cli
 from tests.e2e.tls_files import TlsFiles, make_tls_files
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,21 +64,17 @@ def tls_files(tmp_path: Path) -> TlsFiles:
 
 
 @pytest.fixture
-def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
-    started: list[BrokerProcess] = []
+def start_broker(
+    tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> Callable[..., BrokerProcess]:
+    numbers = itertools.count()
 
     def start(keys: dict[str, object], **options: Any) -> BrokerProcess:
-        directory = tmp_path / f"broker{len(started)}"
+        directory = tmp_path / f"broker{next(numbers)}"
         directory.mkdir()
-        config = write_config(directory, db="memory://", extra=keys)
-        broker = BrokerProcess(config, **options)
-        broker.start()
-        started.append(broker)
-        return broker
+        return launch(write_config(directory, db="memory://", extra=keys), **options)
 
-    yield start
-    for broker in started:
-        broker.stop_quietly()
+    return start
 
 
 def ready_line(broker: BrokerProcess) -> str:
@@ -272,22 +276,13 @@ def test_tls_from_flags_overrides_the_config(
     send_once(broker, tls_files.client(cert=True))
 
 
-def admin_cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiteq.admin.cli", "--json", "-broker", broker.address, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_admin_cli_over_tls_and_mtls(
     start_broker: Callable[..., BrokerProcess], tls_files: TlsFiles
 ) -> None:
     broker = start_broker(tls_files.broker_keys(mtls=True))
     ok = admin_cli(
         broker,
+        "--json",
         f"-tlsCa={tls_files.ca}",
         f"-tlsCert={tls_files.client_cert}",
         f"-tlsKey={tls_files.client_key}",
@@ -295,10 +290,10 @@ def test_admin_cli_over_tls_and_mtls(
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["cluster"] == "e2e"
-    plaintext = admin_cli(broker, "stats")
+    plaintext = admin_cli(broker, "--json", "stats")
     assert plaintext.returncode == 1
     assert "the broker serves TLS" in plaintext.stderr
-    no_cert = admin_cli(broker, f"-tlsCa={tls_files.ca}", "stats")
+    no_cert = admin_cli(broker, "--json", f"-tlsCa={tls_files.ca}", "stats")
     assert no_cert.returncode == 1
     assert "requires a client certificate" in no_cert.stderr
 
@@ -324,21 +319,15 @@ def test_tls_brokers_found_through_zookeeper(
     zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, tls_files: TlsFiles
 ) -> None:
     hosts = zookeeper.hosts + zk.chroot
-    config = tmp_path / "cluster.toml"
-    config.write_text(
-        f"""
-[registry.zk]
-hosts = "zk://{hosts}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = ["trade"]
-db = "memory://"
-acceptAnySecret = true
-tlsCert = "{tls_files.server_cert}"
-tlsKey = "{tls_files.server_key}"
-tlsClientCa = "{tls_files.ca}"
-"""
+    config = write_zk_config(
+        tmp_path,
+        zk_registry(hosts),
+        db="memory://",
+        extra={
+            "tlsCert": str(tls_files.server_cert),
+            "tlsKey": str(tls_files.server_key),
+            "tlsClientCa": str(tls_files.ca),
+        },
     )
     broker = BrokerProcess(config)
     broker.start()

@@ -33,7 +33,7 @@ from kiteq.client import (
 from kiteq.client._channel import Session, open_params
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
-from tests.e2e.test_reliability import admin
+from tests.e2e.helpers import admin_json
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -115,15 +115,15 @@ def passed_checks(broker: BrokerProcess, p: Producer) -> None:
     """
     canary = p.send_transactional(trade("canary"), lambda m: None).message_id
     wait_until(lambda: "tx_check" in history(broker, canary), 30, "the canary's check")
-    admin(broker, "rollback", canary)
+    admin_json(broker, "rollback", canary)
 
 
 def history(broker: BrokerProcess, message_id: str) -> list[str]:
-    return [event["kind"] for event in admin(broker, "message", message_id).get("history", [])]
+    return [event["kind"] for event in admin_json(broker, "message", message_id).get("history", [])]
 
 
 def transactions(broker: BrokerProcess, *args: str) -> list[dict[str, Any]]:
-    listed: list[dict[str, Any]] = admin(broker, "tx", *args).get("transactions", [])
+    listed: list[dict[str, Any]] = admin_json(broker, "tx", *args).get("transactions", [])
     return listed
 
 
@@ -194,7 +194,7 @@ def test_a_rolled_back_local_transaction_is_never_delivered(broker: BrokerProces
         passed_checks(broker, p)  # any check of it would have been sent
         broker.passed_recover_scan()
         assert nothing_delivered(got)
-    info = admin(broker, "message", result.message_id)
+    info = admin_json(broker, "message", result.message_id)
     assert info.get("state") == "MESSAGE_STATE_GONE"
     assert "rolled_back" in history(broker, result.message_id)
     assert "tx_check" not in history(broker, result.message_id)
@@ -262,7 +262,7 @@ def test_a_killed_producer_is_answered_by_another_process_of_its_group(
     kinds = history(broker, message_id)
     assert ("committed" if decision is TxStatus.COMMIT else "rolled_back") in kinds
     if decision is TxStatus.ROLLBACK:
-        assert admin(broker, "message", message_id).get("state") == "MESSAGE_STATE_GONE"
+        assert admin_json(broker, "message", message_id).get("state") == "MESSAGE_STATE_GONE"
     assert transactions(broker) == []
 
 
@@ -291,10 +291,10 @@ def test_unknown_forever_is_unresolved_after_the_last_check_then_an_admin_commit
         assert checker.checked(message_id) == [1, 2, 3]
         assert nothing_delivered(got)
 
-        assert admin(broker, "commit", message_id) == {"changed": True}
+        assert admin_json(broker, "commit", message_id) == {"changed": True}
         wait_delivered_once(broker, got, message_id)
         # decided already: nothing changed, which kiteq-admin says with exit code 4
-        assert admin(broker, "commit", message_id, exit_code=4) == {"changed": False}
+        assert admin_json(broker, "commit", message_id, exit_code=4) == {"changed": False}
     assert transactions(broker, "-unresolved") == []
     assert broker.stats().unresolvedTransactions == 0
     kinds = history(broker, message_id)
@@ -372,7 +372,7 @@ def test_a_restarted_broker_resumes_the_checks_of_uncommitted_messages(
     assert checker.seen_deliveries[0] is False
     assert len(checker.checked(committed)) == len(checker.checked(rolled_back)) == 1
     assert [t["header"]["messageId"] for t in transactions(broker)] == [unknown]
-    assert admin(broker, "message", rolled_back).get("state") == "MESSAGE_STATE_GONE"
+    assert admin_json(broker, "message", rolled_back).get("state") == "MESSAGE_STATE_GONE"
 
 
 # -- a broken checker ------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def test_a_hanging_or_raising_checker_does_not_stop_checks_of_other_messages(
             assert checker.checked(bad) == [1]
         else:
             assert len(checker.checked(bad)) >= 2  # every check runs it again
-        info = admin(broker, "message", bad)
+        info = admin_json(broker, "message", bad)
         assert info.get("state") == "MESSAGE_STATE_LIVE"
         assert "tx_unknown" in history(broker, bad)
     finally:

@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,18 +24,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.broker.server import Broker
-from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
+from kiteq.client import Binding, Message, ReceivedMessage
 from kiteq.core.config import load_cluster
-from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper, owner
-from tests.e2e.broker_process import BrokerProcess
+from tests.e2e import broker_process
+from tests.e2e.broker_process import BrokerProcess, zk_registry
 from tests.e2e.collector import Collector
+from tests.e2e.helpers import consumer, producer
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-SECRET: Final = "s3cret"
 # what a KiteQ (Go) consumer writes for Bind_Regx("acct-svc", "trade", "pay-.*", 1000, true)
 KITEQ_JSON: Final = (
     b'[{"groupId":"acct-svc","topic":"trade","messageType":"pay-.*","bindType":1,'
@@ -43,66 +43,25 @@ KITEQ_JSON: Final = (
 )
 
 
-def write_zk_config(tmp_path: Path, hosts: str, topics: list[str]) -> Path:
-    """A cluster whose registry is the test's ZooKeeper chroot (session timeout 4 s)."""
-    path = tmp_path / "cluster.toml"
-    listed = ", ".join(f'"{t}"' for t in topics)
-    path.write_text(
-        f"""
-[registry.zk]
-hosts = "zk://{hosts}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = [{listed}]
-db = "rocksdb://{tmp_path / "db"}?fsync=batch"
-acceptAnySecret = true
-deliverySeconds = 5
-recoverSeconds = 1
-"""
-    )
-    return path
-
-
 @pytest.fixture
 def start_broker(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
-) -> Iterator[Callable[[list[str]], BrokerProcess]]:
-    started: list[BrokerProcess] = []
-
+    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> Callable[[list[str]], BrokerProcess]:
     def start(topics: list[str]) -> BrokerProcess:
-        config = write_zk_config(tmp_path, zookeeper.hosts + zk.chroot, topics)
-        broker = BrokerProcess(config)
-        broker.start()
-        started.append(broker)
-        return broker
+        return launch(write_zk_config(tmp_path, zookeeper.hosts + zk.chroot, topics))
 
-    yield start
-    for broker in started:
-        broker.stop_quietly()
+    return start
 
 
-def consumer(broker: BrokerProcess, group: str, bindings: list[Binding], handler: Any) -> Consumer:
-    return Consumer(
-        brokers=[broker.address],
-        group_id=group,
-        secret_key=SECRET,
-        bindings=bindings,
-        handler=handler,
+def write_zk_config(tmp_path: Path, hosts: str, topics: list[str]) -> Path:
+    """A cluster whose registry is the test's ZooKeeper chroot (session timeout 4 s)."""
+    return broker_process.write_zk_config(
+        tmp_path,
+        zk_registry(hosts),
+        db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
+        topics=topics,
+        extra={"deliverySeconds": 5, "recoverSeconds": 1},
     )
-
-
-def producer(broker: BrokerProcess) -> Producer:
-    return Producer(brokers=[broker.address], group_id="pay-svc", secret_key=SECRET)
-
-
-def bindings_of(broker: BrokerProcess, topic: str) -> list[tuple[str, str]]:
-    """(group, message type) of the broker's bindings for *topic* (admin ListBindings)."""
-    with grpc.insecure_channel(broker.address) as channel:
-        reply = admin_pb2_grpc.AdminStub(channel).ListBindings(
-            admin_pb2.ListBindingsRequest(topic=topic), timeout=5
-        )
-    return sorted((b.groupId, b.messageType) for b in reply.bindings)
 
 
 def applied_within(
@@ -110,7 +69,7 @@ def applied_within(
 ) -> float:
     """Seconds until the running broker's bindings for *topic* are *wanted* (at most *limit*)."""
     started = time.monotonic()
-    while (current := bindings_of(broker, topic)) != wanted:
+    while (current := broker.bindings(topic)) != wanted:
         elapsed = time.monotonic() - started
         assert elapsed < limit, f"not applied within {limit}s: {current}"
         time.sleep(0.02)
@@ -167,7 +126,7 @@ def test_kiteq_binding_written_into_zookeeper_routes_and_changes_apply_live(
     node = "/kiteq/sub/trade/acct-svc-bind"
     zk.create(node, KITEQ_JSON, makepath=True)
     broker = start_broker(["trade", "aux"])
-    assert bindings_of(broker, "trade") == [("acct-svc", "pay-.*")]
+    assert broker.bindings("trade") == [("acct-svc", "pay-.*")]
     got = Collector()
     # the group's consumer declares on another topic only: the trade node stays KiteQ's
     with (

@@ -23,7 +23,7 @@ import pytest
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
 from tests._servers import unavailable
 from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, write_config, write_zk_config, zk_registry
 
 KIT: Final = Path(__file__).resolve().parent
 SECRET: Final = "right"
@@ -51,6 +51,16 @@ def _broker(tmp_path: Path, **extra: object) -> Iterator[BrokerProcess]:
     process.start()
     yield process
     process.stop_quietly()
+
+
+def zk_broker(hosts: str, tmp_path: Path, topic: str) -> BrokerProcess:
+    """A started broker of *topic* registered in ZooKeeper at *hosts* (with its chroot)."""
+    config = write_zk_config(
+        tmp_path, zk_registry(hosts), db=f"rocksdb://{tmp_path / 'db'}?fsync=batch", topics=[topic]
+    )
+    broker = BrokerProcess(config)
+    broker.start()
+    return broker
 
 
 @pytest.fixture
@@ -185,21 +195,7 @@ def test_node_discovers_the_broker_in_zookeeper_and_its_bindings_are_applied(
     node: str, zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
 ) -> None:
     hosts = zookeeper.hosts + zk.chroot
-    config = tmp_path / "cluster.toml"
-    config.write_text(
-        f"""
-[registry.zk]
-hosts = "zk://{hosts}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = ["interop"]
-db = "rocksdb://{tmp_path / "db"}?fsync=batch"
-acceptAnySecret = true
-"""
-    )
-    broker = BrokerProcess(config)
-    broker.start()
+    broker = zk_broker(hosts, tmp_path, "interop")
     try:
         run = _node(node, "discover.js", hosts, "interop", "node-zk", timeout=120)
     finally:
@@ -251,21 +247,7 @@ def test_a_star_broker_registers_a_topic_once_a_node_producer_writes_its_pub_nod
     node: str, zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
 ) -> None:
     hosts = zookeeper.hosts + zk.chroot
-    config = tmp_path / "cluster.toml"
-    config.write_text(
-        f"""
-[registry.zk]
-hosts = "zk://{hosts}?timeout=4"
-
-[clusters.e2e]
-env = "zk"
-topics = ["*"]
-db = "rocksdb://{tmp_path / "db"}?fsync=batch"
-acceptAnySecret = true
-"""
-    )
-    broker = BrokerProcess(config)
-    broker.start()
+    broker = zk_broker(hosts, tmp_path, "*")
     try:
         # before any pub/sub node names the topic, nothing is registered under it
         assert not zk.exists("/kiteq/server/fresh-topic")

@@ -1,0 +1,34 @@
+"""Broker-process fixtures shared by tests/e2e and tests/broker (their conftests import them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.broker_process import BrokerProcess, write_config
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., BrokerProcess]]:
+    """Start a broker process: ``launch(config, **BrokerProcess options)``; each one
+    started is stopped after the test."""
+    started: list[BrokerProcess] = []
+
+    def start(config: Path, **options: Any) -> BrokerProcess:
+        process = BrokerProcess(config, **options)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop_quietly()
+
+
+@pytest.fixture
+def broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> BrokerProcess:
+    """A real broker process on RocksDB (fsync=batch) in a temporary directory."""
+    return launch(write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"))

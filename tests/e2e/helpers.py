@@ -1,0 +1,82 @@
+"""What several end-to-end tests do against a broker process: clients, kiteq-admin, stats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any, Final
+
+import grpc
+
+from kiteq.client import Binding, Consumer, Producer
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+from tests.e2e.broker_process import REPO, BrokerProcess
+from tests.waiting import wait_until
+
+SECRET: Final = "s3cret"
+
+
+def consumer(
+    broker: BrokerProcess,
+    group: str,
+    bindings: list[Binding],
+    handler: Any,
+    **options: object,
+) -> Consumer:
+    """A consumer of *group* on *broker* with the shared secret."""
+    return Consumer(
+        brokers=[broker.address],
+        group_id=group,
+        secret_key=SECRET,
+        bindings=bindings,
+        handler=handler,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def producer(broker: BrokerProcess) -> Producer:
+    """A producer of group pay-svc on *broker* with the shared secret."""
+    return Producer(brokers=[broker.address], group_id="pay-svc", secret_key=SECRET)
+
+
+def wait_idle(broker: BrokerProcess, timeout: float = 10.0) -> None:
+    """Until every stored message has been deleted (all groups acked)."""
+    wait_until(lambda: not any(broker.stats().backlog.values()), timeout, "an empty backlog")
+
+
+def in_flight(broker: BrokerProcess, group: str) -> int:
+    return sum(g.inFlight for g in broker.stats().groups if g.groupId == group)
+
+
+def dead_letters(broker: BrokerProcess) -> list[admin_pb2.DeadLetterInfo]:
+    with grpc.insecure_channel(broker.address) as channel:
+        reply = admin_pb2_grpc.AdminStub(channel).ListDeadLetters(
+            admin_pb2.ListDeadLettersRequest(), timeout=5
+        )
+    return list(reply.deadLetters)
+
+
+def admin_cli(
+    broker: BrokerProcess, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """This checkout's ``kiteq-admin -broker <broker> *args*`` (*env*: the whole environment,
+    None: this process's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kiteq.admin.cli", "-broker", broker.address, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def admin_json(broker: BrokerProcess, *args: str, exit_code: int = 0) -> dict[str, Any]:
+    """``kiteq-admin --json`` against *broker*; *exit_code* is the one expected (4: nothing
+    changed, 3: not found)."""
+    run = admin_cli(broker, "--json", *args)
+    assert run.returncode == exit_code, run.stderr
+    result: dict[str, Any] = json.loads(run.stdout)
+    return result
