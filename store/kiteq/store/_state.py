@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from kiteq.core.errors import StoreUnavailableError
 
-__all__ = ["Lifecycle", "Status", "add_counts"]
+__all__ = ["CountedStore", "Lifecycle", "Status", "add_counts"]
 
 _T = TypeVar("_T")
 _K = TypeVar("_K", str, tuple[str, str])
@@ -73,6 +73,30 @@ class Lifecycle:
             self.status = Status.CLOSED
             self._closing = asyncio.ensure_future(close())
         await asyncio.shield(self._closing)
+
+
+class CountedStore:
+    """What a durable backend answers from its state and the counts it keeps in memory."""
+
+    _state: Lifecycle
+    _backlog: dict[str, int]
+    _dlq: dict[tuple[str, str], int]
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    @property
+    def description(self) -> str:
+        return self._state.description
+
+    async def backlog(self) -> dict[str, int]:
+        self._state.check_open()
+        return dict(self._backlog)
+
+    async def dlq_size(self) -> dict[tuple[str, str], int]:
+        self._state.check_open()
+        return dict(self._dlq)
 
 
 def add_counts(counts: dict[_K, int], deltas: Mapping[_K, int]) -> None:

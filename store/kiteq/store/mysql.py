@@ -133,7 +133,7 @@ from kiteq.store._mysql_rows import (
 from kiteq.store._mysql_schema import Layout
 from kiteq.store._mysql_tx import ShardTx, Tables
 from kiteq.store._mysql_writer import ShardDeferral, ShardWriter
-from kiteq.store._state import Lifecycle, Status, add_counts
+from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
@@ -154,7 +154,7 @@ _T = TypeVar("_T")
 _PartT = TypeVar("_PartT", bound=Part)
 
 
-class MySQLStore:
+class MySQLStore(CountedStore):
     def __init__(self, options: MySQLOptions) -> None:
         self._options = options
         self._layout = layout = Layout(options.db, options.shardnum)
@@ -192,14 +192,6 @@ class MySQLStore:
         self._dlq: dict[tuple[str, str], int] = {}
         self._foreign: set[str] = set()
         self._transactions = 0
-
-    @property
-    def durable(self) -> bool:
-        return True
-
-    @property
-    def description(self) -> str:
-        return self._state.description
 
     @property
     def owner(self) -> str:
@@ -474,14 +466,6 @@ class MySQLStore:
         if limit <= 0:
             return []
         return await self._run(self._reads.page_uncommitted, limit, after)
-
-    async def backlog(self) -> dict[str, int]:
-        self._state.check_open()
-        return dict(self._backlog)
-
-    async def dlq_size(self) -> dict[tuple[str, str], int]:
-        self._state.check_open()
-        return dict(self._dlq)
 
     async def list_dlq(
         self, where: DlqFilter, limit: int, after: DlqKey | None = None

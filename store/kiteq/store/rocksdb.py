@@ -93,7 +93,7 @@ from kiteq.store._rocksdb_requests import (
     _Rollback,
     _Save,
 )
-from kiteq.store._state import Lifecycle, Status, add_counts
+from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts
 from kiteq.store.base import (
     DeadLetter,
     DlqFilter,
@@ -123,7 +123,7 @@ _Ts = TypeVarTuple("_Ts")
 _Written = tuple[dict[str, int], dict[tuple[str, str], int]]
 
 
-class RocksDBStore:
+class RocksDBStore(CountedStore):
     def __init__(self, path: str, fsync: Fsync = "batch") -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
@@ -159,14 +159,6 @@ class RocksDBStore:
         self._prune_options = WriteOptions()
         self._prune_options.sync = False
         self._write_batches = 0
-
-    @property
-    def durable(self) -> bool:
-        return True
-
-    @property
-    def description(self) -> str:
-        return self._state.description
 
     @property
     def write_batches(self) -> int:
@@ -347,14 +339,6 @@ class RocksDBStore:
         if limit <= 0:
             return []
         return await self._read("page_uncommitted", reads.page_uncommitted, limit, after)
-
-    async def backlog(self) -> dict[str, int]:
-        self._state.check_open()
-        return dict(self._backlog)
-
-    async def dlq_size(self) -> dict[tuple[str, str], int]:
-        self._state.check_open()
-        return dict(self._dlq)
 
     async def take_over(self, owner: str) -> int:
         """Always 0: this store is never shared, so no other broker's rows are in it."""

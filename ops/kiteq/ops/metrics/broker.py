@@ -43,44 +43,25 @@ DEFAULT_MAX_TOPICS: Final = 200
 DEFAULT_MAX_GROUPS: Final = 200
 DEFAULT_MAX_OPS: Final = 32
 
+
+def _one_two_five(first: float, last: float) -> tuple[float, ...]:
+    """Bucket bounds 1, 2.5 and 5 times a power of ten, from *first* to *last* (included)."""
+    bounds: list[float] = []
+    exponent = -12
+    while True:
+        for step in (1, 2.5, 5):
+            bound = round(step * 10.0**exponent, 12)
+            if bound > last:
+                return tuple(bounds)
+            if bound >= first:
+                bounds.append(bound)
+        exponent += 1
+
+
 # Store calls: from a cached get (~10 us) to a fsync'ed group commit under load (~1 s).
-_DURATION_BUCKETS: Final = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
+_DURATION_BUCKETS: Final = _one_two_five(0.0001, 5.0)
 # Message latencies: a loopback publish acked in ~1 ms up to a consumer that takes minutes.
-LATENCY_BUCKETS: Final = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
+LATENCY_BUCKETS: Final = (*_one_two_five(0.0005, 10.0), 30.0, 60.0, 300.0)
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
