@@ -7,17 +7,22 @@ Unix seconds (the page formats them).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kiteq.binding.base import BindingRegistry
 from kiteq.broker.operator import MAX_PAGE, Operator
 from kiteq.core.admin import DEAD_LETTER_REASONS
+from kiteq.core.errors import RegistryError
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.core import BrokerCore
 from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
+
+logger = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 PREVIEW = 20  # letters a redrive preview lists (the count covers all of them)
@@ -30,12 +35,14 @@ class BrokerConsole:
         *,
         core: BrokerCore,
         advertised: str,
+        registry: BindingRegistry,
         uptime: Callable[[], float],
         backlog: Callable[[], Mapping[str, int]],
         dead_letters: Callable[[], Mapping[tuple[str, str], int]],
     ) -> None:
         self._config = core.config
         self._advertised = advertised
+        self._registry = registry
         self._store_description = core.store.description
         self._bindings = core.bindings
         self._connections = core.connections
@@ -51,15 +58,7 @@ class BrokerConsole:
     async def overview(self) -> Json:
         return {
             "time": self._clock.now(),
-            "brokers": [
-                {
-                    "address": self._advertised,
-                    "cluster": self._config.name,
-                    "store": self._store_description,
-                    "uptime": self._uptime(),
-                    "threads": threading.active_count(),
-                }
-            ],
+            "brokers": await self._brokers(),
             "totals": {
                 "received": self._intake.received,
                 "rejected": self._intake.rejected,
@@ -75,6 +74,24 @@ class BrokerConsole:
                 "unresolvedTransactions": self._transactions.unresolved,
             },
         }
+
+    async def _brokers(self) -> list[Json]:
+        """This broker, then the cluster's other live brokers the registry knows."""
+        own = {
+            "address": self._advertised,
+            "self": True,
+            "cluster": self._config.name,
+            "store": self._store_description,
+            "uptime": self._uptime(),
+            "threads": threading.active_count(),
+        }
+        try:
+            others = [a for a in await self._registry.brokers() if a != self._advertised]
+        except RegistryError as exc:
+            # the page still shows this broker; the registry's state is on /readyz
+            logger.warning("console: cannot list the cluster's brokers: %s", exc)
+            others = []
+        return [own, *({"address": a, "self": False, "cluster": self._config.name} for a in others)]
 
     async def groups(self) -> Json:
         # the figures of the per-group metrics, from memory: no store read per refresh

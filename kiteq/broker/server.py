@@ -242,6 +242,7 @@ class Broker:
             console = BrokerConsole(
                 core=core,
                 advertised=self.advertised,
+                registry=registry,
                 uptime=self._uptime,
                 backlog=lambda: self._backlog,
                 dead_letters=lambda: self._dead_letters,

@@ -233,6 +233,22 @@ async def test_start_loads_the_file(tmp_path: Path) -> None:
     await registry.stop()
 
 
+async def test_the_listed_brokers_follow_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    _write(path, BASE)
+    registry, _ = await _start(path)
+    try:
+        assert await registry.brokers() == ["127.0.0.1:13800"]
+        _write(
+            path,
+            BASE + '[[brokers]]\naddress = "10.0.0.2:13800"\ntopics = ["trade"]\n',
+        )
+        await registry.reload()
+        assert await registry.brokers() == ["10.0.0.2:13800", "127.0.0.1:13800"]
+    finally:
+        await registry.stop()
+
+
 async def test_start_fails_on_an_invalid_file(tmp_path: Path) -> None:
     path = tmp_path / "r.toml"
     _write(path, BASE.replace('"pay-.*"', '"pay-(?!x)"'))

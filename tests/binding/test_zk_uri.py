@@ -99,6 +99,7 @@ async def test_other_registries_register_nothing() -> None:
     registration = registry.registration
     assert registration is NO_REGISTRATION
     assert registry.takeover_nodes() is None  # no takeover without ZooKeeper
+    assert await registry.brokers() == []  # nobody else is known without a registry server
     await registration.register(BrokerInfo("127.0.0.1:13800", 1, "kiteq.proto.v1"))
     await registration.unregister()
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -253,3 +254,32 @@ async def test_bind_without_host_publishes_a_reachable_address(
     finally:
         await broker.stop()
     assert zk.get_children("/kiteq/server/trade") == []
+
+
+def overview_brokers(broker: BrokerProcess) -> list[dict[str, Any]]:
+    """``/api/overview``'s brokers on *broker*'s console (a dev cluster: no secret)."""
+    url = f"http://127.0.0.1:{broker.pport}/api/overview"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        brokers: list[dict[str, Any]] = json.load(reply)["brokers"]
+    return brokers
+
+
+def test_the_console_overview_lists_the_live_brokers_of_the_cluster(
+    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> None:
+    hosts = zookeeper.hosts + zk.chroot
+    first = launch(write_zk_config(tmp_path / "a", hosts, ["trade"]), pport=free_port())
+    second = launch(write_zk_config(tmp_path / "b", hosts, ["trade"]))
+
+    def listed() -> list[tuple[str, bool]]:
+        return [(b["address"], b["self"]) for b in overview_brokers(first)]
+
+    # this broker first, with its own figures; then the others, from /kiteq/alive_servers
+    wait_until(lambda: len(listed()) == 2, 20, "both brokers listed")
+    assert listed() == [(first.address, True), (second.address, False)]
+    [own, other] = overview_brokers(first)
+    assert own["store"].startswith("rocksdb://")
+    assert own["uptime"] >= 0
+    assert other == {"address": second.address, "self": False, "cluster": "e2e"}
+    assert second.terminate() == 0  # a graceful stop deletes its alive node first
+    wait_until(lambda: listed() == [(first.address, True)], 20, "the stopped broker gone")

@@ -178,6 +178,9 @@ class StandaloneRegistry:
     def session_losses(self) -> int:
         return 0
 
+    async def brokers(self) -> list[str]:
+        return []
+
 
 class BindingRegistry(Protocol):
     @property
@@ -202,6 +205,14 @@ class BindingRegistry(Protocol):
     @property
     def session_losses(self) -> int:
         """Registry sessions lost (expired) since start."""
+        ...
+
+    async def brokers(self) -> list[str]:
+        """The addresses of the cluster's live brokers the registry knows, sorted.
+
+        Empty when the registry knows none (embedded). Raises ``RegistryError`` when the
+        registry server cannot be asked.
+        """
         ...
 
     async def start(self, table: BindingTable) -> None:

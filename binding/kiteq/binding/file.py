@@ -233,6 +233,11 @@ class FileBindingRegistry(StandaloneRegistry):
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._brokers: list[str] = []
+
+    async def brokers(self) -> list[str]:
+        """The brokers the file lists (as last loaded)."""
+        return sorted(self._brokers)
 
     async def start(self, table: BindingTable) -> None:
         """Load the file into *table* and start the reload task.
@@ -335,6 +340,7 @@ class FileBindingRegistry(StandaloneRegistry):
         return registry
 
     def _apply(self, table: BindingTable, registry: RegistryFile) -> bool:
+        self._brokers = [broker.address for broker in registry.brokers]
         wanted: dict[tuple[str, str], list[Binding]] = {}
         for binding in registry.bindings:
             wanted.setdefault((binding.topic, binding.group_id), []).append(binding)

@@ -132,6 +132,10 @@ class ZkBindingRegistry:
         """Sessions lost (expired) since start, for kiteq_zookeeper_session_expirations_total."""
         return self._session_losses
 
+    async def brokers(self) -> list[str]:
+        """The children of ``/kiteq/alive_servers``: every broker with a live session."""
+        return await self._session.run(_alive_brokers)
+
     @property
     def connection_state(self) -> str:
         """``connected``, ``suspended`` or ``lost`` (kazoo's state, lower case)."""
@@ -350,3 +354,8 @@ class ZkBindingRegistry:
         if written:
             logger.info("wrote declared bindings path=%s bindings=%d", path, len(wanted))
         return int(mzxid)
+
+
+def _alive_brokers(zk: Any) -> list[str]:
+    # worker thread
+    return sorted(zk.get_children(nodes.ALIVE_ROOT))

@@ -47,7 +47,7 @@ class ConsoleSource(Protocol):
     """
 
     async def overview(self) -> Json:
-        """The broker, its cluster and counter totals (rates are the page's deltas)."""
+        """The brokers (this one, then the cluster's others) and counter totals."""
         ...
 
     async def groups(self) -> Json:

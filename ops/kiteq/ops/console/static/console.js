@@ -120,12 +120,14 @@ function setStatus(text, error) {
 
 async function showOverview() {
   const data = await api("api/overview");
+  // this broker first, then the cluster's other live brokers (known to the registry;
+  // their figures are on their own consoles)
   rows("brokers", data.brokers, (row, b) => {
-    cell(row, b.address);
+    cell(row, b.self ? `${b.address} (this broker)` : b.address);
     cell(row, b.cluster);
-    cell(row, b.store);
-    cell(row, duration(b.uptime));
-    cell(row, b.threads, "num");
+    cell(row, b.store ?? "—");
+    cell(row, b.uptime === undefined ? "—" : duration(b.uptime));
+    cell(row, b.threads ?? "—", "num");
   });
   const cards = $("totals");
   cards.replaceChildren();
