@@ -19,6 +19,7 @@ from kazoo.exceptions import (
     BadVersionError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "delete_own",
     "ensure_ephemeral",
     "ensure_persistent",
+    "ensure_unless_held",
     "node_data",
     "server_path",
     "session_id",
@@ -67,12 +69,14 @@ class NodeContendedError(KazooException):  # type: ignore[misc]  # kazoo is unty
 
 
 class Outcome(enum.Enum):
-    """What ``ensure_ephemeral`` / ``ensure_persistent`` did."""
+    """What ``ensure_ephemeral`` / ``ensure_persistent`` / ``ensure_unless_held`` did."""
 
     KEPT = "kept"
     CREATED = "created"
     UPDATED = "updated"
     REPLACED = "replaced"  # a stale node (another session's) was deleted and re-created
+    HELD = "held"  # the node exists (maybe another process's): left alone
+    DENIED = "denied"  # the ZooKeeper ACLs do not let this identity create it
 
 
 def server_path(topic: str, address: str) -> str:
@@ -148,6 +152,21 @@ def ensure_ephemeral(zk: Any, path: str, data: bytes) -> Outcome:
             zk.delete(path, version=stat.version)
         replaced = True
     raise NodeContendedError(f"{path}: changed concurrently {_ROUNDS} times")
+
+
+def ensure_unless_held(zk: Any, path: str, data: bytes) -> Outcome:
+    """Create *path* as an ephemeral node of this session unless it exists.
+
+    For nodes several processes may want (a client's ``/kiteq/pub/{topic}/{group}/{host}``,
+    one per host): an existing node is left to its holder, never replaced.
+    """
+    try:
+        zk.create(path, data, ephemeral=True, makepath=True)
+    except NodeExistsError:
+        return Outcome.HELD
+    except NoAuthError:
+        return Outcome.DENIED
+    return Outcome.CREATED
 
 
 def ensure_persistent(zk: Any, path: str, data: bytes) -> Outcome:

@@ -298,8 +298,10 @@ class NodeKeeper:
     """Keeps a session's nodes in ZooKeeper: written now, ephemeral ones again after LOST.
 
     Ephemeral nodes are owner-checked (``zk_nodes.ensure_ephemeral``: a stale node of an
-    old session is replaced); persistent ones are written when they differ. A failed sync
-    is retried with backoff until it succeeds.
+    old session is replaced), or with *ensure* ``zk_nodes.ensure_unless_held`` created only
+    where nobody holds them; persistent ones are written when they differ. A failed sync
+    is retried with backoff until it succeeds. A node the ACLs refuse (``DENIED``) is not
+    tried again in this session; *on_denied* hears of it once.
 
     Args:
         session: The session the nodes belong to.
@@ -307,6 +309,8 @@ class NodeKeeper:
         what: What the nodes are, for logs (``zookeeper {what} failed``).
         on_synced: Called on the loop after each sync with the count of each
             ``zk_nodes.Outcome`` value and whether it was the first sync.
+        ensure: How one ephemeral node is written (``zk_nodes.ensure_ephemeral``).
+        on_denied: Called on the loop with the nodes newly refused by the ACLs.
     """
 
     def __init__(
@@ -316,11 +320,17 @@ class NodeKeeper:
         *,
         what: str,
         on_synced: Callable[[collections.Counter[str], bool], None],
+        ensure: Callable[[Any, str, bytes], nodes.Outcome] = nodes.ensure_ephemeral,
+        on_denied: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._session = session
         self._wanted = wanted
         self._what = what
         self._on_synced = on_synced
+        self._ensure = ensure
+        self._on_denied = on_denied
+        # ephemeral nodes the ACLs refused in this session: not tried again until a new one
+        self._denied: set[str] = set()
         self._tasks = TaskSet(f"kiteq-zk-{what}", self._failed)
         self._failure: BaseException | None = None
         self._resync = asyncio.Event()
@@ -380,6 +390,8 @@ class NodeKeeper:
 
     def _on_state(self, previous: SessionState, state: SessionState) -> None:
         if state == SessionState.CONNECTED:
+            if previous == SessionState.LOST:
+                self._denied.clear()  # a new session: the refused ones are tried once more
             self._resync.set()
 
     async def _keep(self) -> None:
@@ -390,6 +402,7 @@ class NodeKeeper:
             if self._session.state != SessionState.CONNECTED:
                 continue  # CONNECTED sets _resync again
             ephemeral, persistent = self._wanted()
+            ephemeral = {p: d for p, d in ephemeral.items() if p not in self._denied}
             try:
                 outcomes = await self._session.run(self._sync, ephemeral, persistent)
             except RegistryError as exc:
@@ -404,24 +417,29 @@ class NodeKeeper:
                 self._resync.set()
                 continue
             delay = _RETRY_MIN
-            self._own |= ephemeral.keys()
+            denied = [path for path, outcome in outcomes if outcome is nodes.Outcome.DENIED]
+            if denied:
+                self._denied.update(denied)
+                if self._on_denied is not None:
+                    self._on_denied(denied)
+            self._own |= ephemeral.keys() - self._denied
             self._on_synced(
-                collections.Counter(o.value for o in outcomes), not self.synced.is_set()
+                collections.Counter(o.value for _, o in outcomes), not self.synced.is_set()
             )
             self.synced.set()
 
     def _sync(
         self, zk: Any, ephemeral: Mapping[str, bytes], persistent: Mapping[str, bytes]
-    ) -> list[nodes.Outcome]:
+    ) -> list[tuple[str, nodes.Outcome]]:
         # worker thread
         outcomes = []
         with self._sync_lock:
             for path, data in persistent.items():
-                outcomes.append(zk.retry(nodes.ensure_persistent, zk, path, data))
+                outcomes.append((path, zk.retry(nodes.ensure_persistent, zk, path, data)))
             for path, data in ephemeral.items():
                 if self._releasing.is_set():
                     break
-                outcomes.append(zk.retry(nodes.ensure_ephemeral, zk, path, data))
+                outcomes.append((path, zk.retry(self._ensure, zk, path, data)))
         return outcomes
 
     def _delete(self, zk: Any, paths: Sequence[str]) -> int:

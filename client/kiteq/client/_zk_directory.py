@@ -17,12 +17,12 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
 from kazoo.recipe.watchers import ChildrenWatch
 
 from kiteq.binding import zk_nodes as nodes
 from kiteq.binding.model import Binding
-from kiteq.binding.zk_session import SessionState, ZkSession, hop
+from kiteq.binding.zk_session import NodeKeeper, SessionState, ZkSession, hop
 from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.client._base import brokers_for_any
 from kiteq.core.errors import ClientClosedError, RegistryError, RegistryUnavailableError
@@ -112,9 +112,17 @@ class ZkDirectory:
         self._names: dict[str, str | None] = {}  # node path -> dial address (cache)
         self._listeners: list[Callable[[], None]] = []
         self._own: dict[str, bytes] = {}  # ephemeral nodes to keep: path -> data
-        self._denied: set[str] = set()  # of those, refused by an ACL in this session
         self._tasks = TaskSet("kiteq-zk-discovery")
-        self._sync_wanted = asyncio.Event()
+        # the producer nodes, kept by the session module's keeper: written where nobody
+        # holds them yet (another process of this host may), again after a LOST session
+        self._keeper = NodeKeeper(
+            self._session,
+            lambda: (self._own, {}),
+            what="producer nodes",
+            on_synced=lambda _counts, _first: None,
+            ensure=nodes.ensure_unless_held,
+            on_denied=self._refused,
+        )
 
     # -- queries (loop thread) --------------------------------------------------------------
 
@@ -172,7 +180,7 @@ class ZkDirectory:
             raise ClientClosedError("registry closed")
         self._zk = self._session.client
         self._opened = True
-        self._tasks.spawn(self._keep_nodes(), "kiteq-zk-nodes")
+        self._keeper.start()
         logger.info("client connected to zookeeper %s", self._where)
 
     async def close(self) -> None:
@@ -185,6 +193,10 @@ class ZkDirectory:
             connecting.cancel()
             await asyncio.wait([connecting])
         await self._tasks.cancel()
+        try:
+            await self._keeper.stop()
+        except RegistryError:
+            logger.exception("producer nodes: the keeper had failed")
         self._zk = None
         await self._session.close()
 
@@ -312,9 +324,6 @@ class ZkDirectory:
             return
         if state is SessionState.CONNECTED:
             logger.info("zookeeper connected again %s", self._where)
-            if previous is SessionState.LOST:
-                self._denied.clear()  # a new session: try the refused ones once more
-                self._sync_wanted.set()  # ephemeral nodes died with the old session
         elif state is SessionState.SUSPENDED:
             logger.warning("zookeeper connection suspended: using the last known brokers")
         else:
@@ -333,44 +342,12 @@ class ZkDirectory:
         path = f"{nodes.PUB_ROOT}/{topic}/{group}/{socket.gethostname()}"
         if path not in self._own:
             self._own[path] = b""
-            self._sync_wanted.set()
+            self._keeper.resync()
 
-    async def _keep_nodes(self) -> None:
-
-        def create(zk: Any, paths: list[str]) -> list[str]:
-            # worker thread; returns the paths this identity may not create
-            denied = []
-            for path in paths:
-                try:
-                    zk.retry(zk.create, path, self._own[path], ephemeral=True, makepath=True)
-                except NodeExistsError:
-                    pass
-                except NoAuthError:
-                    denied.append(path)
-            return denied
-
-        delay = _RETRY_MIN
-        while True:
-            await self._sync_wanted.wait()
-            self._sync_wanted.clear()
-            zk = self._zk
-            if zk is None or self._session.state is not SessionState.CONNECTED:
-                continue  # CONNECTED after LOST sets it again
-            try:
-                denied = await asyncio.to_thread(
-                    create, zk, sorted(self._own.keys() - self._denied)
-                )
-            except KazooException as exc:
-                logger.warning("cannot write producer nodes (%r); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
-                self._sync_wanted.set()
-                continue
-            delay = _RETRY_MIN
-            # not retried in this session: only a changed ACL would help
-            self._denied.update(denied)
-            for path in denied:
-                logger.error("no permission to create producer node %s as %s", path, self._who)
+    def _refused(self, paths: list[str]) -> None:
+        # not retried in this session: only a changed ACL would help
+        for path in paths:
+            logger.error("no permission to create producer node %s as %s", path, self._who)
 
     async def write_bindings(self, group: str, bindings: Sequence[Binding], timeout: float) -> None:
         """Write *group*'s bindings to ``/kiteq/sub/{topic}/{group}-bind`` (KiteQ's JSON).
