@@ -254,41 +254,36 @@ class _Decision(_Request):
     def ids_read(self) -> Iterable[bytes]:
         return (self.key,)
 
-    def undecided(self, batch: _Batch) -> tuple[State, bytes] | None:
-        """The state and message value of the record if it is stored and uncommitted."""
+    def apply(self, batch: _Batch) -> None:
         old = batch.states[self.key]
         if old is None or old.committed:
-            return None
+            return
         value = batch.message(self.key)
         if value is None:
             logger.warning("state without message id=%s: not decided", self.key.decode())
-            return None
-        return old, value
+            return
+        self.record = decode_message(value, self.decide(batch, old))
+
+    def decide(self, batch: _Batch, old: State) -> State:
+        """Write the decision on the stored, uncommitted *old*; the record's state after it."""
+        raise NotImplementedError
 
 
 class _Commit(_Decision):
     __slots__ = ()
 
-    def apply(self, batch: _Batch) -> None:
-        found = self.undecided(batch)
-        if found is None:
-            return
-        old, value = found
+    def decide(self, batch: _Batch, old: State) -> State:
         state = old._replace(committed=True)
         batch.put_state(self.key, state)
         batch.wb.delete(self.key, batch.db.uncommitted.handle)
         batch.wb.put(due_time(state.next_deliver_time) + self.key, b"", batch.db.due.handle)
-        self.record = decode_message(value, state)
+        return state
 
 
 class _Rollback(_Decision):
     __slots__ = ()
 
-    def apply(self, batch: _Batch) -> None:
-        found = self.undecided(batch)
-        if found is None:
-            return
-        old, value = found
+    def decide(self, batch: _Batch, old: State) -> State:
         db = batch.db
         # msg, state and the uncommitted index go; the history stays, to show what happened
         batch.wb.delete(self.key, db.msg.handle)
@@ -297,7 +292,7 @@ class _Rollback(_Decision):
         batch.states[self.key] = None
         batch.messages.pop(self.key, None)
         batch.count(old.topic, -1)
-        self.record = decode_message(value, old)
+        return old
 
 
 class _PutMeta(_Request):
