@@ -117,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         return found
 
     command("stats", "counters, backlog per topic, groups, dead letters per (topic, group)")
-    command("groups", "per group: connections, deliveries in flight, dead letters")
-    command("backlog", "per topic: backlog and dead letters; dead letters per (topic, group)")
+    command("groups", "per group: connections, deliveries in flight, backlog, dead letters")
+    command(
+        "backlog",
+        "per topic: stored messages and dead letters; per (topic, group): backlog, unacked, "
+        "oldest message, dead letters",
+    )
     bindings = command("bindings", "bindings known to the broker")
     bindings.add_argument("-topic", "--topic", default="")
     message = command("message", "a message's state and history")

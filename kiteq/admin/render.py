@@ -146,38 +146,52 @@ def stats(reply: admin_pb2.StatsResponse) -> str:
 
 
 def backlog(reply: admin_pb2.StatsResponse) -> str:
-    """Per topic (the broker counts the backlog per topic), dead letters per (topic, group)."""
+    """Per topic (stored messages), per (topic, group): backlog, oldest age, dead letters."""
     topics = sorted(set(reply.backlog) | set(reply.deadLetters))
     per_topic = table(
         ["TOPIC", "BACKLOG", "DEAD-LETTERS"],
         [(t, reply.backlog.get(t, 0), reply.deadLetters.get(t, 0)) for t in topics],
     )
+    pairs: dict[tuple[str, str], list[object]] = {
+        (g.topic, g.groupId): [g.backlog, g.unacked, _age(g.oldestAgeSeconds), 0]
+        for g in reply.groupBacklogs
+    }
+    for d in reply.deadLetterGroups:
+        pairs.setdefault((d.topic, d.groupId), [0, 0, "-", 0])[3] = d.count
     per_group = table(
-        ["TOPIC", "GROUP", "DEAD-LETTERS"],
-        [(d.topic, d.groupId or "(no binding)", d.count) for d in reply.deadLetterGroups],
+        ["TOPIC", "GROUP", "BACKLOG", "UNACKED", "OLDEST", "DEAD-LETTERS"],
+        [(t, g or "(no binding)", *row) for (t, g), row in sorted(pairs.items())],
     )
     return f"{per_topic}\n\n{per_group}"
 
 
+def _age(seconds: float) -> str:
+    return "-" if seconds <= 0 else f"{seconds:.0f}s"
+
+
 def groups(reply: admin_pb2.StatsResponse) -> str:
-    """Connected groups and groups holding dead letters, one row each."""
+    """Bound, connected and dead-letter-holding groups, one row each (topics together)."""
     dead: dict[str, int] = {}
     for d in reply.deadLetterGroups:
         if d.groupId:
             dead[d.groupId] = dead.get(d.groupId, 0) + d.count
+    backlog: dict[str, int] = {}
+    for b in reply.groupBacklogs:
+        backlog[b.groupId] = backlog.get(b.groupId, 0) + b.backlog
     connected = {g.groupId: g for g in reply.groups}
     rows = []
-    for name in sorted(set(connected) | set(dead)):
+    for name in sorted(set(connected) | set(dead) | set(backlog)):
         g = connected.get(name)
         rows.append(
             (
                 name,
                 g.connections if g else 0,
                 g.inFlight if g else 0,
+                backlog.get(name, 0),
                 dead.get(name, 0),
             )
         )
-    return table(["GROUP", "CONNECTIONS", "IN-FLIGHT", "DEAD-LETTERS"], rows)
+    return table(["GROUP", "CONNECTIONS", "IN-FLIGHT", "BACKLOG", "DEAD-LETTERS"], rows)
 
 
 def bindings(reply: admin_pb2.ListBindingsResponse) -> str:

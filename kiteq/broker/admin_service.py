@@ -96,7 +96,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 admin_pb2.DeadLetterCount(topic=topic, groupId=group, count=n)
                 for (topic, group), n in sorted(dead.items())
             ],
+            groupBacklogs=self._group_backlogs(),
         )
+
+    def _group_backlogs(self) -> list[admin_pb2.GroupBacklog]:
+        """Every bound (topic, group) and every pair with messages, from memory."""
+        gauges = self._dispatcher.group_gauges()
+        keys = {(b.topic, b.group_id) for b in self._bindings.bindings()}
+        keys |= gauges.backlog.keys() | gauges.unacked.keys() | gauges.waiting.keys()
+        return [
+            admin_pb2.GroupBacklog(
+                topic=topic,
+                groupId=group,
+                backlog=gauges.backlog.get((topic, group), 0),
+                unacked=gauges.unacked.get((topic, group), 0),
+                waiting=gauges.waiting.get((topic, group), 0),
+                oldestAgeSeconds=gauges.oldest.get((topic, group), 0.0),
+            )
+            for topic, group in sorted(keys)
+        ]
 
     async def ListBindings(
         self,

@@ -19,6 +19,7 @@ from kiteq.core.errors import RegistryError
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.core import BrokerCore
+from kiteq.handler.gauges import GroupGauges
 from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 
@@ -95,13 +96,13 @@ class BrokerConsole:
 
     async def groups(self) -> Json:
         # the figures of the per-group metrics, from memory: no store read per refresh
-        unacked, waiting, oldest = self._dispatcher.group_gauges()
+        gauges = self._dispatcher.group_gauges()
         consumers = {g: sum(c.consumer for c in m) for g, m in self._connections.groups().items()}
         dead = self._dead()
         rows: dict[tuple[str, str], Json] = {}
         for binding in self._bindings.bindings():
             key = (binding.topic, binding.group_id)
-            row = rows.setdefault(key, _group_row(key, consumers, unacked, waiting, oldest, dead))
+            row = rows.setdefault(key, _group_row(key, consumers, gauges, dead))
             row["bindings"].append(
                 {
                     "type": binding.bind_type.name.lower(),
@@ -110,8 +111,8 @@ class BrokerConsole:
                     "persistent": binding.persistent,
                 }
             )
-        for key in dead.keys() | unacked.keys() | waiting.keys():
-            rows.setdefault(key, _group_row(key, consumers, unacked, waiting, oldest, dead))
+        for key in dead.keys() | gauges.backlog.keys() | gauges.unacked.keys():
+            rows.setdefault(key, _group_row(key, consumers, gauges, dead))
         backlog = self._backlog()
         # "*" in the config's topics admits any topic: list the ones seen instead
         named = {t for t in self._config.topics if t != "*"}
@@ -222,9 +223,7 @@ class BrokerConsole:
 def _group_row(
     key: tuple[str, str],
     consumers: Mapping[str, int],
-    unacked: Mapping[tuple[str, str], int],
-    waiting: Mapping[tuple[str, str], int],
-    oldest: Mapping[tuple[str, str], float],
+    gauges: GroupGauges,
     dead: Mapping[tuple[str, str], int],
 ) -> Json:
     topic, group = key
@@ -232,10 +231,12 @@ def _group_row(
         "topic": topic,
         "group": group,
         "consumers": consumers.get(group, 0),
-        "unacked": unacked.get(key, 0),
-        "waiting": waiting.get(key, 0),
-        # since publish, of the oldest message unacked or waiting in memory for the group
-        "oldestAge": oldest.get(key),
+        # everything the group has still to settle, in memory or in the store
+        "backlog": gauges.backlog.get(key, 0),
+        "unacked": gauges.unacked.get(key, 0),
+        "waiting": gauges.waiting.get(key, 0),
+        # since publish, of the oldest message the group has still to settle
+        "oldestAge": gauges.oldest.get(key),
         "deadLetters": dead.get(key, 0),
         "bindings": [],
     }

@@ -51,7 +51,7 @@ from kiteq.ops.health import Component, HealthReport
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
-from kiteq.store.base import MessageStore
+from kiteq.store.base import MessageStore, TakenOver
 from kiteq.store.url import open_store, store_ownership
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class Broker:
             # rows of this host's name (KiteQ's owner, and ours before owners were
             # addresses) are adopted by the broker that starts on this host
             legacy = socket.gethostname()
-            adopted = await store.take_over(legacy)
+            adopted = (await store.take_over(legacy)).rows
             if adopted:
                 logger.info("adopted %d stored rows of kite_server=%r", adopted, legacy)
         if not store.durable:
@@ -339,10 +339,11 @@ class Broker:
                 self.advertised,
             )
 
-    async def _taken_over(self, moved: int) -> None:
+    async def _taken_over(self, taken: TakenOver) -> None:
         """Rows of a dead broker became ours: deliver them now, count them."""
+        self._pipeline.dispatcher.stored_backlog.load(taken.pending)
         self._pipeline.recover.wake()
-        self.metrics.taken_over(moved)
+        self.metrics.taken_over(taken.rows)
         await self._pipeline.transactions.load()
         self._backlog = await self._store_or_fail().backlog()
         self.metrics.set_backlog(self._backlog)
@@ -382,7 +383,7 @@ class Broker:
 
     def _group_metrics(self) -> None:
         """Per-(topic, group) gauges, transactions and ZooKeeper state, all from memory."""
-        unacked, waiting, oldest = self._pipeline.dispatcher.group_gauges()
+        gauges = self._pipeline.dispatcher.group_gauges()
         per_group: dict[str, int] = {}
         for conn in self._pipeline.connections:
             if conn.consumer:
@@ -391,7 +392,9 @@ class Broker:
             (binding.topic, binding.group_id): per_group.get(binding.group_id, 0)
             for binding in self._pipeline.bindings.bindings()
         }
-        self.metrics.set_groups(unacked, waiting, oldest, consumers)
+        self.metrics.set_groups(
+            gauges.unacked, gauges.waiting, gauges.backlog, gauges.oldest, consumers
+        )
         tx = self._pipeline.transactions
         self.metrics.set_transactions(tx.pending, tx.unresolved)
         for result, n in tx.check_results.items():

@@ -15,6 +15,7 @@ __all__ = [
     "ReceivedMessage",
     "StoredMessage",
     "TxStatus",
+    "pending_groups",
 ]
 
 
@@ -104,6 +105,22 @@ class GroupDelivery:
     next_deliver_time: float = 0.0
 
 
+_NO_GROUPS: frozenset[str] = frozenset()
+
+
+def pending_groups(
+    groups: Mapping[str, GroupDelivery], only_groups: tuple[str, ...]
+) -> frozenset[str]:
+    """``StoredMessage.pending_groups`` of a record's ``groups`` and ``only_groups``."""
+    if not groups:
+        return _NO_GROUPS
+    return frozenset(
+        g
+        for g, d in groups.items()
+        if d.state is GroupState.PENDING and (not only_groups or g in only_groups)
+    )
+
+
 @dataclasses.dataclass(slots=True)
 class StoredMessage:
     """A message as the broker keeps it, with its delivery bookkeeping.
@@ -148,6 +165,14 @@ class StoredMessage:
             return True
         state = self.groups.get(group)
         return state is not None and state.state is not GroupState.PENDING
+
+    def pending_groups(self) -> frozenset[str]:
+        """The groups with a recorded pending state: attempted, parked or redriven.
+
+        A group with no state yet (a new message) is not among them; nor is one a
+        redrive's ``only_groups`` leaves out.
+        """
+        return pending_groups(self.groups, self.only_groups)
 
     @property
     def succ_groups(self) -> tuple[str, ...]:

@@ -21,8 +21,10 @@ from kiteq.store.base import (
     DlqKey,
     DueCursor,
     HistoryEvent,
+    PendingCounts,
     Rescheduled,
     SaveOutcome,
+    TakenOver,
 )
 
 
@@ -92,8 +94,11 @@ class RecordingStore:
     async def get_history(self, message_id: str) -> list[HistoryEvent]:
         return []
 
-    async def take_over(self, owner: str) -> int:
-        return 0
+    async def pending_counts(self) -> PendingCounts:
+        return {}
+
+    async def take_over(self, owner: str) -> TakenOver:
+        return TakenOver()
 
     async def prune_history(self, before: float) -> int:
         return 0

@@ -23,6 +23,7 @@ from kiteq.binding.zk_session import ZkSession
 from kiteq.binding.zk_takeover import ZkTakeoverNodes
 from kiteq.binding.zk_uri import parse_zk_uri
 from kiteq.core.errors import StoreUnavailableError
+from kiteq.core.message import GroupDelivery, GroupState
 from kiteq.handler.takeover import TakeoverLoop
 from kiteq.store.base import DeadLetter
 from kiteq.store.mysql import MySQLStore
@@ -34,6 +35,7 @@ from tests.store.helpers import NOW, record
 
 DEAD = "10.0.0.9:13800"
 N = 60
+PARKED = 3
 
 
 class Clock:
@@ -113,6 +115,9 @@ class Cluster:
         records = [record(ndt=NOW) for _ in range(N)]
         for r in records:
             r.kite_server = owner
+        for r in records[5 : 5 + PARKED]:
+            # waiting for an offline group: counted by the taker's stored backlog
+            r.groups["audit"] = GroupDelivery(GroupState.PENDING, 0, r.message.expired_time)
         await store.save(records)
         await store.dead_letter(
             [DeadLetter(r, "deliver_limit", NOW, group="acct") for r in records[:5]]
@@ -164,15 +169,17 @@ async def test_store_take_over_moves_rows_and_counts(cluster: Cluster) -> None:
     await cluster.dead_broker()
     taker = await cluster.store("b")
     assert await taker.backlog() == {}
-    assert await taker.take_over(DEAD) == N
+    taken = await taker.take_over(DEAD)
+    assert (taken.messages, taken.dead_letters) == (N - 5, 5)
+    assert taken.pending == {("trade", "audit", int(record().publish_time)): PARKED}
     assert await taker.backlog() == {"trade": N - 5}
     assert await taker.dlq_size() == {("trade", "acct"): 5}
     assert len(await taker.page_due(NOW + 1, 1000)) == N - 5
-    assert await taker.take_over(DEAD) == 0  # idempotent
+    assert (await taker.take_over(DEAD)).rows == 0  # idempotent
     assert cluster.owners() == {"b": N}
     memory = open_store("memory://")
     await memory.open()
-    assert await memory.take_over("b") == 0
+    assert (await memory.take_over("b")).rows == 0
     await memory.close()
 
 

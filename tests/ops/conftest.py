@@ -42,6 +42,7 @@ def touch_everything(metrics: BrokerMetrics) -> None:
     metrics.set_groups(
         {("trade", "pay-svc"): 2},
         {("trade", "pay-svc"): 5},
+        {("trade", "pay-svc"): 9, ("trade", "audit"): 4},
         {("trade", "pay-svc"): 1.5},
         {("trade", "pay-svc"): 2, ("trade", "audit"): 0},
     )

@@ -98,10 +98,11 @@ async def test_watermark_holds_are_counted_and_waiting_messages_show_in_the_gaug
     harness.dispatcher.flush_metrics()
     # counted when a push finds the bucket empty; the others queue behind it
     assert value(metrics, "kiteq_flow_limited_pushes_total", topic="trade", group="slow") == 1
-    unacked, waiting, oldest = harness.dispatcher.group_gauges()
-    assert unacked == {("trade", "slow"): 1}
-    assert waiting == {("trade", "slow"): 3}
-    assert oldest == {("trade", "slow"): pytest.approx(7.0)}
+    gauges = harness.dispatcher.group_gauges()
+    assert gauges.unacked == {("trade", "slow"): 1}
+    assert gauges.waiting == {("trade", "slow"): 3}
+    assert gauges.backlog == {("trade", "slow"): 4}
+    assert gauges.oldest == {("trade", "slow"): pytest.approx(7.0)}
 
 
 async def test_transaction_check_results_count_answers_after_a_check_and_unresolved() -> None:

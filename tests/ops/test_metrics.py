@@ -41,7 +41,8 @@ KITEQ_FAMILIES = {
     "kiteq_delivered_bytes": "counter",
     "kiteq_group_unacked_messages": "gauge",
     "kiteq_group_waiting_messages": "gauge",
-    "kiteq_group_oldest_waiting_age_seconds": "gauge",
+    "kiteq_group_backlog_messages": "gauge",
+    "kiteq_group_oldest_message_age_seconds": "gauge",
     "kiteq_group_consumers": "gauge",
     "kiteq_transactions_pending": "gauge",
     "kiteq_transactions_unresolved": "gauge",
@@ -355,13 +356,21 @@ def test_fast_histogram_labels_go_through_the_caps() -> None:
 
 
 def test_group_gauges_replace_and_remove_pairs(metrics: BrokerMetrics) -> None:
-    metrics.set_groups({("t", "a"): 2}, {("t", "b"): 4}, {("t", "a"): 9.5}, {("t", "a"): 1})
+    metrics.set_groups(
+        {("t", "a"): 2},
+        {("t", "b"): 4},
+        {("t", "a"): 3, ("t", "c"): 7},
+        {("t", "a"): 9.5},
+        {("t", "a"): 1},
+    )
     assert value(metrics, "kiteq_group_unacked_messages", topic="t", group="a") == 2
     assert value(metrics, "kiteq_group_unacked_messages", topic="t", group="b") == 0
     assert value(metrics, "kiteq_group_waiting_messages", topic="t", group="b") == 4
-    assert value(metrics, "kiteq_group_oldest_waiting_age_seconds", topic="t", group="a") == 9.5
+    assert value(metrics, "kiteq_group_backlog_messages", topic="t", group="c") == 7
+    assert value(metrics, "kiteq_group_oldest_message_age_seconds", topic="t", group="a") == 9.5
     assert value(metrics, "kiteq_group_consumers", topic="t", group="b") == 0
-    metrics.set_groups({}, {}, {}, {("t", "b"): 3})
+    metrics.set_groups({}, {}, {}, {}, {("t", "b"): 3})
+    assert value(metrics, "kiteq_group_backlog_messages", topic="t", group="c") is None
     assert value(metrics, "kiteq_group_unacked_messages", topic="t", group="a") is None
     assert value(metrics, "kiteq_group_consumers", topic="t", group="a") is None
     assert value(metrics, "kiteq_group_consumers", topic="t", group="b") == 3

@@ -109,6 +109,52 @@ async def test_per_group_state_survives_close_and_reopen(
         await reopened.close()
 
 
+async def test_pending_counts_name_each_stored_pending_group_by_publish_second(
+    store: MessageStore,
+) -> None:
+    fresh, parked, retried, left_out = (record() for _ in range(4))
+    await store.save([fresh, parked, retried, left_out])
+    await store.reschedule(
+        [
+            Rescheduled(bookkept(parked, NOW + 9, groups={"a": pending(0, NOW + 9)}), NOW),
+            Rescheduled(
+                bookkept(retried, NOW + 5, groups={"a": acked(), "b": pending(3, NOW + 5)}), NOW
+            ),
+            # a redrive's only_groups leaves "a" out: not pending for it
+            Rescheduled(
+                bookkept(
+                    left_out, NOW, groups={"a": pending(), "c": pending()}, only_groups=("c",)
+                ),
+                NOW,
+            ),
+        ]
+    )
+    second = int(fresh.publish_time)
+    assert await store.pending_counts() == {
+        ("trade", "a", second): 1,
+        ("trade", "b", second): 1,
+        ("trade", "c", second): 1,
+    }
+
+
+@pytest.mark.parametrize("backend", DURABLE_BACKENDS, indirect=True)
+async def test_pending_counts_are_read_from_the_stored_records_after_a_reopen(
+    store: MessageStore, backend: Backend
+) -> None:
+    parked = [record() for _ in range(3)]
+    await store.save(parked)
+    await store.reschedule(
+        [Rescheduled(bookkept(r, NOW + 9, groups={"a": pending(0, NOW + 9)}), NOW) for r in parked]
+    )
+    await store.close()
+    reopened = backend.build()
+    await reopened.open()
+    try:
+        assert await reopened.pending_counts() == {("trade", "a", int(parked[0].publish_time)): 3}
+    finally:
+        await reopened.close()
+
+
 # -- dead_letter: keep or remove, in one write -------------------------------------------
 
 

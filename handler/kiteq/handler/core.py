@@ -107,8 +107,13 @@ class BrokerCore:
         )
 
     async def load(self) -> None:
-        """Read what the store holds that memory must know before serving (transactions)."""
+        """Read what the store holds that memory must know before serving.
+
+        The uncommitted messages (transactions) and what each group has waiting in the
+        store (``group_backlog``).
+        """
         await self.transactions.load()
+        self.dispatcher.stored_backlog.load(await self.store.pending_counts())
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """The background loops to run under supervision, by name."""

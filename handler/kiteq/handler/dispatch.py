@@ -38,7 +38,7 @@ Everything here runs on the event loop and never awaits: store writes go through
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,8 @@ from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.flight import Flight, Pending, is_parked, parked_until
+from kiteq.handler.gauges import GroupGauges, measure
+from kiteq.handler.group_backlog import StoredBacklog
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
 from kiteq.handler.settlement import Settlement, bury
@@ -85,8 +87,14 @@ class Dispatcher:
         self._no_binding_retention = no_binding_retention
         self._max_flights = max_flights
         self.tally = DeliveryTally(metrics)
+        # what the store holds for each group (loaded at start: BrokerCore.load_backlog)
+        self.stored_backlog = StoredBacklog()
         self._settlement = Settlement(
-            bindings=bindings, bookkeeper=bookkeeper, history=history, tally=self.tally
+            bindings=bindings,
+            bookkeeper=bookkeeper,
+            history=history,
+            tally=self.tally,
+            backlog=self.stored_backlog,
         )
         self._flights: dict[str, Flight] = {}
         self._waiting: dict[_Key, deque[Flight]] = {}
@@ -178,6 +186,10 @@ class Dispatcher:
         A message still in flight for other groups has its state in that flight, which
         would otherwise write the redriven groups back as dead when its round ends.
         """
+        pending = record.pending_groups()
+        self.stored_backlog.changed(
+            record.message.topic, record.publish_time, pending - set(groups), pending
+        )
         flight = self._flights.get(record.message_id)
         if flight is not None and flight.on_done is None:
             mine = flight.record
@@ -188,6 +200,8 @@ class Dispatcher:
                         state.state, state.attempts, state.next_deliver_time
                     )
             mine.only_groups = record.only_groups
+            # the store holds them pending now (counted above)
+            flight.stored |= pending & set(groups)
             if mine.message.expired_time != record.message.expired_time:
                 mine.message = record.message  # a redrive extends a past expiry
                 mine.wire = None
@@ -286,29 +300,15 @@ class Dispatcher:
         """Hand the counts gathered since the last call to the metrics."""
         self.tally.flush()
 
-    def group_gauges(
-        self,
-    ) -> tuple[dict[_Key, int], dict[_Key, int], dict[_Key, float]]:
-        """Unacked, waiting and oldest age (since publish) per (topic, group), from memory.
-
-        Walks the in-flight deliveries (at most ``maxDeliverWorkers``) and the heads of the
-        waiting queues: no store read, for the periodic metrics update.
-        """
-        now = self._clock.now()
-        unacked: Counter[_Key] = Counter()
-        oldest: dict[_Key, float] = {}
-        for conn in self._connections.consumers():
-            for pending in conn.inflight:
-                record = pending.flight.record
-                key = (record.message.topic, conn.group)
-                unacked[key] += 1
-                oldest[key] = max(oldest.get(key, 0.0), now - record.publish_time)
-        waiting = {key: len(queue) for key, queue in self._waiting.items() if queue}
-        for key, queue in self._waiting.items():
-            if queue:
-                age = now - queue[0].record.publish_time
-                oldest[key] = max(oldest.get(key, 0.0), age)
-        return dict(unacked), waiting, oldest
+    def group_gauges(self) -> GroupGauges:
+        """Per-(topic, group) figures from memory (``kiteq.handler.gauges``)."""
+        return measure(
+            connections=self._connections,
+            flights=self._flights.values(),
+            queues=self._waiting,
+            stored=self.stored_backlog,
+            now=self._clock.now(),
+        )
 
     def pause(self) -> None:
         """Start no new push (shutdown); in-flight ones still settle."""

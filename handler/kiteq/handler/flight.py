@@ -16,6 +16,8 @@ from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
 
 __all__ = ["Flight", "Pending", "has_parked", "is_parked", "parked_until", "sync_count"]
 
+_NONE: frozenset[str] = frozenset()
+
 
 class Flight:
     """A message being delivered: the groups still to settle in this round.
@@ -36,6 +38,7 @@ class Flight:
         "parked",
         "pending",
         "record",
+        "stored",
     )
 
     def __init__(
@@ -50,6 +53,9 @@ class Flight:
         self.on_done = on_done
         # the next_deliver_time the store holds for the record
         self.due = record.next_deliver_time
+        # the groups the store holds a pending state for (kiteq.handler.group_backlog):
+        # none for a new message; a record read from the store is the store's copy
+        self.stored = record.pending_groups() if record.groups else _NONE
         # group -> persistent, for groups queued or in flight
         self.pending: dict[str, bool] = {}
         # groups whose round ended without an ack (their state says when they go on)

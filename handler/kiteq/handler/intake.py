@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_NONE: frozenset[str] = frozenset()
+
 
 class Intake:
     def __init__(
@@ -289,6 +291,11 @@ class Intake:
             sent_id = messages[i].message_id
             if result is Saved.STORED:
                 outcomes[i] = StoreAck(sent_id, AckCode.OK, "", Disposition.STORED)
+                if record.groups:
+                    # deliveryFirst stores the groups that had an attempt
+                    self._dispatcher.stored_backlog.changed(
+                        record.message.topic, record.publish_time, _NONE, record.pending_groups()
+                    )
                 self._history.record(
                     record.message_id,
                     record.publish_time,

@@ -24,6 +24,7 @@ from kiteq.core.message import GroupDelivery, GroupState
 from kiteq.handler.backoff import redelivery_delay
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.flight import Flight, sync_count
+from kiteq.handler.group_backlog import StoredBacklog
 from kiteq.handler.history import History
 from kiteq.handler.tally import DeliveryTally
 from kiteq.store.base import DeadLetter
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable, Route
 
 __all__ = ["Settlement", "bury"]
+
+_DELETED: frozenset[str] = frozenset()
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +61,13 @@ class Settlement:
         bookkeeper: Bookkeeper,
         history: History,
         tally: DeliveryTally,
+        backlog: StoredBacklog,
     ) -> None:
         self._bindings = bindings
         self._bookkeeper = bookkeeper
         self._history = history
         self._tally = tally
+        self._backlog = backlog
 
     def round_failed(
         self, flight: Flight, group: str, state: GroupDelivery, now: float, delay: float = 0.0
@@ -129,6 +134,8 @@ class Settlement:
         if flight.settled_cleanly:
             # the common case: every group this round was for acked, none is waiting
             self._bookkeeper.delete(record)
+            if flight.stored:
+                self._wrote(flight, _DELETED)
             return
         due = self._earliest_due(flight)
         keep = due != math.inf
@@ -139,14 +146,17 @@ class Settlement:
             if keep:
                 record.next_deliver_time = next_due
             self.dead_letter(flight, flight.dead, now, keep)
+            self._wrote(flight, record.pending_groups() if keep else _DELETED)
             return
         if not keep:
             self._bookkeeper.delete(record)
+            self._wrote(flight, _DELETED)
             return
         if not flight.dirty and next_due == flight.due:
             return  # parked and unchanged: the store already has it so; nothing to write
         record.next_deliver_time = next_due
         self._bookkeeper.reschedule(record, flight.due)
+        self._wrote(flight, record.pending_groups())
 
     def checkpoint(self, flights: Sequence[Flight], now: float) -> int:
         """Write the bookkeeping of *flights* still in memory (shutdown); how many written."""
@@ -159,6 +169,7 @@ class Settlement:
                 self.dead_letter(flight, flight.dead, now, keep=True)
             else:
                 self._bookkeeper.reschedule(flight.record, flight.due)
+            self._wrote(flight, flight.record.pending_groups())
         return len(dirty)
 
     def dead_letter(
@@ -182,6 +193,12 @@ class Settlement:
             letters.append(DeadLetter(record, reason, now, group=group, keep=keep))
         self._history.keep(record.message_id)
         self._bookkeeper.dead_letter(letters)
+
+    def _wrote(self, flight: Flight, after: frozenset[str]) -> None:
+        """A write of *flight*'s record leaves the store with *after* pending groups."""
+        record = flight.record
+        self._backlog.changed(record.message.topic, record.publish_time, flight.stored, after)
+        flight.stored = after
 
     def _earliest_due(self, flight: Flight) -> float:
         """The message-level due time: the earliest of its pending bound groups.

@@ -39,7 +39,7 @@ from typing import Final
 
 from kiteq.binding.base import BrokerStore, TakeoverNodes
 from kiteq.core.errors import KiteQError
-from kiteq.store.base import MessageStore
+from kiteq.store.base import MessageStore, TakenOver
 
 __all__ = ["TakeoverLoop", "check_interval"]
 
@@ -75,8 +75,8 @@ class TakeoverLoop:
         owner: This broker's ``kite_server``.
         store_id: the store's sharing identity (``StoreOwnership.sharing``).
         grace: Seconds a broker's alive node must be missing before it is taken over.
-        on_taken: Called (awaited) with the number of rows moved after each takeover that
-            moved some: wake the recover scan, reload transactions, refresh counts.
+        on_taken: Called (awaited) with what moved after each takeover that moved some:
+            wake the recover scan, reload transactions, refresh counts.
         clock: Monotonic seconds (tests inject one).
         interval: Seconds between looks (default ``check_interval(grace)``).
     """
@@ -90,7 +90,7 @@ class TakeoverLoop:
         owner: str,
         store_id: str,
         grace: float,
-        on_taken: Callable[[int], Awaitable[None]] | None = None,
+        on_taken: Callable[[TakenOver], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         interval: float | None = None,
     ) -> None:
@@ -170,7 +170,8 @@ class TakeoverLoop:
                 info.owner,
                 info.incarnation,
             )
-            moved = await self._store.take_over(info.owner)
+            taken = await self._store.take_over(info.owner)
+            moved = taken.rows
             latest = await self._nodes.store_of(address)
             if (
                 latest is not None and latest.incarnation == info.incarnation
@@ -192,7 +193,7 @@ class TakeoverLoop:
         self.taken.append(Taken(address, info.owner, info.incarnation, moved))
         logger.info("takeover of %s done: %d rows now owned by %r", address, moved, self._owner)
         if moved and self._on_taken is not None:
-            await self._on_taken(moved)
+            await self._on_taken(taken)
         return moved
 
     async def _taken(self, address: str, info: BrokerStore) -> bool:

@@ -21,6 +21,8 @@ from kiteq.store._mysql_rows import (
     _HISTORY_COLUMNS,
     _MAX_TIME,
     _PRUNE_CHUNK,
+    _READ_CHUNK,
+    _STATE_COLUMNS,
     _dead_letter,
     _marks,
     _record,
@@ -33,7 +35,16 @@ from kiteq.store._mysql_rows import (
 from kiteq.store._mysql_schema import Layout
 from kiteq.store._mysql_tx import Tables
 from kiteq.store._state import add_counts
-from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, DueCursor, HistoryEvent
+from kiteq.store.base import (
+    DeadLetter,
+    DlqFilter,
+    DlqKey,
+    DueCursor,
+    HistoryEvent,
+    PendingCounts,
+    TakenOver,
+    count_pending,
+)
 
 __all__ = ["Counts", "Reads"]
 
@@ -81,6 +92,29 @@ class Reads:
         for topic, group, count in conn.exec_driver_sql(sql, (self.owner,) * len(tables)):
             dead[(topic, group)] += int(count)
         return dict(backlog), dict(dead)
+
+    def pending_counts(self) -> PendingCounts:
+        """``MessageStore.pending_counts``: this owner's rows with delivery state, by id."""
+        counts: PendingCounts = {}
+        for _, table in self.tables.slots:
+            sql = (
+                f"SELECT {_STATE_COLUMNS} FROM {table} WHERE kite_server = %s "  # noqa: S608
+                "AND message_id > %s AND (group_state IS NULL OR group_state <> '{}') "
+                f"ORDER BY message_id LIMIT {_READ_CHUNK}"
+            )
+            after = ""
+            while True:
+
+                def read(conn: Connection, after: str = after, sql: str = sql) -> list[_Row]:
+                    return [tuple(row) for row in conn.exec_driver_sql(sql, (self.owner, after))]
+
+                rows = self.database.read("pending_counts", read)
+                for row in rows:
+                    count_pending(counts, _record(row))
+                if len(rows) < _READ_CHUNK:
+                    break
+                after = rows[-1][0]
+        return counts
 
     def get(self, message_id: str) -> StoredMessage | None:
         shard, table = self.layout.route(message_id)
@@ -224,23 +258,25 @@ class Reads:
 
     def take_over(
         self, owner: str, batch: int, loop: asyncio.AbstractEventLoop, counts: Counts
-    ) -> tuple[int, int]:
-        """(messages, dead letters) of *owner* moved to this store's owner.
+    ) -> TakenOver:
+        """The messages and dead letters of *owner* moved to this store's owner.
 
         *batch* rows per transaction; each batch's counts are added to *counts* on *loop*
         once committed (see ``MySQLStore.take_over``).
         """
         backlog, dlq = counts
-        moved = sum(
-            _TakeOver(self, owner, batch, loop, table, "message_id", "topic").run(backlog)
-            for _, table in self.tables.slots
-        )
+        pending: PendingCounts = {}
+        moved = 0
+        for _, table in self.tables.slots:
+            taker = _TakeOver(self, owner, batch, loop, table, "message_id", "topic")
+            taker.pending = pending
+            moved += taker.run(backlog)
         # by primary key: a batch may end between two dead letters of one message
         dead = sum(
             _TakeOver(self, owner, batch, loop, table, "id", "topic, group_id").run(dlq)
             for table in self.tables.dlq
         )
-        return moved, dead
+        return TakenOver(moved, dead, pending)
 
 
 class _TakeOver:
@@ -268,6 +304,10 @@ class _TakeOver:
             f"LIMIT {size} FOR UPDATE"
         )
         self.update = f"UPDATE {table} SET kite_server = %s WHERE kite_server = %s AND {key} IN "  # noqa: S608
+        self.table = table
+        # a message table's: the pending groups of the moved messages are counted here
+        self.pending: PendingCounts | None = None
+        self.counted: PendingCounts = {}
 
     def batch(self, conn: Connection) -> _Row:
         found: _Row = tuple(conn.exec_driver_sql(self.select, (self.owner,)).all())
@@ -276,8 +316,18 @@ class _TakeOver:
                 f"{self.update}({_marks(len(found))})",
                 (self.reads.owner, self.owner, *(row[0] for row in found)),
             )
+            if self.pending is not None:
+                self._count_pending(conn, [row[0] for row in found])
         conn.commit()
         return found
+
+    def _count_pending(self, conn: Connection, ids: list[str]) -> None:
+        sql = _select_sql(self.table, _STATE_COLUMNS, len(ids))
+        batch: PendingCounts = {}
+        for row in conn.exec_driver_sql(sql, tuple(ids)):
+            count_pending(batch, _record(tuple(row)))
+        # kept apart until the commit: a batch that is retried is counted once
+        self.counted = batch
 
     def run(self, counts: dict[_K, int]) -> int:
         """How many rows moved; each batch is counted in *counts* (on the loop)."""
@@ -288,6 +338,8 @@ class _TakeOver:
                 keys = [row[1] if len(row) == 2 else tuple(row[1:]) for row in rows]
                 # on the loop (FIFO: before the call returns), even if a later batch fails
                 self.loop.call_soon_threadsafe(add_counts, counts, dict(collections.Counter(keys)))
+                if self.pending is not None:
+                    add_counts(self.pending, self.counted)
                 total += len(rows)
             if len(rows) < self.size:
                 return total

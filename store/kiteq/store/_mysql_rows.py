@@ -51,6 +51,10 @@ _KIND_CHARS: Final = 32
 _REASON_CHARS: Final = 64
 _DETAIL_CHARS: Final = 16_000
 _COLUMNS: Final = ", ".join(f"`{c}`" for c in MESSAGE_COLUMNS)
+# MESSAGE_COLUMNS without the body (read as empty): for reads of the bookkeeping only
+_STATE_COLUMNS: Final = ", ".join(
+    "X'' AS `body`" if c == "body" else f"`{c}`" for c in MESSAGE_COLUMNS
+)
 _DLQ_COLUMNS: Final = ", ".join(f"`{c}`" for c in DLQ_COLUMNS)
 _HISTORY_COLUMNS: Final = ", ".join(f"`{c}`" for c in HISTORY_COLUMNS)
 # positions in a MESSAGE_COLUMNS row

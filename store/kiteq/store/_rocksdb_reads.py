@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from rocksdict import ReadOptions, WriteBatch, WriteOptions
 
-from kiteq.core.message import StoredMessage
+from kiteq.core.message import StoredMessage, pending_groups
 from kiteq.store._rocksdb_db import (
     DB,
     DUE_TIME,
@@ -21,13 +21,14 @@ from kiteq.store._rocksdb_db import (
     SCAN_CHUNK,
     due_time,
 )
-from kiteq.store.base import DeadLetter, DlqFilter, DueCursor, HistoryEvent
+from kiteq.store.base import DeadLetter, DlqFilter, DueCursor, HistoryEvent, PendingCounts
 from kiteq.store.codec import (
     DLQ_KEY_SEPARATOR,
     decode_dead_letter,
     decode_event,
     decode_message,
     decode_state,
+    publish_time_of,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "list_dlq",
     "page_due",
     "page_uncommitted",
+    "pending_counts",
     "prune_history",
 ]
 
@@ -68,6 +70,26 @@ def page_uncommitted(db: DB, limit: int, after: str | None) -> list[StoredMessag
     read.set_iterate_upper_bound(INDEX_COMPLETE_KEY)
     keys = (key for key in db.uncommitted.keys(start, read) if key != start)
     return _page(db, keys, limit, "uncommitted")
+
+
+def pending_counts(db: DB) -> PendingCounts:
+    """``MessageStore.pending_counts``: every state value; a message value only when needed."""
+    counts: PendingCounts = {}
+    for key, value in db.state.items(b""):
+        state = decode_state(value)
+        if not state.groups:
+            continue  # the common case: no group has tried it yet
+        groups = pending_groups(state.groups, state.only_groups)
+        if not groups:
+            continue
+        message = db.msg.get(key)
+        if message is None:
+            continue  # a state without its message: get() and the scans skip it too
+        second = int(publish_time_of(message))
+        for group in groups:
+            k = (state.topic, group, second)
+            counts[k] = counts.get(k, 0) + 1
+    return counts
 
 
 def _page(db: DB, index: Iterable[bytes], limit: int, name: str) -> list[StoredMessage]:

@@ -12,7 +12,7 @@ from kiteq.core.errors import StoreUnavailableError
 __all__ = ["CountedStore", "Lifecycle", "Status", "add_counts"]
 
 _T = TypeVar("_T")
-_K = TypeVar("_K", str, tuple[str, str])
+_K = TypeVar("_K", str, tuple[str, str], tuple[str, str, int])
 
 
 class Status(enum.Enum):

@@ -26,9 +26,13 @@ __all__ = [
     "DueCursor",
     "HistoryEvent",
     "MessageStore",
+    "PendingCounts",
+    "PendingKey",
     "Rescheduled",
     "SaveOutcome",
     "Saved",
+    "TakenOver",
+    "count_pending",
 ]
 
 
@@ -56,6 +60,36 @@ class Rescheduled:
 
 # Position in the due order: (next_deliver_time, message_id) of the last row returned.
 DueCursor = tuple[float, str]
+
+
+# (topic, group, publish second): the key of the counts of stored messages a group has a
+# recorded pending state for (``MessageStore.pending_counts``)
+PendingKey = tuple[str, str, int]
+PendingCounts = dict[PendingKey, int]
+
+
+def count_pending(counts: PendingCounts, record: StoredMessage) -> None:
+    """Add *record*'s pending groups (``StoredMessage.pending_groups``) to *counts*."""
+    if not record.groups:
+        return
+    second = int(record.publish_time)
+    topic = record.message.topic
+    for group in record.pending_groups():
+        key = (topic, group, second)
+        counts[key] = counts.get(key, 0) + 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TakenOver:
+    """What a backlog takeover moved: rows, and the pending groups of its messages."""
+
+    messages: int = 0
+    dead_letters: int = 0
+    pending: PendingCounts = dataclasses.field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.messages + self.dead_letters
 
 
 # A dead letter is one (message_id, group): each group dead-letters a message on its own.
@@ -253,14 +287,25 @@ class MessageStore(Protocol):
         """Dead letters per (topic, group)."""
         ...
 
-    async def take_over(self, owner: str) -> int:
+    async def pending_counts(self) -> PendingCounts:
+        """Stored messages per (topic, group, publish second) with that group pending.
+
+        Counts the groups ``StoredMessage.pending_groups`` names: a group parked while it
+        is offline, in a backoff window, or redriven. Reads every stored message that has
+        delivery state, so the broker calls it once, at start, before any traffic, and
+        then keeps the counts itself from the writes it makes.
+        """
+        ...
+
+    async def take_over(self, owner: str) -> TakenOver:
         """Make this store's owner the owner of every record and dead letter of *owner*.
 
         Backlog takeover (a broker sharing this store died): afterwards ``page_due``,
         ``page_uncommitted``, ``backlog``, ``list_dlq`` and ``dlq_size`` include them.
         Batched, one transaction per batch; safe to interrupt and to call again (a
-        repeated call moves what is left, usually nothing). Returns how many rows moved.
-        Stores that cannot be shared between brokers (memory, RocksDB) return 0.
+        repeated call moves what is left, usually nothing). Returns what moved, with the
+        moved messages' pending groups as ``pending_counts`` counts them. Stores that
+        cannot be shared between brokers (memory, RocksDB) move nothing.
         """
         ...
 

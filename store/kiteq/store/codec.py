@@ -196,6 +196,13 @@ def decode_message(data: bytes, state: State) -> StoredMessage:
         raise ValueError(f"truncated message record: {exc}") from exc
 
 
+def publish_time_of(data: bytes) -> float:
+    """The ``publish_time`` of a message value, without decoding the rest."""
+    if not data or data[0] != MESSAGE_VERSION:
+        raise ValueError(f"unsupported message record version {data[0] if data else None}")
+    return float(_MESSAGE.unpack_from(data)[5])
+
+
 def _decode_message(data: bytes, state: State) -> StoredMessage:
     version = data[0] if data else None
     if version != MESSAGE_VERSION:

@@ -28,9 +28,12 @@ from kiteq.store.base import (
     DlqKey,
     DueCursor,
     HistoryEvent,
+    PendingCounts,
     Rescheduled,
     Saved,
     SaveOutcome,
+    TakenOver,
+    count_pending,
 )
 
 __all__ = ["MemoryStore"]
@@ -397,14 +400,21 @@ class MemoryStore:
         self._check_open()
         return dict(self._dlq)
 
-    async def take_over(self, owner: str) -> int:
-        """Always 0: nothing to take over.
+    async def pending_counts(self) -> PendingCounts:
+        self._check_open()
+        counts: PendingCounts = {}
+        for record in self._records.values():
+            count_pending(counts, record)
+        return counts
+
+    async def take_over(self, owner: str) -> TakenOver:
+        """Nothing to take over.
 
         This store is never shared between brokers, so no other broker's rows are in it
         (backlog takeover needs the MySQL store).
         """
         self._check_open()
-        return 0
+        return TakenOver()
 
     async def append_history(self, events: Sequence[HistoryEvent]) -> None:
         self._check_open()

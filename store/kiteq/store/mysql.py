@@ -140,8 +140,10 @@ from kiteq.store.base import (
     DlqKey,
     DueCursor,
     HistoryEvent,
+    PendingCounts,
     Rescheduled,
     SaveOutcome,
+    TakenOver,
 )
 from kiteq.store.group_commit import GroupCommitWriter
 from kiteq.store.options import MySQLOptions
@@ -494,7 +496,11 @@ class MySQLStore(CountedStore):
         self._state.check_open()
         return await self._run(self._reads.get_meta, prefix)
 
-    async def take_over(self, owner: str) -> int:
+    async def pending_counts(self) -> PendingCounts:
+        self._state.check_open()
+        return await self._run(self._reads.pending_counts)
+
+    async def take_over(self, owner: str) -> TakenOver:
         """Backlog takeover: ``kite_server = owner`` rows become this store's owner's.
 
         Every message table and every DLQ table, ``batchUpdateSize`` rows per
@@ -508,20 +514,20 @@ class MySQLStore(CountedStore):
         """
         self._state.check_open()
         if owner == self._owner:
-            return 0
+            return TakenOver()
         loop = asyncio.get_running_loop()
         batch = max(1, self._options.batch_update_size)
         counts = (self._backlog, self._dlq)
-        moved, dead = await self._run(self._reads.take_over, owner, batch, loop, counts)
-        if moved or dead:
+        taken = await self._run(self._reads.take_over, owner, batch, loop, counts)
+        if taken.rows:
             logger.info(
                 "took over kite_server=%r: messages=%d dead=%d (now owner %r)",
                 owner,
-                moved,
-                dead,
+                taken.messages,
+                taken.dead_letters,
                 self._owner,
             )
-        return moved + dead
+        return taken
 
     async def _run(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -100,8 +100,10 @@ from kiteq.store.base import (
     DlqKey,
     DueCursor,
     HistoryEvent,
+    PendingCounts,
     Rescheduled,
     SaveOutcome,
+    TakenOver,
 )
 from kiteq.store.codec import dead_entry_key
 from kiteq.store.group_commit import GroupCommitWriter
@@ -340,10 +342,14 @@ class RocksDBStore(CountedStore):
             return []
         return await self._read("page_uncommitted", reads.page_uncommitted, limit, after)
 
-    async def take_over(self, owner: str) -> int:
-        """Always 0: this store is never shared, so no other broker's rows are in it."""
+    async def pending_counts(self) -> PendingCounts:
         self._state.check_open()
-        return 0
+        return await self._read("pending_counts", reads.pending_counts)
+
+    async def take_over(self, owner: str) -> TakenOver:
+        """Nothing: this store is never shared, so no other broker's rows are in it."""
+        self._state.check_open()
+        return TakenOver()
 
     async def list_dlq(
         self, where: DlqFilter, limit: int, after: DlqKey | None = None

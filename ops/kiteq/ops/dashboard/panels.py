@@ -216,11 +216,23 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
             ),
             PanelSpec(
                 "timeseries",
-                "Oldest waiting message by group",
-                "Age since publish of the oldest message waiting or unacked for the group.",
+                "Backlog by group",
+                "Messages each group has still to settle, in memory or in the store "
+                "(an offline group's included).",
+                "short",
+                _q(
+                    f"sum by (topic, group) (kiteq_group_backlog_messages{{{_TOPIC}}})",
+                    "{{topic}} / {{group}}",
+                ),
+                8,
+            ),
+            PanelSpec(
+                "timeseries",
+                "Oldest message by group",
+                "Age since publish of the oldest message the group has still to settle.",
                 "s",
                 _q(
-                    f"max by (topic, group) (kiteq_group_oldest_waiting_age_seconds{{{_TOPIC}}})",
+                    f"max by (topic, group) (kiteq_group_oldest_message_age_seconds{{{_TOPIC}}})",
                     "{{topic}} / {{group}}",
                 ),
                 8,

@@ -175,10 +175,16 @@ class BrokerMetrics:
             "Messages held in memory for the group by its watermark, credits or workers.",
             ["topic", "group"],
         )
+        self._group_backlog = gauge(
+            "kiteq_group_backlog_messages",
+            "Messages the group has still to settle: in memory (waiting or unacknowledged) "
+            "or in the store (parked while the group is offline, in a backoff window).",
+            ["topic", "group"],
+        )
         self._group_oldest = gauge(
-            "kiteq_group_oldest_waiting_age_seconds",
-            "Age (since publish) of the oldest message waiting in memory or unacknowledged "
-            "for the group; 0 when none.",
+            "kiteq_group_oldest_message_age_seconds",
+            "Age (since publish) of the oldest message the group has still to settle; "
+            "one in the store to 10 s; 0 when none.",
             ["topic", "group"],
         )
         self._group_consumers = gauge(
@@ -373,6 +379,7 @@ class BrokerMetrics:
         self,
         unacked: Mapping[tuple[str, str], int],
         waiting: Mapping[tuple[str, str], int],
+        backlog: Mapping[tuple[str, str], int],
         oldest_age: Mapping[tuple[str, str], float],
         consumers: Mapping[tuple[str, str], int],
     ) -> None:
@@ -380,17 +387,23 @@ class BrokerMetrics:
 
         A pair missing from one map but present in another reads 0 there.
         """
-        keys = unacked.keys() | waiting.keys() | oldest_age.keys() | consumers.keys()
+        keys = unacked.keys() | waiting.keys() | backlog.keys() | oldest_age.keys()
         rows: dict[tuple[str, str], list[float]] = {}
-        for topic, group in keys:
+        for topic, group in keys | consumers.keys():
             label = (self._topic(topic), self._group(group))
-            row = rows.setdefault(label, [0, 0, 0.0, 0])
+            row = rows.setdefault(label, [0, 0, 0, 0.0, 0])
             key = (topic, group)
             row[0] += unacked.get(key, 0)
             row[1] += waiting.get(key, 0)
-            row[2] = max(row[2], oldest_age.get(key, 0.0))
-            row[3] += consumers.get(key, 0)
-        gauges = (self._group_unacked, self._group_waiting, self._group_oldest)
+            row[2] += backlog.get(key, 0)
+            row[3] = max(row[3], oldest_age.get(key, 0.0))
+            row[4] += consumers.get(key, 0)
+        gauges = (
+            self._group_unacked,
+            self._group_waiting,
+            self._group_backlog,
+            self._group_oldest,
+        )
         for label, row in rows.items():
             for gauge, value in zip((*gauges, self._group_consumers), row, strict=True):
                 gauge.labels(*label).set(value)

@@ -147,6 +147,7 @@ class StatsResponse(_message.Message):
     DEADLETTERGROUPS_FIELD_NUMBER: _builtins.int
     RECOVERSCANS_FIELD_NUMBER: _builtins.int
     TXCHECKSSENT_FIELD_NUMBER: _builtins.int
+    GROUPBACKLOGS_FIELD_NUMBER: _builtins.int
     broker: _builtins.str
     cluster: _builtins.str
     store: _builtins.str
@@ -181,6 +182,10 @@ class StatsResponse(_message.Message):
 
     @_builtins.property
     def deadLetterGroups(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetterCount]: ...
+    @_builtins.property
+    def groupBacklogs(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupBacklog]:
+        """Per (topic, group) bound or holding messages: what the group has still to settle."""
+
     def __init__(
         self,
         *,
@@ -204,14 +209,53 @@ class StatsResponse(_message.Message):
         deadLetterGroups: _abc.Iterable[Global___DeadLetterCount] | None = ...,
         recoverScans: _builtins.int = ...,
         txChecksSent: _builtins.int = ...,
+        groupBacklogs: _abc.Iterable[Global___GroupBacklog] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLetterGroups", b"deadLetterGroups", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "recoverScans", b"recoverScans", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "txChecksSent", b"txChecksSent", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "broker", b"broker", "cluster", b"cluster", "deadLetterGroups", b"deadLetterGroups", "deadLettered", b"deadLettered", "deadLetters", b"deadLetters", "delivered", b"delivered", "flowLimited", b"flowLimited", "groupBacklogs", b"groupBacklogs", "groups", b"groups", "pendingTransactions", b"pendingTransactions", "received", b"received", "recoverScans", b"recoverScans", "redelivered", b"redelivered", "rejected", b"rejected", "store", b"store", "storeDurable", b"storeDurable", "topics", b"topics", "txChecksSent", b"txChecksSent", "unresolvedTransactions", b"unresolvedTransactions", "uptimeSeconds", b"uptimeSeconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class GroupBacklog(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    GROUPID_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    UNACKED_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    OLDESTAGESECONDS_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    groupId: _builtins.str
+    backlog: _builtins.int
+    """messages the group has still to settle, in memory or in the store (an offline
+    group's included); unacked and waiting are the part in memory
+    """
+    unacked: _builtins.int
+    waiting: _builtins.int
+    oldestAgeSeconds: _builtins.float
+    """since publish, of the oldest of them (one in the store to 10 s); 0 when none"""
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        groupId: _builtins.str = ...,
+        backlog: _builtins.int = ...,
+        unacked: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        oldestAgeSeconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "groupId", b"groupId", "oldestAgeSeconds", b"oldestAgeSeconds", "topic", b"topic", "unacked", b"unacked", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupBacklog: _TypeAlias = GroupBacklog  # noqa: Y015
 
 @_typing.final
 class DeadLetterCount(_message.Message):

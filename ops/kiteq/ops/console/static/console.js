@@ -220,6 +220,7 @@ async function showGroups() {
     cell(row, g.topic);
     cell(row, g.group ? link(g.group, "#group/" + encodeURIComponent(g.group)) : "(no group)");
     cell(row, g.consumers, "num");
+    cell(row, g.backlog, "num");
     cell(row, g.unacked, "num");
     cell(row, g.waiting, "num");
     cell(row, duration(g.oldestAge), "num");
