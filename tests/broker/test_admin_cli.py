@@ -36,19 +36,44 @@ def test_table_aligns_columns_and_marks_empty_cells() -> None:
     assert render.table(["A"], []) == "(none)"
 
 
-def test_groups_view_joins_connections_and_dead_letters() -> None:
+def test_groups_view_joins_connections_backlog_and_dead_letters() -> None:
     stats = admin_pb2.StatsResponse(
         groups=[admin_pb2.GroupStats(groupId="acct", connections=2, inFlight=5)],
         deadLetterGroups=[
             admin_pb2.DeadLetterCount(topic="trade", groupId="audit", count=4),
             admin_pb2.DeadLetterCount(topic="trade", groupId="", count=1),
         ],
+        groupBacklogs=[
+            admin_pb2.GroupBacklog(topic="trade", groupId="acct", backlog=7),
+            admin_pb2.GroupBacklog(topic="audit", groupId="acct", backlog=2),
+            admin_pb2.GroupBacklog(topic="trade", groupId="away", backlog=9),
+        ],
     )
     lines = render.groups(stats).splitlines()
-    assert lines[0].split() == ["GROUP", "CONNECTIONS", "IN-FLIGHT", "DEAD-LETTERS"]
+    assert lines[0].split() == ["GROUP", "CONNECTIONS", "IN-FLIGHT", "BACKLOG", "DEAD-LETTERS"]
     assert [line.split() for line in lines[1:]] == [
-        ["acct", "2", "5", "0"],
-        ["audit", "0", "0", "4"],
+        ["acct", "2", "5", "9", "0"],
+        ["audit", "0", "0", "0", "4"],
+        ["away", "0", "0", "9", "0"],
+    ]
+
+
+def test_backlog_view_has_a_row_per_topic_and_group() -> None:
+    stats = admin_pb2.StatsResponse(
+        backlog={"trade": 9},
+        deadLetterGroups=[admin_pb2.DeadLetterCount(topic="trade", groupId="audit", count=4)],
+        groupBacklogs=[
+            admin_pb2.GroupBacklog(
+                topic="trade", groupId="away", backlog=9, unacked=1, oldestAgeSeconds=61.4
+            )
+        ],
+    )
+    per_topic, per_group = render.backlog(stats).split("\n\n")
+    assert [line.split() for line in per_topic.splitlines()[1:]] == [["trade", "9", "0"]]
+    assert [line.split() for line in per_group.splitlines()] == [
+        ["TOPIC", "GROUP", "BACKLOG", "UNACKED", "OLDEST", "DEAD-LETTERS"],
+        ["trade", "audit", "0", "0", "-", "4"],
+        ["trade", "away", "9", "1", "61s", "0"],
     ]
 
 

@@ -81,7 +81,7 @@ def test_admin_cli_block_runs_as_written(broker: BrokerProcess, bin_dir: Path) -
         )
         assert run.returncode == 0, f"{line}\n{run.stderr}"
         outputs[line.split("#")[0].strip()] = run.stdout
-    assert ["acct-svc", "0", "0", "2"] in [  # the consumer has left
+    assert ["acct-svc", "0", "0", "0", "2"] in [  # the consumer has left
         row.split() for row in outputs["kiteq-admin groups"].splitlines()
     ]
     listed = outputs["kiteq-admin dlq -topic trade -reason deliver_limit"].splitlines()

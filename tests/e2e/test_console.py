@@ -227,12 +227,14 @@ def test_each_view_renders(browser: webdriver.Chrome, broker: BrokerProcess) -> 
         shot(browser, "02-overview")
 
         open_view(browser, broker, "groups")
-        wait(browser, rows_where("groups", lambda r: r[:4] == ["trade", "healthy", "1", "0"]))
-        # topic, group, consumers, unacked, waiting, oldest age (some seconds), dead letters
+        wait(browser, rows_where("groups", lambda r: r[:5] == ["trade", "healthy", "1", "0", "0"]))
+        # topic, group, consumers, backlog, unacked, waiting, oldest age (some seconds),
+        # dead letters
         wait(
             browser,
             rows_where(
-                "groups", lambda r: r[:5] == ["audit", "slow", "1", "1", "0"] and " s" in r[5]
+                "groups",
+                lambda r: r[:6] == ["audit", "slow", "1", "1", "1", "0"] and " s" in r[6],
             ),
         )
         assert "trade" in [row[0] for row in table_rows(browser, "topics")]
