@@ -22,9 +22,10 @@ from kiteq.store._mysql_rows import (
     _MAX_TIME,
     _PRUNE_CHUNK,
     _READ_CHUNK,
-    _STATE_COLUMNS,
+    PENDING_COLUMNS,
     _dead_letter,
     _marks,
+    _pending_key,
     _record,
     _Row,
     _select_sql,
@@ -98,7 +99,7 @@ class Reads:
         counts: PendingCounts = {}
         for _, table in self.tables.slots:
             sql = (
-                f"SELECT {_STATE_COLUMNS} FROM {table} WHERE kite_server = %s "  # noqa: S608
+                f"SELECT {PENDING_COLUMNS} FROM {table} WHERE kite_server = %s "  # noqa: S608
                 "AND message_id > %s AND (group_state IS NULL OR group_state <> '{}') "
                 f"ORDER BY message_id LIMIT {_READ_CHUNK}"
             )
@@ -110,7 +111,7 @@ class Reads:
 
                 rows = self.database.read("pending_counts", read)
                 for row in rows:
-                    count_pending(counts, _record(row))
+                    count_pending(counts, *_pending_key(row))
                 if len(rows) < _READ_CHUNK:
                     break
                 after = rows[-1][0]
@@ -322,10 +323,10 @@ class _TakeOver:
         return found
 
     def _count_pending(self, conn: Connection, ids: list[str]) -> None:
-        sql = _select_sql(self.table, _STATE_COLUMNS, len(ids))
+        sql = _select_sql(self.table, PENDING_COLUMNS, len(ids))
         batch: PendingCounts = {}
         for row in conn.exec_driver_sql(sql, tuple(ids)):
-            count_pending(batch, _record(tuple(row)))
+            count_pending(batch, *_pending_key(tuple(row)))
         # kept apart until the commit: a batch that is retried is counted once
         self.counted = batch
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, TypeVar, TypeVarTuple
 
-from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
+from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage, pending_groups
 from kiteq.store._groups import failed_groups, legacy_groups
 from kiteq.store._mysql_schema import (
     DLQ_COLUMNS,
@@ -51,9 +51,11 @@ _KIND_CHARS: Final = 32
 _REASON_CHARS: Final = 64
 _DETAIL_CHARS: Final = 16_000
 _COLUMNS: Final = ", ".join(f"`{c}`" for c in MESSAGE_COLUMNS)
-# MESSAGE_COLUMNS without the body (read as empty): for reads of the bookkeeping only
-_STATE_COLUMNS: Final = ", ".join(
-    "X'' AS `body`" if c == "body" else f"`{c}`" for c in MESSAGE_COLUMNS
+# what ``_pending_groups`` reads: the columns of the delivery state, with the message id
+# first (the paging key) and the topic and publish time it is counted by
+PENDING_COLUMNS: Final = (
+    "message_id, topic, publish_time, group_state, only_groups, succ_groups, fail_groups, "
+    "deliver_count, next_deliver_time"
 )
 _DLQ_COLUMNS: Final = ", ".join(f"`{c}`" for c in DLQ_COLUMNS)
 _HISTORY_COLUMNS: Final = ", ".join(f"`{c}`" for c in HISTORY_COLUMNS)
@@ -256,6 +258,13 @@ def _record(row: _Row, dead_groups: str = "[]") -> StoredMessage:
         only_groups=tuple(json.loads(only_groups)) if only_groups else (),
         kite_server=kite_server,
     )
+
+
+def _pending_key(row: _Row) -> tuple[str, float, frozenset[str]]:
+    """(topic, publish_time, pending groups) of a ``PENDING_COLUMNS`` row."""
+    _, topic, publish_time, group_state, only, succ, fail, deliver_count, ndt = row
+    groups = _read_groups(group_state, succ, fail, deliver_count, ndt)
+    return topic, publish_time, pending_groups(groups, tuple(json.loads(only)) if only else ())
 
 
 def _dead_letter(row: _Row) -> DeadLetter:

@@ -21,7 +21,14 @@ from kiteq.store._rocksdb_db import (
     SCAN_CHUNK,
     due_time,
 )
-from kiteq.store.base import DeadLetter, DlqFilter, DueCursor, HistoryEvent, PendingCounts
+from kiteq.store.base import (
+    DeadLetter,
+    DlqFilter,
+    DueCursor,
+    HistoryEvent,
+    PendingCounts,
+    count_pending,
+)
 from kiteq.store.codec import (
     DLQ_KEY_SEPARATOR,
     decode_dead_letter,
@@ -85,10 +92,7 @@ def pending_counts(db: DB) -> PendingCounts:
         message = db.msg.get(key)
         if message is None:
             continue  # a state without its message: get() and the scans skip it too
-        second = int(publish_time_of(message))
-        for group in groups:
-            k = (state.topic, group, second)
-            counts[k] = counts.get(k, 0) + 1
+        count_pending(counts, state.topic, publish_time_of(message), groups)
     return counts
 
 

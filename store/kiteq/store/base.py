@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from kiteq.core.errors import StoreError
@@ -68,13 +68,12 @@ PendingKey = tuple[str, str, int]
 PendingCounts = dict[PendingKey, int]
 
 
-def count_pending(counts: PendingCounts, record: StoredMessage) -> None:
-    """Add *record*'s pending groups (``StoredMessage.pending_groups``) to *counts*."""
-    if not record.groups:
-        return
-    second = int(record.publish_time)
-    topic = record.message.topic
-    for group in record.pending_groups():
+def count_pending(
+    counts: PendingCounts, topic: str, publish_time: float, groups: Iterable[str]
+) -> None:
+    """Add a stored message's pending groups (``StoredMessage.pending_groups``) to *counts*."""
+    second = int(publish_time)
+    for group in groups:
         key = (topic, group, second)
         counts[key] = counts.get(key, 0) + 1
 

@@ -404,7 +404,8 @@ class MemoryStore:
         self._check_open()
         counts: PendingCounts = {}
         for record in self._records.values():
-            count_pending(counts, record)
+            if record.groups:
+                count_pending(counts, record.topic, record.publish_time, record.pending_groups())
         return counts
 
     async def take_over(self, owner: str) -> TakenOver:
