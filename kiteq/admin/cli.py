@@ -11,6 +11,8 @@ Examples::
     kiteq-admin dlq -topic trade -reason expired
     kiteq-admin redrive -topic trade -group acct-svc --dry-run
     kiteq-admin redrive 0f3c...e1 -group acct-svc
+    kiteq-admin scheduled -topic trade             # messages waiting for their delivery time
+    kiteq-admin cancel 0f3c...e1                   # never deliver that scheduled message
     KITEQ_ADMIN_SECRET=... kiteq-admin -tlsCa ca.pem -broker broker1:13800 stats
 
 The broker is ``-broker``, else ``$KITEQ_ADMIN_BROKER``, else 127.0.0.1:13800.
@@ -20,9 +22,10 @@ reply as JSON with numbers as numbers and times as ISO 8601 UTC (null when unset
 
 Exit codes (``EXIT_*``): 0 done; 1 the call failed (unreachable broker, refused secret,
 TLS mismatch, bad argument the broker refused); 2 usage error (unknown flag, unknown
-``-reason``); 3 not found (``message`` of an id the broker never had); 4 nothing changed
-(``commit``/``rollback`` of a message that is not uncommitted, a ``redrive`` that
-moved or would move nothing).
+``-reason``); 3 not found (``message`` of an id the broker never had, ``cancel`` of an id
+not stored); 4 nothing changed (``commit``/``rollback`` of a message that is not
+uncommitted, a ``redrive`` that moved or would move nothing, ``cancel`` of a message
+that is not scheduled: due already, or uncommitted).
 
 The admin secret comes from ``-secretFile`` (its first line), else ``KITEQ_ADMIN_SECRET``;
 ``-secret`` also works but puts the secret on the command line, which every local user
@@ -135,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("commit", "rollback"):
         resolve = command(verb, f"{verb} an uncommitted message (operator decision)")
         resolve.add_argument("message_id")
+    scheduled = command("scheduled", "list scheduled messages, by delivery time")
+    scheduled.add_argument("-topic", "--topic", default="")
+    _limit_flag(scheduled)
+    scheduled.add_argument(
+        "-afterTime", "--afterTime", dest="after_time", type=float, default=0.0, help="page on"
+    )
+    scheduled.add_argument("-after", "--after", default="", help="page on (with -afterTime)")
+    cancel = command("cancel", "remove a scheduled message before its delivery time")
+    cancel.add_argument("message_id")
     dlq = command("dlq", "list dead letters")
     _filter_flags(dlq)
     _limit_flag(dlq)
@@ -292,6 +304,23 @@ async def _ask(options: argparse.Namespace, secret: str, tls: TlsOptions | None)
                 metadata=metadata,
                 timeout=timeout,
             )
+        if command == "scheduled":
+            return await stub.ListScheduled(
+                admin_pb2.ListScheduledRequest(
+                    topic=options.topic,
+                    limit=options.limit,
+                    afterTime=options.after_time,
+                    after=options.after,
+                ),
+                metadata=metadata,
+                timeout=timeout,
+            )
+        if command == "cancel":
+            return await stub.CancelScheduled(
+                admin_pb2.CancelScheduledRequest(messageId=options.message_id),
+                metadata=metadata,
+                timeout=timeout,
+            )
         if command == "dlq":
             return await stub.ListDeadLetters(
                 admin_pb2.ListDeadLettersRequest(
@@ -339,6 +368,11 @@ def _outcome(options: argparse.Namespace, reply: Message) -> tuple[Exit, str]:
                 f"nothing changed: {options.message_id} is not an uncommitted message "
                 "(absent, or decided already)",
             )
+    elif isinstance(reply, admin_pb2.CancelScheduledResponse):
+        if reply.outcome == admin_pb2.CANCEL_OUTCOME_NOT_FOUND:
+            return Exit.NOT_FOUND, f"message {options.message_id} not found"
+        if reply.outcome != admin_pb2.CANCEL_OUTCOME_CANCELLED:
+            return Exit.UNCHANGED, f"nothing changed: {options.message_id}: {reply.detail}"
     elif isinstance(reply, admin_pb2.RedriveResponse) and reply.redriven == 0:
         return Exit.UNCHANGED, "nothing changed: no dead letter matched"
     return Exit.OK, ""
@@ -353,6 +387,7 @@ def _human(options: argparse.Namespace, reply: Message) -> str:
         "message": render.message,  # type: ignore[dict-item]
         "dlq": render.dead_letters,  # type: ignore[dict-item]
         "tx": render.transactions,  # type: ignore[dict-item]
+        "scheduled": render.scheduled,  # type: ignore[dict-item]
     }
     if isinstance(reply, admin_pb2.RedriveResponse):
         if reply.dryRun:
@@ -360,6 +395,8 @@ def _human(options: argparse.Namespace, reply: Message) -> str:
         return f"redrove {reply.redriven} dead letters"
     if isinstance(reply, admin_pb2.ResolveTransactionResponse):
         return f"{options.command} {options.message_id}: done"
+    if isinstance(reply, admin_pb2.CancelScheduledResponse):
+        return f"cancelled {options.message_id}: it will not be delivered"
     return views[options.command](reply)
 
 

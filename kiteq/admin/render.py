@@ -32,7 +32,16 @@ __all__ = [
 
 # fields holding Unix seconds (double or int64) in the Admin and common messages
 TIME_FIELDS = frozenset(
-    {"time", "nextDeliverTime", "publishTime", "deadTime", "nextCheck", "expiredTime", "createTime"}
+    {
+        "time",
+        "nextDeliverTime",
+        "publishTime",
+        "deadTime",
+        "nextCheck",
+        "expiredTime",
+        "createTime",
+        "deliverAt",
+    }
 )
 JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
 
@@ -224,6 +233,7 @@ def message(reply: admin_pb2.GetMessageResponse) -> str:
                 ("group", h.groupId),
                 ("committed", h.commit),
                 ("published", _when(reply.publishTime)),
+                ("deliver at", _when(h.deliverAt)),
                 ("expires", _when(h.expiredTime)),
                 ("body bytes", reply.bodyBytes),
             ]
@@ -299,4 +309,25 @@ def transactions(reply: admin_pb2.ListTransactionsResponse) -> str:
     )
     if reply.next:
         rows += f"\nmore: -after {reply.next}"
+    return rows
+
+
+def scheduled(reply: admin_pb2.ListScheduledResponse) -> str:
+    rows = table(
+        ["MESSAGE-ID", "TOPIC", "TYPE", "GROUP", "DELIVER-AT", "EXPIRES", "PUBLISHED"],
+        [
+            (
+                s.header.messageId,
+                s.header.topic,
+                s.header.messageType,
+                s.header.groupId,
+                _when(s.header.deliverAt),
+                _when(s.header.expiredTime),
+                _when(s.publishTime),
+            )
+            for s in reply.messages
+        ],
+    )
+    if reply.next:
+        rows += f"\nmore: -afterTime {reply.nextTime!r} -after {reply.next}"
     return rows

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import grpc
 
 from kiteq.broker import wire
-from kiteq.broker.operator import MAX_PAGE, Operator
+from kiteq.broker.operator import MAX_PAGE, CancelOutcome, Operator
 from kiteq.core.admin import ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS, audit, secret_matches
 from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import TxStatus
@@ -253,6 +253,50 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             changed,
         )
         return admin_pb2.ResolveTransactionResponse(changed=changed)
+
+    async def ListScheduled(
+        self,
+        request: admin_pb2.ListScheduledRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListScheduledRequest, admin_pb2.ListScheduledResponse
+        ],
+    ) -> admin_pb2.ListScheduledResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        after = (request.afterTime, request.after) if request.afterTime else None
+        records, cursor = await self._operator.scheduled(limit, after, request.topic)
+        return admin_pb2.ListScheduledResponse(
+            messages=[
+                admin_pb2.ScheduledInfo(
+                    header=wire.header_to_pb(r.message), publishTime=r.publish_time
+                )
+                for r in records
+            ],
+            nextTime=cursor[0] if cursor is not None else 0.0,
+            next=cursor[1] if cursor is not None else "",
+        )
+
+    async def CancelScheduled(
+        self,
+        request: admin_pb2.CancelScheduledRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.CancelScheduledRequest, admin_pb2.CancelScheduledResponse
+        ],
+    ) -> admin_pb2.CancelScheduledResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        message_id = await _message_id(request.messageId, context)  # type: ignore[arg-type]
+        outcome, detail = await self._operator.cancel(message_id)
+        audit.info(
+            "admin cancel peer=%s id=%s outcome=%s", context.peer(), message_id, outcome.value
+        )
+        return admin_pb2.CancelScheduledResponse(outcome=_CANCEL_OUTCOMES[outcome], detail=detail)
+
+
+_CANCEL_OUTCOMES = {
+    CancelOutcome.CANCELLED: admin_pb2.CANCEL_OUTCOME_CANCELLED,
+    CancelOutcome.NOT_FOUND: admin_pb2.CANCEL_OUTCOME_NOT_FOUND,
+    CancelOutcome.NOT_SCHEDULED: admin_pb2.CANCEL_OUTCOME_NOT_SCHEDULED,
+}
 
 
 async def _check_reason(

@@ -1,4 +1,4 @@
-"""Operator reads and actions on the DLQ, transactions and messages.
+"""Operator reads and actions on the DLQ, transactions, scheduled and other messages.
 
 One implementation behind both operator surfaces: the gRPC ``Admin`` service
 (``kiteq.broker.admin_service``) and the console on the ops port
@@ -9,16 +9,32 @@ writes the audit line naming its peer; what is read and what moves is decided he
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from collections.abc import Sequence
+from typing import Final
 
 from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.core import BrokerCore
-from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, HistoryEvent
+from kiteq.store.base import DeadLetter, DlqFilter, DlqKey, DueCursor, HistoryEvent
 
 logger = logging.getLogger(__name__)
 
 MAX_PAGE = 1000
+# A scheduled message due sooner than this is no longer cancelled: the recover scan that
+# reads it may have started (it would deliver a message the operator was told is gone).
+CANCEL_MARGIN_SECONDS: Final = 1.0
+# the due index holds backoff windows and parked messages too: a listing reads at most
+# this many pages of them for one page of scheduled messages
+_LIST_READS: Final = 20
+# the due index's upper bound (kiteq.handler.recover: finite, for MySQL)
+_EVERYTHING: Final = 1e300
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"
+    NOT_FOUND = "not_found"
+    NOT_SCHEDULED = "not_scheduled"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,6 +65,7 @@ class Operator:
         self._history = core.history
         self._transactions = core.transactions
         self._clock = core.clock
+        self._scheduled = core.scheduled
 
     async def lookup(self, message_id: str) -> MessageLookup:
         """The message, its dead letters and its history (stored and not yet flushed)."""
@@ -137,3 +154,48 @@ class Operator:
     async def resolve(self, message_id: str, status: TxStatus) -> bool:
         """An operator's commit or rollback; True if it changed anything."""
         return await self._transactions.decide(message_id, status, "operator")
+
+    async def scheduled(
+        self, limit: int, after: DueCursor | None = None, topic: str = ""
+    ) -> tuple[list[StoredMessage], DueCursor | None]:
+        """Scheduled messages (delivery time ahead), in delivery-time order after *after*.
+
+        Reads the due index from now on (no scan of what is due already); returns the
+        page and the cursor of the next one (None: no more).
+        """
+        limit = min(limit, MAX_PAGE)
+        now = self._clock.now()
+        cursor: DueCursor = max(after, (now, "")) if after is not None else (now, "")
+        found: list[StoredMessage] = []
+        for _ in range(_LIST_READS):
+            page = await self._store.page_due(_EVERYTHING, MAX_PAGE, cursor)
+            for record in page:
+                cursor = (record.next_deliver_time, record.message_id)
+                message = record.message
+                if message.scheduled(now) and (not topic or message.topic == topic):
+                    found.append(record)
+                    if len(found) == limit:
+                        return found, cursor
+            if len(page) < MAX_PAGE:
+                return found, None
+        return found, cursor
+
+    async def cancel(self, message_id: str) -> tuple[CancelOutcome, str]:
+        """Remove a scheduled message before its delivery time; the outcome and why."""
+        record = await self._store.get(message_id)
+        if record is None:
+            return CancelOutcome.NOT_FOUND, "no stored message has this id"
+        now = self._clock.now()
+        message = record.message
+        if not message.commit:
+            return CancelOutcome.NOT_SCHEDULED, "uncommitted: commit or roll back its transaction"
+        if not message.scheduled(now + CANCEL_MARGIN_SECONDS) or self._dispatcher.tracking(
+            message_id
+        ):
+            return CancelOutcome.NOT_SCHEDULED, "not scheduled: due already or being delivered"
+        await self._store.delete([record])
+        self._scheduled.cancelled(record)
+        self._history.record(message_id, now, "cancelled", detail="operator")
+        self._history.keep(message_id)
+        logger.info("cancelled scheduled message %s (due at %.3f)", message_id, message.deliver_at)
+        return CancelOutcome.CANCELLED, ""

@@ -373,6 +373,8 @@ class Broker:
             self.metrics.set_backlog(self._backlog)
             self._dead_letters = await self._store_or_fail().dlq_size()
             self.metrics.set_dead_letters(self._dead_letters)
+            pipeline = self._pipeline
+            self.metrics.set_scheduled(pipeline.scheduled.counts(pipeline.clock.now()))
             self._store_ok_at = time.monotonic()
             self.metrics.set_inflight(self._pipeline.dispatcher.inflight)
             consumers = sum(1 for c in self._pipeline.connections if c.consumer)

@@ -30,6 +30,7 @@ def message_from_pb(pb: common_pb2.Message) -> Message:
         fly=h.fly,
         create_time=h.createTime,
         snappy=h.snappy,
+        deliver_at=h.deliverAt,
     )
 
 
@@ -46,6 +47,7 @@ def header_to_pb(message: Message) -> common_pb2.Header:
         properties=message.properties or None,
         createTime=message.create_time,
         snappy=message.snappy,
+        deliverAt=message.deliver_at,
     )
 
 

@@ -7,6 +7,7 @@ characters and ``.``/``..`` must be impossible: the character sets below guarant
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Final
 
@@ -21,6 +22,9 @@ MAX_PROPERTIES: Final = 64
 MAX_PROPERTY_KEY_BYTES: Final = 256
 MAX_PROPERTY_VALUE_BYTES: Final = 4096
 MAX_EXPIRY_SECONDS: Final = 7 * 24 * 3600
+# how far ahead a delivery time may be (scheduled delivery): the expiry's maximum, since
+# the expiry counts from the delivery time
+MAX_DELAY_SECONDS: Final = MAX_EXPIRY_SECONDS
 MAX_DELIVER_LIMIT: Final = 100
 MAX_BATCH_MESSAGES: Final = 1000
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
@@ -99,17 +103,45 @@ def validate(message: Message, now: float) -> None:
     expired = message.expired_time
     if 0 < expired <= now:
         raise ExpiredMessageError(mid, f"expired at {expired}, before it arrived")
+    if message.deliver_at:
+        _check_schedule(mid, message, now)
+
+
+def _check_schedule(mid: str, message: Message, now: float) -> None:
+    deliver_at = message.deliver_at
+    if not math.isfinite(deliver_at) or deliver_at < 0:
+        raise InvalidMessageError(mid, f"deliver_at must be Unix seconds, got {deliver_at!r}")
+    if deliver_at <= now:
+        return  # due already: delivered at once
+    if deliver_at > now + MAX_DELAY_SECONDS:
+        raise InvalidMessageError(
+            mid,
+            f"deliver_at {deliver_at:.3f} is more than {MAX_DELAY_SECONDS} s "
+            f"(7 days) ahead of {now:.3f}",
+        )
+    if message.fly:
+        raise InvalidMessageError(mid, "a fly message is not stored, so it cannot be scheduled")
+    if message.expired_time > 0 and message.expired_time <= deliver_at:
+        raise InvalidMessageError(
+            mid,
+            f"deliver_at {deliver_at:.3f} is not before the message's expiry "
+            f"{message.expired_time}: it would expire before its delivery",
+        )
 
 
 def clamp(
-    expired_time: int, deliver_limit: int, create_time: int, now: float
+    expired_time: int, deliver_limit: int, create_time: int, now: float, deliver_at: float = 0.0
 ) -> tuple[int, int, int]:
     """KiteQ's clamps of a valid message's ``(expired_time, deliver_limit, create_time)``.
 
     Expiry ``<= 0`` or beyond 7 days becomes now + 7 days; ``deliver_limit`` outside
     1..100 becomes 100; ``create_time <= 0`` becomes now.
+
+    A scheduled message (*deliver_at* after *now*) counts its expiry from its delivery
+    time: the default and the 7-day maximum are deliver_at + 7 days (an explicit expiry
+    is an absolute time and stays as given up to that maximum).
     """
-    ceiling = int(now) + MAX_EXPIRY_SECONDS
+    ceiling = int(max(now, deliver_at)) + MAX_EXPIRY_SECONDS
     if expired_time <= 0 or expired_time > ceiling:
         expired_time = ceiling
     if not 0 < deliver_limit <= MAX_DELIVER_LIMIT:
@@ -132,7 +164,7 @@ def normalize(message: Message, now: float) -> Message:
     """
     validate(message, now)
     expired, limit, created = clamp(
-        message.expired_time, message.deliver_limit, message.create_time, now
+        message.expired_time, message.deliver_limit, message.create_time, now, message.deliver_at
     )
     message_id = canonical_message_id(message.message_id)
     if (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from collections.abc import Mapping
 
 from kiteq.core.ids import new_message_id
@@ -42,6 +43,11 @@ class Message:
         fly: True for a best-effort message that is never stored.
         create_time: Unix seconds; 0 = set by the broker on arrival.
         snappy: The body is snappy-compressed (informational; the broker never decodes it).
+        deliver_at: Unix seconds before which the message is not delivered (scheduled
+            delivery); 0.0 = at once. A time already past also means at once. The expiry
+            and its 7-day maximum count from this time (``kiteq.core.limits.clamp``).
+        delay: Init-only: schedule the message *delay* seconds from now (this process's
+            clock, read when the Message is made): sets ``deliver_at``. 0 = at once.
     """
 
     topic: str
@@ -56,6 +62,20 @@ class Message:
     fly: bool = False
     create_time: int = 0
     snappy: bool = False
+    deliver_at: float = 0.0
+    delay: dataclasses.InitVar[float] = 0.0
+
+    def __post_init__(self, delay: float) -> None:
+        if delay:
+            if self.deliver_at:
+                raise ValueError("give deliver_at or delay, not both")
+            if not delay > 0:  # also refuses NaN
+                raise ValueError(f"delay must be positive seconds, got {delay!r}")
+            self.deliver_at = time.time() + delay
+
+    def scheduled(self, now: float) -> bool:
+        """True while the message waits for its delivery time (``deliver_at`` after *now*)."""
+        return self.deliver_at > now
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)

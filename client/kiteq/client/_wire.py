@@ -216,9 +216,17 @@ def publish_frame(
         header.messageType = message.message_type
         header.groupId = group_id
         expired, limit, created = message.expired_time, message.deliver_limit, message.create_time
-        header.expiredTime, header.deliverLimit, header.createTime = (
-            clamp(expired, limit, created, now) if expired or limit or created else defaults
-        )
+        deliver_at = message.deliver_at
+        if deliver_at:
+            # scheduled: the expiry counts from the delivery time (kiteq.core.limits.clamp)
+            header.deliverAt = deliver_at
+            header.expiredTime, header.deliverLimit, header.createTime = clamp(
+                expired, limit, created, now, deliver_at
+            )
+        else:
+            header.expiredTime, header.deliverLimit, header.createTime = (
+                clamp(expired, limit, created, now) if expired or limit or created else defaults
+            )
         # proto3 defaults (False, empty) are not set: less work, the same bytes
         if message.commit:
             header.commit = True
@@ -339,5 +347,6 @@ def _header_message(header: common_pb2.Header, attempt: int, body: bytes = b"") 
         fly=header.fly,
         create_time=header.createTime,
         snappy=header.snappy,
+        deliver_at=header.deliverAt,
         attempt=attempt,
     )

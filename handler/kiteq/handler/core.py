@@ -29,6 +29,7 @@ from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
 from kiteq.handler.recover import RecoverLoop
+from kiteq.handler.schedule import ScheduledTally
 from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore
 
@@ -61,6 +62,8 @@ class BrokerCore:
         self.connections = ConnectionTable()
         self.bookkeeper = Bookkeeper(store)
         self.history = History(self.bookkeeper.history)
+        # scheduled messages not yet due, per topic, for the metrics (issue #15)
+        self.scheduled = ScheduledTally()
         self.dispatcher = Dispatcher(
             bindings=bindings,
             connections=self.connections,
@@ -79,6 +82,7 @@ class BrokerCore:
             bookkeeper=self.bookkeeper,
             clock=clock,
             period=config.recover_seconds,
+            scheduled=self.scheduled,
         )
         recover = self.recover
         bindings.add_listener(lambda _topic, _group: recover.wake())
@@ -92,6 +96,7 @@ class BrokerCore:
             check_delay=config.tx_check_delay_seconds,
             check_interval=config.tx_check_interval_seconds,
             check_max=config.tx_check_max,
+            scheduled=self.scheduled,
         )
         self.intake = Intake(
             config=config,
@@ -104,6 +109,7 @@ class BrokerCore:
             server_name=server_name,
             metrics=metrics,
             routes=bindings,
+            scheduled=self.scheduled,
         )
 
     async def load(self) -> None:

@@ -161,6 +161,10 @@ class Dispatcher:
                 self._join(current)
             return
         now = self._now
+        if message.deliver_at > now:
+            # scheduled (issue #15): stored due at deliver_at; whatever offered it early (a
+            # full scan, a redrive, a commit), the recover scan brings it when it is due
+            return
         flight = Flight(record, durable, on_done)
         routes = self._bindings.routes(message.topic, message.message_type)
         if message.expired_time <= now:

@@ -32,6 +32,7 @@ from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.flight import Flight
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
+from kiteq.handler.schedule import ScheduledTally
 from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore, Saved
 
@@ -58,8 +59,10 @@ class Intake:
         server_name: str,
         metrics: BrokerMetrics | None = None,
         routes: BindingTable | None = None,
+        scheduled: ScheduledTally | None = None,
     ) -> None:
         self._config = config
+        self._scheduled = scheduled
         self._store = store
         self._bookkeeper = bookkeeper
         self._dispatcher = dispatcher
@@ -158,8 +161,12 @@ class Intake:
             record = StoredMessage(
                 message,
                 publish_time=now,
-                # an uncommitted message's next_deliver_time is its first transaction check
-                next_deliver_time=now if message.commit else now + self._check_delay,
+                # an uncommitted message's next_deliver_time is its first transaction check;
+                # a scheduled one is due at its delivery time (the due index keeps it away
+                # from every periodic scan until then)
+                next_deliver_time=max(now, message.deliver_at)
+                if message.commit
+                else now + self._check_delay,
                 kite_server=self._server_name,
                 wire=None if wires is None else wires[i],
             )
@@ -225,12 +232,14 @@ class Intake:
         for record in records:
             done: asyncio.Future[Flight | None] = loop.create_future()
             waits.append(done)
-            if record.message.commit:
+            if record.message.commit and not record.message.scheduled(record.publish_time):
                 self._dispatcher.submit(
                     record, durable=False, on_done=functools.partial(_resolve, done)
                 )
             else:
-                done.set_result(None)  # uncommitted: stored, delivered after the commit
+                # uncommitted: stored, delivered after the commit; scheduled: stored,
+                # delivered by the recover scan when due
+                done.set_result(None)
         timeout = self._config.delivery_seconds + 1.0
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(asyncio.gather(*waits)), timeout)
@@ -249,7 +258,7 @@ class Intake:
             # not (fully) delivered, or still waiting: store it; its per-group state says
             # which groups acked (never delivered again) and which had an attempt
             if record.message.commit:
-                record.next_deliver_time = self._clock.now()
+                record.next_deliver_time = max(self._clock.now(), record.message.deliver_at)
             record.wire = None
             left_records.append(record)
             left_positions.append(i)
@@ -306,6 +315,10 @@ class Intake:
                 )
                 if not record.message.commit:
                     self._transactions.track(record, origin)
+                elif record.message.scheduled(record.publish_time):
+                    # stored due at its delivery time: the recover scan delivers it then
+                    if self._scheduled is not None:
+                        self._scheduled.stored(record, record.publish_time)
                 elif not self._config.delivery_first:
                     if self._dispatcher.has_room:
                         self._dispatcher.submit(record)

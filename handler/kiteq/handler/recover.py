@@ -11,6 +11,11 @@ A message parked for a persistent group that has no live consumer is due at its 
 group's backlog costs nothing while it is away. The scan after a group gets its first
 consumer, after a wake (a binding changed) and the first scan after a start read every
 stored message, parked ones included, until one of them gets through the whole index.
+
+A scheduled message (issue #15) is stored due at its delivery time: the periodic scan
+reads it only once it is due, and a full scan reads it but skips it as it skips any
+message in its backoff window (its count for the metrics is taken there:
+``kiteq.handler.schedule``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from kiteq.core.clock import Clock
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.flight import has_parked
+from kiteq.handler.schedule import ScheduledTally
 from kiteq.store.base import DueCursor, MessageStore
 
 logger = logging.getLogger(__name__)
@@ -42,8 +48,10 @@ class RecoverLoop:
         bookkeeper: Bookkeeper,
         clock: Clock,
         period: float,
+        scheduled: ScheduledTally | None = None,
     ) -> None:
         self._store = store
+        self._scheduled = scheduled
         self._dispatcher = dispatcher
         self._bookkeeper = bookkeeper
         self._clock = clock
@@ -82,11 +90,17 @@ class RecoverLoop:
         offered = 0
         # a full scan that skipped a message with a write still settling reads it next time
         stale = False
+        census = self._scheduled if full else None
+        complete = False
+        if census is not None:
+            census.census_started(now)
         while self._dispatcher.has_room:
             epoch = self._bookkeeper.scan_started()
             try:
                 page = await self._store.page_due(bound, PAGE_SIZE, cursor)
                 for record in page:
+                    if census is not None:
+                        census.census_saw(record, now)
                     if full and record.next_deliver_time > now and not has_parked(record):
                         continue  # read for the parked ones: in its backoff window
                     message_id = record.message_id
@@ -103,10 +117,13 @@ class RecoverLoop:
             finally:
                 self._bookkeeper.scan_finished()
             if len(page) < PAGE_SIZE:
+                complete = True
                 if full and not stale and self._dispatcher.arrivals == arrivals:
                     self._full = False  # through the whole index: parked ones were offered
                 break
             cursor = (page[-1].next_deliver_time, page[-1].message_id)
+        if census is not None:
+            census.census_finished(complete)
         self.scans += 1
         if offered:
             logger.debug("recover scan offered %d due messages", offered)

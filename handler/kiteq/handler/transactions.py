@@ -34,6 +34,7 @@ from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
+from kiteq.handler.schedule import ScheduledTally
 from kiteq.store.base import MessageStore
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,10 @@ class TxManager:
         check_delay: float,
         check_interval: float,
         check_max: int,
+        scheduled: ScheduledTally | None = None,
     ) -> None:
         self._store = store
+        self._scheduled = scheduled
         self._dispatcher = dispatcher
         self._connections = connections
         self._bookkeeper = bookkeeper
@@ -195,9 +198,14 @@ class TxManager:
             previous = record.next_deliver_time
             # the counter counted checks; from now on it counts deliveries
             record.deliver_count = 0
-            record.next_deliver_time = now
+            # a scheduled message waits for its delivery time (issue #15)
+            record.next_deliver_time = max(now, record.message.deliver_at)
             self._bookkeeper.reschedule(record, previous)
-            self._dispatcher.submit(record)
+            if record.message.scheduled(now):
+                if self._scheduled is not None:
+                    self._scheduled.stored(record, now)
+            else:
+                self._dispatcher.submit(record)
         else:
             self._history.keep(message_id)
         return True

@@ -172,9 +172,11 @@ def _read_groups(
 
 def _header(message: Message) -> bytes:
     """The header fields without a column of their own, as JSON (module doc of the schema)."""
-    if not (message.fly or message.snappy or message.properties):
+    if not (message.fly or message.snappy or message.properties or message.deliver_at):
         return b'{"createTime":%d}' % message.create_time
     header: dict[str, object] = {"createTime": message.create_time}
+    if message.deliver_at:
+        header["deliverAt"] = message.deliver_at
     if message.fly:
         header["fly"] = True
     if message.snappy:
@@ -246,6 +248,7 @@ def _record(row: _Row, dead_groups: str = "[]") -> StoredMessage:
         fly=bool(header.get("fly", False)),
         create_time=int(header.get("createTime", 0)),
         snappy=bool(header.get("snappy", False)),
+        deliver_at=float(header.get("deliverAt", 0.0)),
     )
     return StoredMessage(
         message=message,

@@ -17,10 +17,11 @@ the wire schema and costs more per record.
 
 Message value, version 1::
 
-    u8 version | u8 flags (1 fly, 2 snappy) | i64 expired_time | i32 deliver_limit
-    | i64 create_time | f64 publish_time | 6 x u32 len (id, topic, type, group, kite_server,
-    body) | u32 property count | id | topic | type | group | kite_server
+    u8 version | u8 flags (1 fly, 2 snappy, 4 scheduled) | i64 expired_time
+    | i32 deliver_limit | i64 create_time | f64 publish_time | 6 x u32 len (id, topic, type,
+    group, kite_server, body) | u32 property count | id | topic | type | group | kite_server
     | 2n x u32 len (key, value per property) | keys and values | body
+    | f64 deliver_at (only with flag 4: scheduled delivery, issue #15)
 
 State value, version 2 (issue #10: delivery state per group)::
 
@@ -108,6 +109,8 @@ _LEGACY_DEAD: Final = struct.Struct("<BdIII")
 _EVENT: Final = struct.Struct("<BdqIIII")
 _FLY: Final = 1
 _SNAPPY: Final = 2
+_SCHEDULED: Final = 4
+_DELIVER_AT: Final = struct.Struct("<d")
 _COMMITTED: Final = 1
 _STATE_CODES: Final = {GroupState.PENDING: 0, GroupState.ACKED: 1, GroupState.DEAD: 2}
 _CODE_STATES: Final = {code: state for state, code in _STATE_CODES.items()}
@@ -162,6 +165,10 @@ def encode_message(record: StoredMessage) -> bytes:
     group = m.group_id.encode()
     server = record.kite_server.encode()
     flags = (_FLY if m.fly else 0) | (_SNAPPY if m.snappy else 0)
+    # a message with no delivery time has none: its value is what it was before issue #15
+    tail = _DELIVER_AT.pack(m.deliver_at) if m.deliver_at else b""
+    if tail:
+        flags |= _SCHEDULED
     head = _MESSAGE.pack(
         MESSAGE_VERSION,
         flags,
@@ -178,10 +185,10 @@ def encode_message(record: StoredMessage) -> bytes:
         len(m.properties),
     )
     if not m.properties:
-        return b"".join((head, mid, topic, mtype, group, server, m.body))
+        return b"".join((head, mid, topic, mtype, group, server, m.body, tail))
     chunks = [s.encode() for kv in m.properties.items() for s in kv]
     lengths = struct.pack(f"<{len(chunks)}I", *map(len, chunks))
-    return b"".join((head, mid, topic, mtype, group, server, lengths, *chunks, m.body))
+    return b"".join((head, mid, topic, mtype, group, server, lengths, *chunks, m.body, tail))
 
 
 def decode_message(data: bytes, state: State) -> StoredMessage:
@@ -242,12 +249,19 @@ def _decode_message(data: bytes, state: State) -> StoredMessage:
             strings.append(data[pos : pos + n].decode())
             pos += n
         properties = dict(zip(strings[::2], strings[1::2], strict=True))
-    if pos + n_body != len(data):
-        raise ValueError(f"message record is {len(data)} bytes, its lengths say {pos + n_body}")
+    end = pos + n_body
+    deliver_at = 0.0
+    if flags & _SCHEDULED:
+        (deliver_at,) = _DELIVER_AT.unpack_from(data, end)
+        size = end + _DELIVER_AT.size
+    else:
+        size = end
+    if size != len(data):
+        raise ValueError(f"message record is {len(data)} bytes, its lengths say {size}")
     message = Message(
         topic=topic,
         message_type=message_type,
-        body=data[pos:],
+        body=data[pos:end],
         message_id=message_id,
         properties=properties,
         expired_time=expired_time,
@@ -257,6 +271,7 @@ def _decode_message(data: bytes, state: State) -> StoredMessage:
         fly=bool(flags & _FLY),
         create_time=create_time,
         snappy=bool(flags & _SNAPPY),
+        deliver_at=deliver_at,
     )
     return StoredMessage(
         message=message,

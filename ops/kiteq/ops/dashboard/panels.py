@@ -344,6 +344,19 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
         ),
     ),
     (
+        "Scheduled delivery",
+        (
+            PanelSpec(
+                "timeseries",
+                "Scheduled messages by topic",
+                "Stored messages waiting for their delivery time (deliverAt), by topic.",
+                "short",
+                _q(f"sum by (topic) (kiteq_scheduled_messages{{{_TOPIC}}})", "{{topic}}"),
+                24,
+            ),
+        ),
+    ),
+    (
         "Store",
         (
             PanelSpec(

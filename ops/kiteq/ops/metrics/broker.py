@@ -154,6 +154,11 @@ class BrokerMetrics:
             "Messages in the store not yet delivered to every group, by topic.",
             ["topic"],
         )
+        self._scheduled = gauge(
+            "kiteq_scheduled_messages",
+            "Stored messages waiting for their delivery time (scheduled delivery), by topic.",
+            ["topic"],
+        )
         self._dead_letters = gauge(
             "kiteq_dead_letters",
             f"Dead letters in the store, by topic and the group they were dead-lettered for "
@@ -272,6 +277,7 @@ class BrokerMetrics:
         if process:
             ProcessCollector(registry=reg)
         self._backlog_topics: set[str] = set()
+        self._scheduled_topics: set[str] = set()
         self._dead_letter_labels: set[tuple[str, str]] = set()
         # Zero series for the fixed label sets so rate() and dashboards see them at once.
         for role in sorted(CONNECTION_ROLES):
@@ -346,6 +352,19 @@ class BrokerMetrics:
         for gone in self._backlog_topics - totals.keys():
             self._backlog.remove(gone)
         self._backlog_topics = set(totals)
+
+    def set_scheduled(self, counts: Mapping[str, int]) -> None:
+        """Replace the per-topic count of scheduled messages; absent topics read 0."""
+        totals: dict[str, int] = {}
+        for topic, count in counts.items():
+            label = self._topic(topic)
+            totals[label] = totals.get(label, 0) + count
+        for label, count in totals.items():
+            self._scheduled.labels(label).set(count)
+        # a topic whose scheduled messages all came due reads 0 rather than vanishing
+        for gone in self._scheduled_topics - totals.keys():
+            self._scheduled.labels(gone).set(0)
+        self._scheduled_topics |= set(totals)
 
     def set_dead_letters(self, sizes: Mapping[tuple[str, str], int]) -> None:
         """Replace the dead-letter counts per (topic, group); absent pairs lose their series."""

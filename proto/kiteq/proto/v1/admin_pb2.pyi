@@ -43,6 +43,35 @@ MESSAGE_STATE_GONE: MessageState.ValueType  # 3
 """not stored any more (delivered to every group); only its history is left"""
 Global___MessageState: _TypeAlias = MessageState  # noqa: Y015
 
+class _CancelOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CancelOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CANCEL_OUTCOME_UNSPECIFIED: _CancelOutcome.ValueType  # 0
+    CANCEL_OUTCOME_CANCELLED: _CancelOutcome.ValueType  # 1
+    """removed: it will not be delivered"""
+    CANCEL_OUTCOME_NOT_FOUND: _CancelOutcome.ValueType  # 2
+    """no stored message has this id"""
+    CANCEL_OUTCOME_NOT_SCHEDULED: _CancelOutcome.ValueType  # 3
+    """stored but not scheduled: due already (or within the next second), being delivered,
+    or uncommitted (decide its transaction instead)
+    """
+
+class CancelOutcome(_CancelOutcome, metaclass=_CancelOutcomeEnumTypeWrapper): ...
+
+CANCEL_OUTCOME_UNSPECIFIED: CancelOutcome.ValueType  # 0
+CANCEL_OUTCOME_CANCELLED: CancelOutcome.ValueType  # 1
+"""removed: it will not be delivered"""
+CANCEL_OUTCOME_NOT_FOUND: CancelOutcome.ValueType  # 2
+"""no stored message has this id"""
+CANCEL_OUTCOME_NOT_SCHEDULED: CancelOutcome.ValueType  # 3
+"""stored but not scheduled: due already (or within the next second), being delivered,
+or uncommitted (decide its transaction instead)
+"""
+Global___CancelOutcome: _TypeAlias = CancelOutcome  # noqa: Y015
+
 @_typing.final
 class StatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -800,3 +829,127 @@ class ResolveTransactionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveTransactionResponse: _TypeAlias = ResolveTransactionResponse  # noqa: Y015
+
+@_typing.final
+class ListScheduledRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTERTIME_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    """only this topic's; empty: every topic"""
+    limit: _builtins.int
+    afterTime: _builtins.float
+    """page on: the previous reply's nextTime and next (exclusive)"""
+    after: _builtins.str
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        afterTime: _builtins.float = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "afterTime", b"afterTime", "limit", b"limit", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduledRequest: _TypeAlias = ListScheduledRequest  # noqa: Y015
+
+@_typing.final
+class ScheduledInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    PUBLISHTIME_FIELD_NUMBER: _builtins.int
+    publishTime: _builtins.float
+    @_builtins.property
+    def header(self) -> _common_pb2.Header:
+        """carries deliverAt"""
+
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.Header | None = ...,
+        publishTime: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "publishTime", b"publishTime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduledInfo: _TypeAlias = ScheduledInfo  # noqa: Y015
+
+@_typing.final
+class ListScheduledResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXTTIME_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    nextTime: _builtins.float
+    """where the next page starts (afterTime, after); next empty: no more"""
+    next: _builtins.str
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduledInfo]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ScheduledInfo] | None = ...,
+        nextTime: _builtins.float = ...,
+        next: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next", b"next", "nextTime", b"nextTime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduledResponse: _TypeAlias = ListScheduledResponse  # noqa: Y015
+
+@_typing.final
+class CancelScheduledRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGEID_FIELD_NUMBER: _builtins.int
+    messageId: _builtins.str
+    def __init__(
+        self,
+        *,
+        messageId: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messageId", b"messageId"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelScheduledRequest: _TypeAlias = CancelScheduledRequest  # noqa: Y015
+
+@_typing.final
+class CancelScheduledResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    outcome: Global___CancelOutcome.ValueType
+    detail: _builtins.str
+    """why, for NOT_SCHEDULED"""
+    def __init__(
+        self,
+        *,
+        outcome: Global___CancelOutcome.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelScheduledResponse: _TypeAlias = CancelScheduledResponse  # noqa: Y015

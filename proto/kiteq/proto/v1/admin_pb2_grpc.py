@@ -69,6 +69,16 @@ class AdminStub:
                 request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionRequest.SerializeToString,
                 response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionResponse.FromString,
                 _registered_method=True)
+        self.ListScheduled = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/ListScheduled',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListScheduledRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListScheduledResponse.FromString,
+                _registered_method=True)
+        self.CancelScheduled = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/CancelScheduled',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -121,6 +131,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListScheduled(self, request, context):
+        """Scheduled messages (Header.deliverAt still ahead), in order of their delivery time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelScheduled(self, request, context):
+        """Remove a scheduled message before its delivery time: it is never delivered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +182,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ResolveTransaction,
                     request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionRequest.FromString,
                     response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionResponse.SerializeToString,
+            ),
+            'ListScheduled': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListScheduled,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListScheduledRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.ListScheduledResponse.SerializeToString,
+            ),
+            'CancelScheduled': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelScheduled,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +383,60 @@ class Admin:
             '/kiteq.proto.v1.Admin/ResolveTransaction',
             kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionRequest.SerializeToString,
             kiteq_dot_proto_dot_v1_dot_admin__pb2.ResolveTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListScheduled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/ListScheduled',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ListScheduledRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.ListScheduledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelScheduled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/CancelScheduled',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class AdminStub:
     """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
     ResolveTransaction: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveTransactionRequest, _admin_pb2.ResolveTransactionResponse]
     """An operator's COMMIT or ROLLBACK of an uncommitted message."""
+    ListScheduled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListScheduledRequest, _admin_pb2.ListScheduledResponse]
+    """Scheduled messages (Header.deliverAt still ahead), in order of their delivery time."""
+    CancelScheduled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelScheduledRequest, _admin_pb2.CancelScheduledResponse]
+    """Remove a scheduled message before its delivery time: it is never delivered."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -61,6 +65,10 @@ class AdminAsyncStub(AdminStub):
     """Uncommitted messages: being checked, or unresolved (checks exhausted)."""
     ResolveTransaction: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveTransactionRequest, _admin_pb2.ResolveTransactionResponse]  # type: ignore[assignment]
     """An operator's COMMIT or ROLLBACK of an uncommitted message."""
+    ListScheduled: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListScheduledRequest, _admin_pb2.ListScheduledResponse]  # type: ignore[assignment]
+    """Scheduled messages (Header.deliverAt still ahead), in order of their delivery time."""
+    CancelScheduled: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelScheduledRequest, _admin_pb2.CancelScheduledResponse]  # type: ignore[assignment]
+    """Remove a scheduled message before its delivery time: it is never delivered."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -117,5 +125,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ResolveTransactionResponse, _abc.Awaitable[_admin_pb2.ResolveTransactionResponse]]:
         """An operator's COMMIT or ROLLBACK of an uncommitted message."""
+
+    @_abc_1.abstractmethod
+    def ListScheduled(
+        self,
+        request: _admin_pb2.ListScheduledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListScheduledResponse, _abc.Awaitable[_admin_pb2.ListScheduledResponse]]:
+        """Scheduled messages (Header.deliverAt still ahead), in order of their delivery time."""
+
+    @_abc_1.abstractmethod
+    def CancelScheduled(
+        self,
+        request: _admin_pb2.CancelScheduledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CancelScheduledResponse, _abc.Awaitable[_admin_pb2.CancelScheduledResponse]]:
+        """Remove a scheduled message before its delivery time: it is never delivered."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -134,6 +134,7 @@ class Header(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     CREATETIME_FIELD_NUMBER: _builtins.int
     SNAPPY_FIELD_NUMBER: _builtins.int
+    DELIVERAT_FIELD_NUMBER: _builtins.int
     messageId: _builtins.str
     """32 lowercase or uppercase hex characters, chosen by the publisher; the dedupe key."""
     topic: _builtins.str
@@ -141,7 +142,9 @@ class Header(_message.Message):
     messageType: _builtins.str
     """[A-Za-z0-9._:-]{1,255}; what bindings match on."""
     expiredTime: _builtins.int
-    """Unix seconds. <= 0: the broker's maximum (7 days). In the past: rejected."""
+    """Unix seconds. <= 0: the broker's maximum (7 days). In the past: rejected. For a
+    scheduled message (deliverAt) the default and the 7-day maximum count from deliverAt.
+    """
     deliverLimit: _builtins.int
     """Maximum delivery attempts. <= 0 or > 100: 100."""
     groupId: _builtins.str
@@ -160,6 +163,12 @@ class Header(_message.Message):
     """Not part of this protocol (KiteQ's field number kept): nothing compresses bodies, and
     a message with snappy = true is refused with ERROR_CODE_INVALID_ARGUMENT.
     """
+    deliverAt: _builtins.float
+    """Scheduled delivery: Unix seconds (fractions allowed) before which the message is not
+    delivered; it is stored and store-acked at once. 0 or a time already past: at once.
+    More than 7 days ahead, at or after a non-zero expiredTime, or on a fly message:
+    refused with ERROR_CODE_INVALID_ARGUMENT. Deliveries carry it as published.
+    """
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -176,10 +185,11 @@ class Header(_message.Message):
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         createTime: _builtins.int = ...,
         snappy: _builtins.bool = ...,
+        deliverAt: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "createTime", b"createTime", "deliverLimit", b"deliverLimit", "expiredTime", b"expiredTime", "fly", b"fly", "groupId", b"groupId", "messageId", b"messageId", "messageType", b"messageType", "properties", b"properties", "snappy", b"snappy", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "createTime", b"createTime", "deliverAt", b"deliverAt", "deliverLimit", b"deliverLimit", "expiredTime", b"expiredTime", "fly", b"fly", "groupId", b"groupId", "messageId", b"messageId", "messageType", b"messageType", "properties", b"properties", "snappy", b"snappy", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
