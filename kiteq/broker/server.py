@@ -41,7 +41,7 @@ from kiteq.broker.service import (
 )
 from kiteq.broker.stats import StatsView
 from kiteq.core.clock import Clock, SystemClock
-from kiteq.core.config import CLUSTER_DEFAULTS, ClusterConfig
+from kiteq.core.config import ANY_TOPIC, CLUSTER_DEFAULTS, ClusterConfig
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import MAX_FRAME_BYTES
 from kiteq.core.tls import ServerTls, TlsMode, load_server_tls
@@ -374,7 +374,10 @@ class Broker:
             self._dead_letters = await self._store_or_fail().dlq_size()
             self.metrics.set_dead_letters(self._dead_letters)
             pipeline = self._pipeline
-            self.metrics.set_scheduled(pipeline.scheduled.counts(pipeline.clock.now()))
+            # every served topic has a series (0: nothing scheduled), counted in memory
+            scheduled = dict.fromkeys((t for t in pipeline.config.topics if t != ANY_TOPIC), 0)
+            scheduled.update(pipeline.scheduled.counts(pipeline.clock.now()))
+            self.metrics.set_scheduled(scheduled)
             self._store_ok_at = time.monotonic()
             self.metrics.set_inflight(self._pipeline.dispatcher.inflight)
             consumers = sum(1 for c in self._pipeline.connections if c.consumer)
