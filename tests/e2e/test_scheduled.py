@@ -54,7 +54,7 @@ def remind(**kwargs: object) -> Message:
 
 def assert_on_time(arrivals: Arrivals, due: dict[str, float]) -> None:
     for message_id, at in due.items():
-        received, arrived = arrivals.got[message_id]
+        _, arrived = arrivals.got[message_id]
         assert arrived >= at, f"{message_id} delivered {at - arrived:.3f} s early"
         assert arrived <= at + RECOVER_SECONDS + SLACK, f"{message_id} {arrived - at:.3f} s late"
 
