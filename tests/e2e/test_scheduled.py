@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +19,7 @@ import pytest
 
 from kiteq.client import AsyncConsumer, AsyncProducer, Binding, Message, ReceivedMessage
 from tests.conftest import unavailable
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.helpers import SECRET, admin_cli, admin_json, consumer, producer, wait_idle
 from tests.store import mariadb
 from tests.waiting import wait_until
@@ -192,3 +195,17 @@ def test_cancel_through_kiteq_admin(broker: BrokerProcess) -> None:
     assert list(arrivals.got) == [kept.message_id]
     history = [e.kind for e in broker.lookup(cancelled.message_id).history]
     assert "cancelled" in history
+
+
+def test_readme_scheduled_example_runs_as_written(broker: BrokerProcess) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Scheduled delivery\n", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    script = example.replace("127.0.0.1:13800", broker.address)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    found = re.fullmatch(r"delivered (-?[0-9.]+) s after its delivery time\n", run.stdout)
+    assert found is not None, run.stdout
+    assert 0.0 <= float(found[1]) <= RECOVER_SECONDS + SLACK
