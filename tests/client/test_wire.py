@@ -185,3 +185,16 @@ def test_tx_frame_sends_canonical_ids() -> None:
         (lower, 1, ""),
         (lower, 2, "why"),
     ]
+
+
+def test_a_scheduled_message_carries_its_delivery_time_and_the_expiry_counts_from_it() -> None:
+    now = 1_700_000_000.0
+    message = Message(topic="trade", message_type="remind", body=b"", deliver_at=now + 3600.5)
+    (item,) = _wire.publish_frame([message], "pay-svc", now).publish.messages
+    assert item.header.deliverAt == now + 3600.5
+    assert item.header.expiredTime == int(now + 3600.5) + 7 * 24 * 3600
+    (plain,) = _wire.publish_frame(
+        [Message(topic="trade", message_type="remind", body=b"")], "pay-svc", now
+    ).publish.messages
+    assert plain.header.deliverAt == 0.0
+    assert plain.header.expiredTime == int(now) + 7 * 24 * 3600

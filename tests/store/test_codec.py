@@ -26,6 +26,7 @@ _messages = st.builds(
     fly=st.booleans(),
     create_time=_int64,
     snappy=st.booleans(),
+    deliver_at=st.floats(allow_nan=False),
 )
 _deliveries = st.builds(
     GroupDelivery,
@@ -61,6 +62,15 @@ def test_round_trip_of_edge_values() -> None:
     r.only_groups = ("", "ü")
     assert round_trip(r) == r
     assert round_trip(r).message.body == b""
+
+
+def test_a_message_with_no_delivery_time_is_encoded_as_before_scheduled_delivery() -> None:
+    r = record()
+    plain = codec.encode_message(r)
+    r.message = dataclasses.replace(r.message, deliver_at=NOW + 60.5)
+    scheduled = codec.encode_message(r)
+    assert len(scheduled) == len(plain) + 8
+    assert round_trip(r).message.deliver_at == NOW + 60.5
 
 
 def test_state_carries_the_commit_flag_and_the_topic() -> None:
