@@ -185,6 +185,10 @@ def test_secret_from_the_environment_guards_every_admin_call(
             lambda: stub.ResolveTransaction(
                 admin_pb2.ResolveTransactionRequest(messageId="0" * 32, commit=True), timeout=5
             ),
+            lambda: stub.ListScheduled(admin_pb2.ListScheduledRequest(), timeout=5),
+            lambda: stub.CancelScheduled(
+                admin_pb2.CancelScheduledRequest(messageId="0" * 32), timeout=5
+            ),
         ):
             with pytest.raises(grpc.RpcError) as raised:
                 call()
@@ -197,11 +201,12 @@ def test_secret_from_the_environment_guards_every_admin_call(
     # has been read too (the output is read by a thread, in order)
     with pytest.raises(grpc.RpcError):
         stats(broker, "marker")
-    wait_until(lambda: len(audit_lines(broker, "admin auth failed")) >= 9, 10, "9 audit lines")
-    # 9 refused calls, one line each, and a refused mutation changed nothing
-    assert len(audit_lines(broker, "admin auth failed")) == 9
+    wait_until(lambda: len(audit_lines(broker, "admin auth failed")) >= 11, 10, "11 audit lines")
+    # 11 refused calls, one line each, and a refused mutation changed nothing
+    assert len(audit_lines(broker, "admin auth failed")) == 11
     assert audit_lines(broker, "admin commit") == []
     assert audit_lines(broker, "admin redrive") == []
+    assert audit_lines(broker, "admin cancel") == []
 
 
 def test_kiteq_admin_takes_the_secret_from_env_or_file(
