@@ -118,6 +118,26 @@ def rows_where(
     return check
 
 
+def click_in_row(browser: webdriver.Chrome, rows: str, first_cell: str, button: str) -> None:
+    """Click *button* in the row of *rows* whose first cell reads *first_cell*.
+
+    One script call finds it: a live view may re-render the table between two WebDriver
+    calls, leaving a found element stale. The click runs after the script has returned,
+    as it may open a confirm dialog.
+    """
+    clicked = browser.execute_script(
+        "for (const tr of document.querySelectorAll(arguments[0])) {"
+        " if (tr.cells[0].innerText.trim() === arguments[1]) {"
+        "  const button = tr.querySelector(arguments[2]);"
+        "  setTimeout(() => button.click(), 0); return true; } }"
+        " return false;",
+        rows,
+        first_cell,
+        button,
+    )
+    assert clicked, f"no row {first_cell!r} with {button!r} in {rows!r}"
+
+
 def shot(browser: webdriver.Chrome, name: str) -> None:
     assert browser.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
@@ -294,9 +314,8 @@ def test_dlq_redrive_previews_then_moves_and_the_group_gets_the_messages_again(
     shot(browser, "06-dlq")
 
     # one row's letter first: the dry run names it, the confirmation moves only it
-    first = browser.find_element(By.CSS_SELECTOR, "#dead-letters tbody tr")
-    one = first.find_elements(By.TAG_NAME, "td")[0].text
-    first.find_element(By.CSS_SELECTOR, "button.redrive-one").click()
+    one = table_rows(browser, "dead-letters")[0][0]
+    click_in_row(browser, "#dead-letters tbody tr", one, "button.redrive-one")
     wait(browser, text_in("redrive-summary", "Dry run: 1 dead letter(s) would be delivered"))
     assert browser.find_element(By.ID, "redrive-list").text == f"{one} → failing"
     assert len(dead_letters(broker, "failing")) == N  # the preview moved nothing
@@ -378,8 +397,7 @@ def test_an_unresolved_transaction_is_committed_from_the_page_and_delivered(
         )
         assert got.ids() == []
         shot(browser, "09-transactions")
-        row = browser.find_element(By.CSS_SELECTOR, f'#transactions tr[data-id="{message_id}"]')
-        row.find_element(By.CSS_SELECTOR, "button.commit").click()
+        click_in_row(browser, "#transactions tbody tr", message_id, "button.commit")
         wait(browser, expected_conditions.alert_is_present())
         browser.switch_to.alert.accept()
         wait(browser, text_in("tx-result", f"Committed {message_id}."))

@@ -44,6 +44,7 @@ KITEQ_FAMILIES = {
     "kiteq_group_backlog_messages": "gauge",
     "kiteq_group_oldest_message_age_seconds": "gauge",
     "kiteq_group_consumers": "gauge",
+    "kiteq_scheduled_messages": "gauge",
     "kiteq_transactions_pending": "gauge",
     "kiteq_transactions_unresolved": "gauge",
     "kiteq_transaction_checks": "counter",
