@@ -81,6 +81,26 @@ def test_delays_of_0_and_2_seconds_are_never_early_and_come_within_a_recover_per
     assert arrivals.got[now.message_id][0].deliver_at == 0.0
 
 
+def test_a_due_message_does_not_wait_for_a_long_recover_period(
+    tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> None:
+    # the loop wakes at the next delivery time it knows of, not a period later
+    period = 60
+    config = write_config(
+        tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch", extra={"recoverSeconds": period}
+    )
+    broker = launch(config)
+    arrivals = Arrivals()
+    with consumer(broker, "remind-svc", [BINDING], arrivals), producer(broker) as p:
+        soon = [remind(delay=2), remind(delay=3)]
+        for message in soon:
+            p.send(message)
+        arrivals.wait_count(2, period / 2)
+    for message in soon:
+        _, arrived = arrivals.got[message.message_id]
+        assert message.deliver_at <= arrived <= message.deliver_at + 1 + SLACK
+
+
 def test_asyncio_classes_schedule_and_show_the_delivery_time(broker: BrokerProcess) -> None:
     arrivals = Arrivals()
 

@@ -86,6 +86,7 @@ class BrokerCore:
         )
         recover = self.recover
         bindings.add_listener(lambda _topic, _group: recover.wake())
+        self.scheduled.on_stored = recover.due_at
         self.transactions = TxManager(
             store=store,
             dispatcher=self.dispatcher,

@@ -15,7 +15,9 @@ stored message, parked ones included, until one of them gets through the whole i
 A scheduled message (issue #15) is stored due at its delivery time: the periodic scan
 reads it only once it is due, and a full scan reads it but skips it as it skips any
 message in its backoff window (its count for the metrics is taken there:
-``kiteq.handler.schedule``).
+``kiteq.handler.schedule``). The loop wakes at the next delivery time the tally knows
+(``due_at``, ``ScheduledTally.next_due``), so a scheduled message comes within a second
+of its time rather than up to a period later.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class RecoverLoop:
         self._clock = clock
         self._period = period
         self._wake = asyncio.Event()
+        # wall time the loop plans its next scan for (a sooner delivery time wakes it)
+        self._next_scan = 0.0
         self.scans = 0
         # read parked messages too in the next scan (a start reads everything)
         self._full = True
@@ -70,11 +74,24 @@ class RecoverLoop:
         self._full = True
         self._wake.set()
 
+    def due_at(self, when: float) -> None:
+        """A scheduled message becomes due at *when*: scan then, not a period later."""
+        if when < self._next_scan:
+            self._next_scan = when
+            self._wake.set()  # the loop plans again; the scan it runs first is cheap
+
     async def run(self) -> None:
         while True:
             await self.scan()
+            now = self._clock.now()
+            wait = self._period
+            if self._scheduled is not None:
+                due = self._scheduled.next_due(now)
+                if due is not None:
+                    wait = min(wait, max(0.0, due - now))
+            self._next_scan = now + wait
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._period)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
 
     async def scan(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
+from collections.abc import Callable
 
 from kiteq.core.message import StoredMessage
 
@@ -91,12 +92,28 @@ class ScheduledTally:
         self._layers: list[_Layer] = [_Layer()]
         self._census: _Layer | None = None
         self._census_start = 0.0
+        # told each new delivery time (the recover loop: it wakes for it)
+        self.on_stored: Callable[[float], None] | None = None
 
     def stored(self, record: StoredMessage, now: float) -> None:
         """*record* was stored (or committed) and waits for its delivery time."""
         message = record.message
         if message.deliver_at > now:
             self._layers[-1].add(message.topic, message.deliver_at)
+            if self.on_stored is not None:
+                self.on_stored(message.deliver_at)
+
+    def next_due(self, now: float) -> float | None:
+        """The first whole second after *now* at which a counted message becomes due.
+
+        A cancelled message's second may still be named: a scan for nothing, no harm.
+        """
+        seconds = []
+        for layer in self._layers:
+            layer.expire(now)
+            if layer.due:
+                seconds.append(layer.due[0][0])
+        return float(min(seconds)) if seconds else None
 
     def cancelled(self, record: StoredMessage) -> None:
         message = record.message
