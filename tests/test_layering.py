@@ -298,6 +298,9 @@ FOREIGN_EDGES: Final[dict[str, re.Pattern[str]]] = {
     "sqlalchemy": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*"),
     "pymysql": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*|kiteq\.bench\._mysql"),
     "rocksdict": re.compile(r"kiteq\.store\.(rocksdb|_rocksdb)\w*"),
+    # the HTTP servers: the ops port and the HTTP publish API (the request parsing of
+    # kiteq.broker.http_request and the answers of http_answers stay library-free)
+    "aiohttp": re.compile(r"kiteq\.ops\.http|kiteq\.broker\.http_publish"),
 }
 
 
@@ -384,6 +387,8 @@ def import_graph() -> dict[str, set[str]]:
         ("kiteq.handler.takeover", "from kazoo.exceptions import KazooException\n"),
         ("kiteq.broker.server", "import sqlalchemy\n"),
         ("kiteq.handler.recover", "def f():\n    import rocksdict\n"),
+        ("kiteq.broker.http_request", "from aiohttp import web\n"),
+        ("kiteq.broker.service", "import aiohttp\n"),
     ],
 )
 def test_checker_flags_private_and_foreign_imports(module: str, source: str) -> None:
@@ -397,6 +402,8 @@ def test_checker_flags_private_and_foreign_imports(module: str, source: str) -> 
         ("kiteq.binding.zk", "from kiteq.binding._zk_nodes import Nodes\nimport kazoo\n"),
         ("kiteq.store.mysql", "from kiteq.store._mysql_rows import X\nimport sqlalchemy\n"),
         ("kiteq.store.rocksdb", "from rocksdict import Rdict\n"),
+        ("kiteq.broker.http_publish", "from aiohttp import web\n"),
+        ("kiteq.ops.http", "from aiohttp import web\n"),
     ],
 )
 def test_checker_accepts_own_private_and_edge_imports(module: str, source: str) -> None:

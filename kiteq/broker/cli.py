@@ -33,6 +33,7 @@ from kiteq.broker.startup import (
     CONFIG_ENV,
     LOCAL_CONFIG,
     check_flags,
+    check_http_port,
     check_port_free,
     explain,
     find_config,
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=-1,
         help="ops HTTP port for /metrics /stat /binds; <= 0: off",
+    )
+    flag(
+        "hport",
+        "hport",
+        type=int,
+        default=None,
+        help="HTTP publish API port (overrides hport); <= 0: off",
     )
     flag(
         "logLevel",
@@ -147,6 +155,7 @@ def apply_overrides(
             config.tls_client_ca if options.tls_client_ca is None else options.tls_client_ca
         ),
         admin_secret=secret,
+        hport=config.hport if options.hport is None else max(options.hport, 0),
     )
 
 
@@ -162,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)
     cwd = Path.cwd()
     try:
-        check_flags(pport=options.pport, grace=options.grace)
+        check_flags(pport=options.pport, grace=options.grace, hport=options.hport)
         options.config_path = find_config(options.config_path, os.environ, cwd)
         config = load_cluster(options.config_path, options.cluster_name)
         config = resolve_store_path(apply_overrides(config, options, os.environ), cwd)
@@ -170,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_port_free("-bind", host, port)
         if options.pport > 0:
             check_port_free("-pport", host, options.pport)
+        check_http_port(config, options.hport is not None, host, (port, options.pport))
     except KiteQError as exc:
         print(f"kiteq: {exc}", file=sys.stderr)
         return 1
@@ -215,7 +225,7 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
     print(
         f"kiteq ready cluster={config.name} bind={broker.advertised} store={broker.store_description} "
         f"registry={redact_registry_uri(config.registry)} topics={','.join(config.topics)} "
-        f"tls={broker.tls_mode} config={options.config_path}",
+        f"tls={broker.tls_mode} config={options.config_path}{_http(broker)}",
         flush=True,
     )
     try:
@@ -226,6 +236,12 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
         return 1
     await broker.stop()
     return 0
+
+
+def _http(broker: Broker) -> str:
+    """The ready line's ``http=`` part: where the HTTP publish API listens, if it does."""
+    address = broker.http_address
+    return f" http={address}" if address else ""
 
 
 @contextlib.contextmanager

@@ -44,6 +44,8 @@ class Rejection(enum.Enum):
     STRAY_ACK = "stray_ack"  # an ack naming no delivery in flight on the session
     INVALID_TX = "invalid_tx"  # a TxAck item with a bad id or status
     DENIED_TX = "denied_tx"  # a TxAck item for a message another group published
+    # an HTTP publish request refused before any message: unparsable, oversized, too slow
+    INVALID_REQUEST = "invalid_request"
 
 
 def peer_host(peer: str) -> str:

@@ -29,7 +29,9 @@ from kiteq.binding.registry import open_registry
 from kiteq.broker.address import advertised_address, is_loopback, split_bind
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.console_source import BrokerConsole
+from kiteq.broker.http_publish import HttpPublishServer, server_ssl_context
 from kiteq.broker.logs import EventSummary
+from kiteq.broker.rejections import RejectionLog
 from kiteq.broker.service import (
     KEEPALIVE_TIME_MS,
     KEEPALIVE_TIMEOUT_MS,
@@ -129,6 +131,7 @@ class Broker:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._ops: OpsServer | None = None
+        self._http: HttpPublishServer | None = None
         self._store: MessageStore | None = None
         self._registry: BindingRegistry | None = None
         self._registration: BrokerRegistration | None = None
@@ -257,6 +260,8 @@ class Broker:
                 health=self,
             )
             await self._ops.start()
+        if config.hport > 0:
+            await self._start_http(core)
         self.metrics.set_info(VERSION, config.name, store.description)
         takeover_nodes = registry.takeover_nodes()
         if config.takeover and ownership.sharing is not None and takeover_nodes is not None:
@@ -282,6 +287,35 @@ class Broker:
             )
         )
         self._registered = True
+
+    async def _start_http(self, core: BrokerCore) -> None:
+        """Serve the HTTP publish API on ``hport`` (HTTPS with the gRPC port's TLS files)."""
+        config = self.config
+        self._http = HttpPublishServer(
+            self._bind_host or "0.0.0.0",  # noqa: S104
+            config.hport,
+            core=core,
+            rejections=RejectionLog(core.clock, self.metrics),
+            metrics=self.metrics,
+            ssl_context=server_ssl_context(config),
+        )
+        try:
+            await self._http.start()
+        except OSError as exc:
+            raise ConfigError(f"-hport: cannot listen on port {config.hport}: {exc}") from exc
+        if self._http.scheme == "http" and not is_loopback(self._bind_host) and not config.dev:
+            logger.warning(
+                "HTTP publish port %d is plaintext: group secrets cross the network in "
+                "cleartext (set tlsCert and tlsKey)",
+                config.hport,
+            )
+
+    @property
+    def http_address(self) -> str:
+        """``<scheme>://host:port`` of the HTTP publish API; empty when it is off."""
+        if self._http is None:
+            return ""
+        return f"{self._http.scheme}://{advertised_address(self._bind_host, self._http.port)}"
 
     def health_report(self) -> HealthReport:
         """For ``/healthz`` and ``/readyz``: from state kept in memory, no store call.
@@ -503,6 +537,8 @@ class Broker:
             await self._server.stop(1.0)
         if self._ops is not None:
             await self._ops.stop()
+        if self._http is not None:
+            await self._http.stop()
         if core is not None:
             saved = core.dispatcher.checkpoint()
             if saved:

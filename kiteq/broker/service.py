@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from kiteq.binding.base import BindingRegistry
 from kiteq.binding.model import Binding
 from kiteq.broker import wire
+from kiteq.broker.credentials import check_credentials
 from kiteq.broker.rejections import Rejection, RejectionLog
 from kiteq.core.codes import AckCode
 from kiteq.core.errors import PermissionDeniedError
@@ -39,8 +40,6 @@ from kiteq.core.limits import (
     MAX_PROPERTIES,
     MAX_PROPERTY_KEY_BYTES,
     MAX_PROPERTY_VALUE_BYTES,
-    MAX_SECRET_BYTES,
-    is_name,
 )
 from kiteq.core.message import TxStatus
 from kiteq.handler.connection import Connection, StoreAck
@@ -221,9 +220,10 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         self, group: str, secret: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """Refuse the call unless *secret* is *group*'s: INVALID_ARGUMENT or UNAUTHENTICATED."""
-        if not is_name(group):
+        refused = check_credentials(self._config, group, secret)
+        if refused is Rejection.INVALID_OPEN:
             await self._refuse(context, Rejection.INVALID_OPEN, f"invalid group id {group[:64]!r}")
-        if len(secret) > MAX_SECRET_BYTES or not self._config.check_secret(group, secret):
+        if refused is not None:
             self._rejections.note(context.peer(), Rejection.UNAUTHENTICATED, f"group={group}")
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, f"wrong secret for group {group!r}"

@@ -29,6 +29,7 @@ __all__ = [
     "CONFIG_ENV",
     "LOCAL_CONFIG",
     "check_flags",
+    "check_http_port",
     "check_port_free",
     "explain",
     "find_config",
@@ -81,15 +82,16 @@ def find_config(flag: str | None, environ: Mapping[str, str], cwd: Path) -> Path
     return local if local.is_file() else shipped_config()
 
 
-def check_flags(*, pport: int, grace: float) -> None:
+def check_flags(*, pport: int, grace: float, hport: int | None = None) -> None:
     """Refuse flag values the broker would misread (argparse checks only their type).
 
     Raises:
-        ConfigError: ``-pport`` above 65535 (it would wrap to another port) or ``-grace``
-            negative or not finite.
+        ConfigError: ``-pport`` or ``-hport`` above 65535 (it would wrap to another port)
+            or ``-grace`` negative or not finite.
     """
-    if pport > MAX_PORT:
-        raise ConfigError(f"-pport: must be 1..{MAX_PORT} (or <= 0: off), got {pport}")
+    for flag, port in (("-pport", pport), ("-hport", hport or 0)):
+        if port > MAX_PORT:
+            raise ConfigError(f"{flag}: must be 1..{MAX_PORT} (or <= 0: off), got {port}")
     if not math.isfinite(grace) or grace < 0:
         raise ConfigError(f"-grace: must be >= 0 seconds, got {grace!r}")
 
@@ -120,6 +122,26 @@ def check_port_free(flag: str, host: str, port: int) -> None:
         except OSError as exc:
             cause = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise ConfigError(f"{flag}: cannot listen on {host or '*'}:{port}: {cause}") from exc
+
+
+def check_http_port(
+    config: ClusterConfig, from_flag: bool, host: str, others: tuple[int, ...]
+) -> None:
+    """Fail now if the HTTP publish port (``config.hport``, 0: off) cannot be listened on.
+
+    *others* are the ports the broker listens on besides it (gRPC, ops): the same port
+    twice would fail only once the broker has started.
+
+    Raises:
+        ConfigError: Naming ``-hport``, or the key when the port comes from the config.
+    """
+    port = config.hport
+    if port <= 0:
+        return
+    name = "-hport" if from_flag else f"clusters.{config.name}.hport"
+    if port in others:
+        raise ConfigError(f"{name}: port {port} is already the gRPC or ops port")
+    check_port_free(name, host, port)
 
 
 def resolve_store_path(config: ClusterConfig, cwd: Path) -> ClusterConfig:

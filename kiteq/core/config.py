@@ -39,6 +39,7 @@ EMBEDDED_REGISTRY: Final = "embedded://"
 DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC: Final = 1000
 # the wire format's own bound on a regex binding (kiteq.binding.model.MAX_PATTERN_CHARS)
 MAX_PATTERN_LENGTH: Final = 256
+MAX_PORT: Final = 65535
 
 # key: (default, documentation). The README's table lists the same keys and defaults
 # (tests/core/test_config.py checks that they agree).
@@ -113,6 +114,10 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
             DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC,
             "most bindings one group may hold for one topic; more are refused at declaration",
         ),
+        "hport": (
+            0,
+            "port of the HTTP publish API, on the -bind host (0 = off); -hport overrides it",
+        ),
         "maxPatternLength": (
             MAX_PATTERN_LENGTH,
             f"longest regex binding pattern in characters (1..{MAX_PATTERN_LENGTH})",
@@ -152,6 +157,8 @@ class ClusterConfig:
     acl: Permissions = dataclasses.field(default_factory=Permissions)
     max_bindings_per_group_topic: int = DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC
     max_pattern_length: int = MAX_PATTERN_LENGTH
+    # the HTTP publish API's port; 0: off
+    hport: int = 0
 
     @property
     def dev(self) -> bool:
@@ -292,6 +299,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         acl=parse_acl(f"{prefix}.acl", section.get("acl", default("acl"))),
         max_bindings_per_group_topic=count("maxBindingsPerGroupTopic"),
         max_pattern_length=max_pattern_length,
+        hport=params.integer("hport", default("hport"), low=0, high=MAX_PORT),
     )
 
 

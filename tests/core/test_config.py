@@ -56,6 +56,7 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "acl": ("acl", Permissions()),
     "maxBindingsPerGroupTopic": ("max_bindings_per_group_topic", 1000),
     "maxPatternLength": ("max_pattern_length", 256),
+    "hport": ("hport", 0),
 }
 
 

@@ -24,6 +24,8 @@ from kiteq.ops.metrics.labels import (
     DEAD_LETTER_REASONS,
     DELIVERY_RESULTS,
     FRAME_REJECT_REASONS,
+    HTTP_CODES,
+    HTTP_ENDPOINTS,
     NO_GROUP_LABEL,
     REJECT_REASONS,
     SESSION_CLOSE_REASONS,
@@ -248,6 +250,17 @@ class BrokerMetrics:
             "Client streams closed, by reason.",
             ["reason"],
         )
+        self._http_requests = counter(
+            "kiteq_http_requests_total",
+            "Requests to the HTTP publish API, by endpoint and status code.",
+            ["endpoint", "code"],
+        )
+        self._http_duration = histogram(
+            "kiteq_http_request_duration_seconds",
+            "From an HTTP publish request's arrival to its answer (after the store-ack).",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+        )
         self.store_ack_latency = FastHistogram(
             "kiteq_publish_store_ack_seconds",
             "From a publish batch's arrival to its store-ack, per message.",
@@ -292,6 +305,8 @@ class BrokerMetrics:
             self._zk_state.labels(state).set(0)
         for reason in sorted(SESSION_CLOSE_REASONS):
             self._sessions_closed.labels(reason)
+        for endpoint in sorted(HTTP_ENDPOINTS):
+            self._http_requests.labels(endpoint, "200")
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -456,6 +471,13 @@ class BrokerMetrics:
     def session_closed(self, reason: str) -> None:
         """Count one closed client stream; *reason* is in ``SESSION_CLOSE_REASONS``."""
         self._sessions_closed.labels(check("close reason", reason, SESSION_CLOSE_REASONS)).inc()
+
+    def http_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one HTTP publish API request; *endpoint* is in ``HTTP_ENDPOINTS``."""
+        endpoint = check("http endpoint", endpoint, HTTP_ENDPOINTS)
+        code = str(status)
+        self._http_requests.labels(endpoint, code if code in HTTP_CODES else "other").inc()
+        self._http_duration.labels(endpoint).observe(seconds)
 
     def set_info(self, version: str, cluster: str, store: str) -> None:
         """Publish ``kiteq_build_info{version,cluster,store} 1``.

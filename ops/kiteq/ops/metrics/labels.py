@@ -21,6 +21,8 @@ __all__ = [
     "DEAD_LETTER_REASONS",
     "DELIVERY_RESULTS",
     "FRAME_REJECT_REASONS",
+    "HTTP_CODES",
+    "HTTP_ENDPOINTS",
     "INVALID_LABEL",
     "NO_GROUP_LABEL",
     "OTHER_LABEL",
@@ -65,6 +67,7 @@ FRAME_REJECT_REASONS: Final = frozenset(
         "stray_ack",
         "invalid_tx",
         "denied_tx",
+        "invalid_request",
     }
 )
 # why a group's bindings were refused (kiteq.binding.match.RefusalReason)
@@ -76,6 +79,12 @@ DEAD_LETTER_REASONS: Final = frozenset({"deliver_limit", "expired", "no_binding"
 # what a transaction check ended in: the producer's answer, or none (sent, unanswered)
 TX_CHECK_RESULTS: Final = frozenset({"commit", "rollback", "unknown", "unresolved"})
 ZK_STATES: Final = frozenset({"connected", "suspended", "lost"})
+# kiteq.broker.http_publish: the endpoints of the HTTP publish API ("other": no route), and
+# the statuses it answers with (any other counts as "other")
+HTTP_ENDPOINTS: Final = frozenset({"publish", "batch", "commit", "rollback", "other"})
+HTTP_CODES: Final = frozenset(
+    {"200", "400", "401", "403", "404", "405", "408", "409", "413", "415", "429", "500", "503"}
+)
 # kiteq.broker.service: how a client stream ended
 SESSION_CLOSE_REASONS: Final = frozenset({"client_closed", "cancelled", "refused", "error"})
 
