@@ -315,7 +315,9 @@ def _draft(item: Any, where: str) -> Draft:
     if not isinstance(transactional, bool):
         raise _invalid(f"{where}: transactional must be true or false")
     key = item.get("idempotencyKey", "")
-    if not isinstance(key, str) or (key and IDEMPOTENCY_KEY_RE.fullmatch(key) is None):
+    if not isinstance(key, str) or (
+        "idempotencyKey" in item and IDEMPOTENCY_KEY_RE.fullmatch(key) is None
+    ):
         raise _invalid(f"{where}: idempotencyKey must be 1 to 255 visible ASCII characters")
     return Draft(
         message_type=message_type,
