@@ -99,6 +99,11 @@ def config(tmp_path: Path) -> Path:
     ("flags", "expected"),
     [
         (["-pport=70000"], "kiteq: -pport: must be 1..65535 (or <= 0: off), got 70000\n"),
+        (["-hport=70000"], "kiteq: -hport: must be 1..65535 (or <= 0: off), got 70000\n"),
+        (
+            ["-pport=13999", "-hport=13999"],
+            "kiteq: -hport: port 13999 is already the gRPC or ops port\n",
+        ),
         (["-grace=-5"], "kiteq: -grace: must be >= 0 seconds, got -5.0\n"),
         (["-bind=127.0.0.1:70000"], "kiteq: -bind: expected host:port, got '127.0.0.1:70000'\n"),
         (["-clusterName=nope"], None),
@@ -117,11 +122,11 @@ def test_bad_flag_is_one_line_and_exit_1(
         assert "unknown cluster 'nope'" in run.stderr
 
 
-@pytest.mark.parametrize("flag", ["-bind", "-pport"])
+@pytest.mark.parametrize("flag", ["-bind", "-pport", "-hport"])
 def test_busy_port_names_the_flag_and_the_cause(
     config: Path, tmp_path: Path, busy_port: int, flag: str
 ) -> None:
-    ports = {"-bind": f"127.0.0.1:{free_port()}", "-pport": str(free_port())}
+    ports = {"-bind": f"127.0.0.1:{free_port()}", "-pport": str(free_port()), "-hport": "0"}
     ports[flag] = f"127.0.0.1:{busy_port}" if flag == "-bind" else str(busy_port)
     run = run_kiteq(
         [
@@ -129,6 +134,7 @@ def test_busy_port_names_the_flag_and_the_cause(
             f"-configPath={config}",
             f"-bind={ports['-bind']}",
             f"-pport={ports['-pport']}",
+            f"-hport={ports['-hport']}",
         ],
         cwd=tmp_path,
     )
@@ -137,6 +143,18 @@ def test_busy_port_names_the_flag_and_the_cause(
     assert (
         run.stderr
         == f"kiteq: {flag}: cannot listen on 127.0.0.1:{busy_port}: address already in use\n"
+    )
+
+
+def test_busy_hport_from_the_config_names_the_key(tmp_path: Path, busy_port: int) -> None:
+    config = write_config(tmp_path, db="memory://", extra={"hport": busy_port})
+    run = run_kiteq(
+        ["-clusterName=e2e", f"-configPath={config}", "-bind=127.0.0.1:0"], cwd=tmp_path
+    )
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"kiteq: clusters.e2e.hport: cannot listen on 127.0.0.1:{busy_port}: "
+        "address already in use\n"
     )
 
 
