@@ -111,8 +111,10 @@ def promtool_run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
 class _Load:
     """A producer thread publishing batches until stopped (or ``_MAX_BATCHES``)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, http: str = "") -> None:
         self._address = address
+        # the HTTP publish API's base URL: one message through it per batch
+        self._http = http
         self._stop = threading.Event()
         self.sent = 0
         self._thread = threading.Thread(target=self._run, name="kiteq-load", daemon=True)
@@ -137,7 +139,19 @@ class _Load:
                 for future in futures:
                     future.result(30)
                 self.sent += len(futures)
+                if self._http:
+                    self._publish_http()
                 self._stop.wait(0.05)
+
+    def _publish_http(self) -> None:
+        request = urllib.request.Request(
+            f"{self._http}/v1/topics/{TOPIC}/messages",
+            data=b"x" * 100,
+            headers={"X-KiteQ-Group": "load", "X-KiteQ-Secret": "s", "X-KiteQ-Message-Type": "pay"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            reply.read()
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,7 +171,7 @@ def _consumer(address: str, group: str, handler: Collector, watermark: int = 0) 
 @contextmanager
 def broker_under_load(tmp_path: Path, prometheus_binary: str) -> Iterator[Prometheus]:
     """A broker with four groups under load, and a Prometheus scraping it (alert rules on)."""
-    pport = free_port()
+    pport, hport = free_port(), free_port()
     broker = BrokerProcess(
         write_config(
             tmp_path,
@@ -165,10 +179,11 @@ def broker_under_load(tmp_path: Path, prometheus_binary: str) -> Iterator[Promet
             extra={"topics": [TOPIC]},
         ),
         pport=pport,
+        args=[f"-hport={hport}"],
     )
     broker.start()
     prometheus: Prometheus | None = None
-    load = _Load(broker.address)
+    load = _Load(broker.address, f"http://127.0.0.1:{hport}")
     try:
         # "offline" declares its persistent binding and goes: its messages stay stored
         with _consumer(broker.address, "offline", Collector()):

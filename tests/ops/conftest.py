@@ -9,6 +9,7 @@ from kiteq.ops.metrics import (
     CONNECTION_ROLES,
     DEAD_LETTER_REASONS,
     DELIVERY_RESULTS,
+    HTTP_ENDPOINTS,
     REJECT_REASONS,
     SESSION_CLOSE_REASONS,
     TX_CHECK_RESULTS,
@@ -54,6 +55,8 @@ def touch_everything(metrics: BrokerMetrics) -> None:
     metrics.taken_over(12)
     for reason in sorted(SESSION_CLOSE_REASONS):
         metrics.session_closed(reason)
+    for endpoint in sorted(HTTP_ENDPOINTS):
+        metrics.http_request(endpoint, 200, 0.003)
     metrics.store_ack_latency.observe(("trade",), 0.002, 50)
     metrics.first_delivery_latency.observe(("trade", "pay-svc"), 0.004)
     metrics.ack_latency.observe(("trade", "pay-svc"), 0.03)

@@ -27,6 +27,8 @@ KITEQ_FAMILIES = {
     "kiteq_messages_redelivered": "counter",
     "kiteq_rejected_frames": "counter",
     "kiteq_bindings_refused": "counter",
+    "kiteq_http_requests": "counter",
+    "kiteq_http_request_duration_seconds": "histogram",
     "kiteq_metrics_label_overflow": "counter",
     "kiteq_store_operation_duration_seconds": "histogram",
     "kiteq_store_batch_size": "histogram",
@@ -87,6 +89,19 @@ def test_names_follow_prometheus_conventions(touched_metrics: BrokerMetrics) -> 
             assert all(n.endswith(("_total", "_created")) for n in names), names
         if family.name.startswith("kiteq_"):
             assert not any(part in family.name for part in ("_ms", "milli", "micro")), family.name
+
+
+def test_http_requests_are_counted_by_endpoint_and_code() -> None:
+    m = BrokerMetrics(process=False)
+    m.http_request("publish", 200, 0.01)
+    m.http_request("publish", 429, 0.01)
+    m.http_request("batch", 418, 0.01)  # a status the API never answers: "other"
+    assert value(m, "kiteq_http_requests_total", endpoint="publish", code="200") == 1
+    assert value(m, "kiteq_http_requests_total", endpoint="publish", code="429") == 1
+    assert value(m, "kiteq_http_requests_total", endpoint="batch", code="other") == 1
+    assert value(m, "kiteq_http_request_duration_seconds_count", endpoint="publish") == 2
+    with pytest.raises(ValueError, match="http endpoint"):
+        m.http_request("nope", 200, 0.01)
 
 
 def test_content_type_is_text_format_0_0_4() -> None:

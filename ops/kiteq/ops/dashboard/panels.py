@@ -472,6 +472,28 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
         ),
     ),
     (
+        "HTTP publish API",
+        (
+            PanelSpec(
+                "timeseries",
+                "HTTP requests by endpoint and status",
+                "Requests to the HTTP publish API (-hport) per second, by endpoint and status.",
+                "reqps",
+                _q(
+                    f"sum by (endpoint, code) ({_rate('kiteq_http_requests_total')})",
+                    "{{endpoint}} {{code}}",
+                ),
+            ),
+            PanelSpec(
+                "timeseries",
+                "HTTP request duration",
+                "From an HTTP publish request's arrival to its answer, sent after the store-ack.",
+                "s",
+                _quantiles("kiteq_http_request_duration_seconds", "endpoint", "{{endpoint}}"),
+            ),
+        ),
+    ),
+    (
         "Security",
         (
             PanelSpec(
