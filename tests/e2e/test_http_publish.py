@@ -18,6 +18,7 @@ from kiteq.core.limits import MAX_BODY_BYTES
 from tests._servers import free_port
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.tls_files import make_tls_files
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -397,3 +398,30 @@ def test_acl_decides_what_a_group_may_publish(
         [*AUTH, "-H", "X-KiteQ-Message-Type: t", "-d", "x", f"{base}/user/messages"], tmp_path
     )
     assert (denied.status, denied.body["error"]["code"]) == (403, "PERMISSION_DENIED")
+
+
+def test_https_with_the_grpc_ports_certificate_and_mtls(
+    tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> None:
+    files = make_tls_files(tmp_path / "tls")
+    hport = free_port()
+    launch(
+        write_config(tmp_path, db="memory://", extra=files.broker_keys(mtls=True)),
+        args=[f"-hport={hport}"],
+        tls=files.admin(cert=True),
+    )
+    url = f"https://127.0.0.1:{hport}/v1/topics/trade/messages"
+    message = [*AUTH, "-H", "X-KiteQ-Message-Type: pay-succ", "-d", "x"]
+    client = ["--cert", str(files.client_cert), "--key", str(files.client_key)]
+    reply = curl([*message, "--cacert", str(files.ca), *client, url], tmp_path)
+    assert (reply.status, reply.body["status"]) == (200, "stored")
+    # no client certificate, or plain HTTP: no answer at all (curl reports status 000)
+    for args in (["--cacert", str(files.ca), url], [url.replace("https", "http")]):
+        run = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *message, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert run.stdout in ("000", ""), run.stdout
