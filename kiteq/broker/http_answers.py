@@ -64,6 +64,7 @@ STATUS_FOR_ERROR: Final[Mapping[type[KiteQError], int]] = MappingProxyType(
 _FALLBACK_STATUS: Final = 500
 _STATUS_NAMES: Final = {
     "stored": Disposition.STORED,
+    # "scheduled": stored and waiting for its delivery time (success(scheduled=True))
     "duplicate": Disposition.DUPLICATE,
     "delivered": Disposition.DELIVERED,
 }
@@ -109,11 +110,14 @@ def failure(error: KiteQError) -> tuple[int, dict[str, Any]]:
     )
 
 
-def success(message_id: str, ack: StoreAck, *, committed: bool) -> dict[str, Any]:
-    """The document of a message the store took (``ack.ok``)."""
+def success(
+    message_id: str, ack: StoreAck, *, committed: bool, scheduled: bool = False
+) -> dict[str, Any]:
+    """The document of a message the store took (``ack.ok``); *scheduled*: it has a delay."""
+    status = _NAME_FOR_DISPOSITION.get(ack.disposition, "stored")
     document: dict[str, Any] = {
         "id": message_id,
-        "status": _NAME_FOR_DISPOSITION.get(ack.disposition, "stored"),
+        "status": "scheduled" if scheduled and status == "stored" else status,
     }
     if not committed:
         document["committed"] = False

@@ -337,7 +337,14 @@ class HttpPublishServer:
         message = draft.message(request.match_info["topic"], group)
         [ack] = await self._intake.publish([message], group=group)
         if ack.ok:
-            return _json(success(message.message_id, ack, committed=message.commit))
+            return _json(
+                success(
+                    message.message_id,
+                    ack,
+                    committed=message.commit,
+                    scheduled=message.deliver_at > 0,
+                )
+            )
         status, document = refusal(ack)
         document["error"]["id"] = message.message_id
         return _json(document, status, self._retry_headers(ack.code, 1))
@@ -353,11 +360,16 @@ class HttpPublishServer:
         messages = [d.message(topic, group) for d in parse_batch(body, request.headers.items())]
         acks = await self._intake.publish(messages, group=group)
         results: list[dict[str, Any]] = []
-        counts = {"stored": 0, "duplicate": 0, "failed": 0}
+        counts = {"stored": 0, "scheduled": 0, "duplicate": 0, "failed": 0}
         overflowed = 0
         for message, ack in zip(messages, acks, strict=True):
             if ack.ok:
-                result = success(message.message_id, ack, committed=message.commit)
+                result = success(
+                    message.message_id,
+                    ack,
+                    committed=message.commit,
+                    scheduled=message.deliver_at > 0,
+                )
                 counts[result["status"]] = counts.get(result["status"], 0) + 1
             else:
                 status, result = refusal(ack)

@@ -32,6 +32,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -64,15 +65,29 @@ MESSAGE_TYPE_HEADER: Final = "X-KiteQ-Message-Type"
 TRANSACTIONAL_HEADER: Final = "X-KiteQ-Transactional"
 PROPERTY_PREFIX: Final = "X-KiteQ-Property-"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+DELAY_HEADER: Final = "X-KiteQ-Delay-Seconds"
 _AUTHORIZATION: Final = "authorization"
 # headers that describe the message: only for a raw body (a JSON body has fields instead)
 _MESSAGE_HEADERS: Final = frozenset(
-    {MESSAGE_TYPE_HEADER.lower(), TRANSACTIONAL_HEADER.lower(), IDEMPOTENCY_HEADER.lower()}
+    {
+        MESSAGE_TYPE_HEADER.lower(),
+        TRANSACTIONAL_HEADER.lower(),
+        IDEMPOTENCY_HEADER.lower(),
+        DELAY_HEADER.lower(),
+    }
 )
 _CREDENTIAL_HEADERS: Final = frozenset({GROUP_HEADER.lower(), SECRET_HEADER.lower()})
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,255}")
 _FIELDS: Final = frozenset(
-    {"messageType", "body", "bodyBase64", "properties", "transactional", "idempotencyKey"}
+    {
+        "messageType",
+        "body",
+        "bodyBase64",
+        "properties",
+        "transactional",
+        "idempotencyKey",
+        "delaySeconds",
+    }
 )
 _TRUE: Final = frozenset({"true", "1"})
 _FALSE: Final = frozenset({"false", "0"})
@@ -87,6 +102,8 @@ class Draft:
     properties: Mapping[str, str] = dataclasses.field(default_factory=dict)
     transactional: bool = False
     idempotency_key: str = ""
+    # scheduled delivery: seconds from the request's arrival (0: at once)
+    delay_seconds: float = 0.0
 
     def message(self, topic: str, group: str) -> Message:
         """The message *group* publishes to *topic* (the broker validates the rest)."""
@@ -99,6 +116,7 @@ class Draft:
             properties=self.properties,
             group_id=group,
             commit=not self.transactional,
+            delay=self.delay_seconds,
         )
 
 
@@ -186,6 +204,25 @@ def _idempotency_key(value: str) -> str:
     return value
 
 
+def _delay_header(value: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        raise _invalid(f"{DELAY_HEADER} must be a number of seconds, not {value[:20]!r}") from None
+    return _delay(DELAY_HEADER, seconds)
+
+
+def _delay(name: str, value: object) -> float:
+    """A delay in seconds: a finite number >= 0 (the broker refuses one past 7 days)."""
+    if isinstance(value, str):
+        raise _invalid(f"{name} must be finite seconds >= 0 as a number, not a string")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(f"{name} must be a number of seconds")
+    if not math.isfinite(value) or value < 0:
+        raise _invalid(f"{name} must be finite seconds >= 0, not {value!r}")
+    return float(value)
+
+
 def _flag(name: str, value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in _TRUE:
@@ -226,12 +263,14 @@ def parse_raw_message(body: bytes, headers: Iterable[tuple[str, str]]) -> Draft:
         raise _invalid(f"{MESSAGE_TYPE_HEADER} is required with a raw body")
     idempotency = fields.get(IDEMPOTENCY_HEADER.lower())
     transactional = fields.get(TRANSACTIONAL_HEADER.lower())
+    delay = fields.get(DELAY_HEADER.lower())
     return Draft(
         message_type=message_type,
         body=body,
         properties=properties,
         transactional=_flag(TRANSACTIONAL_HEADER, transactional) if transactional else False,
         idempotency_key="" if idempotency is None else _idempotency_key(idempotency),
+        delay_seconds=0.0 if delay is None else _delay_header(delay),
     )
 
 
@@ -325,6 +364,7 @@ def _draft(item: Any, where: str) -> Draft:
         properties=_properties(item.get("properties", {}), where),
         transactional=transactional,
         idempotency_key=key,
+        delay_seconds=_delay("delaySeconds", item.get("delaySeconds", 0)),
     )
 
 

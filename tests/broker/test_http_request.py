@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -142,8 +143,10 @@ def test_raw_body_without_key_gets_a_fresh_id() -> None:
         ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Transactional", "maybe")], "true or false"),
         ([("X-KiteQ-Message-Type", "a"), ("Idempotency-Key", "has space")], "visible ASCII"),
         ([("X-KiteQ-Message-Type", "a"), ("Idempotency-Key", "k" * 256)], "visible ASCII"),
-        # a delay is not wired yet: refused, never ignored
-        ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Delay-Seconds", "5")], "unknown header"),
+        ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Delay-Seconds", "soon")], "number of sec"),
+        ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Delay-Seconds", "-1")], "finite seconds"),
+        ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Delay-Seconds", "nan")], "finite seconds"),
+        ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Foo", "1")], "unknown header"),
         ([("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Property-k", "\udcff")], "not UTF-8"),
     ],
 )
@@ -197,8 +200,9 @@ def test_json_message() -> None:
         (b'{"messageType": "t", "body": "x", "properties": []}', "object of strings"),
         (b'{"messageType": "t", "body": "x", "transactional": "yes"}', "true or false"),
         (b'{"messageType": "t", "body": "x", "idempotencyKey": ""}', "idempotencyKey"),
-        # unknown fields are refused (delaySeconds until scheduled delivery is wired)
-        (b'{"messageType": "t", "body": "x", "delaySeconds": 5}', "unknown field 'delaySeconds'"),
+        (b'{"messageType": "t", "body": "x", "delaySeconds": "5"}', "finite seconds"),
+        (b'{"messageType": "t", "body": "x", "delaySeconds": true}', "number of seconds"),
+        (b'{"messageType": "t", "body": "x", "delaySeconds": -2}', "finite seconds"),
         (b'{"messageType": "t", "body": "x", "tpyo": 1}', "unknown field 'tpyo'"),
     ],
 )
@@ -306,3 +310,16 @@ def test_retry_after() -> None:
     assert retry_after(AckCode.OVERFLOW, 250, 100) == "3"
     assert retry_after(AckCode.NOT_SERVING, 1, 100) == "1"
     assert retry_after(AckCode.INVALID_ARGUMENT, 1, 100) is None
+
+
+def test_a_delay_schedules_the_message_from_the_request() -> None:
+    raw = parse_raw_message(b"x", [("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Delay-Seconds", "5")])
+    doc = parse_json_message(b'{"messageType": "a", "body": "x", "delaySeconds": 2.5}', [])
+    assert (raw.delay_seconds, doc.delay_seconds) == (5.0, 2.5)
+    before = time.time()
+    message = raw.message("trade", "pay")
+    assert before + 5 <= message.deliver_at <= time.time() + 5
+    assert (
+        parse_json_message(b'{"messageType": "a", "body": "x"}', []).message("t", "g").deliver_at
+        == 0.0
+    )

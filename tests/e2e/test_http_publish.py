@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -141,6 +142,37 @@ def test_raw_publish_with_curl_is_delivered_to_a_grpc_consumer(
         metrics = page.read().decode()
     assert 'kiteq_http_requests_total{code="200",endpoint="publish"} 2.0' in metrics
     assert 'kiteq_messages_received_total{topic="trade"} 2.0' in metrics
+
+
+def test_a_delayed_publish_is_scheduled_and_never_delivered_early(
+    start: Callable[..., HttpBroker], tmp_path: Path
+) -> None:
+    broker = start()
+    came: dict[bytes, float] = {}
+    got = Collector(lambda m: came.setdefault(m.body, time.time()) > 0)
+    with consumer(broker, got):
+        sent = time.time()
+        delayed = curl(
+            [*AUTH, "-H", "X-KiteQ-Message-Type: pay-succ", "-H", "X-KiteQ-Delay-Seconds: 2",
+             "-d", "later", broker.url("/v1/topics/trade/messages")],
+            tmp_path,
+        )  # fmt: skip
+        assert (delayed.status, delayed.body["status"]) == (200, "scheduled"), delayed.body
+        batch = curl(
+            [*AUTH, *JSON, "-d",
+             '[{"messageType": "pay-succ", "body": "b", "delaySeconds": 2},'
+             ' {"messageType": "pay-succ", "body": "now"}]',
+             broker.url("/v1/topics/trade/messages:batch")],
+            tmp_path,
+        )  # fmt: skip
+        assert (batch.body["scheduled"], batch.body["stored"]) == (1, 1), batch.body
+        got.wait_count(3, timeout=30)
+    shown = {m.body: m.deliver_at for m in got.received}
+    assert shown[b"now"] == 0.0
+    for body in (b"later", b"b"):
+        assert shown[body] >= sent + 2
+        assert came[body] >= shown[body], f"{body!r} came {shown[body] - came[body]:.3f} s early"
+    assert got.received[0].body == b"now"
 
 
 def test_wrong_secret_is_401_and_nothing_is_stored(
@@ -368,7 +400,8 @@ def test_errors_are_json_with_clear_statuses(
     url = broker.url("/v1/topics/trade/messages")
     cases = [
         ([*AUTH, "-d", "no type", url], 400, "INVALID_ARGUMENT"),
-        ([*AUTH, *JSON, "-d", '{"messageType": "t", "body": "x", "delaySeconds": 1}', url], 400, "INVALID_ARGUMENT"),
+        ([*AUTH, *JSON, "-d", '{"messageType": "t", "body": "x", "delaySeconds": -1}', url], 400, "INVALID_ARGUMENT"),
+        ([*AUTH, *JSON, "-d", '{"messageType": "t", "body": "x", "delaySeconds": 1e9}', url], 400, "INVALID_ARGUMENT"),
         ([*AUTH, "-H", "X-KiteQ-Message-Type: t", "-d", "x", broker.url("/v1/topics/nope/messages")], 404, "UNKNOWN_TOPIC"),
         (["-u", "bad/group:s", "-H", "X-KiteQ-Message-Type: t", "-d", "x", url], 400, "INVALID_ARGUMENT"),
         ([*AUTH, "-X", "GET", url], 405, "METHOD_NOT_ALLOWED"),

@@ -54,7 +54,8 @@ def test_readme_curl_examples_run_as_written(
         ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0, run.stderr
-    raw, stored, duplicate, batch, committed = documents(run.stdout)
+    raw, stored, duplicate, batch, scheduled, committed = documents(run.stdout)
+    assert scheduled["status"] == "scheduled"  # due in 30 s: not among the deliveries below
     assert raw["status"] == "stored"
     assert (stored["status"], duplicate["status"]) == ("stored", "duplicate")
     assert stored["id"] == duplicate["id"]
