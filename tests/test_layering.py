@@ -299,8 +299,11 @@ FOREIGN_EDGES: Final[dict[str, re.Pattern[str]]] = {
     "pymysql": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*|kiteq\.bench\._mysql"),
     "rocksdict": re.compile(r"kiteq\.store\.(rocksdb|_rocksdb)\w*"),
     # the HTTP servers: the ops port and the HTTP publish API (the request parsing of
-    # kiteq.broker.http_request and the answers of http_answers stay library-free)
-    "aiohttp": re.compile(r"kiteq\.ops\.http|kiteq\.broker\.http_publish"),
+    # kiteq.broker.http_request and the answers of http_answers stay library-free), and
+    # the webhook groups' client (DESIGN §9: one library)
+    "aiohttp": re.compile(
+        r"kiteq\.ops\.http|kiteq\.broker\.http_publish|kiteq\.broker\.webhook_http"
+    ),
 }
 
 
@@ -389,6 +392,8 @@ def import_graph() -> dict[str, set[str]]:
         ("kiteq.handler.recover", "def f():\n    import rocksdict\n"),
         ("kiteq.broker.http_request", "from aiohttp import web\n"),
         ("kiteq.broker.service", "import aiohttp\n"),
+        ("kiteq.handler.webhook", "import aiohttp\n"),
+        ("kiteq.broker.server", "from aiohttp import web\n"),
     ],
 )
 def test_checker_flags_private_and_foreign_imports(module: str, source: str) -> None:

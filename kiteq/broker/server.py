@@ -42,6 +42,7 @@ from kiteq.broker.service import (
     add_to_server as add_broker_service,
 )
 from kiteq.broker.stats import StatsView
+from kiteq.broker.webhooks import install_configured_webhooks, open_webhooks
 from kiteq.core.clock import Clock, SystemClock
 from kiteq.core.config import ANY_TOPIC, CLUSTER_DEFAULTS, ClusterConfig
 from kiteq.core.errors import ConfigError
@@ -49,6 +50,7 @@ from kiteq.core.limits import MAX_FRAME_BYTES
 from kiteq.core.tls import ServerTls, TlsMode, load_server_tls
 from kiteq.handler.core import BrokerCore
 from kiteq.handler.takeover import TakeoverLoop
+from kiteq.handler.webhook import WebhookSinks
 from kiteq.ops.health import Component, HealthReport
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
@@ -139,6 +141,7 @@ class Broker:
         self._dead_letters: dict[tuple[str, str], int] = {}
         self._takeover: TakeoverLoop | None = None
         self._core: BrokerCore | None = None
+        self._webhooks: WebhookSinks | None = None
         # health: registration done; the last successful periodic store read (monotonic)
         self._registered = False
         self._store_ok_at: float | None = None
@@ -199,10 +202,12 @@ class Broker:
         bindings = BindingTable(
             limits=BindingLimits(config.max_bindings_per_group_topic, config.max_pattern_length),
             permissions=config.acl,
+            webhooks=config.webhook_policy,
             on_refused=lambda reason: self.metrics.bindings_refused(reason.value),
         )
         self._registry = registry = open_registry(config.registry, store, topics=config.topics)
         await registry.start(bindings)
+        install_configured_webhooks(bindings, config)
         self._core = core = BrokerCore(
             config=config,
             store=store,
@@ -235,6 +240,8 @@ class Broker:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for name, loop in core.loops().items():
             self._spawn(name, loop)
+        self._webhooks = open_webhooks(core, self.metrics)
+        self._webhooks.start()
         self._spawn("stats", self._stats_loop)
         self._spawn("history", self._history_loop)
         self._spawn("summaries", self._summary_loop)
@@ -539,6 +546,9 @@ class Broker:
             await self._ops.stop()
         if self._http is not None:
             await self._http.stop()
+        if self._webhooks is not None:
+            # after the drain: calls still unanswered fail over and are checkpointed below
+            await self._webhooks.stop()
         if core is not None:
             saved = core.dispatcher.checkpoint()
             if saved:

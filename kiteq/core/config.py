@@ -29,6 +29,8 @@ from kiteq.core.acl import Permissions, parse_acl
 from kiteq.core.errors import ConfigError
 from kiteq.core.limits import is_name
 from kiteq.core.params import Params
+from kiteq.core.webhook import WebhookPolicy
+from kiteq.core.webhook_config import ConfiguredWebhook, parse_allow, parse_webhooks
 
 __all__ = ["CLUSTER_DEFAULTS", "ClusterConfig", "load_cluster", "read_secret_file"]
 
@@ -122,6 +124,16 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
             MAX_PATTERN_LENGTH,
             f"longest regex binding pattern in characters (1..{MAX_PATTERN_LENGTH})",
         ),
+        "webhookAllow": (
+            [],
+            "URL patterns webhook groups may call (scheme://host[:port|:*][/path prefix]); "
+            "empty = no webhooks",
+        ),
+        "webhooks": (
+            [],
+            "webhook groups: [[clusters.<name>.webhooks]] with group, url, topic, messageType, "
+            "bindType, watermark, persistent, concurrency, timeoutSeconds",
+        ),
     }
 )
 
@@ -159,6 +171,9 @@ class ClusterConfig:
     max_pattern_length: int = MAX_PATTERN_LENGTH
     # the HTTP publish API's port; 0: off
     hport: int = 0
+    # outbound webhooks (kiteq.core.webhook): what may be called, and the configured groups
+    webhook_policy: WebhookPolicy = dataclasses.field(default_factory=WebhookPolicy)
+    webhooks: tuple[ConfiguredWebhook, ...] = ()
 
     @property
     def dev(self) -> bool:
@@ -270,6 +285,16 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         "maxPatternLength", MAX_PATTERN_LENGTH, high=MAX_PATTERN_LENGTH
     )
 
+    webhook_policy = WebhookPolicy(
+        parse_allow(
+            params.array("webhookAllow", default("webhookAllow")), f"{prefix}.webhookAllow"
+        ),
+        MappingProxyType(secrets),
+    )
+    webhooks = parse_webhooks(
+        params.array("webhooks", default("webhooks")), f"{prefix}.webhooks", webhook_policy
+    )
+
     return ClusterConfig(
         name=name,
         env=env,
@@ -300,6 +325,8 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         max_bindings_per_group_topic=count("maxBindingsPerGroupTopic"),
         max_pattern_length=max_pattern_length,
         hport=params.integer("hport", default("hport"), low=0, high=MAX_PORT),
+        webhook_policy=webhook_policy,
+        webhooks=webhooks,
     )
 
 

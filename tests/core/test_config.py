@@ -11,6 +11,7 @@ import pytest
 from kiteq.core.acl import AclMode, Grant, Permissions
 from kiteq.core.config import CLUSTER_DEFAULTS, ClusterConfig, load_cluster
 from kiteq.core.errors import ConfigError
+from kiteq.core.webhook import WebhookPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "maxBindingsPerGroupTopic": ("max_bindings_per_group_topic", 1000),
     "maxPatternLength": ("max_pattern_length", 256),
     "hport": ("hport", 0),
+    "webhookAllow": ("webhook_policy", WebhookPolicy()),
+    "webhooks": ("webhooks", ()),
 }
 
 

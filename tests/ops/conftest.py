@@ -13,6 +13,7 @@ from kiteq.ops.metrics import (
     REJECT_REASONS,
     SESSION_CLOSE_REASONS,
     TX_CHECK_RESULTS,
+    WEBHOOK_OUTCOMES,
     BrokerMetrics,
 )
 from tests._servers import unavailable
@@ -60,6 +61,8 @@ def touch_everything(metrics: BrokerMetrics) -> None:
     metrics.store_ack_latency.observe(("trade",), 0.002, 50)
     metrics.first_delivery_latency.observe(("trade", "pay-svc"), 0.004)
     metrics.ack_latency.observe(("trade", "pay-svc"), 0.03)
+    for outcome in sorted(WEBHOOK_OUTCOMES):
+        metrics.webhook_called("trade", "mail-hook", outcome, 0.01)
 
 
 @pytest.fixture

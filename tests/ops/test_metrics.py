@@ -58,6 +58,8 @@ KITEQ_FAMILIES = {
     "kiteq_publish_store_ack_seconds": "histogram",
     "kiteq_publish_first_delivery_seconds": "histogram",
     "kiteq_delivery_ack_seconds": "histogram",
+    "kiteq_webhook_calls": "counter",
+    "kiteq_webhook_call_seconds": "histogram",
 }
 
 

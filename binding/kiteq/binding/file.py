@@ -13,6 +13,7 @@ Format (``conf/registry_demo.toml``)::
     bindType = "direct"                  # direct | regx (or regex) | fanout; default direct
     watermark = 1000                     # optional, messages/s; 0 = no cap
     persistent = true                    # optional, default true
+    webhook = { url = "http://127.0.0.1:8080/hooks/acct" }   # optional: a webhook group
 
 ``read_registry_file`` is shared with the client library (its broker list), so this module
 imports nothing server-only; regex syntax is checked only by the broker's
@@ -31,7 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from kiteq.binding.base import StandaloneRegistry
-from kiteq.binding.model import MISSING, Binding, BindType, bind_type_from_name, read_field
+from kiteq.binding.model import (
+    MISSING,
+    Binding,
+    BindType,
+    bind_type_from_name,
+    read_field,
+    webhook_from_json,
+)
 from kiteq.core.errors import PermissionDeniedError, RegistryError
 from kiteq.core.limits import is_name
 
@@ -53,7 +61,7 @@ _TOP_KEYS: Final = frozenset({"brokers", "bindings"})
 # "env" is KiteQ's (parsed there, unused): accepted and ignored
 _BROKER_KEYS: Final = frozenset({"address", "topics", "env"})
 _BINDING_KEYS: Final = frozenset(
-    {"groupIds", "topic", "messageType", "bindType", "watermark", "persistent"}
+    {"groupIds", "topic", "messageType", "bindType", "watermark", "persistent", "webhook"}
 )
 
 
@@ -191,6 +199,7 @@ def _parse_binding(entry: dict[str, Any]) -> list[Binding]:
         bind_type=bind_type,
         watermark=_get(entry, "watermark", int, 0),
         persistent=_get(entry, "persistent", bool, True),
+        webhook=webhook_from_json(entry["webhook"], label=str) if "webhook" in entry else None,
     )
     bindings = []
     for group in groups:

@@ -33,6 +33,7 @@ from kiteq.core.acl import Permissions
 from kiteq.core.config import DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC
 from kiteq.core.errors import PermissionDeniedError
 from kiteq.core.limits import check_name
+from kiteq.core.webhook import WebhookPolicy
 
 __all__ = [
     "DEFAULT_ROUTE_CACHE_SIZE",
@@ -196,6 +197,7 @@ class RefusalReason(enum.Enum):
 
     PERMISSION = "permission"
     LIMIT = "limit"
+    WEBHOOK = "webhook"
 
 
 class _GroupRules:
@@ -326,6 +328,7 @@ class BindingTable:
         cache_size: Most route results kept per topic; the least recently used goes first.
         limits: What one group may declare for one topic.
         permissions: Which topics each group may bind.
+        webhooks: Which webhook URLs a group's bindings may name (None: none at all).
         on_refused: Called with the reason each time a group's bindings are refused.
     """
 
@@ -335,6 +338,7 @@ class BindingTable:
         cache_size: int = DEFAULT_ROUTE_CACHE_SIZE,
         limits: BindingLimits | None = None,
         permissions: Permissions | None = None,
+        webhooks: WebhookPolicy | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
     ) -> None:
         if cache_size <= 0:
@@ -343,6 +347,7 @@ class BindingTable:
         self._cache_size = cache_size
         self._limits = BindingLimits() if limits is None else limits
         self._permissions = Permissions() if permissions is None else permissions
+        self._webhooks = WebhookPolicy() if webhooks is None else webhooks
         self._on_refused = on_refused
         self._listeners: list[Callable[[str, str], None]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -507,7 +512,9 @@ class BindingTable:
 
         Raises:
             ValueError: See ``validate_bindings``; or more bindings than
-                ``maxBindingsPerGroupTopic``, or a pattern longer than ``maxPatternLength``.
+                ``maxBindingsPerGroupTopic``, or a pattern longer than ``maxPatternLength``;
+                or a webhook the policy refuses (outside ``webhookAllow``, no secret to
+                sign with), or bindings of the group naming different webhooks.
             PermissionDeniedError: *group* may not bind *topic* (an empty list, which
                 removes bindings, is always allowed).
         """
@@ -524,7 +531,25 @@ class BindingTable:
         except ValueError:
             self._refused(RefusalReason.LIMIT)
             raise
+        try:
+            self._check_webhooks(group, wanted)
+        except ValueError:
+            self._refused(RefusalReason.WEBHOOK)
+            raise
         return wanted
+
+    def _check_webhooks(self, group: str, bindings: tuple[Binding, ...]) -> None:
+        endpoints = {b.webhook for b in bindings}
+        if endpoints == {None}:
+            return
+        if len(endpoints) > 1:
+            raise ValueError(
+                f"group {group!r}: its bindings name different webhooks (or some none); a "
+                "webhook group calls one endpoint from every binding"
+            )
+        for endpoint in endpoints:
+            if endpoint is not None:
+                self._webhooks.check(group, endpoint)
 
     def _refused(self, reason: RefusalReason) -> None:
         if self._on_refused is not None:

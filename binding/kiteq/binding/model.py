@@ -4,6 +4,12 @@ The JSON form is KiteQ's, so a binding node written by a KiteQ client is underst
 
     {"groupId": "acct-svc", "topic": "trade", "messageType": "pay-succ",
      "bindType": 0, "version": "1.0.0", "watermark": 1000, "persistent": true}
+
+plus one key of ours, present only on the bindings of a webhook group (whose messages the
+broker POSTs to a URL, ``kiteq.core.webhook``)::
+
+    "webhook": {"url": "https://hooks.example.com/kiteq", "concurrency": 8,
+                "timeoutSeconds": 5}
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
 from kiteq.core.limits import MESSAGE_TYPE_RE, is_name
+from kiteq.core.webhook import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_SECONDS, WebhookEndpoint
 
 __all__ = [
     "BIND_VERSION",
@@ -25,6 +32,8 @@ __all__ = [
     "dumps",
     "loads",
     "read_field",
+    "webhook_from_json",
+    "webhook_to_json",
 ]
 
 BIND_VERSION: Final = "1.0.0"
@@ -59,6 +68,7 @@ class Binding:
         persistent: True: messages wait while the group is offline. False: an offline
             group is skipped for the message.
         version: KiteQ's binding version string.
+        webhook: The group is a webhook consumer: its messages are POSTed there.
     """
 
     topic: str
@@ -68,6 +78,7 @@ class Binding:
     watermark: int = 0
     persistent: bool = True
     version: str = BIND_VERSION
+    webhook: WebhookEndpoint | None = None
 
     @classmethod
     def direct(
@@ -109,6 +120,8 @@ class Binding:
             raise ValueError(f"regex binding pattern must be 1..{MAX_PATTERN_CHARS} characters")
         if self.watermark < 0:
             raise ValueError(f"watermark must be >= 0, got {self.watermark}")
+        if self.webhook is not None:
+            self.webhook.check()
 
     @property
     def effective_watermark(self) -> int:
@@ -121,7 +134,7 @@ class Binding:
         return max(self.watermark, 0)
 
     def to_json_obj(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "groupId": self.group_id,
             "topic": self.topic,
             "messageType": self.message_type,
@@ -130,6 +143,9 @@ class Binding:
             "watermark": self.watermark,
             "persistent": self.persistent,
         }
+        if self.webhook is not None:
+            obj["webhook"] = webhook_to_json(self.webhook)
+        return obj
 
     @classmethod
     def from_json_obj(cls, obj: Mapping[str, Any]) -> Binding:
@@ -153,6 +169,7 @@ class Binding:
                 watermark=read_field(obj, "watermark", int, 0),
                 persistent=read_field(obj, "persistent", bool, True),
                 version=read_field(obj, "version", str, BIND_VERSION),
+                webhook=webhook_from_json(obj["webhook"]) if "webhook" in obj else None,
             )
             binding.check()
         except ValueError as exc:
@@ -185,6 +202,33 @@ def read_field(
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{label(key)} must be {kind.__name__}, got {value!r}")
     return value
+
+
+def webhook_to_json(endpoint: WebhookEndpoint) -> dict[str, Any]:
+    return {
+        "url": endpoint.url,
+        "concurrency": endpoint.concurrency,
+        "timeoutSeconds": endpoint.timeout_seconds,
+    }
+
+
+def webhook_from_json(obj: object, *, label: Callable[[str], str] = repr) -> WebhookEndpoint:
+    """A binding's ``webhook`` object (JSON or a TOML table); ``ValueError`` when malformed."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"webhook must be an object with a url, got {_excerpt(obj)}")  # noqa: TRY004
+    unknown = sorted(set(obj) - {"url", "concurrency", "timeoutSeconds"})
+    if unknown:
+        raise ValueError(f"webhook: unknown key {unknown[0]!r} (url, concurrency, timeoutSeconds)")
+    timeout = obj.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ValueError(f"webhook {label('timeoutSeconds')} must be a number, got {timeout!r}")  # noqa: TRY004
+    endpoint = WebhookEndpoint(
+        url=read_field(obj, "url", str, label=label),
+        concurrency=read_field(obj, "concurrency", int, DEFAULT_CONCURRENCY, label=label),
+        timeout_seconds=float(timeout),
+    )
+    endpoint.check()
+    return endpoint
 
 
 def _excerpt(value: object) -> str:

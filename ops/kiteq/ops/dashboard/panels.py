@@ -299,6 +299,31 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
         ),
     ),
     (
+        "Webhooks",
+        (
+            PanelSpec(
+                "timeseries",
+                "Webhook calls by outcome",
+                "Calls to webhook groups per second: 2xx acks; 3xx, 4xx, 5xx, timeout and error "
+                "(no answer) are nacks and come back with the usual backoff.",
+                "ops",
+                _q(
+                    f"sum by (group, outcome) ({_rate('kiteq_webhook_calls_total', _TOPIC)})",
+                    "{{group}} {{outcome}}",
+                ),
+                12,
+            ),
+            PanelSpec(
+                "timeseries",
+                "Webhook call latency",
+                "From a webhook request to its answer (or its timeout).",
+                "s",
+                _quantiles("kiteq_webhook_call_seconds", "group", "{{group}}"),
+                12,
+            ),
+        ),
+    ),
+    (
         "Dead letters and transactions",
         (
             PanelSpec(

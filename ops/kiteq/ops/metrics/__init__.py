@@ -30,6 +30,7 @@ from kiteq.ops.metrics.labels import (
     REJECT_REASONS,
     SESSION_CLOSE_REASONS,
     TX_CHECK_RESULTS,
+    WEBHOOK_OUTCOMES,
     ZK_STATES,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "REJECT_REASONS",
     "SESSION_CLOSE_REASONS",
     "TX_CHECK_RESULTS",
+    "WEBHOOK_OUTCOMES",
     "ZK_STATES",
     "BrokerMetrics",
     "FastHistogram",

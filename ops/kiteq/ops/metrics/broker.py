@@ -30,6 +30,7 @@ from kiteq.ops.metrics.labels import (
     REJECT_REASONS,
     SESSION_CLOSE_REASONS,
     TX_CHECK_RESULTS,
+    WEBHOOK_OUTCOMES,
     ZK_STATES,
     LabelCap,
     check,
@@ -282,7 +283,25 @@ class BrokerMetrics:
             LATENCY_BUCKETS,
             (self._topic, self._group),
         )
-        for fast in (self.store_ack_latency, self.first_delivery_latency, self.ack_latency):
+        self._webhook_calls = counter(
+            "kiteq_webhook_calls_total",
+            "HTTP calls to webhook groups, by outcome: the status class (2xx acks), timeout or "
+            "error (no answer: refused, reset, DNS).",
+            ["topic", "group", "outcome"],
+        )
+        self.webhook_latency = FastHistogram(
+            "kiteq_webhook_call_seconds",
+            "Duration of one webhook call, from the request to the answer (or the timeout).",
+            ("topic", "group"),
+            LATENCY_BUCKETS,
+            (self._topic, self._group),
+        )
+        for fast in (
+            self.store_ack_latency,
+            self.first_delivery_latency,
+            self.ack_latency,
+            self.webhook_latency,
+        ):
             reg.register(fast)
         self._group_labels: set[tuple[str, str]] = set()
         self._zk_losses = 0
@@ -337,6 +356,12 @@ class BrokerMetrics:
         """Count *n* delivery outcomes; *result* is one of ``DELIVERY_RESULTS``."""
         result = check("delivery result", result, DELIVERY_RESULTS)
         self._delivered.labels(self._topic(topic), self._group(group), result).inc(n)
+
+    def webhook_called(self, topic: str, group: str, outcome: str, seconds: float) -> None:
+        """Count one webhook call; *outcome* is one of ``WEBHOOK_OUTCOMES``."""
+        outcome = check("webhook outcome", outcome, WEBHOOK_OUTCOMES)
+        self._webhook_calls.labels(self._topic(topic), self._group(group), outcome).inc()
+        self.webhook_latency.observe((topic, group), seconds)
 
     def redelivered(self, topic: str, group: str, n: int = 1) -> None:
         """Count *n* deliveries that were retries."""

@@ -29,6 +29,7 @@ __all__ = [
     "REJECT_REASONS",
     "SESSION_CLOSE_REASONS",
     "TX_CHECK_RESULTS",
+    "WEBHOOK_OUTCOMES",
     "ZK_STATES",
     "LabelCap",
     "check",
@@ -71,7 +72,9 @@ FRAME_REJECT_REASONS: Final = frozenset(
     }
 )
 # why a group's bindings were refused (kiteq.binding.match.RefusalReason)
-BINDING_REFUSAL_REASONS: Final = frozenset({"permission", "limit"})
+BINDING_REFUSAL_REASONS: Final = frozenset({"permission", "limit", "webhook"})
+# kiteq.handler.webhook: how one webhook call ended (2xx is an ack, the rest a nack)
+WEBHOOK_OUTCOMES: Final = frozenset({"2xx", "3xx", "4xx", "5xx", "timeout", "error"})
 DELIVERY_RESULTS: Final = frozenset({"ack", "nack", "timeout", "disconnected"})
 CONNECTION_ROLES: Final = frozenset({"producer", "consumer"})
 # kiteq.handler.dispatch: why a (message, group) went to the dead-letter queue
