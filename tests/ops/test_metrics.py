@@ -330,7 +330,7 @@ def test_binding_refusals_are_counted_by_bounded_reason() -> None:
         for s in families(metrics)["kiteq_bindings_refused"].samples
         if s.name.endswith("_total")
     }
-    assert samples == {"permission": 1.0, "limit": 2.0}
+    assert samples == {"permission": 1.0, "limit": 2.0, "webhook": 0.0}
 
 
 # --- issue #14: per-group gauges, latency histograms, transactions, ZooKeeper -----------
