@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kiteq.client import Message
+from kiteq.core.config import load_cluster
 from kiteq.core.webhook import decode_property_name, verify_signature
 from tests._servers import free_port
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
@@ -23,6 +26,17 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.e2e
 
 SECRET = "hook-s3cret"
+README = (REPO / "README.md").read_text()
+SECTION = README[README.index("## Webhook consumers") : README.index("## Security")]
+
+
+def readme_verify() -> Callable[[str, dict[str, str], bytes], bool]:
+    """The README's signature check, as written."""
+    [snippet] = re.findall(r"```python\n(.*?)```", SECTION, re.S)
+    namespace: dict[str, Any] = {}
+    exec(snippet, namespace)
+    verify: Callable[[str, dict[str, str], bytes], bool] = namespace["verify"]
+    return verify
 
 
 def hook_config(
@@ -83,7 +97,11 @@ def test_each_message_is_posted_once_signed_with_its_headers(
         broker.passed_recover_scan()  # nothing due is left to call again
         calls = hooks.received()
     assert sorted(c.message_id for c in calls) == sorted(sent)  # once each
+    verify = readme_verify()
     for call in calls:
+        assert verify(SECRET, call.headers, call.body)
+        assert not verify(SECRET, call.headers, call.body + b"!")
+        assert not verify("wrong", call.headers, call.body)
         i = sent[call.message_id]
         assert valid(call), call.headers
         assert call.path == "/hooks/mail"
@@ -282,3 +300,16 @@ def test_a_registry_binding_outside_the_allow_list_is_refused(tmp_path: Path) ->
         "registry.toml: [[bindings]] entry 1: webhook URL 'http://127.0.0.1:1/admin' "
         "is not in webhookAllow (http://127.0.0.1:*/hooks)"
     ), last
+
+
+def test_the_readme_config_example_loads(tmp_path: Path) -> None:
+    [example] = re.findall(r"```toml\n(.*?)```", SECTION, re.S)
+    path = tmp_path / "cluster.toml"
+    path.write_text(example)
+    config = load_cluster(path, "rocksdb_dev")
+    [webhook] = config.webhooks
+    assert (webhook.group, webhook.endpoint.url, webhook.watermark) == (
+        "mail-hook",
+        "http://127.0.0.1:8080/hooks/mail",
+        100,
+    )
