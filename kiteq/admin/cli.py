@@ -42,6 +42,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 import grpc
 from google.protobuf.message import Message
@@ -51,7 +52,7 @@ from kiteq.core.admin import ADMIN_SECRET_ENV, ADMIN_SECRET_HEADER, DEAD_LETTER_
 from kiteq.core.config import read_secret_file
 from kiteq.core.errors import KiteQError
 from kiteq.core.tls import PeerTransport, TlsOptions, probe_transport
-from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 _PROBE_TIMEOUT = 2.0
 DEFAULT_BROKER = "127.0.0.1:13800"
@@ -171,7 +172,57 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count what would move; move nothing",
     )
+    webhook = command("webhook", "make a group a webhook consumer of a topic (its bindings)")
+    webhook.add_argument("-group", "--group", required=True)
+    webhook.add_argument("-topic", "--topic", required=True)
+    webhook.add_argument("-url", "--url", required=True, help="inside the broker's webhookAllow")
+    webhook.add_argument(
+        "-type", "--type", dest="message_type", default="", help="message type or pattern"
+    )
+    webhook.add_argument(
+        "-bindType", "--bindType", dest="bind_type", default="direct", choices=_BIND_TYPES
+    )
+    webhook.add_argument("-watermark", "--watermark", type=int, default=0, help="calls/s; 0: none")
+    webhook.add_argument("-concurrency", "--concurrency", type=int, default=0, help="default 8")
+    webhook.add_argument(
+        "-callTimeout",
+        "--callTimeout",
+        dest="call_timeout",
+        type=float,
+        default=0.0,
+        help="seconds a call may take; default 5",
+    )
     return parser
+
+
+_BIND_TYPES: Final = {
+    "direct": common_pb2.BIND_TYPE_DIRECT,
+    "regx": common_pb2.BIND_TYPE_REGEX,
+    "regex": common_pb2.BIND_TYPE_REGEX,
+    "fanout": common_pb2.BIND_TYPE_FANOUT,
+}
+
+
+def _webhook_request(options: argparse.Namespace) -> admin_pb2.BindWebhookRequest:
+    bind_type = _BIND_TYPES[options.bind_type]
+    fanout = bind_type == common_pb2.BIND_TYPE_FANOUT
+    return admin_pb2.BindWebhookRequest(
+        groupId=options.group,
+        bindings=[
+            common_pb2.Binding(
+                topic=options.topic,
+                messageType=options.message_type or ("*" if fanout else ""),
+                bindType=bind_type,
+                watermark=options.watermark,
+                persistent=True,
+            )
+        ],
+        webhook=admin_pb2.Webhook(
+            url=options.url,
+            concurrency=options.concurrency,
+            timeoutSeconds=options.call_timeout,
+        ),
+    )
 
 
 def _json_flag(parser: argparse.ArgumentParser, default: object) -> None:
@@ -343,6 +394,10 @@ async def _ask(options: argparse.Namespace, secret: str, tls: TlsOptions | None)
                 metadata=metadata,
                 timeout=timeout,
             )
+        if command == "webhook":
+            return await stub.BindWebhook(
+                _webhook_request(options), metadata=metadata, timeout=timeout
+            )
         if command == "bindings":
             return await stub.ListBindings(
                 admin_pb2.ListBindingsRequest(topic=options.topic),
@@ -397,6 +452,8 @@ def _human(options: argparse.Namespace, reply: Message) -> str:
         return f"{options.command} {options.message_id}: done"
     if isinstance(reply, admin_pb2.CancelScheduledResponse):
         return f"cancelled {options.message_id}: it will not be delivered"
+    if isinstance(reply, admin_pb2.BindWebhookResponse):
+        return f"group {options.group} calls {options.url} ({reply.bindings} binding)"
     return views[options.command](reply)
 
 

@@ -204,7 +204,7 @@ def groups(reply: admin_pb2.StatsResponse) -> str:
 
 
 def bindings(reply: admin_pb2.ListBindingsResponse) -> str:
-    return table(
+    rows = table(
         ["GROUP", "TOPIC", "TYPE", "BIND", "PERSISTENT", "WATERMARK"],
         [
             (
@@ -218,6 +218,16 @@ def bindings(reply: admin_pb2.ListBindingsResponse) -> str:
             for b in reply.bindings
         ],
     )
+    if not reply.webhooks:
+        return rows
+    hooks = table(
+        ["WEBHOOK GROUP", "URL", "CONCURRENCY", "TIMEOUT"],
+        [
+            (group, w.url, w.concurrency, f"{w.timeoutSeconds:g}s")
+            for group, w in sorted(reply.webhooks.items())
+        ],
+    )
+    return f"{rows}\n\n{hooks}"
 
 
 def message(reply: admin_pb2.GetMessageResponse) -> str:

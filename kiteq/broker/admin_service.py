@@ -6,15 +6,20 @@ console on the ops port); this module authenticates, translates and audit-logs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import grpc
 
+from kiteq.binding.base import BindingRegistry
 from kiteq.broker import wire
 from kiteq.broker.operator import MAX_PAGE, CancelOutcome, Operator
 from kiteq.core.admin import ADMIN_SECRET_HEADER, DEAD_LETTER_REASONS, audit, secret_matches
+from kiteq.core.errors import PermissionDeniedError
 from kiteq.core.ids import canonical_message_id, is_message_id
+from kiteq.core.limits import is_name
 from kiteq.core.message import TxStatus
+from kiteq.core.webhook import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_SECONDS, WebhookEndpoint
 from kiteq.handler.core import BrokerCore
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
@@ -28,6 +33,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         core: BrokerCore,
         advertised: str,
         uptime: Callable[[], float],
+        registry: BindingRegistry | None = None,
     ) -> None:
         self._config = core.config
         self._advertised = advertised
@@ -40,6 +46,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._recover = core.recover
         self._uptime = uptime
         self._operator = Operator(core)
+        self._registry = registry
 
     async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
         expected = self._config.admin_secret
@@ -125,7 +132,71 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListBindingsResponse:
         await self._authorize(context)  # type: ignore[arg-type]
         found = self._bindings.bindings(request.topic or None)
-        return admin_pb2.ListBindingsResponse(bindings=[wire.binding_to_pb(b) for b in found])
+        webhooks = {
+            b.group_id: admin_pb2.Webhook(
+                url=b.webhook.url,
+                concurrency=b.webhook.concurrency,
+                timeoutSeconds=b.webhook.timeout_seconds,
+            )
+            for b in found
+            if b.webhook is not None
+        }
+        return admin_pb2.ListBindingsResponse(
+            bindings=[wire.binding_to_pb(b) for b in found], webhooks=webhooks
+        )
+
+    async def BindWebhook(
+        self,
+        request: admin_pb2.BindWebhookRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.BindWebhookRequest, admin_pb2.BindWebhookResponse
+        ],
+    ) -> admin_pb2.BindWebhookResponse:
+        await self._authorize(context)  # type: ignore[arg-type]
+        group = request.groupId
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not is_name(group):
+            await context.abort(invalid, f"invalid group id {group[:64]!r}")
+        if not request.bindings:
+            await context.abort(invalid, "no bindings: a webhook group needs at least one")
+        endpoint = WebhookEndpoint(
+            url=request.webhook.url,
+            concurrency=request.webhook.concurrency or DEFAULT_CONCURRENCY,
+            timeout_seconds=request.webhook.timeoutSeconds or DEFAULT_TIMEOUT_SECONDS,
+        )
+        try:
+            bindings = [
+                dataclasses.replace(wire.binding_from_pb(b), group_id=group, webhook=endpoint)
+                for b in request.bindings
+            ]
+            for binding in bindings:
+                binding.check()
+        except ValueError as exc:
+            await context.abort(invalid, str(exc))
+        for binding in bindings:
+            if not self._config.serves(binding.topic):
+                await context.abort(invalid, f"topic {binding.topic!r} is not served")
+        registry = self._registry
+        if registry is None or registry.kind == "file":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the registry file is authoritative: declare the webhook there",
+            )
+        try:
+            await registry.declare(group, bindings)
+        except ValueError as exc:  # outside webhookAllow, no secret to sign with, limits
+            audit.warning("admin webhook refused peer=%s group=%s: %s", context.peer(), group, exc)
+            await context.abort(invalid, str(exc))
+        except PermissionDeniedError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.reason)
+        audit.info(
+            "admin webhook peer=%s group=%s url=%s bindings=%d",
+            context.peer(),
+            group,
+            endpoint.url,
+            len(bindings),
+        )
+        return admin_pb2.BindWebhookResponse(bindings=len(bindings))
 
     async def GetMessage(
         self,

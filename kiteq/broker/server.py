@@ -224,7 +224,10 @@ class Broker:
             server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(core=core, advertised=self.advertised, uptime=self._uptime), server
+            AdminService(
+                core=core, advertised=self.advertised, uptime=self._uptime, registry=registry
+            ),
+            server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -19,7 +19,7 @@ from kiteq.core.config import load_cluster
 from kiteq.core.webhook import decode_property_name, verify_signature
 from tests._servers import free_port
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
-from tests.e2e.helpers import dead_letters, producer, wait_idle
+from tests.e2e.helpers import admin_cli, admin_json, dead_letters, producer, wait_idle
 from tests.e2e.hook_server import Call, HookServer
 from tests.waiting import wait_until
 
@@ -313,3 +313,38 @@ def test_the_readme_config_example_loads(tmp_path: Path) -> None:
         "http://127.0.0.1:8080/hooks/mail",
         100,
     )
+
+
+def test_the_admin_service_binds_a_webhook_and_refuses_one_outside_the_allow_list(
+    tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> None:
+    config = write_config(
+        tmp_path,
+        db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
+        extra={"webhookAllow": ["http://127.0.0.1:*/hooks"]},
+        secrets={"mail-hook": SECRET},
+    )
+    with HookServer() as hooks:
+        broker = launch(config)
+        refused = admin_cli(
+            broker, "webhook", "-group", "mail-hook", "-topic", "trade", "-type", "pay-succ",
+            "-url", "http://127.0.0.1:1/admin",
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "INVALID_ARGUMENT" in refused.stderr, refused.stderr
+        assert "is not in webhookAllow (http://127.0.0.1:*/hooks)" in refused.stderr
+        assert broker.bindings("trade") == []
+        bound = admin_cli(
+            broker, "webhook", "-group", "mail-hook", "-topic", "trade", "-type", "pay-succ",
+            "-url", hooks.url(), "-concurrency", "2",
+        )  # fmt: skip
+        assert bound.returncode == 0, bound.stderr
+        listed = admin_json(broker, "bindings", "-topic", "trade")
+        assert listed["webhooks"] == {
+            "mail-hook": {"url": hooks.url(), "concurrency": 2, "timeoutSeconds": 5.0}
+        }
+        with producer(broker) as p:
+            sent = p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
+        [call] = hooks.wait_count(1)
+    assert call.message_id == sent.message_id
+    assert valid(call)

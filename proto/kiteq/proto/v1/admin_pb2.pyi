@@ -334,13 +334,118 @@ Global___ListBindingsRequest: _TypeAlias = ListBindingsRequest  # noqa: Y015
 class ListBindingsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class WebhooksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Webhook: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Webhook | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BINDINGS_FIELD_NUMBER: _builtins.int
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def bindings(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Binding]: ...
+    @_builtins.property
+    def webhooks(self) -> _containers.MessageMap[_builtins.str, Global___Webhook]:
+        """the webhook of each webhook group among those bindings, by group"""
+
     def __init__(
         self,
         *,
         bindings: _abc.Iterable[_common_pb2.Binding] | None = ...,
+        webhooks: _abc.Mapping[_builtins.str, Global___Webhook] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bindings", b"bindings", "webhooks", b"webhooks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBindingsResponse: _TypeAlias = ListBindingsResponse  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """Where a webhook group's messages are POSTed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    TIMEOUTSECONDS_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    concurrency: _builtins.int
+    """calls in flight at once; 0: the default (8)"""
+    timeoutSeconds: _builtins.float
+    """a call not answered by then fails the attempt; 0: the default (5)"""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        concurrency: _builtins.int = ...,
+        timeoutSeconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "timeoutSeconds", b"timeoutSeconds", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
+
+@_typing.final
+class BindWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPID_FIELD_NUMBER: _builtins.int
+    BINDINGS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    groupId: _builtins.str
+    @_builtins.property
+    def bindings(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Binding]:
+        """the group's full binding list for each topic named (a topic not named keeps its own)"""
+
+    @_builtins.property
+    def webhook(self) -> Global___Webhook: ...
+    def __init__(
+        self,
+        *,
+        groupId: _builtins.str = ...,
+        bindings: _abc.Iterable[_common_pb2.Binding] | None = ...,
+        webhook: Global___Webhook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bindings", b"bindings", "groupId", b"groupId", "webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BindWebhookRequest: _TypeAlias = BindWebhookRequest  # noqa: Y015
+
+@_typing.final
+class BindWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BINDINGS_FIELD_NUMBER: _builtins.int
+    bindings: _builtins.int
+    """bindings applied"""
+    def __init__(
+        self,
+        *,
+        bindings: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -348,7 +453,7 @@ class ListBindingsResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListBindingsResponse: _TypeAlias = ListBindingsResponse  # noqa: Y015
+Global___BindWebhookResponse: _TypeAlias = BindWebhookResponse  # noqa: Y015
 
 @_typing.final
 class GetMessageRequest(_message.Message):

@@ -79,6 +79,11 @@ class AdminStub:
                 request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledRequest.SerializeToString,
                 response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledResponse.FromString,
                 _registered_method=True)
+        self.BindWebhook = channel.unary_unary(
+                '/kiteq.proto.v1.Admin/BindWebhook',
+                request_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.BindWebhookRequest.SerializeToString,
+                response_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.BindWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -145,6 +150,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BindWebhook(self, request, context):
+        """Make a group a webhook consumer: its bindings, each calling one URL (README "Webhook
+        consumers"); applied through the registry like a consumer's declaration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +205,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CancelScheduled,
                     request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledRequest.FromString,
                     response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledResponse.SerializeToString,
+            ),
+            'BindWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindWebhook,
+                    request_deserializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.BindWebhookRequest.FromString,
+                    response_serializer=kiteq_dot_proto_dot_v1_dot_admin__pb2.BindWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +455,33 @@ class Admin:
             '/kiteq.proto.v1.Admin/CancelScheduled',
             kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledRequest.SerializeToString,
             kiteq_dot_proto_dot_v1_dot_admin__pb2.CancelScheduledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiteq.proto.v1.Admin/BindWebhook',
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.BindWebhookRequest.SerializeToString,
+            kiteq_dot_proto_dot_v1_dot_admin__pb2.BindWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class AdminStub:
     """Scheduled messages (Header.deliverAt still ahead), in order of their delivery time."""
     CancelScheduled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelScheduledRequest, _admin_pb2.CancelScheduledResponse]
     """Remove a scheduled message before its delivery time: it is never delivered."""
+    BindWebhook: _grpc.UnaryUnaryMultiCallable[_admin_pb2.BindWebhookRequest, _admin_pb2.BindWebhookResponse]
+    """Make a group a webhook consumer: its bindings, each calling one URL (README "Webhook
+    consumers"); applied through the registry like a consumer's declaration.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -69,6 +73,10 @@ class AdminAsyncStub(AdminStub):
     """Scheduled messages (Header.deliverAt still ahead), in order of their delivery time."""
     CancelScheduled: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelScheduledRequest, _admin_pb2.CancelScheduledResponse]  # type: ignore[assignment]
     """Remove a scheduled message before its delivery time: it is never delivered."""
+    BindWebhook: _aio.UnaryUnaryMultiCallable[_admin_pb2.BindWebhookRequest, _admin_pb2.BindWebhookResponse]  # type: ignore[assignment]
+    """Make a group a webhook consumer: its bindings, each calling one URL (README "Webhook
+    consumers"); applied through the registry like a consumer's declaration.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,5 +149,15 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CancelScheduledResponse, _abc.Awaitable[_admin_pb2.CancelScheduledResponse]]:
         """Remove a scheduled message before its delivery time: it is never delivered."""
+
+    @_abc_1.abstractmethod
+    def BindWebhook(
+        self,
+        request: _admin_pb2.BindWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.BindWebhookResponse, _abc.Awaitable[_admin_pb2.BindWebhookResponse]]:
+        """Make a group a webhook consumer: its bindings, each calling one URL (README "Webhook
+        consumers"); applied through the registry like a consumer's declaration.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
