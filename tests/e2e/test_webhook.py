@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -18,7 +19,14 @@ from kiteq.client import Message
 from kiteq.core.config import load_cluster
 from kiteq.core.webhook import decode_property_name, verify_signature
 from tests._servers import free_port
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests._servers.zookeeper import ManagedZooKeeper
+from tests.e2e.broker_process import (
+    REPO,
+    BrokerProcess,
+    write_config,
+    write_zk_config,
+    zk_registry,
+)
 from tests.e2e.helpers import admin_cli, admin_json, dead_letters, producer, wait_idle
 from tests.e2e.hook_server import Call, HookServer
 from tests.waiting import wait_until
@@ -343,6 +351,60 @@ def test_the_admin_service_binds_a_webhook_and_refuses_one_outside_the_allow_lis
         assert listed["webhooks"] == {
             "mail-hook": {"url": hooks.url(), "concurrency": 2, "timeoutSeconds": 5.0}
         }
+        with producer(broker) as p:
+            sent = p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
+        [call] = hooks.wait_count(1)
+    assert call.message_id == sent.message_id
+    assert valid(call)
+
+
+def test_zookeeper_binding_json_names_the_webhook_and_one_outside_is_skipped(
+    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+) -> None:
+    config = write_zk_config(
+        tmp_path,
+        zk_registry(zookeeper.hosts + zk.chroot),
+        db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
+        extra={"webhookAllow": ["http://127.0.0.1:*/hooks"], "adminOpen": True},
+    )
+    with config.open("a") as fh:
+        fh.write(f'[clusters.e2e.secrets]\nmail-hook = "{SECRET}"\nevil-hook = "{SECRET}"\n')
+    pport = free_port()
+
+    def node(group: str, url: str) -> bytes:
+        return json.dumps(
+            [
+                {
+                    "groupId": group,
+                    "topic": "trade",
+                    "messageType": "pay-succ",
+                    "bindType": 0,
+                    "version": "1.0.0",
+                    "watermark": 0,
+                    "persistent": True,
+                    "webhook": {"url": url, "concurrency": 2},
+                }
+            ]
+        ).encode()
+
+    with HookServer() as hooks:
+        broker = launch(config, pport=pport)
+        zk.create("/kiteq/sub/trade/evil-hook-bind", node("evil-hook", "http://127.0.0.1:1/x"),
+                  makepath=True)  # fmt: skip
+        zk.create("/kiteq/sub/trade/mail-hook-bind", node("mail-hook", hooks.url()), makepath=True)
+        wait_until(lambda: broker.bindings("trade"), 20, "the mail-hook binding")
+
+        def refused() -> str:
+            url = f"http://127.0.0.1:{pport}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return str(reply.read().decode())
+
+        wait_until(
+            lambda: 'kiteq_bindings_refused_total{reason="webhook"} 1.0' in refused(),
+            20,
+            "the refusal of evil-hook's node",
+        )
+        assert broker.bindings("trade") == [("mail-hook", "pay-succ")]
         with producer(broker) as p:
             sent = p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
         [call] = hooks.wait_count(1)
