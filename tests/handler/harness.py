@@ -14,6 +14,7 @@ from kiteq.binding.model import Binding
 from kiteq.core.clock import ManualClock
 from kiteq.core.config import load_cluster
 from kiteq.core.message import Message, StoredMessage
+from kiteq.core.webhook import WebhookPolicy
 from kiteq.handler.connection import Connection
 from kiteq.handler.core import BrokerCore
 from kiteq.store.base import Saved
@@ -33,9 +34,10 @@ class Broker:
         check_max: int = 15,
         max_workers: int = 10_000,
         max_flights: int = 200_000,
+        webhooks: WebhookPolicy | None = None,
     ) -> None:
         self.clock = ManualClock(NOW)
-        self.table = BindingTable()
+        self.table = BindingTable(webhooks=webhooks)
         self.store = store or MemoryStore(maxcap=100_000)
         config = dataclasses.replace(
             load_cluster(CONFIG, "memory_dev"),
