@@ -23,6 +23,7 @@ from kiteq.client import Binding, Consumer, Message, Producer
 from tests._servers import free_port
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.hook_server import HookServer
 from tests.waiting import wait_until
 
 ALERT_RULES: Final = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "kiteq-alerts.yml"
@@ -170,17 +171,29 @@ def _consumer(address: str, group: str, handler: Collector, watermark: int = 0) 
 
 @contextmanager
 def broker_under_load(tmp_path: Path, prometheus_binary: str) -> Iterator[Prometheus]:
-    """A broker with four groups under load, and a Prometheus scraping it (alert rules on)."""
+    """A broker with four groups under load, and a Prometheus scraping it (alert rules on).
+
+    A webhook group too (the endpoint answers 200), so that the webhook panels have data.
+    """
+    with HookServer() as hooks, _loaded(tmp_path, prometheus_binary, hooks) as prometheus:
+        yield prometheus
+
+
+@contextmanager
+def _loaded(tmp_path: Path, prometheus_binary: str, hooks: HookServer) -> Iterator[Prometheus]:
     pport, hport = free_port(), free_port()
-    broker = BrokerProcess(
-        write_config(
-            tmp_path,
-            db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
-            extra={"topics": [TOPIC]},
-        ),
-        pport=pport,
-        args=[f"-hport={hport}"],
+    config = write_config(
+        tmp_path,
+        db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
+        extra={"topics": [TOPIC], "webhookAllow": ["http://127.0.0.1:*/hooks"]},
+        secrets={"hook": "hook-secret"},
     )
+    with config.open("a") as fh:
+        fh.write(
+            f'[[clusters.e2e.webhooks]]\ngroup = "hook"\nurl = "{hooks.url()}"\n'
+            f'topic = "{TOPIC}"\nbindType = "fanout"\n'
+        )
+    broker = BrokerProcess(config, pport=pport, args=[f"-hport={hport}"])
     broker.start()
     prometheus: Prometheus | None = None
     load = _Load(broker.address, f"http://127.0.0.1:{hport}")
