@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 VERSION: Final = "0.1.0"
 _STATS_TICK: Final = 5.0
 _HISTORY_PRUNE_PERIOD: Final = 3600.0
+# the idempotency window is pruned at least this often (more often for a shorter window),
+# so it holds at most (window + this) seconds of deleted ids
+_DEDUP_PRUNE_PERIOD: Final = 60.0
 # per-message events (dead letters, refused messages) are logged as one summary per period
 _SUMMARY_PERIOD: Final = 10.0
 # how often a shutdown that waits says what for
@@ -247,6 +250,7 @@ class Broker:
         self._webhooks.start()
         self._spawn("stats", self._stats_loop)
         self._spawn("history", self._history_loop)
+        self._spawn("dedup", self._dedup_loop)
         self._spawn("summaries", self._summary_loop)
         if self._pport > 0:
             stats = StatsView(
@@ -476,6 +480,15 @@ class Broker:
             pruned = await self._store_or_fail().prune_history(before)
             if pruned:
                 logger.info("pruned %d history events older than the retention", pruned)
+
+    async def _dedup_loop(self) -> None:
+        # also with the window off: ids a run with a window remembered are still forgotten
+        period = min(_DEDUP_PRUNE_PERIOD, max(1.0, self.config.dedup_window_seconds))
+        while True:
+            await asyncio.sleep(period)
+            pruned = await self._store_or_fail().prune_remembered(self._clock.now())
+            if pruned:
+                logger.debug("forgot %d ids past the idempotency window", pruned)
 
     def _store_or_fail(self) -> MessageStore:
         if self._store is None:

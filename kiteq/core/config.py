@@ -39,6 +39,10 @@ ANY_TOPIC: Final = "*"
 IGNORED_KEYS: Final = ("dlqExecHour",)
 EMBEDDED_REGISTRY: Final = "embedded://"
 DEFAULT_MAX_BINDINGS_PER_GROUP_TOPIC: Final = 1000
+# the idempotency window: NATS JetStream's duplicate window by default; at most the
+# longest expiry a message can have (7 days)
+DEFAULT_DEDUP_WINDOW_SECONDS: Final = 120
+MAX_DEDUP_WINDOW_SECONDS: Final = 7 * 86400
 # the wire format's own bound on a regex binding (kiteq.binding.model.MAX_PATTERN_CHARS)
 MAX_PATTERN_LENGTH: Final = 256
 MAX_PORT: Final = 65535
@@ -60,6 +64,11 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "historyRetentionSeconds": (
             259200,
             "how long a message's stored history is kept (default 3 days)",
+        ),
+        "dedupWindowSeconds": (
+            DEFAULT_DEDUP_WINDOW_SECONDS,
+            "how long a delivered message's id is remembered after its delete, so a "
+            f"re-publish of it is a duplicate (0 = off; at most {MAX_DEDUP_WINDOW_SECONDS})",
         ),
         "txCheckDelaySeconds": (
             6,
@@ -174,6 +183,7 @@ class ClusterConfig:
     # outbound webhooks (kiteq.core.webhook): what may be called, and the configured groups
     webhook_policy: WebhookPolicy = dataclasses.field(default_factory=WebhookPolicy)
     webhooks: tuple[ConfiguredWebhook, ...] = ()
+    dedup_window_seconds: float = DEFAULT_DEDUP_WINDOW_SECONDS
 
     @property
     def dev(self) -> bool:
@@ -294,6 +304,14 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
     webhooks = parse_webhooks(
         params.array("webhooks", default("webhooks")), f"{prefix}.webhooks", webhook_policy
     )
+    dedup_window = params.number(
+        "dedupWindowSeconds", default("dedupWindowSeconds"), allow_zero=True
+    )
+    if dedup_window > MAX_DEDUP_WINDOW_SECONDS:
+        raise ConfigError(
+            f"{prefix}.dedupWindowSeconds: must be at most {MAX_DEDUP_WINDOW_SECONDS}, "
+            f"got {dedup_window!r}"
+        )
 
     return ClusterConfig(
         name=name,
@@ -327,6 +345,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         hport=params.integer("hport", default("hport"), low=0, high=MAX_PORT),
         webhook_policy=webhook_policy,
         webhooks=webhooks,
+        dedup_window_seconds=dedup_window,
     )
 
 

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "recoverSeconds": ("recover_seconds", 10.0),
     "noBindingRetentionSeconds": ("no_binding_retention_seconds", 3600.0),
     "historyRetentionSeconds": ("history_retention_seconds", 259200.0),
+    "dedupWindowSeconds": ("dedup_window_seconds", 120.0),
     "txCheckDelaySeconds": ("tx_check_delay_seconds", 6.0),
     "txCheckIntervalSeconds": ("tx_check_interval_seconds", 30.0),
     "txCheckMax": ("tx_check_max", 15),
@@ -194,6 +195,9 @@ def test_unknown_key_is_named_with_the_known_ones(tmp_path: Path) -> None:
         ("maxBindingsPerGroupTopic = 0", "clusters.c.maxBindingsPerGroupTopic: must be a positive"),
         ("maxPatternLength = 257", "clusters.c.maxPatternLength: must be 1..256"),
         ("maxPatternLength = 0", "clusters.c.maxPatternLength: must be 1..256"),
+        ("dedupWindowSeconds = -1", "clusters.c.dedupWindowSeconds: must be >= 0"),
+        ("dedupWindowSeconds = 604801", "clusters.c.dedupWindowSeconds: must be at most 604800"),
+        ('dedupWindowSeconds = "2m"', "clusters.c.dedupWindowSeconds: expected a number"),
     ],
 )
 def test_bad_value_is_named(tmp_path: Path, line: str, expected: str) -> None:

@@ -43,7 +43,7 @@ class RecordingStore:
     async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
         self.rescheduled.extend(changes)
 
-    async def delete(self, records: Sequence[StoredMessage]) -> None:
+    async def delete(self, records: Sequence[StoredMessage], remember_until: float = 0.0) -> None:
         self.deleted.extend(r.message_id for r in records)
 
     async def open(self) -> None: ...
@@ -101,6 +101,9 @@ class RecordingStore:
         return TakenOver()
 
     async def prune_history(self, before: float) -> int:
+        return 0
+
+    async def prune_remembered(self, before: float) -> int:
         return 0
 
     async def put_meta(self, key: str, value: bytes | None) -> None: ...

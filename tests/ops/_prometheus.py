@@ -128,6 +128,10 @@ class _Load:
             # one refused on arrival (a topic the broker does not serve), for the rejection
             # panels; its failed future is left alone
             producer.send_async(Message(topic="unserved", message_type="pay", body=b"x"))
+            # one sent twice: the second is answered duplicate, for the duplicates panel
+            once = Message(topic=TOPIC, message_type="pay", body=b"x", deliver_limit=2)
+            producer.send_async(once).result(30)
+            producer.send_async(once).result(30)
             for _ in range(_MAX_BATCHES):
                 if self._stop.is_set():
                     return

@@ -23,6 +23,7 @@ from tests.ops._prometheus import Prometheus, broker_under_load
 def touch_everything(metrics: BrokerMetrics) -> None:
     """Call every reporting method with every enumerated label value."""
     metrics.received("trade", 3)
+    metrics.duplicates("trade", 2)
     for reason in sorted(REJECT_REASONS):
         metrics.rejected("trade", reason)
     for result in sorted(DELIVERY_RESULTS):

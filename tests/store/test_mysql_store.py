@@ -233,14 +233,20 @@ def test_schema_command_checks_creates_and_repairs(
 
         rows_where(f"DROP INDEX idx_recover ON `{prefix}_1`.`kite_msg_5`")
         rows_where(f"DROP TABLE `{prefix}_0`.`kite_msg_dlq`")
+        rows_where(f"DROP TABLE `{prefix}_1`.`kite_msg_dedup`")
+        rows_where(f"DROP INDEX idx_dedup_until ON `{prefix}_0`.`kite_msg_dedup`")
         assert schema_main(["--check", url]) == 1
         err = capsys.readouterr().err
         assert f"missing index {prefix}_1.kite_msg_5.idx_recover (kite_server, commit," in err
         assert f"missing table {prefix}_0.kite_msg_dlq" in err
+        assert f"missing table {prefix}_1.kite_msg_dedup" in err
+        assert f"missing index {prefix}_0.kite_msg_dedup.idx_dedup_until (remember_until)" in err
         assert schema_main([url]) == 0
         out = capsys.readouterr().out
         assert f"created index {prefix}_1.kite_msg_5.idx_recover" in out
         assert f"created table {prefix}_0.kite_msg_dlq" in out
+        assert f"created table {prefix}_1.kite_msg_dedup" in out
+        assert f"created index {prefix}_0.kite_msg_dedup.idx_dedup_until" in out
         assert schema_main(["--check", url]) == 0
 
         # runnable as a module until the console script exists

@@ -49,7 +49,9 @@ class SendResult:
         message_id: The id of the stored message.
         broker: The address of the broker that stored it.
         duplicate: The broker had stored this id before (for example a retry of a send
-            whose first store-ack was lost). Still a success.
+            whose first store-ack was lost), or delivered and deleted it within its
+            idempotency window (``dedupWindowSeconds``). Still a success; not delivered
+            again.
     """
 
     message_id: str

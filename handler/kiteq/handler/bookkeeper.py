@@ -8,6 +8,10 @@ Reschedules and dead letters carry a snapshot of the record's per-group state: t
 dispatcher goes on changing ``record.groups`` in place while a store thread encodes the
 write. Deletes read only the id, so the common case copies nothing.
 
+A delete remembers the ids for the idempotency window (``dedupWindowSeconds``): the
+store writes them with the delete, so a producer's retry of a settled message is a
+duplicate until the window ends.
+
 It also answers the recover scan's question "is a write for this id still settling?":
 a scan that read the store before a delete landed must not redeliver that message.
 """
@@ -19,6 +23,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+from kiteq.core.clock import Clock, SystemClock
 from kiteq.core.errors import StoreError
 from kiteq.core.message import GroupDelivery, StoredMessage
 from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled
@@ -29,8 +34,13 @@ _RETRY_DELAY = 1.0
 
 
 class Bookkeeper:
-    def __init__(self, store: MessageStore) -> None:
+    def __init__(
+        self, store: MessageStore, *, clock: Clock | None = None, remember_seconds: float = 0.0
+    ) -> None:
         self._store = store
+        self._clock = clock or SystemClock()
+        # the idempotency window; 0: deleted ids are not remembered
+        self._remember_seconds = remember_seconds
         self._deletes: list[StoredMessage] = []
         self._reschedules: list[Rescheduled] = []
         self._letters: list[DeadLetter] = []
@@ -127,7 +137,10 @@ class Bookkeeper:
             if letters:
                 writes.append(self._store.dead_letter(_agreeing(letters)))
             if deletes:
-                writes.append(self._store.delete(deletes))
+                until = (
+                    self._clock.now() + self._remember_seconds if self._remember_seconds else 0.0
+                )
+                writes.append(self._store.delete(deletes, until))
             if events:
                 writes.append(self._store.append_history(events))
             results = await asyncio.gather(*writes, return_exceptions=True)

@@ -60,7 +60,9 @@ class BrokerCore:
         self.store = store
         self.bindings = bindings
         self.connections = ConnectionTable()
-        self.bookkeeper = Bookkeeper(store)
+        self.bookkeeper = Bookkeeper(
+            store, clock=clock, remember_seconds=config.dedup_window_seconds
+        )
         self.history = History(self.bookkeeper.history)
         # scheduled messages not yet due, per topic, for the metrics (issue #15)
         self.scheduled = ScheduledTally()

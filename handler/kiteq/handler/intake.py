@@ -296,6 +296,7 @@ class Intake:
                 latency = self._metrics.store_ack_latency
                 for topic, n in Counter(r.message.topic for r in records).items():
                     latency.observe((topic,), waited, n)
+        duplicates: Counter[str] = Counter()
         for i, record, result in zip(positions, records, results, strict=True):
             sent_id = messages[i].message_id
             if result is Saved.STORED:
@@ -328,10 +329,17 @@ class Intake:
                         self.left_to_scan[record.topic] += 1
             elif result is Saved.DUPLICATE:
                 outcomes[i] = StoreAck(
-                    sent_id, AckCode.OK, "duplicate: already stored", Disposition.DUPLICATE
+                    sent_id,
+                    AckCode.OK,
+                    "duplicate: stored or delivered already",
+                    Disposition.DUPLICATE,
                 )
+                duplicates[record.topic] += 1
             else:
                 outcomes[i] = StoreAck(sent_id, code_for(result), str(result))
+        if self._metrics is not None:
+            for topic, n in duplicates.items():
+                self._metrics.duplicates(topic, n)
 
     def _count(self, outcomes: list[StoreAck], messages: Sequence[Message]) -> list[StoreAck]:
         ok = sum(1 for o in outcomes if o.ok)

@@ -226,9 +226,16 @@ class Reads:
 
     def prune_history(self, before: float) -> int:
         """Removes in chunks of its own transactions, beside the write queues."""
+        return self._prune("prune_history", self.tables.history, "event_time", before)
+
+    def prune_remembered(self, before: float) -> int:
+        """Forgets remembered ids, in chunks, through the ``remember_until`` index."""
+        return self._prune("prune_remembered", self.tables.dedup, "remember_until", before)
+
+    def _prune(self, action: str, tables: list[str], column: str, before: float) -> int:
         removed = 0
-        for table in self.tables.history:
-            sql = f"DELETE FROM {table} WHERE event_time < %s LIMIT {_PRUNE_CHUNK}"  # noqa: S608
+        for table in tables:
+            sql = f"DELETE FROM {table} WHERE {column} < %s LIMIT {_PRUNE_CHUNK}"  # noqa: S608
             while True:
 
                 def chunk(conn: Connection, sql: str = sql) -> int:
@@ -236,7 +243,7 @@ class Reads:
                     conn.commit()
                     return deleted
 
-                deleted = self.database.read("prune_history", chunk)
+                deleted = self.database.read(action, chunk)
                 removed += deleted
                 if deleted < _PRUNE_CHUNK:
                     break

@@ -35,7 +35,7 @@ from kiteq.store._mysql_rows import (
     _record,
     _Row,
 )
-from kiteq.store._mysql_schema import HISTORY_COLUMNS
+from kiteq.store._mysql_schema import HISTORY_COLUMNS, MESSAGE_COLUMNS
 from kiteq.store._mysql_tx import ShardTx
 from kiteq.store.base import Saved, SaveOutcome
 
@@ -75,6 +75,10 @@ class Kind(enum.IntEnum):
 
 class DuplicateKeyError(Exception):
     """A fast-path INSERT hit a stored id: replay the transaction carefully."""
+
+
+# where a message row (``_row``) has its publish time
+_PUBLISH_TIME_AT: Final = MESSAGE_COLUMNS.index("publish_time")
 
 
 # -- calls -----------------------------------------------------------------------------
@@ -201,6 +205,8 @@ class SavePart(Part):
                     continue  # repeated in this transaction: the first one wins
                 seen.add(item.message_id)
                 by_table.setdefault(item.table, []).append((part, k, item))
+        # the idempotency window: one read for the whole transaction
+        remembered = tx.remembered(list(seen)) if seen else {}
         for table, entries in by_table.items():
             name = tx.tables[table]
             stored: set[str] = set()
@@ -208,7 +214,9 @@ class SavePart(Part):
                 stored = tx.locked_ids(name, [item.message_id for _, _, item in entries])
             rows: list[_Row] = []
             for saving, k, item in entries:
-                if item.message_id in stored:
+                if item.message_id in stored or (
+                    remembered.get(item.message_id, 0.0) > item.row[_PUBLISH_TIME_AT]
+                ):
                     continue
                 rows.append(item.row)
                 saving.outcomes[k] = Saved.STORED
@@ -344,14 +352,15 @@ class ReschedulePart(Part):
 
 
 class DeletePart(Part):
-    __slots__ = ("items",)
+    __slots__ = ("items", "remember_until")
     kind = Kind.DELETE
     deferred = True
 
-    def __init__(self, call: Call, shard: int) -> None:
+    def __init__(self, call: Call, shard: int, remember_until: float = 0.0) -> None:
         super().__init__(call, shard)
         # (table, message_id, topic, owned by this store)
         self.items: list[tuple[int, str, str, bool]] = []
+        self.remember_until = remember_until
 
     def ids(self) -> Iterable[str]:
         return (item[1] for item in self.items)
@@ -369,6 +378,15 @@ class DeletePart(Part):
             deleted = tx.delete_ids(tx.tables[table], list(ids))
             if owned:
                 tx.backlog[topic] -= deleted
+        # in the deletes' transaction: an id is never gone and forgotten
+        remembered = {
+            item[1]: part.remember_until
+            for part in parts
+            if part.remember_until > 0.0
+            for item in part.items
+        }
+        if remembered:
+            tx.remember(list(remembered.items()))
 
 
 class HistoryPart(Part):

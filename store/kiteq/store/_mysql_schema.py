@@ -10,8 +10,10 @@ go to ``kite_0.kite_msg_0``-``3``, ids ending in ``c``-``f`` to ``kite_3``.
 Every database also holds ``kite_msg_dlq``, the dead-letter queue of its slots (KiteQ's
 table plus ``dead_reason``, ``dead_time``, ``group_id`` (the group it is dead for: one row
 per (message_id, group_id)) and ``dead_groups``, the JSON array naming that group), and
-``kite_msg_history``, the events of its slots' messages; the first database holds
-``kite_meta`` (broker metadata, ``put_meta``).
+``kite_msg_history``, the events of its slots' messages, and ``kite_msg_dedup``, the ids
+of its slots remembered after their delete (the idempotency window: ``message_id``
+primary key, ``remember_until`` indexed so a prune reads only what expired); the first
+database holds ``kite_meta`` (broker metadata, ``put_meta``).
 
 Columns are KiteQ's, with these deliberate differences:
 
@@ -70,6 +72,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.schema import CreateColumn
 
 __all__ = [
+    "DEDUP_TABLE",
     "DLQ_COLUMNS",
     "DLQ_TABLE",
     "HISTORY_COLUMNS",
@@ -88,6 +91,7 @@ SLOTS: Final = 16
 SHARDNUMS: Final = (1, 2, 4, 8, 16)
 DLQ_TABLE: Final = "kite_msg_dlq"
 HISTORY_TABLE: Final = "kite_msg_history"
+DEDUP_TABLE: Final = "kite_msg_dedup"
 META_TABLE: Final = "kite_meta"
 
 # KiteQ's column order (kite_sql_wrapper.go), used by every INSERT and SELECT.
@@ -154,6 +158,10 @@ HISTORY_INDEXES: Final[_Indexes] = {
 META_INDEXES: Final[_Indexes] = {
     "PRIMARY": (True, ("meta_key",)),
 }
+DEDUP_INDEXES: Final[_Indexes] = {
+    "PRIMARY": (True, ("message_id",)),
+    "idx_dedup_until": (False, ("remember_until",)),
+}
 
 _HEX: Final = {c: int(c, 16) for c in "0123456789abcdefABCDEF"}
 
@@ -214,6 +222,7 @@ class Layout:
                 expected[(database, self.table_name(table))] = MESSAGE_INDEXES
             expected[(database, DLQ_TABLE)] = DLQ_INDEXES
             expected[(database, HISTORY_TABLE)] = HISTORY_INDEXES
+            expected[(database, DEDUP_TABLE)] = DEDUP_INDEXES
         expected[(self.database(0), META_TABLE)] = META_INDEXES
         return expected
 
@@ -225,6 +234,8 @@ class Layout:
                 _meta_table(metadata, database)
             elif indexes is HISTORY_INDEXES:
                 _history_table(metadata, database)
+            elif indexes is DEDUP_INDEXES:
+                _dedup_table(metadata, database)
             else:
                 _message_table(metadata, name, database, indexes)
         return metadata
@@ -308,6 +319,23 @@ def _history_table(metadata: MetaData, schema: str) -> Table:
         **_TABLE_OPTIONS,
     )
     _add_indexes(table, HISTORY_INDEXES)
+    return table
+
+
+def _dedup_table(metadata: MetaData, schema: str) -> Table:
+    table = Table(
+        DEDUP_TABLE,
+        metadata,
+        Column(
+            "message_id",
+            mysql.VARCHAR(32, charset="ascii", collation="ascii_bin"),
+            primary_key=True,
+        ),
+        Column("remember_until", mysql.DOUBLE, nullable=False),
+        schema=schema,
+        **_TABLE_OPTIONS,
+    )
+    _add_indexes(table, DEDUP_INDEXES)
     return table
 
 

@@ -26,6 +26,7 @@ from kiteq.store._mysql_rows import (
     _select_sql,
 )
 from kiteq.store._mysql_schema import (
+    DEDUP_TABLE,
     DLQ_COLUMNS,
     DLQ_TABLE,
     HISTORY_TABLE,
@@ -51,7 +52,7 @@ _OWNER_AT: Final = 1 + DLQ_COLUMNS.index("kite_server")
 class Tables:
     """The quoted names of a layout's tables: ``` `database`.`table` ```."""
 
-    __slots__ = ("dlq", "history", "messages", "meta", "slots")
+    __slots__ = ("dedup", "dlq", "history", "messages", "meta", "slots")
 
     def __init__(self, layout: Layout) -> None:
         def name(shard: int, table: str) -> str:
@@ -65,6 +66,7 @@ class Tables:
         ]
         self.dlq = [name(shard, DLQ_TABLE) for shard in shards]
         self.history = [name(shard, HISTORY_TABLE) for shard in shards]
+        self.dedup = [name(shard, DEDUP_TABLE) for shard in shards]
         self.meta = name(0, META_TABLE)
         # (slot, its message table) for the 16 slots
         self.slots = [(slot, self.messages[shard][table]) for slot, shard, table in layout.slots()]
@@ -84,6 +86,7 @@ class ShardTx:
         "careful",
         "committing",
         "conn",
+        "dedup_table",
         "dlq",
         "dlq_table",
         "history_table",
@@ -106,6 +109,7 @@ class ShardTx:
         self.tables = tables.messages[shard]
         self.dlq_table = tables.dlq[shard]
         self.history_table = tables.history[shard]
+        self.dedup_table = tables.dedup[shard]
         self.meta_table = tables.meta
         self.owner = owner
         self.batch_update_size, self.batch_del_size = batch_sizes
@@ -134,6 +138,23 @@ class ShardTx:
             for row in self.conn.exec_driver_sql(sql, tuple(chunk)):
                 found[row[0]] = tuple(row)
         return found
+
+    def remembered(self, ids: Sequence[str]) -> dict[str, float]:
+        """The ids of *ids* in the idempotency window, with the time each is remembered until."""
+        found: dict[str, float] = {}
+        for chunk in _chunks(ids, _READ_CHUNK):
+            sql = _select_sql(self.dedup_table, "message_id, remember_until", len(chunk))
+            found.update((row[0], row[1]) for row in self.conn.exec_driver_sql(sql, tuple(chunk)))
+        return found
+
+    def remember(self, items: Sequence[tuple[str, float]]) -> None:
+        """Remember each (id, until); an id remembered already gets the new time."""
+        for chunk in _chunks(items, self.batch_del_size):
+            self.conn.exec_driver_sql(
+                f"INSERT INTO {self.dedup_table} (message_id, remember_until) VALUES (%s, %s) "  # noqa: S608
+                "ON DUPLICATE KEY UPDATE remember_until = VALUES(remember_until)",
+                list(chunk),
+            )
 
     def delete_ids(self, table: str, ids: Sequence[str]) -> int:
         deleted = 0

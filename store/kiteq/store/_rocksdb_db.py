@@ -105,7 +105,19 @@ class Column:
 
 
 class DB:
-    __slots__ = ("dlq", "due", "history", "meta", "msg", "rdict", "state", "uncommitted")
+    __slots__ = (
+        "dedup",
+        "dedup_expiry",
+        "dlq",
+        "due",
+        "history",
+        "meta",
+        "msg",
+        "rdict",
+        "remembering",
+        "state",
+        "uncommitted",
+    )
 
     def __init__(self, path: str) -> None:
         options = Options(raw_mode=True)
@@ -137,6 +149,9 @@ class DB:
                 "history": history,
                 # every decision leaves a tombstone, as in due
                 "uncommitted": due,
+                # the idempotency window: looked up by id on every save, pruned by time
+                "dedup": by_id,
+                "dedup_expiry": history,
             },
         )
         self.msg = Column(self.rdict, "msg")
@@ -146,6 +161,10 @@ class DB:
         self.dlq = Column(self.rdict, "dlq")
         self.history = Column(self.rdict, "history")
         self.uncommitted = Column(self.rdict, "uncommitted")
+        self.dedup = Column(self.rdict, "dedup")
+        self.dedup_expiry = Column(self.rdict, "dedup_expiry")
+        # False while no id is remembered: saves then skip the lookup (window off)
+        self.remembering = next(self.dedup.keys(b""), None) is not None
 
     def close(self) -> None:
         for column in (
@@ -156,6 +175,8 @@ class DB:
             self.dlq,
             self.history,
             self.uncommitted,
+            self.dedup,
+            self.dedup_expiry,
         ):
             column.release()
         self.rdict.close()

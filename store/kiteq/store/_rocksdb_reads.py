@@ -187,6 +187,38 @@ def prune_history(
     return removed, last
 
 
+def prune_remembered(
+    db: DB, write_options: WriteOptions, before: float, start: bytes
+) -> tuple[int, bytes | None]:
+    """Forget the ids remembered until before *before*, ``SCAN_CHUNK`` expiry keys from *start*.
+
+    Reads only expiry keys that are due (the time order), never the rest of the window.
+    An id remembered again later keeps its ``dedup`` entry; its old expiry key goes.
+    Returns how many ids were forgotten, and the key to go on from (None: done).
+    """
+    read = ReadOptions()
+    read.set_iterate_upper_bound(due_time(before))
+    keys: list[bytes] = []
+    last: bytes | None = None
+    for key in db.dedup_expiry.keys(start, read):
+        if len(keys) == SCAN_CHUNK:
+            last = key
+            break
+        keys.append(key)
+    if not keys:
+        return 0, None
+    ids = [key[DUE_TIME.size :] for key in keys]
+    wb = WriteBatch(raw_mode=True)
+    removed = 0
+    for key, message_id, value in zip(keys, ids, db.dedup.get_many(ids), strict=True):
+        wb.delete(key, db.dedup_expiry.handle)
+        if value is not None and DUE_TIME.unpack(value)[0] < before:
+            wb.delete(message_id, db.dedup.handle)
+            removed += 1
+    db.rdict.write(wb, write_options)
+    return removed, last
+
+
 def get_meta(db: DB, prefix: bytes) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     for key, value in db.meta.items(prefix):

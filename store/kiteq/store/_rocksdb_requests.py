@@ -19,7 +19,7 @@ from rocksdict import WriteBatch
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store._groups import redrive_groups
-from kiteq.store._rocksdb_db import DB, HISTORY_SEQ_KEY, SEQ, due_time
+from kiteq.store._rocksdb_db import DB, DUE_TIME, HISTORY_SEQ_KEY, SEQ, due_time
 from kiteq.store.base import DeadLetter, DlqKey, HistoryEvent, Rescheduled, Saved, SaveOutcome
 from kiteq.store.codec import (
     Bookkeeping,
@@ -69,6 +69,18 @@ class _Batch:
         )
         # dead-letter count changes per (topic, group)
         self.dlq: dict[tuple[str, str], int] = {}
+        # remembered ids (the idempotency window) -> until, of the ids saves bring: one
+        # multi-get per batch, none while nothing is remembered
+        self.remembered: dict[bytes, float] = {}
+        if db.remembering:
+            saved = list({key: None for request in requests for key in request.saved_ids()})
+            if saved:
+                unpack = DUE_TIME.unpack
+                self.remembered = {
+                    key: unpack(value)[0]
+                    for key, value in zip(saved, db.dedup.get_many(saved), strict=True)
+                    if value is not None
+                }
 
     def count(self, topic: str, delta: int) -> None:
         self.backlog[topic] = self.backlog.get(topic, 0) + delta
@@ -140,6 +152,10 @@ class _Request:
         """The dlq keys whose dead-letter value ``apply`` needs."""
         return ()
 
+    def saved_ids(self) -> Iterable[bytes]:
+        """Ids ``apply`` may store anew: their remembered time is needed."""
+        return ()
+
     def apply(self, batch: _Batch) -> None:
         raise NotImplementedError
 
@@ -153,10 +169,11 @@ class _Request:
 
 
 class _Save(_Request):
-    __slots__ = ("items", "outcomes")
+    __slots__ = ("items", "outcomes", "times")
 
     def __init__(self, records: Sequence[StoredMessage]) -> None:
         self.items = [(r.message_id.encode(), encode_message(r), state_of(r)) for r in records]
+        self.times = [r.publish_time for r in records]
         super().__init__(
             sum(len(value) for _, value, _ in self.items) + _KEY_OVERHEAD * len(records)
         )
@@ -165,15 +182,18 @@ class _Save(_Request):
     def ids_read(self) -> Iterable[bytes]:
         return (key for key, _, _ in self.items)
 
+    saved_ids = ids_read
+
     def apply(self, batch: _Batch) -> None:
         # The hot loop of the store: names are bound locally on purpose.
         put = batch.wb.put
         states = batch.states
         messages = batch.messages
+        remembered = batch.remembered
         msg_cf, state_cf, due_cf = batch.db.msg.handle, batch.db.state.handle, batch.db.due.handle
         outcomes: list[SaveOutcome] = []
-        for key, value, state in self.items:
-            if states[key] is not None:
+        for (key, value, state), published in zip(self.items, self.times, strict=True):
+            if states[key] is not None or (remembered and remembered.get(key, 0.0) > published):
                 outcomes.append(Saved.DUPLICATE)
                 continue
             put(key, value, msg_cf)
@@ -220,12 +240,13 @@ class _Reschedule(_Request):
 
 
 class _Delete(_Request):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "remember_until")
     needs_sync = False
 
-    def __init__(self, records: Sequence[StoredMessage]) -> None:
+    def __init__(self, records: Sequence[StoredMessage], remember_until: float) -> None:
         super().__init__(len(records) * _KEY_OVERHEAD)
         self.ids = [r.message_id.encode() for r in records]
+        self.remember_until = remember_until
 
     def ids_read(self) -> Iterable[bytes]:
         return self.ids
@@ -235,6 +256,17 @@ class _Delete(_Request):
             old = batch.states[key]
             if old is not None:
                 batch.remove(key, old)
+        until = self.remember_until
+        if until > 0.0:
+            # in the delete's WriteBatch: the id is never gone and forgotten
+            db, put = batch.db, batch.wb.put
+            value, expiry = DUE_TIME.pack(until), due_time(until)
+            dedup, dedup_expiry = db.dedup.handle, db.dedup_expiry.handle
+            for key in self.ids:
+                put(key, value, dedup)
+                put(expiry + key, b"", dedup_expiry)
+                batch.remembered[key] = until
+            db.remembering = True
 
 
 class _Decision(_Request):

@@ -182,8 +182,9 @@ class MessageStore(Protocol):
     async def save(self, records: Sequence[StoredMessage]) -> list[SaveOutcome]:
         """Persist *records* durably, one outcome per record in order.
 
-        A record whose id is already stored (or repeated earlier in *records*) yields
-        ``Saved.DUPLICATE`` and is not overwritten. A failure yields a ``StoreError``
+        A record whose id is already stored (or repeated earlier in *records*), or
+        remembered after its delete until a time later than the record's ``publish_time``
+        (``delete``'s *remember_until*), yields ``Saved.DUPLICATE`` and is not written. A failure yields a ``StoreError``
         (``StoreFullError`` when at capacity, ``StoreUnavailableError`` on I/O failure).
         """
         ...
@@ -200,8 +201,22 @@ class MessageStore(Protocol):
         """
         ...
 
-    async def delete(self, records: Sequence[StoredMessage]) -> None:
-        """Remove records (every group has them, or rolled back). Missing ids are ignored."""
+    async def delete(self, records: Sequence[StoredMessage], remember_until: float = 0.0) -> None:
+        """Remove records (every group has settled them). Missing ids are ignored.
+
+        With *remember_until* > 0 each id of *records* is remembered until then (the
+        idempotency window, ``dedupWindowSeconds``), in the same durable write as the
+        delete, so the id is never gone without being remembered: a ``save`` of it with a
+        ``publish_time`` before *remember_until* answers ``Saved.DUPLICATE``. Remembering
+        an id again moves its time. Entries stay until ``prune_remembered`` removes them.
+        """
+        ...
+
+    async def prune_remembered(self, before: float) -> int:
+        """Forget remembered ids whose time is before *before*; returns how many.
+
+        Walks the expiry order, never the whole window (entries = delete rate x window).
+        """
         ...
 
     async def commit(self, message_id: str) -> StoredMessage | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import heapq
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Final, Generic, TypeVar
@@ -127,6 +128,10 @@ class MemoryStore:
         self._history: dict[str, list[HistoryEvent]] = {}
         self._history_messages = history_messages
         self._meta: dict[str, bytes] = {}
+        # the idempotency window: id -> remembered until; the heap orders the prune (an id
+        # remembered again leaves its older entry there, skipped when popped)
+        self._remembered: dict[str, float] = {}
+        self._remembered_order: list[tuple[float, str]] = []
         self._open = False
         self._closed = False
 
@@ -159,6 +164,8 @@ class MemoryStore:
         self._dlq.clear()
         self._history.clear()
         self._meta.clear()
+        self._remembered.clear()
+        self._remembered_order.clear()
 
     def _not_open(self) -> StoreUnavailableError:
         state = "closed" if self._closed else "not open"
@@ -172,9 +179,10 @@ class MemoryStore:
         if not self._open:
             return [self._not_open()] * len(records)
         outcomes: list[SaveOutcome] = []
+        remembered = self._remembered
         for record in records:
             mid = record.message_id
-            if mid in self._records:
+            if mid in self._records or remembered.get(mid, 0.0) > record.publish_time:
                 outcomes.append(Saved.DUPLICATE)
             elif len(self._records) + len(self._dead) >= self._maxcap:
                 outcomes.append(StoreFullError(f"{self.description} holds {self._maxcap} messages"))
@@ -209,12 +217,26 @@ class MemoryStore:
             stored.groups = copy_groups(groups) if groups else {}
             stored.only_groups = tuple(new.only_groups)
 
-    async def delete(self, records: Sequence[StoredMessage]) -> None:
+    async def delete(self, records: Sequence[StoredMessage], remember_until: float = 0.0) -> None:
         self._check_open()
         for record in records:
             stored = self._records.pop(record.message_id, None)
             if stored is not None:
                 self._unlink(stored)
+            if remember_until > 0.0:
+                self._remembered[record.message_id] = remember_until
+                heapq.heappush(self._remembered_order, (remember_until, record.message_id))
+
+    async def prune_remembered(self, before: float) -> int:
+        self._check_open()
+        order, remembered = self._remembered_order, self._remembered
+        removed = 0
+        while order and order[0][0] < before:
+            until, mid = heapq.heappop(order)
+            if remembered.get(mid) == until:
+                del remembered[mid]
+                removed += 1
+        return removed
 
     def _take_bookkeeping(self, stored: StoredMessage, new: StoredMessage) -> None:
         """Write *new*'s delivery state to the stored record, keeping the due index."""

@@ -336,16 +336,17 @@ class MySQLStore(CountedStore):
             part.items.append((table, record.message_id, *_bookkeeping(record)))
         await self._submit(call, self._sized(parts))
 
-    async def delete(self, records: Sequence[StoredMessage]) -> None:
+    async def delete(self, records: Sequence[StoredMessage], remember_until: float = 0.0) -> None:
         if not records:
             return
         call = Call()
         parts: dict[int, DeletePart] = {}
+        until = min(remember_until, _MAX_TIME)
         for record in records:
             if not _storable_id(record.message_id):
                 continue
             part, table = self._part(
-                parts, record.message_id, lambda shard_: DeletePart(call, shard_)
+                parts, record.message_id, lambda shard_: DeletePart(call, shard_, until)
             )
             owned = record.kite_server == self._owner
             part.items.append((table, record.message_id, record.topic, owned))
@@ -491,6 +492,13 @@ class MySQLStore(CountedStore):
         if not before > 0.0:
             return 0
         return await self._run(self._reads.prune_history, min(before, _MAX_TIME))
+
+    async def prune_remembered(self, before: float) -> int:
+        """Removes in chunks of its own transactions, by the ``remember_until`` index."""
+        self._state.check_open()
+        if not before > 0.0:
+            return 0
+        return await self._run(self._reads.prune_remembered, min(before, _MAX_TIME))
 
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         self._state.check_open()

@@ -51,6 +51,11 @@ Column families (all keys and values are raw bytes, readable by any RocksDB tool
   written before issue #10 (key: the message id; one value naming several groups) are
   rewritten at open as one entry per group, one WriteBatch per chunk, each message
   whole in one;
+* ``dedup``: message id -> big-endian IEEE-754 time it is remembered until (the
+  idempotency window, ``delete``'s ``remember_until``), written in the delete's
+  WriteBatch; ``dedup_expiry``: that time + message id -> b"", the order
+  ``prune_remembered`` walks (only the expired head). A save reads ``dedup`` with one
+  multi-get per WriteBatch, and not at all while the store has never remembered an id;
 * ``history``: message id + big-endian IEEE-754 event time (as in ``due``) + big-endian
   u32 sequence -> event value (``codec.encode_event``), so one message's events are
   adjacent and in time order, events of the same time in the order they were appended.
@@ -233,9 +238,9 @@ class RocksDBStore(CountedStore):
         if changes:
             await self._submit(_Reschedule(changes))
 
-    async def delete(self, records: Sequence[StoredMessage]) -> None:
+    async def delete(self, records: Sequence[StoredMessage], remember_until: float = 0.0) -> None:
         if records:
-            await self._submit(_Delete(records))
+            await self._submit(_Delete(records, remember_until))
 
     async def commit(self, message_id: str) -> StoredMessage | None:
         request = _Commit(message_id)
@@ -388,6 +393,20 @@ class RocksDBStore(CountedStore):
             removed += count
             if cursor is not None:
                 self._state.check_open()
+        return removed
+
+    async def prune_remembered(self, before: float) -> int:
+        self._state.check_open()
+        removed = 0
+        cursor: bytes | None = b""
+        while cursor is not None:
+            count, cursor = await self._read(
+                "prune_remembered", reads.prune_remembered, self._prune_options, before, cursor
+            )
+            if count:
+                # an expired id kept by an OS crash is pruned again by the next call
+                self._write_batches += 1
+            removed += count
         return removed
 
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:

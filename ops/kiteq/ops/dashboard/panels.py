@@ -138,6 +138,17 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
             ),
             PanelSpec(
                 "timeseries",
+                "Duplicates by topic",
+                "Publishes answered duplicate per second: the id was stored, or remembered in "
+                "the idempotency window (dedupWindowSeconds); not delivered again.",
+                "mps",
+                _q(
+                    f"sum by (topic) ({_rate('kiteq_messages_duplicate_total', _TOPIC)})",
+                    "{{topic}}",
+                ),
+            ),
+            PanelSpec(
+                "timeseries",
                 "Deliveries by result",
                 "Delivery outcomes per second: ack, nack, timeout, disconnected.",
                 "mps",

@@ -106,6 +106,12 @@ class BrokerMetrics:
             "Messages accepted from producers (stored, or fly).",
             ["topic"],
         )
+        self._duplicates = counter(
+            "kiteq_messages_duplicate_total",
+            "Publishes answered duplicate: the id is stored, or in the idempotency window "
+            "after its delete (dedupWindowSeconds); not stored or delivered again.",
+            ["topic"],
+        )
         self._rejected = counter(
             "kiteq_messages_rejected_total",
             "Messages refused on arrival, by reason.",
@@ -335,6 +341,10 @@ class BrokerMetrics:
     def received(self, topic: str, n: int = 1) -> None:
         """Count *n* messages of *topic* accepted."""
         self._received.labels(self._topic(topic)).inc(n)
+
+    def duplicates(self, topic: str, n: int = 1) -> None:
+        """Count *n* publishes of *topic* answered duplicate."""
+        self._duplicates.labels(self._topic(topic)).inc(n)
 
     def rejected(self, topic: str, reason: str, n: int = 1) -> None:
         """Count *n* messages refused; *reason* is one of ``REJECT_REASONS``."""
