@@ -7,6 +7,7 @@ Examples::
     kiteq-bench -duration 30 -rate 10000               # open loop: latency at 10k msg/s offered
     kiteq-bench -sync -count 5000 -consumers 0         # one synchronous publisher's latency
     kiteq-bench -broker 127.0.0.1:13800 -tx 0.1 -json  # a running broker, 10% transactional
+    kiteq-bench -set dedupWindowSeconds=0              # own broker with a cluster key set
 
 Exit codes: 0 when the run completed (its counts are in the report), 1 when it could not
 (a broker or child failed, a timeout), 2 on a usage error.
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flag("broker", default=None, help="a running broker: host:port[,...], zk://... or file://...")
     flag("topic", default="bench", help="topic (default bench)")
+    flag(
+        "set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a cluster key of the own broker, as TOML (repeatable): -set dedupWindowSeconds=0",
+    )
     flag("drainTimeout", dest="drain_timeout", type=float, default=30.0, help="seconds")
     flag("json", action="store_true", help="print the result as JSON")
     flag("quiet", action="store_true", help="no progress line")
@@ -90,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target=options.broker,
             progress=None if options.quiet else ProgressLine(sys.stderr),
             drain_timeout=options.drain_timeout,
+            extra_config="".join(f"{setting}\n" for setting in options.settings),
         )
     except KiteQError as exc:
         print(f"kiteq-bench: {exc}", file=sys.stderr)

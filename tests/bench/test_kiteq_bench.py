@@ -117,6 +117,13 @@ def test_usage_and_config_errors_exit_with_their_codes() -> None:
     )  # fmt: skip
     assert config.returncode == 1
     assert "size must be >= 16" in config.stderr
+    # -set reaches the own broker's cluster file: a bad value stops the broker, named
+    bad_key = subprocess.run(
+        [sys.executable, "-m", "kiteq.bench", "-count", "10", "-set", "dedupWindowSeconds=-1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad_key.returncode == 1
+    assert "dedupWindowSeconds: must be >= 0" in bad_key.stderr
 
 
 # --- the pieces -----------------------------------------------------------------------
