@@ -486,9 +486,11 @@ class Broker:
         period = min(_DEDUP_PRUNE_PERIOD, max(1.0, self.config.dedup_window_seconds))
         while True:
             await asyncio.sleep(period)
-            pruned = await self._store_or_fail().prune_remembered(self._clock.now())
+            store = self._store_or_fail()
+            pruned = await store.prune_remembered(self._clock.now())
             if pruned:
                 logger.debug("forgot %d ids past the idempotency window", pruned)
+            self.metrics.set_remembered(await store.remembered_estimate())
 
     def _store_or_fail(self) -> MessageStore:
         if self._store is None:

@@ -106,6 +106,9 @@ class RecordingStore:
     async def prune_remembered(self, before: float) -> int:
         return 0
 
+    async def remembered_estimate(self) -> int:
+        return 0
+
     async def put_meta(self, key: str, value: bytes | None) -> None: ...
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         return {}

@@ -24,6 +24,7 @@ def touch_everything(metrics: BrokerMetrics) -> None:
     """Call every reporting method with every enumerated label value."""
     metrics.received("trade", 3)
     metrics.duplicates("trade", 2)
+    metrics.set_remembered(5)
     for reason in sorted(REJECT_REASONS):
         metrics.rejected("trade", reason)
     for result in sorted(DELIVERY_RESULTS):

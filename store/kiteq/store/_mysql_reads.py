@@ -33,7 +33,7 @@ from kiteq.store._mysql_rows import (
     page_keys_sql,
     uncommitted_keys_sql,
 )
-from kiteq.store._mysql_schema import Layout
+from kiteq.store._mysql_schema import DEDUP_TABLE, Layout, _in_names
 from kiteq.store._mysql_tx import Tables
 from kiteq.store._state import add_counts
 from kiteq.store.base import (
@@ -231,6 +231,19 @@ class Reads:
     def prune_remembered(self, before: float) -> int:
         """Forgets remembered ids, in chunks, through the ``remember_until`` index."""
         return self._prune("prune_remembered", self.tables.dedup, "remember_until", before)
+
+    def remembered_estimate(self) -> int:
+        """InnoDB's row estimate of the ``kite_msg_dedup`` tables (information_schema)."""
+        sql = _in_names(
+            "SELECT COALESCE(SUM(TABLE_ROWS), 0) FROM information_schema.TABLES "
+            "WHERE TABLE_NAME = :table AND TABLE_SCHEMA"
+        )
+        names = self.layout.databases()
+
+        def read(conn: Connection) -> int:
+            return int(conn.execute(sql, {"table": DEDUP_TABLE, "names": names}).scalar_one())
+
+        return self.database.read("remembered_estimate", read)
 
     def _prune(self, action: str, tables: list[str], column: str, before: float) -> int:
         removed = 0

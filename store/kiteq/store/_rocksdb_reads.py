@@ -219,6 +219,11 @@ def prune_remembered(
     return removed, last
 
 
+def remembered_estimate(db: DB) -> int:
+    """RocksDB's estimate of the keys in ``dedup`` (memtables and file metadata, no scan)."""
+    return db.dedup.view.property_int_value("rocksdb.estimate-num-keys") or 0
+
+
 def get_meta(db: DB, prefix: bytes) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     for key, value in db.meta.items(prefix):

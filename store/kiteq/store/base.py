@@ -219,6 +219,13 @@ class MessageStore(Protocol):
         """
         ...
 
+    async def remembered_estimate(self) -> int:
+        """About how many ids are remembered, for a gauge; never a scan of the window.
+
+        Exact for memory; RocksDB's and InnoDB's own estimates otherwise.
+        """
+        ...
+
     async def commit(self, message_id: str) -> StoredMessage | None:
         """Mark an uncommitted message committed and due at its next_deliver_time.
 

@@ -470,6 +470,10 @@ class MemoryStore:
                 del self._history[mid]
         return removed
 
+    async def remembered_estimate(self) -> int:
+        self._check_open()
+        return len(self._remembered)
+
     async def put_meta(self, key: str, value: bytes | None) -> None:
         self._check_open()
         if value is None:

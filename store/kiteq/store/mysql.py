@@ -500,6 +500,10 @@ class MySQLStore(CountedStore):
             return 0
         return await self._run(self._reads.prune_remembered, min(before, _MAX_TIME))
 
+    async def remembered_estimate(self) -> int:
+        self._state.check_open()
+        return await self._run(self._reads.remembered_estimate)
+
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         self._state.check_open()
         return await self._run(self._reads.get_meta, prefix)

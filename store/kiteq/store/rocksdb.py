@@ -409,6 +409,9 @@ class RocksDBStore(CountedStore):
             removed += count
         return removed
 
+    async def remembered_estimate(self) -> int:
+        return await self._read("remembered_estimate", reads.remembered_estimate)
+
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         return await self._read("get_meta", reads.get_meta, prefix.encode())
 

@@ -149,6 +149,14 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
             ),
             PanelSpec(
                 "timeseries",
+                "Idempotency window",
+                "Ids of settled messages remembered after their delete (dedupWindowSeconds), "
+                "the store's estimate: about delete rate x (window + 60 s).",
+                "short",
+                _q(f"sum by (instance) (kiteq_dedup_remembered_ids{{{SELECTOR}}})", "{{instance}}"),
+            ),
+            PanelSpec(
+                "timeseries",
                 "Deliveries by result",
                 "Delivery outcomes per second: ack, nack, timeout, disconnected.",
                 "mps",

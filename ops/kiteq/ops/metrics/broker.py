@@ -112,6 +112,10 @@ class BrokerMetrics:
             "after its delete (dedupWindowSeconds); not stored or delivered again.",
             ["topic"],
         )
+        self._remembered = gauge(
+            "kiteq_dedup_remembered_ids",
+            "Ids of deleted messages in the idempotency window (the store's estimate).",
+        )
         self._rejected = counter(
             "kiteq_messages_rejected_total",
             "Messages refused on arrival, by reason.",
@@ -345,6 +349,10 @@ class BrokerMetrics:
     def duplicates(self, topic: str, n: int = 1) -> None:
         """Count *n* publishes of *topic* answered duplicate."""
         self._duplicates.labels(self._topic(topic)).inc(n)
+
+    def set_remembered(self, n: int) -> None:
+        """The store's estimate of the ids in the idempotency window."""
+        self._remembered.set(n)
 
     def rejected(self, topic: str, reason: str, n: int = 1) -> None:
         """Count *n* messages refused; *reason* is one of ``REJECT_REASONS``."""
