@@ -23,6 +23,8 @@ KITEQ_FAMILIES = {
     # the *_created series as gauges) -> type
     "kiteq_messages_received": "counter",
     "kiteq_messages_rejected": "counter",
+    "kiteq_messages_duplicate": "counter",
+    "kiteq_dedup_remembered_ids": "gauge",
     "kiteq_messages_delivered": "counter",
     "kiteq_messages_redelivered": "counter",
     "kiteq_rejected_frames": "counter",
