@@ -9,6 +9,7 @@ and dies again is taken again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -181,6 +182,22 @@ async def test_store_take_over_moves_rows_and_counts(cluster: Cluster) -> None:
     await memory.open()
     assert (await memory.take_over("b")).rows == 0
     await memory.close()
+
+
+async def test_a_taken_over_scheduled_message_keeps_its_delivery_time(cluster: Cluster) -> None:
+    dead = await cluster.store(DEAD)
+    at = NOW + 3600
+    later = record(ndt=at)
+    later.message = dataclasses.replace(later.message, deliver_at=at)
+    later.kite_server = DEAD
+    await dead.save([later])
+    taker = await cluster.store("b")
+    assert (await taker.take_over(DEAD)).messages == 1
+    # due at its delivery time in the taker's index, not before
+    assert [r.message_id for r in await taker.page_due(NOW + 1, 10)] == []
+    [due] = await taker.page_due(at, 10)
+    assert (due.message_id, due.message.deliver_at) == (later.message_id, at)
+    assert due.kite_server != DEAD
 
 
 async def test_two_concurrent_takers_exactly_one_moves(cluster: Cluster) -> None:
