@@ -3,8 +3,8 @@
 One broker process (RocksDB, ``fsync=batch``): a consumer of group ``away`` declares a
 persistent binding and leaves, a producer publishes ``--count`` messages for it, then
 nothing happens for ``--idle`` seconds. Prints the broker's CPU over the idle time (% of
-a core), its RSS after it, and how long the group needs to drain the backlog when it
-returns.
+a core), its RSS when it started empty, after the publishes, after the idle time and
+after the drain, and how long the group needs to drain the backlog when it returns.
 
     python tests/bench/backlog_bench.py --count 300000 --idle 30
 """
@@ -61,6 +61,7 @@ def run(count: int, idle: float, recover: float) -> dict[str, float]:
         try:
             assert broker.proc is not None
             pid = broker.proc.pid
+            started_rss = _rss_mb(pid)
             with _consumer(broker.address, lambda m: True):
                 pass  # declared and gone: the backlog waits for it
             body = os.urandom(1024)
@@ -73,7 +74,7 @@ def run(count: int, idle: float, recover: float) -> dict[str, float]:
                     future.result(60)
             # the bookkeeping of the publish settles: a recover scan from now has completed
             broker.passed_recover_scan(timeout=max(30.0, 4 * recover))
-            empty_rss = _rss_mb(pid)
+            published_rss = _rss_mb(pid)
             before = process_cpu(pid) or 0.0
             started = time.monotonic()
             time.sleep(idle)
@@ -86,11 +87,15 @@ def run(count: int, idle: float, recover: float) -> dict[str, float]:
                 countdown.done.wait(120)
             drained = time.monotonic() - returned
             seen = countdown.seen
+            broker.passed_recover_scan(timeout=max(30.0, 4 * recover))
+            drained_rss = _rss_mb(pid)
             return {
                 "count": count,
                 "idle_cpu_pct": round(100 * cpu / elapsed, 2),
-                "rss_mb": round(rss, 1),
-                "rss_after_publish_mb": round(empty_rss, 1),
+                "rss_empty_mb": round(started_rss, 1),
+                "rss_after_publish_mb": round(published_rss, 1),
+                "rss_idle_mb": round(rss, 1),
+                "rss_drained_mb": round(drained_rss, 1),
                 "received": seen,
                 "drain_s": round(drained, 2),
                 "drain_msgs_s": round(seen / drained) if drained else 0,
