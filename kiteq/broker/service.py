@@ -171,7 +171,7 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
         )
         if conn.consumer:
             self._dispatcher.connection_opened(conn)
-            self._recover.wake()
+            self._recover.nudge()
         opened = self._clock.monotonic()
         reader = asyncio.create_task(self._read(conn, request_iterator))
         reader.add_done_callback(lambda _: conn.wake.set())

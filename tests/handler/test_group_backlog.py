@@ -104,3 +104,24 @@ def test_stored_backlog_counts_differences_and_never_goes_below_zero() -> None:
     stored.changed("t", 125.0, frozenset({"a", "b"}), frozenset())
     stored.changed("t", 125.0, frozenset({"a"}), frozenset())
     assert stored.counts() == {("t", "b"): 1}
+
+
+async def test_another_consumer_of_a_served_group_does_not_make_a_full_scan() -> None:
+    async with Broker() as b:
+        b.bind("live", Binding.fanout("trade"))
+        b.bind("away", Binding.fanout("trade", persistent=True))
+        live = b.connect("live")
+        for _ in range(5):
+            await b.publish()
+        b.answer(live, lambda r, a: True)
+        assert await b.scan() == 5  # the first scan after a start reads everything
+        assert await b.scan() == 0  # the periodic one skips what is parked for "away"
+        b.connect("live")
+        b.recover.nudge()  # what a consumer's arrival does (kiteq.broker.service)
+        assert await b.scan() == 0
+        b.recover.wake()  # a binding change: the parked messages are read again
+        assert await b.scan() == 5
+        b.connect("away")
+        b.recover.nudge()  # the group's first consumer: its parked messages are due
+        assert await b.scan() == 5
+        assert len(b.answer(b.connections.consumers("away")[0], lambda r, a: True)) == 5

@@ -74,6 +74,15 @@ class RecoverLoop:
         self._full = True
         self._wake.set()
 
+    def nudge(self) -> None:
+        """Scan now; a full one only if a group got its first live consumer since the last.
+
+        For a consumer that connected: only a group's first live consumer can end the
+        parking of its messages (``Dispatcher.arrivals``, which ``scan`` checks); one more
+        consumer of a group already served needs no read of the whole index.
+        """
+        self._wake.set()
+
     def due_at(self, when: float) -> None:
         """A scheduled message becomes due at *when*: scan then, not a period later."""
         if when < self._next_scan:
