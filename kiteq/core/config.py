@@ -56,6 +56,10 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
         "db": ("", "store URL; empty = rocksdb://./db/<clusterName>?fsync=batch"),
         "deliverySeconds": (5, "seconds to wait for a consumer's ack before retrying"),
         "maxDeliverWorkers": (8000, "deliveries in flight at once, broker-wide"),
+        "maxFlights": (
+            200000,
+            "messages held in memory for delivery at once; more wait in the store",
+        ),
         "recoverSeconds": (10, "period of the scan that redelivers due messages"),
         "noBindingRetentionSeconds": (
             3600,
@@ -156,6 +160,7 @@ class ClusterConfig:
     db: str
     delivery_seconds: float
     max_deliver_workers: int
+    max_flights: int
     recover_seconds: float
     no_binding_retention_seconds: float
     history_retention_seconds: float
@@ -321,6 +326,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         db=db,
         delivery_seconds=seconds("deliverySeconds"),
         max_deliver_workers=count("maxDeliverWorkers"),
+        max_flights=count("maxFlights"),
         recover_seconds=seconds("recoverSeconds"),
         no_binding_retention_seconds=seconds("noBindingRetentionSeconds"),
         history_retention_seconds=seconds("historyRetentionSeconds"),

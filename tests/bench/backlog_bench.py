@@ -49,12 +49,12 @@ def _consumer(address: str, handle: Callable[[ReceivedMessage], bool]) -> Consum
     )
 
 
-def run(count: int, idle: float, recover: float) -> dict[str, float]:
+def run(count: int, idle: float, recover: float, max_flights: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(
             Path(tmp),
             db=f"rocksdb://{tmp}/db?fsync=batch",
-            extra={"recoverSeconds": recover, "deliverySeconds": 30},
+            extra={"recoverSeconds": recover, "deliverySeconds": 30, "maxFlights": max_flights},
         )
         broker = BrokerProcess(config)
         broker.start()
@@ -109,8 +109,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=300_000)
     parser.add_argument("--idle", type=float, default=30.0)
     parser.add_argument("--recover", type=float, default=5.0, help="recoverSeconds")
+    parser.add_argument("--max-flights", type=int, default=200_000, help="maxFlights")
     options = parser.parse_args()
-    print(run(options.count, options.idle, options.recover), flush=True)
+    print(run(options.count, options.idle, options.recover, options.max_flights), flush=True)
     return 0
 
 

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, tuple[str, Any]] = {
     "db": ("db", "rocksdb://./db/c?fsync=batch"),
     "deliverySeconds": ("delivery_seconds", 5.0),
     "maxDeliverWorkers": ("max_deliver_workers", 8000),
+    "maxFlights": ("max_flights", 200000),
     "recoverSeconds": ("recover_seconds", 10.0),
     "noBindingRetentionSeconds": ("no_binding_retention_seconds", 3600.0),
     "historyRetentionSeconds": ("history_retention_seconds", 259200.0),

@@ -43,6 +43,7 @@ class Broker:
             load_cluster(CONFIG, "memory_dev"),
             delivery_seconds=timeout,
             max_deliver_workers=max_workers,
+            max_flights=max_flights,
             no_binding_retention_seconds=retention,
             recover_seconds=10,
             tx_check_delay_seconds=6,
@@ -55,7 +56,6 @@ class Broker:
             bindings=self.table,
             clock=self.clock,
             server_name="harness",
-            max_flights=max_flights,
         )
         self.connections = self.core.connections
         self.bookkeeper = self.core.bookkeeper

@@ -53,7 +53,6 @@ class BrokerCore:
         clock: Clock,
         server_name: str,
         metrics: BrokerMetrics | None = None,
-        max_flights: int = 200_000,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -75,7 +74,7 @@ class BrokerCore:
             delivery_timeout=config.delivery_seconds,
             max_workers=config.max_deliver_workers,
             no_binding_retention=config.no_binding_retention_seconds,
-            max_flights=max_flights,
+            max_flights=config.max_flights,
             metrics=metrics,
         )
         self.recover = RecoverLoop(
