@@ -31,6 +31,7 @@ def message_from_pb(pb: common_pb2.Message) -> Message:
         create_time=h.createTime,
         snappy=h.snappy,
         deliver_at=h.deliverAt,
+        ordering_key=h.orderingKey,
     )
 
 
@@ -48,6 +49,7 @@ def header_to_pb(message: Message) -> common_pb2.Header:
         createTime=message.create_time,
         snappy=message.snappy,
         deliverAt=message.deliver_at,
+        orderingKey=message.ordering_key,
     )
 
 

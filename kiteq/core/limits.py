@@ -26,6 +26,8 @@ MAX_EXPIRY_SECONDS: Final = 7 * 24 * 3600
 # the expiry counts from the delivery time
 MAX_DELAY_SECONDS: Final = MAX_EXPIRY_SECONDS
 MAX_DELIVER_LIMIT: Final = 100
+# an ordering key (issue #16) is an index key in memory and a JSON field in MySQL's header
+MAX_ORDERING_KEY_BYTES: Final = 255
 MAX_BATCH_MESSAGES: Final = 1000
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024
 # gRPC frame ceiling: one full batch plus headers.
@@ -105,6 +107,21 @@ def validate(message: Message, now: float) -> None:
         raise ExpiredMessageError(mid, f"expired at {expired}, before it arrived")
     if message.deliver_at:
         _check_schedule(mid, message, now)
+    if message.ordering_key:
+        _check_ordering_key(mid, message)
+
+
+def _check_ordering_key(mid: str, message: Message) -> None:
+    key = message.ordering_key
+    if len(key.encode()) > MAX_ORDERING_KEY_BYTES:
+        raise InvalidMessageError(
+            mid, f"ordering_key must be a string of at most {MAX_ORDERING_KEY_BYTES} bytes"
+        )
+    if message.fly:
+        raise InvalidMessageError(mid, "a fly message is not stored, so it cannot be ordered")
+    if message.deliver_at:
+        # a scheduled message would hold its key back until its delivery time
+        raise InvalidMessageError(mid, "a message with an ordering_key cannot be scheduled")
 
 
 def _check_schedule(mid: str, message: Message, now: float) -> None:

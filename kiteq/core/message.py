@@ -48,6 +48,9 @@ class Message:
             and its 7-day maximum count from this time (``kiteq.core.limits.clamp``).
         delay: Init-only: schedule the message *delay* seconds from now (this process's
             clock, read when the Message is made): sets ``deliver_at``. 0 = at once.
+        ordering_key: Messages of one topic with the same key are delivered to each group
+            one at a time, in the order the broker stored them (issue #16); "" = no order.
+            At most 255 bytes of UTF-8; not with ``fly`` or ``deliver_at``.
     """
 
     topic: str
@@ -63,6 +66,7 @@ class Message:
     create_time: int = 0
     snappy: bool = False
     deliver_at: float = 0.0
+    ordering_key: str = ""
     delay: dataclasses.InitVar[float] = 0.0
 
     def __post_init__(self, delay: float) -> None:

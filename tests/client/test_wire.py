@@ -198,3 +198,15 @@ def test_a_scheduled_message_carries_its_delivery_time_and_the_expiry_counts_fro
     ).publish.messages
     assert plain.header.deliverAt == 0.0
     assert plain.header.expiredTime == int(now) + 7 * 24 * 3600
+
+
+def test_an_ordering_key_goes_on_the_wire_and_comes_back_on_a_delivery() -> None:
+    keyed = Message(topic="trade", message_type="pay", body=b"x", ordering_key="order-9")
+    (item,) = _wire.publish_frame([keyed], "pay-svc").publish.messages
+    assert item.header.orderingKey == "order-9"
+    (plain,) = _wire.publish_frame(
+        [Message(topic="trade", message_type="pay", body=b"")], "pay-svc"
+    ).publish.messages
+    assert plain.header.orderingKey == ""
+    received = _wire._header_message(item.header, 2, item.body)
+    assert (received.ordering_key, received.attempt) == ("order-9", 2)

@@ -223,3 +223,25 @@ def test_the_name_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(is_name(name) for name in names)
     assert all(is_name(name) for name in names)  # still valid when not remembered
     assert len(limits._checked_names) == 3
+
+
+def test_an_ordering_key_of_at_most_255_bytes_passes() -> None:
+    validate(message(ordering_key="k" * 255), NOW)
+    validate(message(ordering_key="ü" * 127), NOW)  # 254 bytes
+    assert normalize(message(ordering_key="order-1"), NOW).ordering_key == "order-1"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"ordering_key": "k" * 256}, "at most 255 bytes"),
+        ({"ordering_key": "ü" * 128}, "at most 255 bytes"),
+        ({"ordering_key": "k", "fly": True}, "cannot be ordered"),
+        ({"ordering_key": "k", "deliver_at": NOW + 30}, "cannot be scheduled"),
+    ],
+)
+def test_an_ordering_key_outside_the_limits_is_refused(
+    changes: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(InvalidMessageError, match=reason):
+        validate(message(**changes), NOW)

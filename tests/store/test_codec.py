@@ -27,6 +27,7 @@ _messages = st.builds(
     create_time=_int64,
     snappy=st.booleans(),
     deliver_at=st.floats(allow_nan=False),
+    ordering_key=_text,
 )
 _deliveries = st.builds(
     GroupDelivery,
@@ -71,6 +72,20 @@ def test_a_message_with_no_delivery_time_is_encoded_as_before_scheduled_delivery
     scheduled = codec.encode_message(r)
     assert len(scheduled) == len(plain) + 8
     assert round_trip(r).message.deliver_at == NOW + 60.5
+
+
+def test_a_message_without_an_ordering_key_is_encoded_as_before_ordered_delivery() -> None:
+    r = record()
+    plain = codec.encode_message(r)
+    r.message = dataclasses.replace(r.message, ordering_key="order-ü")
+    keyed = codec.encode_message(r)
+    assert len(keyed) == len(plain) + 2 + len("order-ü".encode())
+    assert round_trip(r).message.ordering_key == "order-ü"
+    # an old record (no flag 8) reads with no key
+    assert codec.decode_message(plain, codec.state_of(r)).message.ordering_key == ""
+    r.message = dataclasses.replace(r.message, deliver_at=NOW + 1.5)
+    both = round_trip(r).message
+    assert (both.deliver_at, both.ordering_key) == (NOW + 1.5, "order-ü")
 
 
 def test_state_carries_the_commit_flag_and_the_topic() -> None:

@@ -236,6 +236,8 @@ def publish_frame(
             header.snappy = True
         if message.properties:
             header.properties.update(message.properties)
+        if message.ordering_key:
+            header.orderingKey = message.ordering_key
     return frame
 
 
@@ -348,5 +350,6 @@ def _header_message(header: common_pb2.Header, attempt: int, body: bytes = b"") 
         create_time=header.createTime,
         snappy=header.snappy,
         deliver_at=header.deliverAt,
+        ordering_key=header.orderingKey,
         attempt=attempt,
     )

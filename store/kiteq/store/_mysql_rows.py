@@ -172,11 +172,19 @@ def _read_groups(
 
 def _header(message: Message) -> bytes:
     """The header fields without a column of their own, as JSON (module doc of the schema)."""
-    if not (message.fly or message.snappy or message.properties or message.deliver_at):
+    if not (
+        message.fly
+        or message.snappy
+        or message.properties
+        or message.deliver_at
+        or message.ordering_key
+    ):
         return b'{"createTime":%d}' % message.create_time
     header: dict[str, object] = {"createTime": message.create_time}
     if message.deliver_at:
         header["deliverAt"] = message.deliver_at
+    if message.ordering_key:
+        header["orderingKey"] = message.ordering_key
     if message.fly:
         header["fly"] = True
     if message.snappy:
@@ -249,6 +257,7 @@ def _record(row: _Row, dead_groups: str = "[]") -> StoredMessage:
         create_time=int(header.get("createTime", 0)),
         snappy=bool(header.get("snappy", False)),
         deliver_at=float(header.get("deliverAt", 0.0)),
+        ordering_key=str(header.get("orderingKey", "")),
     )
     return StoredMessage(
         message=message,

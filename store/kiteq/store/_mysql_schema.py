@@ -25,7 +25,8 @@ Columns are KiteQ's, with these deliberate differences:
 * ``header`` holds the header fields that have no column of their own, as a UTF-8 JSON
   object with KiteQ's field names, defaults omitted:
   ``{"createTime": 1700000000, "fly": true, "snappy": true, "properties": {"k": "v"},
-  "deliverAt": 1700000060.5}`` (``deliverAt``: scheduled delivery, issue #15)
+  "deliverAt": 1700000060.5, "orderingKey": "order-17"}`` (``deliverAt``: scheduled
+  delivery, issue #15; ``orderingKey``: ordered delivery, issue #16)
   (KiteQ stores the protobuf header here; the wire schema is kept out of storage);
 * ``fail_groups`` / ``succ_groups`` are JSON arrays as in KiteQ, in ``MEDIUMTEXT`` so
   any number of groups fits. Since issue #10 they are derived (still filled for KiteQ's

@@ -17,11 +17,15 @@ the wire schema and costs more per record.
 
 Message value, version 1::
 
-    u8 version | u8 flags (1 fly, 2 snappy, 4 scheduled) | i64 expired_time
+    u8 version | u8 flags (1 fly, 2 snappy, 4 scheduled, 8 keyed) | i64 expired_time
     | i32 deliver_limit | i64 create_time | f64 publish_time | 6 x u32 len (id, topic, type,
     group, kite_server, body) | u32 property count | id | topic | type | group | kite_server
     | 2n x u32 len (key, value per property) | keys and values | body
     | f64 deliver_at (only with flag 4: scheduled delivery, issue #15)
+    | u16 len | ordering key (only with flag 8: ordered delivery, issue #16)
+
+A record without flags 4 and 8 is byte for byte what it was before those issues, so old
+records read unchanged.
 
 State value, version 2 (issue #10: delivery state per group)::
 
@@ -111,6 +115,8 @@ _FLY: Final = 1
 _SNAPPY: Final = 2
 _SCHEDULED: Final = 4
 _DELIVER_AT: Final = struct.Struct("<d")
+_KEYED: Final = 8
+_KEY_LEN: Final = struct.Struct("<H")
 _COMMITTED: Final = 1
 _STATE_CODES: Final = {GroupState.PENDING: 0, GroupState.ACKED: 1, GroupState.DEAD: 2}
 _CODE_STATES: Final = {code: state for state, code in _STATE_CODES.items()}
@@ -169,6 +175,10 @@ def encode_message(record: StoredMessage) -> bytes:
     tail = _DELIVER_AT.pack(m.deliver_at) if m.deliver_at else b""
     if tail:
         flags |= _SCHEDULED
+    if m.ordering_key:
+        key = m.ordering_key.encode()
+        tail += _KEY_LEN.pack(len(key)) + key
+        flags |= _KEYED
     head = _MESSAGE.pack(
         MESSAGE_VERSION,
         flags,
@@ -251,11 +261,16 @@ def _decode_message(data: bytes, state: State) -> StoredMessage:
         properties = dict(zip(strings[::2], strings[1::2], strict=True))
     end = pos + n_body
     deliver_at = 0.0
+    size = end
     if flags & _SCHEDULED:
-        (deliver_at,) = _DELIVER_AT.unpack_from(data, end)
-        size = end + _DELIVER_AT.size
-    else:
-        size = end
+        (deliver_at,) = _DELIVER_AT.unpack_from(data, size)
+        size += _DELIVER_AT.size
+    ordering_key = ""
+    if flags & _KEYED:
+        (n_key,) = _KEY_LEN.unpack_from(data, size)
+        size += _KEY_LEN.size
+        ordering_key = data[size : size + n_key].decode()
+        size += n_key
     if size != len(data):
         raise ValueError(f"message record is {len(data)} bytes, its lengths say {size}")
     message = Message(
@@ -272,6 +287,7 @@ def _decode_message(data: bytes, state: State) -> StoredMessage:
         create_time=create_time,
         snappy=bool(flags & _SNAPPY),
         deliver_at=deliver_at,
+        ordering_key=ordering_key,
     )
     return StoredMessage(
         message=message,

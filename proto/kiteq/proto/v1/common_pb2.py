@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkiteq/proto/v1/common.proto\x12\x0ekiteq.proto.v1\"\xbe\x02\n\x06Header\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0bmessageType\x18\x03 \x01(\t\x12\x13\n\x0b\x65xpiredTime\x18\x04 \x01(\x03\x12\x14\n\x0c\x64\x65liverLimit\x18\x05 \x01(\x05\x12\x0f\n\x07groupId\x18\x06 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x0b\n\x03\x66ly\x18\x08 \x01(\x08\x12:\n\nproperties\x18\t \x03(\x0b\x32&.kiteq.proto.v1.Header.PropertiesEntry\x12\x12\n\ncreateTime\x18\n \x01(\x03\x12\x0e\n\x06snappy\x18\x0b \x01(\x08\x12\x11\n\tdeliverAt\x18\x0c \x01(\x01\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x07Message\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"\xa2\x01\n\x07\x42inding\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0bmessageType\x18\x03 \x01(\t\x12*\n\x08\x62indType\x18\x04 \x01(\x0e\x32\x18.kiteq.proto.v1.BindType\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x11\n\twatermark\x18\x06 \x01(\x05\x12\x12\n\npersistent\x18\x07 \x01(\x08*K\n\x08\x42indType\x12\x14\n\x10\x42IND_TYPE_DIRECT\x10\x00\x12\x13\n\x0f\x42IND_TYPE_REGEX\x10\x01\x12\x14\n\x10\x42IND_TYPE_FANOUT\x10\x02*\xe3\x02\n\tErrorCode\x12\x11\n\rERROR_CODE_OK\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x1c\n\x18\x45RROR_CODE_UNKNOWN_TOPIC\x10\x02\x12\x16\n\x12\x45RROR_CODE_EXPIRED\x10\x03\x12\x18\n\x14\x45RROR_CODE_TOO_LARGE\x10\x04\x12\x17\n\x13\x45RROR_CODE_OVERFLOW\x10\x05\x12 \n\x1c\x45RROR_CODE_STORE_UNAVAILABLE\x10\x06\x12\x19\n\x15\x45RROR_CODE_STORE_FULL\x10\x07\x12\x1a\n\x16\x45RROR_CODE_NOT_SERVING\x10\x08\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\t\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\n\x12\x1e\n\x1a\x45RROR_CODE_BATCH_TOO_LARGE\x10\x0b\x42\x41\n\x11io.kiteq.proto.v1P\x01Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkiteq/proto/v1/common.proto\x12\x0ekiteq.proto.v1\"\xd3\x02\n\x06Header\x12\x11\n\tmessageId\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0bmessageType\x18\x03 \x01(\t\x12\x13\n\x0b\x65xpiredTime\x18\x04 \x01(\x03\x12\x14\n\x0c\x64\x65liverLimit\x18\x05 \x01(\x05\x12\x0f\n\x07groupId\x18\x06 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x0b\n\x03\x66ly\x18\x08 \x01(\x08\x12:\n\nproperties\x18\t \x03(\x0b\x32&.kiteq.proto.v1.Header.PropertiesEntry\x12\x12\n\ncreateTime\x18\n \x01(\x03\x12\x0e\n\x06snappy\x18\x0b \x01(\x08\x12\x11\n\tdeliverAt\x18\x0c \x01(\x01\x12\x13\n\x0borderingKey\x18\r \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x07Message\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.kiteq.proto.v1.Header\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"\xa2\x01\n\x07\x42inding\x12\x0f\n\x07groupId\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0bmessageType\x18\x03 \x01(\t\x12*\n\x08\x62indType\x18\x04 \x01(\x0e\x32\x18.kiteq.proto.v1.BindType\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x11\n\twatermark\x18\x06 \x01(\x05\x12\x12\n\npersistent\x18\x07 \x01(\x08*K\n\x08\x42indType\x12\x14\n\x10\x42IND_TYPE_DIRECT\x10\x00\x12\x13\n\x0f\x42IND_TYPE_REGEX\x10\x01\x12\x14\n\x10\x42IND_TYPE_FANOUT\x10\x02*\xe3\x02\n\tErrorCode\x12\x11\n\rERROR_CODE_OK\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x1c\n\x18\x45RROR_CODE_UNKNOWN_TOPIC\x10\x02\x12\x16\n\x12\x45RROR_CODE_EXPIRED\x10\x03\x12\x18\n\x14\x45RROR_CODE_TOO_LARGE\x10\x04\x12\x17\n\x13\x45RROR_CODE_OVERFLOW\x10\x05\x12 \n\x1c\x45RROR_CODE_STORE_UNAVAILABLE\x10\x06\x12\x19\n\x15\x45RROR_CODE_STORE_FULL\x10\x07\x12\x1a\n\x16\x45RROR_CODE_NOT_SERVING\x10\x08\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\t\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\n\x12\x1e\n\x1a\x45RROR_CODE_BATCH_TOO_LARGE\x10\x0b\x42\x41\n\x11io.kiteq.proto.v1P\x01Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\021io.kiteq.proto.v1P\001Z*github.com/kiteq-py/kiteq/proto/v1;kiteqv1'
   _globals['_HEADER_PROPERTIESENTRY']._loaded_options = None
   _globals['_HEADER_PROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_BINDTYPE']._serialized_start=598
-  _globals['_BINDTYPE']._serialized_end=673
-  _globals['_ERRORCODE']._serialized_start=676
-  _globals['_ERRORCODE']._serialized_end=1031
+  _globals['_BINDTYPE']._serialized_start=619
+  _globals['_BINDTYPE']._serialized_end=694
+  _globals['_ERRORCODE']._serialized_start=697
+  _globals['_ERRORCODE']._serialized_end=1052
   _globals['_HEADER']._serialized_start=48
-  _globals['_HEADER']._serialized_end=366
-  _globals['_HEADER_PROPERTIESENTRY']._serialized_start=317
-  _globals['_HEADER_PROPERTIESENTRY']._serialized_end=366
-  _globals['_MESSAGE']._serialized_start=368
-  _globals['_MESSAGE']._serialized_end=431
-  _globals['_BINDING']._serialized_start=434
-  _globals['_BINDING']._serialized_end=596
+  _globals['_HEADER']._serialized_end=387
+  _globals['_HEADER_PROPERTIESENTRY']._serialized_start=338
+  _globals['_HEADER_PROPERTIESENTRY']._serialized_end=387
+  _globals['_MESSAGE']._serialized_start=389
+  _globals['_MESSAGE']._serialized_end=452
+  _globals['_BINDING']._serialized_start=455
+  _globals['_BINDING']._serialized_end=617
 # @@protoc_insertion_point(module_scope)

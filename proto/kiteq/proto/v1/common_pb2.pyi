@@ -135,6 +135,7 @@ class Header(_message.Message):
     CREATETIME_FIELD_NUMBER: _builtins.int
     SNAPPY_FIELD_NUMBER: _builtins.int
     DELIVERAT_FIELD_NUMBER: _builtins.int
+    ORDERINGKEY_FIELD_NUMBER: _builtins.int
     messageId: _builtins.str
     """32 lowercase or uppercase hex characters, chosen by the publisher; the dedupe key."""
     topic: _builtins.str
@@ -169,6 +170,13 @@ class Header(_message.Message):
     More than 7 days ahead, at or after a non-zero expiredTime, or on a fly message:
     refused with ERROR_CODE_INVALID_ARGUMENT. Deliveries carry it as published.
     """
+    orderingKey: _builtins.str
+    """Ordered delivery (issue #16): messages of one topic with the same non-empty key are
+    delivered to each group one at a time, in the order this broker stored them; the next
+    is pushed only after the previous one is acked or dead-lettered. At most 255 bytes of
+    UTF-8. With fly, or with a deliverAt: refused with ERROR_CODE_INVALID_ARGUMENT.
+    Deliveries carry it as published. PROTOCOL.md section "Ordered delivery".
+    """
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -186,10 +194,11 @@ class Header(_message.Message):
         createTime: _builtins.int = ...,
         snappy: _builtins.bool = ...,
         deliverAt: _builtins.float = ...,
+        orderingKey: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "createTime", b"createTime", "deliverAt", b"deliverAt", "deliverLimit", b"deliverLimit", "expiredTime", b"expiredTime", "fly", b"fly", "groupId", b"groupId", "messageId", b"messageId", "messageType", b"messageType", "properties", b"properties", "snappy", b"snappy", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "createTime", b"createTime", "deliverAt", b"deliverAt", "deliverLimit", b"deliverLimit", "expiredTime", b"expiredTime", "fly", b"fly", "groupId", b"groupId", "messageId", b"messageId", "messageType", b"messageType", "orderingKey", b"orderingKey", "properties", b"properties", "snappy", b"snappy", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
