@@ -128,7 +128,12 @@ class Broker:
         return record
 
     async def settle(self) -> None:
-        await asyncio.wait_for(self.bookkeeper.flushed(), 5)
+        """Until the store writes are done and every new lane head is read and submitted."""
+        while True:
+            await asyncio.wait_for(self.bookkeeper.flushed(), 5)
+            if not self.dispatcher.lanes.wanted:
+                return
+            await self.core.head_fetcher.fetch_once()
 
     async def scan(self) -> int:
         await self.settle()

@@ -28,6 +28,7 @@ from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.handler.intake import Intake
+from kiteq.handler.ordering import HeadFetcher
 from kiteq.handler.recover import RecoverLoop
 from kiteq.handler.schedule import ScheduledTally
 from kiteq.handler.transactions import TxManager
@@ -76,6 +77,14 @@ class BrokerCore:
             no_binding_retention=config.no_binding_retention_seconds,
             max_flights=config.max_flights,
             metrics=metrics,
+        )
+        # ordered delivery: a lane's new head is read from the store and submitted
+        self.head_fetcher = HeadFetcher(
+            lanes=self.dispatcher.lanes,
+            store=store,
+            bookkeeper=self.bookkeeper,
+            submit=self.dispatcher.submit,
+            tracking=self.dispatcher.tracking,
         )
         self.recover = RecoverLoop(
             store=store,
@@ -130,6 +139,7 @@ class BrokerCore:
             "recover": self.recover.run,
             "transactions": self.transactions.run,
             "expiry": self.ticks,
+            "ordering": self.head_fetcher.run,
         }
 
     async def ticks(self) -> None:

@@ -26,7 +26,10 @@ Rules (DESIGN §5):
   longer than ``noBindingRetentionSeconds`` is dead-lettered with no group: nothing is
   dropped silently, nothing is delivered after its expiry;
 - a message is never pushed to a group while a push of it to that group is unresolved;
-- when every bound group has acked or dead-lettered the message, it is deleted.
+- when every bound group has acked or dead-lettered the message, it is deleted;
+- a message with an ordering key (issue #16) is offered to a group only while it heads
+  its lane (``kiteq.handler.ordering``): one message of a key in flight per group, in
+  store order; a message without a key never touches the lanes.
 
 The store indexes one due time per message: the earliest due time of its pending groups
 (``StoredMessage.next_deliver_time``), kept here whenever a group's state changes.
@@ -47,11 +50,12 @@ from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
 from kiteq.handler.backoff import IMMEDIATE_ATTEMPTS
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
-from kiteq.handler.flight import Flight, Pending, is_parked, parked_until
+from kiteq.handler.flight import Flight, Pending, is_parked, unreachable
 from kiteq.handler.gauges import GroupGauges, measure
 from kiteq.handler.group_backlog import StoredBacklog
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
+from kiteq.handler.ordering import Lanes
 from kiteq.handler.settlement import Settlement, bury
 from kiteq.handler.tally import DeliveryTally
 
@@ -97,6 +101,8 @@ class Dispatcher:
             backlog=self.stored_backlog,
         )
         self._flights: dict[str, Flight] = {}
+        # ordered delivery: per (topic, group, key), only the head is offered
+        self.lanes = Lanes(clock=clock, history=history, bindings=bindings)
         self._waiting: dict[_Key, deque[Flight]] = {}
         # (topic, group) -> watermark bucket; groups -> their waiting keys
         self._limits: dict[_Key, TokenBucket] = {}
@@ -169,6 +175,8 @@ class Dispatcher:
         routes = self._bindings.routes(message.topic, message.message_type)
         if message.expired_time <= now:
             self._settlement.expired(flight, routes, now)
+            if message.ordering_key:
+                self.lanes.finished(record)
             return
         if not routes:
             flight.parked = True
@@ -328,6 +336,7 @@ class Dispatcher:
         self._flights.clear()
         self._waiting.clear()
         self._keys_of.clear()
+        self.lanes.clear()
         return written
 
     # -- internals ---------------------------------------------------------------------
@@ -354,6 +363,7 @@ class Dispatcher:
         limit = record.message.deliver_limit
         now = self._now
         topic = record.message.topic
+        keyed = record.message.ordering_key
         for route in routes:
             group = route.group
             if group in flight.pending:
@@ -372,6 +382,9 @@ class Dispatcher:
                     if state.next_deliver_time > now and not is_parked(record, state):
                         flight.deferred = True
                         continue
+            if keyed and not self.lanes.admit(record, group):
+                flight.deferred = True  # behind its lane's head: read again in its turn
+                continue
             flight.pending[group] = route.persistent
             key = (topic, group)
             bucket = self._limits.get(key)
@@ -395,7 +408,7 @@ class Dispatcher:
 
     def _offer(self, flight: Flight, group: str, exclude: Connection | None) -> None:
         if not self._connections.has_consumers(group):
-            self._unreachable(flight, group)
+            unreachable(flight, group, self._history, self._now)
             return
         key = (flight.record.message.topic, group)
         queue = self._waiting.get(key)
@@ -414,38 +427,6 @@ class Dispatcher:
             queue = self._waiting[key] = deque()
             self._keys_of.setdefault(group, set()).add(key)
         queue.append(flight)
-
-    def _unreachable(self, flight: Flight, group: str) -> None:
-        persistent = flight.pending.pop(group)
-        if persistent:
-            # Parked without using an attempt: due again at the expiry, so the periodic
-            # scan never reads it while the group is away (a backlog of an offline group
-            # costs nothing); the scan after a group arrives reads parked messages too.
-            flight.parked = True
-            record = flight.record
-            until = parked_until(record)
-            state = record.groups.get(group)
-            if state is None:
-                record.groups[group] = GroupDelivery(GroupState.PENDING, 0, until)
-            elif state.next_deliver_time != until:
-                state.next_deliver_time = until
-            else:
-                return
-            flight.dirty = True
-            return
-        # KiteQ: a non-persistent group that is offline is skipped for this message; it
-        # counts as settled for that group (GroupState has no separate "skipped").
-        record = flight.record
-        state = record.groups.get(group)
-        if state is None:
-            record.groups[group] = GroupDelivery(GroupState.ACKED)
-        else:
-            state.state = GroupState.ACKED
-        flight.dirty = True
-        self._history.record(
-            record.message_id, self._now, "skipped", group=group, detail="group offline"
-        )
-        self._history.keep(record.message_id)
 
     def _push(self, flight: Flight, group: str, conn: Connection) -> None:
         record = flight.record
@@ -510,13 +491,20 @@ class Dispatcher:
             flight.failed.add(group)
             if flight.on_done is None:
                 self._settlement.round_failed(flight, group, state, self._now, delay)
+        if ok and record.message.ordering_key:
+            # the lane goes on at once (a dead head: when the flight ends and its letter
+            # is written, ``_maybe_finish``)
+            self.lanes.ended(record, group)
         self._maybe_finish(flight)
 
     def _maybe_finish(self, flight: Flight) -> None:
         if not flight.pending:
-            if self._flights.get(flight.record.message_id) is flight:
-                del self._flights[flight.record.message_id]
+            record = flight.record
+            if self._flights.get(record.message_id) is flight:
+                del self._flights[record.message_id]
             self._settlement.finish(flight, self._now)
+            if record.message.ordering_key:
+                self.lanes.finished(record)
 
     def _pump_released(self, group: str) -> None:
         """Workers were released by *group*: pump it, and every group if one waited for them."""
@@ -581,7 +569,7 @@ class Dispatcher:
                     group in flight.pending
                     and self._flights.get(flight.record.message_id) is flight
                 ):
-                    self._unreachable(flight, group)
+                    unreachable(flight, group, self._history, self._now)
                     self._maybe_finish(flight)
 
 

@@ -4,17 +4,30 @@ These are the records the delivery stations pass between them: the dispatcher ma
 flight per message and a ``Pending`` per push, a connection's ledger holds the pushes,
 settlement decides what the store keeps when the flight's round ends.
 
-Also the convention for a group parked offline: its due time is the message's expiry.
+Also the convention for a group parked offline: its due time is the message's expiry; and
+what a group with no live connection gets (``unreachable``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
 
-__all__ = ["Flight", "Pending", "has_parked", "is_parked", "parked_until", "sync_count"]
+if TYPE_CHECKING:
+    from kiteq.handler.history import History
+
+__all__ = [
+    "Flight",
+    "Pending",
+    "has_parked",
+    "is_parked",
+    "parked_until",
+    "sync_count",
+    "unreachable",
+]
 
 _NONE: frozenset[str] = frozenset()
 
@@ -109,3 +122,35 @@ def sync_count(record: StoredMessage) -> None:
     for state in record.groups.values():
         if state.attempts > record.deliver_count:
             record.deliver_count = state.attempts
+
+
+def unreachable(flight: Flight, group: str, history: History, now: float) -> None:
+    """*group* has no live connection: park the message for it, or skip it.
+
+    A persistent group is parked without using an attempt: due again at the expiry, so
+    the periodic scan never reads it while the group is away (a backlog of an offline group
+    costs nothing); the scan after a group arrives reads parked messages too.
+    """
+    persistent = flight.pending.pop(group)
+    record = flight.record
+    state = record.groups.get(group)
+    if persistent:
+        flight.parked = True
+        until = parked_until(record)
+        if state is None:
+            record.groups[group] = GroupDelivery(GroupState.PENDING, 0, until)
+        elif state.next_deliver_time != until:
+            state.next_deliver_time = until
+        else:
+            return
+        flight.dirty = True
+        return
+    # KiteQ: a non-persistent group that is offline is skipped for this message; it
+    # counts as settled for that group (GroupState has no separate "skipped").
+    if state is None:
+        record.groups[group] = GroupDelivery(GroupState.ACKED)
+    else:
+        state.state = GroupState.ACKED
+    flight.dirty = True
+    history.record(record.message_id, now, "skipped", group=group, detail="group offline")
+    history.keep(record.message_id)

@@ -18,7 +18,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from kiteq.core.clock import Clock
 from kiteq.core.codes import AckCode, Disposition, code_for
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _NONE: frozenset[str] = frozenset()
+# keyed publish times step by at least this (a float near 1.7e9 resolves 0.24 us)
+_KEYED_STEP: Final = 1e-6
 
 
 class Intake:
@@ -75,6 +77,7 @@ class Intake:
         self._routes = routes
         rate = config.recieve_permits_per_second
         self._limiter = TokenBucket(rate, rate / 2, clock)
+        self._last_keyed = 0.0
         self._accepting = True
         self._active = 0
         self._idle = asyncio.Event()
@@ -158,18 +161,7 @@ class Intake:
                 outcomes[i] = admitted
                 continue
             message = admitted
-            record = StoredMessage(
-                message,
-                publish_time=now,
-                # an uncommitted message's next_deliver_time is its first transaction check;
-                # a scheduled one is due at its delivery time (the due index keeps it away
-                # from every periodic scan until then)
-                next_deliver_time=max(now, message.deliver_at)
-                if message.commit
-                else now + self._check_delay,
-                kite_server=self._server_name,
-                wire=None if wires is None else wires[i],
-            )
+            record = self._record(message, now, None if wires is None else wires[i])
             if message.fly:
                 outcomes[i] = StoreAck(
                     raw.message_id, AckCode.OK, "fly: not stored", Disposition.FLY
@@ -191,6 +183,25 @@ class Intake:
             self._dispatcher.submit(record, durable=False)
         done = [o for o in outcomes if o is not None]
         return self._count(done, messages)
+
+    def _record(self, message: Message, now: float, wire: object) -> StoredMessage:
+        publish_time = now
+        if message.ordering_key:
+            # strictly increasing: a keyed message's place in its lane (the messages of a
+            # batch share *now*, and their ids would order them at random)
+            publish_time = self._last_keyed = max(now, self._last_keyed + _KEYED_STEP)
+        return StoredMessage(
+            message,
+            publish_time=publish_time,
+            # an uncommitted message's next_deliver_time is its first transaction check;
+            # a scheduled one is due at its delivery time (the due index keeps it away
+            # from every periodic scan until then)
+            next_deliver_time=max(now, message.deliver_at)
+            if message.commit
+            else now + self._check_delay,
+            kite_server=self._server_name,
+            wire=wire,
+        )
 
     def _admit(self, raw: Message, group: str, now: float) -> Message | StoreAck:
         """*raw* normalized for storing, or the refusal: another group's, invalid, not served."""
@@ -232,13 +243,18 @@ class Intake:
         for record in records:
             done: asyncio.Future[Flight | None] = loop.create_future()
             waits.append(done)
-            if record.message.commit and not record.message.scheduled(record.publish_time):
+            if (
+                record.message.commit
+                and not record.message.scheduled(record.publish_time)
+                and not record.message.ordering_key
+            ):
                 self._dispatcher.submit(
                     record, durable=False, on_done=functools.partial(_resolve, done)
                 )
             else:
                 # uncommitted: stored, delivered after the commit; scheduled: stored,
-                # delivered by the recover scan when due
+                # delivered by the recover scan when due; keyed: stored first, delivered
+                # in its lane's order
                 done.set_result(None)
         timeout = self._config.delivery_seconds + 1.0
         with contextlib.suppress(TimeoutError):
@@ -314,19 +330,7 @@ class Intake:
                     if record.message.commit
                     else f"{record.message.group_id} (uncommitted)",
                 )
-                if not record.message.commit:
-                    self._transactions.track(record, origin)
-                elif record.message.scheduled(record.publish_time):
-                    # stored due at its delivery time: the recover scan delivers it then
-                    if self._scheduled is not None:
-                        self._scheduled.stored(record, record.publish_time)
-                elif not self._config.delivery_first:
-                    if self._dispatcher.has_room:
-                        self._dispatcher.submit(record)
-                    else:
-                        # memory-bound: stored and due, the recover scan brings it (said in
-                        # the broker's periodic summary, not silently)
-                        self.left_to_scan[record.topic] += 1
+                self._hand_on(record, origin)
             elif result is Saved.DUPLICATE:
                 outcomes[i] = StoreAck(
                     sent_id,
@@ -340,6 +344,25 @@ class Intake:
         if self._metrics is not None:
             for topic, n in duplicates.items():
                 self._metrics.duplicates(topic, n)
+
+    def _hand_on(self, record: StoredMessage, origin: Connection | None) -> None:
+        """A stored message goes to its next station: transactions, schedule, dispatch."""
+        if not record.message.commit:
+            self._transactions.track(record, origin)
+        elif record.message.scheduled(record.publish_time):
+            # stored due at its delivery time: the recover scan delivers it then
+            if self._scheduled is not None:
+                self._scheduled.stored(record, record.publish_time)
+        elif not self._config.delivery_first or record.message.ordering_key:
+            if self._dispatcher.has_room:
+                self._dispatcher.submit(record)
+            elif record.message.ordering_key:
+                # its place in its lane is kept; the record is read again in its turn
+                self._dispatcher.lanes.enter(record)
+            else:
+                # memory-bound: stored and due, the recover scan brings it (said in
+                # the broker's periodic summary, not silently)
+                self.left_to_scan[record.topic] += 1
 
     def _count(self, outcomes: list[StoreAck], messages: Sequence[Message]) -> list[StoreAck]:
         ok = sum(1 for o in outcomes if o.ok)

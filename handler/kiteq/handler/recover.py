@@ -18,6 +18,11 @@ message in its backoff window (its count for the metrics is taken there:
 ``kiteq.handler.schedule``). The loop wakes at the next delivery time the tally knows
 (``due_at``, ``ScheduledTally.next_due``), so a scheduled message comes within a second
 of its time rather than up to a period later.
+
+Ordered delivery (issue #16): a full scan enters the keyed messages it skips (in their
+backoff window) in their lanes, and the first complete full scan after a start releases
+the lanes (``kiteq.handler.ordering``): by then every stored keyed message is in its lane,
+so a lane's head is its earliest stored message whatever the due order was.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import logging
 from typing import Final
 
 from kiteq.core.clock import Clock
+from kiteq.core.message import StoredMessage
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.flight import has_parked
@@ -124,26 +130,15 @@ class RecoverLoop:
             epoch = self._bookkeeper.scan_started()
             try:
                 page = await self._store.page_due(bound, PAGE_SIZE, cursor)
-                for record in page:
-                    if census is not None:
-                        census.census_saw(record, now)
-                    if full and record.next_deliver_time > now and not has_parked(record):
-                        continue  # read for the parked ones: in its backoff window
-                    message_id = record.message_id
-                    # A message in flight joins with its groups that are due (the flight has
-                    # the current state); otherwise a write still settling makes the read
-                    # stale for it.
-                    if not self._dispatcher.tracking(message_id) and self._bookkeeper.settled_since(
-                        message_id, epoch
-                    ):
-                        stale = True
-                        continue
-                    self._dispatcher.submit(record)
-                    offered += 1
+                n, skipped = self._offer(page, now, epoch, full, census)
+                offered += n
+                stale |= skipped
             finally:
                 self._bookkeeper.scan_finished()
             if len(page) < PAGE_SIZE:
                 complete = True
+                if full:
+                    self._dispatcher.lanes.release()
                 if full and not stale and self._dispatcher.arrivals == arrivals:
                     self._full = False  # through the whole index: parked ones were offered
                 break
@@ -154,3 +149,35 @@ class RecoverLoop:
         if offered:
             logger.debug("recover scan offered %d due messages", offered)
         return offered
+
+    def _offer(
+        self,
+        page: list[StoredMessage],
+        now: float,
+        epoch: int,
+        full: bool,
+        census: ScheduledTally | None,
+    ) -> tuple[int, bool]:
+        """Offer one page's due messages; (how many, whether one was skipped as stale)."""
+        offered = 0
+        stale = False
+        for record in page:
+            if census is not None:
+                census.census_saw(record, now)
+            if full and record.next_deliver_time > now and not has_parked(record):
+                # read for the parked ones: in its backoff window
+                if record.message.ordering_key:
+                    self._dispatcher.lanes.enter(record)
+                continue
+            message_id = record.message_id
+            # A message in flight joins with its groups that are due (the flight has
+            # the current state); otherwise a write still settling makes the read
+            # stale for it.
+            if not self._dispatcher.tracking(message_id) and self._bookkeeper.settled_since(
+                message_id, epoch
+            ):
+                stale = True
+                continue
+            self._dispatcher.submit(record)
+            offered += 1
+        return offered, stale

@@ -148,7 +148,8 @@ class HistoryEvent:
     ``kind``: ``published``, ``delivered`` (a push: group, connection, attempt),
     ``acked`` / ``nacked`` / ``timeout`` / ``disconnected`` (its result), ``skipped`` (a
     non-persistent group was offline), ``rescheduled``, ``dead_lettered`` (detail: the
-    reason), ``redriven``, ``committed``, ``rolled_back``, ``deleted``.
+    reason), ``unblocked`` (a dead-lettered head of an ordering key let the next one go),
+    ``redriven``, ``committed``, ``rolled_back``, ``deleted``.
     """
 
     message_id: str

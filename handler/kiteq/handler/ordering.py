@@ -1,0 +1,289 @@
+"""Ordered delivery (issue #16): one lane per (topic, group, ordering key).
+
+A lane holds the stored messages of one key that one group has still to settle, in store
+order: ``(publish_time, message_id)`` (the intake makes keyed publish times strictly
+increasing, so a batch keeps its order). Its first message is the *head*; only the head
+is offered to the group. The head stays the head through nacks, timeouts, lost
+connections, backoff windows and parking; it leaves when its group's state is final
+(acked, dead-lettered, skipped), and the next message becomes the head.
+
+Only the head of a lane is a flight in memory: the messages behind it are ``(time, id)``
+entries, whatever brought them (the intake, the recover scan, a commit, a redrive). When
+a message becomes the head, its record is read again from the store by the
+``HeadFetcher`` and submitted to the dispatcher; so memory holds one flight per busy lane,
+and a backlog of one key costs a few dozen bytes per message.
+
+After a start the lanes are *held*: every keyed message offered is only entered in its
+lane, until the recover scan has read the whole due index once (``release``). Then the
+lanes hold every stored keyed message (those in a backoff window are entered by the scan
+as it skips them), and each lane's earliest one becomes its head: a later message of a
+key never overtakes an earlier one across a restart.
+
+Runs on the event loop and never awaits, except the fetcher's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from kiteq.core.clock import Clock
+from kiteq.core.message import GroupState, StoredMessage
+from kiteq.handler.bookkeeper import Bookkeeper
+from kiteq.handler.history import History
+from kiteq.store.base import MessageStore
+
+if TYPE_CHECKING:
+    from kiteq.binding.match import BindingTable
+
+__all__ = ["HeadFetcher", "LaneGauge", "Lanes"]
+
+# (topic, group, ordering key)
+LaneKey = tuple[str, str, str]
+# a message's place in its lane: (publish_time, message_id)
+_Place = tuple[float, str]
+
+# heads read from the store per round of the fetcher
+_FETCH_BATCH: Final = 200
+
+
+class _Lane:
+    __slots__ = ("head", "queue", "since")
+
+    def __init__(self, head: _Place | None, since: float) -> None:
+        # None only while the lanes are held
+        self.head = head
+        # wall time the head became the head (the age metric)
+        self.since = since
+        # the messages behind the head, sorted
+        self.queue: list[_Place] = []
+
+    def insert(self, place: _Place) -> None:
+        queue = self.queue
+        if not queue or queue[-1] < place:
+            queue.append(place)  # the common case: a newer message of the key
+            return
+        i = bisect.bisect_left(queue, place)
+        if i == len(queue) or queue[i] != place:
+            queue.insert(i, place)
+
+    def remove(self, place: _Place) -> None:
+        queue = self.queue
+        i = bisect.bisect_left(queue, place)
+        if i < len(queue) and queue[i] == place:
+            del queue[i]
+
+
+@dataclasses.dataclass(slots=True)
+class LaneGauge:
+    """One (topic, group)'s lanes, for the metrics."""
+
+    # lanes with messages waiting behind their head
+    blocked: int = 0
+    # seconds since the oldest current head became the head
+    oldest_head_age: float = 0.0
+
+
+class Lanes:
+    """The lanes of every (topic, group, key) with something still to settle."""
+
+    def __init__(self, *, clock: Clock, history: History, bindings: BindingTable) -> None:
+        self._clock = clock
+        self._history = history
+        self._bindings = bindings
+        self._lanes: dict[LaneKey, _Lane] = {}
+        # message id -> the lanes it heads (one per group)
+        self._heads: dict[str, set[LaneKey]] = {}
+        self._held = True
+        # heads to read from the store (the fetcher takes them)
+        self.wanted: set[str] = set()
+        self.wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._lanes)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def admit(self, record: StoredMessage, group: str) -> bool:
+        """*record* is due for *group*: True when it heads its lane and may be offered.
+
+        Otherwise it is entered in its lane (once) and waits for its turn.
+        """
+        key = (record.message.topic, group, record.message.ordering_key)
+        place = (record.publish_time, record.message_id)
+        lane = self._lanes.get(key)
+        if lane is None:
+            if self._held:
+                lane = self._lanes[key] = _Lane(None, 0.0)
+                lane.queue.append(place)
+                return False
+            self._lanes[key] = _Lane(place, self._clock.now())
+            self._heads.setdefault(place[1], set()).add(key)
+            return True
+        if lane.head is not None and lane.head[1] == place[1]:
+            return True
+        lane.insert(place)
+        return False
+
+    def enter(self, record: StoredMessage) -> None:
+        """Enter keyed *record* in the lanes of its unsettled groups without offering it.
+
+        For a message the dispatcher does not take now (the intake had no room; the
+        recover scan skips it in its backoff window): a lane it starts has it as its head,
+        read from the store by the fetcher.
+        """
+        message = record.message
+        for route in self._bindings.routes(message.topic, message.message_type):
+            group = route.group
+            if not record.settled(group) and self.admit(record, group) and not self._held:
+                self._want(record.message_id)
+
+    def ended(self, record: StoredMessage, group: str) -> None:
+        """*record*'s state for *group* is final: its lane goes on with the next message."""
+        message = record.message
+        key = (message.topic, group, message.ordering_key)
+        lane = self._lanes.get(key)
+        if lane is None:
+            return
+        message_id = record.message_id
+        if lane.head is None or lane.head[1] != message_id:
+            lane.remove((record.publish_time, message_id))
+            return
+        state = record.groups.get(group)
+        now = self._clock.now()
+        if state is not None and state.state is GroupState.DEAD:
+            self._history.record(
+                message_id,
+                now,
+                "unblocked",
+                group=group,
+                detail=f"ordering key {message.ordering_key!r} goes on with its next message",
+            )
+            self._history.keep(message_id)
+        self._advance(key, lane, now)
+
+    def finished(self, record: StoredMessage) -> None:
+        """*record*'s flight ended: each of its groups whose state is final is done with it."""
+        for group, state in record.groups.items():
+            if state.state is not GroupState.PENDING:
+                self.ended(record, group)
+
+    def gone(self, message_id: str) -> None:
+        """A head is no longer in the store (settled elsewhere, cancelled): skip it."""
+        now = self._clock.now()
+        for key in list(self._heads.get(message_id, ())):
+            lane = self._lanes.get(key)
+            if lane is not None:
+                self._advance(key, lane, now)
+
+    def release(self) -> None:
+        """The store's keyed messages are all entered: each lane's earliest is its head."""
+        if not self._held:
+            return
+        self._held = False
+        now = self._clock.now()
+        for key, lane in list(self._lanes.items()):
+            if lane.head is None:
+                self._advance(key, lane, now)
+
+    def clear(self) -> None:
+        """Forget every lane (shutdown): the next start rebuilds them from the store."""
+        self._lanes.clear()
+        self._heads.clear()
+        self.wanted.clear()
+        self._held = True
+
+    def gauges(self) -> dict[tuple[str, str], LaneGauge]:
+        """Per (topic, group): blocked lanes and the age of the oldest head."""
+        now = self._clock.now()
+        out: dict[tuple[str, str], LaneGauge] = {}
+        for (topic, group, _key), lane in self._lanes.items():
+            gauge = out.get((topic, group))
+            if gauge is None:
+                gauge = out[(topic, group)] = LaneGauge()
+            if lane.queue and lane.head is not None:
+                gauge.blocked += 1
+            if lane.head is not None:
+                gauge.oldest_head_age = max(gauge.oldest_head_age, now - lane.since)
+        return out
+
+    def _advance(self, key: LaneKey, lane: _Lane, now: float) -> None:
+        old = lane.head
+        if old is not None:
+            heads = self._heads.get(old[1])
+            if heads is not None:
+                heads.discard(key)
+                if not heads:
+                    del self._heads[old[1]]
+        if not lane.queue:
+            del self._lanes[key]
+            return
+        place = lane.queue.pop(0)
+        lane.head = place
+        lane.since = now
+        self._heads.setdefault(place[1], set()).add(key)
+        self._want(place[1])
+
+    def _want(self, message_id: str) -> None:
+        self.wanted.add(message_id)
+        self.wake.set()
+
+
+class HeadFetcher:
+    """Reads new lane heads from the store and submits them to the dispatcher.
+
+    A read may be stale for a message with a store write still settling (another group's
+    round of it ended meanwhile): such a head is read again after the bookkeeper's
+    writes, as the recover scan does (``Bookkeeper.settled_since``).
+    """
+
+    def __init__(
+        self,
+        *,
+        lanes: Lanes,
+        store: MessageStore,
+        bookkeeper: Bookkeeper,
+        submit: Callable[[StoredMessage], None],
+        tracking: Callable[[str], bool],
+    ) -> None:
+        self._lanes = lanes
+        self._store = store
+        self._bookkeeper = bookkeeper
+        self._submit = submit
+        self._tracking = tracking
+
+    async def run(self) -> None:
+        lanes = self._lanes
+        while True:
+            await lanes.wake.wait()
+            lanes.wake.clear()
+            while lanes.wanted:
+                await self.fetch_once()
+
+    async def fetch_once(self) -> None:
+        """Read and submit up to one batch of the wanted heads."""
+        wanted = self._lanes.wanted
+        batch = [wanted.pop() for _ in range(min(len(wanted), _FETCH_BATCH))]
+        epoch = self._bookkeeper.scan_started()
+        try:
+            records = await asyncio.gather(*(self._store.get(mid) for mid in batch))
+        finally:
+            self._bookkeeper.scan_finished()
+        stale = []
+        for message_id, record in zip(batch, records, strict=True):
+            if record is None or not record.message.commit:
+                self._lanes.gone(message_id)
+            elif not self._tracking(message_id) and self._bookkeeper.settled_since(
+                message_id, epoch
+            ):
+                stale.append(message_id)
+            else:
+                self._submit(record)
+        if stale:
+            await self._bookkeeper.flushed()
+            wanted.update(stale)
