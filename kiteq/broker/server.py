@@ -448,6 +448,11 @@ class Broker:
         self.metrics.set_groups(
             gauges.unacked, gauges.waiting, gauges.backlog, gauges.oldest, consumers
         )
+        # every bound pair has a series (0: no busy ordering key)
+        blocked, head_age = dict.fromkeys(consumers, 0), dict.fromkeys(consumers, 0.0)
+        for key, lane in self._pipeline.dispatcher.lanes.gauges().items():
+            blocked[key], head_age[key] = lane.blocked, lane.oldest_head_age
+        self.metrics.set_ordering(blocked, head_age)
         tx = self._pipeline.transactions
         self.metrics.set_transactions(tx.pending, tx.unresolved)
         for result, n in tx.check_results.items():

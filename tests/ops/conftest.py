@@ -37,6 +37,7 @@ def touch_everything(metrics: BrokerMetrics) -> None:
     metrics.set_inflight(4)
     metrics.set_backlog({"trade": 7, "user-profile": 1})
     metrics.set_scheduled({"trade": 2})
+    metrics.set_ordering({("trade", "g"): 1}, {("trade", "g"): 3.0})
     metrics.set_dead_letters({("trade", "pay-svc"): 2})
     metrics.set_info("0.1.0", "rocksdb_dev", "rocksdb")
     for reason in sorted(DEAD_LETTER_REASONS):

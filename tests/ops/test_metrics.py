@@ -49,6 +49,8 @@ KITEQ_FAMILIES = {
     "kiteq_group_oldest_message_age_seconds": "gauge",
     "kiteq_group_consumers": "gauge",
     "kiteq_scheduled_messages": "gauge",
+    "kiteq_ordering_blocked_keys": "gauge",
+    "kiteq_ordering_oldest_head_age_seconds": "gauge",
     "kiteq_transactions_pending": "gauge",
     "kiteq_transactions_unresolved": "gauge",
     "kiteq_transaction_checks": "counter",
@@ -411,3 +413,13 @@ def test_dead_letters_without_a_group_count_under_none(metrics: BrokerMetrics) -
     metrics.dead_lettered("trade", "", "no_binding", 2)
     labels = {"topic": "trade", "group": NO_GROUP_LABEL, "reason": "no_binding"}
     assert value(metrics, "kiteq_dead_lettered_total", **labels) == 2
+
+
+def test_ordering_gauges_read_zero_once_a_pair_has_no_busy_key(metrics: BrokerMetrics) -> None:
+    metrics.set_ordering({("t", "a"): 3, ("t", "b"): 0}, {("t", "a"): 12.5, ("t", "b"): 1.0})
+    assert value(metrics, "kiteq_ordering_blocked_keys", topic="t", group="a") == 3
+    assert value(metrics, "kiteq_ordering_oldest_head_age_seconds", topic="t", group="a") == 12.5
+    assert value(metrics, "kiteq_ordering_oldest_head_age_seconds", topic="t", group="b") == 1.0
+    metrics.set_ordering({}, {})
+    assert value(metrics, "kiteq_ordering_blocked_keys", topic="t", group="a") == 0
+    assert value(metrics, "kiteq_ordering_oldest_head_age_seconds", topic="t", group="a") == 0

@@ -401,6 +401,35 @@ ROWS: Final[tuple[tuple[str, tuple[PanelSpec, ...]], ...]] = (
         ),
     ),
     (
+        "Ordered delivery",
+        (
+            PanelSpec(
+                "timeseries",
+                "Blocked ordering keys by group",
+                "Ordering keys with messages waiting behind their head message (one message "
+                "of a key is in flight at a time).",
+                "short",
+                _q(
+                    f"sum by (topic, group) (kiteq_ordering_blocked_keys{{{_TOPIC}}})",
+                    "{{topic}} / {{group}}",
+                ),
+                12,
+            ),
+            PanelSpec(
+                "timeseries",
+                "Oldest head of an ordering key",
+                "Seconds the oldest head message has held its key (redeliveries, backoff "
+                "windows and a slow consumer make it grow).",
+                "s",
+                _q(
+                    f"max by (topic, group) (kiteq_ordering_oldest_head_age_seconds{{{_TOPIC}}})",
+                    "{{topic}} / {{group}}",
+                ),
+                12,
+            ),
+        ),
+    ),
+    (
         "Store",
         (
             PanelSpec(

@@ -205,6 +205,17 @@ class BrokerMetrics:
             "one in the store to 10 s; 0 when none.",
             ["topic", "group"],
         )
+        self._ordering_blocked = gauge(
+            "kiteq_ordering_blocked_keys",
+            "Ordering keys (issue #16) with messages waiting behind their head message.",
+            ["topic", "group"],
+        )
+        self._ordering_head_age = gauge(
+            "kiteq_ordering_oldest_head_age_seconds",
+            "Seconds since the oldest head message of an ordering key became its head; "
+            "0 when no key is busy.",
+            ["topic", "group"],
+        )
         self._group_consumers = gauge(
             "kiteq_group_consumers",
             "Open consumer streams of the group, for each topic the group is bound to.",
@@ -314,6 +325,7 @@ class BrokerMetrics:
         ):
             reg.register(fast)
         self._group_labels: set[tuple[str, str]] = set()
+        self._ordering_labels: set[tuple[str, str]] = set()
         self._zk_losses = 0
         self._build = Info("kiteq_build", "Version and configuration of this broker.", registry=reg)
         if process:
@@ -488,6 +500,27 @@ class BrokerMetrics:
             for gauge in (*gauges, self._group_consumers):
                 gauge.remove(*gone)
         self._group_labels = set(rows)
+
+    def set_ordering(
+        self,
+        blocked: Mapping[tuple[str, str], int],
+        oldest_head_age: Mapping[tuple[str, str], float],
+    ) -> None:
+        """Replace the ordered-delivery gauges per (topic, group) with a busy key.
+
+        A pair that had one and has none now reads 0 (an idle key is the good news).
+        """
+        rows: dict[tuple[str, str], list[float]] = {}
+        for topic, group in blocked.keys() | oldest_head_age.keys():
+            row = rows.setdefault((self._topic(topic), self._group(group)), [0, 0.0])
+            row[0] += blocked.get((topic, group), 0)
+            row[1] = max(row[1], oldest_head_age.get((topic, group), 0.0))
+        for label in self._ordering_labels - rows.keys():
+            rows[label] = [0, 0.0]
+        for label, (count, age) in rows.items():
+            self._ordering_blocked.labels(*label).set(count)
+            self._ordering_head_age.labels(*label).set(age)
+        self._ordering_labels |= set(rows)
 
     def set_transactions(self, pending: int, unresolved: int) -> None:
         self._tx_pending.set(pending)
