@@ -5,7 +5,10 @@ accumulator and writes one ``PublishBatch`` per batch to a random open session s
 the topic (KiteQ's clamps applied there). Store-acks resolve sends by message id; a
 retriable refusal or a lost stream re-queues the same message (same id) with backoff,
 preferring another broker. A send waits ("parked") while its topic's brokers are looked
-up or not connected yet, until its deadline. Loop thread only.
+up or not connected yet, until its deadline. A message with an ordering key goes to its
+key's broker instead (``_affinity.rank``): the first in the key's ranking that has a
+session, waiting for one whose first connection attempt is still running, passing over
+one that is down. Loop thread only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Final
 
 from kiteq.client import _wire
 from kiteq.client._accumulator import Accumulator, Send, SendResult
+from kiteq.client._affinity import rank
 from kiteq.client._channel import Session, backoff_delay
 from kiteq.client._options import ProducerOptions
 from kiteq.client._pool import BrokerPool
@@ -146,6 +150,8 @@ class Sender:
         return addresses
 
     def _pick(self, send: Send, addresses: tuple[str, ...]) -> Session | None:
+        if send.message.ordering_key:
+            return self._pick_keyed(send.message.ordering_key, addresses)
         sessions = self._pool.sessions
         if self._directory.static:
             candidates = [s for s in sessions.values() if s.alive]
@@ -156,6 +162,19 @@ class Sender:
         if not candidates:
             return None
         return candidates[0] if len(candidates) == 1 else random.choice(candidates)  # noqa: S311
+
+    def _pick_keyed(self, key: str, addresses: tuple[str, ...]) -> Session | None:
+        # the same broker for a key from every producer (a retry's ``avoid`` is ignored)
+        sessions = self._pool.sessions
+        links = self._pool.links
+        for address in rank(key, addresses):
+            session = sessions.get(address)
+            if session is not None and session.alive:
+                return session
+            link = links.get(address)
+            if link is None or not link.attempted.is_set():
+                return None  # still connecting: wait rather than reorder the key
+        return None
 
     def _take_batch(self, session: Session) -> list[Send]:
         limits = session.limits
@@ -175,7 +194,13 @@ class Sender:
             if batch and total + send.size > max_bytes:
                 break
             ready.popleft()
-            if any_broker or session.address in self._brokers_for(send.message.topic):
+            message = send.message
+            if message.ordering_key:
+                mine = self._pick_keyed(message.ordering_key, self._brokers_for(message.topic))
+                fits = mine is session
+            else:
+                fits = any_broker or session.address in self._brokers_for(message.topic)
+            if fits:
                 batch.append(send)
                 total += send.size
             else:
