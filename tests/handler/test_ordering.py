@@ -260,3 +260,26 @@ async def test_gauges_count_blocked_keys_and_the_oldest_head(b: Broker) -> None:
     gauge = b.dispatcher.lanes.gauges()[("trade", "acct")]
     assert (gauge.blocked, gauge.oldest_head_age) == (2, 2.5)
     assert len(drain(conn)) == 3
+
+
+async def test_the_next_message_is_read_only_once_the_previous_ack_is_durable(
+    b: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = b.connect("acct")
+    m = await publish(b, *(message("A") for _ in range(3)))
+    original = b.store.get
+    seen: list[tuple[str, bool]] = []
+
+    async def get(message_id: str) -> StoredMessage | None:
+        # what the store holds of every message before this one when this one is read
+        before = m[: m.index(message_id)]
+        seen.append((message_id, all([await original(p) is None for p in before])))
+        return await original(message_id)
+
+    monkeypatch.setattr(b.store, "get", get)
+    for i in (0, 1):
+        assert drain(conn) == [(m[i], 1)]
+        b.dispatcher.acked(conn, [(m[i], True)])  # its delete is queued, not written
+        await b.core.head_fetcher.fetch_once()  # at once: not waiting for the bookkeeper
+    assert seen == [(m[1], True), (m[2], True)]
+    assert await ack_all(b, conn) == [m[2]]

@@ -55,6 +55,8 @@ class Bookkeeper:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # set when a round of writes completes (then replaced): ``landed`` waits on it
+        self._round = asyncio.Event()
 
     def delete(self, record: StoredMessage) -> None:
         self._deletes.append(record)
@@ -122,6 +124,16 @@ class Bookkeeper:
         """Wait until everything queued so far is written."""
         await self._idle.wait()
 
+    async def landed(self, message_ids: Sequence[str]) -> None:
+        """Wait until no write of *message_ids* is queued or in progress.
+
+        Unlike ``flushed``, this ends on a busy broker too: it waits only for the rounds
+        that carry these ids' writes (ordered delivery: a key's next message goes only
+        once its previous one's ack is durable).
+        """
+        while any(m in self._pending for m in message_ids):
+            await self._round.wait()
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
@@ -161,6 +173,8 @@ class Bookkeeper:
                 self._wake.set()
                 continue
             self._epoch += 1
+            self._round.set()
+            self._round = asyncio.Event()
             for record in deletes:
                 self._settle(record.message_id)
             for change in reschedules:

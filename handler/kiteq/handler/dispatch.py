@@ -492,8 +492,10 @@ class Dispatcher:
             if flight.on_done is None:
                 self._settlement.round_failed(flight, group, state, self._now, delay)
         if ok and record.message.ordering_key:
-            # the lane goes on at once (a dead head: when the flight ends and its letter
-            # is written, ``_maybe_finish``)
+            # the lane goes on once the ack is durable: written now if the flight goes on
+            # (a dead head: when the flight ends and its letter is written)
+            if flight.pending and flight.durable:
+                self._settlement.write_state(flight)
             self.lanes.ended(record, group)
         self._maybe_finish(flight)
 

@@ -11,7 +11,9 @@ Only the head of a lane is a flight in memory: the messages behind it are ``(tim
 entries, whatever brought them (the intake, the recover scan, a commit, a redrive). When
 a message becomes the head, its record is read again from the store by the
 ``HeadFetcher`` and submitted to the dispatcher; so memory holds one flight per busy lane,
-and a backlog of one key costs a few dozen bytes per message.
+and a backlog of one key costs a few dozen bytes per message. The fetcher reads a new
+head only once the store write that settled the previous one has landed: a broker that
+crashes after pushing message n+1 never redelivers message n after it.
 
 After a start the lanes are *held*: every keyed message offered is only entered in its
 lane, until the recover scan has read the whole due index once (``release``). Then the
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -98,8 +101,9 @@ class Lanes:
         # message id -> the lanes it heads (one per group)
         self._heads: dict[str, set[LaneKey]] = {}
         self._held = True
-        # heads to read from the store (the fetcher takes them)
-        self.wanted: set[str] = set()
+        # heads to read from the store (the fetcher takes them) -> the previous head of
+        # their lane, whose settling write must land first ("": none)
+        self.wanted: dict[str, str] = {}
         self.wake = asyncio.Event()
 
     def __len__(self) -> int:
@@ -141,7 +145,7 @@ class Lanes:
         for route in self._bindings.routes(message.topic, message.message_type):
             group = route.group
             if not record.settled(group) and self.admit(record, group) and not self._held:
-                self._want(record.message_id)
+                self._want(record.message_id, "")
 
     def ended(self, record: StoredMessage, group: str) -> None:
         """*record*'s state for *group* is final: its lane goes on with the next message."""
@@ -227,10 +231,11 @@ class Lanes:
         lane.head = place
         lane.since = now
         self._heads.setdefault(place[1], set()).add(key)
-        self._want(place[1])
+        self._want(place[1], "" if old is None else old[1])
 
-    def _want(self, message_id: str) -> None:
-        self.wanted.add(message_id)
+    def _want(self, message_id: str, after: str) -> None:
+        if after or message_id not in self.wanted:
+            self.wanted[message_id] = after
         self.wake.set()
 
 
@@ -268,7 +273,10 @@ class HeadFetcher:
     async def fetch_once(self) -> None:
         """Read and submit up to one batch of the wanted heads."""
         wanted = self._lanes.wanted
-        batch = [wanted.pop() for _ in range(min(len(wanted), _FETCH_BATCH))]
+        batch = list(itertools.islice(wanted, _FETCH_BATCH))
+        after = [a for a in (wanted.pop(mid) for mid in batch) if a]
+        # the previous heads' acks (deletes, state writes) are durable first
+        await self._bookkeeper.landed(after)
         epoch = self._bookkeeper.scan_started()
         try:
             records = await asyncio.gather(*(self._store.get(mid) for mid in batch))
@@ -285,5 +293,6 @@ class HeadFetcher:
             else:
                 self._submit(record)
         if stale:
-            await self._bookkeeper.flushed()
-            wanted.update(stale)
+            await self._bookkeeper.landed(stale)
+            for message_id in stale:
+                wanted.setdefault(message_id, "")

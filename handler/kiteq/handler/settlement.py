@@ -158,6 +158,16 @@ class Settlement:
         self._bookkeeper.reschedule(record, flight.due)
         self._wrote(flight, record.pending_groups())
 
+    def write_state(self, flight: Flight) -> None:
+        """Write *flight*'s per-group state now, while other groups are still in it.
+
+        (A group acked a keyed message: its lane goes on once the ack is durable.)
+        """
+        record = flight.record
+        sync_count(record)
+        self._bookkeeper.reschedule(record, flight.due)
+        self._wrote(flight, record.pending_groups())
+
     def checkpoint(self, flights: Sequence[Flight], now: float) -> int:
         """Write the bookkeeping of *flights* still in memory (shutdown); how many written."""
         dirty = [f for f in flights if f.dirty and f.durable]
