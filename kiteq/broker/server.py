@@ -390,6 +390,8 @@ class Broker:
     async def _taken_over(self, taken: TakenOver) -> None:
         """Rows of a dead broker became ours: deliver them now, count them."""
         self._pipeline.dispatcher.stored_backlog.load(taken.pending)
+        # the dead broker's keyed messages are in no lane here yet
+        self._pipeline.dispatcher.lanes.hold()
         self._pipeline.recover.wake()
         self.metrics.taken_over(taken.rows)
         await self._pipeline.transactions.load()

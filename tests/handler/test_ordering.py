@@ -155,6 +155,7 @@ async def test_an_expired_head_unblocks_its_key(b: Broker) -> None:
 
 async def test_groups_are_independent(b: Broker) -> None:
     b.bind("audit", Binding.direct("trade", "pay-succ"))
+    await b.scan()  # a binding change holds new lanes until the next full scan
     acct, audit = b.connect("acct"), b.connect("audit")
     m = await publish(b, *(message("A") for _ in range(3)))
     assert drain(acct) == [(m[0], 1)]
@@ -283,3 +284,15 @@ async def test_the_next_message_is_read_only_once_the_previous_ack_is_durable(
         await b.core.head_fetcher.fetch_once()  # at once: not waiting for the bookkeeper
     assert seen == [(m[1], True), (m[2], True)]
     assert await ack_all(b, conn) == [m[2]]
+
+
+async def test_messages_stored_before_a_binding_keep_their_order_once_it_appears() -> None:
+    async with Broker() as b:
+        await b.scan()
+        conn = b.connect("acct")
+        early = await publish(b, *(message("A") for _ in range(3)))  # no binding yet
+        b.bind("acct", Binding.direct("trade", "pay-succ"))
+        late = await publish(b, message("A"))  # the binding is there: it waits
+        assert drain(conn) == []
+        await b.scan()  # the full scan the binding change asked for
+        assert await ack_all(b, conn) == [*early, *late]

@@ -95,7 +95,14 @@ class BrokerCore:
             scheduled=self.scheduled,
         )
         recover = self.recover
-        bindings.add_listener(lambda _topic, _group: recover.wake())
+        lanes = self.dispatcher.lanes
+
+        def binding_changed(_topic: str, _group: str) -> None:
+            # messages stored while a group had no binding are in none of its lanes yet
+            lanes.hold()
+            recover.wake()
+
+        bindings.add_listener(binding_changed)
         self.scheduled.on_stored = recover.due_at
         self.transactions = TxManager(
             store=store,

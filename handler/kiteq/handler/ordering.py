@@ -15,11 +15,14 @@ and a backlog of one key costs a few dozen bytes per message. The fetcher reads 
 head only once the store write that settled the previous one has landed: a broker that
 crashes after pushing message n+1 never redelivers message n after it.
 
-After a start the lanes are *held*: every keyed message offered is only entered in its
-lane, until the recover scan has read the whole due index once (``release``). Then the
-lanes hold every stored keyed message (those in a backoff window are entered by the scan
-as it skips them), and each lane's earliest one becomes its head: a later message of a
-key never overtakes an earlier one across a restart.
+After a start the lanes are *held*: a keyed message offered for a lane that does not
+exist yet is only entered in it, until the recover scan has read the whole due index once
+(``release``). Then the lanes hold every stored keyed message (those in a backoff window
+are entered by the scan as it skips them), and each lane's earliest one becomes its head:
+a later message of a key never overtakes an earlier one across a restart. A binding
+change and a takeover hold new lanes again (``hold``) until the next full scan that
+started after it: messages stored while a group had no binding, or by a dead broker, are
+not in any lane yet. Lanes that exist go on meanwhile.
 
 Runs on the event loop and never awaits, except the fetcher's task.
 """
@@ -101,6 +104,8 @@ class Lanes:
         # message id -> the lanes it heads (one per group)
         self._heads: dict[str, set[LaneKey]] = {}
         self._held = True
+        # counts holds: only a full scan that started after the latest one releases
+        self.generation = 0
         # heads to read from the store (the fetcher takes them) -> the previous head of
         # their lane, whose settling write must land first ("": none)
         self.wanted: dict[str, str] = {}
@@ -185,9 +190,17 @@ class Lanes:
             if lane is not None:
                 self._advance(key, lane, now)
 
-    def release(self) -> None:
-        """The store's keyed messages are all entered: each lane's earliest is its head."""
-        if not self._held:
+    def hold(self) -> None:
+        """Lanes that do not exist yet wait for the next full scan (binding change, takeover)."""
+        self._held = True
+        self.generation += 1
+
+    def release(self, generation: int) -> None:
+        """New lanes go: each one's earliest message is its head.
+
+        *generation*: when the full scan that entered the store's keyed messages started.
+        """
+        if not self._held or generation != self.generation:
             return
         self._held = False
         now = self._clock.now()

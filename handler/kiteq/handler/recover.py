@@ -22,7 +22,8 @@ of its time rather than up to a period later.
 Ordered delivery (issue #16): a full scan enters the keyed messages it skips (in their
 backoff window) in their lanes, and the first complete full scan after a start releases
 the lanes (``kiteq.handler.ordering``): by then every stored keyed message is in its lane,
-so a lane's head is its earliest stored message whatever the due order was.
+so a lane's head is its earliest stored message whatever the due order was. So does the
+first complete full scan after a binding change or a takeover (``Lanes.hold``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class RecoverLoop:
             self._arrivals = arrivals
             self._full = True
         full = self._full
+        generation = self._dispatcher.lanes.generation
         bound = _EVERYTHING if full else now
         cursor: DueCursor | None = None
         offered = 0
@@ -138,7 +140,7 @@ class RecoverLoop:
             if len(page) < PAGE_SIZE:
                 complete = True
                 if full:
-                    self._dispatcher.lanes.release()
+                    self._dispatcher.lanes.release(generation)
                 if full and not stale and self._dispatcher.arrivals == arrivals:
                     self._full = False  # through the whole index: parked ones were offered
                 break
