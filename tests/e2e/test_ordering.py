@@ -22,6 +22,7 @@ from typing import Final
 import pytest
 
 from kiteq.client import Message, Producer
+from kiteq.client._affinity import rank
 from tests.conftest import unavailable
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.helpers import SECRET, wait_idle
@@ -202,3 +203,67 @@ def test_a_sigkilled_mysql_broker_keeps_every_keys_order(
 ) -> None:
     config = broker_config(tmp_path, mysql_db)
     killed_broker_mid_run(lambda: launch(config), consumers, MYSQL_PER_KEY)
+
+
+def check_per_broker(
+    all_events: list[Event], stored_on: dict[tuple[str, int], str], keys: Sequence[str]
+) -> None:
+    """Each broker's share of a key is handled in publish order (PROTOCOL.md section 7b)."""
+    for broker in set(stored_on.values()):
+        for key in keys:
+            mine = sorted(s for (k, s), b in stored_on.items() if k == key and b == broker)
+            if not mine:
+                continue
+            nxt = dict(itertools.pairwise(mine))
+            seen = [e for e in all_events if e[1] == key and stored_on[(key, e[2])] == broker]
+            assert seen[0][2] == mine[0], f"{broker} key {key} began with {seen[0][2]}"
+            for previous, event in itertools.pairwise(seen):
+                seq, last = event[2], previous[2]
+                assert seq in (last, nxt.get(last)), f"{broker} key {key}: {seq} after {last}"
+                if seq != last:
+                    assert previous[4], f"{broker} key {key}: {seq} pushed after a nack"
+
+
+def test_two_brokers_and_a_failover_keep_the_documented_order(
+    tmp_path: Path,
+    launch: Callable[..., BrokerProcess],
+    consumers: Callable[[Sequence[str], int], ConsumerProcess],
+) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = launch(broker_config(tmp_path / "one", f"rocksdb://{tmp_path / 'one' / 'db'}"))
+    two = launch(broker_config(tmp_path / "two", f"rocksdb://{tmp_path / 'two' / 'db'}"))
+    addresses = [one.address, two.address]
+    procs = [consumers(addresses, seed) for seed in (6, 7)]
+    for process in procs:
+        process.wait_ready()
+    keys = [f"k{i}" for i in range(50)]
+    home = {k: rank(k, addresses)[0] for k in keys}
+    stored_on: dict[tuple[str, int], str] = {}
+
+    def send(p: Producer, seqs: range) -> None:
+        batch = [(k, s) for s in seqs for k in keys]
+        futures = [p.send_async(keyed(k, s)) for k, s in batch]
+        for ks, future in zip(batch, futures, strict=True):
+            stored_on[ks] = future.result(60).broker
+
+    with Producer(brokers=addresses, group_id="pay-svc", secret_key=SECRET) as p:
+        send(p, range(100))
+        # while both brokers are up, every key goes to its own broker only
+        assert all(stored_on[(k, s)] == home[k] for k in keys for s in range(100))
+        one.kill()  # the first broker of about half the keys fails
+        send(p, range(100, 150))  # those keys fail over to their next broker
+        assert all(stored_on[(k, s)] == two.address for k in keys for s in range(100, 150))
+        one.start()
+        send(p, range(150, 200))  # back to their first broker once it is connected again
+        wait_idle(one, timeout=60)
+        wait_idle(two, timeout=60)
+    seen = events(procs)
+    acked = {(e[1], e[2]) for e in seen if e[4]}
+    assert acked == set(stored_on), "lost messages"
+    # keys whose broker never changed: in publish order, as with one broker
+    steady = [k for k in keys if home[k] == two.address]
+    assert steady
+    check_order([e for e in seen if e[1] in steady], steady, 200)
+    # keys that moved: each broker's messages of the key in publish order
+    check_per_broker(seen, stored_on, keys)
