@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     flag("broker", default=None, help="a running broker: host:port[,...], zk://... or file://...")
     flag("topic", default="bench", help="topic (default bench)")
+    flag("keys", type=int, default=0, help="ordering keys the messages cycle through (0: none)")
     flag(
         "set",
         dest="settings",
@@ -92,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             window=options.window,
             tx_share=options.tx,
             topic=options.topic,
+            keys=options.keys,
         )
         outcome = bench_kiteq(
             workload,

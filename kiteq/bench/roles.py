@@ -96,6 +96,7 @@ def produce(target: str, spec: ChildSpec) -> None:
                 topic=workload.topic,
                 message_type=MESSAGE_TYPE,
                 body=stamped_body(body, intended_ns, spec.index, seq),
+                ordering_key=f"k{seq % workload.keys}" if workload.keys else "",
             )
             tally.sending(intended_ns)
             if _is_tx(seq, workload.tx_share):

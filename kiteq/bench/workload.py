@@ -53,6 +53,8 @@ class Workload:
             maximum rate (the window's queueing time, by Little's law) compare.
         tx_share: Share of messages (0..1) sent as transactional and committed at once.
         topic: Topic (and queue, stream) name.
+        keys: Ordering keys (issue #16) the messages cycle through (message *n* of a
+            producer gets key ``k{n % keys}``); 0 = no key.
     """
 
     producers: int = 1
@@ -65,6 +67,7 @@ class Workload:
     window: int = 1000
     tx_share: float = 0.0
     topic: str = "bench"
+    keys: int = 0
 
     def __post_init__(self) -> None:
         if self.producers < 1 or self.consumers < 0:
@@ -79,6 +82,8 @@ class Workload:
             raise ConfigError("give a count or a duration")
         if not 0.0 <= self.tx_share <= 1.0:
             raise ConfigError(f"tx share must be within 0..1, got {self.tx_share}")
+        if self.keys < 0:
+            raise ConfigError(f"keys must be >= 0, got {self.keys}")
 
     def share(self, producer: int) -> int:
         """Messages producer number *producer* sends (0 = until the duration ends)."""
