@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,3 +268,18 @@ def test_two_brokers_and_a_failover_keep_the_documented_order(
     check_order([e for e in seen if e[1] in steady], steady, 200)
     # keys that moved: each broker's messages of the key in publish order
     check_per_broker(seen, stored_on, keys)
+
+
+def test_readme_ordered_example_runs_as_written(broker: BrokerProcess) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Ordered delivery\n", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    script = example.replace("127.0.0.1:13800", broker.address)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "order-1 ['created', 'paid', 'shipped']",
+        "order-2 ['created', 'paid', 'shipped']",
+    ]
