@@ -244,6 +244,7 @@ def message(reply: admin_pb2.GetMessageResponse) -> str:
                 ("committed", h.commit),
                 ("published", _when(reply.publishTime)),
                 ("deliver at", _when(h.deliverAt)),
+                ("ordering key", h.orderingKey or "-"),
                 ("expires", _when(h.expiredTime)),
                 ("body bytes", reply.bodyBytes),
             ]
