@@ -28,6 +28,7 @@ async def b() -> AsyncIterator[Broker]:
 
 
 def message(key: str = "", **kwargs: Any) -> Message:
+    kwargs.setdefault("expired_time", int(NOW) + 3600)
     return Message(topic="trade", message_type="pay-succ", body=b"x", ordering_key=key, **kwargs)
 
 
@@ -71,6 +72,10 @@ async def test_one_key_goes_one_at_a_time_in_publish_order_other_keys_in_paralle
     # the head of each key and every unkeyed message
     assert [mid for mid, _ in first] == [a[0], c[0], *plain]
     assert b.dispatcher.inflight == 4
+    # stored due at their expiry: the periodic scan reads none of the waiting ones
+    assert (await b.store.get(a[1])).next_deliver_time == NOW + 3600  # type: ignore[union-attr]
+    due = {r.message_id for r in await b.store.page_due(NOW, 100)}
+    assert due == set(plain)
     await answer(b, conn, {a[0]: True})
     assert drain(conn) == [(a[1], 1)]
     await answer(b, conn, {c[0]: True, a[1]: True, plain[0]: True, plain[1]: True})

@@ -32,6 +32,7 @@ from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.flight import Flight
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
+from kiteq.handler.ordering import keyed_due
 from kiteq.handler.schedule import ScheduledTally
 from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore, Saved
@@ -195,8 +196,9 @@ class Intake:
             publish_time=publish_time,
             # an uncommitted message's next_deliver_time is its first transaction check;
             # a scheduled one is due at its delivery time (the due index keeps it away
-            # from every periodic scan until then)
-            next_deliver_time=max(now, message.deliver_at)
+            # from every periodic scan until then); a keyed one at its expiry (its lane
+            # knows it: ``kiteq.handler.ordering.keyed_due``)
+            next_deliver_time=(keyed_due(message) or max(now, message.deliver_at))
             if message.commit
             else now + self._check_delay,
             kite_server=self._server_name,
@@ -273,7 +275,7 @@ class Intake:
                 continue
             # not (fully) delivered, or still waiting: store it; its per-group state says
             # which groups acked (never delivered again) and which had an attempt
-            if record.message.commit:
+            if record.message.commit and not record.message.ordering_key:
                 record.next_deliver_time = max(self._clock.now(), record.message.deliver_at)
             record.wire = None
             left_records.append(record)
@@ -353,12 +355,15 @@ class Intake:
             # stored due at its delivery time: the recover scan delivers it then
             if self._scheduled is not None:
                 self._scheduled.stored(record, record.publish_time)
-        elif not self._config.delivery_first or record.message.ordering_key:
+        elif record.message.ordering_key:
+            # behind its lane's head it is only an entry (read again in its turn); a head
+            # with no room in memory is read again by the fetcher
+            room = self._dispatcher.has_room
+            if self._dispatcher.lanes.enter(record, fetch=not room) and room:
+                self._dispatcher.submit(record)
+        elif not self._config.delivery_first:
             if self._dispatcher.has_room:
                 self._dispatcher.submit(record)
-            elif record.message.ordering_key:
-                # its place in its lane is kept; the record is read again in its turn
-                self._dispatcher.lanes.enter(record)
             else:
                 # memory-bound: stored and due, the recover scan brings it (said in
                 # the broker's periodic summary, not silently)

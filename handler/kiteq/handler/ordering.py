@@ -24,6 +24,13 @@ change and a takeover hold new lanes again (``hold``) until the next full scan t
 started after it: messages stored while a group had no binding, or by a dead broker, are
 not in any lane yet. Lanes that exist go on meanwhile.
 
+A committed keyed message is stored due at its expiry (``keyed_due``), as a message parked
+for an offline group is: the periodic recover scan, which reads only what is due, never
+reads the messages waiting in lanes (the lanes know them; the full scans after a start,
+a binding change or a takeover read every record). A head that fails gets its backoff
+window as any message does, and the periodic scan brings it back; one that expires in
+its lane is read at its expiry and dead-lettered.
+
 Runs on the event loop and never awaits, except the fetcher's task.
 """
 
@@ -37,7 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from kiteq.core.clock import Clock
-from kiteq.core.message import GroupState, StoredMessage
+from kiteq.core.message import GroupState, Message, StoredMessage
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.history import History
 from kiteq.store.base import MessageStore
@@ -45,7 +52,7 @@ from kiteq.store.base import MessageStore
 if TYPE_CHECKING:
     from kiteq.binding.match import BindingTable
 
-__all__ = ["HeadFetcher", "LaneGauge", "Lanes"]
+__all__ = ["HeadFetcher", "LaneGauge", "Lanes", "keyed_due"]
 
 # (topic, group, ordering key)
 LaneKey = tuple[str, str, str]
@@ -54,6 +61,11 @@ _Place = tuple[float, str]
 
 # heads read from the store per round of the fetcher
 _FETCH_BATCH: Final = 200
+
+
+def keyed_due(message: Message) -> float:
+    """The due time a committed keyed message is stored with: its expiry; 0.0: not keyed."""
+    return float(message.expired_time) if message.ordering_key else 0.0
 
 
 class _Lane:
@@ -139,18 +151,22 @@ class Lanes:
         lane.insert(place)
         return False
 
-    def enter(self, record: StoredMessage) -> None:
+    def enter(self, record: StoredMessage, *, fetch: bool = True) -> bool:
         """Enter keyed *record* in the lanes of its unsettled groups without offering it.
 
-        For a message the dispatcher does not take now (the intake had no room; the
-        recover scan skips it in its backoff window): a lane it starts has it as its head,
-        read from the store by the fetcher.
+        True when it heads one of them (none is held): then the caller submits it, or
+        with *fetch* the fetcher reads it from the store (the intake had no room; the
+        recover scan skips it out of its due time).
         """
         message = record.message
+        heads = False
         for route in self._bindings.routes(message.topic, message.message_type):
             group = route.group
             if not record.settled(group) and self.admit(record, group) and not self._held:
-                self._want(record.message_id, "")
+                heads = True
+        if heads and fetch:
+            self._want(record.message_id, "")
+        return heads
 
     def ended(self, record: StoredMessage, group: str) -> None:
         """*record*'s state for *group* is final: its lane goes on with the next message."""

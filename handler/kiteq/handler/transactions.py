@@ -34,6 +34,7 @@ from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
+from kiteq.handler.ordering import keyed_due
 from kiteq.handler.schedule import ScheduledTally
 from kiteq.store.base import MessageStore
 
@@ -198,8 +199,11 @@ class TxManager:
             previous = record.next_deliver_time
             # the counter counted checks; from now on it counts deliveries
             record.deliver_count = 0
-            # a scheduled message waits for its delivery time (issue #15)
-            record.next_deliver_time = max(now, record.message.deliver_at)
+            # a scheduled message waits for its delivery time (issue #15); a keyed one is
+            # stored out of the periodic scan's way (kiteq.handler.ordering: keyed_due)
+            record.next_deliver_time = keyed_due(record.message) or max(
+                now, record.message.deliver_at
+            )
             self._bookkeeper.reschedule(record, previous)
             if record.message.scheduled(now):
                 if self._scheduled is not None:
