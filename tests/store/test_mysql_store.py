@@ -586,6 +586,24 @@ async def test_flush_seconds_zero_writes_bookkeeping_at_once(prefix: str) -> Non
     await delete  # written by the close
 
 
+async def test_bookkeeping_of_a_keyed_message_does_not_wait_for_flush_seconds(
+    prefix: str,
+) -> None:
+    # issue #16: an ordering key's next message waits for this write
+    # flushSeconds=30: whatever completes within 10 s did not wait for the timer
+    async with opened(url_of(prefix, flushSeconds=30)) as store:
+        r, plain = record(), record()
+        r.message = dataclasses.replace(r.message, ordering_key="order-1")
+        await store.save([r, plain])
+        await asyncio.wait_for(store.reschedule([Rescheduled(r, NOW)]), 10)
+        await asyncio.wait_for(store.delete([r]), 10)
+        assert await store.get(r.message_id) is None
+        delete = asyncio.ensure_future(store.delete([plain]))
+        await asyncio.sleep(0)  # the contrast: an unkeyed one is still queued
+        assert not delete.done()
+    await delete  # written by the close
+
+
 async def test_close_writes_queued_bookkeeping_without_waiting_for_the_timer(
     prefix: str,
 ) -> None:

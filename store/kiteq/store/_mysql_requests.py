@@ -389,6 +389,23 @@ class DeletePart(Part):
             tx.remember(list(remembered.items()))
 
 
+class UrgentReschedulePart(ReschedulePart):
+    """A reschedule an ordering key waits for (issue #16): written at once."""
+
+    __slots__ = ()
+    deferred = False
+
+
+class UrgentDeletePart(DeletePart):
+    """A delete an ordering key waits for (issue #16): written at once.
+
+    Not after ``flushSeconds``: the key's next message is pushed only once it has landed.
+    """
+
+    __slots__ = ()
+    deferred = False
+
+
 class HistoryPart(Part):
     __slots__ = ("items",)
     kind = Kind.HISTORY

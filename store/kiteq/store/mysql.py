@@ -112,6 +112,8 @@ from kiteq.store._mysql_requests import (
     SaveCall,
     SaveItem,
     SavePart,
+    UrgentDeletePart,
+    UrgentReschedulePart,
 )
 from kiteq.store._mysql_rows import (
     _DETAIL_CHARS,
@@ -326,13 +328,17 @@ class MySQLStore(CountedStore):
             return
         call = Call()
         parts: dict[int, ReschedulePart] = {}
+        # an ordering key waits for this write: not deferred by flushSeconds
+        kind = (
+            UrgentReschedulePart
+            if any(c.record.message.ordering_key for c in changes)
+            else ReschedulePart
+        )
         for change in changes:
             record = change.record
             if not _storable_id(record.message_id):
                 continue
-            part, table = self._part(
-                parts, record.message_id, lambda shard_: ReschedulePart(call, shard_)
-            )
+            part, table = self._part(parts, record.message_id, lambda shard_: kind(call, shard_))
             part.items.append((table, record.message_id, *_bookkeeping(record)))
         await self._submit(call, self._sized(parts))
 
@@ -342,11 +348,13 @@ class MySQLStore(CountedStore):
         call = Call()
         parts: dict[int, DeletePart] = {}
         until = min(remember_until, _MAX_TIME)
+        # an ordering key waits for this write: not deferred by flushSeconds
+        kind = UrgentDeletePart if any(r.message.ordering_key for r in records) else DeletePart
         for record in records:
             if not _storable_id(record.message_id):
                 continue
             part, table = self._part(
-                parts, record.message_id, lambda shard_: DeletePart(call, shard_, until)
+                parts, record.message_id, lambda shard_: kind(call, shard_, until)
             )
             owned = record.kite_server == self._owner
             part.items.append((table, record.message_id, record.topic, owned))
