@@ -233,23 +233,21 @@ def bindings(reply: admin_pb2.ListBindingsResponse) -> str:
 def message(reply: admin_pb2.GetMessageResponse) -> str:
     state = admin_pb2.MessageState.Name(reply.state).removeprefix("MESSAGE_STATE_").lower()
     h = reply.header
-    parts = [
-        _pairs(
-            [
-                ("id", h.messageId),
-                ("state", state),
-                ("topic", h.topic),
-                ("type", h.messageType),
-                ("group", h.groupId),
-                ("committed", h.commit),
-                ("published", _when(reply.publishTime)),
-                ("deliver at", _when(h.deliverAt)),
-                ("ordering key", h.orderingKey or "-"),
-                ("expires", _when(h.expiredTime)),
-                ("body bytes", reply.bodyBytes),
-            ]
-        )
+    fields: list[tuple[str, object]] = [
+        ("id", h.messageId),
+        ("state", state),
+        ("topic", h.topic),
+        ("type", h.messageType),
+        ("group", h.groupId),
+        ("committed", h.commit),
+        ("published", _when(reply.publishTime)),
+        ("deliver at", _when(h.deliverAt)),
+        ("expires", _when(h.expiredTime)),
+        ("body bytes", reply.bodyBytes),
     ]
+    if h.orderingKey:
+        fields.insert(8, ("key", h.orderingKey))  # ordered delivery (issue #16)
+    parts = [_pairs(fields)]
     if reply.groups:
         parts.append(
             table(
