@@ -12,7 +12,9 @@ import pytest
 
 from kiteq.binding.model import Binding
 from kiteq.core.codes import AckCode
+from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage, TxStatus
+from kiteq.handler import ordering
 from kiteq.handler.connection import Connection
 from kiteq.store.base import DlqFilter
 from kiteq.store.memory import MemoryStore
@@ -301,3 +303,26 @@ async def test_messages_stored_before_a_binding_keep_their_order_once_it_appears
         assert drain(conn) == []
         await b.scan()  # the full scan the binding change asked for
         assert await ack_all(b, conn) == [*early, *late]
+
+
+async def test_a_failed_read_of_a_new_head_keeps_it_wanted(
+    b: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = b.connect("acct")
+    m = await publish(b, message("A"), message("A"))
+    original = b.store.get
+    failures = [StoreUnavailableError("database away")]
+
+    async def get(message_id: str) -> StoredMessage | None:
+        if failures:
+            raise failures.pop()
+        return await original(message_id)
+
+    monkeypatch.setattr(b.store, "get", get)
+    monkeypatch.setattr(ordering, "_RETRY_DELAY", 0.0)
+    assert drain(conn) == [(m[0], 1)]
+    b.dispatcher.acked(conn, [(m[0], True)])
+    await b.core.head_fetcher.fetch_once()  # the read fails: nothing is lost
+    assert m[1] in b.dispatcher.lanes.wanted
+    await b.settle()
+    assert drain(conn) == [(m[1], 1)]

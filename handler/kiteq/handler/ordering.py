@@ -40,10 +40,12 @@ import asyncio
 import bisect
 import dataclasses
 import itertools
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from kiteq.core.clock import Clock
+from kiteq.core.errors import StoreError
 from kiteq.core.message import GroupState, Message, StoredMessage
 from kiteq.handler.bookkeeper import Bookkeeper
 from kiteq.handler.history import History
@@ -61,6 +63,9 @@ _Place = tuple[float, str]
 
 # heads read from the store per round of the fetcher
 _FETCH_BATCH: Final = 200
+_RETRY_DELAY: Final = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 def keyed_due(message: Message) -> float:
@@ -309,6 +314,13 @@ class HeadFetcher:
         epoch = self._bookkeeper.scan_started()
         try:
             records = await asyncio.gather(*(self._store.get(mid) for mid in batch))
+        except StoreError as exc:
+            # nothing is lost: the heads stay wanted, their keys wait (as the bookkeeper)
+            logger.warning("reading %d new lane heads failed; retrying: %s", len(batch), exc)
+            for message_id in batch:
+                wanted.setdefault(message_id, "")
+            await asyncio.sleep(_RETRY_DELAY)
+            return
         finally:
             self._bookkeeper.scan_finished()
         stale = []
