@@ -32,7 +32,6 @@ from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.flight import Flight
 from kiteq.handler.history import History
 from kiteq.handler.limiter import TokenBucket
-from kiteq.handler.ordering import keyed_due
 from kiteq.handler.schedule import ScheduledTally
 from kiteq.handler.transactions import TxManager
 from kiteq.store.base import MessageStore, Saved
@@ -191,16 +190,19 @@ class Intake:
             # strictly increasing: a keyed message's place in its lane (the messages of a
             # batch share *now*, and their ids would order them at random)
             publish_time = self._last_keyed = max(now, self._last_keyed + _KEYED_STEP)
+        if not message.commit:
+            due = now + self._check_delay  # its first transaction check
+        elif message.ordering_key:
+            # out of the periodic scan's way: its lane knows it (``ordering.keyed_due``)
+            due = float(message.expired_time)
+        else:
+            # a scheduled one is due at its delivery time (the due index keeps it away
+            # from every periodic scan until then)
+            due = max(now, message.deliver_at)
         return StoredMessage(
             message,
             publish_time=publish_time,
-            # an uncommitted message's next_deliver_time is its first transaction check;
-            # a scheduled one is due at its delivery time (the due index keeps it away
-            # from every periodic scan until then); a keyed one at its expiry (its lane
-            # knows it: ``kiteq.handler.ordering.keyed_due``)
-            next_deliver_time=(keyed_due(message) or max(now, message.deliver_at))
-            if message.commit
-            else now + self._check_delay,
+            next_deliver_time=due,
             kite_server=self._server_name,
             wire=wire,
         )
