@@ -326,3 +326,17 @@ async def test_a_failed_read_of_a_new_head_keeps_it_wanted(
     assert m[1] in b.dispatcher.lanes.wanted
     await b.settle()
     assert drain(conn) == [(m[1], 1)]
+
+
+async def test_messages_waiting_behind_a_head_count_in_the_groups_backlog(b: Broker) -> None:
+    conn = b.connect("acct")
+    a = await publish(b, *(message("A") for _ in range(4)))
+    assert [mid for mid, _ in drain(conn)] == [a[0]]
+    gauges = b.dispatcher.group_gauges()
+    # the head in flight and the three behind it, which are neither flights nor stored state
+    assert gauges.backlog == {("trade", "acct"): 4}
+    assert gauges.unacked == {("trade", "acct"): 1}
+    b.clock.advance(30)
+    assert b.dispatcher.group_gauges().oldest[("trade", "acct")] >= 30
+    await ack_all(b, conn, [a[0]])
+    assert b.dispatcher.group_gauges().backlog == {}

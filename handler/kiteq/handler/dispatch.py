@@ -319,6 +319,7 @@ class Dispatcher:
             flights=self._flights.values(),
             queues=self._waiting,
             stored=self.stored_backlog,
+            lanes=self.lanes.gauges(),
             now=self._clock.now(),
         )
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from kiteq.handler.connection import ConnectionTable
 from kiteq.handler.flight import Flight
 from kiteq.handler.group_backlog import StoredBacklog
+from kiteq.handler.ordering import LaneGauge
 
 __all__ = ["GroupGauges", "measure"]
 
@@ -41,12 +42,14 @@ def measure(
     flights: Iterable[Flight],
     queues: Mapping[_Key, Sequence[Flight]],
     stored: StoredBacklog,
+    lanes: Mapping[_Key, LaneGauge],
     now: float,
 ) -> GroupGauges:
     """Walks the in-flight pushes, the heads of the waiting queues and every flight.
 
     A flight pending for a group that the store also counts for it (a retry read back
-    from the store) is counted once.
+    from the store) is counted once; keyed messages waiting behind their lane's head
+    (``kiteq.handler.ordering``) count in the backlog too.
     """
     unacked: Counter[_Key] = Counter()
     oldest: dict[_Key, float] = stored.oldest_ages(now)
@@ -62,6 +65,10 @@ def measure(
             waiting[key] = len(queue)
             oldest[key] = max(oldest.get(key, 0.0), now - queue[0].record.publish_time)
     backlog: Counter[_Key] = Counter(stored.counts())
+    for key, lane in lanes.items():
+        if lane.waiting:
+            backlog[key] += lane.waiting
+            oldest[key] = max(oldest.get(key, 0.0), now - lane.oldest_waiting)
     for flight in flights:
         topic = flight.record.message.topic
         stored_groups = flight.stored

@@ -41,6 +41,7 @@ import bisect
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -108,6 +109,10 @@ class LaneGauge:
     blocked: int = 0
     # seconds since the oldest current head became the head
     oldest_head_age: float = 0.0
+    # messages waiting behind heads (in no flight and with no stored state for the group:
+    # only a head is ever pushed), and the publish time of the oldest of them
+    waiting: int = 0
+    oldest_waiting: float = math.inf
 
 
 class Lanes:
@@ -248,6 +253,9 @@ class Lanes:
                 gauge.blocked += 1
             if lane.head is not None:
                 gauge.oldest_head_age = max(gauge.oldest_head_age, now - lane.since)
+            if lane.queue:
+                gauge.waiting += len(lane.queue)
+                gauge.oldest_waiting = min(gauge.oldest_waiting, lane.queue[0][0])
         return out
 
     def _advance(self, key: LaneKey, lane: _Lane, now: float) -> None:
