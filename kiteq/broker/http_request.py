@@ -66,6 +66,7 @@ TRANSACTIONAL_HEADER: Final = "X-KiteQ-Transactional"
 PROPERTY_PREFIX: Final = "X-KiteQ-Property-"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 DELAY_HEADER: Final = "X-KiteQ-Delay-Seconds"
+ORDERING_KEY_HEADER: Final = "X-KiteQ-Ordering-Key"
 _AUTHORIZATION: Final = "authorization"
 # headers that describe the message: only for a raw body (a JSON body has fields instead)
 _MESSAGE_HEADERS: Final = frozenset(
@@ -74,6 +75,7 @@ _MESSAGE_HEADERS: Final = frozenset(
         TRANSACTIONAL_HEADER.lower(),
         IDEMPOTENCY_HEADER.lower(),
         DELAY_HEADER.lower(),
+        ORDERING_KEY_HEADER.lower(),
     }
 )
 _CREDENTIAL_HEADERS: Final = frozenset({GROUP_HEADER.lower(), SECRET_HEADER.lower()})
@@ -87,6 +89,7 @@ _FIELDS: Final = frozenset(
         "transactional",
         "idempotencyKey",
         "delaySeconds",
+        "orderingKey",
     }
 )
 _TRUE: Final = frozenset({"true", "1"})
@@ -104,6 +107,8 @@ class Draft:
     idempotency_key: str = ""
     # scheduled delivery: seconds from the request's arrival (0: at once)
     delay_seconds: float = 0.0
+    # ordered delivery (the broker checks it as a gRPC publish's)
+    ordering_key: str = ""
 
     def message(self, topic: str, group: str) -> Message:
         """The message *group* publishes to *topic* (the broker validates the rest)."""
@@ -117,6 +122,7 @@ class Draft:
             group_id=group,
             commit=not self.transactional,
             delay=self.delay_seconds,
+            ordering_key=self.ordering_key,
         )
 
 
@@ -204,6 +210,12 @@ def _idempotency_key(value: str) -> str:
     return value
 
 
+def _ordering_key(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"{where}: orderingKey must be a string")
+    return value
+
+
 def _delay_header(value: str) -> float:
     try:
         seconds = float(value.strip())
@@ -271,6 +283,7 @@ def parse_raw_message(body: bytes, headers: Iterable[tuple[str, str]]) -> Draft:
         transactional=_flag(TRANSACTIONAL_HEADER, transactional) if transactional else False,
         idempotency_key="" if idempotency is None else _idempotency_key(idempotency),
         delay_seconds=0.0 if delay is None else _delay_header(delay),
+        ordering_key=fields.get(ORDERING_KEY_HEADER.lower(), ""),
     )
 
 
@@ -365,6 +378,7 @@ def _draft(item: Any, where: str) -> Draft:
         transactional=transactional,
         idempotency_key=key,
         delay_seconds=_delay("delaySeconds", item.get("delaySeconds", 0)),
+        ordering_key=_ordering_key(item.get("orderingKey", ""), where),
     )
 
 

@@ -323,3 +323,16 @@ def test_a_delay_schedules_the_message_from_the_request() -> None:
         parse_json_message(b'{"messageType": "a", "body": "x"}', []).message("t", "g").deliver_at
         == 0.0
     )
+
+
+def test_an_ordering_key_from_a_header_or_a_field() -> None:
+    raw = parse_raw_message(
+        b"x", [("X-KiteQ-Message-Type", "a"), ("X-KiteQ-Ordering-Key", "order-42")]
+    )
+    doc = parse_json_message(b'{"messageType": "a", "body": "x", "orderingKey": "o-7"}', [])
+    assert (raw.message("t", "g").ordering_key, doc.message("t", "g").ordering_key) == (
+        "order-42",
+        "o-7",
+    )
+    with pytest.raises(InvalidMessageError, match="orderingKey must be a string"):
+        parse_json_message(b'{"messageType": "a", "body": "x", "orderingKey": 7}', [])

@@ -175,6 +175,31 @@ def test_a_delayed_publish_is_scheduled_and_never_delivered_early(
     assert got.received[0].body == b"now"
 
 
+def test_keyed_http_publishes_are_delivered_in_order_with_their_key(
+    start: Callable[..., HttpBroker], tmp_path: Path
+) -> None:
+    broker = start()
+    got = Collector()
+    with consumer(broker, got):
+        batch = curl(
+            [*AUTH, *JSON, "-d",
+             json.dumps([{"messageType": "pay-succ", "body": str(i), "orderingKey": "o-1"}
+                         for i in range(5)]),
+             broker.url("/v1/topics/trade/messages:batch")],
+            tmp_path,
+        )  # fmt: skip
+        assert (batch.status, batch.body["stored"]) == (200, 5), batch.body
+        raw = curl(
+            [*AUTH, "-H", "X-KiteQ-Message-Type: pay-succ", "-H", "X-KiteQ-Ordering-Key: o-1",
+             "-d", "5", broker.url("/v1/topics/trade/messages")],
+            tmp_path,
+        )  # fmt: skip
+        assert raw.status == 200, raw.body
+        got.wait_count(6)
+    assert [m.body for m in got.received] == [str(i).encode() for i in range(6)]
+    assert {m.ordering_key for m in got.received} == {"o-1"}
+
+
 def test_wrong_secret_is_401_and_nothing_is_stored(
     start: Callable[..., HttpBroker], tmp_path: Path
 ) -> None:
