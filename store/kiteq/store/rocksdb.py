@@ -380,33 +380,29 @@ class RocksDBStore(CountedStore):
         return await self._read("get_history", reads.get_history, message_id)
 
     async def prune_history(self, before: float) -> int:
+        return await self._prune("prune_history", reads.prune_history, before)
+
+    async def prune_remembered(self, before: float) -> int:
+        return await self._prune("prune_remembered", reads.prune_remembered, before)
+
+    async def _prune(
+        self,
+        name: str,
+        chunk: Callable[[DB, WriteOptions, float, bytes], tuple[int, bytes | None]],
+        before: float,
+    ) -> int:
+        """Delete in chunks on the store thread until *chunk* says it is through."""
         self._state.check_open()
         removed = 0
         cursor: bytes | None = b""
         while cursor is not None:
-            count, cursor = await self._read(
-                "prune_history", reads.prune_history, self._prune_options, before, cursor
-            )
+            count, cursor = await self._read(name, chunk, self._prune_options, before, cursor)
             if count:
                 # Bookkeeping: a prune lost in an OS crash is done again by the next one.
                 self._write_batches += 1
             removed += count
             if cursor is not None:
                 self._state.check_open()
-        return removed
-
-    async def prune_remembered(self, before: float) -> int:
-        self._state.check_open()
-        removed = 0
-        cursor: bytes | None = b""
-        while cursor is not None:
-            count, cursor = await self._read(
-                "prune_remembered", reads.prune_remembered, self._prune_options, before, cursor
-            )
-            if count:
-                # an expired id kept by an OS crash is pruned again by the next call
-                self._write_batches += 1
-            removed += count
         return removed
 
     async def remembered_estimate(self) -> int:
