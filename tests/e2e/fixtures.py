@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests._servers import unavailable
 from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.store import mariadb
 
 
 @pytest.fixture
@@ -32,3 +34,12 @@ def launch() -> Iterator[Callable[..., BrokerProcess]]:
 def broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> BrokerProcess:
     """A real broker process on RocksDB (fsync=batch) in a temporary directory."""
     return launch(write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"))
+
+
+@pytest.fixture
+def mysql_url() -> Iterator[str]:
+    """A store URL on a fresh set of 4 MariaDB shard databases, dropped afterwards."""
+    if not mariadb.available():
+        unavailable("MariaDB")
+    with mariadb.databases(4) as prefix:
+        yield mariadb.url(prefix, shardnum=4, flushSeconds=0.05)

@@ -23,10 +23,8 @@ import pytest
 
 from kiteq.client import Message, Producer
 from kiteq.client._affinity import rank
-from tests.conftest import unavailable
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.helpers import SECRET, wait_idle
-from tests.store import mariadb
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -187,21 +185,13 @@ def test_a_sigkilled_rocksdb_broker_keeps_every_keys_order(
     killed_broker_mid_run(lambda: launch(config), consumers, PER_KEY)
 
 
-@pytest.fixture
-def mysql_db() -> Iterator[str]:
-    if not mariadb.available():
-        unavailable("MariaDB")
-    with mariadb.databases(4) as prefix:
-        yield mariadb.url(prefix, shardnum=4, flushSeconds=0.05)
-
-
 def test_a_sigkilled_mysql_broker_keeps_every_keys_order(
     tmp_path: Path,
     launch: Callable[..., BrokerProcess],
     consumers: Callable[[Sequence[str], int], ConsumerProcess],
-    mysql_db: str,
+    mysql_url: str,
 ) -> None:
-    config = broker_config(tmp_path, mysql_db)
+    config = broker_config(tmp_path, mysql_url)
     killed_broker_mid_run(lambda: launch(config), consumers, MYSQL_PER_KEY)
 
 

@@ -11,17 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-import pytest
-
 from kiteq.client import AsyncConsumer, AsyncProducer, Binding, Message, ReceivedMessage
-from tests.conftest import unavailable
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.helpers import SECRET, admin_cli, admin_json, consumer, producer, wait_idle
-from tests.store import mariadb
 from tests.waiting import wait_until
 
 BINDING: Final = Binding.direct("trade", "remind")
@@ -172,18 +168,10 @@ def test_a_killed_rocksdb_broker_delivers_its_scheduled_messages_after_restart(
     killed_with_scheduled_messages(lambda: launch(config))
 
 
-@pytest.fixture
-def mysql_db() -> Iterator[str]:
-    if not mariadb.available():
-        unavailable("MariaDB")
-    with mariadb.databases(4) as prefix:
-        yield mariadb.url(prefix, shardnum=4, flushSeconds=0.05)
-
-
 def test_a_killed_mysql_broker_delivers_its_scheduled_messages_after_restart(
-    tmp_path: Path, launch: Callable[..., BrokerProcess], mysql_db: str
+    tmp_path: Path, launch: Callable[..., BrokerProcess], mysql_url: str
 ) -> None:
-    config = write_config(tmp_path, db=mysql_db)
+    config = write_config(tmp_path, db=mysql_url)
     killed_with_scheduled_messages(lambda: launch(config))
 
 

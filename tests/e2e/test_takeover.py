@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from kiteq.client import Binding, Consumer, Message, Producer
-from tests._servers import unavailable
 from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import BrokerProcess, write_zk_config
 from tests.e2e.collector import Collector
-from tests.store import mariadb
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -55,20 +52,12 @@ def consumer(brokers: list[BrokerProcess], handler: Collector) -> Consumer:
     )
 
 
-@pytest.fixture
-def db() -> Iterator[str]:
-    if not mariadb.available():
-        unavailable("MariaDB")
-    with mariadb.databases(4) as prefix:  # a fresh database set per test
-        yield mariadb.url(prefix, shardnum=4, flushSeconds=0.05)
-
-
 def test_a_killed_brokers_backlog_is_delivered_by_the_survivor(
-    zookeeper: ManagedZooKeeper, zk: Any, db: str, tmp_path: Path
+    zookeeper: ManagedZooKeeper, zk: Any, mysql_url: str, tmp_path: Path
 ) -> None:
     registry = f"zk://{zookeeper.hosts}{zk.chroot}?timeout={SESSION_TIMEOUT}"
-    a = BrokerProcess(write_config(tmp_path / "a", registry, db))
-    b = BrokerProcess(write_config(tmp_path / "b", registry, db))
+    a = BrokerProcess(write_config(tmp_path / "a", registry, mysql_url))
+    b = BrokerProcess(write_config(tmp_path / "b", registry, mysql_url))
     try:
         a.start()
         b.start()
