@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import pytest
@@ -31,6 +32,18 @@ class Backend:
 
     def build(self) -> MessageStore:
         return open_store(self.url)
+
+
+@contextlib.asynccontextmanager
+async def reopened(store: MessageStore, backend: Backend) -> AsyncIterator[MessageStore]:
+    """*store* closed, and a new store opened on its storage for the block (closed after)."""
+    await store.close()
+    again = backend.build()
+    await again.open()
+    try:
+        yield again
+    finally:
+        await again.close()
 
 
 def record(

@@ -21,6 +21,7 @@ from tests.store.helpers import (
     ids,
     pending,
     record,
+    reopened,
 )
 
 
@@ -391,16 +392,10 @@ async def test_persistence_across_close_and_reopen(store: MessageStore, backend:
     await store.delete([gone])
     await store.put_meta("k", b"v")
     expected = {r.message_id: await store.get(r.message_id) for r in (plain, tx, later)}
-    await store.close()
-
-    reopened = backend.build()
-    await reopened.open()
-    try:
+    async with reopened(store, backend) as fresh:
         for message_id, before in expected.items():
-            assert await reopened.get(message_id) == before
-        assert await reopened.get(gone.message_id) is None
-        assert await all_due(reopened) == [plain.message_id, tx.message_id]
-        assert await reopened.backlog() == {"trade": 2, "user": 1}
-        assert await reopened.get_meta("k") == {"k": b"v"}
-    finally:
-        await reopened.close()
+            assert await fresh.get(message_id) == before
+        assert await fresh.get(gone.message_id) is None
+        assert await all_due(fresh) == [plain.message_id, tx.message_id]
+        assert await fresh.backlog() == {"trade": 2, "user": 1}
+        assert await fresh.get_meta("k") == {"k": b"v"}

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from kiteq.store.base import MessageStore, Saved
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, record
+from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, record, reopened
 
 # records are published at NOW - 0.5 (tests.store.helpers.record)
 UNTIL = NOW + 120
@@ -100,13 +100,7 @@ async def test_the_window_survives_close_and_reopen(store: MessageStore, backend
     await store.save([kept, expiring])
     await store.delete([kept], UNTIL)
     await store.delete([expiring], NOW + 5)
-    await store.close()
-
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        assert await reopened.prune_remembered(NOW + 10) == 1
+    async with reopened(store, backend) as fresh:
+        assert await fresh.prune_remembered(NOW + 10) == 1
         retries = [record(message_id=kept.message_id), record(message_id=expiring.message_id)]
-        assert await reopened.save(retries) == [Saved.DUPLICATE, Saved.STORED]
-    finally:
-        await reopened.close()
+        assert await fresh.save(retries) == [Saved.DUPLICATE, Saved.STORED]

@@ -38,6 +38,7 @@ from tests.store.helpers import (
     only_store_threads,
     pending,
     record,
+    reopened,
     spy_writes,
 )
 
@@ -450,29 +451,23 @@ async def test_dlq_and_history_persist_across_close_and_reopen(
     await store.append_history(first)
     expected_dead = await store.list_dlq(EVERYTHING, 10)
     assert len(expected_dead) == 2
-    await store.close()
-
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        assert await reopened.list_dlq(EVERYTHING, 10) == expected_dead
-        assert await reopened.dlq_size() == {("trade", "g1"): 1, ("trade", "g2"): 1}
-        assert await reopened.backlog() == {"trade": 1, "user": 1}
-        assert await reopened.get(gone.message_id) is None
-        assert await all_due(reopened) == [back.message_id, live.message_id]
+    async with reopened(store, backend) as fresh:
+        assert await fresh.list_dlq(EVERYTHING, 10) == expected_dead
+        assert await fresh.dlq_size() == {("trade", "g1"): 1, ("trade", "g2"): 1}
+        assert await fresh.backlog() == {"trade": 1, "user": 1}
+        assert await fresh.get(gone.message_id) is None
+        assert await all_due(fresh) == [back.message_id, live.message_id]
         # an event of the same time appended after the restart still sorts after them
-        again = event(gone.message_id, NOW, "dead_lettered")
-        await reopened.append_history([again])
-        assert await reopened.get_history(gone.message_id) == [*first, again]
-        [redriven] = await reopened.redrive([(gone.message_id, "g2")], NOW)
+        later = event(gone.message_id, NOW, "dead_lettered")
+        await fresh.append_history([later])
+        assert await fresh.get_history(gone.message_id) == [*first, later]
+        [redriven] = await fresh.redrive([(gone.message_id, "g2")], NOW)
         assert redriven.message == gone.message
         assert (redriven.groups, redriven.only_groups) == (
             {"g1": dead(2, NOW - 3), "g2": pending(0, NOW)},
             ("g2",),
         )
-        assert await reopened.dlq_size() == {("trade", "g1"): 1}
-    finally:
-        await reopened.close()
+        assert await fresh.dlq_size() == {("trade", "g1"): 1}
 
 
 # -- an id saved again after it died (save does not look into the DLQ) -------------------

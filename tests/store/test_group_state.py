@@ -27,6 +27,7 @@ from tests.store.helpers import (
     letter,
     pending,
     record,
+    reopened,
     spy_writes,
 )
 
@@ -96,17 +97,11 @@ async def test_per_group_state_survives_close_and_reopen(
     )
     await store.reschedule([Rescheduled(new, r.next_deliver_time)])
     await store.dead_letter([letter(kept_new, group="a", keep=True)])
-    await store.close()
-
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        assert await reopened.get(r.message_id) == new
-        assert await reopened.get(kept.message_id) == kept_new
-        assert await due(reopened, NOW + 80) == [kept.message_id, r.message_id]
-        assert [d.key for d in await reopened.list_dlq(EVERYTHING, 10)] == [(kept.message_id, "a")]
-    finally:
-        await reopened.close()
+    async with reopened(store, backend) as fresh:
+        assert await fresh.get(r.message_id) == new
+        assert await fresh.get(kept.message_id) == kept_new
+        assert await due(fresh, NOW + 80) == [kept.message_id, r.message_id]
+        assert [d.key for d in await fresh.list_dlq(EVERYTHING, 10)] == [(kept.message_id, "a")]
 
 
 async def test_pending_counts_name_each_stored_pending_group_by_publish_second(
@@ -146,13 +141,8 @@ async def test_pending_counts_are_read_from_the_stored_records_after_a_reopen(
     await store.reschedule(
         [Rescheduled(bookkept(r, NOW + 9, groups={"a": pending(0, NOW + 9)}), NOW) for r in parked]
     )
-    await store.close()
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        assert await reopened.pending_counts() == {("trade", "a", int(parked[0].publish_time)): 3}
-    finally:
-        await reopened.close()
+    async with reopened(store, backend) as fresh:
+        assert await fresh.pending_counts() == {("trade", "a", int(parked[0].publish_time)): 3}
 
 
 # -- dead_letter: keep or remove, in one write -------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from kiteq.core.message import StoredMessage
 from kiteq.store.base import MessageStore, Saved
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record
+from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record, reopened
 
 
 def keyed(key: str, **kwargs: object) -> StoredMessage:
@@ -34,12 +34,7 @@ async def test_ordering_key_round_trips(store: MessageStore) -> None:
 async def test_ordering_key_survives_a_reopen(store: MessageStore, backend: Backend) -> None:
     r = keyed("ключ-1")
     await store.save([r])
-    await store.close()
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        got = await reopened.get(r.message_id)
+    async with reopened(store, backend) as fresh:
+        got = await fresh.get(r.message_id)
         assert got is not None
         assert got.message.ordering_key == "ключ-1"
-    finally:
-        await reopened.close()

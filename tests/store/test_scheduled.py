@@ -9,7 +9,7 @@ import pytest
 
 from kiteq.core.message import StoredMessage
 from kiteq.store.base import MessageStore, Saved
-from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record
+from tests.store.helpers import DURABLE_BACKENDS, NOW, Backend, ids, record, reopened
 
 
 def scheduled(deliver_at: float, **kwargs: object) -> StoredMessage:
@@ -38,14 +38,9 @@ async def test_delivery_time_round_trips_and_due_index_holds_it_back(store: Mess
 async def test_delivery_time_survives_a_reopen(store: MessageStore, backend: Backend) -> None:
     r = scheduled(NOW + 60.125)
     await store.save([r])
-    await store.close()
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        got = await reopened.get(r.message_id)
+    async with reopened(store, backend) as fresh:
+        got = await fresh.get(r.message_id)
         assert got is not None
         assert got.message.deliver_at == NOW + 60.125
-        assert await reopened.page_due(NOW + 60, 10) == []
-        assert ids(await reopened.page_due(NOW + 61, 10)) == [r.message_id]
-    finally:
-        await reopened.close()
+        assert await fresh.page_due(NOW + 60, 10) == []
+        assert ids(await fresh.page_due(NOW + 61, 10)) == [r.message_id]

@@ -29,6 +29,7 @@ from tests.store.helpers import (
     fail_writes,
     ids,
     record,
+    reopened,
     spy_writes,
 )
 
@@ -291,19 +292,13 @@ async def test_decisions_and_checks_survive_close_and_reopen(
     await store.reschedule([moved(waiting, NOW + 30, deliver_count=2)])
     expected = await store.get(waiting.message_id)
     assert expected is not None
-    await store.close()
-
-    reopened = backend.build()
-    await reopened.open()
-    try:
-        assert await reopened.page_uncommitted(10) == [expected]
-        assert await reopened.get(rolled_back.message_id) is None
-        assert await all_due(reopened) == sorted([decided.message_id, plain.message_id])
-        assert await reopened.backlog() == {"trade": 3}
-        assert await reopened.commit(decided.message_id) is None
-        assert await reopened.rollback(waiting.message_id) == expected
-    finally:
-        await reopened.close()
+    async with reopened(store, backend) as fresh:
+        assert await fresh.page_uncommitted(10) == [expected]
+        assert await fresh.get(rolled_back.message_id) is None
+        assert await all_due(fresh) == sorted([decided.message_id, plain.message_id])
+        assert await fresh.backlog() == {"trade": 3}
+        assert await fresh.commit(decided.message_id) is None
+        assert await fresh.rollback(waiting.message_id) == expected
 
     again = backend.build()
     await again.open()
