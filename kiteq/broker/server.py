@@ -452,7 +452,7 @@ class Broker:
         )
         # every bound pair has a series (0: no busy ordering key)
         blocked, head_age = dict.fromkeys(consumers, 0), dict.fromkeys(consumers, 0.0)
-        for key, lane in self._pipeline.dispatcher.lanes.gauges().items():
+        for key, lane in gauges.lanes.items():
             blocked[key], head_age[key] = lane.blocked, lane.oldest_head_age
         self.metrics.set_ordering(blocked, head_age)
         tx = self._pipeline.transactions

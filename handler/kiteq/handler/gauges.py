@@ -27,13 +27,15 @@ class GroupGauges:
     ``unacked``: pushed, no answer yet. ``waiting``: held in memory (watermark, credits,
     workers). ``backlog``: every message the group has still to settle, in memory or in
     the store. ``oldest``: seconds since publish of the oldest of those (a stored one to
-    ``group_backlog.BUCKET_SECONDS``).
+    ``group_backlog.BUCKET_SECONDS``). ``lanes``: the ordering keys' figures
+    (``Lanes.gauges``), read once for both.
     """
 
     unacked: Mapping[_Key, int]
     waiting: Mapping[_Key, int]
     backlog: Mapping[_Key, int]
     oldest: Mapping[_Key, float]
+    lanes: Mapping[_Key, LaneGauge]
 
 
 def measure(
@@ -75,4 +77,4 @@ def measure(
         for group in flight.pending:
             if group not in stored_groups:
                 backlog[(topic, group)] += 1
-    return GroupGauges(dict(unacked), waiting, dict(backlog), oldest)
+    return GroupGauges(dict(unacked), waiting, dict(backlog), oldest, lanes)
