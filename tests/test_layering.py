@@ -58,12 +58,27 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
     "kiteq.ops.console": frozenset({"kiteq.core", "kiteq.ops"}),
     # /healthz and /readyz answers from a broker's report
     "kiteq.ops.health": frozenset({"kiteq.ops"}),
+    # one aiohttp application on a port: what the ops port and the HTTP publish API share
+    "kiteq.ops.http_site": frozenset({"kiteq.ops"}),
     "kiteq.ops.http": frozenset(
-        {"kiteq.core", "kiteq.ops", "kiteq.ops.metrics", "kiteq.ops.console", "kiteq.ops.health"}
+        {
+            "kiteq.core",
+            "kiteq.ops",
+            "kiteq.ops.metrics",
+            "kiteq.ops.console",
+            "kiteq.ops.health",
+            "kiteq.ops.http_site",
+        }
     ),
     "kiteq.broker": _BASE
     | _MIDDLE
-    | {"kiteq.handler", "kiteq.ops.http", "kiteq.ops.console", "kiteq.ops.health"},
+    | {
+        "kiteq.handler",
+        "kiteq.ops.http",
+        "kiteq.ops.http_site",
+        "kiteq.ops.console",
+        "kiteq.ops.health",
+    },
     "kiteq.client": frozenset({"kiteq.core", "kiteq.proto", "kiteq.binding"}),
     # kiteq-admin: a gRPC client that runs from the client-only install
     "kiteq.admin": frozenset({"kiteq.core", "kiteq.proto"}),
@@ -298,11 +313,11 @@ FOREIGN_EDGES: Final[dict[str, re.Pattern[str]]] = {
     "sqlalchemy": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*"),
     "pymysql": re.compile(r"kiteq\.store\.(mysql|_mysql)\w*|kiteq\.bench\._mysql"),
     "rocksdict": re.compile(r"kiteq\.store\.(rocksdb|_rocksdb)\w*"),
-    # the HTTP servers: the ops port and the HTTP publish API (the request parsing of
-    # kiteq.broker.http_request and the answers of http_answers stay library-free), and
-    # the webhook groups' client (DESIGN §9: one library)
+    # the HTTP servers: their shared site, the ops port and the HTTP publish API (the
+    # request parsing of kiteq.broker.http_request and the answers of http_answers stay
+    # library-free), and the webhook groups' client (DESIGN §9: one library)
     "aiohttp": re.compile(
-        r"kiteq\.ops\.http|kiteq\.broker\.http_publish|kiteq\.broker\.webhook_http"
+        r"kiteq\.ops\.http(_site)?|kiteq\.broker\.http_publish|kiteq\.broker\.webhook_http"
     ),
 }
 

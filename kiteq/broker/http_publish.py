@@ -61,6 +61,7 @@ from kiteq.core.limits import MAX_BATCH_BYTES, MAX_BODY_BYTES
 from kiteq.core.message import TxStatus
 from kiteq.handler.core import BrokerCore
 from kiteq.handler.transactions import TxDecision
+from kiteq.ops.http_site import HttpSite
 from kiteq.ops.metrics import HTTP_ENDPOINTS, BrokerMetrics
 
 __all__ = ["HttpPublishServer", "server_ssl_context"]
@@ -75,9 +76,6 @@ MAX_BATCH_REQUEST_BYTES: Final = 2 * MAX_BATCH_BYTES
 DEFAULT_MAX_REQUESTS: Final = 64
 READ_SECONDS: Final = 30.0
 KEEPALIVE_SECONDS: Final = 75.0
-SHUTDOWN_SECONDS: Final = 1.0
-MAX_LINE_BYTES: Final = 8190
-MAX_HEADERS: Final = 100
 _ACTIONS: Final = {"commit": TxStatus.COMMIT, "rollback": TxStatus.ROLLBACK}
 _DECIDED: Final = {TxStatus.COMMIT: "committed", TxStatus.ROLLBACK: "rolled_back"}
 _CHALLENGE: Final = 'Basic realm="kiteq publish", charset="UTF-8"'
@@ -124,7 +122,9 @@ class HttpPublishServer:
         max_requests: int = DEFAULT_MAX_REQUESTS,
     ) -> None:
         self._host = host
-        self._requested_port = port
+        self._site = HttpSite(
+            "HttpPublishServer", host, port, keepalive=KEEPALIVE_SECONDS, ssl_context=ssl_context
+        )
         self._config = core.config
         self._intake = core.intake
         self._transactions = core.transactions
@@ -134,14 +134,10 @@ class HttpPublishServer:
         self._ssl = ssl_context
         self._max_requests = max_requests
         self._active = 0
-        self._runner: web.AppRunner | None = None
 
     @property
     def port(self) -> int:
-        if self._runner is None or not self._runner.addresses:
-            raise RuntimeError("HttpPublishServer is not started")
-        port: int = self._runner.addresses[0][1]
-        return port
+        return self._site.port
 
     @property
     def scheme(self) -> str:
@@ -153,42 +149,19 @@ class HttpPublishServer:
         Raises:
             OSError: The address cannot be bound.
         """
-        if self._runner is not None:
-            raise RuntimeError("HttpPublishServer already started")
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BATCH_REQUEST_BYTES)
-        app.on_response_prepare.append(_name_the_server)
         topic = "/v1/topics/{topic}/messages"
         app.router.add_post(topic, self._publish, name="publish", expect_handler=self._expect)
         app.router.add_post(
             f"{topic}:batch", self._batch, name="batch", expect_handler=self._expect
         )
         app.router.add_post(f"{topic}/{{id}}:{{action}}", self._decide, name="decide")
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            keepalive_timeout=KEEPALIVE_SECONDS,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_LINE_BYTES,
-            max_headers=MAX_HEADERS,
-            shutdown_timeout=SHUTDOWN_SECONDS,
-        )
-        await runner.setup()
-        site = web.TCPSite(
-            runner, self._host, self._requested_port, reuse_address=True, ssl_context=self._ssl
-        )
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        await self._site.start(app)
         logger.info("http publish listening host=%s port=%d %s", self._host, self.port, self.scheme)
 
     async def stop(self) -> None:
         """Stop listening and end open connections; idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self._site.stop()
 
     # -- every request -------------------------------------------------------------------
 
@@ -442,8 +415,3 @@ def _limit(request: web.Request) -> int:
     if request.match_info.route.name == "batch":
         return MAX_BATCH_REQUEST_BYTES
     return MAX_JSON_BYTES if is_json(request.content_type) else MAX_RAW_BYTES
-
-
-async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    # instead of aiohttp's default, which names the Python and aiohttp versions
-    response.headers[hdrs.SERVER] = "kiteq"

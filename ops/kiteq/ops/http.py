@@ -44,18 +44,16 @@ from kiteq.ops.console import (
     static_files,
 )
 from kiteq.ops.health import HealthSource, healthz, readyz
+from kiteq.ops.http_site import HttpSite
 from kiteq.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerMetrics
 
 __all__ = ["OpsServer", "StatsSource"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LINE_BYTES: Final = 8190
-MAX_HEADERS: Final = 100
 MAX_BODY_BYTES: Final = 256 * 1024  # an action's JSON: ids and a filter
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_MAX_CONNECTIONS: Final = 64
-SHUTDOWN_SECONDS: Final = 1.0
 DEFAULT_LIMIT: Final = 100
 # paths that reveal clients, peers or messages: behind the admin secret when there is one
 PROTECTED_PATHS: Final = frozenset({"/stat", "/binds"})
@@ -158,14 +156,12 @@ class OpsServer:
         self._admin_secret = admin_secret
         self._health = health
         self._host = host
-        self._requested_port = port
+        self._site = HttpSite("OpsServer", host, port, keepalive=timeout)
         self._metrics = metrics
         self._source = source
         self._console = console
-        self._timeout = timeout
         self._max_connections = max_connections
         self._active = 0
-        self._runner: web.AppRunner | None = None
         static = static_files()
         self._page = (static / "index.html").read_bytes()
         self._assets = {name: (static / name).read_bytes() for name in _STATIC}
@@ -173,10 +169,7 @@ class OpsServer:
     @property
     def port(self) -> int:
         """The bound TCP port (the real one when 0 was asked for)."""
-        if self._runner is None or not self._runner.addresses:
-            raise RuntimeError("OpsServer is not started")
-        port: int = self._runner.addresses[0][1]
-        return port
+        return self._site.port
 
     async def start(self) -> None:
         """Bind and start serving; returns once the port is bound.
@@ -184,37 +177,15 @@ class OpsServer:
         Raises:
             OSError: The address cannot be bound (e.g. the port is in use).
         """
-        if self._runner is not None:
-            raise RuntimeError("OpsServer already started")
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
-        app.on_response_prepare.append(_name_the_server)
         self._add_routes(app)
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            keepalive_timeout=self._timeout,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_LINE_BYTES,
-            max_headers=MAX_HEADERS,
-            shutdown_timeout=SHUTDOWN_SECONDS,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested_port, reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        await self._site.start(app)
         logger.info("ops http listening host=%s port=%d", self._host, self.port)
 
     async def stop(self) -> None:
         """Stop listening and end open connections; idempotent."""
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        await runner.cleanup()
-        logger.info("ops http stopped host=%s", self._host)
+        if await self._site.stop():
+            logger.info("ops http stopped host=%s", self._host)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -441,11 +412,6 @@ class OpsServer:
             result["changed"],
         )
         return _json(result)
-
-
-async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    # instead of aiohttp's default, which names the Python and aiohttp versions
-    response.headers["Server"] = "kiteq"
 
 
 def _limit(query: Mapping[str, str]) -> int:
