@@ -40,6 +40,7 @@ from kiteq.ops.console import (
     ConsoleConflictError,
     ConsoleInputError,
     ConsoleSource,
+    Redrive,
     Resolution,
     static_files,
 )
@@ -377,7 +378,9 @@ class OpsServer:
                 "expected {filter: {topic, type, group, reason}, ids, group, dryRun, expect}"
             )
         where = {key: raw_filter.get(key, "") for key in _FILTER_KEYS}
-        result = await self._data.redrive(where, ids, group, dry_run=dry_run, expect=expect)
+        result = await self._data.redrive(
+            Redrive(where, ids, group, dry_run=dry_run, expect=expect)
+        )
         if not dry_run:
             if ids:
                 audit.info(
