@@ -62,7 +62,8 @@ from kiteq.core.message import TxStatus
 from kiteq.handler.core import BrokerCore
 from kiteq.handler.transactions import TxDecision
 from kiteq.ops.http_site import HttpSite
-from kiteq.ops.metrics import HTTP_ENDPOINTS, BrokerMetrics
+from kiteq.ops.metrics import BrokerMetrics
+from kiteq.ops.metrics.labels import HTTP_ENDPOINTS
 
 __all__ = ["HttpPublishServer", "server_ssl_context"]
 
