@@ -30,7 +30,6 @@ import binascii
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 from aiohttp import web
@@ -192,12 +191,7 @@ class OpsServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     # -- routing -----------------------------------------------------------------------
