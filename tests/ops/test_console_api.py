@@ -98,12 +98,10 @@ def console() -> FakeConsole:
 
 @pytest.fixture
 async def server(metrics: BrokerMetrics, console: FakeConsole) -> AsyncIterator[OpsServer]:
-    ops = OpsServer("127.0.0.1", 0, metrics, FakeSource(), console=console, admin_secret=SECRET)
-    await ops.start()
-    try:
+    async with OpsServer(
+        "127.0.0.1", 0, metrics, FakeSource(), console=console, admin_secret=SECRET
+    ) as ops:
         yield ops
-    finally:
-        await ops.stop()
 
 
 def test_fake_console_satisfies_the_protocol(console: FakeConsole) -> None:

@@ -93,12 +93,8 @@ def source() -> FakeSource:
 
 @pytest.fixture
 async def server(touched_metrics: BrokerMetrics, source: FakeSource) -> AsyncIterator[OpsServer]:
-    ops = OpsServer("127.0.0.1", 0, touched_metrics, source, timeout=2.0)
-    await ops.start()
-    try:
+    async with OpsServer("127.0.0.1", 0, touched_metrics, source, timeout=2.0) as ops:
         yield ops
-    finally:
-        await ops.stop()
 
 
 def test_fake_source_satisfies_the_protocol(source: FakeSource) -> None:

@@ -28,12 +28,10 @@ def basic(user: str, password: str) -> str:
 
 @pytest.fixture
 async def guarded(metrics: BrokerMetrics) -> AsyncIterator[OpsServer]:
-    ops = OpsServer("127.0.0.1", 0, metrics, FakeSource(), timeout=2.0, admin_secret=SECRET)
-    await ops.start()
-    try:
+    async with OpsServer(
+        "127.0.0.1", 0, metrics, FakeSource(), timeout=2.0, admin_secret=SECRET
+    ) as ops:
         yield ops
-    finally:
-        await ops.stop()
 
 
 def test_the_pages_that_reveal_clients_are_protected() -> None:
