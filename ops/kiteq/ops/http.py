@@ -119,6 +119,13 @@ def _json(document: object, status: int = 200) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json")
 
 
+def _found(document: object | None) -> web.Response:
+    """*document* as JSON; 404 when the console source knows no such thing (None)."""
+    if document is None:
+        raise web.HTTPNotFound()
+    return _json(document)
+
+
 def _peer(request: web.Request) -> str:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -327,10 +334,7 @@ class OpsServer:
         return _json(await self._data.groups())
 
     async def _group(self, request: web.Request) -> web.Response:
-        found = await self._data.group(request.match_info["group"])
-        if found is None:
-            raise web.HTTPNotFound()
-        return _json(found)
+        return _found(await self._data.group(request.match_info["group"]))
 
     async def _dead_letters(self, request: web.Request) -> web.Response:
         query = request.query
@@ -347,10 +351,7 @@ class OpsServer:
         return _json(found)
 
     async def _message(self, request: web.Request) -> web.Response:
-        found = await self._data.message(request.match_info["id"])
-        if found is None:
-            raise web.HTTPNotFound()
-        return _json(found)
+        return _found(await self._data.message(request.match_info["id"]))
 
     async def _redrive(self, request: web.Request) -> web.Response:
         body = await _action_body(request)
