@@ -21,7 +21,7 @@ from kiteq.ops.console import (
 )
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
-from tests.ops.test_http import FakeSource, Response, exchange
+from tests.ops.test_http import FakeSource, Response, send
 
 SECRET = "console-s3cret"
 ID = "0123456789abcdef0123456789abcdef"
@@ -82,13 +82,10 @@ async def request(
     secret: str | None = SECRET,
 ) -> Response:
     payload = b"" if body is None else json.dumps(body).encode()
-    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
-    if secret is not None:
-        head.append(f"Authorization: Bearer {secret}")
+    headers = [] if secret is None else [f"Authorization: Bearer {secret}"]
     if method == "POST":
-        head += [f"Content-Type: {content_type}", f"Content-Length: {len(payload)}"]
-    raw = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
-    return Response(await exchange(port, raw))
+        headers += [f"Content-Type: {content_type}", f"Content-Length: {len(payload)}"]
+    return await send(port, method, path, headers, payload)
 
 
 @pytest.fixture
