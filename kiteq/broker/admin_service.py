@@ -218,7 +218,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListDeadLettersResponse:
         await self._authorize(context)
         await _check_reason(request.filter, context)
-        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        limit = _page_size(request.limit)
         after = (request.after, request.afterGroup) if request.after else None
         letters = await self._operator.dead_letters(wire.dlq_filter(request.filter), limit, after)
         more = len(letters) == limit
@@ -273,7 +273,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListTransactionsRequest, context: _Context
     ) -> admin_pb2.ListTransactionsResponse:
         await self._authorize(context)
-        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        limit = _page_size(request.limit)
         pending = await self._operator.transactions(
             limit, request.after or None, unresolved_only=request.unresolvedOnly
         )
@@ -301,7 +301,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListScheduledRequest, context: _Context
     ) -> admin_pb2.ListScheduledResponse:
         await self._authorize(context)
-        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        limit = _page_size(request.limit)
         after = (request.afterTime, request.after) if request.afterTime else None
         records, cursor = await self._operator.scheduled(limit, after, request.topic)
         return admin_pb2.ListScheduledResponse(
@@ -332,6 +332,11 @@ _CANCEL_OUTCOMES = {
     CancelOutcome.NOT_FOUND: admin_pb2.CANCEL_OUTCOME_NOT_FOUND,
     CancelOutcome.NOT_SCHEDULED: admin_pb2.CANCEL_OUTCOME_NOT_SCHEDULED,
 }
+
+
+def _page_size(requested: int) -> int:
+    """A listing's page: *requested* (0: ``DEFAULT_PAGE``), at most the operator's ``MAX_PAGE``."""
+    return min(requested or DEFAULT_PAGE, MAX_PAGE)
 
 
 async def _check_reason(where: admin_pb2.DeadLetterFilter, context: _Context) -> None:
