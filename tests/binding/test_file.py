@@ -22,6 +22,7 @@ from kiteq.binding.match import BindingLimits, BindingTable, Route, check_bindin
 from kiteq.binding.model import Binding
 from kiteq.core.acl import Grant, Permissions
 from kiteq.core.errors import RegistryError
+from tests.binding._changes import Changes
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "conf" / "registry_demo.toml"
@@ -195,17 +196,6 @@ def test_client_side_parser_does_not_import_re2() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
-class _Changes:
-    def __init__(self, table: BindingTable) -> None:
-        self.seen: list[tuple[str, str]] = []
-        self.event = asyncio.Event()
-        table.add_listener(self._on_change)
-
-    def _on_change(self, topic: str, group: str) -> None:
-        self.seen.append((topic, group))
-        self.event.set()
-
-
 async def _start(
     path: Path, reload_seconds: float = 3600.0
 ) -> tuple[FileBindingRegistry, BindingTable]:
@@ -269,7 +259,7 @@ async def test_reload_applies_additions_changes_and_removals(tmp_path: Path) -> 
     path = tmp_path / "r.toml"
     _write(path, BASE)
     registry, table = await _start(path)
-    changes = _Changes(table)
+    changes = Changes(table)
     try:
         assert not await registry.reload()
         _write(
@@ -296,7 +286,7 @@ async def test_reload_applies_additions_changes_and_removals(tmp_path: Path) -> 
         )
         assert await registry.reload()
         # acct unchanged (not touched), ledger changed, audit removed, profile added
-        assert sorted(changes.seen) == [
+        assert sorted(changes.log) == [
             ("trade", "audit"),
             ("trade", "ledger"),
             ("user", "profile"),
@@ -348,14 +338,11 @@ async def test_reload_task_picks_up_changes(tmp_path: Path) -> None:
     path = tmp_path / "r.toml"
     _write(path, BASE)
     registry, table = await _start(path, reload_seconds=0.02)
-    changes = _Changes(table)
+    changes = Changes(table)
     try:
         _write(path, BASE.replace('"audit"', '"audit2"'))
-        await asyncio.wait_for(changes.event.wait(), 5)
-        while len(changes.seen) < 2:
-            changes.event.clear()
-            await asyncio.wait_for(changes.event.wait(), 5)
-        assert sorted(changes.seen) == [("trade", "audit"), ("trade", "audit2")]
+        await changes.until(lambda: len(changes.log) >= 2, timeout=5)
+        assert sorted(changes.log) == [("trade", "audit"), ("trade", "audit2")]
         assert table.groups("trade") == ["acct", "audit2", "ledger"]
     finally:
         await registry.stop()

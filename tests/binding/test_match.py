@@ -4,6 +4,7 @@ import asyncio
 import random
 import re
 import time
+from collections.abc import Callable
 from types import MappingProxyType
 
 import pytest
@@ -21,6 +22,7 @@ from kiteq.binding.match import (
 from kiteq.binding.model import Binding, BindType
 from kiteq.core.acl import Grant, Permissions
 from kiteq.core.errors import PermissionDeniedError
+from tests.binding._changes import Changes
 
 
 # Go regexp.MatchString(pattern, messageType): RE2 syntax, unanchored search.
@@ -186,8 +188,7 @@ def test_replace_and_remove_never_touch_another_group() -> None:
 def test_invalid_replace_leaves_the_table_unchanged() -> None:
     good = Binding.direct("trade", "pay")
     table = _table(("g", [good]))
-    calls: list[tuple[str, str]] = []
-    table.add_listener(lambda t, g: calls.append((t, g)))
+    calls = Changes(table).log
     with pytest.raises(ValueError, match="invalid regex"):
         table.replace(
             "trade", "g", [Binding.direct("trade", "refund"), Binding.regex("trade", "(")]
@@ -224,8 +225,7 @@ def test_routes_are_cached_and_invalidated_per_topic() -> None:
 def test_unchanged_replace_keeps_cache_and_does_not_notify() -> None:
     b = Binding.direct("trade", "pay")
     table = _table(("g", [b]))
-    calls: list[tuple[str, str]] = []
-    table.add_listener(lambda t, g: calls.append((t, g)))
+    calls = Changes(table).log
     cached = table.routes("trade", "pay")
     assert not table.replace("trade", "g", [b.with_group("g")])
     assert table.routes("trade", "pay") is cached
@@ -292,24 +292,20 @@ _PATTERNS = ["^p", "succ$", "a.b", "p|q", r"\d", "x+y?"]
 _TYPES = ["p", "q", "psucc", "a-b", "x1", "xy", "refund", "qsucc"]
 _GROUPS = ["g1", "g2", "g3"]
 
+
+def _built(
+    make: Callable[..., Binding], *args: st.SearchStrategy[str]
+) -> st.SearchStrategy[Binding]:
+    """``make("t", *args)`` with any watermark and persistence."""
+    return st.builds(
+        make, st.just("t"), *args, watermark=st.integers(0, 7000), persistent=st.booleans()
+    )
+
+
 _binding = st.one_of(
-    st.builds(
-        Binding.direct,
-        st.just("t"),
-        st.sampled_from(_TYPES),
-        watermark=st.integers(0, 7000),
-        persistent=st.booleans(),
-    ),
-    st.builds(
-        Binding.regex,
-        st.just("t"),
-        st.sampled_from(_PATTERNS),
-        watermark=st.integers(0, 7000),
-        persistent=st.booleans(),
-    ),
-    st.builds(
-        Binding.fanout, st.just("t"), watermark=st.integers(0, 7000), persistent=st.booleans()
-    ),
+    _built(Binding.direct, st.sampled_from(_TYPES)),
+    _built(Binding.regex, st.sampled_from(_PATTERNS)),
+    _built(Binding.fanout),
 )
 _ops = st.lists(st.tuples(st.sampled_from(_GROUPS), st.lists(_binding, max_size=3)), max_size=12)
 

@@ -34,6 +34,7 @@ from tests._servers.zookeeper import (
     owner,
     wait_owner,
 )
+from tests.binding._changes import Changes
 
 ADDRESS: Final = "10.0.0.7:13800"
 BROKER: Final = BrokerInfo(ADDRESS, 1, "kiteq.proto.v1")
@@ -51,26 +52,6 @@ FENCE: Final = "/kiteq/sub/trade/fence-svc-bind"
 def groups(table: BindingTable, topic: str = "trade", message_type: str = "pay-succ") -> list[str]:
     """The groups a message of (*topic*, *message_type*) goes to."""
     return [route.group for route in table.routes(topic, message_type)]
-
-
-class Changes:
-    """Follows a ``BindingTable`` through its listener: tests wait on changes, not clocks."""
-
-    def __init__(self, table: BindingTable) -> None:
-        self.log: list[tuple[str, str]] = []
-        self._event = asyncio.Event()
-        table.add_listener(self._changed)
-
-    def _changed(self, topic: str, group: str) -> None:
-        self.log.append((topic, group))
-        self._event.set()
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-        """Wait until *predicate* holds, re-checked at each change."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._event.clear()
-                await self._event.wait()
 
 
 class Registries:
@@ -159,6 +140,36 @@ async def registries(zk_uri: str) -> AsyncIterator[Registries]:
         yield opened
     finally:
         await opened.close()
+
+
+class Proxied:
+    """Registries that reach ZooKeeper through a ``TcpProxy`` the test can cut."""
+
+    def __init__(self, registries: Registries, proxy: TcpProxy, chroot: str) -> None:
+        self.proxy = proxy
+        self._registries = registries
+        self._chroot = chroot
+
+    async def registered(self, timeout: int) -> tuple[ZkBindingRegistry, BindingTable]:
+        """A registry through the proxy (session timeout *timeout* s), BROKER registered."""
+        registry, table = await self._registries.open(
+            uri=f"zk://{self.proxy.hosts}{self._chroot}?timeout={timeout}"
+        )
+        await registry.register(BROKER)
+        return registry, table
+
+
+@pytest.fixture
+async def proxied(
+    registries: Registries, zk: Any, zookeeper: ManagedZooKeeper
+) -> AsyncIterator[Proxied]:
+    proxy = TcpProxy(zookeeper.port)
+    try:
+        yield Proxied(registries, proxy, zk.chroot)
+    finally:
+        # the registries stop before their path to ZooKeeper goes
+        await registries.close()
+        proxy.close()
 
 
 # -- layout ------------------------------------------------------------------------------
@@ -568,64 +579,52 @@ async def test_stale_node_of_an_old_session_is_replaced(
 
 
 async def test_suspended_keeps_serving_and_keeps_the_session(
-    registries: Registries, zk: Any, zookeeper: ManagedZooKeeper, zk_log: RegistryLog
+    proxied: Proxied, zk: Any, zk_log: RegistryLog
 ) -> None:
     zk.create(ACCT, KITEQ_JSON, makepath=True)
-    proxy = TcpProxy(zookeeper.port)
-    try:
-        registry, table = await registries.open(uri=f"zk://{proxy.hosts}{zk.chroot}?timeout=10")
-        await registry.register(BROKER)
-        session = registry.session_id
-        proxy.cut()
-        await zk_log.until("zookeeper connection suspended")
-        assert groups(table) == ["acct-svc"]
-        # a consumer opening meanwhile is not held up (a write attempt would wait 5 s for
-        # ZooKeeper), and nothing is applied
-        declaring = registry.declare("audit-svc", [Binding.fanout("trade")])
-        assert await asyncio.wait_for(declaring, 2.5) is False
-        assert groups(table) == ["acct-svc"]
-        assert "declared bindings not written" in zk_log.text
-        zk_log.clear()
-        proxy.restore()
-        await zk_log.until(f"zookeeper connected session=0x{session:x}")
-        assert registry.session_id == session
-        assert owner(zk, f"/kiteq/alive_servers/{ADDRESS}") == session
-        changes = Changes(table)
-        await kz(zk.set, ACCT, dumps([Binding.fanout("trade")]))
-        await changes.until(lambda: groups(table, message_type="refund") == ["acct-svc"])
-    finally:
-        await registries.close()
-        proxy.close()
+    registry, table = await proxied.registered(timeout=10)
+    session = registry.session_id
+    proxied.proxy.cut()
+    await zk_log.until("zookeeper connection suspended")
+    assert groups(table) == ["acct-svc"]
+    # a consumer opening meanwhile is not held up (a write attempt would wait 5 s for
+    # ZooKeeper), and nothing is applied
+    declaring = registry.declare("audit-svc", [Binding.fanout("trade")])
+    assert await asyncio.wait_for(declaring, 2.5) is False
+    assert groups(table) == ["acct-svc"]
+    assert "declared bindings not written" in zk_log.text
+    zk_log.clear()
+    proxied.proxy.restore()
+    await zk_log.until(f"zookeeper connected session=0x{session:x}")
+    assert registry.session_id == session
+    assert owner(zk, f"/kiteq/alive_servers/{ADDRESS}") == session
+    changes = Changes(table)
+    await kz(zk.set, ACCT, dumps([Binding.fanout("trade")]))
+    await changes.until(lambda: groups(table, message_type="refund") == ["acct-svc"])
 
 
 async def test_cut_longer_than_the_session_timeout_re_registers(
-    registries: Registries, zk: Any, zookeeper: ManagedZooKeeper, zk_log: RegistryLog
+    proxied: Proxied, zk: Any, zk_log: RegistryLog
 ) -> None:
     zk.create(ACCT, KITEQ_JSON, makepath=True)
-    proxy = TcpProxy(zookeeper.port)
-    try:
-        registry, table = await registries.open(uri=f"zk://{proxy.hosts}{zk.chroot}?timeout=4")
-        await registry.register(BROKER)
-        alive = f"/kiteq/alive_servers/{ADDRESS}"
-        old = registry.session_id
-        proxy.cut()
-        # the server expires the silent session and deletes its nodes
-        await wait_owner(zk, alive, lambda o: o is None, timeout=15)
-        # meanwhile a binding changes: seen once the broker is back
-        await kz(zk.set, ACCT, dumps([Binding.fanout("trade")]))
-        assert groups(table) == ["acct-svc"]
-        assert groups(table, message_type="refund") == []
-        proxy.restore()
-        new = await wait_owner(zk, alive, lambda o: o not in (None, old))
-        assert new == registry.session_id
-        assert owner(zk, f"/kiteq/server/trade/{ADDRESS}") == new
-        await Changes(table).until(
-            lambda: groups(table, message_type="refund") == ["acct-svc"], timeout=5
-        )
-        assert "zookeeper session lost" in zk_log.text
-    finally:
-        await registries.close()
-        proxy.close()
+    registry, table = await proxied.registered(timeout=4)
+    alive = f"/kiteq/alive_servers/{ADDRESS}"
+    old = registry.session_id
+    proxied.proxy.cut()
+    # the server expires the silent session and deletes its nodes
+    await wait_owner(zk, alive, lambda o: o is None, timeout=15)
+    # meanwhile a binding changes: seen once the broker is back
+    await kz(zk.set, ACCT, dumps([Binding.fanout("trade")]))
+    assert groups(table) == ["acct-svc"]
+    assert groups(table, message_type="refund") == []
+    proxied.proxy.restore()
+    new = await wait_owner(zk, alive, lambda o: o not in (None, old))
+    assert new == registry.session_id
+    assert owner(zk, f"/kiteq/server/trade/{ADDRESS}") == new
+    await Changes(table).until(
+        lambda: groups(table, message_type="refund") == ["acct-svc"], timeout=5
+    )
+    assert "zookeeper session lost" in zk_log.text
 
 
 async def test_registration_retries_until_it_succeeds(
