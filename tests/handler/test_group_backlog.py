@@ -17,18 +17,23 @@ from tests.handler.harness import Broker
 AWAY = ("trade", "away")
 
 
+async def five_acked_by_live_only(b: Broker) -> None:
+    """Five messages for "live" (connected, acks them) and "away" (persistent, offline)."""
+    b.bind("live", Binding.fanout("trade"))
+    b.bind("away", Binding.fanout("trade", persistent=True))
+    live = b.connect("live")
+    for _ in range(5):
+        await b.publish()
+    assert len(b.answer(live, lambda r, a: True)) == 5
+
+
 def backlog(b: Broker) -> dict[tuple[str, str], int]:
     return dict(b.dispatcher.group_gauges().backlog)
 
 
 async def test_an_offline_groups_messages_count_until_it_comes_back_and_acks() -> None:
     async with Broker() as b:
-        b.bind("live", Binding.fanout("trade"))
-        b.bind("away", Binding.fanout("trade", persistent=True))
-        live = b.connect("live")
-        for _ in range(5):
-            await b.publish()
-        assert len(b.answer(live, lambda r, a: True)) == 5
+        await five_acked_by_live_only(b)
         await b.settle()
         # "live" has nothing left; the five wait in the store for "away" only
         assert backlog(b) == {AWAY: 5}
@@ -108,12 +113,7 @@ def test_stored_backlog_counts_differences_and_never_goes_below_zero() -> None:
 
 async def test_another_consumer_of_a_served_group_does_not_make_a_full_scan() -> None:
     async with Broker() as b:
-        b.bind("live", Binding.fanout("trade"))
-        b.bind("away", Binding.fanout("trade", persistent=True))
-        live = b.connect("live")
-        for _ in range(5):
-            await b.publish()
-        b.answer(live, lambda r, a: True)
+        await five_acked_by_live_only(b)
         assert await b.scan() == 5  # the first scan after a start reads everything
         assert await b.scan() == 0  # the periodic one skips what is parked for "away"
         b.connect("live")

@@ -5,11 +5,19 @@ injected clock)."""
 from __future__ import annotations
 
 from kiteq.binding.model import Binding
-from kiteq.core.message import GroupDelivery, GroupState
+from kiteq.core.message import GroupDelivery, GroupState, StoredMessage
 from kiteq.handler.backoff import redelivery_delay
 from kiteq.handler.connection import Connection
 from kiteq.store.base import DlqFilter
 from tests.handler.harness import Broker
+
+
+async def published_before_late_connects(b: Broker, group: str) -> tuple[Connection, StoredMessage]:
+    """One message for *group* (connected) and "late" (persistent, not connected yet)."""
+    b.bind(group, Binding.fanout("trade"))
+    b.bind("late", Binding.fanout("trade", persistent=True))
+    conn = b.connect(group)
+    return conn, await b.publish()
 
 
 def ack(*_: object) -> bool:
@@ -83,10 +91,7 @@ async def test_a_failing_group_dead_letters_for_itself_only_and_the_offline_grou
 
 async def test_a_group_in_its_160_s_window_does_not_delay_a_group_that_connects_later() -> None:
     async with Broker() as b:
-        b.bind("slow", Binding.fanout("trade"))
-        b.bind("late", Binding.fanout("trade", persistent=True))
-        slow = b.connect("slow")
-        record = await b.publish()
+        slow, record = await published_before_late_connects(b, "slow")
         attempts = 0
         while redelivery_delay(attempts) < 160:  # nack until the window is 160 s
             got = b.answer(slow, nack)
@@ -153,10 +158,7 @@ async def test_expiry_dead_letters_every_group_that_had_not_acked_one_entry_each
 
 async def test_a_message_in_flight_for_one_group_is_offered_to_another_group_that_is_due() -> None:
     async with Broker() as b:
-        b.bind("holder", Binding.fanout("trade"))
-        b.bind("late", Binding.fanout("trade", persistent=True))
-        holder = b.connect("holder")
-        record = await b.publish()
+        holder, record = await published_before_late_connects(b, "holder")
         _, held = holder.drain()  # pushed, not answered: the message stays in flight
         assert [(r.message_id, a) for r, a in held] == [(record.message_id, 1)]
         late = b.connect("late")
