@@ -28,7 +28,7 @@ async def opened_directory(uri: str) -> AsyncIterator[ZkDirectory]:
 
 async def expire_directory_session(directory: ZkDirectory, hosts: str) -> int:
     """Expire *directory*'s ZooKeeper session from outside; return the expired session's id."""
-    old_session, password = directory._zk.client_id
+    old_session, password = directory.session.client.client_id
     await asyncio.to_thread(expire_session, hosts, old_session, password)
     return int(old_session)
 

@@ -341,7 +341,7 @@ async def test_answers_of_sync_batches_finished_together_share_a_frame(
     async with consumer_for(broker, handle) as consumer:
         for _ in range(5):
             broker.push([pb_message(), pb_message()])
-        await broker.wait_for(lambda: consumer._writer.expected == 5)
+        await broker.wait_for(lambda: consumer.in_handlers == 5)
         release.set()
         await broker.wait_for(lambda: len(broker.acks) == 10)
     assert all(a.status for a in broker.acks)

@@ -178,9 +178,7 @@ async def test_producer_follows_the_registry(uri: str, zk: Any) -> None:
             # the second broker appears, the first leaves: sends follow
             register(zk, "trade", "node-b:1", data_of(second.address))
             unregister(zk, "trade", "node-a:1")
-            await eventually(
-                lambda: producer._core.pool.directory.brokers_for("trade") == [second.address]
-            )
+            await eventually(lambda: producer.connected_brokers == [second.address])
             for i in range(20):
                 result = await producer.send(Message(topic="trade", message_type="t", body=b"x"))
                 assert result.broker == second.address, i
@@ -206,7 +204,7 @@ async def test_producer_fails_over_with_the_same_id(uri: str, zk: Any) -> None:
         register(zk, "trade", "node-b:1", data_of(second.address))
         async with AsyncProducer(registry=uri, group_id="pay-svc", timeout=10) as producer:
             await producer.send(Message(topic="trade", message_type="t", body=b"0"))
-            await eventually(lambda: len(producer._core.pool.sessions) == 2)
+            await eventually(lambda: len(producer.connected_brokers) == 2)
             # whichever broker gets the next batch holds its acks, then drops the stream
             first.hold = second.hold = True
             message = Message(topic="trade", message_type="t", body=b"1")
@@ -273,12 +271,12 @@ async def test_session_loss_keeps_brokers_and_recreates_the_producer_node(
     directory.publish_producer("trade", "pay-svc")
     path = f"/kiteq/pub/trade/pay-svc/{socket.gethostname()}"
     await eventually(lambda: zk.exists(path) is not None)
-    kazoo = directory._zk
+    kazoo = directory.session.client
     old_session = await expire_directory_session(directory, zookeeper.hosts)
     # the brokers stay known throughout; the ephemeral node comes back in the new session
     assert directory.brokers_for("trade") == ["127.0.0.1:7"]
     assert await wait_for_new_owner(zk, path, old_session) == kazoo.client_id[0]
-    assert directory._zk is kazoo  # the same client: never restarted
+    assert directory.session.client is kazoo  # the same client: never restarted
     # and the watch is re-armed on the new session
     register(zk, "trade", "node-b:1", data_of("127.0.0.1:8"))
     await eventually(lambda: "127.0.0.1:8" in directory.brokers_for("trade"), timeout=10)

@@ -139,7 +139,7 @@ async def test_the_producer_node_keeps_the_acl_in_a_new_session(
     directory.publish_producer("trade", "pay-svc")
     path = f"/kiteq/pub/trade/pay-svc/{HOST}"
     await eventually(lambda: zk.exists(path) is not None)
-    kazoo = directory._zk
+    kazoo = directory.session.client
     old_session = await expire_directory_session(directory, zookeeper.hosts)
     assert await wait_for_new_owner(zk, path, old_session) == kazoo.client_id[0]
     assert acl_of(authed, path) == EXPECTED

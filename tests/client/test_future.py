@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Any
 
 import pytest
 
@@ -66,18 +65,12 @@ def test_settling_twice_is_an_error(waited: bool) -> None:
     assert future.result() == 1
 
 
-def blocked_in_result(future: RunningFuture[Any]) -> bool:
-    """True once a thread waits on *future*'s condition (``result`` has made it to block)."""
-    # _lazy first: reading _condition while lazy would create it (and change the path)
-    return not future._lazy and bool(vars(future._condition)["_waiters"])
-
-
 def test_a_waiting_thread_is_woken() -> None:
     future: RunningFuture[str] = RunningFuture()
     got: list[str] = []
     waiter = threading.Thread(target=lambda: got.append(future.result(timeout=10)))
     waiter.start()
-    wait_until(lambda: blocked_in_result(future), 10, "the thread waiting in result()")
+    wait_until(lambda: future.waited_on, 10, "the thread waiting in result()")
     future.set_result("done")
     waiter.join(10)
     assert got == ["done"]

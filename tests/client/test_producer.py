@@ -292,7 +292,7 @@ async def test_a_send_waiting_for_room_goes_when_acks_free_it(broker: FakeBroker
         first = [await producer.send_async(msg(b"%d" % i)) for i in range(2)]
         third = asyncio.ensure_future(producer.send_async(msg(b"2"), timeout=5.0))
         # two unacknowledged: the third waits for room
-        await broker.wait_for(lambda: producer._core.accumulator._room_futures)
+        await broker.wait_for(lambda: producer.waiting_for_room == 1)
         assert not third.done()
         await broker.wait_for(lambda: len(broker.published_ids) == 2)
         broker.release()

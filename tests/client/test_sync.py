@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -20,7 +21,6 @@ from kiteq.client import (
     PublishTimeoutError,
     ReceivedMessage,
     SendResult,
-    _handlers,
 )
 from tests.client._fake_broker import ThreadedBroker, pb_message
 from tests.waiting import wait_until
@@ -94,7 +94,7 @@ def test_a_blocked_send_async_goes_when_acks_free_room(threaded_broker: Threaded
         queued: list[concurrent.futures.Future[SendResult]] = []
         blocked = threading.Thread(target=lambda: queued.append(p.send_async(msg(b"2"))))
         blocked.start()
-        wait_until(lambda: p._core.accumulator._room_waiters == 1, 10, "a sender waiting")
+        wait_until(lambda: p.waiting_for_room == 1, 10, "a sender waiting")
         assert blocked.is_alive()  # waiting for room
         threaded_broker.do(broker.release)
         blocked.join(5)
@@ -121,7 +121,7 @@ def test_close_wakes_a_send_waiting_for_room(threaded_broker: ThreadedBroker) ->
 
     blocked = threading.Thread(target=send)
     blocked.start()
-    wait_until(lambda: producer._core.accumulator._room_waiters == 1, 10, "a sender waiting")
+    wait_until(lambda: producer.waiting_for_room == 1, 10, "a sender waiting")
     start = time.monotonic()
     producer.close()
     blocked.join(5)
@@ -260,17 +260,18 @@ def test_send_async_wakes_the_loop_once_per_batch_not_per_message(
 ) -> None:
     with Producer(brokers=[threaded_broker.address], group_id="pay-svc", linger=0.01) as producer:
         producer.send(msg())  # connected
-        loop = producer._thread.loop
-        assert loop is not None
+        sender = threading.get_ident()
         wakes = 0
-        original = loop.call_soon_threadsafe
+        original = asyncio.BaseEventLoop.call_soon_threadsafe
 
-        def counting(*args: Any, **kwargs: Any) -> Any:
+        def counting(loop: asyncio.BaseEventLoop, *args: Any, **kwargs: Any) -> Any:
+            # the hops from this thread to an event loop: the producer's wake-ups
             nonlocal wakes
-            wakes += 1
-            return original(*args, **kwargs)
+            if threading.get_ident() == sender:
+                wakes += 1
+            return original(loop, *args, **kwargs)
 
-        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        monkeypatch.setattr(asyncio.BaseEventLoop, "call_soon_threadsafe", counting)
         futures = [producer.send_async(msg()) for _ in range(2000)]
         for future in futures:
             future.result(timeout=10)
@@ -280,14 +281,20 @@ def test_send_async_wakes_the_loop_once_per_batch_not_per_message(
 def test_a_sync_handler_gets_each_batch_in_one_hop(
     threaded_broker: ThreadedBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hops: list[int] = []
-    original = _handlers._handle_batch
+    hops: list[str] = []
+    original = concurrent.futures.ThreadPoolExecutor.submit
 
-    def counting(handler: Any, messages: Any) -> Any:
-        hops.append(len(messages))
-        return original(handler, messages)
+    def counting(
+        executor: concurrent.futures.ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        # a hop is a call handed to a thread pool and run on a handler thread
+        def run() -> Any:
+            hops.append(threading.current_thread().name)
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(_handlers, "_handle_batch", counting)
+        return original(executor, run)
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", counting)
     with Consumer(
         brokers=[threaded_broker.address],
         group_id="acct-svc",
@@ -296,5 +303,5 @@ def test_a_sync_handler_gets_each_batch_in_one_hop(
     ):
         threaded_broker.do(threaded_broker.broker.push, [pb_message() for _ in range(50)])
         threaded_broker.wait_for(lambda: len(threaded_broker.broker.acks) == 50)
-    assert hops == [50]
+    assert sum(name.startswith("kiteq-handler") for name in hops) == 1
     assert threaded_broker.broker.ack_frames == 1

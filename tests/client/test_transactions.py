@@ -29,7 +29,6 @@ from kiteq.client import (
     _tx_checks,
     _wire,
 )
-from kiteq.client._channel import Session
 from kiteq.proto.v1 import broker_pb2, common_pb2
 from tests.client._fake_broker import FakeBroker, ThreadedBroker
 
@@ -279,14 +278,13 @@ async def test_each_decision_goes_to_the_broker_that_stored_the_message(
 async def test_a_decision_survives_a_lost_session(broker: FakeBroker) -> None:
     producer = AsyncProducer(brokers=[broker.address], group_id="pay-svc")
 
-    def open_session() -> Session | None:
-        return producer._core.pool.sessions.get(broker.address)
-
     async def local_tx(message: Message) -> bool:
         # the publishing session ends before the decision: it goes on the next one
-        old = open_session()
         broker.drop_sessions()
-        await broker.wait_for(lambda: open_session() not in (None, old))
+        # the broker got a second Open, and the producer has that session open
+        await broker.wait_for(
+            lambda: len(broker.opens) == 2 and producer.connected_brokers == [broker.address]
+        )
         return True
 
     async with producer:
@@ -508,7 +506,7 @@ async def test_a_checker_connects_at_start_to_every_broker(
             assert len(broker.opens) == len(other.opens) == 1
         async with AsyncProducer(brokers=[broker.address], group_id="pay-svc") as lazy:
             # without a checker: lazy, started without a link to any broker
-            assert lazy._core.pool.links == {}
+            assert lazy.connected_brokers == []
             assert len(broker.opens) == 1
             await lazy.send(msg())  # the first send dials
             assert len(broker.opens) == 2

@@ -208,5 +208,8 @@ def test_an_ordering_key_goes_on_the_wire_and_comes_back_on_a_delivery() -> None
         [Message(topic="trade", message_type="pay", body=b"")], "pay-svc"
     ).publish.messages
     assert plain.header.orderingKey == ""
-    received = _wire._header_message(item.header, 2, item.body)
+    delivered = broker_pb2.DeliveryBatch(deliveries=[broker_pb2.Delivery(message=item, attempt=2)])
+    decoded = _wire.decode_server_frame(broker_pb2.ServerFrame(deliveries=delivered))
+    assert isinstance(decoded, _wire.Deliveries)
+    (received,) = decoded.messages
     assert (received.ordering_key, received.attempt) == ("order-9", 2)

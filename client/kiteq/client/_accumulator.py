@@ -173,6 +173,12 @@ class Accumulator:
         return self.outstanding + len(self.inbox)
 
     @property
+    def waiting_for_room(self) -> int:
+        """Sends waiting for room now: blocked threads and the loop's waiting tasks."""
+        futures = self._room_futures  # any thread: the loop may swap the list meanwhile
+        return self._room_waiters + sum(not room.done() for room in futures)
+
+    @property
     def has_room(self) -> bool:
         """True while fewer than ``max_pending`` sends are unacknowledged."""
         return self._submitted - self._resolved < self._max_pending

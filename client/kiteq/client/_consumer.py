@@ -164,7 +164,7 @@ class AsyncConsumer(AsyncClient):
     @property
     def connected_brokers(self) -> list[str]:
         """Addresses of the brokers with an open session right now."""
-        return [address for address, link in self._pool.links.items() if link.session is not None]
+        return self._pool.connected()
 
     async def start(self) -> None:
         """Connect to the brokers and start consuming; idempotent.
@@ -279,7 +279,7 @@ class AsyncConsumer(AsyncClient):
         if not (joined and await self._writer.wait_quiet(deadline - loop.time())):
             logger.warning(
                 "consumer closing with %d batches still in handlers after %.1fs",
-                len(batches) + self._writer.expected,
+                self._runner.in_handlers,
                 seconds,
             )
             await batches.cancel()
@@ -373,6 +373,15 @@ class AsyncConsumer(AsyncClient):
     def unanswered(self) -> int:
         """Deliveries handed to code (iteration, AckMode.MANUAL) and not answered yet."""
         return self._ledger.open
+
+    @property
+    def in_handlers(self) -> int:
+        """Delivery batches with the handler now, running or waiting for a handler thread.
+
+        A sync handler with ``max_concurrency`` > 1 gets a batch in chunks, each counted.
+        ``close`` waits for this to reach 0 (within its timeout).
+        """
+        return self._runner.in_handlers
 
     async def pause(self) -> None:
         """Stop deliveries without closing: the brokers push nothing until ``resume``.

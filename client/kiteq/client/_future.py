@@ -80,6 +80,14 @@ class RunningFuture(concurrent.futures.Future[_T]):
                 return
         super().set_exception(exception)
 
+    @property
+    def waited_on(self) -> bool:
+        """True while a thread waits in ``result`` or ``exception`` (for tests).
+
+        Read without creating the condition, which would change the future's path.
+        """
+        return not self._lazy and bool(vars(self._condition)["_waiters"])
+
     # FINISHED is final, so a finished future answers without the condition
 
     def done(self) -> bool:

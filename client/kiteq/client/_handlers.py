@@ -186,6 +186,11 @@ class HandlerRunner:
                 max_workers=self._concurrency, thread_name_prefix="kiteq-handler"
             )
 
+    @property
+    def in_handlers(self) -> int:
+        """Batches with the handler: async ones running, sync chunks queued or running."""
+        return len(self.batches) + self._writer.expected
+
     def shutdown(self) -> None:
         """Let the handler threads go; chunks not started are dropped (redelivered)."""
         if self._executor is not None:

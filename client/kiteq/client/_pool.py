@@ -158,6 +158,10 @@ class BrokerPool:
 
     # -- links (loop thread) ------------------------------------------------------------
 
+    def connected(self) -> list[str]:
+        """Addresses of the brokers with an open session right now."""
+        return [address for address, link in self.links.items() if link.session is not None]
+
     def dial(self, addresses: Iterable[str]) -> None:
         """Start a link to each of *addresses* not linked yet."""
         for address in addresses:

@@ -265,6 +265,16 @@ class AsyncProducer(AsyncClient):
         """True once ``close`` has been called."""
         return self._core.pool.shut
 
+    @property
+    def connected_brokers(self) -> list[str]:
+        """Addresses of the brokers with an open session right now."""
+        return self._core.pool.connected()
+
+    @property
+    def waiting_for_room(self) -> int:
+        """Sends waiting right now because ``max_pending`` sends are unacknowledged."""
+        return self._core.accumulator.waiting_for_room
+
     async def start(self) -> None:
         """Bind the producer to the running event loop; idempotent.
 

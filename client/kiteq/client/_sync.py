@@ -114,6 +114,11 @@ class Producer(_SyncClient):
     def _closing(self, seconds: float) -> Coroutine[Any, Any, None]:
         return self._core.close(seconds)
 
+    @property
+    def waiting_for_room(self) -> int:
+        """Sends waiting right now because ``max_pending`` sends are unacknowledged."""
+        return self._core.accumulator.waiting_for_room
+
     def send(self, message: Message, *, timeout: float | None = None) -> SendResult:
         """Send one message and block until the broker has made it durable.
 

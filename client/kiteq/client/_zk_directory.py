@@ -126,6 +126,11 @@ class ZkDirectory:
 
     # -- queries (loop thread) --------------------------------------------------------------
 
+    @property
+    def session(self) -> ZkSession:
+        """The directory's ZooKeeper session (opened by ``start``, closed by ``close``)."""
+        return self._session
+
     def watching(self, topic: str) -> bool:
         """True once *topic*'s brokers are known (the watch has made its first call)."""
         watch = self._watches.get(topic)
