@@ -26,12 +26,7 @@ from kiteq.client._affinity import rank
 from kiteq.client._channel import Session, backoff_delay
 from kiteq.client._options import ProducerOptions
 from kiteq.client._pool import BrokerPool
-from kiteq.core.errors import (
-    ClientClosedError,
-    KiteQError,
-    NotConnectedError,
-    PublishTimeoutError,
-)
+from kiteq.core.errors import ClientClosedError, KiteQError, NotConnectedError, PublishTimeoutError
 
 __all__ = ["Sender"]
 

@@ -13,7 +13,6 @@ import abc
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine, Iterator
-from types import TracebackType
 from typing import Any, Final, Self, Unpack
 
 from kiteq.client._accumulator import Send, SendResult
@@ -44,12 +43,7 @@ class _SyncClient(abc.ABC):
         self._close_lock = threading.Lock()
         self._closed = False
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @property
