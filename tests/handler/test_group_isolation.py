@@ -45,37 +45,8 @@ async def test_a_failing_group_dead_letters_for_itself_only_and_the_offline_grou
         healthy, failing = bind_three(b)
         records = [await b.publish(deliver_limit=2) for _ in range(20)]
         every = {r.message_id for r in records}
-        assert ids(b.answer(healthy, ack)) == every
-        for _ in range(3):  # deliver_limit 2: the third round has nothing left to push
-            b.answer(failing, nack)
-        await b.settle()
-        letters = await b.store.list_dlq(DlqFilter(), 100)
-        assert {(lt.record.message_id, lt.group, lt.reason) for lt in letters} == {
-            (mid, "failing", "deliver_limit") for mid in every
-        }
-        assert await b.store.dlq_size() == {("trade", "failing"): 20}
-        stored = await b.store.get(records[0].message_id)
-        assert stored is not None  # kept: "offline" has not had it yet
-        assert stored.groups["failing"] == GroupDelivery(GroupState.DEAD, 2, 0.0)
-        assert stored.groups["healthy"].state is GroupState.ACKED
-        # never attempted: pending, parked until its expiry while "offline" is away
-        expiry = float(records[0].message.expired_time)
-        assert stored.groups["offline"] == GroupDelivery(GroupState.PENDING, 0, expiry)
-        assert stored.next_deliver_time == expiry
-        assert await b.scan() == 20  # the first scan after a start reads everything
-        assert await b.scan() == 0  # then the periodic scan does not read an offline backlog
-
-        b.clock.advance(600)  # long after the failing group finished
-        offline = b.connect("offline")
-        assert await b.scan() == 20
-        got = b.answer(offline, ack)
-        assert ids(got) == every
-        assert {attempt for _, attempt in got} == {1}  # its own count, not the failing one's
-        assert b.answer(healthy, ack) == []
-        assert b.answer(failing, ack) == []
-        await b.settle()
-        assert await b.store.backlog() == {}  # every group acked or dead-lettered them
-
+        await dead_lettered_for_failing_only(b, healthy, failing, records)
+        offline = await offline_gets_all_later(b, healthy, failing, every)
         # a redrive of the failing group's letters reaches that group only
         letters = await b.store.list_dlq(DlqFilter(group="failing"), 100)
         for record in await b.store.redrive([lt.key for lt in letters], b.clock.now()):
@@ -87,6 +58,49 @@ async def test_a_failing_group_dead_letters_for_itself_only_and_the_offline_grou
         await b.settle()
         assert await b.store.backlog() == {}
         assert await b.store.list_dlq(DlqFilter(), 100) == []
+
+
+async def dead_lettered_for_failing_only(
+    b: Broker, healthy: Connection, failing: Connection, records: list[StoredMessage]
+) -> None:
+    """ "healthy" acks *records*, "failing" nacks them into the DLQ, "offline" waits."""
+    every = {r.message_id for r in records}
+    assert ids(b.answer(healthy, ack)) == every
+    for _ in range(3):  # deliver_limit 2: the third round has nothing left to push
+        b.answer(failing, nack)
+    await b.settle()
+    letters = await b.store.list_dlq(DlqFilter(), 100)
+    assert {(lt.record.message_id, lt.group, lt.reason) for lt in letters} == {
+        (mid, "failing", "deliver_limit") for mid in every
+    }
+    assert await b.store.dlq_size() == {("trade", "failing"): 20}
+    stored = await b.store.get(records[0].message_id)
+    assert stored is not None  # kept: "offline" has not had it yet
+    assert stored.groups["failing"] == GroupDelivery(GroupState.DEAD, 2, 0.0)
+    assert stored.groups["healthy"].state is GroupState.ACKED
+    # never attempted: pending, parked until its expiry while "offline" is away
+    expiry = float(records[0].message.expired_time)
+    assert stored.groups["offline"] == GroupDelivery(GroupState.PENDING, 0, expiry)
+    assert stored.next_deliver_time == expiry
+    assert await b.scan() == 20  # the first scan after a start reads everything
+    assert await b.scan() == 0  # then the periodic scan does not read an offline backlog
+
+
+async def offline_gets_all_later(
+    b: Broker, healthy: Connection, failing: Connection, every: set[str]
+) -> Connection:
+    """ "offline" connects long after and gets every message as its first attempt."""
+    b.clock.advance(600)  # long after the failing group finished
+    offline = b.connect("offline")
+    assert await b.scan() == 20
+    got = b.answer(offline, ack)
+    assert ids(got) == every
+    assert {attempt for _, attempt in got} == {1}  # its own count, not the failing one's
+    assert b.answer(healthy, ack) == []
+    assert b.answer(failing, ack) == []
+    await b.settle()
+    assert await b.store.backlog() == {}  # every group acked or dead-lettered them
+    return offline
 
 
 async def test_a_group_in_its_160_s_window_does_not_delay_a_group_that_connects_later() -> None:
