@@ -15,17 +15,7 @@ from kiteq.handler.connection import Connection, ConnectionTable
 from kiteq.handler.dispatch import Dispatcher
 from kiteq.handler.history import History
 from kiteq.ops.metrics import BrokerMetrics
-from kiteq.store.base import (
-    DeadLetter,
-    DlqFilter,
-    DlqKey,
-    DueCursor,
-    HistoryEvent,
-    PendingCounts,
-    Rescheduled,
-    SaveOutcome,
-    TakenOver,
-)
+from kiteq.store import base
 
 
 class RecordingStore:
@@ -36,11 +26,11 @@ class RecordingStore:
 
     def __init__(self) -> None:
         self.deleted: list[str] = []
-        self.rescheduled: list[Rescheduled] = []
-        self.dead: list[DeadLetter] = []
-        self.history: list[HistoryEvent] = []
+        self.rescheduled: list[base.Rescheduled] = []
+        self.dead: list[base.DeadLetter] = []
+        self.history: list[base.HistoryEvent] = []
 
-    async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
+    async def reschedule(self, changes: Sequence[base.Rescheduled]) -> None:
         self.rescheduled.extend(changes)
 
     async def delete(self, records: Sequence[StoredMessage], remember_until: float = 0.0) -> None:
@@ -48,7 +38,7 @@ class RecordingStore:
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def save(self, records: Sequence[StoredMessage]) -> list[SaveOutcome]:
+    async def save(self, records: Sequence[StoredMessage]) -> list[base.SaveOutcome]:
         raise NotImplementedError
 
     async def get(self, message_id: str) -> StoredMessage | None:
@@ -58,19 +48,19 @@ class RecordingStore:
         return None
 
     async def page_due(
-        self, now: float, limit: int, after: DueCursor | None = None
+        self, now: float, limit: int, after: base.DueCursor | None = None
     ) -> list[StoredMessage]:
         return []
 
     async def backlog(self) -> dict[str, int]:
         return {}
 
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+    async def dead_letter(self, letters: Sequence[base.DeadLetter]) -> None:
         self.dead.extend(letters)
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: DlqKey | None = None
-    ) -> list[DeadLetter]:
+        self, where: base.DlqFilter, limit: int, after: base.DlqKey | None = None
+    ) -> list[base.DeadLetter]:
         return []
 
     async def rollback(self, message_id: str) -> StoredMessage | None:
@@ -79,26 +69,26 @@ class RecordingStore:
     async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
         return []
 
-    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
+    async def get_dead_letters(self, message_id: str) -> list[base.DeadLetter]:
         return []
 
-    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+    async def redrive(self, keys: Sequence[base.DlqKey], now: float) -> list[StoredMessage]:
         return []
 
     async def dlq_size(self) -> dict[tuple[str, str], int]:
         return {}
 
-    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+    async def append_history(self, events: Sequence[base.HistoryEvent]) -> None:
         self.history.extend(events)
 
-    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+    async def get_history(self, message_id: str) -> list[base.HistoryEvent]:
         return []
 
-    async def pending_counts(self) -> PendingCounts:
+    async def pending_counts(self) -> base.PendingCounts:
         return {}
 
-    async def take_over(self, owner: str) -> TakenOver:
-        return TakenOver()
+    async def take_over(self, owner: str) -> base.TakenOver:
+        return base.TakenOver()
 
     async def prune_history(self, before: float) -> int:
         return 0

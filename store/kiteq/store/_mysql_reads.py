@@ -14,6 +14,7 @@ from typing import Final, TypeVar
 from sqlalchemy import Connection
 
 from kiteq.core.message import StoredMessage
+from kiteq.store import base
 from kiteq.store._mysql_engine import Database
 from kiteq.store._mysql_rows import (
     _COLUMNS,
@@ -36,16 +37,6 @@ from kiteq.store._mysql_rows import (
 from kiteq.store._mysql_schema import DEDUP_TABLE, Layout, _in_names
 from kiteq.store._mysql_tx import Tables
 from kiteq.store._state import add_counts
-from kiteq.store.base import (
-    DeadLetter,
-    DlqFilter,
-    DlqKey,
-    DueCursor,
-    HistoryEvent,
-    PendingCounts,
-    TakenOver,
-    count_pending,
-)
 
 __all__ = ["Counts", "Reads"]
 
@@ -94,9 +85,9 @@ class Reads:
             dead[(topic, group)] += int(count)
         return dict(backlog), dict(dead)
 
-    def pending_counts(self) -> PendingCounts:
+    def pending_counts(self) -> base.PendingCounts:
         """``MessageStore.pending_counts``: this owner's rows with delivery state, by id."""
-        counts: PendingCounts = {}
+        counts: base.PendingCounts = {}
         for _, table in self.tables.slots:
             sql = (
                 f"SELECT {PENDING_COLUMNS} FROM {table} WHERE kite_server = %s "  # noqa: S608
@@ -111,7 +102,7 @@ class Reads:
 
                 rows = self.database.read("pending_counts", read)
                 for row in rows:
-                    count_pending(counts, *_pending_key(row))
+                    base.count_pending(counts, *_pending_key(row))
                 if len(rows) < _READ_CHUNK:
                     break
                 after = rows[-1][0]
@@ -127,7 +118,7 @@ class Reads:
 
         return self.database.read("get", read)
 
-    def page_due(self, now: float, limit: int, after: DueCursor | None) -> list[StoredMessage]:
+    def page_due(self, now: float, limit: int, after: base.DueCursor | None) -> list[StoredMessage]:
         now = min(now, _MAX_TIME)
         cursor = (-1.0, "") if after is None else (_time(after[0]), after[1])
         params = (self.owner, now, cursor[0], cursor[0], cursor[1], limit) * len(self.tables.slots)
@@ -165,7 +156,9 @@ class Reads:
         rows = {row[0]: tuple(row) for row in conn.exec_driver_sql(fetch, values)}
         return [_record(rows[mid]) for mid, _ in keys if mid in rows]
 
-    def list_dlq(self, where: DlqFilter, limit: int, after: DlqKey | None) -> list[DeadLetter]:
+    def list_dlq(
+        self, where: base.DlqFilter, limit: int, after: base.DlqKey | None
+    ) -> list[base.DeadLetter]:
         conditions = ["kite_server = %s"]
         values: list[object] = [self.owner]
         if after is not None:
@@ -190,33 +183,33 @@ class Reads:
         )
         params = (*values, limit) * len(tables) + (limit,)
 
-        def read(conn: Connection) -> list[DeadLetter]:
+        def read(conn: Connection) -> list[base.DeadLetter]:
             return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, params)]
 
         return self.database.read("list_dlq", read)
 
-    def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
+    def get_dead_letters(self, message_id: str) -> list[base.DeadLetter]:
         shard, _ = self.layout.route(message_id)
         sql = (
             f"SELECT {_DLQ_COLUMNS} FROM {self.tables.dlq[shard]} "  # noqa: S608
             "WHERE message_id = %s ORDER BY group_id"
         )
 
-        def read(conn: Connection) -> list[DeadLetter]:
+        def read(conn: Connection) -> list[base.DeadLetter]:
             return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, (message_id,))]
 
         return self.database.read("get_dead_letters", read)
 
-    def get_history(self, message_id: str) -> list[HistoryEvent]:
+    def get_history(self, message_id: str) -> list[base.HistoryEvent]:
         shard, _ = self.layout.route(message_id)
         sql = (
             f"SELECT {_HISTORY_COLUMNS} FROM {self.tables.history[shard]} "  # noqa: S608
             "WHERE message_id = %s ORDER BY event_time, seq"
         )
 
-        def read(conn: Connection) -> list[HistoryEvent]:
+        def read(conn: Connection) -> list[base.HistoryEvent]:
             return [
-                HistoryEvent(mid, event_time, kind, group, connection, attempt, detail)
+                base.HistoryEvent(mid, event_time, kind, group, connection, attempt, detail)
                 for mid, event_time, kind, group, connection, attempt, detail in conn.exec_driver_sql(
                     sql, (message_id,)
                 )
@@ -279,14 +272,14 @@ class Reads:
 
     def take_over(
         self, owner: str, batch: int, loop: asyncio.AbstractEventLoop, counts: Counts
-    ) -> TakenOver:
+    ) -> base.TakenOver:
         """The messages and dead letters of *owner* moved to this store's owner.
 
         *batch* rows per transaction; each batch's counts are added to *counts* on *loop*
         once committed (see ``MySQLStore.take_over``).
         """
         backlog, dlq = counts
-        pending: PendingCounts = {}
+        pending: base.PendingCounts = {}
         moved = 0
         for _, table in self.tables.slots:
             taker = _TakeOver(self, owner, batch, loop, table, "message_id", "topic")
@@ -297,7 +290,7 @@ class Reads:
             _TakeOver(self, owner, batch, loop, table, "id", "topic, group_id").run(dlq)
             for table in self.tables.dlq
         )
-        return TakenOver(moved, dead, pending)
+        return base.TakenOver(moved, dead, pending)
 
 
 class _TakeOver:
@@ -327,8 +320,8 @@ class _TakeOver:
         self.update = f"UPDATE {table} SET kite_server = %s WHERE kite_server = %s AND {key} IN "  # noqa: S608
         self.table = table
         # a message table's: the pending groups of the moved messages are counted here
-        self.pending: PendingCounts | None = None
-        self.counted: PendingCounts = {}
+        self.pending: base.PendingCounts | None = None
+        self.counted: base.PendingCounts = {}
 
     def batch(self, conn: Connection) -> _Row:
         found: _Row = tuple(conn.exec_driver_sql(self.select, (self.owner,)).all())
@@ -344,9 +337,9 @@ class _TakeOver:
 
     def _count_pending(self, conn: Connection, ids: list[str]) -> None:
         sql = _select_sql(self.table, PENDING_COLUMNS, len(ids))
-        batch: PendingCounts = {}
+        batch: base.PendingCounts = {}
         for row in conn.exec_driver_sql(sql, tuple(ids)):
-            count_pending(batch, *_pending_key(tuple(row)))
+            base.count_pending(batch, *_pending_key(tuple(row)))
         # kept apart until the commit: a batch that is retried is counted once
         self.counted = batch
 

@@ -95,6 +95,7 @@ from typing import TypeVar
 
 from kiteq.core.errors import StoreError, StoreUnavailableError
 from kiteq.core.message import StoredMessage
+from kiteq.store import base
 from kiteq.store._mysql_admin import ensure_schema, schema_command, schema_main
 from kiteq.store._mysql_dlq_requests import DeadLetterPart, RedrivePart
 from kiteq.store._mysql_engine import Database, engine
@@ -136,17 +137,6 @@ from kiteq.store._mysql_schema import Layout
 from kiteq.store._mysql_tx import ShardTx, Tables
 from kiteq.store._mysql_writer import ShardDeferral, ShardWriter
 from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts
-from kiteq.store.base import (
-    DeadLetter,
-    DlqFilter,
-    DlqKey,
-    DueCursor,
-    HistoryEvent,
-    PendingCounts,
-    Rescheduled,
-    SaveOutcome,
-    TakenOver,
-)
 from kiteq.store.group_commit import GroupCommitWriter
 from kiteq.store.options import MySQLOptions
 
@@ -246,7 +236,7 @@ class MySQLStore(CountedStore):
 
     # -- writes ----------------------------------------------------------------------
 
-    async def save(self, records: Sequence[StoredMessage]) -> list[SaveOutcome]:
+    async def save(self, records: Sequence[StoredMessage]) -> list[base.SaveOutcome]:
         if not records:
             return []
         if self._state.status is not Status.OPEN:
@@ -306,7 +296,7 @@ class MySQLStore(CountedStore):
         await self._submit(call, [part] if part.items else [])
         return call.records[0]
 
-    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+    async def redrive(self, keys: Sequence[base.DlqKey], now: float) -> list[StoredMessage]:
         if not keys:
             self._state.check_open()
             return []
@@ -323,7 +313,7 @@ class MySQLStore(CountedStore):
         await self._submit(call, list(parts.values()))
         return [record for record in call.records if record is not None]
 
-    async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
+    async def reschedule(self, changes: Sequence[base.Rescheduled]) -> None:
         if not changes:
             return
         call = Call()
@@ -360,7 +350,7 @@ class MySQLStore(CountedStore):
             part.items.append((table, record.message_id, record.topic, owned))
         await self._submit(call, self._sized(parts))
 
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+    async def dead_letter(self, letters: Sequence[base.DeadLetter]) -> None:
         if not letters:
             return
         call = Call()
@@ -385,7 +375,7 @@ class MySQLStore(CountedStore):
             )
         await self._submit(call, self._sized(parts))
 
-    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+    async def append_history(self, events: Sequence[base.HistoryEvent]) -> None:
         if not events:
             return
         call = Call()
@@ -465,7 +455,7 @@ class MySQLStore(CountedStore):
         return await self._run(self._reads.get, message_id)
 
     async def page_due(
-        self, now: float, limit: int, after: DueCursor | None = None
+        self, now: float, limit: int, after: base.DueCursor | None = None
     ) -> list[StoredMessage]:
         self._state.check_open()
         if limit <= 0 or math.isnan(now):
@@ -479,18 +469,18 @@ class MySQLStore(CountedStore):
         return await self._run(self._reads.page_uncommitted, limit, after)
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: DlqKey | None = None
-    ) -> list[DeadLetter]:
+        self, where: base.DlqFilter, limit: int, after: base.DlqKey | None = None
+    ) -> list[base.DeadLetter]:
         self._state.check_open()
         if limit <= 0:
             return []
         return await self._run(self._reads.list_dlq, where, limit, after)
 
-    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
+    async def get_dead_letters(self, message_id: str) -> list[base.DeadLetter]:
         self._state.check_open()
         return await self._run(self._reads.get_dead_letters, message_id)
 
-    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+    async def get_history(self, message_id: str) -> list[base.HistoryEvent]:
         self._state.check_open()
         return await self._run(self._reads.get_history, message_id)
 
@@ -516,11 +506,11 @@ class MySQLStore(CountedStore):
         self._state.check_open()
         return await self._run(self._reads.get_meta, prefix)
 
-    async def pending_counts(self) -> PendingCounts:
+    async def pending_counts(self) -> base.PendingCounts:
         self._state.check_open()
         return await self._run(self._reads.pending_counts)
 
-    async def take_over(self, owner: str) -> TakenOver:
+    async def take_over(self, owner: str) -> base.TakenOver:
         """Backlog takeover: ``kite_server = owner`` rows become this store's owner's.
 
         Every message table and every DLQ table, ``batchUpdateSize`` rows per
@@ -534,7 +524,7 @@ class MySQLStore(CountedStore):
         """
         self._state.check_open()
         if owner == self._owner:
-            return TakenOver()
+            return base.TakenOver()
         loop = asyncio.get_running_loop()
         batch = max(1, self._options.batch_update_size)
         counts = (self._backlog, self._dlq)

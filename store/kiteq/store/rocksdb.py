@@ -83,7 +83,7 @@ from rocksdict import WriteOptions
 
 from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
-from kiteq.store import _rocksdb_reads as reads
+from kiteq.store import _rocksdb_reads as reads, base
 from kiteq.store._rocksdb_db import DB, Counters, load
 from kiteq.store._rocksdb_requests import (
     _AppendHistory,
@@ -99,17 +99,6 @@ from kiteq.store._rocksdb_requests import (
     _Save,
 )
 from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts
-from kiteq.store.base import (
-    DeadLetter,
-    DlqFilter,
-    DlqKey,
-    DueCursor,
-    HistoryEvent,
-    PendingCounts,
-    Rescheduled,
-    SaveOutcome,
-    TakenOver,
-)
 from kiteq.store.codec import dead_entry_key
 from kiteq.store.group_commit import GroupCommitWriter
 
@@ -222,7 +211,7 @@ class RocksDBStore(CountedStore):
 
     # -- writes: group commit ----------------------------------------------------------
 
-    async def save(self, records: Sequence[StoredMessage]) -> list[SaveOutcome]:
+    async def save(self, records: Sequence[StoredMessage]) -> list[base.SaveOutcome]:
         if not records:
             return []
         if self._state.status is not Status.OPEN:
@@ -234,7 +223,7 @@ class RocksDBStore(CountedStore):
             return [exc] * len(records)
         return request.outcomes
 
-    async def reschedule(self, changes: Sequence[Rescheduled]) -> None:
+    async def reschedule(self, changes: Sequence[base.Rescheduled]) -> None:
         if changes:
             await self._submit(_Reschedule(changes))
 
@@ -255,11 +244,11 @@ class RocksDBStore(CountedStore):
     async def put_meta(self, key: str, value: bytes | None) -> None:
         await self._submit(_PutMeta(key, value))
 
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+    async def dead_letter(self, letters: Sequence[base.DeadLetter]) -> None:
         if letters:
             await self._submit(_DeadLetter(letters))
 
-    async def redrive(self, keys: Sequence[DlqKey], now: float) -> list[StoredMessage]:
+    async def redrive(self, keys: Sequence[base.DlqKey], now: float) -> list[StoredMessage]:
         if not keys:
             self._state.check_open()
             return []
@@ -267,7 +256,7 @@ class RocksDBStore(CountedStore):
         await self._submit(request)
         return request.records
 
-    async def append_history(self, events: Sequence[HistoryEvent]) -> None:
+    async def append_history(self, events: Sequence[base.HistoryEvent]) -> None:
         if not events:
             return
         self._state.check_open()
@@ -334,7 +323,7 @@ class RocksDBStore(CountedStore):
         return await self._read("get", reads.get, message_id.encode())
 
     async def page_due(
-        self, now: float, limit: int, after: DueCursor | None = None
+        self, now: float, limit: int, after: base.DueCursor | None = None
     ) -> list[StoredMessage]:
         self._state.check_open()
         if limit <= 0:
@@ -347,20 +336,20 @@ class RocksDBStore(CountedStore):
             return []
         return await self._read("page_uncommitted", reads.page_uncommitted, limit, after)
 
-    async def pending_counts(self) -> PendingCounts:
+    async def pending_counts(self) -> base.PendingCounts:
         self._state.check_open()
         return await self._read("pending_counts", reads.pending_counts)
 
-    async def take_over(self, owner: str) -> TakenOver:
+    async def take_over(self, owner: str) -> base.TakenOver:
         """Nothing: this store is never shared, so no other broker's rows are in it."""
         self._state.check_open()
-        return TakenOver()
+        return base.TakenOver()
 
     async def list_dlq(
-        self, where: DlqFilter, limit: int, after: DlqKey | None = None
-    ) -> list[DeadLetter]:
+        self, where: base.DlqFilter, limit: int, after: base.DlqKey | None = None
+    ) -> list[base.DeadLetter]:
         self._state.check_open()
-        found: list[DeadLetter] = []
+        found: list[base.DeadLetter] = []
         if limit <= 0:
             return found
         cursor = None if after is None else dead_entry_key(*after)
@@ -373,10 +362,10 @@ class RocksDBStore(CountedStore):
                 return found
             self._state.check_open()
 
-    async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
+    async def get_dead_letters(self, message_id: str) -> list[base.DeadLetter]:
         return await self._read("get_dead_letters", reads.get_dead_letters, message_id.encode())
 
-    async def get_history(self, message_id: str) -> list[HistoryEvent]:
+    async def get_history(self, message_id: str) -> list[base.HistoryEvent]:
         return await self._read("get_history", reads.get_history, message_id)
 
     async def prune_history(self, before: float) -> int:
