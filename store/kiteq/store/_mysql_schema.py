@@ -256,10 +256,15 @@ def _message_id() -> Column[str]:
     )
 
 
-def _add_indexes(table: Table, indexes: _Indexes) -> None:
-    for index, (unique, columns) in indexes.items():
+def _table(
+    metadata: MetaData, name: str, schema: str, indexes: _Indexes, *columns: Column[Any]
+) -> Table:
+    """Table *name* in database *schema*, with *indexes* (besides PRIMARY)."""
+    table = Table(name, metadata, *columns, schema=schema, **_TABLE_OPTIONS)
+    for index, (unique, names) in indexes.items():
         if index != "PRIMARY":
-            Index(index, *(table.c[c] for c in columns), unique=unique)
+            Index(index, *(table.c[c] for c in names), unique=unique)
+    return table
 
 
 def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes) -> Table:
@@ -274,9 +279,11 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
         if dlq
         else []
     )
-    table = Table(
-        name,
+    return _table(
         metadata,
+        name,
+        schema,
+        indexes,
         Column("id", BigInteger, primary_key=True, autoincrement=True),
         _message_id(),
         Column("header", mysql.MEDIUMBLOB, nullable=False),
@@ -297,17 +304,15 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
         Column("group_state", mysql.MEDIUMTEXT, nullable=True),
         Column("only_groups", mysql.MEDIUMTEXT, nullable=True),
         *dead,
-        schema=schema,
-        **_TABLE_OPTIONS,
     )
-    _add_indexes(table, indexes)
-    return table
 
 
 def _history_table(metadata: MetaData, schema: str) -> Table:
-    table = Table(
-        HISTORY_TABLE,
+    return _table(
         metadata,
+        HISTORY_TABLE,
+        schema,
+        HISTORY_INDEXES,
         Column("seq", BigInteger, primary_key=True, autoincrement=True),
         _message_id(),
         Column("event_time", mysql.DOUBLE, nullable=False),
@@ -316,38 +321,32 @@ def _history_table(metadata: MetaData, schema: str) -> Table:
         Column("connection", mysql.VARCHAR(255), nullable=False),
         Column("attempt", Integer, nullable=False),
         Column("detail", Text, nullable=False),
-        schema=schema,
-        **_TABLE_OPTIONS,
     )
-    _add_indexes(table, HISTORY_INDEXES)
-    return table
 
 
 def _dedup_table(metadata: MetaData, schema: str) -> Table:
-    table = Table(
-        DEDUP_TABLE,
+    return _table(
         metadata,
+        DEDUP_TABLE,
+        schema,
+        DEDUP_INDEXES,
         Column(
             "message_id",
             mysql.VARCHAR(32, charset="ascii", collation="ascii_bin"),
             primary_key=True,
         ),
         Column("remember_until", mysql.DOUBLE, nullable=False),
-        schema=schema,
-        **_TABLE_OPTIONS,
     )
-    _add_indexes(table, DEDUP_INDEXES)
-    return table
 
 
 def _meta_table(metadata: MetaData, schema: str) -> Table:
-    return Table(
-        META_TABLE,
+    return _table(
         metadata,
+        META_TABLE,
+        schema,
+        META_INDEXES,
         Column("meta_key", mysql.VARBINARY(1024), primary_key=True),
         Column("meta_value", mysql.MEDIUMBLOB, nullable=False),
-        schema=schema,
-        **_TABLE_OPTIONS,
     )
 
 
