@@ -116,26 +116,6 @@ def encode_dead_entry(
 
 # -- MySQL -----------------------------------------------------------------------------
 
-MESSAGE_COLUMNS: Final = (
-    "message_id",
-    "header",
-    "body",
-    "msg_type",
-    "topic",
-    "message_type",
-    "publish_group",
-    "commit",
-    "publish_time",
-    "expired_time",
-    "deliver_count",
-    "deliver_limit",
-    "kite_server",
-    "fail_groups",
-    "succ_groups",
-    "next_deliver_time",
-)
-DLQ_COLUMNS: Final = (*MESSAGE_COLUMNS, "dead_reason", "dead_time", "dead_groups")
-
 _MESSAGE_COLUMNS_DDL: Final = """
     id BIGINT NOT NULL AUTO_INCREMENT,
     message_id VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
@@ -155,6 +135,11 @@ _MESSAGE_COLUMNS_DDL: Final = """
     succ_groups MEDIUMTEXT NOT NULL,
     next_deliver_time DOUBLE NOT NULL,"""
 _TABLE_OPTIONS: Final = "ENGINE=InnoDB CHARSET=utf8mb4 COLLATE utf8mb4_bin"
+# the columns its rows had: the DDL's, in its order, less the auto-increment id
+MESSAGE_COLUMNS: Final = tuple(
+    line.split()[0].strip("`") for line in _MESSAGE_COLUMNS_DDL.strip().splitlines()[1:]
+)
+DLQ_COLUMNS: Final = (*MESSAGE_COLUMNS, "dead_reason", "dead_time", "dead_groups")
 
 
 def _message_table(name: str) -> list[str]:
