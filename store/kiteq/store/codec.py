@@ -61,6 +61,7 @@ History event value, version 1 (the message id is in the key)::
 
 from __future__ import annotations
 
+import itertools
 import struct
 import types
 from collections.abc import Mapping
@@ -533,16 +534,14 @@ def _decode_event(message_id: str, data: bytes) -> HistoryEvent:
     version = data[0] if data else None
     if version != EVENT_VERSION:
         raise ValueError(f"unsupported history record version {version}")
-    _, time, attempt, n_kind, n_group, n_connection, n_detail = _EVENT.unpack_from(data)
-    pos = _EVENT.size
-    if pos + n_kind + n_group + n_connection + n_detail != len(data):
+    _, time, attempt, *lengths = _EVENT.unpack_from(data)
+    # where each string starts, and where the record must end
+    ends = list(itertools.accumulate(lengths, initial=_EVENT.size))
+    if ends[-1] != len(data):
         raise ValueError(f"history record is {len(data)} bytes, its lengths disagree")
-    kind = data[pos : pos + n_kind].decode()
-    pos += n_kind
-    group = data[pos : pos + n_group].decode()
-    pos += n_group
-    connection = data[pos : pos + n_connection].decode()
-    pos += n_connection
+    kind, group, connection, detail = (
+        data[start:end].decode() for start, end in itertools.pairwise(ends)
+    )
     return HistoryEvent(
         message_id,
         time,
@@ -550,5 +549,5 @@ def _decode_event(message_id: str, data: bytes) -> HistoryEvent:
         group=group,
         connection=connection,
         attempt=attempt,
-        detail=data[pos:].decode(),
+        detail=detail,
     )
