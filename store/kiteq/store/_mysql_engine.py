@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 import pymysql
@@ -17,6 +17,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from kiteq.core.errors import StoreUnavailableError
+from kiteq.store import _state
 from kiteq.store.options import MySQLOptions
 
 __all__ = [
@@ -99,17 +100,11 @@ class Database:
         self.description = description
 
     def unavailable(self, action: str, exc: BaseException) -> StoreUnavailableError:
-        return StoreUnavailableError(f"{self.description}: {action} failed: {reason(exc)}")
+        return _state.unavailable(self.description, action, reason(exc))
 
-    @contextlib.contextmanager
-    def translated(self, action: str) -> Iterator[None]:
+    def translated(self, action: str) -> contextlib.AbstractContextManager[None]:
         """Database failures outside the write and read paths become one error type."""
-        try:
-            yield
-        except StoreUnavailableError:
-            raise
-        except DRIVER_ERRORS as exc:
-            raise self.unavailable(action, exc) from exc
+        return _state.translated(self.description, action, DRIVER_ERRORS, reason)
 
     def read(self, action: str, read: Callable[[Connection], _T]) -> _T:
         """Run *read* on a pooled connection; once more on a fresh one if it was dropped."""

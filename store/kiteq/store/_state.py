@@ -1,15 +1,19 @@
-"""What every backend does the same way: its open/close state and its running counts."""
+"""What every backend does the same way: open/close state, counts, failures translated.
+
+A backend's driver failures become ``StoreUnavailableError`` through ``translated``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 from kiteq.core.errors import StoreUnavailableError
 
-__all__ = ["CountedStore", "Lifecycle", "Status", "add_counts"]
+__all__ = ["CountedStore", "Lifecycle", "Status", "add_counts", "translated", "unavailable"]
 
 _T = TypeVar("_T")
 _K = TypeVar("_K", str, tuple[str, str], tuple[str, str, int])
@@ -109,3 +113,23 @@ def add_counts(counts: dict[_K, int], deltas: Mapping[_K, int]) -> None:
             counts[key] = count
         else:
             counts.pop(key, None)
+
+
+def unavailable(description: str, action: str, why: str) -> StoreUnavailableError:
+    return StoreUnavailableError(f"{description}: {action} failed: {why}")
+
+
+@contextlib.contextmanager
+def translated(
+    description: str,
+    action: str,
+    errors: type[Exception] | tuple[type[Exception], ...],
+    why: Callable[[Exception], str] = str,
+) -> Iterator[None]:
+    """The block's *errors* become ``StoreUnavailableError`` (*why* words the failure)."""
+    try:
+        yield
+    except StoreUnavailableError:
+        raise
+    except errors as exc:
+        raise unavailable(description, action, why(exc)) from exc

@@ -75,7 +75,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, Literal, TypeVar, TypeVarTuple
 
@@ -98,7 +98,7 @@ from kiteq.store._rocksdb_requests import (
     _Rollback,
     _Save,
 )
-from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts
+from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts, translated
 from kiteq.store.codec import dead_entry_key
 from kiteq.store.group_commit import GroupCommitWriter
 
@@ -420,12 +420,6 @@ class RocksDBStore(CountedStore):
             raise self._state.not_open()
         return self._db
 
-    @contextlib.contextmanager
-    def _translated(self, action: str) -> Iterator[None]:
+    def _translated(self, action: str) -> contextlib.AbstractContextManager[None]:
         """The one place where rocksdict failures become ``StoreUnavailableError``."""
-        try:
-            yield
-        except StoreUnavailableError:
-            raise
-        except Exception as exc:
-            raise StoreUnavailableError(f"{self.description}: {action} failed: {exc}") from exc
+        return translated(self.description, action, Exception)
