@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Final, Generic, TypeVar
@@ -45,6 +46,7 @@ _CHUNK: Final = 512
 DEFAULT_HISTORY_MESSAGES: Final = 100_000
 
 _K = TypeVar("_K", DueCursor, DlqKey, str)
+_T = TypeVar("_T")
 
 
 def _time_key(time: float) -> float:
@@ -55,6 +57,11 @@ def _time_key(time: float) -> float:
 
 def _due_key(ndt: float, message_id: str) -> DueCursor:
     return (_time_key(ndt), message_id)
+
+
+def _first(limit: int, items: Iterator[_T]) -> Iterator[_T]:
+    """At most *limit* of *items* (none for a *limit* <= 0), taking no more than that."""
+    return itertools.islice(items, max(limit, 0))
 
 
 class _SortedKeys(Generic[_K]):
@@ -293,30 +300,17 @@ class MemoryStore:
 
     async def page_uncommitted(self, limit: int, after: str | None = None) -> list[StoredMessage]:
         self._check_open()
-        page: list[StoredMessage] = []
-        if limit <= 0:
-            return page
-        for mid in self._uncommitted.after(after):
-            page.append(_copy_record(self._records[mid]))
-            if len(page) == limit:
-                break
-        return page
+        ids = self._uncommitted.after(after)
+        return [_copy_record(self._records[mid]) for mid in _first(limit, ids)]
 
     async def page_due(
         self, now: float, limit: int, after: DueCursor | None = None
     ) -> list[StoredMessage]:
         self._check_open()
-        page: list[StoredMessage] = []
-        if limit <= 0:
-            return page
         cursor = None if after is None else _due_key(*after)
-        for ndt, mid in self._due.after(cursor):
-            if ndt > now:
-                break
-            page.append(_copy_record(self._records[mid]))
-            if len(page) == limit:
-                break
-        return page
+        # "not >": a NaN *now* stops nothing
+        due = itertools.takewhile(lambda key: not key[0] > now, self._due.after(cursor))
+        return [_copy_record(self._records[mid]) for _, mid in _first(limit, due)]
 
     async def backlog(self) -> dict[str, int]:
         self._check_open()
@@ -367,16 +361,8 @@ class MemoryStore:
         self, where: DlqFilter, limit: int, after: DlqKey | None = None
     ) -> list[DeadLetter]:
         self._check_open()
-        found: list[DeadLetter] = []
-        if limit <= 0:
-            return found
-        for key in self._dead_keys.after(after):
-            letter = self._dead[key]
-            if where.matches(letter):
-                found.append(_copy(letter))
-                if len(found) == limit:
-                    break
-        return found
+        letters = (self._dead[key] for key in self._dead_keys.after(after))
+        return [_copy(letter) for letter in _first(limit, filter(where.matches, letters))]
 
     async def get_dead_letters(self, message_id: str) -> list[DeadLetter]:
         self._check_open()
