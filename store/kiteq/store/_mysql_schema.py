@@ -232,13 +232,17 @@ class Layout:
         metadata = MetaData()
         for (database, name), indexes in self.expected_tables().items():
             if indexes is META_INDEXES:
-                _meta_table(metadata, database)
+                columns = _meta_columns()
             elif indexes is HISTORY_INDEXES:
-                _history_table(metadata, database)
+                columns = _history_columns()
             elif indexes is DEDUP_INDEXES:
-                _dedup_table(metadata, database)
+                columns = _dedup_columns()
             else:
-                _message_table(metadata, name, database, indexes)
+                columns = _message_columns(dlq=indexes is DLQ_INDEXES)
+            table = Table(name, metadata, *columns, schema=database, **_TABLE_OPTIONS)
+            for index, (unique, names) in indexes.items():
+                if index != "PRIMARY":
+                    Index(index, *(table.c[c] for c in names), unique=unique)
         return metadata
 
 
@@ -256,19 +260,7 @@ def _message_id() -> Column[str]:
     )
 
 
-def _table(
-    metadata: MetaData, name: str, schema: str, indexes: _Indexes, *columns: Column[Any]
-) -> Table:
-    """Table *name* in database *schema*, with *indexes* (besides PRIMARY)."""
-    table = Table(name, metadata, *columns, schema=schema, **_TABLE_OPTIONS)
-    for index, (unique, names) in indexes.items():
-        if index != "PRIMARY":
-            Index(index, *(table.c[c] for c in names), unique=unique)
-    return table
-
-
-def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes) -> Table:
-    dlq = indexes is DLQ_INDEXES
+def _message_columns(*, dlq: bool) -> list[Column[Any]]:
     dead: list[Column[Any]] = (
         [
             Column("dead_reason", mysql.VARCHAR(64), nullable=False),
@@ -279,11 +271,7 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
         if dlq
         else []
     )
-    return _table(
-        metadata,
-        name,
-        schema,
-        indexes,
+    return [
         Column("id", BigInteger, primary_key=True, autoincrement=True),
         _message_id(),
         Column("header", mysql.MEDIUMBLOB, nullable=False),
@@ -304,15 +292,11 @@ def _message_table(metadata: MetaData, name: str, schema: str, indexes: _Indexes
         Column("group_state", mysql.MEDIUMTEXT, nullable=True),
         Column("only_groups", mysql.MEDIUMTEXT, nullable=True),
         *dead,
-    )
+    ]
 
 
-def _history_table(metadata: MetaData, schema: str) -> Table:
-    return _table(
-        metadata,
-        HISTORY_TABLE,
-        schema,
-        HISTORY_INDEXES,
+def _history_columns() -> list[Column[Any]]:
+    return [
         Column("seq", BigInteger, primary_key=True, autoincrement=True),
         _message_id(),
         Column("event_time", mysql.DOUBLE, nullable=False),
@@ -321,33 +305,25 @@ def _history_table(metadata: MetaData, schema: str) -> Table:
         Column("connection", mysql.VARCHAR(255), nullable=False),
         Column("attempt", Integer, nullable=False),
         Column("detail", Text, nullable=False),
-    )
+    ]
 
 
-def _dedup_table(metadata: MetaData, schema: str) -> Table:
-    return _table(
-        metadata,
-        DEDUP_TABLE,
-        schema,
-        DEDUP_INDEXES,
+def _dedup_columns() -> list[Column[Any]]:
+    return [
         Column(
             "message_id",
             mysql.VARCHAR(32, charset="ascii", collation="ascii_bin"),
             primary_key=True,
         ),
         Column("remember_until", mysql.DOUBLE, nullable=False),
-    )
+    ]
 
 
-def _meta_table(metadata: MetaData, schema: str) -> Table:
-    return _table(
-        metadata,
-        META_TABLE,
-        schema,
-        META_INDEXES,
+def _meta_columns() -> list[Column[Any]]:
+    return [
         Column("meta_key", mysql.VARBINARY(1024), primary_key=True),
         Column("meta_value", mysql.MEDIUMBLOB, nullable=False),
-    )
+    ]
 
 
 def _in_names(select: str) -> TextClause:
