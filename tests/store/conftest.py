@@ -20,7 +20,7 @@ from kiteq.store.base import MessageStore
 from kiteq.store.rocksdb import RocksDBStore
 from tests._servers import unavailable
 from tests.store import mariadb
-from tests.store.helpers import Backend
+from tests.store.helpers import Backend, opened
 
 BACKENDS: Final = ["memory", "rocksdb", "mysql"]
 MYSQL_SHARDNUM: Final = mariadb.SHARDNUM
@@ -60,19 +60,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 @pytest.fixture
 async def rocks(tmp_path: Path) -> AsyncIterator[RocksDBStore]:
-    opened = RocksDBStore(str(tmp_path / "db"))
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
+    async with opened(RocksDBStore(str(tmp_path / "db"))) as store:
+        yield store
 
 
 @pytest.fixture
 async def store(backend: Backend) -> AsyncIterator[MessageStore]:
-    opened = backend.build()
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
+    async with opened(backend.build()) as store:
+        yield store

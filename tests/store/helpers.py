@@ -10,17 +10,19 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pytest
 from rocksdict import Rdict, WriteBatch, WriteOptions
 
 from kiteq.core.message import GroupDelivery, GroupState, Message, StoredMessage
-from kiteq.store.base import DeadLetter, MessageStore
+from kiteq.store.base import DeadLetter, MessageStore, Rescheduled
 from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import open_store
 
 NOW: Final = 1_700_000_000.0
+
+_Store = TypeVar("_Store", bound=MessageStore)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +37,21 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
+async def opened(store: _Store) -> AsyncIterator[_Store]:
+    """*store* opened for the block, closed after."""
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
 async def reopened(store: MessageStore, backend: Backend) -> AsyncIterator[MessageStore]:
     """*store* closed, and a new store opened on its storage for the block (closed after)."""
     await store.close()
-    again = backend.build()
-    await again.open()
-    try:
+    async with opened(backend.build()) as again:
         yield again
-    finally:
-        await again.close()
 
 
 def record(
@@ -72,6 +80,14 @@ def record(
     if message_id is not None:
         message = dataclasses.replace(message, message_id=message_id)
     return StoredMessage(message=message, publish_time=NOW - 0.5, next_deliver_time=ndt)
+
+
+def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
+    """A reschedule of *r* to *ndt*, given what the caller believes is stored."""
+    new = dataclasses.replace(r, next_deliver_time=ndt)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return Rescheduled(record=new, previous_due=r.next_deliver_time)
 
 
 def pending(attempts: int = 0, ndt: float = 0.0) -> GroupDelivery:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 
 import pytest
 
 from kiteq.core.errors import StoreUnavailableError
-from kiteq.core.message import StoredMessage
-from kiteq.store.base import MessageStore, Rescheduled, Saved
+from kiteq.store.base import MessageStore, Saved
 from tests.store.helpers import (
     DURABLE_BACKENDS,
     NOW,
@@ -19,18 +17,11 @@ from tests.store.helpers import (
     dead,
     due_order,
     ids,
+    moved,
     pending,
     record,
     reopened,
 )
-
-
-def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
-    """A reschedule of *r* to *ndt*, given what the caller believes is stored."""
-    new = dataclasses.replace(r, next_deliver_time=ndt)
-    for name, value in changes.items():
-        setattr(new, name, value)
-    return Rescheduled(record=new, previous_due=r.next_deliver_time)
 
 
 async def all_due(store: MessageStore, now: float = NOW, limit: int = 1000) -> list[str]:
