@@ -36,6 +36,7 @@ from tests.store.helpers import (
     letter,
     mangled,
     only_store_threads,
+    opened,
     pending,
     record,
     reopened,
@@ -611,17 +612,13 @@ async def test_new_column_families_are_added_to_an_older_database(tmp_path: Path
     del db
     assert set(Rdict.list_cf(path)) == {"default", "msg", "state", "due", "meta"}
 
-    store = RocksDBStore(path)
-    await store.open()
-    try:
+    async with opened(RocksDBStore(path)) as store:
         assert await store.get(old.message_id) == old
         assert await store.dlq_size() == {}
         assert await store.get_history(old.message_id) == []
         await store.dead_letter([letter(old)])
         await store.append_history([event(old.message_id, NOW, "dead_lettered")])
         assert await dead_ids(store) == [old.message_id]
-    finally:
-        await store.close()
     assert {"dlq", "history"} <= set(Rdict.list_cf(path))
 
 

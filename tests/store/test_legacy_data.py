@@ -32,7 +32,7 @@ from kiteq.store.rocksdb import RocksDBStore
 from kiteq.store.url import mysql_options, open_store
 from tests._servers import unavailable
 from tests.store import legacy_v1, mariadb
-from tests.store.helpers import NOW, acked, dead, pending, record
+from tests.store.helpers import NOW, acked, dead, opened, pending, record
 
 EVERYTHING = DlqFilter()
 _FAMILIES = ("msg", "state", "due", "meta", "dlq", "history", "uncommitted")
@@ -178,9 +178,7 @@ async def _dead_two_and_todays_writes(
 async def test_rocksdb_opens_a_database_of_the_previous_version(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     old = _write_old_database(path)
-    store = RocksDBStore(path)
-    await store.open()
-    try:
+    async with opened(RocksDBStore(path)) as store:
         r, got = await _read_acked_and_failed(store, old)
         assert got.settled("g0")
         assert not got.settled("g1")
@@ -198,17 +196,11 @@ async def test_rocksdb_opens_a_database_of_the_previous_version(tmp_path: Path) 
             [(two.message_id, "g1"), (two.message_id, "g2"), (none.message_id, "")]
         )
         new, back = await _dead_two_and_todays_writes(store, two, got)
-    finally:
-        await store.close()
 
-    reopened = RocksDBStore(path)
-    await reopened.open()
-    try:
+    async with opened(RocksDBStore(path)) as reopened:
         assert await reopened.get(r.message_id) == new
         assert await reopened.get(two.message_id) == back
         assert await reopened.dlq_size() == {("trade", "g1"): 1, ("user", ""): 1}
-    finally:
-        await reopened.close()
     # rewritten in today's format: the rescheduled state and the migrated dead letters
     states = dict(_raw(path, "state"))
     assert states[r.message_id.encode()][0] == codec.STATE_VERSION
@@ -352,9 +344,7 @@ async def test_mysql_kiteq_schema_upgrades_and_rows_of_the_previous_version_load
     assert schema_main([url]) == 0  # idempotent: nothing left to do
     assert "created" not in capsys.readouterr().out
 
-    store = open_store(url)
-    await store.open()
-    try:
+    async with opened(open_store(url)) as store:
         r, got = await _read_acked_and_failed(store, old)
         assert [d.message_id for d in await store.page_due(NOW + 20, 10)] == [
             old["untouched"].message_id,
@@ -373,16 +363,10 @@ async def test_mysql_kiteq_schema_upgrades_and_rows_of_the_previous_version_load
         keys += [(one.message_id, "g3"), (none.message_id, "")]
         assert [d.key for d in await store.list_dlq(DlqFilter(), 10)] == sorted(keys)
         new, back = await _dead_two_and_todays_writes(store, two, got)
-    finally:
-        await store.close()
 
-    reopened = open_store(url)
-    await reopened.open()
-    try:
+    async with opened(open_store(url)) as reopened:
         assert await reopened.get(r.message_id) == new
         assert await reopened.get(two.message_id) == back
-    finally:
-        await reopened.close()
     _, table = Layout(old_mysql, 1).route(r.message_id)
     [(succ, fail, state)] = _sql(
         f"SELECT succ_groups, fail_groups, group_state FROM `{database}`.`kite_msg_{table}` "
@@ -398,13 +382,9 @@ async def test_mysql_auto_create_upgrades_a_previous_version_schema_at_open(
     old_mysql: str,
 ) -> None:
     old = _old_rows(old_mysql)
-    store = open_store(_old_url(old_mysql, autoCreate="true"))
-    await store.open()
-    try:
+    async with opened(open_store(_old_url(old_mysql, autoCreate="true"))) as store:
         assert len(await store.list_dlq(DlqFilter(), 10)) == 4
         assert await store.get(old["untouched"].message_id) == old["untouched"]
-    finally:
-        await store.close()
     assert schema_main(["--check", _old_url(old_mysql)]) == 0
 
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pymysql
@@ -42,6 +42,7 @@ from tests.store.helpers import (
     dead,
     ids,
     only_store_threads,
+    opened,
     pending,
     record,
 )
@@ -70,16 +71,6 @@ def mysql(url: str) -> MySQLStore:
     store = open_store(url)
     assert isinstance(store, MySQLStore)
     return store
-
-
-@contextlib.asynccontextmanager
-async def opened(url: str) -> AsyncIterator[MySQLStore]:
-    store = mysql(url)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def url_of(prefix: str, **params: object) -> str:
@@ -120,7 +111,7 @@ async def test_records_live_in_database_slot_div_t_table_slot_mod_t(
     per_shard = 16 // shardnum
     with mariadb.databases(shardnum) as prefix:
         records = [with_id_ending(c) for c in HEX + HEX.upper()]
-        async with opened(url_of(prefix, shardnum=shardnum)) as store:
+        async with opened(mysql(url_of(prefix, shardnum=shardnum))) as store:
             assert await store.save(records) == [Saved.STORED] * 32
             for r in records:
                 assert await store.get(r.message_id) == r
@@ -148,7 +139,7 @@ def explain(sql: str, args: tuple[object, ...]) -> list[dict[str, Any]]:
 
 
 async def test_page_due_reads_idx_recover_in_order_without_a_sort(prefix: str) -> None:
-    async with opened(url_of(prefix, kiteServer="me")) as store:
+    async with opened(mysql(url_of(prefix, kiteServer="me"))) as store:
         mine = [record(ndt=NOW - i % 97) for i in range(3000)]
         for r in mine:
             r.kite_server = "me"
@@ -291,7 +282,7 @@ async def test_open_refuses_an_incomplete_schema_and_names_the_command(server: N
         assert "autoCreate=true" in message
         await store.close()
 
-        async with opened(url_of(prefix, shardnum=2, autoCreate="true")) as created:
+        async with opened(mysql(url_of(prefix, shardnum=2, autoCreate="true"))) as created:
             assert await created.save([record()]) == [Saved.STORED]
         assert schema_main(["--check", url_of(prefix, shardnum=2)]) == 0
 
@@ -317,7 +308,7 @@ async def test_a_failed_transaction_fails_every_record_of_it_and_stores_none(
         "FOR EACH ROW BEGIN IF NEW.topic = 'poison' THEN "
         "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
     )
-    async with opened(url_of(prefix)) as store:
+    async with opened(mysql(url_of(prefix))) as store:
         same_database = [with_id_ending(d) for d in "0123"]  # {prefix}_0, tables 0-3
         poison = with_id_ending("0", topic="poison")
         elsewhere = [with_id_ending(d) for d in "4c"]  # {prefix}_1 and {prefix}_3
@@ -343,7 +334,7 @@ async def test_a_failed_dead_letter_changes_neither_the_message_nor_the_dlq(
         "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
     )
     try:
-        async with opened(url_of(prefix)) as store:
+        async with opened(mysql(url_of(prefix))) as store:
             kept, gone = with_id_ending("0"), with_id_ending("1")
             await store.save([kept, gone])
             for r, keep in ((kept, True), (gone, False)):
@@ -368,7 +359,7 @@ async def test_a_failed_dead_letter_changes_neither_the_message_nor_the_dlq(
 async def test_a_failed_commit_is_never_acknowledged(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with opened(url_of(prefix)) as store:
+    async with opened(mysql(url_of(prefix))) as store:
         real_commit = SAConnection.commit
 
         def failing_commit(self: SAConnection) -> None:
@@ -390,7 +381,7 @@ async def test_a_failed_commit_is_never_acknowledged(
 
 
 async def test_a_record_the_columns_cannot_hold_fails_alone(prefix: str) -> None:
-    async with opened(url_of(prefix)) as store:
+    async with opened(mysql(url_of(prefix))) as store:
         good = [with_id_ending("2") for _ in range(3)]
         long_type = dataclasses.replace(good[0].message, message_id=uuid.uuid4().hex[:-1] + "2")
         long_type.message_type = "t" * 256
@@ -429,7 +420,7 @@ async def test_a_record_the_columns_cannot_hold_fails_alone(prefix: str) -> None
 
 
 async def test_a_stored_ack_means_committed_for_any_other_connection(prefix: str) -> None:
-    async with opened(url_of(prefix)) as store:
+    async with opened(mysql(url_of(prefix))) as store:
         r = with_id_ending("5")
         assert await store.save([r]) == [Saved.STORED]
         # no transaction of ours is open: a fresh connection sees the row at once
@@ -471,7 +462,7 @@ class _Statements:
 async def test_concurrent_calls_share_transactions_and_multi_row_statements(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with opened(url_of(prefix, flushSeconds=0)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=0))) as store:
         await store.save([record()])  # connect outside the counts
         statements = _Statements(monkeypatch)
         before = store.write_transactions
@@ -503,7 +494,7 @@ async def test_batch_sizes_cap_the_rows_per_statement(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = url_of(prefix, flushSeconds=0, batchUpdateSize=7, batchDelSize=5)
-    async with opened(url) as store:
+    async with opened(mysql(url)) as store:
         records = [with_id_ending("3") for _ in range(20)]
         await store.save(records)
         statements = _Statements(monkeypatch)
@@ -517,7 +508,7 @@ async def test_batch_sizes_cap_the_rows_per_statement(
 async def test_writes_of_one_call_in_several_databases_are_one_transaction_each(
     prefix: str,
 ) -> None:
-    async with opened(url_of(prefix, flushSeconds=0)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=0))) as store:
         before = store.write_transactions
         await store.save([with_id_ending(d) for d in HEX])
         assert store.write_transactions - before == 4
@@ -526,7 +517,7 @@ async def test_writes_of_one_call_in_several_databases_are_one_transaction_each(
 async def test_duplicates_among_stored_ids_are_found_without_failing_the_batch(
     prefix: str,
 ) -> None:
-    async with opened(url_of(prefix)) as store:
+    async with opened(mysql(url_of(prefix))) as store:
         old = [with_id_ending("7") for _ in range(3)]
         await store.save(old)
         fresh = [with_id_ending("7") for _ in range(3)]
@@ -540,7 +531,7 @@ async def test_duplicates_among_stored_ids_are_found_without_failing_the_batch(
 
 async def test_bookkeeping_waits_for_flush_seconds_or_rides_with_a_save(prefix: str) -> None:
     # flushSeconds=30: whatever completes within 10 s did not wait for the timer
-    async with opened(url_of(prefix, flushSeconds=30, batchDelSize=5)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=30, batchDelSize=5))) as store:
         a, b, c = (with_id_ending("9") for _ in range(3))
         assert await asyncio.wait_for(store.save([a, b, c]), 10) == [Saved.STORED] * 3
 
@@ -557,7 +548,7 @@ async def test_bookkeeping_waits_for_flush_seconds_or_rides_with_a_save(prefix: 
         await asyncio.wait_for(store.delete(many), 10)  # batchDelSize rows: written at once
         assert await store.backlog() == {"trade": 3}
 
-    async with opened(url_of(prefix, flushSeconds=0.4)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=0.4))) as store:
         d = with_id_ending("9")
         await store.save([d])
         started = time.monotonic()
@@ -567,14 +558,14 @@ async def test_bookkeeping_waits_for_flush_seconds_or_rides_with_a_save(prefix: 
 
 
 async def test_flush_seconds_zero_writes_bookkeeping_at_once(prefix: str) -> None:
-    async with opened(url_of(prefix, flushSeconds=0)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=0))) as store:
         r = record()
         await store.save([r])
         await asyncio.wait_for(store.reschedule([Rescheduled(r, NOW)]), 10)
         await asyncio.wait_for(store.delete([r]), 10)
     # the contrast: with a timer, a lone delete is still waiting after a read's round
     # trip (with flushSeconds=0 it is written meanwhile, and the read races it)
-    async with opened(url_of(prefix, flushSeconds=30)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=30))) as store:
         r = record()
         await store.save([r])
         before = store.write_transactions
@@ -591,7 +582,7 @@ async def test_bookkeeping_of_a_keyed_message_does_not_wait_for_flush_seconds(
 ) -> None:
     # issue #16: an ordering key's next message waits for this write
     # flushSeconds=30: whatever completes within 10 s did not wait for the timer
-    async with opened(url_of(prefix, flushSeconds=30)) as store:
+    async with opened(mysql(url_of(prefix, flushSeconds=30))) as store:
         r, plain = record(), record()
         r.message = dataclasses.replace(r.message, ordering_key="order-1")
         await store.save([r, plain])
@@ -617,7 +608,7 @@ async def test_close_writes_queued_bookkeeping_without_waiting_for_the_timer(
     # the timer is 30 s: a close that waited for it would not end within 10 s
     await asyncio.wait_for(store.close(), 10)
     await delete
-    async with opened(url_of(prefix)) as again:
+    async with opened(mysql(url_of(prefix))) as again:
         assert await again.get(r.message_id) is None
 
 
@@ -661,7 +652,7 @@ async def test_every_database_call_runs_on_the_stores_threads(prefix: str) -> No
 async def test_only_rows_of_the_stores_owner_are_paged_counted_and_listed(
     prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with opened(url_of(prefix, kiteServer="broker-a")) as store:
+    async with opened(mysql(url_of(prefix, kiteServer="broker-a"))) as store:
         assert store.owner == "broker-a"
         mine = [record(ndt=NOW - 1) for _ in range(3)]
         theirs = [record(ndt=NOW - 2) for _ in range(2)]
@@ -692,7 +683,7 @@ async def test_only_rows_of_the_stores_owner_are_paged_counted_and_listed(
         await store.delete(theirs)
         assert await store.backlog() == {"trade": 2}
     # counted again from the tables when reopened
-    async with opened(url_of(prefix, kiteServer="broker-a")) as store:
+    async with opened(mysql(url_of(prefix, kiteServer="broker-a"))) as store:
         assert await store.backlog() == {"trade": 2}
         assert await store.dlq_size() == {("trade", ""): 1}
 
@@ -702,7 +693,7 @@ def test_the_default_owner_is_the_host_name_the_broker_stamps() -> None:
 
 
 async def test_rows_are_kiteqs_columns_with_documented_encodings(prefix: str) -> None:
-    async with opened(url_of(prefix)) as store:
+    async with opened(mysql(url_of(prefix))) as store:
         r = with_id_ending("1", properties={"k": "v ✓"})
         r.groups = {
             "g1": acked(1, NOW - 3),
@@ -808,7 +799,7 @@ asyncio.run(main())
 async def test_acked_saves_survive_sigkill(prefix: str) -> None:
     url = url_of(prefix)
     acked = await acked_before_sigkill(_CHILD, url, lines=60)
-    async with opened(url) as store:
+    async with opened(mysql(url)) as store:
         missing = [mid for mid in acked if await store.get(mid) is None]
         assert missing == []
         assert (await store.backlog())["t"] >= len(acked)

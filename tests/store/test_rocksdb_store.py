@@ -20,6 +20,7 @@ from tests.store.helpers import (
     acked_before_sigkill,
     fail_writes,
     only_store_threads,
+    opened,
     record,
 )
 
@@ -72,14 +73,10 @@ async def test_mixed_calls_are_grouped_in_call_order(store: RocksDBStore) -> Non
 
 
 async def test_fsync_always_writes_each_call_alone(tmp_path: Path) -> None:
-    store = RocksDBStore(str(tmp_path / "db"), fsync="always")
-    await store.open()
-    try:
+    async with opened(RocksDBStore(str(tmp_path / "db"), fsync="always")) as store:
         outcomes = await asyncio.gather(*(store.save([record(), record()]) for _ in range(20)))
         assert outcomes == [[Saved.STORED, Saved.STORED]] * 20
         assert store.write_batches == 20
-    finally:
-        await store.close()
 
 
 async def test_a_burst_larger_than_the_batch_limit_is_split(store: RocksDBStore) -> None:
@@ -255,12 +252,8 @@ async def test_acked_saves_survive_sigkill(tmp_path: Path, fsync: Fsync) -> None
     path = str(tmp_path / "db")
     acked = await acked_before_sigkill(_CHILD, path, fsync, lines=40)
 
-    store = RocksDBStore(path)
-    await store.open()
-    try:
+    async with opened(RocksDBStore(path)) as store:
         missing = [mid for mid in acked if await store.get(mid) is None]
         assert missing == []
         backlog = await store.backlog()
         assert backlog["t"] >= len(acked)
-    finally:
-        await store.close()

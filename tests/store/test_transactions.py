@@ -19,7 +19,7 @@ from rocksdict import Options, Rdict
 from kiteq.core.errors import StoreFullError, StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store import _rocksdb_db, codec
-from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Rescheduled, Saved
+from kiteq.store.base import DeadLetter, HistoryEvent, MessageStore, Saved
 from kiteq.store.memory import MemoryStore
 from kiteq.store.rocksdb import RocksDBStore
 from tests.store.helpers import (
@@ -28,18 +28,12 @@ from tests.store.helpers import (
     Backend,
     fail_writes,
     ids,
+    moved,
+    opened,
     record,
     reopened,
     spy_writes,
 )
-
-
-def moved(r: StoredMessage, ndt: float, **changes: object) -> Rescheduled:
-    """A reschedule of *r* to *ndt*, given what the caller believes is stored."""
-    new = dataclasses.replace(r, next_deliver_time=ndt)
-    for name, value in changes.items():
-        setattr(new, name, value)
-    return Rescheduled(record=new, previous_due=r.next_deliver_time)
 
 
 async def all_due(store: MessageStore, now: float = NOW) -> list[str]:
@@ -67,14 +61,6 @@ async def test_commit_twice_returns_the_record_once(store: MessageStore) -> None
     assert await all_due(store) == [tx.message_id]
     assert await all_uncommitted(store) == []
     assert await store.backlog() == {"trade": 1}
-
-
-async def test_commit_of_a_record_saved_committed_is_none(store: MessageStore) -> None:
-    plain = record(ndt=NOW - 1)
-    await store.save([plain])
-    assert await store.commit(plain.message_id) is None
-    assert await store.get(plain.message_id) == plain
-    assert await all_due(store) == [plain.message_id]
 
 
 # -- rollback --------------------------------------------------------------------------
@@ -118,10 +104,13 @@ async def test_commit_then_rollback_is_none_and_the_record_stays(store: MessageS
     assert await store.backlog() == {"trade": 1}
 
 
-async def test_rollback_of_a_record_saved_committed_is_none(store: MessageStore) -> None:
+@pytest.mark.parametrize("decision", ["commit", "rollback"])
+async def test_a_decision_on_a_record_saved_committed_is_none(
+    store: MessageStore, decision: str
+) -> None:
     plain = record(ndt=NOW - 1)
     await store.save([plain])
-    assert await store.rollback(plain.message_id) is None
+    assert await getattr(store, decision)(plain.message_id) is None
     assert await store.get(plain.message_id) == plain
     assert await all_due(store) == [plain.message_id]
     assert await store.backlog() == {"trade": 1}
@@ -300,31 +289,23 @@ async def test_decisions_and_checks_survive_close_and_reopen(
         assert await fresh.commit(decided.message_id) is None
         assert await fresh.rollback(waiting.message_id) == expected
 
-    again = backend.build()
-    await again.open()
-    try:
+    async with opened(backend.build()) as again:
         assert await all_uncommitted(again) == []
         assert await again.get(waiting.message_id) is None
         assert await again.backlog() == {"trade": 2}
-    finally:
-        await again.close()
 
 
 # -- memory ------------------------------------------------------------------------------
 
 
 async def test_memory_rollback_frees_capacity() -> None:
-    store = MemoryStore(maxcap=1)
-    await store.open()
-    try:
+    async with opened(MemoryStore(maxcap=1)) as store:
         tx = record(commit=False)
         await store.save([tx])
         [full] = await store.save([record()])
         assert isinstance(full, StoreFullError)
         await store.rollback(tx.message_id)
         assert await store.save([record()]) == [Saved.STORED]
-    finally:
-        await store.close()
 
 
 # -- RocksDB -----------------------------------------------------------------------------
@@ -399,48 +380,34 @@ async def test_an_older_database_gets_its_uncommitted_records_indexed(tmp_path: 
     del db
     assert "uncommitted" not in Rdict.list_cf(path)
 
-    store = RocksDBStore(path)
-    await store.open()
-    try:
+    async with opened(RocksDBStore(path)) as store:
         assert await store.page_uncommitted(10) == [tx]
         assert await store.backlog() == {"trade": 2}
         assert await all_due(store) == [plain.message_id]
-    finally:
-        await store.close()
     assert "uncommitted" in Rdict.list_cf(path)
 
     # from then on the index is kept by every write
-    store = RocksDBStore(path)
-    await store.open()
-    try:
+    async with opened(RocksDBStore(path)) as store:
         assert await store.rollback(tx.message_id) == tx
-    finally:
-        await store.close()
-    store = RocksDBStore(path)
-    await store.open()
-    try:
+    async with opened(RocksDBStore(path)) as store:
         assert await all_uncommitted(store) == []
         assert await store.backlog() == {"trade": 1}
-    finally:
-        await store.close()
 
 
 async def test_the_uncommitted_index_holds_exactly_the_undecided_records(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "db")
-    store = RocksDBStore(path)
-    await store.open()
     waiting, deleted, dead, decided, rolled_back = (record(commit=False) for _ in range(5))
     redriven = record(commit=False)
-    await store.save([waiting, deleted, dead, decided, rolled_back, redriven, record()])
-    await store.delete([deleted])
-    await store.dead_letter([DeadLetter(dead, "unresolved", NOW)])
-    await store.commit(decided.message_id)
-    await store.rollback(rolled_back.message_id)
-    await store.dead_letter([DeadLetter(redriven, "unresolved", NOW)])
-    await store.redrive([(redriven.message_id, "")], NOW)
-    await store.close()
+    async with opened(RocksDBStore(path)) as store:
+        await store.save([waiting, deleted, dead, decided, rolled_back, redriven, record()])
+        await store.delete([deleted])
+        await store.dead_letter([DeadLetter(dead, "unresolved", NOW)])
+        await store.commit(decided.message_id)
+        await store.rollback(rolled_back.message_id)
+        await store.dead_letter([DeadLetter(redriven, "unresolved", NOW)])
+        await store.redrive([(redriven.message_id, "")], NOW)
 
     families = {name: Options(raw_mode=True) for name in Rdict.list_cf(path) if name != "default"}
     db = Rdict(path, Options(raw_mode=True), column_families=families)
