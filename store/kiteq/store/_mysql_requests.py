@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
@@ -37,9 +37,11 @@ from kiteq.store._mysql_rows import (
 )
 from kiteq.store._mysql_schema import HISTORY_COLUMNS, MESSAGE_COLUMNS
 from kiteq.store._mysql_tx import ShardTx
+from kiteq.store._state import settle
 from kiteq.store.base import Saved, SaveOutcome
 
 __all__ = [
+    "BookkeepingPart",
     "Call",
     "Change",
     "CommitPart",
@@ -77,6 +79,8 @@ class DuplicateKeyError(Exception):
     """A fast-path INSERT hit a stored id: replay the transaction carefully."""
 
 
+_ItemT = TypeVar("_ItemT", bound=tuple[Any, ...])
+
 # where a message row (``_row``) has its publish time
 _PUBLISH_TIME_AT: Final = MESSAGE_COLUMNS.index("publish_time")
 
@@ -96,12 +100,8 @@ class Call:
 
     def part_done(self) -> None:
         self.left -= 1
-        if self.left or self.future is None or self.future.done():
-            return
-        if self.error is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(self.error)
+        if not self.left:
+            settle(self.future, self.error)
 
 
 class SaveCall(Call):
@@ -324,19 +324,30 @@ class RollbackPart(_DecisionPart):
 
 # (table, message_id, then the _Bookkeeping columns)
 Change = tuple[int, str, int, str, str, str, str | None, float]
+# (table, message_id, topic, owned by this store)
+Deletion = tuple[int, str, str, bool]
 
 
-class ReschedulePart(Part):
+class BookkeepingPart(Part, Generic[_ItemT]):
+    """Delivery bookkeeping of stored ids, items ``(table number, message id, …)``.
+
+    It may wait for flushSeconds (``deferred``).
+    """
+
     __slots__ = ("items",)
-    kind = Kind.RESCHEDULE
     deferred = True
 
     def __init__(self, call: Call, shard: int) -> None:
         super().__init__(call, shard)
-        self.items: list[Change] = []
+        self.items: list[_ItemT] = []
 
     def ids(self) -> Iterable[str]:
         return (item[1] for item in self.items)
+
+
+class ReschedulePart(BookkeepingPart[Change]):
+    __slots__ = ()
+    kind = Kind.RESCHEDULE
 
     @classmethod
     def apply(cls, tx: ShardTx, parts: Sequence[Self]) -> None:
@@ -351,19 +362,13 @@ class ReschedulePart(Part):
             tx.update_bookkeeping(tx.tables[table], items)
 
 
-class DeletePart(Part):
-    __slots__ = ("items", "remember_until")
+class DeletePart(BookkeepingPart[Deletion]):
+    __slots__ = ("remember_until",)
     kind = Kind.DELETE
-    deferred = True
 
     def __init__(self, call: Call, shard: int, remember_until: float = 0.0) -> None:
         super().__init__(call, shard)
-        # (table, message_id, topic, owned by this store)
-        self.items: list[tuple[int, str, str, bool]] = []
         self.remember_until = remember_until
-
-    def ids(self) -> Iterable[str]:
-        return (item[1] for item in self.items)
 
     @classmethod
     def apply(cls, tx: ShardTx, parts: Sequence[Self]) -> None:

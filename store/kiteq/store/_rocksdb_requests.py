@@ -20,6 +20,7 @@ from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store._groups import redrive_groups
 from kiteq.store._rocksdb_db import DB, DUE_TIME, HISTORY_SEQ_KEY, SEQ, due_time
+from kiteq.store._state import settle
 from kiteq.store.base import DeadLetter, DlqKey, HistoryEvent, Rescheduled, Saved, SaveOutcome
 from kiteq.store.codec import (
     Bookkeeping,
@@ -160,12 +161,7 @@ class _Request:
         raise NotImplementedError
 
     def resolve(self) -> None:
-        if self.future is None or self.future.done():
-            return
-        if self.error is None:
-            self.future.set_result(None)
-        else:
-            self.future.set_exception(self.error)
+        settle(self.future, self.error)
 
 
 class _Save(_Request):

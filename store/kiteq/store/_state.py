@@ -13,7 +13,15 @@ from typing import Any, TypeVar
 
 from kiteq.core.errors import StoreUnavailableError
 
-__all__ = ["CountedStore", "Lifecycle", "Status", "add_counts", "translated", "unavailable"]
+__all__ = [
+    "CountedStore",
+    "Lifecycle",
+    "Status",
+    "add_counts",
+    "settle",
+    "translated",
+    "unavailable",
+]
 
 _T = TypeVar("_T")
 _K = TypeVar("_K", str, tuple[str, str], tuple[str, str, int])
@@ -113,6 +121,16 @@ def add_counts(counts: dict[_K, int], deltas: Mapping[_K, int]) -> None:
             counts[key] = count
         else:
             counts.pop(key, None)
+
+
+def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    """Answer a write call's *future*: done, or *error* raised (a cancelled one is left)."""
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def unavailable(description: str, action: str, why: str) -> StoreUnavailableError:
