@@ -7,11 +7,11 @@ dead-letter rows in the same transaction, so a message is never lost between the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Final, Self
 
 from kiteq.store._groups import redrive_groups
-from kiteq.store._mysql_requests import Call, Change, Kind, Part, RecordCall, RecordPart
+from kiteq.store._mysql_requests import BookkeepingPart, Change, Kind, RecordCall, RecordPart
 from kiteq.store._mysql_rows import (
     _COLUMNS,
     _DLQ_COLUMNS,
@@ -132,17 +132,9 @@ def _revived(
     return revived, answers
 
 
-class DeadLetterPart(Part):
-    __slots__ = ("items",)
+class DeadLetterPart(BookkeepingPart[Letter]):
+    __slots__ = ()
     kind = Kind.DEAD_LETTER
-    deferred = True
-
-    def __init__(self, call: Call, shard: int) -> None:
-        super().__init__(call, shard)
-        self.items: list[Letter] = []
-
-    def ids(self) -> Iterable[str]:
-        return (item[1] for item in self.items)
 
     @classmethod
     def apply(cls, tx: ShardTx, parts: Sequence[Self]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from sqlalchemy import Connection
@@ -41,6 +41,7 @@ from kiteq.store._state import add_counts
 __all__ = ["Counts", "Reads"]
 
 _K = TypeVar("_K", str, tuple[str, str])
+_T = TypeVar("_T")
 
 # backlog per topic, dead letters per (topic, group)
 Counts = tuple[dict[str, int], dict[tuple[str, str], int]]
@@ -189,33 +190,37 @@ class Reads:
         return self.database.read("list_dlq", read)
 
     def get_dead_letters(self, message_id: str) -> list[base.DeadLetter]:
-        shard, _ = self.layout.route(message_id)
-        sql = (
-            f"SELECT {_DLQ_COLUMNS} FROM {self.tables.dlq[shard]} "  # noqa: S608
-            "WHERE message_id = %s ORDER BY group_id"
+        return self._of_message(
+            "get_dead_letters", self.tables.dlq, _DLQ_COLUMNS, "group_id", message_id, _dead_letter
         )
-
-        def read(conn: Connection) -> list[base.DeadLetter]:
-            return [_dead_letter(tuple(row)) for row in conn.exec_driver_sql(sql, (message_id,))]
-
-        return self.database.read("get_dead_letters", read)
 
     def get_history(self, message_id: str) -> list[base.HistoryEvent]:
-        shard, _ = self.layout.route(message_id)
-        sql = (
-            f"SELECT {_HISTORY_COLUMNS} FROM {self.tables.history[shard]} "  # noqa: S608
-            "WHERE message_id = %s ORDER BY event_time, seq"
+        return self._of_message(
+            "get_history",
+            self.tables.history,
+            _HISTORY_COLUMNS,
+            "event_time, seq",
+            message_id,
+            lambda row: base.HistoryEvent(*row),
         )
 
-        def read(conn: Connection) -> list[base.HistoryEvent]:
-            return [
-                base.HistoryEvent(mid, event_time, kind, group, connection, attempt, detail)
-                for mid, event_time, kind, group, connection, attempt, detail in conn.exec_driver_sql(
-                    sql, (message_id,)
-                )
-            ]
+    def _of_message(
+        self,
+        action: str,
+        tables: list[str],
+        columns: str,
+        order: str,
+        message_id: str,
+        convert: Callable[[_Row], _T],
+    ) -> list[_T]:
+        """The rows of *message_id* in its database's table of *tables*, in *order*."""
+        shard, _ = self.layout.route(message_id)
+        sql = f"SELECT {columns} FROM {tables[shard]} WHERE message_id = %s ORDER BY {order}"  # noqa: S608
 
-        return self.database.read("get_history", read)
+        def read(conn: Connection) -> list[_T]:
+            return [convert(tuple(row)) for row in conn.exec_driver_sql(sql, (message_id,))]
+
+        return self.database.read(action, read)
 
     def prune_history(self, before: float) -> int:
         """Removes in chunks of its own transactions, beside the write queues."""
