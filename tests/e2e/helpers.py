@@ -10,12 +10,18 @@ from typing import Any, Final
 
 import grpc
 
-from kiteq.client import Binding, Consumer, Producer
+from kiteq.client import AsyncConsumer, AsyncProducer, Binding, Consumer, Message, Producer
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e.broker_process import REPO, BrokerProcess
 from tests.waiting import wait_until
 
 SECRET: Final = "s3cret"
+PAY_SUCC: Final = [Binding.direct("trade", "pay-succ")]
+
+
+def pay_succ(body: bytes) -> Message:
+    """A trade/pay-succ message with *body* (what PAY_SUCC binds)."""
+    return Message(topic="trade", message_type="pay-succ", body=body)
 
 
 def consumer(
@@ -39,6 +45,24 @@ def consumer(
 def producer(broker: BrokerProcess) -> Producer:
     """A producer of group pay-svc on *broker* with the shared secret."""
     return Producer(brokers=[broker.address], group_id="pay-svc", secret_key=SECRET)
+
+
+def async_consumer(
+    broker: BrokerProcess, group: str = "acct-svc", **options: object
+) -> AsyncConsumer:
+    """An asyncio consumer of *group* on *broker* bound to PAY_SUCC, with the shared secret."""
+    return AsyncConsumer(
+        brokers=[broker.address],
+        group_id=group,
+        secret_key=SECRET,
+        bindings=PAY_SUCC,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def async_producer(broker: BrokerProcess) -> AsyncProducer:
+    """An asyncio producer of group pay-svc on *broker* with the shared secret."""
+    return AsyncProducer(brokers=[broker.address], group_id="pay-svc", secret_key=SECRET)
 
 
 def wait_idle(broker: BrokerProcess, timeout: float = 10.0) -> None:

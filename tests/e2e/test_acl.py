@@ -19,9 +19,9 @@ from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.client import Binding, Consumer, KiteQError, Message, PermissionDeniedError, Producer
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess, write_config, write_zk_config, zk_registry
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.fixtures import ZkConfig
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,18 +190,9 @@ def ops_metric(broker: BrokerProcess, name: str) -> float:
 
 @pytest.fixture
 def zk_acl_broker(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+    zk_config: ZkConfig, launch: Callable[..., BrokerProcess]
 ) -> Callable[[], BrokerProcess]:
-    def start() -> BrokerProcess:
-        config = write_zk_config(
-            tmp_path,
-            zk_registry(zookeeper.hosts + zk.chroot),
-            db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
-            extra={"recoverSeconds": 1},
-        )
-        return launch(with_acl(config), pport=0)
-
-    return start
+    return lambda: launch(with_acl(zk_config({"recoverSeconds": 1})), pport=0)
 
 
 def test_zookeeper_bindings_outside_the_grants_are_not_applied(

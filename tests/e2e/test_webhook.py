@@ -15,16 +15,14 @@ import pytest
 from kiteq.client import Message
 from kiteq.core.config import load_cluster
 from kiteq.core.webhook import decode_property_name, verify_signature
-from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import (
     REPO,
     BrokerProcess,
     run_kiteq,
     write_config,
     write_registry_file,
-    write_zk_config,
-    zk_registry,
 )
+from tests.e2e.fixtures import ZkConfig
 from tests.e2e.helpers import admin_cli, admin_json, dead_letters, producer, wait_idle
 from tests.e2e.hook_server import Call, HookServer
 from tests.waiting import wait_until
@@ -321,14 +319,11 @@ def test_the_admin_service_binds_a_webhook_and_refuses_one_outside_the_allow_lis
 
 
 def test_zookeeper_binding_json_names_the_webhook_and_one_outside_is_skipped(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+    zk_config: ZkConfig,
+    zk: Any,
+    launch: Callable[..., BrokerProcess],
 ) -> None:
-    config = write_zk_config(
-        tmp_path,
-        zk_registry(zookeeper.hosts + zk.chroot),
-        db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
-        extra={"webhookAllow": ["http://127.0.0.1:*/hooks"], "adminOpen": True},
-    )
+    config = zk_config({"webhookAllow": ["http://127.0.0.1:*/hooks"], "adminOpen": True})
     with config.open("a") as fh:
         fh.write(f'[clusters.e2e.secrets]\nmail-hook = "{SECRET}"\nevil-hook = "{SECRET}"\n')
 
