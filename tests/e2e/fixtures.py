@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import pytest
 
@@ -15,6 +16,19 @@ from tests.store import mariadb
 
 # the zk_config fixture: write a cluster config with these extra keys, return its path
 ZkConfig = Callable[[Mapping[str, object] | None], Path]
+
+
+class StartBroker(Protocol):
+    """The start_broker fixture: a broker in a directory of its own (see there)."""
+
+    def __call__(
+        self,
+        extra: Mapping[str, object],
+        *,
+        store: Literal["memory", "rocksdb"] = "memory",
+        secrets: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> BrokerProcess: ...
 
 
 @pytest.fixture
@@ -38,6 +52,28 @@ def launch() -> Iterator[Callable[..., BrokerProcess]]:
 def broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> BrokerProcess:
     """A real broker process on RocksDB (fsync=batch) in a temporary directory."""
     return launch(write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"))
+
+
+@pytest.fixture
+def start_broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> StartBroker:
+    """Start a broker of cluster e2e with the config keys *extra* (and group *secrets*), in a
+    directory of its own (several per test): ``start_broker(extra, store=..., secrets=...,
+    **BrokerProcess options)``; *store* "rocksdb" keeps its messages in that directory."""
+    numbers = itertools.count()
+
+    def start(
+        extra: Mapping[str, object],
+        *,
+        store: Literal["memory", "rocksdb"] = "memory",
+        secrets: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> BrokerProcess:
+        directory = tmp_path / f"broker{next(numbers)}"
+        directory.mkdir()
+        db = "memory://" if store == "memory" else f"rocksdb://{directory / 'db'}"
+        return launch(write_config(directory, db=db, extra=extra, secrets=secrets), **options)
+
+    return start
 
 
 @pytest.fixture

@@ -10,16 +10,15 @@ open); every failed authentication and every admin mutation is one ``kiteq.audit
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
-import itertools
 import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import grpc
 import pytest
@@ -28,7 +27,8 @@ from kiteq.client import Message, Producer
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 from tests.e2e import helpers
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, run_kiteq, write_config
+from tests.e2e.fixtures import StartBroker
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,14 +47,7 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def run_broker(config: Path, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=e2e", f"-configPath={config}", *flags],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    return run_kiteq(["-clusterName=e2e", f"-configPath={config}", *flags], env=env)
 
 
 def admin_cli(
@@ -82,24 +75,9 @@ def audit_lines(broker: BrokerProcess, word: str) -> list[str]:
 
 
 @pytest.fixture
-def start_broker(
-    tmp_path: Path, launch: Callable[..., BrokerProcess]
-) -> Callable[..., BrokerProcess]:
-    numbers = itertools.count()
-
-    def start(extra: dict[str, object], **options: Any) -> BrokerProcess:
-        directory = tmp_path / f"broker{next(numbers)}"
-        directory.mkdir()
-        config = write_config(
-            directory,
-            db=f"rocksdb://{directory / 'db'}",
-            extra=extra,
-            secrets=GROUP_SECRETS,
-        )
-        options.setdefault("env", {})
-        return launch(config, **options)
-
-    return start
+def start_broker(start_broker: StartBroker) -> StartBroker:
+    """The shared fixture's broker, on RocksDB and with the groups' secrets."""
+    return functools.partial(start_broker, store="rocksdb", secrets=GROUP_SECRETS)
 
 
 # -- start-up rule -----------------------------------------------------------------------
@@ -116,14 +94,7 @@ def test_production_shaped_cluster_without_admin_secret_does_not_start(tmp_path:
 
 
 def test_shipped_zk_online_cluster_needs_an_admin_secret() -> None:
-    shipped = subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=zk_online", "-bind=127.0.0.1:0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment(),
-    )
+    shipped = run_kiteq(["-clusterName=zk_online", "-bind=127.0.0.1:0"], env=environment())
     assert shipped.returncode == 1
     assert "clusters.zk_online.adminSecret" in shipped.stderr
 

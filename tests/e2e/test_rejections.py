@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from kiteq.client import (
 from kiteq.core.ids import new_message_id
 from kiteq.core.limits import MAX_BODY_BYTES
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, run_kiteq, write_config
 from tests.e2e.collector import Collector
 
 
@@ -125,22 +123,13 @@ def test_client_reports_typed_errors(strict_broker: BrokerProcess) -> None:
 
 
 def test_cli_rejects_unknown_cluster_and_bad_values(tmp_path: Path) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kiteq", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    unknown = run("-clusterName=nope")
+    unknown = run_kiteq(["-clusterName=nope"])
     assert unknown.returncode == 1
     assert "unknown cluster 'nope'" in unknown.stderr
     assert "rocksdb_dev" in unknown.stderr
     config = write_config(tmp_path, db="memory://", extra={"deliverySeconds": -1})
-    bad = run("-clusterName=e2e", f"-configPath={config}")
+    bad = run_kiteq(["-clusterName=e2e", f"-configPath={config}"])
     assert bad.returncode == 1
     assert "clusters.e2e.deliverySeconds" in bad.stderr
-    usage = run("-noSuchFlag=1")
+    usage = run_kiteq(["-noSuchFlag=1"])
     assert usage.returncode == 2

@@ -19,6 +19,7 @@ import pytest
 from kiteq.broker.startup import find_config, resolve_store_path, shipped_config
 from kiteq.core.config import load_cluster
 from tests._servers import free_port
+from tests.e2e import broker_process
 from tests.e2e.broker_process import REPO, write_config
 
 pytestmark = pytest.mark.e2e
@@ -30,14 +31,8 @@ ONE_LINE = re.compile(r"\Akiteq: [^\n]+\n\Z")
 def run_kiteq(
     args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiteq", *args],
-        cwd=cwd,
-        env=environment(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python -m kiteq *args*`` to its exit, in ``environment(env)`` from *cwd*."""
+    return broker_process.run_kiteq(args, cwd=cwd, env=environment(env), timeout=timeout)
 
 
 def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
