@@ -54,6 +54,17 @@ def write_config(
     return path
 
 
+def strict_config(directory: Path, secrets: Mapping[str, str]) -> Path:
+    """A cluster e2e on RocksDB that serves only topic trade and checks the groups'
+    *secrets* (no acceptAnySecret)."""
+    return write_config(
+        directory,
+        db=f"rocksdb://{directory / 'db'}",
+        extra={"acceptAnySecret": False, "topics": ["trade"]},
+        secrets=secrets,
+    )
+
+
 def write_registry_file(directory: Path, bindings: str, *, brokers: Sequence[str] = ()) -> str:
     """A static registry file (KiteQ's registry_demo) with *brokers* (addresses) serving
     topic trade, and the ``[[bindings]]`` tables *bindings*; its ``file://`` URI."""

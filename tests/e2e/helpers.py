@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -68,6 +69,18 @@ class _Identity(TypedDict):
 def _client(broker: BrokerProcess, group: str) -> _Identity:
     """The options every test client of *group* on *broker* shares."""
     return {"brokers": [broker.address], "group_id": group, "secret_key": SECRET}
+
+
+def run_readme_example(section: str, broker: BrokerProcess) -> subprocess.CompletedProcess[str]:
+    """Run the one Python example of the README's ``## <section>`` against *broker* (for
+    the README's 127.0.0.1:13800); the run, to its exit."""
+    readme = (REPO / "README.md").read_text()
+    text = readme.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    script = example.replace("127.0.0.1:13800", broker.address)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def wait_idle(broker: BrokerProcess, timeout: float = 10.0) -> None:

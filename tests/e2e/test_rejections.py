@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,26 +17,17 @@ from kiteq.client import (
     Producer,
     UnknownTopicError,
 )
-from kiteq.core.ids import new_message_id
 from kiteq.core.limits import MAX_BODY_BYTES
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests.e2e.broker_process import BrokerProcess, run_kiteq, write_config
+from tests.e2e.broker_process import BrokerProcess, run_kiteq, strict_config, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.raw_session import message as raw_message
 
 
 @pytest.fixture
-def strict_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+def strict_broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> BrokerProcess:
     """Listed topics and per-group secrets; no acceptAnySecret."""
-    config = write_config(
-        tmp_path,
-        db=f"rocksdb://{tmp_path / 'db'}",
-        extra={"acceptAnySecret": False, "topics": ["trade"]},
-        secrets={"pay-svc": "right", "acct-svc": "right"},
-    )
-    process = BrokerProcess(config)
-    process.start()
-    yield process
-    process.stop_quietly()
+    return launch(strict_config(tmp_path, {"pay-svc": "right", "acct-svc": "right"}))
 
 
 def raw_publish(
@@ -48,19 +39,6 @@ def raw_publish(
             timeout=10,
         )
     return list(reply.acks)
-
-
-def raw_message(
-    *, topic: str = "trade", body: bytes = b"x", expired: int = 0, message_id: str | None = None
-) -> common_pb2.Message:
-    header = common_pb2.Header(
-        messageId=message_id or new_message_id(),
-        topic=topic,
-        messageType="pay-succ",
-        commit=True,
-        expiredTime=expired,
-    )
-    return common_pb2.Message(header=header, body=body)
 
 
 def test_wrong_secret_is_unauthenticated_and_stores_nothing(strict_broker: BrokerProcess) -> None:
