@@ -40,7 +40,7 @@ import enum
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -334,81 +334,57 @@ class _CallFailedError(Exception):
 async def _ask(options: argparse.Namespace, secret: str, tls: TlsOptions | None) -> Message:
     metadata = ((ADMIN_SECRET_HEADER, secret),) if secret else None
     async with _channel(options.broker, tls) as channel:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        timeout = options.timeout
-        command = options.command
-        if command in ("stats", "groups", "backlog"):
-            return await stub.Stats(admin_pb2.StatsRequest(), metadata=metadata, timeout=timeout)
-        if command == "tx":
-            return await stub.ListTransactions(
-                admin_pb2.ListTransactionsRequest(
-                    unresolvedOnly=options.unresolved, limit=options.limit, after=options.after
-                ),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        if command in ("commit", "rollback"):
-            return await stub.ResolveTransaction(
-                admin_pb2.ResolveTransactionRequest(
-                    messageId=options.message_id, commit=command == "commit"
-                ),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        if command == "scheduled":
-            return await stub.ListScheduled(
-                admin_pb2.ListScheduledRequest(
-                    topic=options.topic,
-                    limit=options.limit,
-                    afterTime=options.after_time,
-                    after=options.after,
-                ),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        if command == "cancel":
-            return await stub.CancelScheduled(
-                admin_pb2.CancelScheduledRequest(messageId=options.message_id),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        if command == "dlq":
-            return await stub.ListDeadLetters(
-                admin_pb2.ListDeadLettersRequest(
-                    filter=_dlq_filter(options),
-                    limit=options.limit,
-                    after=options.after,
-                    afterGroup=options.after_group,
-                ),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        if command == "redrive":
-            return await stub.Redrive(
-                admin_pb2.RedriveRequest(
-                    messageIds=options.message_ids,
-                    filter=_dlq_filter(options),
-                    groupId=options.group,
-                    dryRun=options.dry_run,
-                ),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        if command == "webhook":
-            return await stub.BindWebhook(
-                _webhook_request(options), metadata=metadata, timeout=timeout
-            )
-        if command == "bindings":
-            return await stub.ListBindings(
-                admin_pb2.ListBindingsRequest(topic=options.topic),
-                metadata=metadata,
-                timeout=timeout,
-            )
-        return await stub.GetMessage(
-            admin_pb2.GetMessageRequest(messageId=options.message_id, withBody=options.body),
-            metadata=metadata,
-            timeout=timeout,
+        rpc, request = _rpc(admin_pb2_grpc.AdminStub(channel), options)
+        reply: Message = await rpc(request, metadata=metadata, timeout=options.timeout)
+        return reply
+
+
+_Rpc = Callable[..., Awaitable[Message]]
+
+
+def _rpc(stub: admin_pb2_grpc.AdminAsyncStub, options: argparse.Namespace) -> tuple[_Rpc, Message]:
+    """The call *options.command* makes, and its request."""
+    command = options.command
+    if command in ("stats", "groups", "backlog"):
+        return stub.Stats, admin_pb2.StatsRequest()
+    if command == "tx":
+        return stub.ListTransactions, admin_pb2.ListTransactionsRequest(
+            unresolvedOnly=options.unresolved, limit=options.limit, after=options.after
         )
+    if command in ("commit", "rollback"):
+        return stub.ResolveTransaction, admin_pb2.ResolveTransactionRequest(
+            messageId=options.message_id, commit=command == "commit"
+        )
+    if command == "scheduled":
+        return stub.ListScheduled, admin_pb2.ListScheduledRequest(
+            topic=options.topic,
+            limit=options.limit,
+            afterTime=options.after_time,
+            after=options.after,
+        )
+    if command == "cancel":
+        return stub.CancelScheduled, admin_pb2.CancelScheduledRequest(messageId=options.message_id)
+    if command == "dlq":
+        return stub.ListDeadLetters, admin_pb2.ListDeadLettersRequest(
+            filter=_dlq_filter(options),
+            limit=options.limit,
+            after=options.after,
+            afterGroup=options.after_group,
+        )
+    if command == "redrive":
+        return stub.Redrive, admin_pb2.RedriveRequest(
+            messageIds=options.message_ids,
+            filter=_dlq_filter(options),
+            groupId=options.group,
+            dryRun=options.dry_run,
+        )
+    if command == "webhook":
+        return stub.BindWebhook, _webhook_request(options)
+    if command == "bindings":
+        return stub.ListBindings, admin_pb2.ListBindingsRequest(topic=options.topic)
+    return stub.GetMessage, admin_pb2.GetMessageRequest(
+        messageId=options.message_id, withBody=options.body
+    )
 
 
 def _outcome(options: argparse.Namespace, reply: Message) -> tuple[Exit, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import secrets
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self
 
 from kiteq.bench.cpu import process_cpu
@@ -118,10 +117,5 @@ class OwnBroker:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -25,6 +26,9 @@ from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_PAGE = 100
 
+# every call's context; the request and response types are the method's own
+_Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
@@ -35,20 +39,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         uptime: Callable[[], float],
         registry: BindingRegistry | None = None,
     ) -> None:
+        self._core = core
         self._config = core.config
         self._advertised = advertised
-        self._store = core.store
-        self._bindings = core.bindings
-        self._connections = core.connections
-        self._dispatcher = core.dispatcher
-        self._intake = core.intake
-        self._transactions = core.transactions
-        self._recover = core.recover
         self._uptime = uptime
         self._operator = Operator(core)
         self._registry = registry
 
-    async def _authorize(self, context: grpc.aio.ServicerContext[object, object]) -> None:
+    async def _authorize(self, context: _Context) -> None:
         expected = self._config.admin_secret
         if not expected:
             return
@@ -62,43 +60,43 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing admin secret")
 
     async def Stats(
-        self,
-        request: admin_pb2.StatsRequest,
-        context: grpc.aio.ServicerContext[admin_pb2.StatsRequest, admin_pb2.StatsResponse],
+        self, request: admin_pb2.StatsRequest, context: _Context
     ) -> admin_pb2.StatsResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
+        await self._authorize(context)
+        core = self._core
+        tally = core.dispatcher.tally
         groups = [
             admin_pb2.GroupStats(
                 groupId=group,
                 connections=len(members),
                 inFlight=sum(len(c.inflight) for c in members),
             )
-            for group, members in sorted(self._connections.groups().items())
+            for group, members in sorted(core.connections.groups().items())
         ]
-        dead = await self._store.dlq_size()
+        dead = await core.store.dlq_size()
         dead_per_topic: dict[str, int] = {}
         for (topic, _), n in dead.items():
             dead_per_topic[topic] = dead_per_topic.get(topic, 0) + n
         return admin_pb2.StatsResponse(
             broker=self._advertised,
             cluster=self._config.name,
-            store=self._store.description,
-            storeDurable=self._store.durable,
-            received=self._intake.received,
-            rejected=self._intake.rejected,
-            delivered=self._dispatcher.tally.delivered,
-            redelivered=self._dispatcher.tally.redelivered,
-            backlog=await self._store.backlog(),
+            store=core.store.description,
+            storeDurable=core.store.durable,
+            received=core.intake.received,
+            rejected=core.intake.rejected,
+            delivered=tally.delivered,
+            redelivered=tally.redelivered,
+            backlog=await core.store.backlog(),
             groups=groups,
             uptimeSeconds=self._uptime(),
             topics=list(self._config.topics),
             deadLetters=dead_per_topic,
-            deadLettered=self._dispatcher.tally.dead_lettered,
-            flowLimited=self._dispatcher.tally.flow_limited,
-            pendingTransactions=self._transactions.pending,
-            unresolvedTransactions=self._transactions.unresolved,
-            recoverScans=self._recover.scans,
-            txChecksSent=self._transactions.checks_sent,
+            deadLettered=tally.dead_lettered,
+            flowLimited=tally.flow_limited,
+            pendingTransactions=core.transactions.pending,
+            unresolvedTransactions=core.transactions.unresolved,
+            recoverScans=core.recover.scans,
+            txChecksSent=core.transactions.checks_sent,
             deadLetterGroups=[
                 admin_pb2.DeadLetterCount(topic=topic, groupId=group, count=n)
                 for (topic, group), n in sorted(dead.items())
@@ -108,8 +106,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def _group_backlogs(self) -> list[admin_pb2.GroupBacklog]:
         """Every bound (topic, group) and every pair with messages, from memory."""
-        gauges = self._dispatcher.group_gauges()
-        keys = {(b.topic, b.group_id) for b in self._bindings.bindings()}
+        gauges = self._core.dispatcher.group_gauges()
+        keys = {(b.topic, b.group_id) for b in self._core.bindings.bindings()}
         keys |= gauges.backlog.keys() | gauges.unacked.keys() | gauges.waiting.keys()
         return [
             admin_pb2.GroupBacklog(
@@ -124,14 +122,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         ]
 
     async def ListBindings(
-        self,
-        request: admin_pb2.ListBindingsRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.ListBindingsRequest, admin_pb2.ListBindingsResponse
-        ],
+        self, request: admin_pb2.ListBindingsRequest, context: _Context
     ) -> admin_pb2.ListBindingsResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        found = self._bindings.bindings(request.topic or None)
+        await self._authorize(context)
+        found = self._core.bindings.bindings(request.topic or None)
         webhooks = {
             b.group_id: admin_pb2.Webhook(
                 url=b.webhook.url,
@@ -146,13 +140,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
 
     async def BindWebhook(
-        self,
-        request: admin_pb2.BindWebhookRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.BindWebhookRequest, admin_pb2.BindWebhookResponse
-        ],
+        self, request: admin_pb2.BindWebhookRequest, context: _Context
     ) -> admin_pb2.BindWebhookResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
+        await self._authorize(context)
         group = request.groupId
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         if not is_name(group):
@@ -199,14 +189,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.BindWebhookResponse(bindings=len(bindings))
 
     async def GetMessage(
-        self,
-        request: admin_pb2.GetMessageRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.GetMessageRequest, admin_pb2.GetMessageResponse
-        ],
+        self, request: admin_pb2.GetMessageRequest, context: _Context
     ) -> admin_pb2.GetMessageResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        message_id = await _message_id(request.messageId, context)  # type: ignore[arg-type]
+        await self._authorize(context)
+        message_id = await _message_id(request.messageId, context)
         found = await self._operator.lookup(message_id)
         history = [wire.history_to_pb(e) for e in found.history]
         letters = found.letters
@@ -228,15 +214,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return reply
 
     async def ListDeadLetters(
-        self,
-        request: admin_pb2.ListDeadLettersRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.ListDeadLettersRequest, admin_pb2.ListDeadLettersResponse
-        ],
+        self, request: admin_pb2.ListDeadLettersRequest, context: _Context
     ) -> admin_pb2.ListDeadLettersResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        await _check_reason(request.filter, context)  # type: ignore[arg-type]
-        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        await self._authorize(context)
+        await _check_reason(request.filter, context)
+        limit = _page_size(request.limit)
         after = (request.after, request.afterGroup) if request.after else None
         letters = await self._operator.dead_letters(wire.dlq_filter(request.filter), limit, after)
         more = len(letters) == limit
@@ -247,11 +229,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
 
     async def Redrive(
-        self,
-        request: admin_pb2.RedriveRequest,
-        context: grpc.aio.ServicerContext[admin_pb2.RedriveRequest, admin_pb2.RedriveResponse],
+        self, request: admin_pb2.RedriveRequest, context: _Context
     ) -> admin_pb2.RedriveResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
+        await self._authorize(context)
         ids = [canonical_message_id(m) for m in request.messageIds]
         for message_id in ids:
             if not is_message_id(message_id):
@@ -272,7 +252,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 redriven,
             )
             return admin_pb2.RedriveResponse(redriven=redriven)
-        await _check_reason(request.filter, context)  # type: ignore[arg-type]
+        await _check_reason(request.filter, context)
         where = wire.dlq_filter(request.filter)
         if request.dryRun:
             count = await self._operator.count(where)
@@ -290,14 +270,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.RedriveResponse(redriven=redriven)
 
     async def ListTransactions(
-        self,
-        request: admin_pb2.ListTransactionsRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.ListTransactionsRequest, admin_pb2.ListTransactionsResponse
-        ],
+        self, request: admin_pb2.ListTransactionsRequest, context: _Context
     ) -> admin_pb2.ListTransactionsResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        await self._authorize(context)
+        limit = _page_size(request.limit)
         pending = await self._operator.transactions(
             limit, request.after or None, unresolved_only=request.unresolvedOnly
         )
@@ -306,14 +282,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ListTransactionsResponse(transactions=found, next=last)
 
     async def ResolveTransaction(
-        self,
-        request: admin_pb2.ResolveTransactionRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.ResolveTransactionRequest, admin_pb2.ResolveTransactionResponse
-        ],
+        self, request: admin_pb2.ResolveTransactionRequest, context: _Context
     ) -> admin_pb2.ResolveTransactionResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        message_id = await _message_id(request.messageId, context)  # type: ignore[arg-type]
+        await self._authorize(context)
+        message_id = await _message_id(request.messageId, context)
         status = TxStatus.COMMIT if request.commit else TxStatus.ROLLBACK
         changed = await self._operator.resolve(message_id, status)
         audit.info(
@@ -326,14 +298,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ResolveTransactionResponse(changed=changed)
 
     async def ListScheduled(
-        self,
-        request: admin_pb2.ListScheduledRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.ListScheduledRequest, admin_pb2.ListScheduledResponse
-        ],
+        self, request: admin_pb2.ListScheduledRequest, context: _Context
     ) -> admin_pb2.ListScheduledResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
+        await self._authorize(context)
+        limit = _page_size(request.limit)
         after = (request.afterTime, request.after) if request.afterTime else None
         records, cursor = await self._operator.scheduled(limit, after, request.topic)
         return admin_pb2.ListScheduledResponse(
@@ -348,14 +316,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
 
     async def CancelScheduled(
-        self,
-        request: admin_pb2.CancelScheduledRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb2.CancelScheduledRequest, admin_pb2.CancelScheduledResponse
-        ],
+        self, request: admin_pb2.CancelScheduledRequest, context: _Context
     ) -> admin_pb2.CancelScheduledResponse:
-        await self._authorize(context)  # type: ignore[arg-type]
-        message_id = await _message_id(request.messageId, context)  # type: ignore[arg-type]
+        await self._authorize(context)
+        message_id = await _message_id(request.messageId, context)
         outcome, detail = await self._operator.cancel(message_id)
         audit.info(
             "admin cancel peer=%s id=%s outcome=%s", context.peer(), message_id, outcome.value
@@ -370,9 +334,12 @@ _CANCEL_OUTCOMES = {
 }
 
 
-async def _check_reason(
-    where: admin_pb2.DeadLetterFilter, context: grpc.aio.ServicerContext[object, object]
-) -> None:
+def _page_size(requested: int) -> int:
+    """A listing's page: *requested* (0: ``DEFAULT_PAGE``), at most the operator's ``MAX_PAGE``."""
+    return min(requested or DEFAULT_PAGE, MAX_PAGE)
+
+
+async def _check_reason(where: admin_pb2.DeadLetterFilter, context: _Context) -> None:
     """Refuse a reason no dead letter can have: it would match nothing, silently."""
     if where.reason and where.reason not in DEAD_LETTER_REASONS:
         await context.abort(
@@ -381,7 +348,7 @@ async def _check_reason(
         )
 
 
-async def _message_id(raw: str, context: grpc.aio.ServicerContext[object, object]) -> str:
+async def _message_id(raw: str, context: _Context) -> str:
     """*raw* in its canonical spelling; a call naming no valid id ends INVALID_ARGUMENT."""
     message_id = canonical_message_id(raw)
     if not is_message_id(message_id):

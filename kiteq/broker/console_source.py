@@ -20,7 +20,7 @@ from kiteq.core.ids import canonical_message_id, is_message_id
 from kiteq.core.message import StoredMessage, TxStatus
 from kiteq.handler.core import BrokerCore
 from kiteq.handler.gauges import GroupGauges
-from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Resolution
+from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, Redrive, Resolution
 from kiteq.store.base import DeadLetter, DlqFilter, HistoryEvent
 
 logger = logging.getLogger(__name__)
@@ -154,28 +154,21 @@ class BrokerConsole:
             "next": list(letters[-1].key) if more else None,
         }
 
-    async def redrive(
-        self,
-        where: Mapping[str, str],
-        message_ids: list[str],
-        group: str,
-        *,
-        dry_run: bool,
-        expect: int | None = None,
-    ) -> Json:
-        if message_ids:
-            ids = [_message_id(m) for m in message_ids]
-            keys = await self._operator.letters_of(ids, group)
-            if dry_run:
+    async def redrive(self, request: Redrive) -> Json:
+        expect = request.expect
+        if request.message_ids:
+            ids = [_message_id(m) for m in request.message_ids]
+            keys = await self._operator.letters_of(ids, request.group)
+            if request.dry_run:
                 return {"redriven": len(keys), "dryRun": True, "preview": keys[:PREVIEW]}
             _check_expected(len(keys), expect)
             return {"redriven": await self._operator.redrive(keys), "dryRun": False}
-        selected = _filter(where)
-        if expect is not None and not dry_run:
+        selected = _filter(request.where)
+        if expect is not None and not request.dry_run:
             # a count, then the redrive: letters arriving in between still move (rare,
             # and they match what the operator asked for)
             _check_expected(await self._operator.count(selected), expect)
-        if dry_run:
+        if request.dry_run:
             preview = await self._operator.dead_letters(selected, PREVIEW)
             return {
                 "redriven": await self._operator.count(selected),

@@ -1,9 +1,9 @@
 """The HTTP publish API's answers: statuses and JSON documents from store-acks and errors.
 
-One table maps the ``KiteQError`` tree to HTTP statuses (the most specific class of an
-error wins, as ``kiteq.core.codes.code_for`` does for wire codes); a refused store-ack is
-mapped through its code's error (``ERROR_FOR_CODE``), so the gRPC and HTTP answers to the
-same refusal always agree. An error document is::
+One table maps wire codes (``kiteq.core.codes.AckCode``) to HTTP statuses. A refused
+store-ack answers with its code's status, and an error with the status of its code in
+``kiteq.core.codes`` (the one error <-> code table), so the gRPC and HTTP answers to the
+same refusal always agree; an error with no code there is a broker fault (500). An error document is::
 
     {"error": {"code": "UNKNOWN_TOPIC", "message": "...", "retriable": false}}
 
@@ -19,24 +19,12 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-from kiteq.core.codes import ERROR_FOR_CODE, AckCode, Disposition, code_for
-from kiteq.core.errors import (
-    AuthenticationError,
-    BodyTooLargeError,
-    ExpiredMessageError,
-    FlowLimitedError,
-    InvalidMessageError,
-    KiteQError,
-    MessageRejectedError,
-    NotConnectedError,
-    PermissionDeniedError,
-    StoreError,
-    UnknownTopicError,
-)
+from kiteq.core.codes import AckCode, Disposition, code_for, code_of
+from kiteq.core.errors import KiteQError, MessageRejectedError
 from kiteq.handler.connection import StoreAck
 
 __all__ = [
-    "STATUS_FOR_ERROR",
+    "STATUS_FOR_CODE",
     "ApiError",
     "error_document",
     "failure",
@@ -46,21 +34,22 @@ __all__ = [
     "success",
 ]
 
-STATUS_FOR_ERROR: Final[Mapping[type[KiteQError], int]] = MappingProxyType(
+STATUS_FOR_CODE: Final[Mapping[AckCode, int]] = MappingProxyType(
     {
-        MessageRejectedError: 400,
-        InvalidMessageError: 400,
-        ExpiredMessageError: 400,
-        BodyTooLargeError: 413,
-        UnknownTopicError: 404,
-        PermissionDeniedError: 403,
-        FlowLimitedError: 429,
-        AuthenticationError: 401,
-        StoreError: 503,  # StoreFullError, StoreUnavailableError
-        NotConnectedError: 503,  # NOT_SERVING: the broker is draining
+        AckCode.INVALID_ARGUMENT: 400,
+        AckCode.EXPIRED: 400,
+        AckCode.TOO_LARGE: 413,
+        AckCode.UNKNOWN_TOPIC: 404,
+        AckCode.PERMISSION_DENIED: 403,
+        AckCode.OVERFLOW: 429,
+        AckCode.BATCH_TOO_LARGE: 429,
+        AckCode.UNAUTHENTICATED: 401,
+        AckCode.STORE_FULL: 503,
+        AckCode.STORE_UNAVAILABLE: 503,
+        AckCode.NOT_SERVING: 503,  # the broker is draining
     }
 )
-# the status of a KiteQError with none of the classes above (a broker fault)
+# the status of a KiteQError with no code, or of a code above none (a broker fault)
 _FALLBACK_STATUS: Final = 500
 _STATUS_NAMES: Final = {
     "stored": Disposition.STORED,
@@ -88,12 +77,9 @@ class ApiError(KiteQError):
 
 
 def status_for(error: type[KiteQError]) -> int:
-    """The HTTP status of *error*: that of its most specific class in ``STATUS_FOR_ERROR``."""
-    for cls in error.__mro__:
-        status = STATUS_FOR_ERROR.get(cls)
-        if status is not None:
-            return status
-    return _FALLBACK_STATUS
+    """The HTTP status of *error*: that of its code (``kiteq.core.codes.code_of``)."""
+    code = code_of(error)
+    return _FALLBACK_STATUS if code is None else STATUS_FOR_CODE.get(code, _FALLBACK_STATUS)
 
 
 def error_document(code: str, message: str, *, retriable: bool) -> dict[str, Any]:
@@ -127,7 +113,7 @@ def success(
 def refusal(ack: StoreAck) -> tuple[int, dict[str, Any]]:
     """The status and document of a refused store-ack (not ``ack.ok``)."""
     code = ack.code
-    status = status_for(ERROR_FOR_CODE.get(code, KiteQError))
+    status = STATUS_FOR_CODE.get(code, _FALLBACK_STATUS)
     return status, error_document(code.name, ack.feedback, retriable=code.retriable)
 
 

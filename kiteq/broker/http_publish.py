@@ -62,7 +62,8 @@ from kiteq.core.message import TxStatus
 from kiteq.handler.core import BrokerCore
 from kiteq.handler.transactions import TxDecision
 from kiteq.ops.http_site import HttpSite
-from kiteq.ops.metrics import HTTP_ENDPOINTS, BrokerMetrics
+from kiteq.ops.metrics import BrokerMetrics
+from kiteq.ops.metrics.labels import HTTP_ENDPOINTS
 
 __all__ = ["HttpPublishServer", "server_ssl_context"]
 
@@ -125,10 +126,7 @@ class HttpPublishServer:
         self._site = HttpSite(
             "HttpPublishServer", host, port, keepalive=KEEPALIVE_SECONDS, ssl_context=ssl_context
         )
-        self._config = core.config
-        self._intake = core.intake
-        self._transactions = core.transactions
-        self._store = core.store
+        self._core = core
         self._rejections = rejections
         self._metrics = metrics
         self._ssl = ssl_context
@@ -266,7 +264,7 @@ class HttpPublishServer:
                 wrong or missing secret.
         """
         group, secret = credentials(request.headers.items())
-        refused = check_credentials(self._config, group, secret)
+        refused = check_credentials(self._core.config, group, secret)
         if refused is Rejection.INVALID_OPEN:
             self._rejections.note(
                 _peer(request), Rejection.INVALID_REQUEST, f"group {group[:64]!r}"
@@ -308,7 +306,7 @@ class HttpPublishServer:
         else:
             draft = parse_raw_message(body, headers)
         message = draft.message(request.match_info["topic"], group)
-        [ack] = await self._intake.publish([message], group=group)
+        [ack] = await self._core.intake.publish([message], group=group)
         if ack.ok:
             return _json(
                 success(
@@ -331,7 +329,7 @@ class HttpPublishServer:
             )
         topic = request.match_info["topic"]
         messages = [d.message(topic, group) for d in parse_batch(body, request.headers.items())]
-        acks = await self._intake.publish(messages, group=group)
+        acks = await self._core.intake.publish(messages, group=group)
         results: list[dict[str, Any]] = []
         counts = {"stored": 0, "scheduled": 0, "duplicate": 0, "failed": 0}
         overflowed = 0
@@ -363,7 +361,7 @@ class HttpPublishServer:
         if not is_message_id(message_id):
             raise ApiError(400, "INVALID_ARGUMENT", "a message id is 32 hex characters")
         topic = request.match_info["topic"]
-        record = await self._store.get(message_id)
+        record = await self._core.store.get(message_id)
         if record is None or record.topic != topic:
             raise ApiError(
                 404, "NOT_FOUND", f"no message {message_id} of topic {topic!r} is stored"
@@ -378,7 +376,7 @@ class HttpPublishServer:
                 409, "ALREADY_DECIDED", "the message is committed already: decisions are final"
             )
         source = f"http {_peer(request)}"
-        decision = await self._transactions.decide_for(group, message_id, status, source)
+        decision = await self._core.transactions.decide_for(group, message_id, status, source)
         if decision is TxDecision.APPLIED:
             return _json({"id": message_id, "status": _DECIDED[status]})
         if decision is TxDecision.DENIED:
@@ -390,7 +388,7 @@ class HttpPublishServer:
         )
 
     def _retry_headers(self, code: AckCode, messages: int) -> dict[str, str] | None:
-        after = retry_after(code, messages, self._config.recieve_permits_per_second)
+        after = retry_after(code, messages, self._core.config.recieve_permits_per_second)
         return {hdrs.RETRY_AFTER: after} if after is not None else None
 
 

@@ -29,6 +29,7 @@ from kiteq.binding.registry import open_registry
 from kiteq.broker.address import advertised_address, is_loopback, split_bind
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.console_source import BrokerConsole
+from kiteq.broker.heap import HeapTrimmer
 from kiteq.broker.http_publish import HttpPublishServer, server_ssl_context
 from kiteq.broker.logs import EventSummary
 from kiteq.broker.rejections import RejectionLog
@@ -261,6 +262,9 @@ class Broker:
         self._spawn("history", self._history_loop)
         self._spawn("dedup", self._dedup_loop)
         self._spawn("summaries", self._summary_loop)
+        trimmer = HeapTrimmer(lambda: core.intake.received + core.dispatcher.tally.delivered)
+        if trimmer.available:
+            self._spawn("heap", trimmer.run)
         if self._pport >= 0:
             stats = StatsView(
                 core=core, backlog=lambda: self._backlog, dead_letters=lambda: self._dead_letters

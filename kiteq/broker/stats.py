@@ -17,16 +17,14 @@ class StatsView:
         backlog: Callable[[], Mapping[str, int]],
         dead_letters: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> None:
-        self._bindings = core.bindings
-        self._connections = core.connections
-        self._dispatcher = core.dispatcher
-        self._intake = core.intake
+        self._core = core
         self._backlog = backlog
         self._dead_letters = dead_letters
 
     def stat_snapshot(self) -> dict[str, Any]:
+        core = self._core
         groups: dict[str, list[str]] = {}
-        for conn in self._connections:
+        for conn in core.connections:
             groups.setdefault(conn.group, []).append(conn.peer)
         # ours, beside KiteQ's keys: topic -> group -> dead letters ("" = no group bound)
         dead: dict[str, dict[str, int]] = {}
@@ -35,9 +33,9 @@ class StatsView:
         return {
             "kiteq": {
                 "goroutine": threading.active_count(),
-                "deliver_go": self._dispatcher.inflight,
-                "deliver_count": self._dispatcher.tally.delivered,
-                "recieve_count": self._intake.received,
+                "deliver_go": core.dispatcher.inflight,
+                "deliver_count": core.dispatcher.tally.delivered,
+                "recieve_count": core.intake.received,
                 "message_count": dict(self._backlog()),
                 "topics_deliver": {},
                 "topics_recieve": {},
@@ -45,13 +43,13 @@ class StatsView:
                 "accept_limiter": [0, 0],
                 "dead_letters": dead,
             },
-            "network": {"connections": len(self._connections)},
+            "network": {"connections": len(core.connections)},
         }
 
     def binds_snapshot(self) -> dict[str, Any]:
         topic_groups: dict[str, list[str]] = {}
         limiters: dict[str, dict[str, list[int]]] = {}
-        for binding in self._bindings.bindings():
+        for binding in self._core.bindings.bindings():
             members = topic_groups.setdefault(binding.topic, [])
             if binding.group_id not in members:
                 members.append(binding.group_id)

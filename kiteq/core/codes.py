@@ -7,22 +7,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from kiteq.core.errors import (
-    AuthenticationError,
-    BodyTooLargeError,
-    ExpiredMessageError,
-    FlowLimitedError,
-    InvalidMessageError,
-    KiteQError,
-    MessageRejectedError,
-    NotConnectedError,
-    PermissionDeniedError,
-    StoreFullError,
-    StoreUnavailableError,
-    UnknownTopicError,
-)
+from kiteq.core import errors
+from kiteq.core.errors import KiteQError
 
-__all__ = ["ERROR_FOR_CODE", "AckCode", "Disposition", "code_for"]
+__all__ = ["ERROR_FOR_CODE", "AckCode", "Disposition", "code_for", "code_of"]
 
 
 class AckCode(enum.IntEnum):
@@ -75,24 +63,35 @@ class Disposition(enum.IntEnum):
 # (BATCH_TOO_LARGE is set by the broker's batch check directly, never through code_for).
 ERROR_FOR_CODE: Final[Mapping[int, type[KiteQError]]] = MappingProxyType(
     {
-        AckCode.INVALID_ARGUMENT: InvalidMessageError,
-        AckCode.TOO_LARGE: BodyTooLargeError,
-        AckCode.UNKNOWN_TOPIC: UnknownTopicError,
-        AckCode.EXPIRED: ExpiredMessageError,
-        AckCode.OVERFLOW: FlowLimitedError,
+        AckCode.INVALID_ARGUMENT: errors.InvalidMessageError,
+        AckCode.TOO_LARGE: errors.BodyTooLargeError,
+        AckCode.UNKNOWN_TOPIC: errors.UnknownTopicError,
+        AckCode.EXPIRED: errors.ExpiredMessageError,
+        AckCode.OVERFLOW: errors.FlowLimitedError,
         # retriable like an overflow: the same message fits in a later batch
-        AckCode.BATCH_TOO_LARGE: FlowLimitedError,
-        AckCode.PERMISSION_DENIED: PermissionDeniedError,
-        AckCode.STORE_FULL: StoreFullError,
-        AckCode.STORE_UNAVAILABLE: StoreUnavailableError,
-        AckCode.NOT_SERVING: NotConnectedError,
-        AckCode.UNAUTHENTICATED: AuthenticationError,
+        AckCode.BATCH_TOO_LARGE: errors.FlowLimitedError,
+        AckCode.PERMISSION_DENIED: errors.PermissionDeniedError,
+        AckCode.STORE_FULL: errors.StoreFullError,
+        AckCode.STORE_UNAVAILABLE: errors.StoreUnavailableError,
+        AckCode.NOT_SERVING: errors.NotConnectedError,
+        AckCode.UNAUTHENTICATED: errors.AuthenticationError,
     }
 )
 _CODE_FOR_ERROR: Final[dict[type[KiteQError], AckCode]] = {
-    MessageRejectedError: AckCode.INVALID_ARGUMENT,
+    errors.MessageRejectedError: AckCode.INVALID_ARGUMENT,
+    # a store failure of no more specific class: the store cannot take the message now
+    errors.StoreError: AckCode.STORE_UNAVAILABLE,
     **{error: AckCode(code) for code, error in reversed(list(ERROR_FOR_CODE.items()))},
 }
+
+
+def code_of(error: type[KiteQError]) -> AckCode | None:
+    """The code of *error*'s most specific class in ``ERROR_FOR_CODE``; None if it has none."""
+    for cls in error.__mro__:
+        code = _CODE_FOR_ERROR.get(cls)
+        if code is not None:
+            return code
+    return None
 
 
 def code_for(error: KiteQError) -> AckCode:
@@ -100,8 +99,5 @@ def code_for(error: KiteQError) -> AckCode:
 
     Anything else (an unexpected failure while storing) is the retriable STORE_UNAVAILABLE.
     """
-    for cls in type(error).__mro__:
-        code = _CODE_FOR_ERROR.get(cls)
-        if code is not None:
-            return code
-    return AckCode.STORE_UNAVAILABLE
+    code = code_of(type(error))
+    return AckCode.STORE_UNAVAILABLE if code is None else code

@@ -9,44 +9,21 @@ import time
 import grpc
 import pytest
 
-from kiteq.client import Binding, Consumer, Message, Producer
+from kiteq.client import Binding, Message, Producer
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
+from tests.broker._dead_letters import dead_letter, dead_letter_count
 from tests.e2e.broker_process import BrokerProcess
-from tests.e2e.collector import Collector
 from tests.e2e.helpers import admin_cli, admin_json
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
 UNKNOWN_ID = "0" * 31 + "1"
 
 
-def dead_letter_count(broker: BrokerProcess) -> int:
-    return sum(d.count for d in broker.stats().deadLetterGroups)
-
-
 @pytest.fixture
 def three_dead_letters(broker: BrokerProcess) -> list[str]:
     """Three messages dead-lettered for group acct (deliver limit 1, the handler nacks)."""
-    nacking = Collector(lambda _: False)
-    with (
-        Producer(brokers=[broker.address], group_id="pay", secret_key="s") as producer,
-        Consumer(
-            brokers=[broker.address],
-            group_id="acct",
-            secret_key="s",
-            bindings=[Binding.fanout("trade")],
-            handler=nacking,
-        ),
-    ):
-        ids = [
-            producer.send(
-                Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=1)
-            ).message_id
-            for _ in range(3)
-        ]
-        wait_until(lambda: dead_letter_count(broker) == 3)
-    return ids
+    return dead_letter(broker, 3, producer="pay", group="acct", binding=Binding.fanout("trade"))
 
 
 def test_stats_json_has_numbers_and_the_tables_name_the_group(

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kiteq.client import Binding, Consumer, Message, Producer
+from kiteq.client import Binding
+from tests.broker._dead_letters import dead_letter
 from tests.e2e.broker_process import REPO, BrokerProcess
-from tests.e2e.collector import Collector
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -42,24 +41,8 @@ def bin_dir(tmp_path: Path) -> Path:
 
 
 def test_admin_cli_block_runs_as_written(broker: BrokerProcess, bin_dir: Path) -> None:
-    nacking = Collector(lambda _: False)
-    with (
-        Producer(brokers=[broker.address], group_id="pay-svc", secret_key="s") as producer,
-        Consumer(
-            brokers=[broker.address],
-            group_id="acct-svc",
-            secret_key="s",
-            bindings=[Binding.direct("trade", "pay-succ")],
-            handler=nacking,
-        ),
-    ):
-        for _ in range(2):
-            producer.send(
-                Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=1)
-            )
-        wait_until(
-            lambda: sum(d.count for d in broker.stats().deadLetterGroups) >= 2, 30, "2 dead letters"
-        )
+    binding = Binding.direct("trade", "pay-succ")
+    dead_letter(broker, 2, producer="pay-svc", group="acct-svc", binding=binding)
     lines = admin_block()
     assert lines[0].startswith(f"export KITEQ_ADMIN_BROKER={DEFAULT_BROKER}")
     env = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -106,6 +107,24 @@ def _wait_for_line(
     )
 
 
+@contextlib.contextmanager
+def _consumer_and_producer(
+    address: str, group: str, handler: Callable[[ReceivedMessage], bool]
+) -> Iterator[Producer]:
+    """*group* consuming every ``trade`` message with *handler*, and a producer to send them."""
+    with (
+        Consumer(
+            brokers=[address],
+            group_id=group,
+            secret_key="s",
+            bindings=[Binding.fanout("trade", persistent=True)],
+            handler=handler,
+        ),
+        Producer(brokers=[address], group_id="pay", secret_key="s") as producer,
+    ):
+        yield producer
+
+
 def test_broker_logs_json_summaries_session_close_and_drain(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     broker = BrokerProcess(
@@ -115,18 +134,8 @@ def test_broker_logs_json_summaries_session_close_and_drain(tmp_path: Path) -> N
     log = logs / LOG_FILE
     broker.start()
     try:
-        binding = Binding.fanout("trade", persistent=True)
         failing = Collector(lambda _: False)
-        with (
-            Consumer(
-                brokers=[broker.address],
-                group_id="failing",
-                secret_key="s",
-                bindings=[binding],
-                handler=failing,
-            ),
-            Producer(brokers=[broker.address], group_id="pay", secret_key="s") as producer,
-        ):
+        with _consumer_and_producer(broker.address, "failing", failing) as producer:
             for _ in range(30):
                 producer.send(
                     Message(topic="trade", message_type="pay", body=b"x", deliver_limit=1)
@@ -161,16 +170,7 @@ def test_broker_logs_json_summaries_session_close_and_drain(tmp_path: Path) -> N
             release.wait(30)
             return True
 
-        with (
-            Consumer(
-                brokers=[broker.address],
-                group_id="slow",
-                secret_key="s",
-                bindings=[binding],
-                handler=hold,
-            ),
-            Producer(brokers=[broker.address], group_id="pay", secret_key="s") as producer,
-        ):
+        with _consumer_and_producer(broker.address, "slow", hold) as producer:
             producer.send(Message(topic="trade", message_type="pay", body=b"x"))
             assert held.wait(30)
             try:

@@ -8,7 +8,8 @@ import pytest
 
 from kiteq.broker.rejections import OTHER_PEERS, Rejection, RejectionLog, peer_host
 from kiteq.core.clock import ManualClock
-from kiteq.ops.metrics import FRAME_REJECT_REASONS, BrokerMetrics
+from kiteq.ops.metrics import BrokerMetrics
+from kiteq.ops.metrics.labels import FRAME_REJECT_REASONS
 
 
 def counted(metrics: BrokerMetrics, reason: Rejection) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from hypothesis import given, settings, strategies as st
 
@@ -40,36 +41,26 @@ def test_deliveries_frame_round_trips() -> None:
         assert wire.message_from_pb(delivery.message) == expected.message
 
 
-def test_publisher_protobuf_is_reused_with_the_brokers_clamps() -> None:
+def _pushed(published_id: str, **changes: Any) -> tuple[StoredMessage, common_pb2.Header]:
+    """A publisher's protobuf message stored with *changes*, and the header it is pushed with."""
     pb = common_pb2.Message(
-        header=common_pb2.Header(messageId="0" * 32, topic="t", messageType="x", commit=True),
+        header=common_pb2.Header(messageId=published_id, topic="t", messageType="x", commit=True),
         body=b"b",
     )
-    message = wire.message_from_pb(pb)
-    clamped = StoredMessage(
-        dataclasses.replace(message, expired_time=5, deliver_limit=100, create_time=4),
-        publish_time=1.0,
-        wire=pb,
-    )
-    data = wire.deliveries_frame([(clamped, 1)])
-    header = broker_pb2.ServerFrame.FromString(data).deliveries.deliveries[0].message.header
+    message = dataclasses.replace(wire.message_from_pb(pb), **changes)
+    stored = StoredMessage(message, publish_time=1.0, wire=pb)
+    data = wire.deliveries_frame([(stored, 1)])
+    return stored, broker_pb2.ServerFrame.FromString(data).deliveries.deliveries[0].message.header
+
+
+def test_publisher_protobuf_is_reused_with_the_brokers_clamps() -> None:
+    clamped, header = _pushed("0" * 32, expired_time=5, deliver_limit=100, create_time=4)
     assert (header.expiredTime, header.deliverLimit, header.createTime) == (5, 100, 4)
     assert isinstance(clamped.wire, bytes)  # cached for redeliveries
 
 
 def test_publisher_protobuf_gets_the_canonical_id_and_the_sessions_group() -> None:
-    pb = common_pb2.Message(
-        header=common_pb2.Header(messageId="AB" * 16, topic="t", messageType="x", commit=True),
-        body=b"b",
-    )
-    message = wire.message_from_pb(pb)
-    stored = StoredMessage(
-        dataclasses.replace(message, message_id="ab" * 16, group_id="pay"),
-        publish_time=1.0,
-        wire=pb,
-    )
-    data = wire.deliveries_frame([(stored, 1)])
-    header = broker_pb2.ServerFrame.FromString(data).deliveries.deliveries[0].message.header
+    _, header = _pushed("AB" * 16, message_id="ab" * 16, group_id="pay")
     assert (header.messageId, header.groupId) == ("ab" * 16, "pay")
 
 

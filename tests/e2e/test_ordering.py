@@ -168,7 +168,8 @@ def killed_broker_mid_run(
     with Producer(brokers=[broker.address], group_id="pay-svc", secret_key=SECRET) as p:
         publish(p, keys, per_key)  # all stored first: the store order is the publish order
     procs = [consumers([broker.address], seed) for seed in (4, 5)]
-    wait_until(lambda: handled(procs) >= total // 3, 60, "a third handled")
+    # a bound for a loaded machine (MySQL: 100,000 messages), not a speed requirement
+    wait_until(lambda: handled(procs) >= total // 3, 180, "a third handled")
     broker.kill()
     broker.start()  # same port, same store: the consumers reconnect
     wait_idle(broker, timeout=90)

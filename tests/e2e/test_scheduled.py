@@ -184,13 +184,15 @@ def test_a_killed_mysql_broker_delivers_its_scheduled_messages_after_restart(
 def test_cancel_through_kiteq_admin(broker: BrokerProcess) -> None:
     arrivals = Arrivals()
     with consumer(broker, "remind-svc", [BINDING], arrivals), producer(broker) as p:
-        cancelled, kept = remind(delay=3), remind(delay=3.5)
+        # the one cancelled is due long after the test: however slow the admin calls
+        # below, it is still scheduled when they cancel it
+        kept, cancelled = remind(delay=3), remind(delay=600)
         p.send(cancelled)
         p.send(kept)
         listed = admin_json(broker, "scheduled", "-topic", "trade")
         assert [m["header"]["messageId"] for m in listed["messages"]] == [
-            cancelled.message_id,
             kept.message_id,
+            cancelled.message_id,
         ]
         table = admin_cli(broker, "scheduled")
         assert table.returncode == 0
@@ -202,6 +204,8 @@ def test_cancel_through_kiteq_admin(broker: BrokerProcess) -> None:
         assert admin_json(broker, "cancel", cancelled.message_id, exit_code=3)["outcome"] == (
             "CANCEL_OUTCOME_NOT_FOUND"
         )
+        listed = admin_json(broker, "scheduled", "-topic", "trade")
+        assert [m["header"]["messageId"] for m in listed["messages"]] == [kept.message_id]
         arrivals.wait_count(1, 15)  # the positive event: the one kept came
         wait_idle(broker)
         # delivered: no longer scheduled (exit 4), and never a stored id (exit 3)

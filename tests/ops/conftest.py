@@ -5,7 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kiteq.ops.metrics import (
+from kiteq.ops.metrics import BrokerMetrics
+from kiteq.ops.metrics.labels import (
     CONNECTION_ROLES,
     DEAD_LETTER_REASONS,
     DELIVERY_RESULTS,
@@ -14,7 +15,6 @@ from kiteq.ops.metrics import (
     SESSION_CLOSE_REASONS,
     TX_CHECK_RESULTS,
     WEBHOOK_OUTCOMES,
-    BrokerMetrics,
 )
 from tests._servers import unavailable
 from tests.ops._prometheus import Prometheus, broker_under_load

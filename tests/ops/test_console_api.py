@@ -12,10 +12,16 @@ from typing import Any
 import pytest
 
 from kiteq.core.admin import AUDIT_LOGGER
-from kiteq.ops.console import ConsoleConflictError, ConsoleInputError, ConsoleSource, Resolution
+from kiteq.ops.console import (
+    ConsoleConflictError,
+    ConsoleInputError,
+    ConsoleSource,
+    Redrive,
+    Resolution,
+)
 from kiteq.ops.http import OpsServer
 from kiteq.ops.metrics import BrokerMetrics
-from tests.ops.test_http import FakeSource, Response, exchange
+from tests.ops.test_http import FakeSource, Response, send
 
 SECRET = "console-s3cret"
 ID = "0123456789abcdef0123456789abcdef"
@@ -48,19 +54,11 @@ class FakeConsole:
         self.calls.append(("dlq", (dict(where), limit, after)))
         return {"deadLetters": [], "next": None}
 
-    async def redrive(
-        self,
-        where: Mapping[str, str],
-        message_ids: list[str],
-        group: str,
-        *,
-        dry_run: bool,
-        expect: int | None = None,
-    ) -> Json:
-        if expect is not None and expect != 2:
-            raise ConsoleConflictError(f"2 letters match now, {expect} were previewed")
-        self.calls.append(("redrive", (dict(where), message_ids, group, dry_run)))
-        return {"redriven": 2, "dryRun": dry_run, "preview": [[ID, "pay"]]}
+    async def redrive(self, request: Redrive) -> Json:
+        if request.expect is not None and request.expect != 2:
+            raise ConsoleConflictError(f"2 letters match now, {request.expect} were previewed")
+        self.calls.append(("redrive", request))
+        return {"redriven": 2, "dryRun": request.dry_run, "preview": [[ID, "pay"]]}
 
     async def transactions(self, *, unresolved_only: bool, limit: int, after: str) -> Json:
         self.calls.append(("tx", (unresolved_only, limit, after)))
@@ -84,13 +82,10 @@ async def request(
     secret: str | None = SECRET,
 ) -> Response:
     payload = b"" if body is None else json.dumps(body).encode()
-    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
-    if secret is not None:
-        head.append(f"Authorization: Bearer {secret}")
+    headers = [] if secret is None else [f"Authorization: Bearer {secret}"]
     if method == "POST":
-        head += [f"Content-Type: {content_type}", f"Content-Length: {len(payload)}"]
-    raw = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
-    return Response(await exchange(port, raw))
+        headers += [f"Content-Type: {content_type}", f"Content-Length: {len(payload)}"]
+    return await send(port, method, path, headers, payload)
 
 
 @pytest.fixture
@@ -100,12 +95,10 @@ def console() -> FakeConsole:
 
 @pytest.fixture
 async def server(metrics: BrokerMetrics, console: FakeConsole) -> AsyncIterator[OpsServer]:
-    ops = OpsServer("127.0.0.1", 0, metrics, FakeSource(), console=console, admin_secret=SECRET)
-    await ops.start()
-    try:
+    async with OpsServer(
+        "127.0.0.1", 0, metrics, FakeSource(), console=console, admin_secret=SECRET
+    ) as ops:
         yield ops
-    finally:
-        await ops.stop()
 
 
 def test_fake_console_satisfies_the_protocol(console: FakeConsole) -> None:
@@ -179,7 +172,7 @@ async def test_a_dry_run_reaches_the_source_and_writes_no_audit_line(
     assert answer.status == 200
     assert json.loads(answer.body)["dryRun"] is True
     where = {"topic": "", "type": "", "group": "pay", "reason": ""}
-    assert console.calls == [("redrive", (where, [], "", True))]
+    assert console.calls == [("redrive", Redrive(where, [], "", dry_run=True))]
     assert [r for r in caplog.records if r.name == AUDIT_LOGGER] == []
 
 

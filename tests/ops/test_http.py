@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -78,12 +78,16 @@ async def exchange(port: int, raw: bytes, *, timeout: float = 5.0) -> bytes:
         await writer.wait_closed()
 
 
+async def send(
+    port: int, method: str, path: str, headers: Sequence[str] = (), body: bytes = b""
+) -> Response:
+    """One HTTP/1.1 request with *headers* (``"Name: value"``) and *body*, and its answer."""
+    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close", *headers]
+    return Response(await exchange(port, ("\r\n".join(head) + "\r\n\r\n").encode() + body))
+
+
 async def get(port: int, path: str, method: str = "GET") -> Response:
-    raw = (
-        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    return Response(await exchange(port, raw))
+    return await send(port, method, path, ["User-Agent: test"])
 
 
 @pytest.fixture
@@ -93,12 +97,8 @@ def source() -> FakeSource:
 
 @pytest.fixture
 async def server(touched_metrics: BrokerMetrics, source: FakeSource) -> AsyncIterator[OpsServer]:
-    ops = OpsServer("127.0.0.1", 0, touched_metrics, source, timeout=2.0)
-    await ops.start()
-    try:
+    async with OpsServer("127.0.0.1", 0, touched_metrics, source, timeout=2.0) as ops:
         yield ops
-    finally:
-        await ops.stop()
 
 
 def test_fake_source_satisfies_the_protocol(source: FakeSource) -> None:

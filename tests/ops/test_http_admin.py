@@ -11,15 +11,14 @@ import pytest
 from kiteq.core.admin import AUDIT_LOGGER
 from kiteq.ops.http import PROTECTED_PATHS, OpsServer
 from kiteq.ops.metrics import BrokerMetrics
-from tests.ops.test_http import FakeSource, Response, exchange
+from tests.ops.test_http import FakeSource, Response, send
 
 SECRET = "ops-s3cret"
 
 
 async def get(port: int, path: str, authorization: str | None = None) -> Response:
-    header = f"Authorization: {authorization}\r\n" if authorization is not None else ""
-    raw = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{header}\r\n"
-    return Response(await exchange(port, raw.encode()))
+    headers = [] if authorization is None else [f"Authorization: {authorization}"]
+    return await send(port, "GET", path, headers)
 
 
 def basic(user: str, password: str) -> str:
@@ -28,12 +27,10 @@ def basic(user: str, password: str) -> str:
 
 @pytest.fixture
 async def guarded(metrics: BrokerMetrics) -> AsyncIterator[OpsServer]:
-    ops = OpsServer("127.0.0.1", 0, metrics, FakeSource(), timeout=2.0, admin_secret=SECRET)
-    await ops.start()
-    try:
+    async with OpsServer(
+        "127.0.0.1", 0, metrics, FakeSource(), timeout=2.0, admin_secret=SECRET
+    ) as ops:
         yield ops
-    finally:
-        await ops.stop()
 
 
 def test_the_pages_that_reveal_clients_are_protected() -> None:

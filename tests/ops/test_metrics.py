@@ -8,14 +8,12 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiteq.ops.metrics import (
-    CONTENT_TYPE,
+from kiteq.ops.metrics import CONTENT_TYPE, LATENCY_BUCKETS, BrokerMetrics
+from kiteq.ops.metrics.labels import (
     FRAME_REJECT_REASONS,
     INVALID_LABEL,
-    LATENCY_BUCKETS,
     NO_GROUP_LABEL,
     OTHER_LABEL,
-    BrokerMetrics,
 )
 
 KITEQ_FAMILIES = {

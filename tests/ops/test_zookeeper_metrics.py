@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiteq.ops.metrics import ZK_STATES
+from kiteq.ops.metrics.labels import ZK_STATES
 from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper, owner
 from tests.e2e.broker_process import BrokerProcess

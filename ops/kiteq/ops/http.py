@@ -30,7 +30,6 @@ import binascii
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 from aiohttp import web
@@ -40,6 +39,7 @@ from kiteq.ops.console import (
     ConsoleConflictError,
     ConsoleInputError,
     ConsoleSource,
+    Redrive,
     Resolution,
     static_files,
 )
@@ -119,6 +119,13 @@ def _json(document: object, status: int = 200) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json")
 
 
+def _found(document: object | None) -> web.Response:
+    """*document* as JSON; 404 when the console source knows no such thing (None)."""
+    if document is None:
+        raise web.HTTPNotFound()
+    return _json(document)
+
+
 def _peer(request: web.Request) -> str:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -191,12 +198,7 @@ class OpsServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     # -- routing -----------------------------------------------------------------------
@@ -332,10 +334,7 @@ class OpsServer:
         return _json(await self._data.groups())
 
     async def _group(self, request: web.Request) -> web.Response:
-        found = await self._data.group(request.match_info["group"])
-        if found is None:
-            raise web.HTTPNotFound()
-        return _json(found)
+        return _found(await self._data.group(request.match_info["group"]))
 
     async def _dead_letters(self, request: web.Request) -> web.Response:
         query = request.query
@@ -352,10 +351,7 @@ class OpsServer:
         return _json(found)
 
     async def _message(self, request: web.Request) -> web.Response:
-        found = await self._data.message(request.match_info["id"])
-        if found is None:
-            raise web.HTTPNotFound()
-        return _json(found)
+        return _found(await self._data.message(request.match_info["id"]))
 
     async def _redrive(self, request: web.Request) -> web.Response:
         body = await _action_body(request)
@@ -377,7 +373,9 @@ class OpsServer:
                 "expected {filter: {topic, type, group, reason}, ids, group, dryRun, expect}"
             )
         where = {key: raw_filter.get(key, "") for key in _FILTER_KEYS}
-        result = await self._data.redrive(where, ids, group, dry_run=dry_run, expect=expect)
+        result = await self._data.redrive(
+            Redrive(where, ids, group, dry_run=dry_run, expect=expect)
+        )
         if not dry_run:
             if ids:
                 audit.info(

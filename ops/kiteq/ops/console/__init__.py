@@ -7,8 +7,9 @@ reads everything through ``/api/...`` JSON (``kiteq.ops.http``). The broker impl
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from importlib.abc import Traversable
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ __all__ = [
     "ConsoleConflictError",
     "ConsoleInputError",
     "ConsoleSource",
+    "Redrive",
     "Resolution",
     "static_files",
 ]
@@ -29,6 +31,25 @@ class Resolution(enum.Enum):
 
     COMMIT = "commit"
     ROLLBACK = "rollback"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Redrive:
+    """What an operator redrives: the letters of *message_ids*, or else those *where* matches.
+
+    Attributes:
+        where: The filter, used when *message_ids* is empty (see ``ConsoleSource``).
+        message_ids: Each id's letters (every group's, or only *group*'s).
+        group: With *message_ids*: only this group's letters (empty: every group's).
+        dry_run: Count and preview only; nothing moves.
+        expect: The count a preview showed: nothing moves unless that many letters match.
+    """
+
+    where: Mapping[str, str]
+    message_ids: Sequence[str] = ()
+    group: str = ""
+    dry_run: bool = False
+    expect: int | None = None
 
 
 class ConsoleInputError(ValueError):
@@ -64,19 +85,11 @@ class ConsoleSource(Protocol):
         """One page of dead letters matching *where*, after the (id, group) key *after*."""
         ...
 
-    async def redrive(
-        self,
-        where: Mapping[str, str],
-        message_ids: list[str],
-        group: str,
-        *,
-        dry_run: bool,
-        expect: int | None = None,
-    ) -> Json:
-        """Redrive by ids (each id's letters, or only *group*'s) or else by *where*.
+    async def redrive(self, request: Redrive) -> Json:
+        """Redrive by ids (each id's letters, or only the group's) or else by the filter.
 
-        Returns ``redriven`` (moved, or that would move with *dry_run*) and, for a dry run,
-        ``preview``: the first letters that would move. With *expect* (the count a preview
+        Returns ``redriven`` (moved, or that would move in a dry run) and, for a dry run,
+        ``preview``: the first letters that would move. With ``expect`` (the count a preview
         showed), nothing moves unless that many letters match: ``ConsoleConflictError``.
         """
         ...

@@ -9,49 +9,13 @@ Label cardinality is bounded. Development clusters accept any valid topic, so th
 ``max_topics`` distinct topics (and ``max_groups`` groups, ``max_ops`` store operations)
 get their own series and later ones are counted under ``"_other"``; names that are not
 valid topic/group names (a rejected message may carry anything) become ``"_invalid"``.
-Every overflow is counted in ``kiteq_metrics_label_overflow_total{label}``.
+Every overflow is counted in ``kiteq_metrics_label_overflow_total{label}``. The label
+values (the bounded sets and those markers) live in ``kiteq.ops.metrics.labels``.
 """
 
 from __future__ import annotations
 
 from kiteq.ops.metrics.broker import CONTENT_TYPE, LATENCY_BUCKETS, BrokerMetrics
 from kiteq.ops.metrics.histogram import FastHistogram
-from kiteq.ops.metrics.labels import (
-    BINDING_REFUSAL_REASONS,
-    CONNECTION_ROLES,
-    DEAD_LETTER_REASONS,
-    DELIVERY_RESULTS,
-    FRAME_REJECT_REASONS,
-    HTTP_CODES,
-    HTTP_ENDPOINTS,
-    INVALID_LABEL,
-    NO_GROUP_LABEL,
-    OTHER_LABEL,
-    REJECT_REASONS,
-    SESSION_CLOSE_REASONS,
-    TX_CHECK_RESULTS,
-    WEBHOOK_OUTCOMES,
-    ZK_STATES,
-)
 
-__all__ = [
-    "BINDING_REFUSAL_REASONS",
-    "CONNECTION_ROLES",
-    "CONTENT_TYPE",
-    "DEAD_LETTER_REASONS",
-    "DELIVERY_RESULTS",
-    "FRAME_REJECT_REASONS",
-    "HTTP_CODES",
-    "HTTP_ENDPOINTS",
-    "INVALID_LABEL",
-    "LATENCY_BUCKETS",
-    "NO_GROUP_LABEL",
-    "OTHER_LABEL",
-    "REJECT_REASONS",
-    "SESSION_CLOSE_REASONS",
-    "TX_CHECK_RESULTS",
-    "WEBHOOK_OUTCOMES",
-    "ZK_STATES",
-    "BrokerMetrics",
-    "FastHistogram",
-]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "BrokerMetrics", "FastHistogram"]

@@ -473,11 +473,7 @@ async function render(full) {
     document.body.dataset.view = view;
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (error) {
-    if (error instanceof Unauthorized) {
-      showLogin();
-    } else {
-      setStatus(error.message, true);
-    }
+    showError(error);
   }
 }
 
@@ -502,13 +498,18 @@ function guarded(action) {
     try {
       await action();
     } catch (error) {
-      if (error instanceof Unauthorized) {
-        showLogin();
-      } else {
-        setStatus(error.message, true);
-      }
+      showError(error);
     }
   };
+}
+
+// a refused secret asks for another one; any other failure shows in the status line
+function showError(error) {
+  if (error instanceof Unauthorized) {
+    showLogin();
+  } else {
+    setStatus(error.message, true);
+  }
 }
 
 function start() {
