@@ -1,8 +1,10 @@
 """A ``python -m kiteq`` child process: started, watched until ready, stopped.
 
 The broker binds the port it is given (``-bind=127.0.0.1:0``: one the OS picks) and prints
-``kiteq ready ... bind=<address> ...`` once it serves; the address is read from that line,
-so no port is chosen before the broker binds it (a free-port probe races other processes).
+``kiteq ready ... bind=<address> ...`` once it serves (with ``ops=<url>`` and ``http=<url>``
+when ``-pport``/``-hport`` are on, 0 there too being a port the OS picks); the addresses are
+read from that line, so no port is chosen before the broker binds it (a free-port probe
+races other processes).
 Shared by the bench's own broker and the end-to-end tests.
 """
 
@@ -24,7 +26,7 @@ from kiteq.core.errors import KiteQError
 __all__ = ["KiteqProcess"]
 
 _READY: Final = "kiteq ready"
-_BIND: Final = re.compile(r" bind=(\S+)")
+_FIELD: Final = re.compile(r" (\w+)=(\S+)")
 # lines of output shown when the broker does not start
 _SHOWN_LINES: Final = 60
 
@@ -38,7 +40,8 @@ class KiteqProcess:
         self.env = dict(env or {})
         # every line the process printed (stdout and stderr), newest last
         self.output: list[str] = []
-        self.address = ""
+        # the ready line's key=value fields (bind, ops, http, ...); empty before it came
+        self.ready: dict[str, str] = {}
         self._proc: subprocess.Popen[str] | None = None
         self._pump: threading.Thread | None = None
 
@@ -50,6 +53,11 @@ class KiteqProcess:
     def popen(self) -> subprocess.Popen[str] | None:
         """The running or exited process (None before the first start), for signals."""
         return self._proc
+
+    @property
+    def address(self) -> str:
+        """The gRPC address from the ready line (empty before the broker got ready)."""
+        return self.ready.get("bind", "")
 
     @property
     def port(self) -> int:
@@ -68,7 +76,7 @@ class KiteqProcess:
         """
         ready = threading.Event()
         self.output = []
-        self.address = ""
+        self.ready = {}
         self._proc = proc = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
             [sys.executable, "-m", "kiteq", *self.args],
             cwd=self.cwd,
@@ -87,8 +95,7 @@ class KiteqProcess:
                 for line in stream:
                     self.output.append(line.rstrip())
                     if not ready.is_set() and line.startswith(_READY):
-                        found = _BIND.search(line)
-                        self.address = found.group(1) if found else ""
+                        self.ready = dict(_FIELD.findall(line))
                         ready.set()
 
         self._pump = threading.Thread(target=pump, name=f"kiteq-{proc.pid}-log", daemon=True)

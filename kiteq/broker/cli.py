@@ -83,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pport",
         type=int,
         default=-1,
-        help="ops HTTP port for /metrics /stat /binds; <= 0: off",
+        help="ops HTTP port for /metrics /stat /binds; 0: one the OS picks; < 0: off",
     )
     flag(
         "hport",
         "hport",
         type=int,
         default=None,
-        help="HTTP publish API port (overrides hport); <= 0: off",
+        help="HTTP publish API port (overrides hport); 0: one the OS picks; < 0: off",
     )
     flag(
         "logLevel",
@@ -155,7 +155,6 @@ def apply_overrides(
             config.tls_client_ca if options.tls_client_ca is None else options.tls_client_ca
         ),
         admin_secret=secret,
-        hport=config.hport if options.hport is None else max(options.hport, 0),
     )
 
 
@@ -179,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_port_free("-bind", host, port)
         if options.pport > 0:
             check_port_free("-pport", host, options.pport)
-        check_http_port(config, options.hport is not None, host, (port, options.pport))
+        check_http_port(config, options.hport, host, (port, options.pport))
     except KiteQError as exc:
         print(f"kiteq: {exc}", file=sys.stderr)
         return 1
@@ -209,7 +208,9 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
-    broker = Broker(config, bind=options.bind, pport=options.pport, grace=options.grace)
+    broker = Broker(
+        config, bind=options.bind, pport=options.pport, hport=options.hport, grace=options.grace
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, broker.request_stop)
@@ -225,7 +226,7 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
     print(
         f"kiteq ready cluster={config.name} bind={broker.advertised} store={broker.store_description} "
         f"registry={redact_registry_uri(config.registry)} topics={','.join(config.topics)} "
-        f"tls={broker.tls_mode} config={options.config_path}{_http(broker)}",
+        f"tls={broker.tls_mode} config={options.config_path}{_listeners(broker)}",
         flush=True,
     )
     try:
@@ -238,10 +239,10 @@ async def _serve(config: ClusterConfig, options: argparse.Namespace) -> int:
     return 0
 
 
-def _http(broker: Broker) -> str:
-    """The ready line's ``http=`` part: where the HTTP publish API listens, if it does."""
-    address = broker.http_address
-    return f" http={address}" if address else ""
+def _listeners(broker: Broker) -> str:
+    """The ready line's ``ops=`` and ``http=`` parts: where those that are on listen."""
+    parts = (("ops", broker.ops_address), ("http", broker.http_address))
+    return "".join(f" {name}={address}" for name, address in parts if address)
 
 
 @contextlib.contextmanager

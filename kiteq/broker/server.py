@@ -113,18 +113,27 @@ def server_tls(config: ClusterConfig) -> ServerTls | None:
 
 
 class Broker:
+    """The broker: gRPC on *bind*, the ops port on *pport*, the HTTP publish API on *hport*.
+
+    For *pport* and *hport* (the ``-pport``/``-hport`` flags), as for *bind*'s port, 0 is
+    a port the OS picks (``ops_address``/``http_address`` say which); negative: off.
+    *hport* None: the config's ``hport`` (0 there is off).
+    """
+
     def __init__(
         self,
         config: ClusterConfig,
         *,
         bind: str,
         pport: int = -1,
+        hport: int | None = None,
         clock: Clock | None = None,
         grace: float = 10.0,
     ) -> None:
         self.config = config
         self._bind_host, self._bind_port = split_bind(bind)
         self._pport = pport
+        self._hport = (config.hport or -1) if hport is None else hport
         self._clock = clock or SystemClock()
         self._grace = grace
         self._started = time.monotonic()
@@ -256,7 +265,7 @@ class Broker:
         trimmer = HeapTrimmer(lambda: core.intake.received + core.dispatcher.tally.delivered)
         if trimmer.available:
             self._spawn("heap", trimmer.run)
-        if self._pport > 0:
+        if self._pport >= 0:
             stats = StatsView(
                 core=core, backlog=lambda: self._backlog, dead_letters=lambda: self._dead_letters
             )
@@ -278,7 +287,7 @@ class Broker:
                 health=self,
             )
             await self._ops.start()
-        if config.hport > 0:
+        if self._hport >= 0:
             await self._start_http(core)
         self.metrics.set_info(VERSION, config.name, store.description)
         takeover_nodes = registry.takeover_nodes()
@@ -311,7 +320,7 @@ class Broker:
         config = self.config
         self._http = HttpPublishServer(
             self._bind_host or "0.0.0.0",  # noqa: S104
-            config.hport,
+            self._hport,
             core=core,
             rejections=RejectionLog(core.clock, self.metrics),
             metrics=self.metrics,
@@ -320,13 +329,20 @@ class Broker:
         try:
             await self._http.start()
         except OSError as exc:
-            raise ConfigError(f"-hport: cannot listen on port {config.hport}: {exc}") from exc
+            raise ConfigError(f"-hport: cannot listen on port {self._hport}: {exc}") from exc
         if self._http.scheme == "http" and not is_loopback(self._bind_host) and not config.dev:
             logger.warning(
                 "HTTP publish port %d is plaintext: group secrets cross the network in "
                 "cleartext (set tlsCert and tlsKey)",
-                config.hport,
+                self._http.port,
             )
+
+    @property
+    def ops_address(self) -> str:
+        """``http://host:port`` of the ops port; empty when it is off."""
+        if self._ops is None:
+            return ""
+        return f"http://{advertised_address(self._bind_host, self._ops.port)}"
 
     @property
     def http_address(self) -> str:

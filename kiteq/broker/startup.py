@@ -91,7 +91,7 @@ def check_flags(*, pport: int, grace: float, hport: int | None = None) -> None:
     """
     for flag, port in (("-pport", pport), ("-hport", hport or 0)):
         if port > MAX_PORT:
-            raise ConfigError(f"{flag}: must be 1..{MAX_PORT} (or <= 0: off), got {port}")
+            raise ConfigError(f"{flag}: must be 0..{MAX_PORT} (or < 0: off), got {port}")
     if not math.isfinite(grace) or grace < 0:
         raise ConfigError(f"-grace: must be >= 0 seconds, got {grace!r}")
 
@@ -125,20 +125,22 @@ def check_port_free(flag: str, host: str, port: int) -> None:
 
 
 def check_http_port(
-    config: ClusterConfig, from_flag: bool, host: str, others: tuple[int, ...]
+    config: ClusterConfig, flag: int | None, host: str, others: tuple[int, ...]
 ) -> None:
-    """Fail now if the HTTP publish port (``config.hport``, 0: off) cannot be listened on.
+    """Fail now if the HTTP publish port cannot be listened on.
 
-    *others* are the ports the broker listens on besides it (gRPC, ops): the same port
-    twice would fail only once the broker has started.
+    The port is the ``-hport`` *flag*'s, else (None) ``config.hport``; nothing is checked
+    when it is off or 0 (a port the OS picks). *others* are the ports the broker listens
+    on besides it (gRPC, ops): the same port twice would fail only once the broker has
+    started.
 
     Raises:
         ConfigError: Naming ``-hport``, or the key when the port comes from the config.
     """
-    port = config.hport
+    port = config.hport if flag is None else flag
     if port <= 0:
         return
-    name = "-hport" if from_flag else f"clusters.{config.name}.hport"
+    name = "-hport" if flag is not None else f"clusters.{config.name}.hport"
     if port in others:
         raise ConfigError(f"{name}: port {port} is already the gRPC or ops port")
     check_port_free(name, host, port)

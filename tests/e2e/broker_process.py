@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,12 +25,13 @@ def write_config(
     *,
     db: str,
     name: str = "e2e",
+    registry: str = "embedded://",
     extra: Mapping[str, object] | None = None,
     secrets: Mapping[str, str] | None = None,
 ) -> Path:
     lines = [
         "[registry.local]",
-        'hosts = "embedded://"',
+        f'hosts = "{registry}"',
         f"[clusters.{name}]",
         'env = "local"',
         f'db = "{db}"',
@@ -49,6 +52,26 @@ def write_config(
     path = directory / "cluster.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def strict_config(directory: Path, secrets: Mapping[str, str]) -> Path:
+    """A cluster e2e on RocksDB that serves only topic trade and checks the groups'
+    *secrets* (no acceptAnySecret)."""
+    return write_config(
+        directory,
+        db=f"rocksdb://{directory / 'db'}",
+        extra={"acceptAnySecret": False, "topics": ["trade"]},
+        secrets=secrets,
+    )
+
+
+def write_registry_file(directory: Path, bindings: str, *, brokers: Sequence[str] = ()) -> str:
+    """A static registry file (KiteQ's registry_demo) with *brokers* (addresses) serving
+    topic trade, and the ``[[bindings]]`` tables *bindings*; its ``file://`` URI."""
+    path = directory / "registry.toml"
+    entries = "".join(f'[[brokers]]\naddress = "{b}"\ntopics = ["trade"]\n' for b in brokers)
+    path.write_text(entries + bindings)
+    return f"file://{path}"
 
 
 def zk_registry(hosts: str, timeout: int = 4) -> str:
@@ -94,6 +117,25 @@ def _setting_lines(settings: Mapping[str, object]) -> list[str]:
     return lines
 
 
+def run_kiteq(
+    args: Sequence[str],
+    *,
+    cwd: Path = REPO,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m kiteq *args*`` run to its exit (for a broker that must not start);
+    *env* is the whole environment (None: this process's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kiteq", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientTls:
     """PEM files of a TLS test broker's CA, and of a client certificate for mTLS."""
@@ -114,9 +156,11 @@ class BrokerProcess:
     """One broker process; ``start`` waits for its ready line.
 
     *port* None: the first start binds a port the OS picks (read from the ready line) and
-    restarts bind the same one. *args* are extra command-line flags and *env* extra
-    environment variables; *tls* is what ``stats``/``lookup`` connect with (a TLS broker),
-    *admin_secret* what they send.
+    restarts bind the same one. *pport* (the ops port: /metrics, /stat, console) and
+    *hport* (the HTTP publish API) likewise, where 0 is a port the OS picks and None
+    leaves them off (``ops_url``/``http_url`` once started). *args* are extra command-line
+    flags and *env* extra environment variables; *tls* is what ``stats``/``lookup``
+    connect with (a TLS broker), *admin_secret* what they send.
     """
 
     def __init__(
@@ -126,7 +170,8 @@ class BrokerProcess:
         cluster: str = "e2e",
         port: int | None = None,
         cwd: Path | None = None,
-        pport: int = 0,
+        pport: int | None = None,
+        hport: int | None = None,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         tls: ClientTls | None = None,
@@ -135,8 +180,8 @@ class BrokerProcess:
         self.config = config
         self.cluster = cluster
         self.port = port or 0
-        # the ops HTTP port (/metrics, /stat); 0: off
         self.pport = pport
+        self.hport = hport
         self.cwd = cwd or config.parent
         self.args = tuple(args)
         self.env = dict(env or {})
@@ -149,6 +194,19 @@ class BrokerProcess:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def ops_url(self) -> str:
+        """``http://127.0.0.1:<pport>`` of the started broker's ops port."""
+        assert self.pport, "no ops port (pport) or not started"
+        return f"http://127.0.0.1:{self.pport}"
+
+    @property
+    def http_url(self) -> str:
+        """``http(s)://127.0.0.1:<hport>`` of the started broker's HTTP publish API."""
+        assert self.hport, "no HTTP publish port (hport) or not started"
+        assert self._process is not None
+        return self._process.ready["http"]
+
+    @property
     def proc(self) -> subprocess.Popen[str] | None:
         return self._process.popen if self._process is not None else None
 
@@ -157,13 +215,14 @@ class BrokerProcess:
         return self._process.output if self._process is not None else []
 
     def start(self, timeout: float = 30.0) -> None:
+        listeners = (("pport", self.pport), ("hport", self.hport))
         self._process = KiteqProcess(
             [
                 f"-clusterName={self.cluster}",
                 f"-configPath={self.config}",
                 f"-bind=127.0.0.1:{self.port}",
                 "-grace=5",
-                f"-pport={self.pport}",
+                *(f"-{flag}={port}" for flag, port in listeners if port is not None),
                 *self.args,
             ],
             cwd=self.cwd,
@@ -174,6 +233,11 @@ class BrokerProcess:
         except KiteQError as exc:
             raise RuntimeError(str(exc)) from exc
         self.port = self._process.port
+        ready = self._process.ready
+        if self.pport is not None:
+            self.pport = _port(ready["ops"])
+        if self.hport is not None:
+            self.hport = _port(ready["http"])
 
     def terminate(self, timeout: float = 20.0) -> int:
         assert self._process is not None, "not started"
@@ -198,6 +262,15 @@ class BrokerProcess:
         wait_until(
             lambda: self.stats().recoverScans >= start + 2, timeout, "a recover scan from now"
         )
+
+    def ops_page(self, path: str) -> str:
+        """The ops port's page at *path* (``/stat``, ``/binds``, ...), as text."""
+        with urllib.request.urlopen(f"{self.ops_url}{path}", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    def metrics(self) -> str:
+        """The ops port's ``/metrics`` page (Prometheus text)."""
+        return self.ops_page("/metrics")
 
     def admin_channel(self) -> grpc.Channel:
         if self.tls is None:
@@ -228,3 +301,8 @@ class BrokerProcess:
                 metadata=self._metadata(),
                 timeout=5,
             )
+
+
+def _port(url: str) -> int:
+    """The port of a ready-line address such as ``http://127.0.0.1:8080``."""
+    return int(url.rpartition(":")[2])

@@ -20,13 +20,16 @@ def message(
     commit: bool = True,
     message_id: str | None = None,
     body: bytes = b"x",
+    expired: int = 0,
 ) -> common_pb2.Message:
+    """A pay-succ message as the wire carries it (*expired*: ``expiredTime``, 0: none)."""
     header = common_pb2.Header(
         messageId=message_id or new_message_id(),
         topic=topic,
         messageType="pay-succ",
         groupId=group_id,
         commit=commit,
+        expiredTime=expired,
     )
     return common_pb2.Message(header=header, body=body)
 

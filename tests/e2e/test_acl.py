@@ -8,7 +8,6 @@ registry) or not applied, logged once and counted (ZooKeeper); inside them every
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -20,10 +19,9 @@ from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.client import Binding, Consumer, KiteQError, Message, PermissionDeniedError, Producer
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests._servers import free_port
-from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess, write_config, write_zk_config, zk_registry
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.fixtures import ZkConfig
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -182,43 +180,31 @@ def test_bindings_outside_the_groups_grants_are_refused_on_open(
 # -- ZooKeeper ---------------------------------------------------------------------------
 
 
-def ops_metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+def ops_metric(broker: BrokerProcess, name: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
+        for line in broker.metrics().splitlines()
         if line.startswith((name + "{", name + " "))
     )
 
 
 @pytest.fixture
 def zk_acl_broker(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
-) -> Callable[[], tuple[BrokerProcess, int]]:
-    def start() -> tuple[BrokerProcess, int]:
-        ops = free_port()
-        config = write_zk_config(
-            tmp_path,
-            zk_registry(zookeeper.hosts + zk.chroot),
-            db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
-            extra={"recoverSeconds": 1},
-        )
-        return launch(with_acl(config), args=[f"-pport={ops}"]), ops
-
-    return start
+    zk_config: ZkConfig, launch: Callable[..., BrokerProcess]
+) -> Callable[[], BrokerProcess]:
+    return lambda: launch(with_acl(zk_config({"recoverSeconds": 1})), pport=0)
 
 
 def test_zookeeper_bindings_outside_the_grants_are_not_applied(
-    zk_acl_broker: Callable[[], tuple[BrokerProcess, int]], zk: Any
+    zk_acl_broker: Callable[[], BrokerProcess], zk: Any
 ) -> None:
     spy_node = "/kiteq/sub/trade/spy-svc-bind"
     spy = ModelBinding.fanout("trade").with_group("spy-svc")
     zk.create(spy_node, dumps([spy]), makepath=True)
-    broker, ops = zk_acl_broker()
+    broker = zk_acl_broker()
     refused = f"binding node refused path={spy_node}"
     assert any(refused in line for line in broker.output)
-    assert ops_metric(ops, "kiteq_bindings_refused_total") == 1
+    assert ops_metric(broker, "kiteq_bindings_refused_total") == 1
 
     # a permitted group's node written after it applies; the refused one still does not
     acct_node = "/kiteq/sub/trade/acct-svc-bind"
@@ -247,4 +233,4 @@ def test_zookeeper_bindings_outside_the_grants_are_not_applied(
     assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert zk.exists("/kiteq/sub/trade/other-svc-bind") is None
     assert json.loads(zk.get(spy_node)[0])[0]["groupId"] == "spy-svc"
-    assert ops_metric(ops, "kiteq_bindings_refused_total") == 2
+    assert ops_metric(broker, "kiteq_bindings_refused_total") == 2

@@ -10,16 +10,15 @@ open); every failed authentication and every admin mutation is one ``kiteq.audit
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
-import itertools
 import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import grpc
 import pytest
@@ -27,9 +26,9 @@ import pytest
 from kiteq.client import Message, Producer
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests._servers import free_port
 from tests.e2e import helpers
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, run_kiteq, write_config
+from tests.e2e.fixtures import StartBroker
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,14 +47,7 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def run_broker(config: Path, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=e2e", f"-configPath={config}", *flags],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    return run_kiteq(["-clusterName=e2e", f"-configPath={config}", *flags], env=env)
 
 
 def admin_cli(
@@ -83,24 +75,9 @@ def audit_lines(broker: BrokerProcess, word: str) -> list[str]:
 
 
 @pytest.fixture
-def start_broker(
-    tmp_path: Path, launch: Callable[..., BrokerProcess]
-) -> Callable[..., BrokerProcess]:
-    numbers = itertools.count()
-
-    def start(extra: dict[str, object], **options: Any) -> BrokerProcess:
-        directory = tmp_path / f"broker{next(numbers)}"
-        directory.mkdir()
-        config = write_config(
-            directory,
-            db=f"rocksdb://{directory / 'db'}",
-            extra=extra,
-            secrets=GROUP_SECRETS,
-        )
-        options.setdefault("env", {})
-        return launch(config, **options)
-
-    return start
+def start_broker(start_broker: StartBroker) -> StartBroker:
+    """The shared fixture's broker, on RocksDB and with the groups' secrets."""
+    return functools.partial(start_broker, store="rocksdb", secrets=GROUP_SECRETS)
 
 
 # -- start-up rule -----------------------------------------------------------------------
@@ -117,14 +94,7 @@ def test_production_shaped_cluster_without_admin_secret_does_not_start(tmp_path:
 
 
 def test_shipped_zk_online_cluster_needs_an_admin_secret() -> None:
-    shipped = subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=zk_online", f"-bind=127.0.0.1:{free_port()}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environment(),
-    )
+    shipped = run_kiteq(["-clusterName=zk_online", "-bind=127.0.0.1:0"], env=environment())
     assert shipped.returncode == 1
     assert "clusters.zk_online.adminSecret" in shipped.stderr
 
@@ -297,9 +267,11 @@ def test_admin_mutations_are_audit_logged_with_peer_and_filter(
 
 
 def get(
-    port: int, path: str, authorization: str | None = None
+    broker: BrokerProcess, path: str, authorization: str | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    """GET *path* on *broker*'s ops port: (status, headers, body), whatever the status."""
+    assert broker.pport, "no ops port"
+    connection = http.client.HTTPConnection("127.0.0.1", broker.pport, timeout=5)
     try:
         headers = {"Authorization": authorization} if authorization is not None else {}
         connection.request("GET", path, headers=headers)
@@ -316,28 +288,25 @@ def basic(password: str) -> str:
 def test_ops_pages_require_the_secret_and_metrics_stay_open(
     start_broker: Callable[..., BrokerProcess],
 ) -> None:
-    pport = free_port()
-    broker = start_broker(
-        PRODUCTION, args=[f"-pport={pport}"], env={"KITEQ_ADMIN_SECRET": ADMIN_SECRET}
-    )
-    wait_for_line(broker, rf"ops http listening host=127\.0\.0\.1 port={pport}")
+    broker = start_broker(PRODUCTION, pport=0, env={"KITEQ_ADMIN_SECRET": ADMIN_SECRET})
+    wait_for_line(broker, rf"ops http listening host=127\.0\.0\.1 port={broker.pport}")
     # the console's page itself holds no data (issue #14): its /api/... reads are guarded
-    assert get(pport, "/")[0] == 200
+    assert get(broker, "/")[0] == 200
     for path in ("/stat", "/binds", "/api/overview"):
-        status, headers, _ = get(pport, path)
+        status, headers, _ = get(broker, path)
         assert status == 401, path
         if not path.startswith("/api/"):  # the console has its own login form
             assert headers["WWW-Authenticate"].startswith("Basic ")
         for wrong in (f"Bearer {ADMIN_SECRET}x", basic("nope"), "Bearer ", "Basic !!!"):
-            assert get(pport, path, wrong)[0] == 401, (path, wrong)
-        assert get(pport, path, f"Bearer {ADMIN_SECRET}")[0] == 200, path
-        assert get(pport, path, basic(ADMIN_SECRET))[0] == 200, path
-    status, _, body = get(pport, "/stat", f"Bearer {ADMIN_SECRET}")
+            assert get(broker, path, wrong)[0] == 401, (path, wrong)
+        assert get(broker, path, f"Bearer {ADMIN_SECRET}")[0] == 200, path
+        assert get(broker, path, basic(ADMIN_SECRET))[0] == 200, path
+    status, _, body = get(broker, "/stat", f"Bearer {ADMIN_SECRET}")
     assert "kiteq" in json.loads(body)
-    status, _, body = get(pport, "/metrics")
+    status, _, body = get(broker, "/metrics")
     assert status == 200
     assert b"kiteq_" in body
-    assert get(pport, "/healthz")[0] == 200
+    assert get(broker, "/healthz")[0] == 200
     wait_for_line(
         broker, r"kiteq\.audit admin auth failed peer=127\.0\.0\.1:\d+ path=/stat reason=no secret"
     )
@@ -349,8 +318,7 @@ def test_ops_pages_require_the_secret_and_metrics_stay_open(
 
 
 def test_ops_pages_stay_open_on_a_dev_cluster(start_broker: Callable[..., BrokerProcess]) -> None:
-    pport = free_port()
-    broker = start_broker({"acceptAnySecret": True}, args=[f"-pport={pport}"])
-    wait_for_line(broker, rf"ops http listening host=127\.0\.0\.1 port={pport}")
-    assert get(pport, "/stat")[0] == 200
-    assert get(pport, "/binds")[0] == 200
+    broker = start_broker({"acceptAnySecret": True}, pport=0)
+    wait_for_line(broker, rf"ops http listening host=127\.0\.0\.1 port={broker.pport}")
+    assert get(broker, "/stat")[0] == 200
+    assert get(broker, "/binds")[0] == 200

@@ -17,9 +17,9 @@ import pytest
 from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.client import Binding, Consumer, Message, Producer
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests._servers.zookeeper import ManagedZooKeeper
-from tests.e2e.broker_process import BrokerProcess, write_config, write_zk_config, zk_registry
+from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.fixtures import ZkConfig
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,18 +94,9 @@ def test_bindings_beyond_the_limits_are_refused_on_open(limited_broker: BrokerPr
 
 @pytest.fixture
 def zk_limited_broker(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+    zk_config: ZkConfig, launch: Callable[..., BrokerProcess]
 ) -> Callable[[], BrokerProcess]:
-    def start() -> BrokerProcess:
-        config = write_zk_config(
-            tmp_path,
-            zk_registry(zookeeper.hosts + zk.chroot),
-            db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
-            extra=dict(LIMITS),
-        )
-        return launch(config)
-
-    return start
+    return lambda: launch(zk_config(LIMITS))
 
 
 def test_zookeeper_node_beyond_the_limits_is_skipped(

@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage, TxStatus
 from kiteq.core.admin import ADMIN_SECRET_HEADER
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests._servers import free_port, unavailable
+from tests._servers import unavailable
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.waiting import wait_until
@@ -79,7 +79,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
             "txCheckMax": 2,
         },
     )
-    process = BrokerProcess(config, pport=free_port(), admin_secret=SECRET)
+    process = BrokerProcess(config, pport=0, admin_secret=SECRET)
     process.start()
     try:
         yield process
@@ -88,7 +88,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
 
 
 def console_url(broker: BrokerProcess, view: str = "") -> str:
-    return f"http://127.0.0.1:{broker.pport}/" + (f"#{view}" if view else "")
+    return f"{broker.ops_url}/" + (f"#{view}" if view else "")
 
 
 def wait(browser: webdriver.Chrome, condition: Callable[[webdriver.Chrome], object]) -> None:

@@ -10,41 +10,22 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kiteq.client import (
-    AckMode,
-    AsyncConsumer,
-    AsyncDelivery,
-    AsyncProducer,
-    Binding,
-    DeliveryExpiredError,
-    Message,
-)
+from kiteq.client import AckMode, AsyncDelivery, DeliveryExpiredError, Message
 from kiteq.proto.v1 import admin_pb2
 from tests.e2e.broker_process import BrokerProcess
-from tests.e2e.helpers import dead_letters, in_flight, wait_idle
+from tests.e2e.helpers import (
+    async_consumer,
+    async_producer,
+    dead_letters,
+    in_flight,
+    pay_succ,
+    wait_idle,
+)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
-BINDINGS = [Binding.direct("trade", "pay-succ")]
 DELIVERY_SECONDS = 2  # tests/e2e/broker_process.write_config
-
-
-def consumer(broker: BrokerProcess, group: str = "acct-svc", **options: object) -> AsyncConsumer:
-    return AsyncConsumer(
-        brokers=[broker.address],
-        group_id=group,
-        bindings=BINDINGS,
-        **options,  # type: ignore[arg-type]
-    )
-
-
-def producer(broker: BrokerProcess) -> AsyncProducer:
-    return AsyncProducer(brokers=[broker.address], group_id="pay-svc")
-
-
-def message(body: bytes) -> Message:
-    return Message(topic="trade", message_type="pay-succ", body=body)
 
 
 async def take(deliveries: AsyncIterator[AsyncDelivery], timeout: float = 20.0) -> AsyncDelivery:
@@ -56,8 +37,8 @@ async def test_iterated_deliveries_acked_out_of_order_by_several_tasks(
     broker: BrokerProcess,
 ) -> None:
     count = 40
-    async with consumer(broker) as c, producer(broker) as p:
-        sent = {(await p.send(message(str(i).encode()))).message_id for i in range(count)}
+    async with async_consumer(broker) as c, async_producer(broker) as p:
+        sent = {(await p.send(pay_succ(str(i).encode()))).message_id for i in range(count)}
         deliveries = aiter(c)
         taken = [await take(deliveries) for _ in range(count)]
         random.Random(17).shuffle(taken)
@@ -80,11 +61,11 @@ async def test_iterated_deliveries_acked_out_of_order_by_several_tasks(
 async def test_unacked_delivery_goes_to_another_connection_with_attempt_2(
     broker: BrokerProcess,
 ) -> None:
-    async with consumer(broker, client_id="first") as first, producer(broker) as p:
-        sent = (await p.send(message(b"slow"))).message_id
+    async with async_consumer(broker, client_id="first") as first, async_producer(broker) as p:
+        sent = (await p.send(pay_succ(b"slow"))).message_id
         held = await take(aiter(first))
         assert (held.message_id, held.attempt) == (sent, 1)
-        async with consumer(broker, client_id="second") as second:
+        async with async_consumer(broker, client_id="second") as second:
             again = await take(aiter(second), timeout=DELIVERY_SECONDS * 10)
             assert (again.message_id, again.attempt) == (sent, 2)
             with pytest.raises(DeliveryExpiredError, match="expired"):
@@ -100,11 +81,13 @@ async def test_in_progress_keeps_a_long_handler_from_redelivery(broker: BrokerPr
         other.append(delivery)
         await delivery.ack()
 
-    async with consumer(broker, client_id="worker") as worker, producer(broker) as p:
-        sent = (await p.send(message(b"long"))).message_id
+    async with async_consumer(broker, client_id="worker") as worker, async_producer(broker) as p:
+        sent = (await p.send(pay_succ(b"long"))).message_id
         delivery = await take(aiter(worker))
         # a second connection of the group would get any redelivery
-        async with consumer(broker, handler=record, ack_mode=AckMode.MANUAL, client_id="spare"):
+        async with async_consumer(
+            broker, handler=record, ack_mode=AckMode.MANUAL, client_id="spare"
+        ):
             started = time.monotonic()
             while time.monotonic() - started < 3 * DELIVERY_SECONDS:
                 await delivery.in_progress()
@@ -127,12 +110,12 @@ async def test_unacked_bound_holds_back_deliveries_until_an_ack(broker: BrokerPr
         await delivery.ack()
 
     async with (
-        consumer(broker, max_in_flight=bound) as c,
-        consumer(broker, "audit-svc", handler=see, ack_mode=AckMode.MANUAL),
-        producer(broker) as p,
+        async_consumer(broker, max_in_flight=bound) as c,
+        async_consumer(broker, "audit-svc", handler=see, ack_mode=AckMode.MANUAL),
+        async_producer(broker) as p,
     ):
         for i in range(10):
-            await p.send(message(str(i).encode()))
+            await p.send(pay_succ(str(i).encode()))
         deliveries = aiter(c)
         held = [await take(deliveries) for _ in range(bound)]
         # positive event: the other group got all ten, so the broker was delivering
@@ -157,14 +140,14 @@ async def test_unacked_bound_holds_back_deliveries_until_an_ack(broker: BrokerPr
 async def test_nack_with_delay_redelivers_no_earlier_and_others_keep_flowing(
     broker: BrokerProcess,
 ) -> None:
-    async with consumer(broker) as c, producer(broker) as p:
-        late = (await p.send(message(b"later"))).message_id
+    async with async_consumer(broker) as c, async_producer(broker) as p:
+        late = (await p.send(pay_succ(b"later"))).message_id
         deliveries = aiter(c)
         first = await take(deliveries)
         assert first.message_id == late
         nacked_at = time.monotonic()
         await first.nack(delay=5)
-        others = {(await p.send(message(str(i).encode()))).message_id for i in range(5)}
+        others = {(await p.send(pay_succ(str(i).encode()))).message_id for i in range(5)}
         got: set[str] = set()
         while len(got) < 5:
             d = await take(deliveries)
@@ -183,7 +166,7 @@ async def test_nack_with_delay_redelivers_no_earlier_and_others_keep_flowing(
 async def test_delayed_nack_within_deliver_limit_dead_letters_at_the_limit(
     broker: BrokerProcess,
 ) -> None:
-    async with consumer(broker) as c, producer(broker) as p:
+    async with async_consumer(broker) as c, async_producer(broker) as p:
         limited = Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=2)
         sent = (await p.send(limited)).message_id
         deliveries = aiter(c)

@@ -9,27 +9,11 @@ import time
 
 import pytest
 
-from kiteq.client import (
-    AsyncConsumer,
-    AsyncProducer,
-    Binding,
-    ClientClosedError,
-    Consumer,
-    Delivery,
-    Message,
-    Producer,
-    ReceivedMessage,
-)
+from kiteq.client import ClientClosedError, Consumer, Delivery, Producer, ReceivedMessage
 from tests.e2e.broker_process import BrokerProcess
-from tests.e2e.helpers import wait_idle
+from tests.e2e.helpers import PAY_SUCC, async_consumer, async_producer, pay_succ, wait_idle
 
 pytestmark = pytest.mark.e2e
-
-BINDINGS = [Binding.direct("trade", "pay-succ")]
-
-
-def message(body: bytes) -> Message:
-    return Message(topic="trade", message_type="pay-succ", body=body)
 
 
 class Overlap:
@@ -75,13 +59,13 @@ def test_batch_handler_results_per_message_and_max_concurrency(broker: BrokerPro
         Consumer(
             brokers=[broker.address],
             group_id="acct-svc",
-            bindings=BINDINGS,
+            bindings=PAY_SUCC,
             batch_handler=handle,
             max_concurrency=2,
         ),
         Producer(brokers=[broker.address], group_id="pay-svc") as p,
     ):
-        futures = [p.send_async(message(str(i).encode())) for i in range(count)]
+        futures = [p.send_async(pay_succ(str(i).encode())) for i in range(count)]
         for future in futures:
             future.result(20)
         with done:
@@ -113,16 +97,10 @@ async def test_async_handler_max_concurrency(broker: BrokerProcess) -> None:
         return True
 
     async with (
-        AsyncConsumer(
-            brokers=[broker.address],
-            group_id="acct-svc",
-            bindings=BINDINGS,
-            handler=handle,
-            max_concurrency=3,
-        ),
-        AsyncProducer(brokers=[broker.address], group_id="pay-svc") as p,
+        async_consumer(broker, handler=handle, max_concurrency=3),
+        async_producer(broker) as p,
     ):
-        await asyncio.gather(*(p.send(message(str(i).encode())) for i in range(count)))
+        await asyncio.gather(*(p.send(pay_succ(str(i).encode())) for i in range(count)))
         await asyncio.wait_for(all_seen.wait(), 30)
     assert 1 < overlap.most <= 3
 
@@ -142,20 +120,13 @@ async def test_pause_stops_deliveries_until_resume(broker: BrokerProcess) -> Non
         return True
 
     async with (
-        AsyncConsumer(
-            brokers=[broker.address],
-            group_id="acct-svc",
-            bindings=BINDINGS,
-            handler=paused_handler,
-        ) as c,
-        AsyncConsumer(
-            brokers=[broker.address], group_id="audit-svc", bindings=BINDINGS, handler=witness
-        ),
-        AsyncProducer(brokers=[broker.address], group_id="pay-svc") as p,
+        async_consumer(broker, handler=paused_handler) as c,
+        async_consumer(broker, "audit-svc", handler=witness),
+        async_producer(broker) as p,
     ):
         await c.pause()
         assert c.paused
-        sent = (await p.send(message(b"wait"))).message_id
+        sent = (await p.send(pay_succ(b"wait"))).message_id
         # positive event: another group got it, so the broker delivered meanwhile
         await asyncio.wait_for(witness_got.wait(), 20)
         assert paused_got == []
@@ -170,10 +141,10 @@ def test_sync_iterator_answers_from_other_threads(broker: BrokerProcess) -> None
     count = 20
     answered: list[Delivery] = []
     with (
-        Consumer(brokers=[broker.address], group_id="acct-svc", bindings=BINDINGS) as c,
+        Consumer(brokers=[broker.address], group_id="acct-svc", bindings=PAY_SUCC) as c,
         Producer(brokers=[broker.address], group_id="pay-svc") as p,
     ):
-        sent = {p.send(message(str(i).encode())).message_id for i in range(count)}
+        sent = {p.send(pay_succ(str(i).encode())).message_id for i in range(count)}
         threads = []
         for delivery in c:
             answered.append(delivery)

@@ -8,15 +8,13 @@ broker restart; once the window has passed the same id is a new message.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from kiteq.client import Binding, Message
-from tests._servers import free_port
+from kiteq.client import Binding
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
-from tests.e2e.helpers import consumer, producer, wait_idle
+from tests.e2e.helpers import consumer, pay_succ, producer, wait_idle
 from tests.waiting import wait_until
 
 BINDINGS = [Binding.fanout("trade", persistent=True)]
@@ -33,24 +31,18 @@ def _broker(
     return launch(config, **options)
 
 
-def _message(body: bytes) -> Message:
-    return Message(topic="trade", message_type="pay-succ", body=body)
-
-
-def _duplicates_metric(pport: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{pport}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+def _duplicates_metric(broker: BrokerProcess) -> float:
     name = 'kiteq_messages_duplicate_total{topic="trade"}'
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    lines = broker.metrics().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
 
 
 def test_a_retry_of_a_delivered_message_is_a_duplicate_and_not_delivered(
     tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
-    pport = free_port()
-    broker = _broker(tmp_path, launch, 120, pport=pport)
+    broker = _broker(tmp_path, launch, 120, pport=0)
     got = Collector()
-    first = _message(b"first")
+    first = pay_succ(b"first")
     with consumer(broker, "acct-svc", BINDINGS, got), producer(broker) as p:
         assert not p.send(first).duplicate
         got.wait_count(1)
@@ -60,12 +52,12 @@ def test_a_retry_of_a_delivered_message_is_a_duplicate_and_not_delivered(
         assert retry.duplicate
         assert retry.message_id == first.message_id
         # the positive event: a new message sent after the retry arrives
-        after = p.send(_message(b"after")).message_id
+        after = p.send(pay_succ(b"after")).message_id
         got.wait_for(lambda received: after in {m.message_id for m in received})
         wait_idle(broker)
         broker.passed_recover_scan()
     assert sorted(got.ids()) == sorted([first.message_id, after])
-    assert _duplicates_metric(pport) == 1
+    assert _duplicates_metric(broker) == 1
 
 
 def test_after_a_short_window_the_same_id_is_delivered_again(
@@ -74,7 +66,7 @@ def test_after_a_short_window_the_same_id_is_delivered_again(
     window = 2.0
     broker = _broker(tmp_path, launch, window)
     got = Collector()
-    message = _message(b"again")
+    message = pay_succ(b"again")
     with consumer(broker, "acct-svc", BINDINGS, got), producer(broker) as p:
         p.send(message)
         got.wait_count(1)
@@ -92,7 +84,7 @@ def test_the_window_survives_a_sigkill_and_restart(
     tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
     broker = _broker(tmp_path, launch, 120)
-    first = _message(b"before the crash")
+    first = pay_succ(b"before the crash")
     before = Collector()
     with consumer(broker, "acct-svc", BINDINGS, before), producer(broker) as p:
         p.send(first)
@@ -104,7 +96,7 @@ def test_the_window_survives_a_sigkill_and_restart(
     after = Collector()
     with consumer(broker, "acct-svc", BINDINGS, after), producer(broker) as p:
         assert p.send(first).duplicate
-        new = p.send(_message(b"after the restart")).message_id
+        new = p.send(pay_succ(b"after the restart")).message_id
         after.wait_count(1)
         wait_idle(broker)
         broker.passed_recover_scan()

@@ -10,12 +10,10 @@ from the store, and they drain to zero when the group comes back.
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from kiteq.client import Binding, Message
-from tests._servers import free_port
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.e2e.helpers import admin_cli, admin_json, consumer, producer
@@ -29,22 +27,16 @@ def group_backlog(broker: BrokerProcess, group: str) -> int:
     return sum(g.backlog for g in broker.stats().groupBacklogs if g.groupId == group)
 
 
-def metric(port: int, name: str, group: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+def metric(broker: BrokerProcess, name: str, group: str) -> float | None:
     pattern = rf'^{name}{{group="{group}",topic="trade"}} (\S+)$'
-    found = re.search(pattern, text, re.MULTILINE)
+    found = re.search(pattern, broker.metrics(), re.MULTILINE)
     return None if found is None else float(found.group(1))
 
 
 def test_an_offline_groups_backlog_is_counted_for_it_and_survives_a_kill(
     tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
-    ops = free_port()
-    broker = launch(
-        write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"),
-        pport=ops,
-    )
+    broker = launch(write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"), pport=0)
     with consumer(broker, "away", [BINDING], Collector()):
         pass  # declares its persistent binding, then goes offline
     with producer(broker) as p:
@@ -53,8 +45,8 @@ def test_an_offline_groups_backlog_is_counted_for_it_and_survives_a_kill(
             for _ in range(N)
         ]
     wait_until(lambda: group_backlog(broker, "away") == N, 20, f"{N} stored for 'away'")
-    wait_until(lambda: metric(ops, "kiteq_group_backlog_messages", "away") == N, 20, "the gauge")
-    age = metric(ops, "kiteq_group_oldest_message_age_seconds", "away")
+    wait_until(lambda: metric(broker, "kiteq_group_backlog_messages", "away") == N, 20, "the gauge")
+    age = metric(broker, "kiteq_group_oldest_message_age_seconds", "away")
     assert age is not None
     assert age >= 0
 

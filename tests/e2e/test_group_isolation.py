@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests._servers import free_port, unavailable
+from tests._servers import unavailable
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.e2e.helpers import admin_json
@@ -175,9 +174,8 @@ def test_a_group_in_its_backoff_window_does_not_delay_a_group_that_connects_late
 def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_per_group(
     tmp_path: Path,
 ) -> None:
-    pport = free_port()
     broker = BrokerProcess(
-        write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"), pport=pport
+        write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"), pport=0
     )
     broker.start()
     try:
@@ -194,18 +192,15 @@ def test_redrive_by_id_takes_every_groups_letter_or_the_named_one_and_ops_count_
             )
         assert sorted(d.groupId for d in dead_letters(broker)) == ["a", "b"]
 
-        def ops(path: str) -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{pport}{path}", timeout=5) as reply:
-                return str(reply.read().decode())
-
         wait_until(
             lambda: (
-                json.loads(ops("/stat"))["kiteq"]["dead_letters"] == {"trade": {"a": 1, "b": 1}}
+                json.loads(broker.ops_page("/stat"))["kiteq"]["dead_letters"]
+                == {"trade": {"a": 1, "b": 1}}
             ),
             what="/stat dead letters per group",
             timeout=20,
         )
-        metrics = ops("/metrics")
+        metrics = broker.metrics()
         assert 'kiteq_dead_letters{group="a",topic="trade"} 1.0' in metrics
         assert 'kiteq_dead_letters{group="b",topic="trade"} 1.0' in metrics
 

@@ -13,7 +13,6 @@ import asyncio
 import random
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from kiteq.client import Binding, Consumer, Message, Producer
 from kiteq.core.ids import new_message_id
 from kiteq.proto.v1 import broker_pb2, common_pb2
-from tests._servers import free_port
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 
@@ -50,23 +48,15 @@ def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
         extra={"acceptAnySecret": False, "adminOpen": True},
         secrets={"pay": "right", "acct": "right"},
     )
-    process = BrokerProcess(config, args=[f"-pport={free_port()}"])
+    process = BrokerProcess(config, pport=0)
     process.start()
     yield process
     process.stop_quietly()
 
 
-def ops_port(broker: BrokerProcess) -> int:
-    (flag,) = [a for a in broker.args if a.startswith("-pport=")]
-    return int(flag.split("=", 1)[1])
-
-
 def rejected_frames(broker: BrokerProcess) -> dict[str, float]:
-    url = f"http://127.0.0.1:{ops_port(broker)}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(broker.metrics()):
         if family.name == "kiteq_rejected_frames":
             for sample in family.samples:
                 if sample.name == "kiteq_rejected_frames_total":

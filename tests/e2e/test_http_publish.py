@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ import pytest
 from kiteq.broker.http_request import idempotent_id
 from kiteq.client import Binding, Consumer
 from kiteq.core.limits import MAX_BODY_BYTES
-from tests._servers import free_port
 from tests.e2e.broker_process import BrokerProcess, write_config
 from tests.e2e.collector import Collector
 from tests.e2e.tls_files import make_tls_files
@@ -36,7 +34,6 @@ class Reply:
 class HttpBroker:
     process: BrokerProcess
     base: str
-    pport: int = 0
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
@@ -68,16 +65,13 @@ def start(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> Callable[...,
     def run(
         extra: Mapping[str, object] | None = None,
         secrets: Mapping[str, str] | None = None,
-        pport: int = 0,
+        pport: int | None = None,
     ) -> HttpBroker:
-        hport = free_port()
         config = write_config(
             tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch", extra=extra, secrets=secrets
         )
-        process = launch(config, args=[f"-hport={hport}"], pport=pport)
-        ready = next(line for line in process.output if line.startswith("kiteq ready"))
-        assert f" http=http://127.0.0.1:{hport}" in ready
-        return HttpBroker(process, f"http://127.0.0.1:{hport}", pport)
+        process = launch(config, hport=0, pport=pport)
+        return HttpBroker(process, process.http_url)
 
     return run
 
@@ -99,7 +93,7 @@ JSON = ["-H", "Content-Type: application/json"]
 def test_raw_publish_with_curl_is_delivered_to_a_grpc_consumer(
     start: Callable[..., HttpBroker], tmp_path: Path
 ) -> None:
-    broker = start(pport=free_port())
+    broker = start(pport=0)
     binary = tmp_path / "body.bin"
     binary.write_bytes(b"\x00binary\xff")
     got = Collector()
@@ -138,8 +132,7 @@ def test_raw_publish_with_curl_is_delivered_to_a_grpc_consumer(
     assert first.properties == {"orderId": "42"}
     assert (second.message_id, second.body) == (json_reply.body["id"], b"\x00\x01\x02")
     assert second.properties == {"k": "v"}
-    with urllib.request.urlopen(f"http://127.0.0.1:{broker.pport}/metrics", timeout=5) as page:
-        metrics = page.read().decode()
+    metrics = broker.process.metrics()
     assert 'kiteq_http_requests_total{code="200",endpoint="publish"} 2.0' in metrics
     assert 'kiteq_messages_received_total{topic="trade"} 2.0' in metrics
 
@@ -441,13 +434,11 @@ def test_errors_are_json_with_clear_statuses(
 def test_acl_decides_what_a_group_may_publish(
     tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
-    hport = free_port()
     config = write_config(tmp_path, db="memory://")
     config.write_text(
         config.read_text() + '[clusters.e2e.acl.pay-svc]\npublish = ["trade"]\nsubscribe = []\n'
     )
-    launch(config, args=[f"-hport={hport}"])
-    base = f"http://127.0.0.1:{hport}/v1/topics"
+    base = f"{launch(config, hport=0).http_url}/v1/topics"
     allowed = curl(
         [*AUTH, "-H", "X-KiteQ-Message-Type: t", "-d", "x", f"{base}/trade/messages"], tmp_path
     )
@@ -462,13 +453,13 @@ def test_https_with_the_grpc_ports_certificate_and_mtls(
     tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
     files = make_tls_files(tmp_path / "tls")
-    hport = free_port()
-    launch(
+    broker = launch(
         write_config(tmp_path, db="memory://", extra=files.broker_keys(mtls=True)),
-        args=[f"-hport={hport}"],
+        hport=0,
         tls=files.admin(cert=True),
     )
-    url = f"https://127.0.0.1:{hport}/v1/topics/trade/messages"
+    url = f"{broker.http_url}/v1/topics/trade/messages"
+    assert url.startswith("https://")
     message = [*AUTH, "-H", "X-KiteQ-Message-Type: pay-succ", "-d", "x"]
     client = ["--cert", str(files.client_cert), "--key", str(files.client_key)]
     reply = curl([*message, "--cacert", str(files.ca), *client, url], tmp_path)

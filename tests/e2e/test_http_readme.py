@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from kiteq.client import Binding, Consumer
-from tests._servers import free_port
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
 from tests.e2e.collector import Collector
 
@@ -42,14 +41,10 @@ def test_readme_curl_examples_run_as_written(
 ) -> None:
     start, examples = re.findall(r"```sh\n(.*?)```", SECTION, re.S)
     assert start == f"kiteq -clusterName=rocksdb_dev -hport={DEFAULT_HTTP.rpartition(':')[2]}\n"
-    hport = free_port()
-    broker = launch(
-        write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"),
-        args=[f"-hport={hport}"],
-    )
+    broker = launch(write_config(tmp_path, db=f"rocksdb://{tmp_path / 'db'}?fsync=batch"), hport=0)
     # published before any consumer binds the topic: the broker holds every message, so
     # the repeated Idempotency-Key finds the first one stored (a duplicate)
-    script = "set -euo pipefail\n" + examples.replace(DEFAULT_HTTP, f"127.0.0.1:{hport}")
+    script = "set -euo pipefail\n" + examples.replace(DEFAULT_HTTP, f"127.0.0.1:{broker.hport}")
     run = subprocess.run(
         ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )

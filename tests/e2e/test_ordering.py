@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 from kiteq.client import Message, Producer
 from kiteq.client._affinity import rank
 from tests.e2e.broker_process import REPO, BrokerProcess, write_config
-from tests.e2e.helpers import SECRET, wait_idle
+from tests.e2e.helpers import SECRET, run_readme_example, wait_idle
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -261,13 +260,7 @@ def test_two_brokers_and_a_failover_keep_the_documented_order(
 
 
 def test_readme_ordered_example_runs_as_written(broker: BrokerProcess) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Ordered delivery\n", 1)[1].split("\n## ", 1)[0]
-    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    script = example.replace("127.0.0.1:13800", broker.address)
-    run = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    run = run_readme_example("Ordered delivery", broker)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
         "order-1 ['created', 'paid', 'shipped']",

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,26 +17,17 @@ from kiteq.client import (
     Producer,
     UnknownTopicError,
 )
-from kiteq.core.ids import new_message_id
 from kiteq.core.limits import MAX_BODY_BYTES
 from kiteq.proto.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, run_kiteq, strict_config, write_config
 from tests.e2e.collector import Collector
+from tests.e2e.raw_session import message as raw_message
 
 
 @pytest.fixture
-def strict_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+def strict_broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> BrokerProcess:
     """Listed topics and per-group secrets; no acceptAnySecret."""
-    config = write_config(
-        tmp_path,
-        db=f"rocksdb://{tmp_path / 'db'}",
-        extra={"acceptAnySecret": False, "topics": ["trade"]},
-        secrets={"pay-svc": "right", "acct-svc": "right"},
-    )
-    process = BrokerProcess(config)
-    process.start()
-    yield process
-    process.stop_quietly()
+    return launch(strict_config(tmp_path, {"pay-svc": "right", "acct-svc": "right"}))
 
 
 def raw_publish(
@@ -50,19 +39,6 @@ def raw_publish(
             timeout=10,
         )
     return list(reply.acks)
-
-
-def raw_message(
-    *, topic: str = "trade", body: bytes = b"x", expired: int = 0, message_id: str | None = None
-) -> common_pb2.Message:
-    header = common_pb2.Header(
-        messageId=message_id or new_message_id(),
-        topic=topic,
-        messageType="pay-succ",
-        commit=True,
-        expiredTime=expired,
-    )
-    return common_pb2.Message(header=header, body=body)
 
 
 def test_wrong_secret_is_unauthenticated_and_stores_nothing(strict_broker: BrokerProcess) -> None:
@@ -125,22 +101,13 @@ def test_client_reports_typed_errors(strict_broker: BrokerProcess) -> None:
 
 
 def test_cli_rejects_unknown_cluster_and_bad_values(tmp_path: Path) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kiteq", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    unknown = run("-clusterName=nope")
+    unknown = run_kiteq(["-clusterName=nope"])
     assert unknown.returncode == 1
     assert "unknown cluster 'nope'" in unknown.stderr
     assert "rocksdb_dev" in unknown.stderr
     config = write_config(tmp_path, db="memory://", extra={"deliverySeconds": -1})
-    bad = run("-clusterName=e2e", f"-configPath={config}")
+    bad = run_kiteq(["-clusterName=e2e", f"-configPath={config}"])
     assert bad.returncode == 1
     assert "clusters.e2e.deliverySeconds" in bad.stderr
-    usage = run("-noSuchFlag=1")
+    usage = run_kiteq(["-noSuchFlag=1"])
     assert usage.returncode == 2

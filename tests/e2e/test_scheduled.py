@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,8 +14,16 @@ from pathlib import Path
 from typing import Final
 
 from kiteq.client import AsyncConsumer, AsyncProducer, Binding, Message, ReceivedMessage
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
-from tests.e2e.helpers import SECRET, admin_cli, admin_json, consumer, producer, wait_idle
+from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.helpers import (
+    SECRET,
+    admin_cli,
+    admin_json,
+    consumer,
+    producer,
+    run_readme_example,
+    wait_idle,
+)
 from tests.waiting import wait_until
 
 BINDING: Final = Binding.direct("trade", "remind")
@@ -210,13 +216,7 @@ def test_cancel_through_kiteq_admin(broker: BrokerProcess) -> None:
 
 
 def test_readme_scheduled_example_runs_as_written(broker: BrokerProcess) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Scheduled delivery\n", 1)[1].split("\n## ", 1)[0]
-    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    script = example.replace("127.0.0.1:13800", broker.address)
-    run = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    run = run_readme_example("Scheduled delivery", broker)
     assert run.returncode == 0, run.stderr
     found = re.fullmatch(r"delivered (-?[0-9.]+) s after its delivery time\n", run.stdout)
     assert found is not None, run.stdout

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, common_pb2
-from tests.e2e.broker_process import BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, strict_config
 from tests.e2e.raw_session import RawSession, message, tx
 
 COMMIT = broker_pb2.TX_STATUS_COMMIT
@@ -20,18 +20,9 @@ FANOUT = common_pb2.Binding(topic="trade", messageType="*", bindType=common_pb2.
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+def broker(tmp_path: Path, launch: Callable[..., BrokerProcess]) -> BrokerProcess:
     """Per-group secrets (no acceptAnySecret): pay and mallory publish, acct consumes."""
-    config = write_config(
-        tmp_path,
-        db=f"rocksdb://{tmp_path / 'db'}",
-        extra={"acceptAnySecret": False, "topics": ["trade"]},
-        secrets={"pay": "right", "mallory": "right", "acct": "right"},
-    )
-    process = BrokerProcess(config)
-    process.start()
-    yield process
-    process.stop_quietly()
+    return launch(strict_config(tmp_path, {"pay": "right", "mallory": "right", "acct": "right"}))
 
 
 def consumer(broker: BrokerProcess) -> RawSession:

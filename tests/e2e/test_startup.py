@@ -9,6 +9,8 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from kiteq.broker.startup import find_config, resolve_store_path, shipped_config
 from kiteq.core.config import load_cluster
 from tests._servers import free_port
+from tests.e2e import broker_process
 from tests.e2e.broker_process import REPO, write_config
 
 pytestmark = pytest.mark.e2e
@@ -28,14 +31,8 @@ ONE_LINE = re.compile(r"\Akiteq: [^\n]+\n\Z")
 def run_kiteq(
     args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiteq", *args],
-        cwd=cwd,
-        env=environment(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python -m kiteq *args*`` to its exit, in ``environment(env)`` from *cwd*."""
+    return broker_process.run_kiteq(args, cwd=cwd, env=environment(env), timeout=timeout)
 
 
 def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -98,8 +95,8 @@ def config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["-pport=70000"], "kiteq: -pport: must be 1..65535 (or <= 0: off), got 70000\n"),
-        (["-hport=70000"], "kiteq: -hport: must be 1..65535 (or <= 0: off), got 70000\n"),
+        (["-pport=70000"], "kiteq: -pport: must be 0..65535 (or < 0: off), got 70000\n"),
+        (["-hport=70000"], "kiteq: -hport: must be 0..65535 (or < 0: off), got 70000\n"),
         (
             ["-pport=13999", "-hport=13999"],
             "kiteq: -hport: port 13999 is already the gRPC or ops port\n",
@@ -126,7 +123,7 @@ def test_bad_flag_is_one_line_and_exit_1(
 def test_busy_port_names_the_flag_and_the_cause(
     config: Path, tmp_path: Path, busy_port: int, flag: str
 ) -> None:
-    ports = {"-bind": f"127.0.0.1:{free_port()}", "-pport": str(free_port()), "-hport": "0"}
+    ports = {"-bind": "127.0.0.1:0", "-pport": "0", "-hport": "0"}
     ports[flag] = f"127.0.0.1:{busy_port}" if flag == "-bind" else str(busy_port)
     run = run_kiteq(
         [
@@ -144,6 +141,28 @@ def test_busy_port_names_the_flag_and_the_cause(
         run.stderr
         == f"kiteq: {flag}: cannot listen on 127.0.0.1:{busy_port}: address already in use\n"
     )
+
+
+def test_port_0_listeners_bind_ports_the_os_picks_named_in_the_ready_line(
+    config: Path, tmp_path: Path
+) -> None:
+    args = ["-clusterName=e2e", f"-configPath={config}", "-bind=127.0.0.1:0", "-pport=0"]
+    with started([*args, "-hport=0"], cwd=tmp_path) as (ready, _):
+        fields = dict(re.findall(r" (\w+)=(\S+)", ready))
+        with urllib.request.urlopen(f"{fields['ops']}/healthz", timeout=5) as reply:
+            assert reply.status == 200
+        # the HTTP publish API takes only POSTs: a GET is answered, and refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{fields['http']}/v1/topics/trade/messages", timeout=5)
+        refused.value.close()
+        assert (refused.value.code, refused.value.headers["Server"]) == (405, "kiteq")
+    ports = {fields[name].rpartition(":")[2] for name in ("bind", "ops", "http")}
+    assert len(ports) == 3, ready
+    assert "0" not in ports, ready
+    # both off by default (and -pport < 0): the ready line names neither
+    with started([*args[:-1], "-pport=-1"], cwd=tmp_path) as (ready, _):
+        assert " ops=" not in ready
+        assert " http=" not in ready
 
 
 def test_busy_hport_from_the_config_names_the_key(tmp_path: Path, busy_port: int) -> None:

@@ -9,11 +9,9 @@ hang until then).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +22,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiteq.client import (
-    AsyncConsumer,
-    AsyncProducer,
     Binding,
     Consumer,
     Message,
@@ -35,14 +31,17 @@ from kiteq.client import (
     TlsOptions,
 )
 from tests._servers.zookeeper import ManagedZooKeeper
+from tests.e2e import helpers
 from tests.e2e.broker_process import (
     REPO,
     BrokerProcess,
+    run_kiteq,
     write_config,
     write_zk_config,
     zk_registry,
 )
 from tests.e2e.collector import Collector
+from tests.e2e.fixtures import StartBroker
 from tests.e2e.helpers import admin_cli
 from tests.e2e.tls_files import TlsFiles, make_tls_files
 
@@ -63,20 +62,6 @@ def tls_files(tmp_path: Path) -> TlsFiles:
     return make_tls_files(tmp_path / "tls")
 
 
-@pytest.fixture
-def start_broker(
-    tmp_path: Path, launch: Callable[..., BrokerProcess]
-) -> Callable[..., BrokerProcess]:
-    numbers = itertools.count()
-
-    def start(keys: dict[str, object], **options: Any) -> BrokerProcess:
-        directory = tmp_path / f"broker{next(numbers)}"
-        directory.mkdir()
-        return launch(write_config(directory, db="memory://", extra=keys), **options)
-
-    return start
-
-
 def ready_line(broker: BrokerProcess) -> str:
     return next(line for line in broker.output if line.startswith("kiteq ready"))
 
@@ -86,14 +71,8 @@ def publish_and_consume(
 ) -> None:
     got = Collector()
     with (
-        Consumer(
-            brokers=[broker.address],
-            group_id="acct-svc",
-            bindings=[TRADE],
-            handler=got,
-            tls=consumer_tls,
-        ),
-        Producer(brokers=[broker.address], group_id="pay-svc", tls=producer_tls) as producer,
+        helpers.consumer(broker, "acct-svc", [TRADE], got, tls=consumer_tls),
+        helpers.producer(broker, tls=producer_tls) as producer,
     ):
         sent = [producer.send(trade(str(i).encode())).message_id for i in range(20)]
         got.wait_count(len(sent))
@@ -129,14 +108,8 @@ async def test_mtls_async_clients(
         return True
 
     async with (
-        AsyncConsumer(
-            brokers=[broker.address],
-            group_id="acct-svc",
-            bindings=[TRADE],
-            handler=handle,
-            tls=tls,
-        ),
-        AsyncProducer(brokers=[broker.address], group_id="pay-svc", tls=tls) as producer,
+        helpers.async_consumer(broker, handler=handle, tls=tls),
+        helpers.async_producer(broker, tls=tls) as producer,
     ):
         result = await producer.send(trade())
         message = await asyncio.wait_for(received.get(), 20)
@@ -238,13 +211,7 @@ def test_server_name_override_reaches_a_broker_by_another_name(
 def test_broker_refuses_bad_tls_settings(tmp_path: Path, tls_files: TlsFiles) -> None:
     def run(keys: dict[str, object], *flags: str) -> subprocess.CompletedProcess[str]:
         config = write_config(tmp_path, db="memory://", extra=keys)
-        return subprocess.run(
-            [sys.executable, "-m", "kiteq", "-clusterName=e2e", f"-configPath={config}", *flags],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_kiteq(["-clusterName=e2e", f"-configPath={config}", *flags])
 
     only_cert = run({"tlsCert": str(tls_files.server_cert)})
     assert only_cert.returncode == 1
@@ -412,54 +379,37 @@ def test_readme_production_example_runs(
         zk.delete("/kiteq", recursive=True)
     without_secret = config.read_text().replace(f'adminSecretFile = "{secret_file}"\n', "")
     config.write_text(without_secret)
-    refused = subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=prod", f"-configPath={config}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    refused = run_kiteq(
+        ["-clusterName=prod", f"-configPath={config}"],
         env={k: v for k, v in os.environ.items() if k != "KITEQ_ADMIN_SECRET"},
     )
     assert refused.returncode == 1
     assert "clusters.prod.adminSecret" in refused.stderr
 
 
-def test_mtls_clients_reconnect_after_a_broker_restart(tmp_path: Path, tls_files: TlsFiles) -> None:
+def test_mtls_clients_reconnect_after_a_broker_restart(
+    start_broker: StartBroker, tls_files: TlsFiles
+) -> None:
     # a lost connection is retried as usual: only a TLS refusal is final
-    config = write_config(
-        tmp_path,
-        db=f"rocksdb://{tmp_path / 'db'}",
-        extra=tls_files.broker_keys(mtls=True),
-    )
-    broker = BrokerProcess(config)
-    broker.start()
+    broker = start_broker(tls_files.broker_keys(mtls=True), store="rocksdb")
     tls = tls_files.client(cert=True)
     got = Collector()
-    try:
-        with (
-            Consumer(
-                brokers=[broker.address],
-                group_id="acct-svc",
-                bindings=[Binding.direct("trade", "pay-succ", persistent=True)],
-                handler=got,
-                tls=tls,
-                reconnect_max_delay=0.5,
-            ) as consumer,
-            Producer(
-                brokers=[broker.address],
-                group_id="pay-svc",
-                tls=tls,
-                timeout=30,
-                reconnect_max_delay=0.5,
-            ) as producer,
-        ):
-            first = producer.send(trade(b"before")).message_id
-            got.wait_count(1)
-            broker.kill()
-            broker.start()
-            second = producer.send(trade(b"after")).message_id
-            got.wait_for(lambda received: second in {m.message_id for m in received}, 30)
-            assert consumer.error is None
-        assert {first, second} <= set(got.ids())
-    finally:
-        broker.stop_quietly()
+    with (
+        helpers.consumer(
+            broker,
+            "acct-svc",
+            [Binding.direct("trade", "pay-succ", persistent=True)],
+            got,
+            tls=tls,
+            reconnect_max_delay=0.5,
+        ) as consumer,
+        helpers.producer(broker, tls=tls, timeout=30, reconnect_max_delay=0.5) as producer,
+    ):
+        first = producer.send(trade(b"before")).message_id
+        got.wait_count(1)
+        broker.kill()
+        broker.start()
+        second = producer.send(trade(b"after")).message_id
+        got.wait_for(lambda received: second in {m.message_id for m in received}, 30)
+        assert consumer.error is None
+    assert {first, second} <= set(got.ids())

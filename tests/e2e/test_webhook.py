@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,15 +15,14 @@ import pytest
 from kiteq.client import Message
 from kiteq.core.config import load_cluster
 from kiteq.core.webhook import decode_property_name, verify_signature
-from tests._servers import free_port
-from tests._servers.zookeeper import ManagedZooKeeper
 from tests.e2e.broker_process import (
     REPO,
     BrokerProcess,
+    run_kiteq,
     write_config,
-    write_zk_config,
-    zk_registry,
+    write_registry_file,
 )
+from tests.e2e.fixtures import ZkConfig
 from tests.e2e.helpers import admin_cli, admin_json, dead_letters, producer, wait_idle
 from tests.e2e.hook_server import Call, HookServer
 from tests.waiting import wait_until
@@ -34,6 +30,8 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.e2e
 
 SECRET = "hook-s3cret"
+# a webhook URL outside the clusters' webhookAllow
+BAD_URL = "http://127.0.0.1:1/admin"
 README = (REPO / "README.md").read_text()
 SECTION = README[README.index("## Webhook consumers") : README.index("## Security")]
 
@@ -133,17 +131,15 @@ def test_500_answers_are_retried_with_backoff_then_dead_lettered(
     async def fail(_: Call) -> int:
         return 500
 
-    pport = free_port()
     with HookServer(fail) as hooks:
-        broker = launch(hook_config(tmp_path, hooks.url()), pport=pport)
+        broker = launch(hook_config(tmp_path, hooks.url()), pport=0)
         with producer(broker) as p:
             message_id = p.send(
                 Message(topic="trade", message_type="pay-succ", body=b"x", deliver_limit=5)
             ).message_id
         wait_until(lambda: len(dead_letters(broker)) == 1, 30, "the dead letter")
         calls = hooks.received()
-        with urllib.request.urlopen(f"http://127.0.0.1:{pport}/metrics", timeout=5) as reply:
-            metrics = reply.read().decode()
+        metrics = broker.metrics()
     [letter] = dead_letters(broker)
     assert (letter.header.messageId, letter.groupId, letter.reason) == (
         message_id,
@@ -228,13 +224,7 @@ def test_the_watermark_paces_a_webhook_group(
 
 def test_a_url_outside_the_allow_list_stops_the_start(tmp_path: Path) -> None:
     config = hook_config(tmp_path, "http://10.1.2.3:8080/hooks/mail")
-    run = subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=e2e", f"-configPath={config}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_kiteq(["-clusterName=e2e", f"-configPath={config}"])
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
         "kiteq: clusters.e2e.webhooks[0].url: webhook URL 'http://10.1.2.3:8080/hooks/mail' "
@@ -242,48 +232,26 @@ def test_a_url_outside_the_allow_list_stops_the_start(tmp_path: Path) -> None:
     )
 
 
-def registry_config(tmp_path: Path, url: str, port: int) -> Path:
-    registry = tmp_path / "registry.toml"
-    registry.write_text(
-        f"""
-[[brokers]]
-address = "127.0.0.1:{port}"
-topics = ["trade"]
-
-[[bindings]]
-groupIds = ["mail-hook"]
-topic = "trade"
-messageType = "pay-succ"
-webhook = {{ url = "{url}", concurrency = 2 }}
-"""
+def registry_config(tmp_path: Path, url: str) -> Path:
+    """A cluster e2e on a registry file whose group mail-hook calls *url* for trade/pay-succ."""
+    binding = (
+        '[[bindings]]\ngroupIds = ["mail-hook"]\ntopic = "trade"\nmessageType = "pay-succ"\n'
+        f'webhook = {{ url = "{url}", concurrency = 2 }}\n'
     )
-    config = tmp_path / "cluster.toml"
-    config.write_text(
-        f"""
-[registry.demo]
-hosts = "file://{registry}"
-
-[clusters.e2e]
-env = "demo"
-topics = ["trade"]
-db = "rocksdb://{tmp_path / "db"}"
-acceptAnySecret = true
-adminOpen = true
-webhookAllow = ["http://127.0.0.1:*/hooks"]
-
-[clusters.e2e.secrets]
-mail-hook = "{SECRET}"
-"""
+    return write_config(
+        tmp_path,
+        db=f"rocksdb://{tmp_path / 'db'}",
+        registry=write_registry_file(tmp_path, binding),
+        extra={"topics": ["trade"], "webhookAllow": ["http://127.0.0.1:*/hooks"]},
+        secrets={"mail-hook": SECRET},
     )
-    return config
 
 
 def test_a_registry_binding_names_the_webhook(
     tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
-    port = free_port()
     with HookServer() as hooks:
-        broker = launch(registry_config(tmp_path, hooks.url(), port), port=port)
+        broker = launch(registry_config(tmp_path, hooks.url()))
         with producer(broker) as p:
             message_id = p.send(Message(topic="trade", message_type="pay-succ", body=b"x"))
         [call] = hooks.wait_count(1)
@@ -292,20 +260,12 @@ def test_a_registry_binding_names_the_webhook(
 
 
 def test_a_registry_binding_outside_the_allow_list_is_refused(tmp_path: Path) -> None:
-    port = free_port()
-    config = registry_config(tmp_path, "http://127.0.0.1:1/admin", port)
-    run = subprocess.run(
-        [sys.executable, "-m", "kiteq", "-clusterName=e2e", f"-configPath={config}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_kiteq(["-clusterName=e2e", f"-configPath={registry_config(tmp_path, BAD_URL)}"])
     assert run.returncode == 1
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("kiteq: registry.demo.hosts: "), last
+    assert last.startswith("kiteq: registry.local.hosts: "), last
     assert last.endswith(
-        "registry.toml: [[bindings]] entry 1: webhook URL 'http://127.0.0.1:1/admin' "
+        f"registry.toml: [[bindings]] entry 1: webhook URL '{BAD_URL}' "
         "is not in webhookAllow (http://127.0.0.1:*/hooks)"
     ), last
 
@@ -336,7 +296,7 @@ def test_the_admin_service_binds_a_webhook_and_refuses_one_outside_the_allow_lis
         broker = launch(config)
         refused = admin_cli(
             broker, "webhook", "-group", "mail-hook", "-topic", "trade", "-type", "pay-succ",
-            "-url", "http://127.0.0.1:1/admin",
+            "-url", BAD_URL,
         )  # fmt: skip
         assert refused.returncode != 0
         assert "INVALID_ARGUMENT" in refused.stderr, refused.stderr
@@ -359,17 +319,13 @@ def test_the_admin_service_binds_a_webhook_and_refuses_one_outside_the_allow_lis
 
 
 def test_zookeeper_binding_json_names_the_webhook_and_one_outside_is_skipped(
-    zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
+    zk_config: ZkConfig,
+    zk: Any,
+    launch: Callable[..., BrokerProcess],
 ) -> None:
-    config = write_zk_config(
-        tmp_path,
-        zk_registry(zookeeper.hosts + zk.chroot),
-        db=f"rocksdb://{tmp_path / 'db'}?fsync=batch",
-        extra={"webhookAllow": ["http://127.0.0.1:*/hooks"], "adminOpen": True},
-    )
+    config = zk_config({"webhookAllow": ["http://127.0.0.1:*/hooks"], "adminOpen": True})
     with config.open("a") as fh:
         fh.write(f'[clusters.e2e.secrets]\nmail-hook = "{SECRET}"\nevil-hook = "{SECRET}"\n')
-    pport = free_port()
 
     def node(group: str, url: str) -> bytes:
         return json.dumps(
@@ -388,19 +344,14 @@ def test_zookeeper_binding_json_names_the_webhook_and_one_outside_is_skipped(
         ).encode()
 
     with HookServer() as hooks:
-        broker = launch(config, pport=pport)
+        broker = launch(config, pport=0)
         zk.create("/kiteq/sub/trade/evil-hook-bind", node("evil-hook", "http://127.0.0.1:1/x"),
                   makepath=True)  # fmt: skip
         zk.create("/kiteq/sub/trade/mail-hook-bind", node("mail-hook", hooks.url()), makepath=True)
         wait_until(lambda: broker.bindings("trade"), 20, "the mail-hook binding")
 
-        def refused() -> str:
-            url = f"http://127.0.0.1:{pport}/metrics"
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                return str(reply.read().decode())
-
         wait_until(
-            lambda: 'kiteq_bindings_refused_total{reason="webhook"} 1.0' in refused(),
+            lambda: 'kiteq_bindings_refused_total{reason="webhook"} 1.0' in broker.metrics(),
             20,
             "the refusal of evil-hook's node",
         )

@@ -27,7 +27,6 @@ from kiteq.binding.model import Binding as ModelBinding, dumps
 from kiteq.broker.server import Broker
 from kiteq.client import Binding, Message, ReceivedMessage
 from kiteq.core.config import load_cluster
-from tests._servers import free_port
 from tests._servers.zookeeper import ManagedZooKeeper, owner
 from tests.e2e import broker_process
 from tests.e2e.broker_process import BrokerProcess, zk_registry
@@ -234,15 +233,14 @@ async def test_bind_without_host_publishes_a_reachable_address(
     zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path
 ) -> None:
     config = load_cluster(write_zk_config(tmp_path, zookeeper.hosts + zk.chroot, ["trade"]), "e2e")
-    port = free_port()
-    broker = Broker(config, bind=f":{port}", grace=1)
+    broker = Broker(config, bind=":0", grace=1)
     await broker.start()
     try:
         (name,) = zk.get_children("/kiteq/server/trade")
         assert name == broker.advertised
         host, _, published_port = name.rpartition(":")
         assert host
-        assert published_port == str(port)
+        assert published_port == str(broker.port)
         outward = _outward_address()
         if outward is not None:  # a machine with a network: never a loopback address
             assert host == outward
@@ -258,7 +256,7 @@ async def test_bind_without_host_publishes_a_reachable_address(
 
 def overview_brokers(broker: BrokerProcess) -> list[dict[str, Any]]:
     """``/api/overview``'s brokers on *broker*'s console (a dev cluster: no secret)."""
-    url = f"http://127.0.0.1:{broker.pport}/api/overview"
+    url = f"{broker.ops_url}/api/overview"
     with urllib.request.urlopen(url, timeout=5) as reply:
         brokers: list[dict[str, Any]] = json.load(reply)["brokers"]
     return brokers
@@ -268,7 +266,7 @@ def test_the_console_overview_lists_the_live_brokers_of_the_cluster(
     zookeeper: ManagedZooKeeper, zk: Any, tmp_path: Path, launch: Callable[..., BrokerProcess]
 ) -> None:
     hosts = zookeeper.hosts + zk.chroot
-    first = launch(write_zk_config(tmp_path / "a", hosts, ["trade"]), pport=free_port())
+    first = launch(write_zk_config(tmp_path / "a", hosts, ["trade"]), pport=0)
     second = launch(write_zk_config(tmp_path / "b", hosts, ["trade"]))
 
     def listed() -> list[tuple[str, bool]]:
