@@ -138,6 +138,7 @@ def broker_config(directory: Path, db: str) -> Path:
     return write_config(directory, db=db, extra={"deliverySeconds": 5})
 
 
+@pytest.mark.timeout(300)  # 100,000 keyed messages and a kill: a bound for a loaded CI machine
 def test_keys_keep_publish_order_through_nacks_and_a_killed_consumer(
     tmp_path: Path,
     launch: Callable[..., BrokerProcess],
@@ -153,7 +154,7 @@ def test_keys_keep_publish_order_through_nacks_and_a_killed_consumer(
         publish(p, keys, PER_KEY)
     wait_until(lambda: handled(procs) >= total // 3, 60, "a third handled")
     procs[2].kill()  # mid-run: its unacked heads go to the other two
-    wait_idle(broker, timeout=90)
+    wait_idle(broker, timeout=240)
     check_order(events(procs), keys, PER_KEY)
 
 
@@ -172,10 +173,11 @@ def killed_broker_mid_run(
     wait_until(lambda: handled(procs) >= total // 3, 180, "a third handled")
     broker.kill()
     broker.start()  # same port, same store: the consumers reconnect
-    wait_idle(broker, timeout=90)
+    wait_idle(broker, timeout=240)
     check_order(events(procs), keys, per_key)
 
 
+@pytest.mark.timeout(300)  # 100,000 keyed messages and a kill: a bound for a loaded CI machine
 def test_a_sigkilled_rocksdb_broker_keeps_every_keys_order(
     tmp_path: Path,
     launch: Callable[..., BrokerProcess],
@@ -185,6 +187,7 @@ def test_a_sigkilled_rocksdb_broker_keeps_every_keys_order(
     killed_broker_mid_run(lambda: launch(config), consumers, PER_KEY)
 
 
+@pytest.mark.timeout(480)  # 100,000 keyed messages through MariaDB, a kill, a restart
 def test_a_sigkilled_mysql_broker_keeps_every_keys_order(
     tmp_path: Path,
     launch: Callable[..., BrokerProcess],
