@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -12,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kiteq.client import Binding, Consumer
 from kiteq.proto.v1 import admin_pb2, admin_pb2_grpc
-from tests.e2e.broker_process import REPO, BrokerProcess, write_config
+from tests.e2e.broker_process import BrokerProcess, run_kiteq, write_config
 from tests.e2e.collector import Collector
 
 
@@ -36,38 +34,24 @@ def test_a_second_broker_on_the_same_port_fails_loudly(
     other = tmp_path / "second"
     other.mkdir()
     config = write_config(other, db="memory://")
-    second = subprocess.run(
+    second = run_kiteq(
         [
-            sys.executable,
-            "-m",
-            "kiteq",
             "--cluster-name=e2e",
             f"--configPath={config}",
             f"--bind={broker.address}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        ]
     )
     assert second.returncode == 1
     assert "-bind: cannot listen on" in second.stderr
 
 
 def test_a_second_broker_on_the_same_store_fails_loudly(broker: BrokerProcess) -> None:
-    second = subprocess.run(
+    second = run_kiteq(
         [
-            sys.executable,
-            "-m",
-            "kiteq",
             "-clusterName=e2e",
             f"-configPath={broker.config}",
             "-bind=127.0.0.1:0",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        ]
     )
     assert second.returncode == 1
     assert "LOCK" in second.stderr
