@@ -26,12 +26,12 @@ from grpc_reflection.v1alpha import reflection
 from kiteq.binding.base import BindingRegistry, BrokerInfo, BrokerRegistration
 from kiteq.binding.match import BindingLimits, BindingTable
 from kiteq.binding.registry import open_registry
+from kiteq.broker import upkeep
 from kiteq.broker.address import advertised_address, is_loopback, split_bind
 from kiteq.broker.admin_service import AdminService
 from kiteq.broker.console_source import BrokerConsole
 from kiteq.broker.heap import HeapTrimmer
 from kiteq.broker.http_publish import HttpPublishServer, server_ssl_context
-from kiteq.broker.logs import EventSummary
 from kiteq.broker.rejections import RejectionLog
 from kiteq.broker.service import (
     KEEPALIVE_TIME_MS,
@@ -63,12 +63,6 @@ logger = logging.getLogger(__name__)
 
 VERSION: Final = "0.1.0"
 _STATS_TICK: Final = 5.0
-_HISTORY_PRUNE_PERIOD: Final = 3600.0
-# the idempotency window is pruned at least this often (more often for a shorter window),
-# so it holds at most (window + this) seconds of deleted ids
-_DEDUP_PRUNE_PERIOD: Final = 60.0
-# per-message events (dead letters, refused messages) are logged as one summary per period
-_SUMMARY_PERIOD: Final = 10.0
 # how often a shutdown that waits says what for
 _DRAIN_REPORT_PERIOD: Final = 1.0
 SERVER_OPTIONS: Final = [
@@ -259,9 +253,11 @@ class Broker:
         self._webhooks = open_webhooks(core, self.metrics)
         self._webhooks.start()
         self._spawn("stats", self._stats_loop)
-        self._spawn("history", self._history_loop)
-        self._spawn("dedup", self._dedup_loop)
-        self._spawn("summaries", self._summary_loop)
+        self._spawn("history", lambda: upkeep.prune_history(core, self._store_or_fail))
+        self._spawn(
+            "dedup", lambda: upkeep.prune_remembered(core, self._store_or_fail, self.metrics)
+        )
+        self._spawn("summaries", lambda: upkeep.summarize(core))
         trimmer = HeapTrimmer(lambda: core.intake.received + core.dispatcher.tally.delivered)
         if trimmer.available:
             self._spawn("heap", trimmer.run)
@@ -483,41 +479,6 @@ class Broker:
         registry = self._registry
         if registry is not None and registry.connection_state is not None:
             self.metrics.set_zookeeper(registry.connection_state, registry.session_losses)
-
-    async def _summary_loop(self) -> None:
-        dead = EventSummary(logger, "dead letters", "topic/group/reason")
-        refused = EventSummary(logger, "refused messages", "reason")
-        deferred = EventSummary(logger, "stored messages left to the recover scan", "topic")
-        while True:
-            await asyncio.sleep(_SUMMARY_PERIOD)
-            dead.add(self._pipeline.dispatcher.tally.dead_letter_summary)
-            self._pipeline.dispatcher.tally.dead_letter_summary.clear()
-            refused.add(self._pipeline.intake.refusals)
-            self._pipeline.intake.refusals.clear()
-            deferred.add(self._pipeline.intake.left_to_scan)
-            self._pipeline.intake.left_to_scan.clear()
-            dead.flush(_SUMMARY_PERIOD)
-            refused.flush(_SUMMARY_PERIOD)
-            deferred.flush(_SUMMARY_PERIOD)
-
-    async def _history_loop(self) -> None:
-        while True:
-            await asyncio.sleep(_HISTORY_PRUNE_PERIOD)
-            before = self._clock.now() - self.config.history_retention_seconds
-            pruned = await self._store_or_fail().prune_history(before)
-            if pruned:
-                logger.info("pruned %d history events older than the retention", pruned)
-
-    async def _dedup_loop(self) -> None:
-        # also with the window off: ids a run with a window remembered are still forgotten
-        period = min(_DEDUP_PRUNE_PERIOD, max(1.0, self.config.dedup_window_seconds))
-        while True:
-            await asyncio.sleep(period)
-            store = self._store_or_fail()
-            pruned = await store.prune_remembered(self._clock.now())
-            if pruned:
-                logger.debug("forgot %d ids past the idempotency window", pruned)
-            self.metrics.set_remembered(await store.remembered_estimate())
 
     def _store_or_fail(self) -> MessageStore:
         if self._store is None:
