@@ -347,44 +347,45 @@ def table(results: dict[tuple[str, str], list[RunResult]], case_names: list[str]
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in case_names:
-        rates: dict[str, float] = {}
-        for (case, system), runs in results.items():
-            if case == name:
-                sync = runs[0].workload.consumers == 0
-                rates[system] = statistics.median(
-                    r.publish_rate if sync else r.e2e_rate for r in runs
-                )
+        rates = {system: _rate(runs) for (case, system), runs in results.items() if case == name}
         base = rates.get(BASELINE)
         for system in SYSTEMS:
             rs = results.get((name, system), [])
-            if not rs:
-                continue
-            sync = rs[0].workload.consumers == 0
-            e2e = [r.e2e_rate for r in rs]
-            e2e_cell = (
-                "-" if sync else f"{_k(statistics.median(e2e))} [{_k(min(e2e))}-{_k(max(e2e))}]"
-            )
-            ratio = f"{base / rates[system]:.2f}x" if base and rates[system] else "-"
-            publish = _k(statistics.median(r.publish_rate for r in rs))
-            ack = (
-                f"{statistics.median(r.store_ack.p50 for r in rs):.2f} / "
-                f"{statistics.median(r.store_ack.p99 for r in rs):.2f}"
-            )
-            delivery = (
-                "-"
-                if sync
-                else f"{statistics.median(r.delivery.p50 for r in rs):.1f} / "
-                f"{statistics.median(r.delivery.p99 for r in rs):.1f}"
-            )
-            cpus = [r.broker_cpu_us_per_message for r in rs if r.broker_cpu_us_per_message]
-            cpu = f"{statistics.median(cpus):.0f}" if cpus else "-"
-            lost = sum(r.lost for r in rs)
-            dup = sum(r.duplicates for r in rs)
-            lines.append(
-                f"| {name} | {LABELS[system]} | {e2e_cell} | {ratio} | {publish} | {ack} "
-                f"| {delivery} | {cpu} | {lost} / {dup} |"
-            )
+            if rs:
+                ratio = f"{base / rates[system]:.2f}x" if base and rates[system] else "-"
+                lines.append(_row(name, system, rs, ratio))
     return "\n".join(lines)
+
+
+def _rate(runs: list[RunResult]) -> float:
+    """The median rate a row compares: publish for a sync run (no consumers), else e2e."""
+    sync = runs[0].workload.consumers == 0
+    return statistics.median(r.publish_rate if sync else r.e2e_rate for r in runs)
+
+
+def _row(name: str, system: str, rs: list[RunResult], ratio: str) -> str:
+    sync = rs[0].workload.consumers == 0
+    e2e = [r.e2e_rate for r in rs]
+    e2e_cell = "-" if sync else f"{_k(statistics.median(e2e))} [{_k(min(e2e))}-{_k(max(e2e))}]"
+    publish = _k(statistics.median(r.publish_rate for r in rs))
+    ack = (
+        f"{statistics.median(r.store_ack.p50 for r in rs):.2f} / "
+        f"{statistics.median(r.store_ack.p99 for r in rs):.2f}"
+    )
+    delivery = (
+        "-"
+        if sync
+        else f"{statistics.median(r.delivery.p50 for r in rs):.1f} / "
+        f"{statistics.median(r.delivery.p99 for r in rs):.1f}"
+    )
+    cpus = [r.broker_cpu_us_per_message for r in rs if r.broker_cpu_us_per_message]
+    cpu = f"{statistics.median(cpus):.0f}" if cpus else "-"
+    lost = sum(r.lost for r in rs)
+    dup = sum(r.duplicates for r in rs)
+    return (
+        f"| {name} | {LABELS[system]} | {e2e_cell} | {ratio} | {publish} | {ack} "
+        f"| {delivery} | {cpu} | {lost} / {dup} |"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
