@@ -312,3 +312,22 @@ async def test_a_broker_that_comes_back_and_dies_again_is_taken_again(cluster: C
     cluster.clock.now += 2
     assert await c.check() == 10
     assert cluster.owners() == {"c": N + 10}
+
+
+async def test_a_restarting_broker_is_not_taken_over_before_it_registers(
+    cluster: Cluster,
+) -> None:
+    await cluster.dead_broker()
+    c = await cluster.loop("10.0.0.2:13800", await cluster.store("c"), grace=1)
+    await c.check()
+    cluster.clock.now += 2
+    assert await c.check() == N
+    # it restarts: its new incarnation is announced, it is not registered as alive yet
+    await cluster.announce(DEAD, DEAD, incarnation="two")
+    cluster.clock.now += 0.5
+    assert await c.check() == 0
+    assert [t.incarnation for t in c.taken] == ["one"]  # no takeover of "two"
+    # still not alive a whole grace later: it died starting, so it is taken over
+    cluster.clock.now += 1.1
+    assert await c.check() == 0  # nothing of "two" stored
+    assert [t.incarnation for t in c.taken] == ["one", "two"]

@@ -156,6 +156,7 @@ class TakeoverLoop:
             self._skip(address, info)
             return 0
         if await self._taken(address, info):
+            self._settled(address)
             return 0
         if not await self._nodes.try_lock(address, self._address):
             logger.debug("takeover of %s: another broker holds the lock", address)
@@ -190,11 +191,20 @@ class TakeoverLoop:
                 logger.info("takeover of %s: it came back during the move", address)
         finally:
             await self._nodes.unlock(address)
+        self._settled(address)
         self.taken.append(Taken(address, info.owner, info.incarnation, moved))
         logger.info("takeover of %s done: %d rows now owned by %r", address, moved, self._owner)
         if moved and self._on_taken is not None:
             await self._on_taken(taken)
         return moved
+
+    def _settled(self, address: str) -> None:
+        """*address*'s incarnation is taken over: forget since when it was missing.
+
+        A broker that restarts announces its new incarnation before it registers as
+        alive; that one must be missing a whole grace of its own before it is taken over.
+        """
+        self._missing.pop(address, None)
 
     async def _taken(self, address: str, info: BrokerStore) -> bool:
         done = await self._nodes.done(address)
