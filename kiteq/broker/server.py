@@ -258,7 +258,10 @@ class Broker:
             "dedup", lambda: upkeep.prune_remembered(core, self._store_or_fail, self.metrics)
         )
         self._spawn("summaries", lambda: upkeep.summarize(core))
-        trimmer = HeapTrimmer(lambda: core.intake.received + core.dispatcher.tally.delivered)
+        trimmer = HeapTrimmer(
+            lambda: core.intake.received + core.dispatcher.tally.delivered,
+            lambda: self._store_or_fail().release_memory(),
+        )
         if trimmer.available:
             self._spawn("heap", trimmer.run)
         if self._pport >= 0:

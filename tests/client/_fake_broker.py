@@ -180,20 +180,22 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         if self.open_error is not None:
             await context.abort(*self.open_error)
         session = FakeSession(first.open)
-        await context.write(
-            broker_pb2.ServerFrame(
-                opened=broker_pb2.Opened(
-                    broker=self.address,
-                    protocolVersion=1,
-                    maxBatchMessages=1000,
-                    maxBatchBytes=8 * 1024 * 1024,
-                    maxBodyBytes=4 * 1024 * 1024,
-                )
-            )
-        )
+        # Listed before the client can see ``opened``: a test that acts on the sessions
+        # as soon as its client has started (``drop_sessions``) must find this one.
         self.sessions.append(session)
         reader = asyncio.create_task(self._read(session, frames))
         try:
+            await context.write(
+                broker_pb2.ServerFrame(
+                    opened=broker_pb2.Opened(
+                        broker=self.address,
+                        protocolVersion=1,
+                        maxBatchMessages=1000,
+                        maxBatchBytes=8 * 1024 * 1024,
+                        maxBodyBytes=4 * 1024 * 1024,
+                    )
+                )
+            )
             while True:
                 item = await session.outbox.get()
                 if item is _END:

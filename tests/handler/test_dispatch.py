@@ -99,6 +99,8 @@ class RecordingStore:
     async def remembered_estimate(self) -> int:
         return 0
 
+    async def release_memory(self) -> None: ...
+
     async def put_meta(self, key: str, value: bytes | None) -> None: ...
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         return {}

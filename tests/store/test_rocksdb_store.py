@@ -172,6 +172,30 @@ async def test_rocksdb_runs_only_on_the_store_thread(
     only_store_threads(spy.threads)
 
 
+async def test_release_memory_flushes_the_memtables_and_close_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db"
+    store = RocksDBStore(str(path))
+    await store.open()
+    records = [record() for _ in range(200)]
+    await store.save(records)
+    assert not list(path.glob("*.sst"))  # what was written is in the memtables
+    await store.release_memory()
+    assert list(path.glob("*.sst"))
+    more = [record() for _ in range(200)]
+    await store.save(more)
+    releasing = asyncio.ensure_future(store.release_memory())
+    await asyncio.sleep(0)  # one step of the loop: the flush has been handed to its thread
+    await store.close()
+    await releasing
+    again = RocksDBStore(str(path))
+    await again.open()
+    for r in records + more:
+        assert await again.get(r.message_id) == r
+    await again.close()
+
+
 async def test_open_failure_is_a_store_unavailable_error_and_can_be_retried(
     tmp_path: Path,
 ) -> None:

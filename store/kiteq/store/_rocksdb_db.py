@@ -170,8 +170,9 @@ class DB:
         # False while no id is remembered: saves then skip the lookup (window off)
         self.remembering = next(self.dedup.keys(b""), None) is not None
 
-    def close(self) -> None:
-        for column in (
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        return (
             self.msg,
             self.state,
             self.due,
@@ -181,7 +182,18 @@ class DB:
             self.uncommitted,
             self.dedup,
             self.dedup_expiry,
-        ):
+        )
+
+    def flush_memtables(self) -> None:
+        """Flush every column family's memtable to an SST file, and wait for it.
+
+        rocksdict lets go of the GIL while it waits. Safe beside writes on another thread.
+        """
+        for column in self.columns:
+            column.view.flush(True)
+
+    def close(self) -> None:
+        for column in self.columns:
             column.release()
         self.rdict.close()
 

@@ -227,6 +227,14 @@ class MessageStore(Protocol):
         """
         ...
 
+    async def release_memory(self) -> None:
+        """Give back memory a busy spell left in the backend's write buffers.
+
+        Called when the broker goes quiet, before it trims its heap; it must not hold up
+        the writes that follow. Nothing for backends whose memory is their data.
+        """
+        ...
+
     async def commit(self, message_id: str) -> StoredMessage | None:
         """Mark an uncommitted message committed and due at its next_deliver_time.
 

@@ -460,6 +460,9 @@ class MemoryStore:
         self._check_open()
         return len(self._remembered)
 
+    async def release_memory(self) -> None:
+        """Nothing: the messages are this store's memory."""
+
     async def put_meta(self, key: str, value: bytes | None) -> None:
         self._check_open()
         if value is None:

@@ -502,6 +502,9 @@ class MySQLStore(CountedStore):
         self._state.check_open()
         return await self._run(self._reads.remembered_estimate)
 
+    async def release_memory(self) -> None:
+        """Nothing: the buffers are the MySQL server's."""
+
     async def get_meta(self, prefix: str) -> Mapping[str, bytes]:
         self._state.check_open()
         return await self._run(self._reads.get_meta, prefix)
