@@ -3,8 +3,10 @@
 One broker process (RocksDB, ``fsync=batch``): a consumer of group ``away`` declares a
 persistent binding and leaves, a producer publishes ``--count`` messages for it, then
 nothing happens for ``--idle`` seconds. Prints the broker's CPU over the idle time (% of
-a core), its RSS when it started empty, after the publishes, after the idle time and
-after the drain, and how long the group needs to drain the backlog when it returns.
+a core), its RSS when it started empty, after the publishes, after the idle time, right
+after the drain and ``--settle`` seconds later (the broker gives memory back after two
+quiet periods of ``kiteq.broker.heap``), and how long the group needs to drain the
+backlog when it returns.
 
     python tests/bench/backlog_bench.py --count 300000 --idle 30
 """
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO)]
 
 from kiteq.bench.cpu import process_cpu  # noqa: E402
+from kiteq.broker.heap import PERIOD  # noqa: E402
 from kiteq.client import Binding, Consumer, Message, Producer, ReceivedMessage  # noqa: E402
 from tests.bench.countdown import Countdown  # noqa: E402
 from tests.e2e.broker_process import BrokerProcess, write_config  # noqa: E402
@@ -49,7 +52,9 @@ def _consumer(address: str, handle: Callable[[ReceivedMessage], bool]) -> Consum
     )
 
 
-def run(count: int, idle: float, recover: float, max_flights: int) -> dict[str, float]:
+def run(
+    count: int, idle: float, recover: float, max_flights: int, settle: float
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(
             Path(tmp),
@@ -89,6 +94,8 @@ def run(count: int, idle: float, recover: float, max_flights: int) -> dict[str, 
             seen = countdown.seen
             broker.passed_recover_scan(timeout=max(30.0, 4 * recover))
             drained_rss = _rss_mb(pid)
+            time.sleep(settle)
+            settled_rss = _rss_mb(pid)
             return {
                 "count": count,
                 "idle_cpu_pct": round(100 * cpu / elapsed, 2),
@@ -96,6 +103,7 @@ def run(count: int, idle: float, recover: float, max_flights: int) -> dict[str, 
                 "rss_after_publish_mb": round(published_rss, 1),
                 "rss_idle_mb": round(rss, 1),
                 "rss_drained_mb": round(drained_rss, 1),
+                "rss_drained_quiet_mb": round(settled_rss, 1),
                 "received": seen,
                 "drain_s": round(drained, 2),
                 "drain_msgs_s": round(seen / drained) if drained else 0,
@@ -110,8 +118,10 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=30.0)
     parser.add_argument("--recover", type=float, default=5.0, help="recoverSeconds")
     parser.add_argument("--max-flights", type=int, default=200_000, help="maxFlights")
+    parser.add_argument("--settle", type=float, default=2.5 * PERIOD, help="quiet seconds")
     options = parser.parse_args()
-    print(run(options.count, options.idle, options.recover, options.max_flights), flush=True)
+    figures = run(options.count, options.idle, options.recover, options.max_flights, options.settle)
+    print(figures, flush=True)
     return 0
 
 
