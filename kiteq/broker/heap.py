@@ -10,7 +10,7 @@ every free page: by then the store's flush is over and what it freed is in the a
 Doing either while busy would only make the next writes fault the pages in again.
 Measured with 300,000 messages waiting for an offline group
 (``tests/bench/backlog_bench.py``): 345 MB resident after the publishes, 232 MB after a
-trim alone, 205 MB after both.
+trim alone, 208 MB after both.
 
 Without glibc (musl, macOS) there is nothing to call and the loop is not started.
 """

@@ -189,6 +189,15 @@ async def test_release_memory_flushes_the_memtables_and_close_waits_for_it(
     await asyncio.sleep(0)  # one step of the loop: the flush has been handed to its thread
     await store.close()
     await releasing
+    # a caller that gives up waiting does not let close() run under the flush
+    third = RocksDBStore(str(path))
+    await third.open()
+    await third.save([record() for _ in range(200)])
+    cancelled = asyncio.ensure_future(third.release_memory())
+    await asyncio.sleep(0)  # one step of the loop: the flush has been handed to its thread
+    cancelled.cancel()
+    await third.close()
+    assert cancelled.cancelled()
     again = RocksDBStore(str(path))
     await again.open()
     for r in records + more:

@@ -415,9 +415,13 @@ class RocksDBStore(CountedStore):
         db = self._require_db()
         job = asyncio.get_running_loop().run_in_executor(None, self._release_sync, db)
         self._releasing = job
-        try:
-            await job
-        finally:
+        # cleared when the flush itself ends: a caller cancelled meanwhile must not let
+        # close() shut the database under a flush that is still running
+        job.add_done_callback(self._released)
+        await asyncio.shield(job)
+
+    def _released(self, job: asyncio.Future[None]) -> None:
+        if self._releasing is job:
             self._releasing = None
 
     def _release_sync(self, db: DB) -> None:
