@@ -172,6 +172,80 @@ async def test_rocksdb_runs_only_on_the_store_thread(
     only_store_threads(spy.threads)
 
 
+class _StateReads:
+    """Counts the ids *store* reads from its state column family."""
+
+    def __init__(self, store: RocksDBStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        db = store._db
+        assert db is not None
+        self.ids: list[bytes] = []
+        original = _rocksdb_db.Column.get_many
+
+        def counted(column: _rocksdb_db.Column, keys: list[bytes]) -> list[bytes | None]:
+            if column is db.state:
+                self.ids.extend(keys)
+            return original(column, keys)
+
+        monkeypatch.setattr(_rocksdb_db.Column, "get_many", counted)
+
+
+async def _due_keys(store: RocksDBStore) -> list[bytes]:
+    db = store._db
+    assert db is not None
+    return list(db.due.keys(b""))
+
+
+async def test_a_delete_just_after_the_save_reads_no_state(
+    store: RocksDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _StateReads(store, monkeypatch)
+    records = [record() for _ in range(50)]
+    assert await store.save(records) == [Saved.STORED] * 50
+    saved_reads = len(reads.ids)
+    assert saved_reads == 50  # a save still asks RocksDB whether the id is stored
+    moved = records[0]
+    moved.next_deliver_time = NOW + 60
+    await store.reschedule([Rescheduled(record=moved, previous_due=NOW)])
+    await store.delete(records)
+    assert len(reads.ids) == saved_reads  # the store thread knew every state it wrote
+    assert await _due_keys(store) == []
+    assert await store.get(moved.message_id) is None
+    assert await store.backlog() == {}
+
+
+async def test_a_write_that_failed_its_sync_is_read_back_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with opened(RocksDBStore(str(tmp_path / "db"), fsync="always")) as store:
+        reads = _StateReads(store, monkeypatch)
+        kept = record()
+        await store.save([kept])
+        db = store._db
+        assert db is not None
+        real = db.rdict
+
+        class FailingSync:
+            """The write reaches the memtable; the WAL sync after it fails."""
+
+            def write(self, *args: Any) -> None:
+                real.write(*args)
+
+            def flush_wal(self, sync: bool) -> None:
+                raise RuntimeError("injected: IO error: sync failed")
+
+        monkeypatch.setattr(db, "rdict", FailingSync())
+        kept.next_deliver_time = NOW + 60
+        with pytest.raises(StoreUnavailableError):
+            await store.reschedule([Rescheduled(record=kept, previous_due=NOW)])
+        monkeypatch.setattr(db, "rdict", real)
+        before = len(reads.ids)
+        # the reschedule is in RocksDB after all: the delete must find its due key there
+        await store.delete([kept])
+        assert reads.ids[before:] == [kept.message_id.encode()]
+        assert await _due_keys(store) == []
+        assert await store.get(kept.message_id) is None
+
+
 async def test_release_memory_flushes_the_memtables_and_close_waits_for_it(
     tmp_path: Path,
 ) -> None:

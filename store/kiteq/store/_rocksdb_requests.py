@@ -20,6 +20,7 @@ from kiteq.core.errors import StoreUnavailableError
 from kiteq.core.message import StoredMessage
 from kiteq.store._groups import redrive_groups
 from kiteq.store._rocksdb_db import DB, DUE_TIME, HISTORY_SEQ_KEY, SEQ, due_time
+from kiteq.store._rocksdb_states import StateCache
 from kiteq.store._state import settle
 from kiteq.store.base import DeadLetter, DlqKey, HistoryEvent, Rescheduled, Saved, SaveOutcome
 from kiteq.store.codec import (
@@ -52,15 +53,17 @@ class _Batch:
     batch see their effects (save then commit, delete then save again).
     """
 
-    def __init__(self, db: DB, requests: Sequence[_Request]) -> None:
+    def __init__(self, db: DB, requests: Sequence[_Request], cache: StateCache) -> None:
         self.db = db
         self.wb = WriteBatch(raw_mode=True)
-        keys = list({key: None for request in requests for key in request.ids_read()})
-        found = db.state.get_many(keys) if keys else []
-        self.states: dict[bytes, State | None] = {
-            key: None if value is None else decode_state(value)
-            for key, value in zip(keys, found, strict=True)
-        }
+        # the states this thread wrote last need no read (a delete just after the save)
+        self.states, keys = cache.split(
+            {key: None for request in requests for key in request.ids_read()}
+        )
+        if keys:
+            found = db.state.get_many(keys)
+            for key, value in zip(keys, found, strict=True):
+                self.states[key] = None if value is None else decode_state(value)
         self.messages: dict[bytes, bytes] = {}
         self.backlog: dict[str, int] = {}
         # dead-letter values of the dlq keys DLQ requests touch (None: not in the DLQ)

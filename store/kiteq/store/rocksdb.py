@@ -98,6 +98,7 @@ from kiteq.store._rocksdb_requests import (
     _Rollback,
     _Save,
 )
+from kiteq.store._rocksdb_states import StateCache
 from kiteq.store._state import CountedStore, Lifecycle, Status, add_counts, translated
 from kiteq.store.codec import dead_entry_key
 from kiteq.store.group_commit import GroupCommitWriter
@@ -139,6 +140,8 @@ class RocksDBStore(CountedStore):
         self._sync_bookkeeping = fsync == "always"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiteq-store")
         self._db: DB | None = None
+        # the states the store thread wrote last (only that thread touches it)
+        self._states = StateCache()
         self._writer: GroupCommitWriter[_Request, _Written] = GroupCommitWriter(
             executor=self._executor,
             # looked up at every write, so a test can replace it
@@ -302,13 +305,19 @@ class RocksDBStore(CountedStore):
             except StoreUnavailableError as exc:
                 for request in group:
                     request.error = exc
+                # it may have reached the memtable all the same: forget what may be wrong
+                self._states.clear()
+            except BaseException:
+                self._states.clear()
+                raise
             else:
+                self._states.written(batch.states)
                 backlog.update(batch.backlog)
                 dlq.update(batch.dlq)
         return backlog, dlq
 
     def _write_group(self, group: list[_Request]) -> _Batch:
-        batch = _Batch(self._require_db(), group)
+        batch = _Batch(self._require_db(), group, self._states)
         for request in group:
             request.apply(batch)
         if not batch.wb.is_empty():
