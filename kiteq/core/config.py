@@ -65,6 +65,11 @@ CLUSTER_DEFAULTS: Final[Mapping[str, tuple[Any, str]]] = MappingProxyType(
             3600,
             "how long a message that matches no binding is kept before the dead-letter queue",
         ),
+        "historyMessages": (
+            100000,
+            "messages whose history the broker keeps in memory (~300 B each); a message "
+            "off the happy path also has its history in the store",
+        ),
         "historyRetentionSeconds": (
             259200,
             "how long a message's stored history is kept (default 3 days)",
@@ -163,6 +168,7 @@ class ClusterConfig:
     max_flights: int
     recover_seconds: float
     no_binding_retention_seconds: float
+    history_messages: int
     history_retention_seconds: float
     tx_check_delay_seconds: float
     tx_check_interval_seconds: float
@@ -329,6 +335,7 @@ def _build(path: Path, doc: dict[str, Any], name: str, section: dict[str, Any]) 
         max_flights=count("maxFlights"),
         recover_seconds=seconds("recoverSeconds"),
         no_binding_retention_seconds=seconds("noBindingRetentionSeconds"),
+        history_messages=count("historyMessages"),
         history_retention_seconds=seconds("historyRetentionSeconds"),
         tx_check_delay_seconds=seconds("txCheckDelaySeconds"),
         tx_check_interval_seconds=seconds("txCheckIntervalSeconds"),

@@ -53,13 +53,23 @@ def _consumer(address: str, handle: Callable[[ReceivedMessage], bool]) -> Consum
 
 
 def run(
-    count: int, idle: float, recover: float, max_flights: int, settle: float
+    count: int,
+    idle: float,
+    recover: float,
+    max_flights: int,
+    settle: float,
+    history_messages: int = 100_000,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(
             Path(tmp),
             db=f"rocksdb://{tmp}/db?fsync=batch",
-            extra={"recoverSeconds": recover, "deliverySeconds": 30, "maxFlights": max_flights},
+            extra={
+                "recoverSeconds": recover,
+                "deliverySeconds": 30,
+                "maxFlights": max_flights,
+                "historyMessages": history_messages,
+            },
         )
         broker = BrokerProcess(config)
         broker.start()
@@ -119,8 +129,16 @@ def main() -> int:
     parser.add_argument("--recover", type=float, default=5.0, help="recoverSeconds")
     parser.add_argument("--max-flights", type=int, default=200_000, help="maxFlights")
     parser.add_argument("--settle", type=float, default=2.5 * PERIOD, help="quiet seconds")
+    parser.add_argument("--history-messages", type=int, default=100_000, help="historyMessages")
     options = parser.parse_args()
-    figures = run(options.count, options.idle, options.recover, options.max_flights, options.settle)
+    figures = run(
+        options.count,
+        options.idle,
+        options.recover,
+        options.max_flights,
+        options.settle,
+        options.history_messages,
+    )
     print(figures, flush=True)
     return 0
 

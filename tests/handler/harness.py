@@ -34,6 +34,7 @@ class Broker:
         check_max: int = 15,
         max_workers: int = 10_000,
         max_flights: int = 200_000,
+        history_messages: int = 100_000,
         webhooks: WebhookPolicy | None = None,
     ) -> None:
         self.clock = ManualClock(NOW)
@@ -44,6 +45,7 @@ class Broker:
             delivery_seconds=timeout,
             max_deliver_workers=max_workers,
             max_flights=max_flights,
+            history_messages=history_messages,
             no_binding_retention_seconds=retention,
             recover_seconds=10,
             tx_check_delay_seconds=6,

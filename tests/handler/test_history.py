@@ -3,8 +3,10 @@ is written to the store once a message leaves the happy path."""
 
 from __future__ import annotations
 
+from kiteq.core.message import Message
 from kiteq.handler.history import History
 from kiteq.store.base import HistoryEvent
+from tests.handler.harness import Broker
 
 
 class _Written:
@@ -92,3 +94,20 @@ def test_dropping_an_event_of_a_kept_message_writes_no_event_twice() -> None:
         history.record("m1", float(attempt), "delivered", group="acct", attempt=attempt)
     assert [e.attempt for e in written.events] == list(range(1, 101))
     assert history.unflushed("m1") == []
+
+
+async def test_history_messages_bounds_what_the_broker_remembers_of_its_publishes() -> None:
+    async with Broker(history_messages=2) as b:
+        b.producer("pay")
+        messages = [
+            Message(topic="trade", message_type="pay-succ", body=b"x", commit=i != 2)
+            for i in range(3)
+        ]
+        acks = await b.core.intake.publish(messages, group="pay")
+        assert [a.ok for a in acks] == [True] * 3
+        assert len(b.history) == 2
+        assert b.history.unflushed(messages[0].message_id) == []
+        (committed,) = b.history.unflushed(messages[1].message_id)
+        (uncommitted,) = b.history.unflushed(messages[2].message_id)
+        assert (committed.kind, committed.detail) == ("published", "pay")
+        assert (uncommitted.kind, uncommitted.detail) == ("published", "pay (uncommitted)")

@@ -63,7 +63,7 @@ class BrokerCore:
         self.bookkeeper = Bookkeeper(
             store, clock=clock, remember_seconds=config.dedup_window_seconds
         )
-        self.history = History(self.bookkeeper.history)
+        self.history = History(self.bookkeeper.history, capacity=config.history_messages)
         # scheduled messages not yet due, per topic, for the metrics (issue #15)
         self.scheduled = ScheduledTally()
         self.dispatcher = Dispatcher(

@@ -178,7 +178,7 @@ class Intake:
         if records and self._config.delivery_first:
             records, positions = await self._deliver_first(records, positions, outcomes, messages)
         if records:
-            await self._persist(records, positions, outcomes, messages, origin)
+            await self._persist(records, positions, outcomes, messages, group, origin)
         for record in fly:
             self._dispatcher.submit(record, durable=False)
         done = [o for o in outcomes if o is not None]
@@ -290,6 +290,7 @@ class Intake:
         positions: list[int],
         outcomes: list[StoreAck | None],
         messages: Sequence[Message],
+        group: str,
         origin: Connection | None,
     ) -> None:
         started = self._clock.monotonic()
@@ -317,6 +318,9 @@ class Intake:
                 for topic, n in Counter(r.message.topic for r in records).items():
                     latency.observe((topic,), waited, n)
         duplicates: Counter[str] = Counter()
+        # every message of the batch is the session's group's (``_admit``): the history of
+        # each shares these strings, not a copy per message (100,000 kept in memory)
+        uncommitted = f"{group} (uncommitted)"
         for i, record, result in zip(positions, records, results, strict=True):
             sent_id = messages[i].message_id
             if result is Saved.STORED:
@@ -330,9 +334,7 @@ class Intake:
                     record.message_id,
                     record.publish_time,
                     "published",
-                    detail=record.message.group_id
-                    if record.message.commit
-                    else f"{record.message.group_id} (uncommitted)",
+                    detail=group if record.message.commit else uncommitted,
                 )
                 self._hand_on(record, origin)
             elif result is Saved.DUPLICATE:
