@@ -364,3 +364,36 @@ async def test_acked_saves_survive_sigkill(tmp_path: Path, fsync: Fsync) -> None
         assert missing == []
         backlog = await store.backlog()
         assert backlog["t"] >= len(acked)
+
+
+def _logged_block_caches(path: Path) -> tuple[set[str], set[str]]:
+    """The block cache addresses and capacities RocksDB's LOG gives its column families."""
+    addresses, capacities = set(), set()
+    for line in (path / "LOG").read_text().splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "block_cache":
+            addresses.add(value.strip())
+        elif key.strip() == "capacity":
+            capacities.add(value.strip())
+    return addresses, capacities
+
+
+@pytest.mark.parametrize(("cache_mb", "expected"), [(None, 16 << 20), (3, 3 << 20)])
+async def test_every_column_family_reads_through_one_bounded_block_cache(
+    tmp_path: Path, cache_mb: int | None, expected: int
+) -> None:
+    path = tmp_path / "db"
+    store = (
+        RocksDBStore(str(path)) if cache_mb is None else RocksDBStore(str(path), cache_mb=cache_mb)
+    )
+    await store.open()
+    await store.close()
+    addresses, capacities = _logged_block_caches(path)
+    # RocksDB logs the table options of the default and each of the nine families
+    assert len(addresses) == 1
+    assert capacities == {str(expected)}
+
+
+def test_a_block_cache_under_one_mib_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cache_mb"):
+        RocksDBStore(str(tmp_path / "db"), cache_mb=0)

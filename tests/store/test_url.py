@@ -22,6 +22,8 @@ def test_memory_defaults_and_maxcap() -> None:
         ("rocksdb://db/x?fsync=never", "rocksdb://db/x?fsync=never"),
         ("rocksdb:///var/lib/kiteq?fsync=always", "rocksdb:///var/lib/kiteq?fsync=always"),
         ("rocksdb://./my%20db", "rocksdb://./my db?fsync=batch"),
+        ("rocksdb://./db/x?cacheMB=16", "rocksdb://./db/x?fsync=batch"),
+        ("rocksdb://./db/x?cacheMB=64&fsync=never", "rocksdb://./db/x?fsync=never&cacheMB=64"),
     ],
 )
 def test_rocksdb_paths_and_fsync(url: str, description: str) -> None:
@@ -31,7 +33,11 @@ def test_rocksdb_paths_and_fsync(url: str, description: str) -> None:
 
 
 def test_rocksdb_description_round_trips() -> None:
-    for url in ("rocksdb://./db/x?fsync=never", "rocksdb:///var/lib/kiteq?fsync=batch"):
+    for url in (
+        "rocksdb://./db/x?fsync=never",
+        "rocksdb:///var/lib/kiteq?fsync=batch",
+        "rocksdb://./db/x?fsync=batch&cacheMB=2",
+    ):
         assert open_store(open_store(url).description).description == url
 
 
@@ -42,6 +48,8 @@ def test_rocksdb_description_round_trips() -> None:
         ("rocksdb://./db?fsyn=never", "fsyn"),
         ("rocksdb://./db?fsync=batch&fsync=never", "fsync"),
         ("rocksdb://", "path"),
+        ("rocksdb://./db?cacheMB=0", "cacheMB"),
+        ("rocksdb://./db?cacheMB=big", "cacheMB"),
         ("memory://?maxcap=0", "maxcap"),
         ("memory://?maxcap=lots", "maxcap"),
         ("memory://?initcap=-1", "initcap"),

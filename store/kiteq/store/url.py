@@ -4,7 +4,8 @@ The syntax is KiteQ's, so existing configs keep working:
 
 * ``memory://?maxcap=500000`` (KiteQ's ``initcap`` is accepted and has no effect);
 * ``rocksdb://./db/x?fsync=batch`` (relative path ``./db/x``) or ``rocksdb:///var/lib/kiteq``
-  (absolute); ``fsync`` is ``batch`` (default), ``always`` or ``never``;
+  (absolute); ``fsync`` is ``batch`` (default), ``always`` or ``never``; ``cacheMB`` is
+  the block cache every column family shares (default 16);
 * ``mysql://user:pw@host:3306?db=kite&shardnum=4&…`` (see ``MySQLOptions`` for every
   parameter; KiteQ's ``username=``/``password=`` query form works too).
 
@@ -73,12 +74,13 @@ def open_store(url: str) -> MessageStore:
 
 def _rocksdb(url: str, parts: SplitResult) -> MessageStore:
     try:
-        from kiteq.store.rocksdb import FSYNC_MODES, RocksDBStore  # imported here: needs rocksdict
+        # imported here: needs rocksdict
+        from kiteq.store.rocksdb import DEFAULT_BLOCK_CACHE_MB, FSYNC_MODES, RocksDBStore
     except ImportError as exc:
         raise ConfigError(
             f"store URL {describe(url)}: rocksdb:// needs rocksdict (pip install 'kiteq[server]')"
         ) from exc
-    params = query_params(parts.query, {"fsync"}, where(url))
+    params = query_params(parts.query, {"fsync", "cacheMB"}, where(url))
     path = unquote(parts.netloc + parts.path)
     if not path:
         raise ConfigError(
@@ -86,9 +88,10 @@ def _rocksdb(url: str, parts: SplitResult) -> MessageStore:
             "e.g. rocksdb://./db/kiteq or rocksdb:///var/lib/kiteq"
         )
     fsync = params.string("fsync", "batch")
+    cache_mb = params.integer("cacheMB", DEFAULT_BLOCK_CACHE_MB)
     for mode in FSYNC_MODES:
         if fsync == mode:
-            return RocksDBStore(path, fsync=mode)
+            return RocksDBStore(path, fsync=mode, cache_mb=cache_mb)
     raise ConfigError(
         f"store URL {describe(url)}: parameter fsync must be one of "
         f"{', '.join(FSYNC_MODES)}, got {fsync!r}"
